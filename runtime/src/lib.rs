@@ -1,0 +1,1 @@
+//! shoal's node-local container runtime.
