@@ -1,1 +1,35 @@
-fn main() {}
+//! shoal's benchmarks, each run side by side with its peer in the same run, reporting medians
+//! and ratios. Not timed tests: run them by hand (see BENCHMARKS.md) on a quiet machine.
+
+mod fixture;
+mod runtime;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "shoal-bench", about = "shoal benchmarks against their peers")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Start latency: `shoal runtime run` vs `runc run` on the same busybox /bin/true bundle, interleaved.
+    RuntimeStart(runtime::StartArgs),
+    /// Resident memory of the per-container monitor with N containers running.
+    MonitorMemory(runtime::MemoryArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.bench {
+        Bench::RuntimeStart(a) => runtime::start_latency(&a),
+        Bench::MonitorMemory(a) => runtime::monitor_memory(&a),
+    };
+    if let Err(e) = result {
+        eprintln!("shoal-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
