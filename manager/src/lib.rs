@@ -1,1 +1,4 @@
 //! shoal manager.
+
+pub mod raft;
+pub mod store;
