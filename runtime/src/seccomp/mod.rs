@@ -1,0 +1,1 @@
+//! Seccomp: Docker's default profile, Docker's JSON format, compilation to BPF, install.
