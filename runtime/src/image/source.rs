@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::unpack::{detect_compression, Compression, HashingReader};
+use super::unpack::{detect_compression, short, Compression, HashingReader};
 use super::{ImageError, MAX_JSON_BYTES};
 
 /// Most members an image archive may hold.
@@ -57,8 +57,13 @@ impl Source {
         }
         let file =
             File::open(path).map_err(|e| ImageError::io(format!("open {}", path.display()), e))?;
-        let corrupt =
-            |e: io::Error| ImageError::Invalid(format!("archive {}: {e}", path.display()));
+        let corrupt = |e: io::Error| {
+            ImageError::Invalid(format!(
+                "{}: not a readable tar archive: {}",
+                path.display(),
+                short(&e)
+            ))
+        };
         let mut buffered = BufReader::new(file);
         let reader: Box<dyn Read> = match detect_compression(&mut buffered).map_err(corrupt)? {
             Compression::None => Box::new(buffered),

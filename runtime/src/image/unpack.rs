@@ -56,6 +56,18 @@ pub struct Unpacked {
     pub skipped_devices: u64,
 }
 
+/// Longest error detail quoted from a parser (the tar crate quotes raw header bytes).
+const MAX_DETAIL_CHARS: usize = 120;
+
+/// An error's message cut to MAX_DETAIL_CHARS, so garbage input cannot flood the one line.
+pub fn short(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    match s.char_indices().nth(MAX_DETAIL_CHARS) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s,
+    }
+}
+
 /// Wraps a reader, hashing and counting everything read through it.
 pub struct HashingReader<R> {
     inner: R,
@@ -253,7 +265,11 @@ impl Unpacker<'_> {
     fn fail(&self, entry: &[u8], what: &str, e: impl std::fmt::Display) -> ImageError {
         ImageError::CorruptLayer {
             layer: self.layer.to_string(),
-            reason: format!("entry {:?}: {what}: {e}", String::from_utf8_lossy(entry)),
+            reason: format!(
+                "entry {:?}: {what}: {}",
+                String::from_utf8_lossy(entry),
+                short(&e)
+            ),
         }
     }
 
