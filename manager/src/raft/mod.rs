@@ -1,5 +1,118 @@
 //! Raft for the managers: openraft 0.9 types and its storage (log and state machine) on sled.
 
+pub mod log_store;
+pub mod state_machine;
 pub mod typ;
 
+use std::path::Path;
+use std::sync::Arc;
+
+pub use log_store::LogStore;
+pub use state_machine::StateMachine;
 pub use typ::{NodeId, Raft, TypeConfig};
+
+use crate::store::{Store, StoreError};
+
+/// Defaults of DESIGN.md's timers, used for any zero field of `RaftConfig`.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// Lower bound of the randomized election timeout.
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 500;
+/// Upper bound of the randomized election timeout.
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 1000;
+/// A snapshot is built once this many entries were applied since the last one.
+pub const DEFAULT_SNAPSHOT_INTERVAL: u64 = 10_000;
+/// Entries kept in the log behind a snapshot, so briefly lagging followers catch up from the
+/// log rather than a whole snapshot.
+pub const DEFAULT_KEEP_OLD_ENTRIES: u64 = 1_000;
+
+/// Errors of setting up Raft storage and configuration.
+#[derive(thiserror::Error, Debug)]
+pub enum RaftSetupError {
+    /// The timers do not make a valid openraft config.
+    #[error("invalid raft config: {0}")]
+    Config(Box<openraft::ConfigError>),
+    /// sled could not open the database or a tree.
+    #[error("open raft storage: {0}")]
+    Sled(#[from] sled::Error),
+    /// The store could not be opened.
+    #[error("open store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<openraft::ConfigError> for RaftSetupError {
+    fn from(e: openraft::ConfigError) -> Self {
+        RaftSetupError::Config(Box::new(e))
+    }
+}
+
+/// The openraft config for the cluster's `RaftConfig` timers (zero fields take the defaults).
+pub fn raft_config(
+    cluster_name: &str,
+    timers: &shoal_proto::v1::RaftConfig,
+) -> Result<Arc<openraft::Config>, RaftSetupError> {
+    let or = |v: u64, default: u64| if v == 0 { default } else { v };
+    let config = openraft::Config {
+        cluster_name: cluster_name.to_string(),
+        heartbeat_interval: or(timers.heartbeat_interval_ms, DEFAULT_HEARTBEAT_INTERVAL_MS),
+        election_timeout_min: or(
+            timers.election_timeout_min_ms,
+            DEFAULT_ELECTION_TIMEOUT_MIN_MS,
+        ),
+        election_timeout_max: or(
+            timers.election_timeout_max_ms,
+            DEFAULT_ELECTION_TIMEOUT_MAX_MS,
+        ),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(or(
+            timers.snapshot_interval,
+            DEFAULT_SNAPSHOT_INTERVAL,
+        )),
+        max_in_snapshot_log_to_keep: or(timers.keep_old_entries, DEFAULT_KEEP_OLD_ENTRIES),
+        ..Default::default()
+    };
+    Ok(Arc::new(config.validate()?))
+}
+
+/// The defaults of `raft_config` as a `RaftConfig` message (for `cluster inspect` and init).
+pub fn default_raft_timers() -> shoal_proto::v1::RaftConfig {
+    shoal_proto::v1::RaftConfig {
+        heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+        election_timeout_min_ms: DEFAULT_ELECTION_TIMEOUT_MIN_MS,
+        election_timeout_max_ms: DEFAULT_ELECTION_TIMEOUT_MAX_MS,
+        snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+        keep_old_entries: DEFAULT_KEEP_OLD_ENTRIES,
+    }
+}
+
+/// Everything a manager's Raft node persists, opened from one sled database.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    /// The sled database (log, vote, state machine, snapshot trees).
+    pub db: sled::Db,
+    /// The log store, to hand to `Raft::new`.
+    pub log: LogStore,
+    /// The state machine, to hand to `Raft::new`.
+    pub state_machine: StateMachine,
+    /// The store the state machine applies to; share clones of it for reads and watches.
+    pub store: Store,
+}
+
+impl Storage {
+    /// Opens (creating if needed) the sled database in `dir` (`<data-dir>/raft`).
+    pub fn open(dir: &Path) -> Result<Storage, RaftSetupError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Storage::from_db(db)
+    }
+
+    /// Opens the trees in an already open database.
+    pub fn from_db(db: sled::Db) -> Result<Storage, RaftSetupError> {
+        let store = Store::open(&db)?;
+        let log = LogStore::open(&db)?;
+        let state_machine = StateMachine::open(&db, store.clone())?;
+        Ok(Storage {
+            db,
+            log,
+            state_machine,
+            store,
+        })
+    }
+}

@@ -1,5 +1,292 @@
 //! The replicated cluster state: typed objects in sled trees, applied from Raft.
+//!
+//! Every write comes through [`Store::apply`] (or a [`Batch`] the Raft state machine drives):
+//! one command is checked and applied all-or-nothing, objects and their secondary indexes in
+//! the same sled transaction, and the change events go to watchers once that transaction
+//! committed. Reads go straight to sled.
 
+mod apply;
+mod dump;
 mod types;
 
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use shoal_proto::v1::{Cluster, Node, Service, Task};
+use tokio::sync::broadcast;
+
+pub use apply::Batch;
+pub use dump::{Dump, DumpTree};
 pub use types::{Action, Command, Event, Kind, Mutation, Object, Response, StoreError};
+
+/// How many events a watcher may fall behind before it gets `RecvError::Lagged` and must
+/// resync (list again, then continue from the live stream).
+pub const WATCH_CAPACITY: usize = 16_384;
+
+/// Index of each sled tree in `Inner::trees`; the order is `TREE_NAMES`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum TreeId {
+    Nodes = 0,
+    Services = 1,
+    Tasks = 2,
+    Cluster = 3,
+    /// service name → service id (names are unique).
+    ServiceNames = 4,
+    /// "<service id>\0<task id>" → empty.
+    TasksByService = 5,
+    /// "<node id>\0<task id>" → empty.
+    TasksByNode = 6,
+    /// The state machine's own keys (last applied log id, membership), written in the same
+    /// transaction as the data they describe.
+    SmMeta = 7,
+}
+
+/// Names of the sled trees of the store, in `TreeId` order.
+pub(crate) const TREE_NAMES: [&str; 8] = [
+    "store.nodes",
+    "store.services",
+    "store.tasks",
+    "store.cluster",
+    "store.idx.service_name",
+    "store.idx.tasks_by_service",
+    "store.idx.tasks_by_node",
+    "store.sm_meta",
+];
+
+impl TreeId {
+    /// The tree holding objects of `kind`.
+    pub(crate) fn of(kind: Kind) -> TreeId {
+        match kind {
+            Kind::Node => TreeId::Nodes,
+            Kind::Service => TreeId::Services,
+            Kind::Task => TreeId::Tasks,
+            Kind::Cluster => TreeId::Cluster,
+        }
+    }
+}
+
+/// Key of an index entry: the indexed value, a NUL, the object id (ids and names hold no NUL).
+pub(crate) fn index_key(value: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(value.len() + 1 + id.len());
+    k.extend_from_slice(value.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+struct Inner {
+    trees: Vec<sled::Tree>,
+    events: broadcast::Sender<Event>,
+    /// Held while a batch commits and while a dump or restore reads or replaces the trees, so a
+    /// dump sees the state of exactly one applied index.
+    commit_lock: Mutex<()>,
+}
+
+/// The replicated cluster objects on sled, with indexes and a watch stream. Cheap to clone:
+/// all clones share the trees and the watchers.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store's trees in `db`.
+    ///
+    /// Open it once per process and share clones: watchers only see events of writes made
+    /// through the same `Store` (or its clones).
+    pub fn open(db: &sled::Db) -> Result<Store, StoreError> {
+        let trees = TREE_NAMES
+            .iter()
+            .map(|name| db.open_tree(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (events, _) = broadcast::channel(WATCH_CAPACITY);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                trees,
+                events,
+                commit_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    pub(crate) fn tree(&self, t: TreeId) -> &sled::Tree {
+        &self.inner.trees[t as usize]
+    }
+
+    /// Applies one command at raft log index `log_index`, all-or-nothing, and publishes its
+    /// events once committed. The state machine uses [`Store::batch`] to apply several entries
+    /// and its own metadata in one transaction.
+    pub fn apply(&self, log_index: u64, cmd: &Command) -> Response {
+        let mut batch = self.batch();
+        match batch.apply(log_index, cmd) {
+            Ok(resp) => match batch.commit() {
+                Ok(()) => resp,
+                Err(e) => Response { result: Err(e) },
+            },
+            Err(e) => Response { result: Err(e) },
+        }
+    }
+
+    /// Starts a batch of commands committed together by [`Batch::commit`].
+    pub fn batch(&self) -> Batch<'_> {
+        Batch::new(self)
+    }
+
+    /// Subscribes to change events of every later commit, in commit order.
+    ///
+    /// To get a consistent view, subscribe first, then list: events whose `version` is not
+    /// above the listed object's `meta.version` are already reflected. On
+    /// `RecvError::Lagged` the subscriber must list again.
+    pub fn watch(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    pub(crate) fn publish(&self, events: Vec<Event>) {
+        for e in events {
+            // An error only means nobody is subscribed right now.
+            let _ = self.inner.events.send(e);
+        }
+    }
+
+    /// Reads one object of `kind` by id.
+    pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Object>, StoreError> {
+        match self.tree(TreeId::of(kind)).get(id.as_bytes())? {
+            Some(v) => Ok(Some(decode(kind, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Lists all objects of `kind`, ordered by id.
+    pub fn list(&self, kind: Kind) -> Result<Vec<Object>, StoreError> {
+        self.tree(TreeId::of(kind))
+            .iter()
+            .values()
+            .map(|v| decode(kind, &v?))
+            .collect()
+    }
+
+    fn get_typed<M: Message + Default>(
+        &self,
+        t: TreeId,
+        id: &str,
+    ) -> Result<Option<M>, StoreError> {
+        match self.tree(t).get(id.as_bytes())? {
+            Some(v) => Ok(Some(decode_msg(t, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list_typed<M: Message + Default>(&self, t: TreeId) -> Result<Vec<M>, StoreError> {
+        self.tree(t)
+            .iter()
+            .values()
+            .map(|v| decode_msg(t, &v?))
+            .collect()
+    }
+
+    /// Objects whose ids an index lists under `value`, ordered by id; entries whose object is
+    /// gone (a commit between the index scan and the read) are skipped.
+    fn by_index<M: Message + Default>(
+        &self,
+        index: TreeId,
+        objects: TreeId,
+        value: &str,
+    ) -> Result<Vec<M>, StoreError> {
+        let prefix = index_key(value, "");
+        let mut out = Vec::new();
+        for key in self.tree(index).scan_prefix(&prefix).keys() {
+            let key = key?;
+            if let Some(v) = self.tree(objects).get(&key[prefix.len()..])? {
+                out.push(decode_msg(objects, &v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A node by id.
+    pub fn get_node(&self, id: &str) -> Result<Option<Node>, StoreError> {
+        self.get_typed(TreeId::Nodes, id)
+    }
+
+    /// All nodes, ordered by id.
+    pub fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
+        self.list_typed(TreeId::Nodes)
+    }
+
+    /// A service by id, or else by name.
+    pub fn get_service(&self, id_or_name: &str) -> Result<Option<Service>, StoreError> {
+        if let Some(s) = self.get_typed(TreeId::Services, id_or_name)? {
+            return Ok(Some(s));
+        }
+        match self.tree(TreeId::ServiceNames).get(id_or_name.as_bytes())? {
+            Some(id) => self.get_typed(TreeId::Services, &String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    /// The id of the service named `name`, if any.
+    pub fn service_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree(TreeId::ServiceNames)
+            .get(name.as_bytes())?
+            .map(|id| String::from_utf8_lossy(&id).into_owned()))
+    }
+
+    /// All services, ordered by id.
+    pub fn list_services(&self) -> Result<Vec<Service>, StoreError> {
+        self.list_typed(TreeId::Services)
+    }
+
+    /// A task by id.
+    pub fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        self.get_typed(TreeId::Tasks, id)
+    }
+
+    /// All tasks, ordered by id.
+    pub fn list_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        self.list_typed(TreeId::Tasks)
+    }
+
+    /// The tasks of a service (by service id), ordered by task id.
+    pub fn tasks_by_service(&self, service_id: &str) -> Result<Vec<Task>, StoreError> {
+        self.by_index(TreeId::TasksByService, TreeId::Tasks, service_id)
+    }
+
+    /// The tasks assigned to a node (by node id), ordered by task id.
+    pub fn tasks_by_node(&self, node_id: &str) -> Result<Vec<Task>, StoreError> {
+        self.by_index(TreeId::TasksByNode, TreeId::Tasks, node_id)
+    }
+
+    /// The cluster object (the first by id if, wrongly, there were several).
+    pub fn get_cluster(&self) -> Result<Option<Cluster>, StoreError> {
+        match self.tree(TreeId::Cluster).first()? {
+            Some((_, v)) => Ok(Some(decode_msg(TreeId::Cluster, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A raw value of the state machine's metadata tree.
+    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree(TreeId::SmMeta).get(key)?.map(|v| v.to_vec()))
+    }
+}
+
+pub(crate) fn decode(kind: Kind, bytes: &[u8]) -> Result<Object, StoreError> {
+    Object::decode(kind, bytes).map_err(|e| StoreError::Decode {
+        what: kind.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_msg<M: Message + Default>(t: TreeId, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Decode {
+        what: TREE_NAMES[t as usize].to_string(),
+        reason: e.to_string(),
+    })
+}

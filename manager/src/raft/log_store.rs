@@ -1,0 +1,211 @@
+//! The Raft log, vote and committed id on sled (openraft storage-v2 `RaftLogStorage`).
+//!
+//! Votes and appends are acknowledged only after `flush` returned: a manager that crashes
+//! right after answering never forgets what it promised.
+
+// openraft's trait methods return its (large) `StorageError`; the helpers feeding them do too.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{RaftLogId, StorageIOError};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::typ::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+/// sled tree of log entries, keyed by big-endian index (so key order is index order).
+pub const LOG_TREE: &str = "raft.log";
+/// sled tree of the vote, committed and last purged log ids.
+pub const LOG_STATE_TREE: &str = "raft.log_state";
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// The Raft log on sled. Clones share the same trees (the log reader is a clone).
+#[derive(Clone, Debug)]
+pub struct LogStore {
+    db: sled::Db,
+    logs: sled::Tree,
+    state: sled::Tree,
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, bincode::Error> {
+    bincode::serialize(v)
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, bincode::Error> {
+    bincode::deserialize(b)
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+impl LogStore {
+    /// Opens (creating if needed) the log trees in `db`.
+    pub fn open(db: &sled::Db) -> Result<LogStore, sled::Error> {
+        Ok(LogStore {
+            db: db.clone(),
+            logs: db.open_tree(LOG_TREE)?,
+            state: db.open_tree(LOG_STATE_TREE)?,
+        })
+    }
+
+    fn get_state<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        match self.state.get(key).map_err(read_err)? {
+            Some(v) => Ok(Some(decode(&v).map_err(read_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn last_purged(&self) -> Result<Option<LogId>, StorageError> {
+        self.get_state(KEY_LAST_PURGED)
+    }
+
+    async fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush_async().await.map(|_| ())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        self.logs
+            .range::<[u8; 8], _>((start, end))
+            .values()
+            .map(|v| decode::<Entry>(&v.map_err(read_err)?).map_err(read_err))
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id = self.last_purged()?;
+        let last_log_id = match self.logs.last().map_err(read_err)? {
+            Some((_, v)) => Some(*decode::<Entry>(&v).map_err(read_err)?.get_log_id()),
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let bytes = encode(vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.state
+            .insert(KEY_VOTE, bytes)
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        self.flush()
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        match self
+            .state
+            .get(KEY_VOTE)
+            .map_err(|e| StorageIOError::read_vote(&e))?
+        {
+            Some(v) => Ok(Some(decode(&v).map_err(|e| StorageIOError::read_vote(&e))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not flushed: losing it only makes a restarted node re-learn the commit index.
+        let bytes = encode(&committed).map_err(write_err)?;
+        self.state.insert(KEY_COMMITTED, bytes).map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_state::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes =
+                encode(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            batch.insert(&index_key(entry.log_id.index), bytes);
+        }
+        self.logs.apply_batch(batch).map_err(write_err)?;
+        match self.flush().await {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                callback.log_io_completed(Err(std::io::Error::other(msg)));
+                Err(write_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for key in self.logs.range(index_key(log_id.index)..).keys() {
+            batch.remove(key.map_err(read_err)?);
+        }
+        self.logs.apply_batch(batch).map_err(write_err)?;
+        self.flush().await.map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point first: a crash between the two writes leaves extra entries
+        // below it, which reads never reach, instead of a gap.
+        let bytes = encode(&log_id).map_err(write_err)?;
+        self.state
+            .insert(KEY_LAST_PURGED, bytes)
+            .map_err(write_err)?;
+        let mut batch = sled::Batch::default();
+        for key in self.logs.range(..=index_key(log_id.index)).keys() {
+            batch.remove(key.map_err(read_err)?);
+        }
+        self.logs.apply_batch(batch).map_err(write_err)?;
+        self.flush().await.map_err(write_err)?;
+        Ok(())
+    }
+}

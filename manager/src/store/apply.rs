@@ -1,0 +1,366 @@
+//! Applying commands: checks, index maintenance and the all-or-nothing commit.
+
+use std::collections::BTreeMap;
+
+use shoal_proto::v1::{Service, Task, TaskState};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::{
+    decode, index_key, Action, Command, Event, Kind, Mutation, Object, Response, Store, StoreError,
+    TreeId,
+};
+
+/// Pending writes: (tree, key) → new value, `None` = delete. Ordered, so the commit writes in a
+/// deterministic order.
+type Writes = BTreeMap<(TreeId, Vec<u8>), Option<Vec<u8>>>;
+
+/// Commands applied in memory on top of the store, committed in one sled transaction.
+///
+/// Each command sees the writes of the commands before it in the same batch; a refused command
+/// leaves no trace. Events are published by [`Batch::commit`] after the transaction committed.
+pub struct Batch<'a> {
+    store: &'a Store,
+    writes: Writes,
+    events: Vec<Event>,
+}
+
+impl<'a> Batch<'a> {
+    pub(super) fn new(store: &'a Store) -> Batch<'a> {
+        Batch {
+            store,
+            writes: Writes::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Applies `cmd` at `log_index` on top of the batch. A refused command (conflict, not
+    /// found, ...) is `Ok` with the refusal in the response and changes nothing; `Err` is a
+    /// storage failure (the batch should be dropped).
+    pub fn apply(&mut self, log_index: u64, cmd: &Command) -> Result<Response, StoreError> {
+        let mut staged = Staged {
+            batch: self,
+            writes: Writes::new(),
+            events: Vec::new(),
+        };
+        let mut versions = Vec::with_capacity(cmd.mutations.len());
+        for m in &cmd.mutations {
+            match staged.mutate(log_index, cmd.now_ms, m) {
+                Ok(()) => versions.push(log_index),
+                Err(StoreError::Storage(e)) => return Err(StoreError::Storage(e)),
+                Err(refused) => {
+                    return Ok(Response {
+                        result: Err(refused),
+                    })
+                }
+            }
+        }
+        let Staged { writes, events, .. } = staged;
+        self.writes.extend(writes);
+        self.events.extend(events);
+        Ok(Response {
+            result: Ok(versions),
+        })
+    }
+
+    /// Sets a key of the state machine's metadata tree in this batch.
+    pub fn put_meta(&mut self, key: &[u8], value: Vec<u8>) {
+        self.writes
+            .insert((TreeId::SmMeta, key.to_vec()), Some(value));
+    }
+
+    /// Writes everything in one sled transaction, then publishes the events.
+    pub fn commit(self) -> Result<(), StoreError> {
+        if self.writes.is_empty() {
+            return Ok(());
+        }
+        {
+            let _guard = self
+                .store
+                .inner
+                .commit_lock
+                .lock()
+                .map_err(|_| StoreError::Storage("commit lock poisoned".into()))?;
+            let trees = &self.store.inner.trees[..];
+            trees
+                .transaction(|views| {
+                    for ((t, k), v) in &self.writes {
+                        let view = &views[*t as usize];
+                        match v {
+                            Some(v) => view.insert(k.as_slice(), v.as_slice())?,
+                            None => view.remove(k.as_slice())?,
+                        };
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Abort(()) => {
+                        StoreError::Storage("transaction aborted".into())
+                    }
+                    TransactionError::Storage(e) => StoreError::from(e),
+                })?;
+        }
+        self.store.publish(self.events);
+        Ok(())
+    }
+}
+
+/// One command's writes on top of its batch, merged only if every mutation passed.
+struct Staged<'b, 'a> {
+    batch: &'b Batch<'a>,
+    writes: Writes,
+    events: Vec<Event>,
+}
+
+impl Staged<'_, '_> {
+    fn read(&self, t: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let k = (t, key.to_vec());
+        if let Some(v) = self.writes.get(&k) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.batch.writes.get(&k) {
+            return Ok(v.clone());
+        }
+        Ok(self.batch.store.tree(t).get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn put(&mut self, t: TreeId, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert((t, key), Some(value));
+    }
+
+    fn del(&mut self, t: TreeId, key: Vec<u8>) {
+        self.writes.insert((t, key), None);
+    }
+
+    fn get_object(&self, kind: Kind, id: &str) -> Result<Option<Object>, StoreError> {
+        match self.read(TreeId::of(kind), id.as_bytes())? {
+            Some(v) => Ok(Some(decode(kind, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn mutate(&mut self, log_index: u64, now_ms: i64, m: &Mutation) -> Result<(), StoreError> {
+        match m {
+            Mutation::Create(object) => self.create(log_index, now_ms, object),
+            Mutation::Update {
+                object,
+                expect_version,
+            } => self.update(log_index, now_ms, object, *expect_version),
+            Mutation::Delete {
+                kind,
+                id,
+                expect_version,
+            } => self.delete(log_index, *kind, id, *expect_version),
+        }
+    }
+
+    fn create(&mut self, log_index: u64, now_ms: i64, object: &Object) -> Result<(), StoreError> {
+        let kind = object.kind();
+        let id = object.id().to_string();
+        check_id(kind, &id)?;
+        if self.read(TreeId::of(kind), id.as_bytes())?.is_some() {
+            return Err(StoreError::AlreadyExists { kind, id });
+        }
+        let mut object = object.clone();
+        let meta = object.meta_mut();
+        meta.version = log_index;
+        meta.created_at_ms = now_ms;
+        meta.updated_at_ms = now_ms;
+        self.index(None, &object)?;
+        self.put(TreeId::of(kind), id.into_bytes(), object.encode_to_vec());
+        self.events.push(Event {
+            version: log_index,
+            action: Action::Create,
+            object,
+        });
+        Ok(())
+    }
+
+    fn update(
+        &mut self,
+        log_index: u64,
+        now_ms: i64,
+        object: &Object,
+        expect_version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let kind = object.kind();
+        let id = object.id().to_string();
+        check_id(kind, &id)?;
+        let Some(old) = self.get_object(kind, &id)? else {
+            return Err(StoreError::NotFound { kind, id });
+        };
+        check_version(&id, expect_version, old.version())?;
+        if let (Object::Task(old), Object::Task(new)) = (&old, object) {
+            check_task_forward(old, new)?;
+        }
+        let mut object = object.clone();
+        let created = old.meta().map(|m| m.created_at_ms).unwrap_or(now_ms);
+        let meta = object.meta_mut();
+        meta.version = log_index;
+        meta.created_at_ms = created;
+        meta.updated_at_ms = now_ms;
+        self.index(Some(&old), &object)?;
+        self.put(TreeId::of(kind), id.into_bytes(), object.encode_to_vec());
+        self.events.push(Event {
+            version: log_index,
+            action: Action::Update,
+            object,
+        });
+        Ok(())
+    }
+
+    fn delete(
+        &mut self,
+        log_index: u64,
+        kind: Kind,
+        id: &str,
+        expect_version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let Some(old) = self.get_object(kind, id)? else {
+            return Err(StoreError::NotFound {
+                kind,
+                id: id.to_string(),
+            });
+        };
+        check_version(id, expect_version, old.version())?;
+        self.unindex(&old);
+        self.del(TreeId::of(kind), id.as_bytes().to_vec());
+        self.events.push(Event {
+            version: log_index,
+            action: Action::Delete,
+            object: old,
+        });
+        Ok(())
+    }
+
+    /// Moves the index entries of an object from `old` (none for a create) to `new`.
+    fn index(&mut self, old: Option<&Object>, new: &Object) -> Result<(), StoreError> {
+        match new {
+            Object::Service(s) => {
+                let name = service_name(s);
+                if name.is_empty() || name.contains('\0') {
+                    return Err(StoreError::Invalid {
+                        kind: Kind::Service,
+                        reason: "service name must be non-empty and hold no NUL".into(),
+                    });
+                }
+                let id = new.id();
+                if let Some(holder) = self.read(TreeId::ServiceNames, name.as_bytes())? {
+                    if holder != id.as_bytes() {
+                        return Err(StoreError::NameTaken {
+                            name: name.to_string(),
+                            existing_id: String::from_utf8_lossy(&holder).into_owned(),
+                        });
+                    }
+                }
+                if let Some(Object::Service(o)) = old {
+                    let old_name = service_name(o);
+                    if old_name != name {
+                        self.del(TreeId::ServiceNames, old_name.as_bytes().to_vec());
+                    }
+                }
+                self.put(
+                    TreeId::ServiceNames,
+                    name.as_bytes().to_vec(),
+                    id.as_bytes().to_vec(),
+                );
+            }
+            Object::Task(t) => {
+                for v in [&t.service_id, &t.node_id] {
+                    if v.contains('\0') {
+                        return Err(StoreError::Invalid {
+                            kind: Kind::Task,
+                            reason: "service_id and node_id must hold no NUL".into(),
+                        });
+                    }
+                }
+                if let Some(old) = old {
+                    self.unindex(old);
+                }
+                let id = new.id();
+                if !t.service_id.is_empty() {
+                    self.put(
+                        TreeId::TasksByService,
+                        index_key(&t.service_id, id),
+                        Vec::new(),
+                    );
+                }
+                if !t.node_id.is_empty() {
+                    self.put(TreeId::TasksByNode, index_key(&t.node_id, id), Vec::new());
+                }
+            }
+            Object::Node(_) | Object::Cluster(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Removes the index entries of `old` (services: only by `delete`; an update re-checks the
+    /// name in `index`).
+    fn unindex(&mut self, old: &Object) {
+        match old {
+            Object::Service(s) => {
+                self.del(TreeId::ServiceNames, service_name(s).as_bytes().to_vec());
+            }
+            Object::Task(t) => {
+                let id = old.id();
+                if !t.service_id.is_empty() {
+                    self.del(TreeId::TasksByService, index_key(&t.service_id, id));
+                }
+                if !t.node_id.is_empty() {
+                    self.del(TreeId::TasksByNode, index_key(&t.node_id, id));
+                }
+            }
+            Object::Node(_) | Object::Cluster(_) => {}
+        }
+    }
+}
+
+fn service_name(s: &Service) -> &str {
+    s.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("")
+}
+
+fn check_id(kind: Kind, id: &str) -> Result<(), StoreError> {
+    if id.is_empty() || id.contains('\0') {
+        return Err(StoreError::Invalid {
+            kind,
+            reason: "meta.id must be non-empty and hold no NUL".into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_version(id: &str, expect: Option<u64>, actual: u64) -> Result<(), StoreError> {
+    match expect {
+        Some(expected) if expected != actual => Err(StoreError::VersionConflict {
+            id: id.to_string(),
+            expected,
+            actual,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Task states only move forward: both the observed state and the desired state.
+fn check_task_forward(old: &Task, new: &Task) -> Result<(), StoreError> {
+    let state = |t: &Task| t.status.as_ref().map(|s| s.state).unwrap_or(0);
+    for (field, from, to) in [
+        ("status.state", state(old), state(new)),
+        ("desired_state", old.desired_state, new.desired_state),
+    ] {
+        if to < from {
+            return Err(StoreError::InvalidTransition {
+                id: new.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default(),
+                field: field.to_string(),
+                from: state_name(from),
+                to: state_name(to),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn state_name(v: i32) -> String {
+    TaskState::try_from(v)
+        .map(|s| s.as_str_name().to_string())
+        .unwrap_or_else(|_| format!("unknown state {v}"))
+}
