@@ -358,9 +358,10 @@ impl Unpacker<'_> {
             return Ok(());
         };
         let parent_dirs = &rel[..rel.len() - 1];
-        let mode = header.mode().map_err(|e| self.fail(&raw, "mode", e))? & 0o7777;
-        let uid = header.uid().map_err(|e| self.fail(&raw, "uid", e))?;
-        let gid = header.gid().map_err(|e| self.fail(&raw, "gid", e))?;
+        let old = header.as_old();
+        let mode = numeric(header.mode().map(u64::from), &old.mode).map_err(|e| self.fail(&raw, "mode", e))? as u32 & 0o7777;
+        let uid = numeric(header.uid(), &old.uid).map_err(|e| self.fail(&raw, "uid", e))?;
+        let gid = numeric(header.gid(), &old.gid).map_err(|e| self.fail(&raw, "gid", e))?;
         let mtime = header.mtime().unwrap_or(0);
         let xattrs = self.xattrs(&raw, entry)?;
 
@@ -679,6 +680,15 @@ impl Unpacker<'_> {
                 set_times_at(&parent, name, mtime);
             }
         }
+    }
+}
+
+/// A numeric header field; an empty (all NUL or space) one reads as 0, as Go's archive/tar
+/// (and so Docker) reads it.
+fn numeric(parsed: io::Result<u64>, field: &[u8]) -> io::Result<u64> {
+    match parsed {
+        Err(_) if field.iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+        r => r,
     }
 }
 
