@@ -1,4 +1,6 @@
 //! shoal manager.
 
+pub mod ca;
 pub mod raft;
 pub mod store;
+pub mod tls;

@@ -1,0 +1,625 @@
+//! Mutual TLS between nodes (rustls, ring) and per-request authorisation by role.
+//!
+//! shoal builds its own rustls configurations rather than tonic's `ServerTlsConfig` /
+//! `ClientTlsConfig`, for two reasons: the server must accept connections *without* a client
+//! certificate (a joining node has none yet), and a renewed node certificate must be used by
+//! new connections — server and client side — without restarting the server or rebuilding
+//! cached channels. Both configurations resolve the node certificate through a shared,
+//! swappable slot ([`NodeTls::replace`]). Servers serve over [`tls_incoming`] with tonic's
+//! `serve_with_incoming`; tonic then exposes the verified client chain to handlers through
+//! `Request::peer_certs()`, which [`Authorizer::authorize`] reads.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http::Uri;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+use x509_parser::prelude::FromDer;
+
+use crate::ca::{self, CertInfo, NodeIdentity, Role};
+
+/// How long a TCP connect plus TLS handshake to a peer may take by default (LAN).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a server waits for a client to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// TLS handshakes a server runs at once; further connections wait in the listen backlog.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Handshaken connections queued for the gRPC server to pick up.
+const ACCEPTED_QUEUE: usize = 64;
+/// Pause after a failed `accept` (for example out of file descriptors) before the next.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// ALPN protocol gRPC runs over.
+const ALPN_H2: &[u8] = b"h2";
+
+/// Errors of TLS configuration and connection set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what}: {reason}")]
+    Material { what: &'static str, reason: String },
+    #[error("rustls: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("bad peer address {0:?}")]
+    BadAddress(String),
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("saving node certificate: {0}")]
+    Save(String),
+}
+
+fn material(what: &'static str, reason: impl fmt::Display) -> TlsError {
+    TlsError::Material {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The node certificate in use now, with what shoal read out of it.
+struct Current {
+    certified: Arc<CertifiedKey>,
+    cert_pem: String,
+    key_pem: String,
+    info: CertInfo,
+}
+
+struct Inner {
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    roots: Arc<RootCertStore>,
+    current: RwLock<Arc<Current>>,
+}
+
+/// A node's TLS material (cluster CA, node certificate and key), shared by its servers and
+/// clients. Cloning is cheap; a [`NodeTls::replace`] is seen by every clone.
+#[derive(Clone)]
+pub struct NodeTls {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("identity", &self.identity())
+            .field("serial", &self.serial())
+            .finish()
+    }
+}
+
+impl NodeTls {
+    /// From PEM: the cluster CA certificate, the node certificate (must be signed by that
+    /// CA and name a node) and the node's private key (must match the certificate).
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<NodeTls, TlsError> {
+        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(|e| material("CA certificate", e))?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca_der.clone())
+            .map_err(|e| material("CA certificate", e))?;
+        let current = load_current(&ca_der, cert_pem, key_pem)?;
+        Ok(NodeTls {
+            inner: Arc::new(Inner {
+                ca_pem: ca_pem.to_string(),
+                ca_der,
+                roots: Arc::new(roots),
+                current: RwLock::new(Arc::new(current)),
+            }),
+        })
+    }
+
+    /// Loads `ca.crt`, `node.crt` and `node.key` from a PKI directory. If a renewal was cut
+    /// short after the key was replaced, the previous key (`node.key.prev`) is used.
+    pub fn load(pki_dir: &Path) -> Result<NodeTls, TlsError> {
+        let read = |name: &str| {
+            let path = pki_dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })
+        };
+        let ca_pem = read(ca::CA_CERT_FILE)?;
+        let cert_pem = read(ca::NODE_CERT_FILE)?;
+        let key_pem = read(ca::NODE_KEY_FILE)?;
+        match NodeTls::from_pem(&ca_pem, &cert_pem, &key_pem) {
+            Ok(tls) => Ok(tls),
+            Err(first) => match read(ca::NODE_KEY_PREV_FILE) {
+                Ok(prev) => NodeTls::from_pem(&ca_pem, &cert_pem, &prev).map_err(|_| first),
+                Err(_) => Err(first),
+            },
+        }
+    }
+
+    /// Writes the CA certificate, node certificate and key into a PKI directory, atomically
+    /// file by file, keys mode 0600.
+    pub fn save(&self, pki_dir: &Path) -> Result<(), TlsError> {
+        let cur = self.current();
+        ca::write_atomic(
+            &pki_dir.join(ca::CA_CERT_FILE),
+            self.inner.ca_pem.as_bytes(),
+            0o644,
+        )
+        .and_then(|()| ca::save_node_pair(pki_dir, &cur.cert_pem, &cur.key_pem))
+        .map_err(|e| TlsError::Save(e.to_string()))
+    }
+
+    /// Switches to a renewed certificate and key: new connections, client and server side,
+    /// present it from now on. It must be signed by the same CA and name the same node.
+    pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let next = load_current(&self.inner.ca_der, cert_pem, key_pem)?;
+        let mut slot = self
+            .inner
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if next.info.identity.node_id != slot.info.identity.node_id
+            || next.info.identity.cluster_id != slot.info.identity.cluster_id
+        {
+            return Err(material(
+                "renewed certificate",
+                "names a different node or cluster",
+            ));
+        }
+        *slot = Arc::new(next);
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<Current> {
+        self.inner
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Who this node is, by its current certificate.
+    pub fn identity(&self) -> NodeIdentity {
+        self.current().info.identity.clone()
+    }
+
+    /// Identity, serial, validity and SANs of the current certificate.
+    pub fn cert_info(&self) -> CertInfo {
+        self.current().info.clone()
+    }
+
+    /// Serial of the current certificate (lowercase hex).
+    pub fn serial(&self) -> String {
+        self.current().info.serial.clone()
+    }
+
+    /// The cluster CA certificate, PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.inner.ca_pem
+    }
+
+    /// The current node certificate, PEM.
+    pub fn cert_pem(&self) -> String {
+        self.current().cert_pem.clone()
+    }
+
+    /// A rustls server configuration: presents the current node certificate, verifies a
+    /// client certificate against the cluster CA when one is offered, and lets clients
+    /// without one connect (joining nodes); [`Authorizer`] decides per method.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let provider = provider();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.inner.roots.clone(), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| material("client verifier", e))?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(CurrentCert(self.clone())));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// A rustls client configuration: the cluster CA as the only root, the current node
+    /// certificate as client identity.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(self.inner.roots.clone())
+            .with_client_cert_resolver(Arc::new(CurrentCert(self.clone())));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// A lazily connecting mutual-TLS channel to `addr` ("host:port"), with
+    /// [`CONNECT_TIMEOUT`]. The server's certificate must carry `host` as a SAN.
+    pub fn channel(&self, addr: &str) -> Result<Channel, TlsError> {
+        self.channel_with_timeout(addr, CONNECT_TIMEOUT)
+    }
+
+    /// As [`NodeTls::channel`], with another connect (TCP + TLS) timeout.
+    pub fn channel_with_timeout(
+        &self,
+        addr: &str,
+        connect_timeout: Duration,
+    ) -> Result<Channel, TlsError> {
+        tls_channel(addr, self.client_config()?, connect_timeout)
+    }
+}
+
+fn load_current(
+    ca_der: &CertificateDer<'static>,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Current, TlsError> {
+    let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| material("node certificate", e))?;
+    let key_der =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| material("node key", e))?;
+    let info = ca::cert_info(&cert_der).map_err(|e| material("node certificate", e))?;
+    signed_by(&cert_der, ca_der).map_err(|e| material("node certificate", e))?;
+    let certified = CertifiedKey::from_der(vec![cert_der], key_der, &provider())
+        .map_err(|e| material("node key", e))?;
+    Ok(Current {
+        certified: Arc::new(certified),
+        cert_pem: cert_pem.to_string(),
+        key_pem: key_pem.to_string(),
+        info,
+    })
+}
+
+/// Whether `cert` carries a valid signature of the CA certificate `ca`.
+pub(crate) fn signed_by(cert: &[u8], ca: &[u8]) -> Result<(), String> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert)
+        .map_err(|e| format!("not a certificate: {e}"))?;
+    let (_, ca) = x509_parser::certificate::X509Certificate::from_der(ca)
+        .map_err(|e| format!("CA is not a certificate: {e}"))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| "not signed by the cluster CA".to_string())
+}
+
+/// Resolves to the node certificate current at handshake time.
+struct CurrentCert(NodeTls);
+
+impl fmt::Debug for CurrentCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CurrentCert")
+    }
+}
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().certified.clone())
+    }
+}
+
+impl ResolvesClientCert for CurrentCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Accepts TCP connections on `listener` and runs each TLS handshake in its own task (at most
+/// [`MAX_PENDING_HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`]); yields the
+/// connections that complete one. A failed handshake (a certificate from another CA, say)
+/// is logged and dropped. Stops accepting when the stream is dropped.
+/// Use with `tonic::transport::Server::serve_with_incoming`.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, io::Error>> {
+    let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
+    tokio::spawn(async move {
+        let acceptor = TlsAcceptor::from(config);
+        let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+        loop {
+            let permit = tokio::select! {
+                p = handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = tx.closed() => return,
+            };
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, "tls handshake refused: {e}"),
+                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// A channel over TLS to a server this node does not hold a certificate for yet: the server
+/// is verified against `ca_pem`, no client certificate is sent (join: `IssueNodeCertificate`).
+pub fn anonymous_channel(addr: &str, ca_pem: &str) -> Result<Channel, TlsError> {
+    let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| material("CA certificate", e))?;
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca_der)
+        .map_err(|e| material("CA certificate", e))?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    tls_channel(addr, Arc::new(config), CONNECT_TIMEOUT)
+}
+
+/// A channel that does not verify the server at all. Only for fetching the root CA during a
+/// join, whose answer is trusted only once its digest matches the join token's.
+pub(crate) fn unverified_channel(addr: &str) -> Result<Channel, TlsError> {
+    let provider = provider();
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    tls_channel(addr, Arc::new(config), CONNECT_TIMEOUT)
+}
+
+/// Accepts any server certificate (handshake signatures are still checked).
+#[derive(Debug)]
+struct AnyServerCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_channel(
+    addr: &str,
+    config: Arc<ClientConfig>,
+    connect_timeout: Duration,
+) -> Result<Channel, TlsError> {
+    // The URI says http: the connector below does the TLS, so tonic must not try to.
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| TlsError::BadAddress(addr.to_string()))?
+        .connect_timeout(connect_timeout);
+    let uri = endpoint.uri();
+    if uri.host().is_none() || uri.port_u16().is_none() {
+        return Err(TlsError::BadAddress(addr.to_string()));
+    }
+    Ok(endpoint.connect_with_connector_lazy(TlsConnect {
+        connector: TlsConnector::from(config),
+        timeout: connect_timeout,
+    }))
+}
+
+/// TCP connect plus TLS handshake, verifying the server's certificate for the URI's host.
+#[derive(Clone)]
+struct TlsConnect {
+    connector: TlsConnector,
+    timeout: Duration,
+}
+
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error>>
+            + Send,
+    >,
+>;
+
+impl tower::Service<Uri> for TlsConnect {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> ConnectFuture {
+        let connector = self.connector.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("bad address {uri}"));
+            let host = uri.host().ok_or_else(bad)?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().ok_or_else(bad)?;
+            let name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+            let connect = async {
+                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                tcp.set_nodelay(true)?;
+                connector.connect(name, tcp).await
+            };
+            let tls = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {host}:{port} timed out"),
+                )
+            })??;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+/// Answers whether a node has been removed from the cluster (the store decides; a removed
+/// node's certificate is refused at once though it has not expired).
+pub trait NodeRegistry: Send + Sync + 'static {
+    /// True if `node_id` was removed from the cluster.
+    fn is_removed(&self, node_id: &str) -> bool;
+}
+
+/// Per-request authorisation from the peer's certificate.
+#[derive(Clone)]
+pub struct Authorizer {
+    cluster_id: String,
+    registry: Arc<dyn NodeRegistry>,
+    local: Option<NodeIdentity>,
+}
+
+impl fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authorizer")
+            .field("cluster_id", &self.cluster_id)
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authorizer {
+    /// Authorises peers of cluster `cluster_id`, asking `registry` about removed nodes.
+    pub fn new(cluster_id: impl Into<String>, registry: Arc<dyn NodeRegistry>) -> Authorizer {
+        Authorizer {
+            cluster_id: cluster_id.into(),
+            registry,
+            local: None,
+        }
+    }
+
+    /// Lets requests that arrive over a Unix socket (the root-only local control socket)
+    /// through as `identity` (this node); without this they are refused like any peer
+    /// without a certificate.
+    pub fn allow_local(mut self, identity: NodeIdentity) -> Authorizer {
+        self.local = Some(identity);
+        self
+    }
+
+    /// The cluster this authoriser admits.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// The identity of the peer that sent `req`, if its certificate is from this cluster,
+    /// unexpired, of one of the `allowed` roles, and its node has not been removed.
+    /// No certificate → `Unauthenticated`; anything else refused → `PermissionDenied`.
+    pub fn authorize<T>(&self, req: &Request<T>, allowed: &[Role]) -> Result<NodeIdentity, Status> {
+        let identity = match req.peer_certs() {
+            Some(chain) if !chain.is_empty() => self.check_cert(&chain[0])?,
+            _ => match (&self.local, is_unix_socket(req)) {
+                (Some(local), true) => local.clone(),
+                _ => {
+                    return Err(Status::unauthenticated(
+                        "a client certificate signed by the cluster CA is required",
+                    ))
+                }
+            },
+        };
+        if !allowed.contains(&identity.role) {
+            let need: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+            return Err(Status::permission_denied(format!(
+                "a {} certificate may not call this method (needs {})",
+                identity.role,
+                need.join(" or ")
+            )));
+        }
+        Ok(identity)
+    }
+
+    fn check_cert(&self, der: &[u8]) -> Result<NodeIdentity, Status> {
+        let info = ca::cert_info(der)
+            .map_err(|e| Status::permission_denied(format!("client certificate: {e}")))?;
+        let id = info.identity;
+        if id.cluster_id != self.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "client certificate is for cluster {:?}, not this one",
+                id.cluster_id
+            )));
+        }
+        // The handshake checked validity once; a long-lived connection must not outlive it.
+        if SystemTime::now() > info.not_after {
+            return Err(Status::unauthenticated("client certificate has expired"));
+        }
+        if self.registry.is_removed(&id.node_id) {
+            return Err(Status::permission_denied(format!(
+                "node {} has been removed from the cluster",
+                id.node_id
+            )));
+        }
+        Ok(id)
+    }
+}
+
+#[cfg(unix)]
+fn is_unix_socket<T>(req: &Request<T>) -> bool {
+    req.extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .is_some()
+}
+
+#[cfg(not(unix))]
+fn is_unix_socket<T>(_req: &Request<T>) -> bool {
+    false
+}
