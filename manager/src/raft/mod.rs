@@ -1,6 +1,7 @@
 //! Raft for the managers: openraft 0.9 types and its storage (log and state machine) on sled.
 
 pub mod log_store;
+pub mod network;
 pub mod state_machine;
 pub mod typ;
 

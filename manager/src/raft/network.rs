@@ -1,0 +1,391 @@
+//! The Raft transport: openraft's `RaftNetworkFactory`/`RaftNetwork` over gRPC with mutual
+//! TLS, and the `Raft` gRPC service that hands peers' requests to the local node.
+//!
+//! openraft's request and response structs travel as bincode inside `RaftMessage.data`; a
+//! response is the whole `Result<Resp, RaftError>`, so a remote Raft error reaches openraft
+//! as `RemoteError`. Transport failures become `Unreachable` (openraft backs off) and
+//! deadline misses `Timeout`; nothing is retried here — openraft owns retries.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Timeout, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shoal_proto::v1::raft_client::RaftClient;
+use shoal_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
+use shoal_proto::v1::RaftMessage;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use super::typ::rpc::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use super::typ::{Node, NodeId, Raft, TypeConfig};
+use crate::ca::Role;
+use crate::tls::{Authorizer, NodeTls};
+
+/// Largest Raft message (request or response, encoded) either side sends or accepts.
+/// openraft splits snapshots into `snapshot_max_chunk_size` chunks (3 MiB by default) and is
+/// told to send fewer entries when an append would be larger.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// TCP connect plus TLS handshake to a peer manager (LAN).
+pub const RAFT_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// Peer channels kept; a cluster has a handful of managers, so this is never reached in
+/// practice, but a membership churning through addresses must not grow the map forever.
+const MAX_CACHED_PEER_CHANNELS: usize = 64;
+/// Backoff after a peer was unreachable: doubling from the first to the last step, then the
+/// last step for as long as it stays unreachable.
+const UNREACHABLE_BACKOFF_MS: [u64; 4] = [100, 200, 400, 800];
+
+/// Errors of encoding, decoding or sending one Raft message.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftNetError {
+    #[error("encoding raft message: {0}")]
+    Encode(bincode::Error),
+    #[error("decoding raft message: {0}")]
+    Decode(bincode::Error),
+    #[error("raft message of {0} bytes exceeds the limit of {MAX_RAFT_MESSAGE_BYTES}")]
+    TooLarge(usize),
+    #[error("peer address {addr:?}: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("{0}")]
+    Status(Status),
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, RaftNetError> {
+    let data = bincode::serialize(v).map_err(RaftNetError::Encode)?;
+    if data.len() > MAX_RAFT_MESSAGE_BYTES {
+        return Err(RaftNetError::TooLarge(data.len()));
+    }
+    Ok(data)
+}
+
+fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, RaftNetError> {
+    if data.len() > MAX_RAFT_MESSAGE_BYTES {
+        return Err(RaftNetError::TooLarge(data.len()));
+    }
+    bincode::deserialize(data).map_err(RaftNetError::Decode)
+}
+
+/// openraft's network factory: one client per peer, sharing one cached channel per address.
+#[derive(Clone)]
+pub struct Network {
+    self_id: NodeId,
+    tls: NodeTls,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl fmt::Debug for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Network")
+            .field("self_id", &self.self_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Network {
+    /// The network of Raft node `self_id`, connecting with this node's TLS material (its
+    /// certificate must be a manager's for peers to accept it).
+    pub fn new(self_id: NodeId, tls: NodeTls) -> Network {
+        Network {
+            self_id,
+            tls,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The cached channel to `addr`, made (lazily connecting) if there is none.
+    fn channel(&self, addr: &str) -> Result<Channel, RaftNetError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = self
+            .tls
+            .channel_with_timeout(addr, RAFT_CONNECT_TIMEOUT)
+            .map_err(|e| RaftNetError::Address {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        if channels.len() >= MAX_CACHED_PEER_CHANNELS {
+            channels.clear();
+        }
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
+        PeerClient {
+            self_id: self.self_id,
+            target,
+            node: node.clone(),
+            channel: self.channel(&node.addr),
+        }
+    }
+}
+
+/// openraft's client to one peer.
+pub struct PeerClient {
+    self_id: NodeId,
+    target: NodeId,
+    node: Node,
+    /// An address that does not parse stays an error for this client's life: every RPC
+    /// reports the peer unreachable.
+    channel: Result<Channel, RaftNetError>,
+}
+
+impl fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("target", &self.target)
+            .field("addr", &self.node.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which RPC of the `Raft` service.
+#[derive(Clone, Copy)]
+enum Method {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+impl Method {
+    fn rpc_type(self) -> RPCTypes {
+        match self {
+            Method::AppendEntries => RPCTypes::AppendEntries,
+            Method::Vote => RPCTypes::Vote,
+            Method::InstallSnapshot => RPCTypes::InstallSnapshot,
+        }
+    }
+}
+
+/// Why one call failed before a Raft answer came back.
+enum CallError {
+    /// This side refused to send it: the encoded request exceeds the limit.
+    TooLarge(RaftNetError),
+    /// No answer within the deadline.
+    Timeout,
+    /// The peer cannot be reached or refuses us; back off.
+    Unreachable(RaftNetError),
+    /// Anything else on the wire.
+    Network(RaftNetError),
+}
+
+impl PeerClient {
+    /// Sends one encoded request and decodes the peer's `Result<Resp, RaftError<E>>`.
+    async fn call<Req, Resp, E>(
+        &mut self,
+        method: Method,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Result<Resp, RaftError<NodeId, E>>, CallError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let channel = match &self.channel {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                return Err(CallError::Unreachable(RaftNetError::Address {
+                    addr: self.node.addr.clone(),
+                    reason: e.to_string(),
+                }))
+            }
+        };
+        let data = encode(req).map_err(|e| match e {
+            RaftNetError::TooLarge(_) => CallError::TooLarge(e),
+            e => CallError::Network(e),
+        })?;
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        let mut request = Request::new(RaftMessage { data });
+        request.set_timeout(ttl);
+        let fut = async {
+            match method {
+                Method::AppendEntries => client.append_entries(request).await,
+                Method::Vote => client.vote(request).await,
+                Method::InstallSnapshot => client.install_snapshot(request).await,
+            }
+        };
+        let resp = match tokio::time::timeout(ttl, fut).await {
+            Err(_) => return Err(CallError::Timeout),
+            Ok(Err(status)) => {
+                return Err(match status.code() {
+                    Code::DeadlineExceeded | Code::Cancelled => CallError::Timeout,
+                    // Transport down, peer refusing us (removed, no longer a manager), peer
+                    // overloaded or refusing the size: back off rather than hammer it.
+                    Code::Unavailable
+                    | Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::ResourceExhausted
+                    | Code::Unknown => CallError::Unreachable(RaftNetError::Status(status)),
+                    _ => CallError::Network(RaftNetError::Status(status)),
+                })
+            }
+            Ok(Ok(resp)) => resp.into_inner(),
+        };
+        decode(&resp.data).map_err(CallError::Network)
+    }
+
+    /// openraft's view of a call's outcome.
+    fn finish<Resp, E: std::error::Error>(
+        &self,
+        method: Method,
+        ttl: Duration,
+        outcome: Result<Result<Resp, RaftError<NodeId, E>>, CallError>,
+    ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>> {
+        match outcome {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))),
+            Err(CallError::Timeout) => Err(RPCError::Timeout(Timeout {
+                action: method.rpc_type(),
+                id: self.self_id,
+                target: self.target,
+                timeout: ttl,
+            })),
+            // Too large and not splittable here (a single huge entry, an oversized snapshot
+            // chunk) can never be sent: report the peer unreachable so openraft backs off
+            // instead of retrying at once.
+            Err(CallError::TooLarge(e)) => {
+                tracing::warn!(target = self.target, "{e}");
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(CallError::Unreachable(e)) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(CallError::Network(e)) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let entries = rpc.entries.len() as u64;
+        let ttl = option.hard_ttl();
+        match self.call(Method::AppendEntries, &rpc, ttl).await {
+            Err(CallError::TooLarge(e)) if entries > 1 => {
+                // openraft resends with at most this many entries.
+                Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(entries / 2).with_source_error(&e),
+                ))
+            }
+            outcome => self.finish(Method::AppendEntries, ttl, outcome),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        let ttl = option.hard_ttl();
+        let outcome = self.call(Method::InstallSnapshot, &rpc, ttl).await;
+        self.finish(Method::InstallSnapshot, ttl, outcome)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let ttl = option.hard_ttl();
+        let outcome = self.call(Method::Vote, &rpc, ttl).await;
+        self.finish(Method::Vote, ttl, outcome)
+    }
+
+    fn backoff(&self) -> Backoff {
+        let last = UNREACHABLE_BACKOFF_MS[UNREACHABLE_BACKOFF_MS.len() - 1];
+        Backoff::new(
+            UNREACHABLE_BACKOFF_MS
+                .into_iter()
+                .chain(std::iter::repeat(last))
+                .map(Duration::from_millis),
+        )
+    }
+}
+
+/// The `Raft` gRPC service: hands peers' requests to the local Raft node. Every method
+/// needs a manager certificate of this cluster whose node has not been removed.
+pub struct RaftService {
+    raft: Raft,
+    authorizer: Authorizer,
+}
+
+impl RaftService {
+    /// Serves `raft`, admitting peers through `authorizer`.
+    pub fn new(raft: Raft, authorizer: Authorizer) -> RaftService {
+        RaftService { raft, authorizer }
+    }
+
+    /// The tonic service, with messages bounded by [`MAX_RAFT_MESSAGE_BYTES`] both ways.
+    pub fn into_server(self) -> RaftServer<RaftService> {
+        RaftServer::new(self)
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+    }
+
+    fn admit(&self, req: &Request<RaftMessage>) -> Result<(), Status> {
+        self.authorizer.authorize(req, &[Role::Manager]).map(|_| ())
+    }
+}
+
+fn bad_request(e: RaftNetError) -> Status {
+    Status::invalid_argument(format!("malformed raft message: {e}"))
+}
+
+fn reply<T: Serialize>(result: &T) -> Result<Response<RaftMessage>, Status> {
+    let data = encode(result).map_err(|e| Status::resource_exhausted(e.to_string()))?;
+    Ok(Response::new(RaftMessage { data }))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&req)?;
+        let rpc: AppendEntriesRequest = decode(&req.get_ref().data).map_err(bad_request)?;
+        reply(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&req)?;
+        let rpc: VoteRequest = decode(&req.get_ref().data).map_err(bad_request)?;
+        reply(&self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&req)?;
+        let rpc: InstallSnapshotRequest = decode(&req.get_ref().data).map_err(bad_request)?;
+        reply(&self.raft.install_snapshot(rpc).await)
+    }
+}
