@@ -1,6 +1,7 @@
 //! shoal manager.
 
 pub mod ca;
+pub mod controlapi;
 pub mod raft;
 pub mod store;
 pub mod tls;

@@ -1,0 +1,274 @@
+//! The control API: the gRPC `Control` service over the replicated store.
+//!
+//! Writes are proposed as one `store::Command` through Raft on the leader; a follower forwards
+//! the call to the leader over the manager mTLS channel. Reads are linearizable: the leader
+//! confirms its leadership (`ensure_linearizable`) before reading its store, and a follower
+//! forwards them too. The same service is served on the manager's TLS port (manager
+//! certificate required) and on the local root-only Unix socket.
+
+mod membership;
+mod server;
+pub mod validate;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shoal_proto::v1::control_client::ControlClient;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::raft::Raft;
+use crate::store::{Command, Mutation, Store, StoreError};
+use crate::tls::{Authorizer, NodeTls};
+
+pub use membership::{quorum_after, ManagerHealth};
+pub use server::{watch_event, ApiSlot, ControlService, WATCH_STREAM_BUFFER};
+
+/// Metadata key marking a call a follower forwarded, so the receiver never forwards it again.
+pub const FORWARDED_HEADER: &str = "shoal-forwarded";
+/// How long a forwarded or probing call may take to connect.
+pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a call waits for a leader to be known (an election in progress) before failing.
+pub const LEADER_WAIT: Duration = Duration::from_secs(5);
+/// How often a call retries when the leader changed under it.
+pub const LEADER_RETRIES: usize = 3;
+/// Messages larger than this are refused (a service spec is a few KiB).
+pub const MAX_CONTROL_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Errors of the control API's own plumbing (validation errors are `validate::Invalid`).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no raft leader is known")]
+    NoLeader,
+    #[error("connecting to manager {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+}
+
+/// One manager's control API: its Raft handle, its store replica, who it is.
+#[derive(Clone)]
+pub struct ControlApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    raft: Raft,
+    store: Store,
+    node_id: String,
+    raft_id: u64,
+    tls: NodeTls,
+    authorizer: Authorizer,
+    /// One channel per peer address, reused by forwarding and probing.
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Serialises membership changes (openraft refuses overlapping ones).
+    membership: tokio::sync::Mutex<()>,
+}
+
+impl ControlApi {
+    /// A control API over this manager's Raft and store.
+    pub fn new(
+        raft: Raft,
+        store: Store,
+        raft_id: u64,
+        tls: NodeTls,
+        authorizer: Authorizer,
+    ) -> Self {
+        ControlApi {
+            inner: Arc::new(Inner {
+                raft,
+                store,
+                node_id: tls.identity().node_id,
+                raft_id,
+                tls,
+                authorizer,
+                channels: Mutex::new(HashMap::new()),
+                membership: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// This manager's store replica.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// This manager's TLS material.
+    pub fn tls(&self) -> &NodeTls {
+        &self.inner.tls
+    }
+
+    /// Decides who may call over TCP.
+    pub fn authorizer(&self) -> &Authorizer {
+        &self.inner.authorizer
+    }
+
+    /// This manager's node id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// This manager's Raft id.
+    pub fn raft_id(&self) -> u64 {
+        self.inner.raft_id
+    }
+
+    /// A tonic channel to a peer manager's gRPC port (mTLS with this node's certificate).
+    pub fn peer_channel(&self, addr: &str) -> Result<Channel, ControlError> {
+        if let Some(ch) = lock(&self.inner.channels).get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = self
+            .inner
+            .tls
+            .channel_with_timeout(addr, PEER_CONNECT_TIMEOUT)
+            .map_err(|e| ControlError::Connect {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        lock(&self.inner.channels).insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Forgets cached channels (after a certificate renewal or a failed call).
+    pub fn drop_channel(&self, addr: &str) {
+        lock(&self.inner.channels).remove(addr);
+    }
+
+    /// Where calls must go now: `None` when this manager is the leader, else the leader's
+    /// address. Waits up to `LEADER_WAIT` while no leader is known.
+    pub async fn leader(&self) -> Result<Option<String>, Status> {
+        let mut metrics = self.inner.raft.metrics();
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if let Some(leader) = m.current_leader {
+                    if leader == self.inner.raft_id {
+                        return Ok(None);
+                    }
+                    if let Some(node) = m.membership_config.membership().get_node(&leader) {
+                        return Ok(Some(node.addr.clone()));
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return Err(Status::unavailable(
+                    "no raft leader: the managers have lost quorum or are electing one",
+                ));
+            }
+        }
+    }
+
+    /// A client for the leader, or `None` when this manager is the leader. A call that was
+    /// already forwarded once is never forwarded again.
+    pub(crate) async fn leader_client<T>(
+        &self,
+        req: &tonic::Request<T>,
+    ) -> Result<Option<ControlClient<Channel>>, Status> {
+        match self.leader().await? {
+            None => Ok(None),
+            Some(addr) => {
+                if req.metadata().contains_key(FORWARDED_HEADER) {
+                    return Err(Status::unavailable(
+                        "leadership is changing; retry the request",
+                    ));
+                }
+                let ch = self
+                    .peer_channel(&addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                Ok(Some(
+                    ControlClient::new(ch)
+                        .max_decoding_message_size(MAX_CONTROL_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_CONTROL_MESSAGE_BYTES),
+                ))
+            }
+        }
+    }
+
+    /// Confirms leadership with a quorum, so that a read of the local store that follows is
+    /// linearizable.
+    pub async fn linearize(&self) -> Result<(), Status> {
+        self.inner
+            .raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|e| Status::unavailable(format!("cannot confirm raft leadership: {e}")))
+    }
+
+    /// Proposes mutations as one command and waits until it is applied; returns the new
+    /// versions. Refusals by the store come back as their gRPC equivalents.
+    pub async fn propose(&self, mutations: Vec<Mutation>) -> Result<Vec<u64>, Status> {
+        let cmd = Command {
+            now_ms: now_ms(),
+            mutations,
+        };
+        let resp = self.inner.raft.client_write(cmd).await.map_err(|e| {
+            use openraft::error::{ClientWriteError, RaftError};
+            match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                    Status::unavailable("this manager lost leadership; retry the request")
+                }
+                other => Status::unavailable(format!("raft: {other}")),
+            }
+        })?;
+        resp.data.result.map_err(store_status)
+    }
+
+    pub(crate) async fn membership_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.membership.lock().await
+    }
+
+    /// The Raft ids of the voters and of all members (voters and learners).
+    pub fn membership(&self) -> (BTreeSet<u64>, BTreeSet<u64>) {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        let voters = m.membership().voter_ids().collect();
+        let all = m.membership().nodes().map(|(id, _)| *id).collect();
+        (voters, all)
+    }
+}
+
+/// Milliseconds since the Unix epoch, as commands carry it.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A fresh object id: 25 lowercase base-36 characters, like docker's.
+pub fn new_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    (0..25)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// The gRPC status a store refusal maps to.
+pub fn store_status(e: StoreError) -> Status {
+    let code = match &e {
+        StoreError::NotFound { .. } => Code::NotFound,
+        StoreError::AlreadyExists { .. } | StoreError::NameTaken { .. } => Code::AlreadyExists,
+        StoreError::VersionConflict { .. } | StoreError::InvalidTransition { .. } => {
+            Code::FailedPrecondition
+        }
+        StoreError::Invalid { .. } => Code::InvalidArgument,
+        StoreError::Storage(_) | StoreError::Decode { .. } => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves a plain map behind, still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,738 @@
+//! The tonic `Control` service: authorisation, forwarding, validation, then the store.
+
+use std::sync::{Arc, RwLock};
+
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::control_server::Control;
+use shoal_proto::v1::service_spec::Mode;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{new_id, store_status, validate, ControlApi, FORWARDED_HEADER};
+use crate::ca::{NodeIdentity, Role};
+use crate::store::{Action, Event, Kind, Mutation, Object};
+
+/// Where the local socket's control service finds the manager: empty while this node is
+/// not a manager.
+#[derive(Clone, Default)]
+pub struct ApiSlot(Arc<RwLock<Option<ControlApi>>>);
+
+impl ApiSlot {
+    /// A slot holding `api`.
+    pub fn with(api: ControlApi) -> Self {
+        ApiSlot(Arc::new(RwLock::new(Some(api))))
+    }
+
+    /// The manager's API, if this node is one now.
+    pub fn get(&self) -> Option<ControlApi> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Installs (or with `None`, removes) the manager's API.
+    pub fn set(&self, api: Option<ControlApi>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = api;
+    }
+}
+
+/// Events buffered per watch stream before the stream is told to resync.
+pub const WATCH_STREAM_BUFFER: usize = 1024;
+
+/// The `Control` gRPC service of one manager, as served on one listener.
+#[derive(Clone)]
+pub struct ControlService {
+    api: ApiSlot,
+    /// Served on the root-only Unix socket: the caller is the local administrator.
+    local: bool,
+}
+
+impl ControlService {
+    /// The service for the manager's TLS port: callers need a manager certificate.
+    pub fn tls(api: ControlApi) -> Self {
+        ControlService {
+            api: ApiSlot::with(api),
+            local: false,
+        }
+    }
+
+    /// The service for the local Unix socket (whose mode already restricts it to root).
+    pub fn local(api: ApiSlot) -> Self {
+        ControlService { api, local: true }
+    }
+
+    fn api(&self) -> Result<ControlApi, Status> {
+        self.api.get().ok_or_else(|| {
+            Status::failed_precondition(
+                "this node is not a manager: only managers can show or change the cluster",
+            )
+        })
+    }
+
+    /// The tonic server wrapper with message size limits.
+    pub fn into_server(self) -> pb::control_server::ControlServer<ControlService> {
+        pb::control_server::ControlServer::new(self)
+            .max_decoding_message_size(super::MAX_CONTROL_MESSAGE_BYTES)
+            .max_encoding_message_size(super::MAX_CONTROL_MESSAGE_BYTES)
+    }
+
+    /// Who is calling: `None` for the local socket; over TLS, a manager of this cluster whose
+    /// node is (or is becoming) a manager in the store. A missing certificate, another
+    /// cluster's, a worker's, a demoted or a removed node's is refused.
+    fn authorize<T>(
+        &self,
+        api: &ControlApi,
+        req: &Request<T>,
+    ) -> Result<Option<NodeIdentity>, Status> {
+        if self.local {
+            return Ok(None);
+        }
+        let id = api.authorizer().authorize(req, &[Role::Manager])?;
+        // A node not recorded here yet (this replica is catching up) passes: the authorizer
+        // already refused nodes that were removed.
+        if let Some(n) = api.store().get_node(&id.node_id).map_err(store_status)? {
+            let manager = pb::NodeRole::Manager as i32;
+            if n.role != manager && n.spec.as_ref().is_none_or(|s| s.desired_role != manager) {
+                return Err(Status::permission_denied(format!(
+                    "node {} is no longer a manager",
+                    id.node_id
+                )));
+            }
+        }
+        Ok(Some(id))
+    }
+}
+
+impl ControlApi {
+    pub(crate) fn find_service(&self, key: &str) -> Result<pb::Service, Status> {
+        let store = self.store();
+        if key.is_empty() {
+            return Err(Status::invalid_argument("no service named"));
+        }
+        if let Some(s) = store.get_service(key).map_err(store_status)? {
+            return Ok(s);
+        }
+        let matches: Vec<pb::Service> = store
+            .list_services()
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|s| s.meta.as_ref().is_some_and(|m| m.id.starts_with(key)))
+            .collect();
+        match matches.len() {
+            1 => Ok(matches.into_iter().next().unwrap_or_default()),
+            0 => Err(Status::not_found(format!("service {key} not found"))),
+            _ => Err(Status::invalid_argument(format!(
+                "service {key} is ambiguous ({} matches)",
+                matches.len()
+            ))),
+        }
+    }
+
+    pub(crate) fn find_node(&self, key: &str) -> Result<pb::Node, Status> {
+        let store = self.store();
+        let key = if key == "self" { self.node_id() } else { key };
+        if key.is_empty() {
+            return Err(Status::invalid_argument("no node named"));
+        }
+        if let Some(n) = store.get_node(key).map_err(store_status)? {
+            return Ok(n);
+        }
+        let nodes = store.list_nodes().map_err(store_status)?;
+        let by_id: Vec<&pb::Node> = nodes
+            .iter()
+            .filter(|n| id_of(n.meta.as_ref()).starts_with(key))
+            .collect();
+        let by_host: Vec<&pb::Node> = nodes
+            .iter()
+            .filter(|n| n.description.as_ref().is_some_and(|d| d.hostname == key))
+            .collect();
+        let found = if by_id.len() == 1 {
+            by_id
+        } else if by_id.is_empty() {
+            by_host
+        } else {
+            by_id
+        };
+        match found.len() {
+            1 => Ok(found[0].clone()),
+            0 => Err(Status::not_found(format!("node {key} not found"))),
+            n => Err(Status::invalid_argument(format!(
+                "node {key} is ambiguous ({n} matches)"
+            ))),
+        }
+    }
+
+    fn summary(&self, s: pb::Service) -> Result<pb::ServiceSummary, Status> {
+        let id = id_of(s.meta.as_ref()).to_string();
+        let tasks = self.store().tasks_by_service(&id).map_err(store_status)?;
+        let running = pb::TaskState::Running as i32;
+        let desired = tasks.iter().filter(|t| t.desired_state == running).count() as u64;
+        let up = tasks
+            .iter()
+            .filter(|t| t.desired_state == running)
+            .filter(|t| t.status.as_ref().is_some_and(|st| st.state == running))
+            .count() as u64;
+        let desired = match &s.spec.as_ref().and_then(|sp| sp.mode) {
+            Some(Mode::Replicated(r)) if desired == 0 => r.replicas,
+            _ => desired,
+        };
+        Ok(pb::ServiceSummary {
+            service: Some(s),
+            desired_tasks: desired,
+            running_tasks: up,
+        })
+    }
+}
+
+fn id_of(m: Option<&pb::Meta>) -> &str {
+    m.map(|m| m.id.as_str()).unwrap_or("")
+}
+
+fn version_of(m: Option<&pb::Meta>) -> u64 {
+    m.map(|m| m.version).unwrap_or(0)
+}
+
+/// A request carried on to the leader, marked so it is not forwarded again.
+fn forwarded<T>(req: Request<T>) -> Request<T> {
+    let mut out = Request::new(req.into_inner());
+    out.metadata_mut().insert(
+        FORWARDED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    out
+}
+
+fn invalid(e: validate::Invalid) -> Status {
+    Status::invalid_argument(e.0)
+}
+
+/// Forwards the call to the leader when this manager is not it; on the leader, confirms
+/// leadership for reads.
+macro_rules! leader_only {
+    ($api:ident, $req:ident, $method:ident, read) => {
+        if let Some(mut c) = $api.leader_client(&$req).await? {
+            return c.$method(forwarded($req)).await;
+        }
+        $api.linearize().await?;
+    };
+    ($api:ident, $req:ident, $method:ident, write) => {
+        if let Some(mut c) = $api.leader_client(&$req).await? {
+            return c.$method(forwarded($req)).await;
+        }
+    };
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn create_service(
+        &self,
+        req: Request<pb::CreateServiceRequest>,
+    ) -> Result<Response<pb::ServiceResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        let spec = req
+            .get_ref()
+            .spec
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("no spec"))?;
+        validate::service_spec(&spec).map_err(invalid)?;
+        leader_only!(api, req, create_service, write);
+        if let Some(id) = api
+            .store()
+            .service_id_by_name(&spec.name)
+            .map_err(store_status)?
+        {
+            return Err(Status::already_exists(format!(
+                "service name {} is already in use by service {id}",
+                spec.name
+            )));
+        }
+        let id = new_id();
+        let service = pb::Service {
+            meta: Some(pb::Meta {
+                id: id.clone(),
+                ..Default::default()
+            }),
+            spec: Some(spec),
+            ..Default::default()
+        };
+        api.propose(vec![Mutation::Create(Object::Service(service))])
+            .await?;
+        let service = api.find_service(&id)?;
+        Ok(Response::new(pb::ServiceResponse {
+            service: Some(service),
+        }))
+    }
+
+    async fn get_service(
+        &self,
+        req: Request<pb::GetServiceRequest>,
+    ) -> Result<Response<pb::ServiceResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, get_service, read);
+        let service = api.find_service(&req.get_ref().service)?;
+        Ok(Response::new(pb::ServiceResponse {
+            service: Some(service),
+        }))
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, list_services, read);
+        let prefix = &req.get_ref().name_prefix;
+        let mut services = Vec::new();
+        for s in api.store().list_services().map_err(store_status)? {
+            if s.spec
+                .as_ref()
+                .is_some_and(|sp| sp.name.starts_with(prefix.as_str()))
+            {
+                services.push(api.summary(s)?);
+            }
+        }
+        services.sort_by(|a, b| {
+            let name = |s: &pb::ServiceSummary| {
+                s.service
+                    .as_ref()
+                    .and_then(|s| s.spec.as_ref())
+                    .map(|s| s.name.clone())
+            };
+            name(a).cmp(&name(b))
+        });
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn update_service(
+        &self,
+        req: Request<pb::UpdateServiceRequest>,
+    ) -> Result<Response<pb::ServiceResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        let spec = req
+            .get_ref()
+            .spec
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("no spec"))?;
+        validate::service_spec(&spec).map_err(invalid)?;
+        leader_only!(api, req, update_service, write);
+        let current = api.find_service(&req.get_ref().service)?;
+        let version = version_of(current.meta.as_ref());
+        let old_spec = current.spec.clone().unwrap_or_default();
+        if old_spec.name != spec.name {
+            return Err(Status::invalid_argument(
+                "renaming a service is not supported",
+            ));
+        }
+        if req.get_ref().version != version {
+            return Err(Status::failed_precondition(format!(
+                "update out of sequence: service {} is at version {version}, not {}",
+                old_spec.name,
+                req.get_ref().version
+            )));
+        }
+        let id = id_of(current.meta.as_ref()).to_string();
+        let mut next = current.clone();
+        next.previous_spec = Some(old_spec);
+        next.spec = Some(spec);
+        api.propose(vec![Mutation::Update {
+            object: Object::Service(next),
+            expect_version: Some(version),
+        }])
+        .await?;
+        let service = api.find_service(&id)?;
+        Ok(Response::new(pb::ServiceResponse {
+            service: Some(service),
+        }))
+    }
+
+    async fn remove_service(
+        &self,
+        req: Request<pb::RemoveServiceRequest>,
+    ) -> Result<Response<pb::RemoveServiceResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, remove_service, write);
+        let s = api.find_service(&req.get_ref().service)?;
+        let id = id_of(s.meta.as_ref()).to_string();
+        api.propose(vec![Mutation::Delete {
+            kind: Kind::Service,
+            id: id.clone(),
+            expect_version: Some(version_of(s.meta.as_ref())),
+        }])
+        .await?;
+        Ok(Response::new(pb::RemoveServiceResponse { id }))
+    }
+
+    async fn list_tasks(
+        &self,
+        req: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, list_tasks, read);
+        let r = req.get_ref();
+        let store = api.store();
+        let mut tasks = if !r.service.is_empty() {
+            let s = api.find_service(&r.service)?;
+            store
+                .tasks_by_service(id_of(s.meta.as_ref()))
+                .map_err(store_status)?
+        } else if !r.node.is_empty() {
+            let n = api.find_node(&r.node)?;
+            store
+                .tasks_by_node(id_of(n.meta.as_ref()))
+                .map_err(store_status)?
+        } else {
+            store.list_tasks().map_err(store_status)?
+        };
+        if !r.service.is_empty() && !r.node.is_empty() {
+            let n = api.find_node(&r.node)?;
+            let nid = id_of(n.meta.as_ref()).to_string();
+            tasks.retain(|t| t.node_id == nid);
+        }
+        Ok(Response::new(pb::ListTasksResponse { tasks }))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, list_nodes, read);
+        let mut nodes = api.store().list_nodes().map_err(store_status)?;
+        let health = api.manager_health().await;
+        for n in &mut nodes {
+            health.fill(n);
+        }
+        nodes.sort_by(|a, b| {
+            let host = |n: &pb::Node| n.description.as_ref().map(|d| d.hostname.clone());
+            host(a)
+                .cmp(&host(b))
+                .then_with(|| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())))
+        });
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(
+        &self,
+        req: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::NodeResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        // "self" means the node the caller talks to, so resolve it before forwarding.
+        let mut req = req;
+        if req.get_ref().node == "self" {
+            req.get_mut().node = api.node_id().to_string();
+        }
+        leader_only!(api, req, get_node, read);
+        let mut node = api.find_node(&req.get_ref().node)?;
+        api.manager_health().await.fill(&mut node);
+        Ok(Response::new(pb::NodeResponse { node: Some(node) }))
+    }
+
+    async fn update_node(
+        &self,
+        req: Request<pb::UpdateNodeRequest>,
+    ) -> Result<Response<pb::NodeResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        let r = req.get_ref();
+        for k in r.label_add.keys().chain(r.label_rm.iter()) {
+            if k.is_empty() {
+                return Err(Status::invalid_argument("label key must not be empty"));
+            }
+        }
+        if let Some(a) = r.availability {
+            if pb::NodeAvailability::try_from(a).is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "invalid availability {a}"
+                )));
+            }
+        }
+        leader_only!(api, req, update_node, write);
+        let r = req.get_ref();
+        let node = api.find_node(&r.node)?;
+        let version = version_of(node.meta.as_ref());
+        if r.version != 0 && r.version != version {
+            return Err(Status::failed_precondition(format!(
+                "update out of sequence: node is at version {version}, not {}",
+                r.version
+            )));
+        }
+        let mut next = node.clone();
+        let spec = next.spec.get_or_insert_with(Default::default);
+        if let Some(a) = r.availability {
+            spec.availability = a;
+        }
+        for k in &r.label_rm {
+            if spec.labels.remove(k).is_none() {
+                return Err(Status::not_found(format!(
+                    "label {k} not found on the node"
+                )));
+            }
+        }
+        spec.labels.extend(r.label_add.clone());
+        if spec.labels.len() > validate::MAX_LABELS {
+            return Err(Status::invalid_argument("too many node labels"));
+        }
+        let id = id_of(node.meta.as_ref()).to_string();
+        api.propose(vec![Mutation::Update {
+            object: Object::Node(next),
+            expect_version: Some(version),
+        }])
+        .await?;
+        let mut node = api.find_node(&id)?;
+        api.manager_health().await.fill(&mut node);
+        Ok(Response::new(pb::NodeResponse { node: Some(node) }))
+    }
+
+    async fn promote_node(
+        &self,
+        req: Request<pb::PromoteNodeRequest>,
+    ) -> Result<Response<pb::NodeResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, promote_node, write);
+        let node = api.find_node(&req.get_ref().node)?;
+        let node = api.promote(node).await?;
+        Ok(Response::new(pb::NodeResponse { node: Some(node) }))
+    }
+
+    async fn demote_node(
+        &self,
+        req: Request<pb::DemoteNodeRequest>,
+    ) -> Result<Response<pb::NodeResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, demote_node, write);
+        let node = api.find_node(&req.get_ref().node)?;
+        let node = api.demote(node, false).await?;
+        Ok(Response::new(pb::NodeResponse { node: Some(node) }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, remove_node, write);
+        let node = api.find_node(&req.get_ref().node)?;
+        let id = api.remove_node(node, req.get_ref().force).await?;
+        Ok(Response::new(pb::RemoveNodeResponse { id }))
+    }
+
+    async fn get_cluster(
+        &self,
+        req: Request<pb::GetClusterRequest>,
+    ) -> Result<Response<pb::ClusterResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, get_cluster, read);
+        api.cluster_response()
+    }
+
+    async fn update_cluster(
+        &self,
+        req: Request<pb::UpdateClusterRequest>,
+    ) -> Result<Response<pb::ClusterResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        let spec = req
+            .get_ref()
+            .spec
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("no spec"))?;
+        validate::cluster_spec(&spec).map_err(invalid)?;
+        leader_only!(api, req, update_cluster, write);
+        let cluster = api.cluster()?;
+        let version = version_of(cluster.meta.as_ref());
+        let asked = req.get_ref().version;
+        if asked != 0 && asked != version {
+            return Err(Status::failed_precondition(format!(
+                "update out of sequence: cluster is at version {version}, not {asked}"
+            )));
+        }
+        let mut next = cluster;
+        next.spec = Some(spec);
+        api.propose(vec![Mutation::Update {
+            object: Object::Cluster(next),
+            expect_version: Some(version),
+        }])
+        .await?;
+        api.cluster_response()
+    }
+
+    async fn rotate_join_token(
+        &self,
+        req: Request<pb::RotateJoinTokenRequest>,
+    ) -> Result<Response<pb::ClusterResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        let role = pb::NodeRole::try_from(req.get_ref().role)
+            .map_err(|_| Status::invalid_argument("role must be worker or manager"))?;
+        leader_only!(api, req, rotate_join_token, write);
+        let cluster = api.cluster()?;
+        let version = version_of(cluster.meta.as_ref());
+        let mut tokens =
+            crate::ca::JoinTokens::from_proto(&cluster.join_tokens.clone().unwrap_or_default())
+                .map_err(|e| Status::internal(format!("stored join tokens: {e}")))?;
+        tokens.rotate(Role::from_proto(role));
+        let mut next = cluster;
+        next.join_tokens = Some(tokens.to_proto());
+        api.propose(vec![Mutation::Update {
+            object: Object::Cluster(next),
+            expect_version: Some(version),
+        }])
+        .await?;
+        api.cluster_response()
+    }
+
+    async fn join_manager(
+        &self,
+        req: Request<pb::JoinManagerRequest>,
+    ) -> Result<Response<pb::JoinManagerResponse>, Status> {
+        let api = self.api()?;
+        let caller = self.authorize(&api, &req)?;
+        let r = req.get_ref();
+        if let Some(id) = &caller {
+            if id.node_id != r.node_id {
+                return Err(Status::permission_denied(format!(
+                    "certificate of node {} cannot join as node {}",
+                    id.node_id, r.node_id
+                )));
+            }
+        }
+        if r.raft_id == 0 || r.addr.is_empty() {
+            return Err(Status::invalid_argument("raft id and address are required"));
+        }
+        leader_only!(api, req, join_manager, write);
+        let r = req.into_inner();
+        api.join_manager(&r.node_id, r.raft_id, &r.addr).await?;
+        Ok(Response::new(pb::JoinManagerResponse {}))
+    }
+
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, register_node, write);
+        api.register_node(req.into_inner()).await?;
+        Ok(Response::new(pb::RegisterNodeResponse {}))
+    }
+
+    async fn leave_manager(
+        &self,
+        req: Request<pb::LeaveManagerRequest>,
+    ) -> Result<Response<pb::LeaveManagerResponse>, Status> {
+        let api = self.api()?;
+        let caller = self.authorize(&api, &req)?;
+        if let Some(id) = &caller {
+            if id.node_id != req.get_ref().node_id {
+                return Err(Status::permission_denied(
+                    "a manager can only remove itself",
+                ));
+            }
+        }
+        leader_only!(api, req, leave_manager, write);
+        let node = api.find_node(&req.get_ref().node_id)?;
+        api.demote(node, req.get_ref().force).await?;
+        Ok(Response::new(pb::LeaveManagerResponse {}))
+    }
+
+    type WatchStream = ReceiverStream<Result<pb::WatchEvent, Status>>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        let kinds: Vec<Kind> = req
+            .get_ref()
+            .kinds
+            .iter()
+            .filter_map(|k| match pb::WatchKind::try_from(*k) {
+                Ok(pb::WatchKind::Node) => Some(Kind::Node),
+                Ok(pb::WatchKind::Service) => Some(Kind::Service),
+                Ok(pb::WatchKind::Task) => Some(Kind::Task),
+                Ok(pb::WatchKind::Cluster) => Some(Kind::Cluster),
+                _ => None,
+            })
+            .collect();
+        let mut events = api.store().watch();
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_STREAM_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let msg = match events.recv().await {
+                    Ok(ev) => {
+                        if !kinds.is_empty() && !kinds.contains(&ev.object.kind()) {
+                            continue;
+                        }
+                        watch_event(ev)
+                    }
+                    Err(RecvError::Lagged(_)) => pb::WatchEvent {
+                        action: pb::WatchAction::Resync as i32,
+                        ..Default::default()
+                    },
+                    Err(RecvError::Closed) => return,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl ControlApi {
+    fn cluster(&self) -> Result<pb::Cluster, Status> {
+        self.store()
+            .get_cluster()
+            .map_err(store_status)?
+            .ok_or_else(|| Status::failed_precondition("the cluster is not initialised"))
+    }
+
+    fn cluster_response(&self) -> Result<Response<pb::ClusterResponse>, Status> {
+        let cluster = self.cluster()?;
+        let m = self.raft().metrics().borrow().clone();
+        let leader_node_id = match m.current_leader {
+            Some(l) => self.node_id_of_raft(l).unwrap_or_default(),
+            None => String::new(),
+        };
+        Ok(Response::new(pb::ClusterResponse {
+            cluster: Some(cluster),
+            leader_node_id,
+            raft_term: m.current_term,
+            raft_last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+        }))
+    }
+}
+
+/// A store event as the watch stream sends it.
+pub fn watch_event(ev: Event) -> pb::WatchEvent {
+    use pb::watch_event::Object as W;
+    let action = match ev.action {
+        Action::Create => pb::WatchAction::Create,
+        Action::Update => pb::WatchAction::Update,
+        Action::Delete => pb::WatchAction::Delete,
+    };
+    let object = match ev.object {
+        Object::Node(n) => W::Node(n),
+        Object::Service(s) => W::Service(s),
+        Object::Task(t) => W::Task(t),
+        Object::Cluster(c) => W::Cluster(c),
+    };
+    pb::WatchEvent {
+        version: ev.version,
+        action: action as i32,
+        object: Some(object),
+    }
+}

@@ -1,0 +1,484 @@
+//! Checks of what clients send, before anything is proposed: one clear message per mistake.
+
+use shoal_proto::v1::{ClusterSpec, NodeRole, ServiceSpec};
+
+/// Longest service name docker accepts (a DNS label).
+pub const MAX_SERVICE_NAME_LEN: usize = 63;
+/// Replicas above this are a typo, not a plan.
+pub const MAX_REPLICAS: u64 = 100_000;
+/// Longest image reference accepted (docker's limit on a full reference).
+pub const MAX_IMAGE_REF_LEN: usize = 255;
+/// Longest tag of an image reference.
+pub const MAX_TAG_LEN: usize = 128;
+/// Most constraints one service may carry.
+pub const MAX_CONSTRAINTS: usize = 64;
+/// Most labels one object may carry.
+pub const MAX_LABELS: usize = 256;
+/// Longest label key or value.
+pub const MAX_LABEL_LEN: usize = 4096;
+/// Longest Raft timer accepted (ms): anything beyond is a unit mistake.
+pub const MAX_TIMER_MS: u64 = 3_600_000;
+
+/// What is wrong with a request, as the user will read it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+fn invalid(msg: impl Into<String>) -> Invalid {
+    Invalid(msg.into())
+}
+
+/// Docker's rule for service names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 63 characters.
+pub fn service_name(name: &str) -> Result<(), Invalid> {
+    if name.is_empty() {
+        return Err(invalid("service name must not be empty"));
+    }
+    if name.len() > MAX_SERVICE_NAME_LEN {
+        return Err(invalid(format!(
+            "invalid service name {name:?}: longer than {MAX_SERVICE_NAME_LEN} characters"
+        )));
+    }
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !first_ok || !rest_ok {
+        return Err(invalid(format!(
+            "invalid service name {name:?}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// A placement constraint: `node.id|node.hostname|node.role|node.labels.KEY` `==`|`!=` VALUE.
+pub fn constraint(c: &str) -> Result<(), Invalid> {
+    let bad = |why: &str| invalid(format!("invalid constraint {c:?}: {why}"));
+    let (key, op, value) = if let Some((k, v)) = c.split_once("!=") {
+        (k, "!=", v)
+    } else if let Some((k, v)) = c.split_once("==") {
+        (k, "==", v)
+    } else {
+        return Err(bad("expected KEY==VALUE or KEY!=VALUE"));
+    };
+    let key = key.trim();
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(bad("empty value"));
+    }
+    if value.contains("==") || value.contains("!=") {
+        return Err(bad("more than one operator"));
+    }
+    match key {
+        "node.id" | "node.hostname" => {}
+        "node.role" => {
+            if value != "manager" && value != "worker" {
+                return Err(bad("node.role is manager or worker"));
+            }
+        }
+        _ => match key.strip_prefix("node.labels.") {
+            Some(label) if !label.is_empty() => {}
+            _ => {
+                return Err(bad(
+                    "key must be node.id, node.hostname, node.role or node.labels.<name>",
+                ))
+            }
+        },
+    }
+    debug_assert!(op == "==" || op == "!=");
+    Ok(())
+}
+
+fn is_lower_alnum(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit()
+}
+
+/// One path component: lowercase alphanumerics joined by `.`, `_`, `__` or dashes.
+fn path_component(s: &str) -> bool {
+    if s.is_empty() || !s.starts_with(is_lower_alnum) || !s.ends_with(is_lower_alnum) {
+        return false;
+    }
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i] as char;
+        if is_lower_alnum(c) {
+            i += 1;
+            continue;
+        }
+        // A separator run: ".", "_", "__", or one or more "-".
+        let start = i;
+        while i < b.len() && !is_lower_alnum(b[i] as char) {
+            i += 1;
+        }
+        let sep = &s[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.chars().all(|c| c == '-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// A registry host: DNS labels (or an IPv4 address), optionally `:port`.
+fn domain(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.chars().all(|c| c.is_ascii_digit()) {
+            return false;
+        }
+    }
+    !host.is_empty()
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// An image reference: `name[:tag][@sha256:<64 hex>]`, name as docker spells it
+/// (`[domain[:port]/]component(/component)*`, lowercase).
+pub fn image_reference(r: &str) -> Result<(), Invalid> {
+    let bad = |why: &str| invalid(format!("invalid image reference {r:?}: {why}"));
+    if r.is_empty() {
+        return Err(invalid("image must not be empty"));
+    }
+    if r.len() > MAX_IMAGE_REF_LEN {
+        return Err(bad("too long"));
+    }
+    let (rest, digest) = match r.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (r, None),
+    };
+    if let Some(d) = digest {
+        let hex = d
+            .strip_prefix("sha256:")
+            .ok_or_else(|| bad("digest must be sha256:<64 hex digits>"))?;
+        if hex.len() != 64
+            || !hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        {
+            return Err(bad("digest must be sha256:<64 lowercase hex digits>"));
+        }
+    }
+    // A tag is after the last ':' that follows the last '/' (a ':' before it is a port).
+    let last_slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(t) = tag {
+        let ok = !t.is_empty()
+            && t.len() <= MAX_TAG_LEN
+            && t.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !ok {
+            return Err(bad("tag must be [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"));
+        }
+    }
+    if name.is_empty() {
+        return Err(bad("missing repository name"));
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    // The first part is a registry domain when it looks like one (docker's rule).
+    if parts.len() > 1 {
+        let first = parts[0];
+        if first.contains('.') || first.contains(':') || first == "localhost" {
+            if !domain(first) {
+                return Err(bad("invalid registry host"));
+            }
+            parts.remove(0);
+        }
+    }
+    if parts.iter().any(|p| !path_component(p)) {
+        return Err(bad(
+            "repository name must be lowercase [a-z0-9] separated by '.', '_', '__', '-' or '/'",
+        ));
+    }
+    Ok(())
+}
+
+fn labels(what: &str, l: &std::collections::HashMap<String, String>) -> Result<(), Invalid> {
+    if l.len() > MAX_LABELS {
+        return Err(invalid(format!(
+            "too many {what} labels (at most {MAX_LABELS})"
+        )));
+    }
+    for (k, v) in l {
+        if k.is_empty() {
+            return Err(invalid(format!("{what} label with an empty key")));
+        }
+        if k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+            return Err(invalid(format!("{what} label {k:?} is too long")));
+        }
+    }
+    Ok(())
+}
+
+/// A whole service spec as `service create`/`update` send it.
+pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
+    use shoal_proto::v1::service_spec::Mode;
+    service_name(&spec.name)?;
+    labels("service", &spec.labels)?;
+    let task = spec
+        .task
+        .as_ref()
+        .ok_or_else(|| invalid("service has no task spec"))?;
+    let container = task
+        .container
+        .as_ref()
+        .ok_or_else(|| invalid("service has no container spec"))?;
+    image_reference(&container.image)?;
+    labels("container", &container.labels)?;
+    if container.pids_limit < 0 {
+        return Err(invalid("pids limit must not be negative"));
+    }
+    for e in &container.env {
+        if e.is_empty() || e.starts_with('=') {
+            return Err(invalid(format!(
+                "invalid environment variable {e:?}: expected NAME=VALUE"
+            )));
+        }
+    }
+    if let Some(res) = &task.resources {
+        for (what, r) in [("limits", &res.limits), ("reservations", &res.reservations)] {
+            if let Some(r) = r {
+                if r.nano_cpus < 0 || r.memory_bytes < 0 {
+                    return Err(invalid(format!("resource {what} must not be negative")));
+                }
+            }
+        }
+    }
+    if let Some(p) = &task.placement {
+        if p.constraints.len() > MAX_CONSTRAINTS {
+            return Err(invalid(format!(
+                "too many constraints (at most {MAX_CONSTRAINTS})"
+            )));
+        }
+        for c in &p.constraints {
+            constraint(c)?;
+        }
+        for pref in &p.preferences {
+            let ok = pref
+                .spread_descriptor
+                .strip_prefix("node.labels.")
+                .is_some_and(|l| !l.is_empty())
+                || pref.spread_descriptor == "node.id"
+                || pref.spread_descriptor == "node.hostname";
+            if !ok {
+                return Err(invalid(format!(
+                    "invalid placement preference spread={:?}: expected node.labels.<name>",
+                    pref.spread_descriptor
+                )));
+            }
+        }
+    }
+    match &spec.mode {
+        Some(Mode::Replicated(r)) if r.replicas > MAX_REPLICAS => {
+            return Err(invalid(format!(
+                "replicas {} is more than the limit of {MAX_REPLICAS}",
+                r.replicas
+            )))
+        }
+        Some(_) => {}
+        None => return Err(invalid("service mode must be replicated or global")),
+    }
+    for (what, u) in [("update", &spec.update), ("rollback", &spec.rollback)] {
+        if let Some(u) = u {
+            if !(0.0..=1.0).contains(&u.max_failure_ratio) {
+                return Err(invalid(format!(
+                    "{what} max failure ratio must be between 0 and 1"
+                )));
+            }
+        }
+    }
+    for p in &spec.ports {
+        if p.target_port == 0 || p.target_port > 65535 || p.published_port > 65535 {
+            return Err(invalid(format!(
+                "invalid port {}:{}: ports are 1-65535",
+                p.published_port, p.target_port
+            )));
+        }
+        if !matches!(p.protocol.as_str(), "" | "tcp" | "udp" | "sctp") {
+            return Err(invalid(format!("invalid port protocol {:?}", p.protocol)));
+        }
+    }
+    Ok(())
+}
+
+/// A cluster spec as `cluster update` sends it: every timer set and consistent.
+pub fn cluster_spec(spec: &ClusterSpec) -> Result<(), Invalid> {
+    let raft = spec
+        .raft
+        .as_ref()
+        .ok_or_else(|| invalid("cluster spec has no raft settings"))?;
+    let nonzero = |what: &str, v: u64| {
+        if v == 0 {
+            Err(invalid(format!("{what} must be greater than zero")))
+        } else if v > MAX_TIMER_MS {
+            Err(invalid(format!("{what} must be at most {MAX_TIMER_MS}")))
+        } else {
+            Ok(())
+        }
+    };
+    nonzero("raft heartbeat interval", raft.heartbeat_interval_ms)?;
+    nonzero("raft election timeout min", raft.election_timeout_min_ms)?;
+    nonzero("raft election timeout max", raft.election_timeout_max_ms)?;
+    if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms {
+        return Err(invalid(
+            "raft election timeout must be longer than the heartbeat interval",
+        ));
+    }
+    if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+        return Err(invalid(
+            "raft election timeout max must be greater than its min",
+        ));
+    }
+    if raft.snapshot_interval == 0 {
+        return Err(invalid("snapshot interval must be greater than zero"));
+    }
+    let d = spec
+        .dispatcher
+        .as_ref()
+        .ok_or_else(|| invalid("cluster spec has no dispatcher settings"))?;
+    nonzero("dispatcher heartbeat period", d.heartbeat_period_ms)?;
+    if d.missed_heartbeats_down == 0 {
+        return Err(invalid(
+            "missed heartbeats before down must be greater than zero",
+        ));
+    }
+    if d.status_batch_max == 0 {
+        return Err(invalid("status batch size must be greater than zero"));
+    }
+    let ca = spec
+        .ca
+        .as_ref()
+        .ok_or_else(|| invalid("cluster spec has no CA settings"))?;
+    if ca.node_cert_lifetime_ms < 60_000 {
+        return Err(invalid(
+            "node certificate lifetime must be at least one minute",
+        ));
+    }
+    Ok(())
+}
+
+/// The role a `node.role` constraint or a CLI flag names.
+pub fn parse_role(s: &str) -> Result<NodeRole, Invalid> {
+    match s {
+        "manager" => Ok(NodeRole::Manager),
+        "worker" => Ok(NodeRole::Worker),
+        _ => Err(invalid(format!(
+            "invalid role {s:?}: expected worker or manager"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        for ok in ["web", "a", "Web-1.api_x", &"x".repeat(63)] {
+            assert_eq!(service_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "-web", ".a", "we b", "web/1", "wéb", &"x".repeat(64)] {
+            assert!(service_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn constraints() {
+        for ok in [
+            "node.role==manager",
+            "node.role != worker",
+            "node.hostname==h1",
+            "node.id!=abc",
+            "node.labels.zone==east",
+        ] {
+            assert_eq!(constraint(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "node.role=manager",
+            "node.role==boss",
+            "node.labels.==x",
+            "engine.foo==x",
+            "node.hostname==",
+            "node.id==a==b",
+            "zone",
+        ] {
+            assert!(constraint(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn image_references() {
+        let d = "a".repeat(64);
+        for ok in [
+            "busybox".to_string(),
+            "busybox:1.36".to_string(),
+            "library/busybox:latest".to_string(),
+            "localhost:5000/team/app:v1".to_string(),
+            "registry.example.com/a/b_c__d-e".to_string(),
+            format!("busybox@sha256:{d}"),
+            format!("busybox:1@sha256:{d}"),
+        ] {
+            assert_eq!(image_reference(&ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "".to_string(),
+            "BusyBox".to_string(),
+            "busybox:".to_string(),
+            "busybox:-x".to_string(),
+            "busybox@sha256:abc".to_string(),
+            format!("busybox@md5:{d}"),
+            "a//b".to_string(),
+            "a_-b".to_string(),
+            ":tag".to_string(),
+            "-busybox".to_string(),
+        ] {
+            assert!(image_reference(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn service_specs() {
+        use shoal_proto::v1::{
+            service_spec::Mode, ContainerSpec, Placement, ReplicatedService, TaskSpec,
+        };
+        let good = ServiceSpec {
+            name: "web".into(),
+            task: Some(TaskSpec {
+                container: Some(ContainerSpec {
+                    image: "busybox".into(),
+                    ..Default::default()
+                }),
+                placement: Some(Placement {
+                    constraints: vec!["node.role==worker".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            mode: Some(Mode::Replicated(ReplicatedService { replicas: 3 })),
+            ..Default::default()
+        };
+        assert_eq!(service_spec(&good), Ok(()));
+        let mut absurd = good.clone();
+        absurd.mode = Some(Mode::Replicated(ReplicatedService {
+            replicas: MAX_REPLICAS + 1,
+        }));
+        assert!(service_spec(&absurd).unwrap_err().0.contains("replicas"));
+        let mut no_mode = good.clone();
+        no_mode.mode = None;
+        assert!(service_spec(&no_mode).is_err());
+        let mut bad_c = good.clone();
+        if let Some(p) = bad_c.task.as_mut().and_then(|t| t.placement.as_mut()) {
+            p.constraints.push("node.rol==x".into());
+        }
+        assert!(service_spec(&bad_c).unwrap_err().0.contains("constraint"));
+    }
+}
