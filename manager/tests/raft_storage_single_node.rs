@@ -1,0 +1,172 @@
+//! A real one-manager openraft node on the sled storage: writes through Raft, snapshots and
+//! purging keep the log bounded, and a restart from the same files loses nothing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::storage::RaftLogReader;
+use openraft::{BasicNode, ServerState};
+use shoal_manager::raft::typ::rpc::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use shoal_manager::raft::{raft_config, Raft, Storage, TypeConfig};
+use shoal_manager::store::{Command, Mutation, Object, StoreError};
+use shoal_proto::v1::{Meta, Node, RaftConfig};
+
+/// A one-voter cluster never sends an RPC; any attempt is a failure of the test.
+struct NoPeers;
+
+fn no_peer<E: std::error::Error>() -> RPCError<u64, BasicNode, E> {
+    RPCError::Network(NetworkError::new(&std::io::Error::other(
+        "single-node test cluster has no peers",
+    )))
+}
+
+impl RaftNetwork<TypeConfig> for NoPeers {
+    async fn append_entries(
+        &mut self,
+        _rpc: AppendEntriesRequest,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse, RPCError<u64, BasicNode, RaftError<u64>>> {
+        Err(no_peer())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: InstallSnapshotRequest,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        Err(no_peer())
+    }
+
+    async fn vote(
+        &mut self,
+        _rpc: VoteRequest,
+        _option: RPCOption,
+    ) -> Result<VoteResponse, RPCError<u64, BasicNode, RaftError<u64>>> {
+        Err(no_peer())
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NoPeers {
+    type Network = NoPeers;
+
+    async fn new_client(&mut self, _target: u64, _node: &BasicNode) -> NoPeers {
+        NoPeers
+    }
+}
+
+const SNAPSHOT_INTERVAL: u64 = 20;
+const KEEP: u64 = 5;
+const WRITES: usize = 60;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn node_cmd(i: usize) -> Command {
+    Command {
+        now_ms: i as i64,
+        mutations: vec![Mutation::Create(Object::Node(Node {
+            meta: Some(Meta {
+                id: format!("n{i:03}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))],
+    }
+}
+
+async fn start(st: &Storage) -> Raft {
+    let timers = RaftConfig {
+        snapshot_interval: SNAPSHOT_INTERVAL,
+        keep_old_entries: KEEP,
+        ..Default::default()
+    };
+    let config = raft_config("test", &timers).expect("valid config");
+    Raft::new(1, config, NoPeers, st.log.clone(), st.state_machine.clone())
+        .await
+        .expect("raft starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_snapshots_purge_and_restart_on_one_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft");
+    {
+        let st = Storage::open(&path).unwrap();
+        let raft = start(&st).await;
+        raft.initialize(BTreeMap::from([(1u64, BasicNode::new("127.0.0.1:1"))]))
+            .await
+            .expect("initialize");
+        raft.wait(Some(WAIT))
+            .state(ServerState::Leader, "leader")
+            .await
+            .expect("becomes leader");
+
+        for i in 0..WRITES {
+            let resp = raft.client_write(node_cmd(i)).await.expect("write");
+            assert_eq!(resp.data.result, Ok(vec![resp.log_id.index]));
+        }
+        // A refused command is committed but answers with the refusal.
+        let resp = raft.client_write(node_cmd(0)).await.expect("write");
+        assert!(
+            matches!(resp.data.result, Err(StoreError::AlreadyExists { .. })),
+            "{:?}",
+            resp.data.result
+        );
+        let last = resp.log_id.index;
+
+        let m = raft
+            .wait(Some(WAIT))
+            .metrics(
+                |m| {
+                    m.purged.is_some()
+                        && m.snapshot.map(|s| s.index).unwrap_or(0) + SNAPSHOT_INTERVAL > last
+                },
+                "snapshot taken and log purged",
+            )
+            .await
+            .expect("snapshot and purge");
+        let snap = m.snapshot.unwrap().index;
+        let purged = m.purged.unwrap().index;
+        assert!(
+            purged + KEEP <= snap,
+            "kept {KEEP} entries behind the snapshot: purged {purged}, snapshot {snap}"
+        );
+        let mut reader = st.log.clone();
+        let kept = reader.try_get_log_entries(0..).await.unwrap();
+        assert!(
+            kept.len() as u64 <= SNAPSHOT_INTERVAL + KEEP + 1,
+            "log bounded: {} entries kept of {last}",
+            kept.len()
+        );
+        assert_eq!(kept.first().map(|e| e.log_id.index), Some(purged + 1));
+        assert_eq!(st.store.list_nodes().unwrap().len(), WRITES);
+
+        raft.shutdown().await.expect("shutdown");
+    }
+
+    // Same files, new process state.
+    let st = Storage::open(&path).unwrap();
+    assert_eq!(
+        st.store.list_nodes().unwrap().len(),
+        WRITES,
+        "state survived"
+    );
+    let raft = start(&st).await;
+    raft.wait(Some(WAIT))
+        .state(ServerState::Leader, "leader again")
+        .await
+        .expect("re-elected");
+    let resp = raft
+        .client_write(node_cmd(WRITES))
+        .await
+        .expect("write after restart");
+    assert!(resp.data.result.is_ok());
+    assert_eq!(st.store.list_nodes().unwrap().len(), WRITES + 1);
+    raft.shutdown().await.expect("shutdown");
+}
