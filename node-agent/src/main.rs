@@ -18,7 +18,8 @@ enum Command {
     /// Low-level OCI runtime, runc-compatible (`shoal runtime run -b BUNDLE ID`)
     #[command(subcommand)]
     Runtime(cmd::runtime::RuntimeCommand),
-    // -- node-local images (cmd/image.rs) --
+    /// Node-local images: import, load, ls, inspect, rm, prune
+    Image(cmd::image::ImageArgs),
     // -- docker-like front door: run, ps, stop, rm, logs, exec (cmd/container.rs) --
     // -- cluster: agent, cluster, node, service (cmd/agent.rs, cmd/cluster.rs, ...) --
 }
@@ -27,6 +28,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Runtime(c) => cmd::runtime::run(c),
+        Command::Image(c) => cmd::image::run(c),
     };
     if let Err(err) = result {
         // One line, as a user reads it: the outermost context first, then the causes.

@@ -1,0 +1,321 @@
+//! `shoal image …`: the node-local image store (import, load, ls, inspect, rm, prune).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use shoal_runtime::image::{ImageInfo, ImageStore};
+
+/// Where shoal keeps its state unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
+
+#[derive(Args)]
+pub struct ImageArgs {
+    /// Data directory (images in <DIR>/images, unpacked layers in <DIR>/layers)
+    #[arg(long, global = true, env = "SHOAL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: ImageCommand,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import a root filesystem tar (plain or gzip) as a one-layer image
+    Import {
+        /// The rootfs tar
+        tar: PathBuf,
+        /// NAME[:TAG] for the new image
+        reference: String,
+    },
+    /// Load images from an OCI layout (directory or tar) or a `docker save` archive
+    Load {
+        /// Directory or archive; `-i` is accepted for docker compatibility
+        #[arg(short = 'i', long = "input")]
+        input: Option<PathBuf>,
+        /// Directory or archive
+        path: Option<PathBuf>,
+    },
+    /// List images
+    #[command(alias = "list")]
+    Ls {
+        /// Only image ids
+        #[arg(short, long)]
+        quiet: bool,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show one image as JSON (its store record and its config)
+    Inspect {
+        /// NAME[:TAG], image id (prefix) or sha256 digest
+        reference: String,
+    },
+    /// Untag an image; remove it (and collect what nothing uses) when no tag is left
+    #[command(alias = "remove")]
+    Rm {
+        /// NAME[:TAG], image id (prefix) or sha256 digest
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Remove untagged images, then blobs and unpacked layers nothing references
+    Prune,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+pub fn run(args: ImageArgs) -> anyhow::Result<()> {
+    let store = open(&args.data_dir)?;
+    match args.command {
+        ImageCommand::Import { tar, reference } => {
+            let info = store
+                .import_rootfs_tar(&tar, &reference)
+                .with_context(|| format!("import {}", tar.display()))?;
+            println!("{}", info.id);
+        }
+        ImageCommand::Load { input, path } => {
+            let path = input
+                .or(path)
+                .context("load: give the archive or directory to load")?;
+            let infos = store
+                .load(&path)
+                .with_context(|| format!("load {}", path.display()))?;
+            for info in infos {
+                if info.repo_tags.is_empty() {
+                    println!("Loaded image ID: {}", info.id);
+                }
+                for tag in &info.repo_tags {
+                    println!("Loaded image: {tag}");
+                }
+            }
+        }
+        ImageCommand::Ls { quiet, format } => {
+            let mut images = store.list().context("list images")?;
+            images.sort_by(|a, b| {
+                b.created_unix()
+                    .cmp(&a.created_unix())
+                    .then(a.repo_tags.cmp(&b.repo_tags))
+            });
+            if quiet {
+                for i in &images {
+                    println!("{}", i.short_id());
+                }
+            } else {
+                match format {
+                    Format::Json => {
+                        for i in &images {
+                            println!("{}", serde_json::to_string(i)?);
+                        }
+                    }
+                    Format::Table => print!("{}", table(&images, now_unix())),
+                }
+            }
+        }
+        ImageCommand::Inspect { reference } => {
+            let info = store
+                .inspect(&reference)
+                .with_context(|| format!("inspect {reference}"))?;
+            let config = store
+                .image_config(&reference)
+                .with_context(|| format!("inspect {reference}"))?;
+            let mut v = serde_json::to_value(&info)?;
+            v["config"] = serde_json::to_value(&config)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ImageCommand::Rm { references } => {
+            // The container module does not list containers' images yet, so nothing is
+            // passed as in use; gc still keeps every layer an overlay mount on this host uses.
+            for r in &references {
+                let info = store.inspect(r).with_context(|| format!("rm {r}"))?;
+                store
+                    .remove_unless_used(r, &[])
+                    .with_context(|| format!("rm {r}"))?;
+                match store.inspect(&info.id) {
+                    Ok(_) => println!("Untagged: {r}"),
+                    Err(_) => println!("Deleted: {}", info.id),
+                }
+            }
+            store.gc(&[]).context("garbage-collect images")?;
+        }
+        ImageCommand::Prune => {
+            let report = store.prune(&[], &[]).context("prune images")?;
+            println!(
+                "Deleted {} images, {} blobs, {} layers; reclaimed {}",
+                report.images_removed,
+                report.blobs_removed,
+                report.layers_removed,
+                human_size(report.blob_bytes_freed)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn open(data_dir: &Path) -> anyhow::Result<ImageStore> {
+    ImageStore::open(data_dir)
+        .with_context(|| format!("open image store in {}", data_dir.display()))
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+}
+
+/// `docker images`-style table: one row per tag (`<none>` for dangling images).
+fn table(images: &[ImageInfo], now: i64) -> String {
+    let mut rows: Vec<[String; 5]> =
+        vec![["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"].map(String::from)];
+    for i in images {
+        let created = i
+            .created_unix()
+            .map_or_else(|| "N/A".to_string(), |t| human_ago(now - t));
+        let size = human_size(i.size);
+        let tags: Vec<(String, String)> = if i.repo_tags.is_empty() {
+            vec![("<none>".into(), "<none>".into())]
+        } else {
+            i.repo_tags
+                .iter()
+                .map(|t| match t.rsplit_once(':') {
+                    Some((n, tag)) => (n.to_string(), tag.to_string()),
+                    None => (t.clone(), String::new()),
+                })
+                .collect()
+        };
+        for (repo, tag) in tags {
+            rows.push([
+                repo,
+                tag,
+                i.short_id().to_string(),
+                created.clone(),
+                size.clone(),
+            ]);
+        }
+    }
+    let mut widths = [0usize; 5];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (k, c) in r.iter().enumerate() {
+            if k + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}   ", w = widths[k]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Docker's "N units ago".
+fn human_ago(secs: i64) -> String {
+    let s = secs.max(0);
+    let (m, h, d) = (s / 60, s / 3600, s / 86_400);
+    let t = if s < 1 {
+        "Less than a second".to_string()
+    } else if s == 1 {
+        "1 second".to_string()
+    } else if s < 60 {
+        format!("{s} seconds")
+    } else if m < 2 {
+        "About a minute".to_string()
+    } else if m < 60 {
+        format!("{m} minutes")
+    } else if h < 2 {
+        "About an hour".to_string()
+    } else if h < 48 {
+        format!("{h} hours")
+    } else if d < 14 {
+        format!("{d} days")
+    } else if d < 60 {
+        format!("{} weeks", d / 7)
+    } else if d < 730 {
+        format!("{} months", d / 30)
+    } else {
+        format!("{} years", d / 365)
+    };
+    format!("{t} ago")
+}
+
+/// Docker's decimal sizes with three significant digits: `4.26MB`, `812kB`, `17B`.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    let digits = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let s = format!("{v:.digits$}");
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
+    format!("{s}{}", UNITS[u])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_ages_read_like_docker() {
+        assert_eq!(human_size(17), "17B");
+        assert_eq!(human_size(4_261_000), "4.26MB");
+        assert_eq!(human_size(812_345), "812kB");
+        assert_eq!(human_size(1_500_000_000), "1.5GB");
+        assert_eq!(human_ago(30), "30 seconds ago");
+        assert_eq!(human_ago(90), "About a minute ago");
+        assert_eq!(human_ago(3 * 86_400), "3 days ago");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let info = |tags: &[&str], id: char| ImageInfo {
+            id: format!("sha256:{}", id.to_string().repeat(64)),
+            manifest_digest: String::new(),
+            repo_tags: tags.iter().map(|s| s.to_string()).collect(),
+            created: Some("2024-01-01T00:00:00Z".into()),
+            size: 4_261_000,
+            architecture: "amd64".into(),
+            os: "linux".into(),
+            layers: vec![],
+            diff_ids: vec![],
+            chain_ids: vec![],
+        };
+        let now = shoal_runtime::image::parse_rfc3339("2024-01-04T00:00:00Z").unwrap();
+        let t = table(
+            &[
+                info(&["busybox:latest", "registry.local:5000/app:v1"], 'a'),
+                info(&[], 'b'),
+            ],
+            now,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4);
+        let col = lines[0].find("TAG").unwrap();
+        assert_eq!(lines[1].find("latest"), Some(col));
+        assert_eq!(lines[2].find("v1"), Some(col));
+        assert_eq!(lines[3].find("<none>   "), Some(0));
+        assert!(lines[1].ends_with("3 days ago   4.26MB"), "{}", lines[1]);
+        assert!(lines[2].contains("aaaaaaaaaaaa"));
+    }
+}
