@@ -34,7 +34,11 @@ pub fn bundle(dir: &Path, args: &[&str]) -> Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     busybox_rootfs(&dir.join("rootfs"))?;
-    let st = Command::new("runc").arg("spec").current_dir(dir).status().context("running `runc spec` (apt-get install runc)")?;
+    let st = Command::new("runc")
+        .arg("spec")
+        .current_dir(dir)
+        .status()
+        .context("running `runc spec` (apt-get install runc)")?;
     if !st.success() {
         bail!("runc spec failed");
     }

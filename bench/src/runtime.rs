@@ -44,17 +44,28 @@ fn shoal_bin(given: &Option<PathBuf>) -> Result<PathBuf> {
     let me = std::env::current_exe()?;
     let p = me.with_file_name("shoal");
     if !p.exists() {
-        bail!("{} not found: build it (cargo build --release -p shoal) or pass --shoal", p.display());
+        bail!(
+            "{} not found: build it (cargo build --release -p shoal) or pass --shoal",
+            p.display()
+        );
     }
     Ok(p)
 }
 
 fn timed(cmd: &mut Command) -> Result<Duration> {
     let t = Instant::now();
-    let out = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
     let d = t.elapsed();
     if !out.status.success() {
-        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(d)
 }
@@ -69,9 +80,20 @@ pub fn start_latency(a: &StartArgs) -> Result<()> {
     for i in 0..a.runs {
         let id = format!("bench-{pid}-{i}");
         let mut shoal_cmd = Command::new(&shoal);
-        shoal_cmd.arg("runtime").arg("--root").arg(&shoal_root).args(["run", "-b"]).arg(&bundle).arg(&id);
+        shoal_cmd
+            .arg("runtime")
+            .arg("--root")
+            .arg(&shoal_root)
+            .args(["run", "-b"])
+            .arg(&bundle)
+            .arg(&id);
         let mut runc_cmd = Command::new(&a.runc);
-        runc_cmd.arg("--root").arg(&runc_root).args(["run", "-b"]).arg(&bundle).arg(&id);
+        runc_cmd
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["run", "-b"])
+            .arg(&bundle)
+            .arg(&id);
         // Alternate who goes first so neither always runs on a warm cache.
         if i % 2 == 0 {
             s.push(timed(&mut shoal_cmd)?);
@@ -81,12 +103,29 @@ pub fn start_latency(a: &StartArgs) -> Result<()> {
             s.push(timed(&mut shoal_cmd)?);
         }
     }
-    let (sm, rm) = (percentile(&s, 0.5).context("no runs")?, percentile(&r, 0.5).context("no runs")?);
-    let (s90, r90) = (percentile(&s, 0.9).context("no runs")?, percentile(&r, 0.9).context("no runs")?);
+    let (sm, rm) = (
+        percentile(&s, 0.5).context("no runs")?,
+        percentile(&r, 0.5).context("no runs")?,
+    );
+    let (s90, r90) = (
+        percentile(&s, 0.9).context("no runs")?,
+        percentile(&r, 0.9).context("no runs")?,
+    );
     let ratio = sm.as_secs_f64() / rm.as_secs_f64();
-    println!("runtime-start: {} runs each, /bin/true in a busybox bundle", a.runs);
-    println!("  shoal runtime run: median {:.3} ms  p90 {:.3} ms", ms(sm), ms(s90));
-    println!("  runc run:          median {:.3} ms  p90 {:.3} ms", ms(rm), ms(r90));
+    println!(
+        "runtime-start: {} runs each, /bin/true in a busybox bundle",
+        a.runs
+    );
+    println!(
+        "  shoal runtime run: median {:.3} ms  p90 {:.3} ms",
+        ms(sm),
+        ms(s90)
+    );
+    println!(
+        "  runc run:          median {:.3} ms  p90 {:.3} ms",
+        ms(rm),
+        ms(r90)
+    );
     println!("  ratio shoal/runc (median): {ratio:.3}  (target <= 0.25)");
     println!(
         "{}",
@@ -111,7 +150,9 @@ fn mem_of(pid: i32) -> Result<Mem> {
     let mut m = Mem::default();
     for line in text.lines() {
         let mut it = line.split_whitespace();
-        let (Some(k), Some(v)) = (it.next(), it.next()) else { continue };
+        let (Some(k), Some(v)) = (it.next(), it.next()) else {
+            continue;
+        };
         let v: u64 = v.parse().unwrap_or(0);
         match k {
             "Rss:" => m.rss = v,
@@ -127,12 +168,20 @@ fn ppid_of(pid: i32) -> Result<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')').context("bad stat")? + 2..];
-    Ok(rest.split_whitespace().nth(1).context("bad stat")?.parse()?)
+    Ok(rest
+        .split_whitespace()
+        .nth(1)
+        .context("bad stat")?
+        .parse()?)
 }
 
 fn report(name: &str, mems: &[Mem]) {
     let n = mems.len().max(1) as u64;
-    let sum = mems.iter().fold(Mem::default(), |a, m| Mem { rss: a.rss + m.rss, pss: a.pss + m.pss, private: a.private + m.private });
+    let sum = mems.iter().fold(Mem::default(), |a, m| Mem {
+        rss: a.rss + m.rss,
+        pss: a.pss + m.pss,
+        private: a.private + m.private,
+    });
     println!(
         "  {name}: {} processes, mean RSS {} KiB, mean PSS {} KiB, mean private {} KiB",
         mems.len(),
@@ -152,12 +201,22 @@ pub fn monitor_memory(a: &MemoryArgs) -> Result<()> {
     let bundle = a.workdir.join("sleep-bundle");
     fixture::bundle(&bundle, &["/bin/sleep", "3600"])?;
     let root = a.workdir.join("shoal-mem-root");
-    let ids: Vec<String> = (0..a.count).map(|i| format!("mem-{}-{i}", std::process::id())).collect();
+    let ids: Vec<String> = (0..a.count)
+        .map(|i| format!("mem-{}-{i}", std::process::id()))
+        .collect();
     let result = measure_shoal(&shoal, &root, &bundle, &ids);
     for id in &ids {
-        let _ = Command::new(&shoal).arg("runtime").arg("--root").arg(&root).args(["delete", "-f", id]).output();
+        let _ = Command::new(&shoal)
+            .arg("runtime")
+            .arg("--root")
+            .arg(&root)
+            .args(["delete", "-f", id])
+            .output();
     }
-    println!("monitor-memory: {} containers running `sleep 3600`", a.count);
+    println!(
+        "monitor-memory: {} containers running `sleep 3600`",
+        a.count
+    );
     report("shoal monitor", &result?);
     if a.docker {
         report("docker containerd-shim", &measure_docker(a.count)?);
@@ -168,12 +227,26 @@ pub fn monitor_memory(a: &MemoryArgs) -> Result<()> {
 fn measure_shoal(shoal: &Path, root: &Path, bundle: &Path, ids: &[String]) -> Result<Vec<Mem>> {
     let mut mems = Vec::new();
     for id in ids {
-        timed(Command::new(shoal).arg("runtime").arg("--root").arg(root).args(["run", "-d", "-b"]).arg(bundle).arg(id))?;
+        timed(
+            Command::new(shoal)
+                .arg("runtime")
+                .arg("--root")
+                .arg(root)
+                .args(["run", "-d", "-b"])
+                .arg(bundle)
+                .arg(id),
+        )?;
     }
     std::thread::sleep(Duration::from_millis(500));
     for id in ids {
-        let out = Command::new(shoal).arg("runtime").arg("--root").arg(root).args(["state", id]).output()?;
-        let state: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("state of {id}"))?;
+        let out = Command::new(shoal)
+            .arg("runtime")
+            .arg("--root")
+            .arg(root)
+            .args(["state", id])
+            .output()?;
+        let state: serde_json::Value =
+            serde_json::from_slice(&out.stdout).with_context(|| format!("state of {id}"))?;
         let pid = state["pid"].as_i64().context("state has no pid")? as i32;
         mems.push(mem_of(ppid_of(pid)?)?);
     }
@@ -183,16 +256,23 @@ fn measure_shoal(shoal: &Path, root: &Path, bundle: &Path, ids: &[String]) -> Re
 fn measure_docker(count: usize) -> Result<Vec<Mem>> {
     let mut ids = Vec::new();
     for _ in 0..count {
-        let out = Command::new("docker").args(["run", "-d", "--rm", "bb:latest", "sleep", "3600"]).output()?;
+        let out = Command::new("docker")
+            .args(["run", "-d", "--rm", "bb:latest", "sleep", "3600"])
+            .output()?;
         if !out.status.success() {
-            bail!("docker run: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "docker run: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
     std::thread::sleep(Duration::from_millis(500));
     let mut mems = Vec::new();
     for id in &ids {
-        let out = Command::new("docker").args(["inspect", "-f", "{{.State.Pid}}", id]).output()?;
+        let out = Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Pid}}", id])
+            .output()?;
         let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
         mems.push(mem_of(ppid_of(pid)?)?);
     }

@@ -24,7 +24,10 @@ mod tests {
 
     #[test]
     fn percentile_by_nearest_rank() {
-        let s: Vec<Duration> = [5, 1, 4, 2, 3].iter().map(|&x| Duration::from_millis(x)).collect();
+        let s: Vec<Duration> = [5, 1, 4, 2, 3]
+            .iter()
+            .map(|&x| Duration::from_millis(x))
+            .collect();
         assert_eq!(percentile(&s, 0.5), Some(Duration::from_millis(3)));
         assert_eq!(percentile(&s, 0.99), Some(Duration::from_millis(5)));
         assert_eq!(percentile(&s, 0.0), Some(Duration::from_millis(1)));
