@@ -383,3 +383,28 @@ fn concurrent_writers_keep_every_tag() {
     let tmp = data.join("images/.shoal/tmp");
     assert_eq!(count(&tmp), 0, "no staging left behind");
 }
+
+#[test]
+fn gc_keeps_layers_an_overlay_mount_uses() {
+    let (base, data, store) = store();
+    let path = base.path().join("rootfs.tar");
+    std::fs::write(&path, busybox_rootfs_tar()).unwrap();
+    store.import_rootfs_tar(&path, "mounted:1").unwrap();
+    let p = store.prepare("mounted:1").unwrap();
+    let (upper, work, merged) = (base.path().join("u"), base.path().join("w"), base.path().join("m"));
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let opts = format!("lowerdir={},upperdir={},workdir={}", p.layer_dirs[0].display(), upper.display(), work.display());
+    nix::mount::mount(Some("overlay"), &merged, Some("overlay"), nix::mount::MsFlags::empty(), Some(opts.as_str()))
+        .expect("mount overlayfs (tests run as root)");
+    store.remove("mounted:1").unwrap();
+    // No caller-supplied in-use list: the mount alone keeps the layer.
+    let kept = store.gc(&[]);
+    let still_there = p.layer_dirs[0].join("bin/busybox").is_file();
+    nix::mount::umount(&merged).unwrap();
+    assert_eq!(kept.unwrap().layers_removed, 0);
+    assert!(still_there);
+    assert_eq!(store.gc(&[]).unwrap().layers_removed, 1);
+    assert_eq!(count(&data.join("layers")), 0);
+}

@@ -490,6 +490,12 @@ struct Stored {
 impl ImageStore {
     /// Open (creating if needed) the store under `data_dir`.
     pub fn open(data_dir: &Path) -> Result<ImageStore, ImageError> {
+        fs::create_dir_all(data_dir)
+            .map_err(|e| ImageError::io(format!("create {}", data_dir.display()), e))?;
+        // Absolute paths: layer dirs go into overlay mount options, and gc matches them
+        // against /proc/*/mountinfo.
+        let data_dir = &fs::canonicalize(data_dir)
+            .map_err(|e| ImageError::io(format!("resolve {}", data_dir.display()), e))?;
         let images = data_dir.join("images");
         let store = ImageStore {
             blobs: images.join("blobs").join("sha256"),

@@ -359,7 +359,9 @@ impl Unpacker<'_> {
         };
         let parent_dirs = &rel[..rel.len() - 1];
         let old = header.as_old();
-        let mode = numeric(header.mode().map(u64::from), &old.mode).map_err(|e| self.fail(&raw, "mode", e))? as u32 & 0o7777;
+        let mode = numeric(header.mode().map(u64::from), &old.mode)
+            .map_err(|e| self.fail(&raw, "mode", e))? as u32
+            & 0o7777;
         let uid = numeric(header.uid(), &old.uid).map_err(|e| self.fail(&raw, "uid", e))?;
         let gid = numeric(header.gid(), &old.gid).map_err(|e| self.fail(&raw, "gid", e))?;
         let mtime = header.mtime().unwrap_or(0);
