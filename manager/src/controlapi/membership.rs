@@ -252,6 +252,15 @@ impl ControlApi {
         Ok(())
     }
 
+    /// `register_node` on the leader, wherever that is (used by this manager's CA).
+    pub async fn register_node_anywhere(&self, r: pb::RegisterNodeRequest) -> Result<(), Status> {
+        let req = tonic::Request::new(r);
+        match self.leader_client(&req).await? {
+            Some(mut c) => c.register_node(req).await.map(|_| ()),
+            None => self.register_node(req.into_inner()).await,
+        }
+    }
+
     /// Marks a worker to become a manager: its agent sees the desired role, gets a manager
     /// certificate and joins Raft by itself.
     pub async fn promote(&self, mut node: pb::Node) -> Result<pb::Node, Status> {
@@ -300,6 +309,12 @@ impl ControlApi {
             next.spec.get_or_insert_with(Default::default).desired_role =
                 pb::NodeRole::Worker as i32;
             next.manager_status = None;
+            if force {
+                // Only a leaving manager forces: it is going away.
+                let st = next.status.get_or_insert_with(Default::default);
+                st.state = pb::NodeState::Down as i32;
+                st.message = "left the cluster".into();
+            }
             let updated = self.write_node(next).await?;
             let change = if voters.contains(&raft_id) {
                 ChangeMembers::RemoveVoters(BTreeSet::from([raft_id]))

@@ -33,6 +33,8 @@ pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// How often a call retries when the leader changed under it.
 pub const LEADER_RETRIES: usize = 3;
+/// Pause before retrying a call whose leader changed under it.
+pub const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Messages larger than this are refused (a service spec is a few KiB).
 pub const MAX_CONTROL_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -189,6 +191,26 @@ impl ControlApi {
                         .max_decoding_message_size(MAX_CONTROL_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_CONTROL_MESSAGE_BYTES),
                 ))
+            }
+        }
+    }
+
+    /// Where a linearizable read goes: `None` = here (leadership confirmed with a quorum),
+    /// else a client for the leader. Retries while leadership moves.
+    pub(crate) async fn read_route<T>(
+        &self,
+        req: &tonic::Request<T>,
+    ) -> Result<Option<ControlClient<Channel>>, Status> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if let Some(c) = self.leader_client(req).await? {
+                return Ok(Some(c));
+            }
+            match self.linearize().await {
+                Ok(()) => return Ok(None),
+                Err(e) if attempt >= LEADER_RETRIES => return Err(e),
+                Err(_) => tokio::time::sleep(LEADER_RETRY_PAUSE).await,
             }
         }
     }

@@ -209,10 +209,9 @@ fn invalid(e: validate::Invalid) -> Status {
 /// leadership for reads.
 macro_rules! leader_only {
     ($api:ident, $req:ident, $method:ident, read) => {
-        if let Some(mut c) = $api.leader_client(&$req).await? {
+        if let Some(mut c) = $api.read_route(&$req).await? {
             return c.$method(forwarded($req)).await;
         }
-        $api.linearize().await?;
     };
     ($api:ident, $req:ident, $method:ident, write) => {
         if let Some(mut c) = $api.leader_client(&$req).await? {
@@ -599,7 +598,11 @@ impl Control for ControlService {
         let api = self.api()?;
         let caller = self.authorize(&api, &req)?;
         let r = req.get_ref();
-        if let Some(id) = &caller {
+        // A forwarded call comes from a manager that checked its caller already.
+        if let Some(id) = caller
+            .as_ref()
+            .filter(|_| !req.metadata().contains_key(FORWARDED_HEADER))
+        {
             if id.node_id != r.node_id {
                 return Err(Status::permission_denied(format!(
                     "certificate of node {} cannot join as node {}",
@@ -633,7 +636,11 @@ impl Control for ControlService {
     ) -> Result<Response<pb::LeaveManagerResponse>, Status> {
         let api = self.api()?;
         let caller = self.authorize(&api, &req)?;
-        if let Some(id) = &caller {
+        // A forwarded call comes from a manager that checked its caller already.
+        if let Some(id) = caller
+            .as_ref()
+            .filter(|_| !req.metadata().contains_key(FORWARDED_HEADER))
+        {
             if id.node_id != req.get_ref().node_id {
                 return Err(Status::permission_denied(
                     "a manager can only remove itself",

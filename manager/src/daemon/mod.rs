@@ -1,0 +1,704 @@
+//! The `shoal agent` daemon: one node's membership (none, worker or manager), the local
+//! root-only Unix socket (the `Daemon` and `Control` services), and the manager it runs.
+//!
+//! A node starts inactive. `Init` makes it the first manager of a new cluster; `Join` makes it
+//! a worker or a manager of an existing one; `Leave` forgets the cluster. What it is survives
+//! restarts in `<data-dir>/node.json`, `<data-dir>/pki` and `<data-dir>/raft`.
+
+mod backend;
+mod client;
+mod manager;
+mod state;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::control_client::ControlClient;
+use shoal_proto::v1::daemon_server::{Daemon as DaemonRpc, DaemonServer};
+use tokio::sync::{oneshot, Mutex};
+use tokio::task::JoinHandle;
+use tonic::{Request, Response, Status};
+
+pub use backend::{ManagerCaBackend, StoreRegistry};
+pub use client::{connect_local, ClientError};
+pub use manager::{Manager, RAFT_DIR};
+pub use state::{LocalState, STATE_FILE};
+
+use crate::ca::{self, JoinTokens, Role, RootCa, PKI_DIR};
+use crate::controlapi::{new_id, ApiSlot, ControlService};
+use crate::store::{Mutation, Object};
+use crate::tls::NodeTls;
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
+/// Default local control socket.
+pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
+/// Default gRPC listen address (Raft, CA, Control, dispatcher).
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:4242";
+/// How long a joining manager waits for the cluster to make it a voter.
+pub const JOIN_MANAGER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{path}: {reason}")]
+    State { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error(transparent)]
+    RaftSetup(#[from] crate::raft::RaftSetupError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<DaemonError> for Status {
+    fn from(e: DaemonError) -> Status {
+        match e {
+            DaemonError::Refused(m) => Status::failed_precondition(m),
+            other => Status::internal(other.to_string()),
+        }
+    }
+}
+
+/// How a daemon is started.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub data_dir: PathBuf,
+    /// Where the gRPC port listens once this node is a manager.
+    pub listen_addr: SocketAddr,
+    /// host:port other nodes reach this one on (default: the listen address, if specific).
+    pub advertise_addr: Option<String>,
+    pub socket: PathBuf,
+    /// The name this node reports (default: the machine's hostname).
+    pub hostname: Option<String>,
+    /// Raft timers for a new cluster (`None` = DESIGN.md's defaults); tests shrink them.
+    pub raft_timers: Option<pb::RaftConfig>,
+}
+
+impl DaemonConfig {
+    /// The defaults of DESIGN.md for a data dir, listen address and socket.
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        listen_addr: SocketAddr,
+        socket: impl Into<PathBuf>,
+    ) -> Self {
+        DaemonConfig {
+            data_dir: data_dir.into(),
+            listen_addr,
+            advertise_addr: None,
+            socket: socket.into(),
+            hostname: None,
+            raft_timers: None,
+        }
+    }
+
+    fn timers(&self) -> pb::RaftConfig {
+        self.raft_timers
+            .unwrap_or_else(crate::raft::default_raft_timers)
+    }
+
+    fn hostname(&self) -> String {
+        self.hostname.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into())
+        })
+    }
+
+    /// The address to advertise: the request's, else the configured one, else a specific
+    /// listen address.
+    fn advertise(&self, asked: &str) -> Result<String, DaemonError> {
+        if !asked.is_empty() {
+            return normalize_addr(asked, self.listen_addr.port());
+        }
+        if let Some(a) = &self.advertise_addr {
+            return normalize_addr(a, self.listen_addr.port());
+        }
+        if self.listen_addr.ip().is_unspecified() {
+            return Err(DaemonError::Refused(
+                "could not choose an address to advertise: pass --advertise-addr".into(),
+            ));
+        }
+        Ok(self.listen_addr.to_string())
+    }
+}
+
+/// `host` or `host:port` → `host:port` (the listen port by default).
+fn normalize_addr(a: &str, default_port: u16) -> Result<String, DaemonError> {
+    let a = a.trim();
+    if a.parse::<SocketAddr>().is_ok() {
+        return Ok(a.to_string());
+    }
+    if let Ok(ip) = a.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port).to_string());
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(a.to_string()),
+        None if !a.is_empty() && !a.contains('/') => Ok(format!("{a}:{default_port}")),
+        _ => Err(DaemonError::Refused(format!(
+            "invalid address {a:?}: expected host[:port]"
+        ))),
+    }
+}
+
+enum Role_ {
+    Inactive,
+    Worker { renew: JoinHandle<()> },
+    Manager(Manager),
+}
+
+struct Shared {
+    cfg: DaemonConfig,
+    /// What this node is now; held across a whole init/join/leave.
+    role: Mutex<(Role_, Option<LocalState>)>,
+    slot: ApiSlot,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    shared: Arc<Shared>,
+    socket_server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl Daemon {
+    /// Starts the daemon: resumes the node's membership from its data dir, and serves the
+    /// local socket (mode 0600).
+    pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
+        create_private_dir(&cfg.data_dir)?;
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            role: Mutex::new((Role_::Inactive, None)),
+            slot: ApiSlot::default(),
+        });
+        if let Some(st) = LocalState::load(&cfg.data_dir)? {
+            let role = resume(&shared, &st).await?;
+            *shared.role.lock().await = (role, Some(st));
+        }
+        let socket_server = serve_socket(shared.clone()).await?;
+        Ok(Daemon {
+            shared,
+            socket_server: Some(socket_server),
+        })
+    }
+
+    /// The control API of this node while it is a manager.
+    pub fn control(&self) -> Option<crate::controlapi::ControlApi> {
+        self.shared.slot.get()
+    }
+
+    /// The local socket path.
+    pub fn socket(&self) -> &Path {
+        &self.shared.cfg.socket
+    }
+
+    /// Stops everything; the node stays a member (a restart resumes it).
+    pub async fn shutdown(mut self) {
+        if let Some((stop, task)) = self.socket_server.take() {
+            let _ = stop.send(());
+            let abort = task.abort_handle();
+            if tokio::time::timeout(manager::SERVER_STOP_TIMEOUT, task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        let _ = std::fs::remove_file(&self.shared.cfg.socket);
+        self.shared.slot.set(None);
+        let mut role = self.shared.role.lock().await;
+        stop_role(std::mem::replace(&mut role.0, Role_::Inactive)).await;
+    }
+}
+
+async fn stop_role(role: Role_) {
+    match role {
+        Role_::Inactive => {}
+        Role_::Worker { renew } => renew.abort(),
+        Role_::Manager(m) => m.shutdown().await,
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(dir).map_err(|source| DaemonError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
+        DaemonError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Restarts what the node was before the daemon stopped.
+async fn resume(shared: &Shared, st: &LocalState) -> Result<Role_, DaemonError> {
+    let cfg = &shared.cfg;
+    let tls = NodeTls::load(&cfg.data_dir.join(PKI_DIR))?;
+    if st.role == "manager" {
+        let m = Manager::start(
+            &cfg.data_dir,
+            cfg.listen_addr,
+            tls,
+            st.raft_id,
+            &cfg.timers(),
+            vec![st.advertise_addr.clone()],
+        )
+        .await?;
+        shared.slot.set(Some(m.api().clone()));
+        Ok(Role_::Manager(m))
+    } else {
+        Ok(Role_::Worker {
+            renew: spawn_worker_renewal(tls, cfg.data_dir.join(PKI_DIR), st.managers.clone()),
+        })
+    }
+}
+
+fn spawn_worker_renewal(tls: NodeTls, pki: PathBuf, managers: Vec<String>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let managers: Arc<dyn Fn() -> Vec<String> + Send + Sync> =
+            Arc::new(move || managers.clone());
+        if let Err(e) = ca::renew_loop(tls, pki, managers).await {
+            tracing::error!("certificate renewal stopped: {e}");
+        }
+    })
+}
+
+async fn serve_socket(
+    shared: Arc<Shared>,
+) -> Result<(oneshot::Sender<()>, JoinHandle<()>), DaemonError> {
+    let path = shared.cfg.socket.clone();
+    let io = |source| DaemonError::Io {
+        path: path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    // A socket left by a daemon that died; a live one would still be accepting.
+    if tokio::net::UnixStream::connect(&path).await.is_ok() {
+        return Err(DaemonError::Refused(format!(
+            "another shoal daemon is already serving {}",
+            path.display()
+        )));
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(&path).map_err(io)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let control = ControlService::local(shared.slot.clone()).into_server();
+    let daemon = DaemonServer::new(DaemonService { shared });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let res = tonic::transport::Server::builder()
+            .add_service(daemon)
+            .add_service(control)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::error!("local socket server stopped: {e}");
+        }
+    });
+    Ok((stop_tx, task))
+}
+
+/// The `Daemon` service of the local socket.
+struct DaemonService {
+    shared: Arc<Shared>,
+}
+
+fn role_name(r: &Role_) -> pb::LocalNodeState {
+    match r {
+        Role_::Inactive => pb::LocalNodeState::Inactive,
+        Role_::Worker { .. } => pb::LocalNodeState::Worker,
+        Role_::Manager(_) => pb::LocalNodeState::Manager,
+    }
+}
+
+const NOT_INACTIVE: &str =
+    "this node is already part of a cluster: leave it first (`shoal cluster leave`)";
+
+#[tonic::async_trait]
+impl DaemonRpc for DaemonService {
+    async fn info(
+        &self,
+        _req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let role = self.shared.role.lock().await;
+        let st = role.1.clone().unwrap_or(LocalState {
+            role: String::new(),
+            node_id: String::new(),
+            cluster_id: String::new(),
+            raft_id: 0,
+            advertise_addr: String::new(),
+            managers: vec![],
+        });
+        Ok(Response::new(pb::InfoResponse {
+            state: role_name(&role.0) as i32,
+            node_id: st.node_id,
+            cluster_id: st.cluster_id,
+            advertise_addr: st.advertise_addr,
+            data_dir: self.shared.cfg.data_dir.display().to_string(),
+        }))
+    }
+
+    async fn init(
+        &self,
+        req: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::InitResponse>, Status> {
+        let mut role = self.shared.role.lock().await;
+        if !matches!(role.0, Role_::Inactive) {
+            return Err(Status::failed_precondition(NOT_INACTIVE));
+        }
+        let cfg = &self.shared.cfg;
+        let r = req.into_inner();
+        let addr = cfg.advertise(&r.advertise_addr)?;
+        match init_cluster(cfg, &addr, &r.cluster_name).await {
+            Ok((m, st, tokens)) => {
+                self.shared.slot.set(Some(m.api().clone()));
+                let resp = pb::InitResponse {
+                    node_id: st.node_id.clone(),
+                    cluster_id: st.cluster_id.clone(),
+                    advertise_addr: addr,
+                    worker_token: tokens.worker,
+                    manager_token: tokens.manager,
+                };
+                *role = (Role_::Manager(m), Some(st));
+                Ok(Response::new(resp))
+            }
+            Err(e) => {
+                forget_cluster(&cfg.data_dir);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let mut role = self.shared.role.lock().await;
+        if !matches!(role.0, Role_::Inactive) {
+            return Err(Status::failed_precondition(NOT_INACTIVE));
+        }
+        let cfg = &self.shared.cfg;
+        let r = req.into_inner();
+        let addr = cfg.advertise(&r.advertise_addr)?;
+        let manager_addr = normalize_addr(&r.manager_addr, 4242)?;
+        match join_cluster(cfg, &r.token, &manager_addr, &addr).await {
+            Ok((new_role, st)) => {
+                if let Role_::Manager(m) = &new_role {
+                    self.shared.slot.set(Some(m.api().clone()));
+                }
+                let resp = pb::JoinResponse {
+                    node_id: st.node_id.clone(),
+                    role: if st.role == "manager" {
+                        pb::NodeRole::Manager
+                    } else {
+                        pb::NodeRole::Worker
+                    } as i32,
+                };
+                *role = (new_role, Some(st));
+                Ok(Response::new(resp))
+            }
+            Err(e) => {
+                forget_cluster(&cfg.data_dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let force = req.get_ref().force;
+        let mut role = self.shared.role.lock().await;
+        match &role.0 {
+            Role_::Inactive => {
+                return Err(Status::failed_precondition(
+                    "this node is not part of a cluster",
+                ))
+            }
+            Role_::Worker { .. } => {}
+            Role_::Manager(m) => {
+                if !force {
+                    return Err(Status::failed_precondition(
+                        "this node is a manager: leaving removes it from the raft group and can cost \
+                         the cluster its quorum; demote it first (`shoal node demote`), or use --force",
+                    ));
+                }
+                let api = m.api().clone();
+                let node_id = api.node_id().to_string();
+                let mut req = Request::new(pb::LeaveManagerRequest {
+                    node_id,
+                    force: true,
+                });
+                req.set_timeout(JOIN_MANAGER_TIMEOUT);
+                let svc = ControlService::local(ApiSlot::with(api));
+                let res =
+                    <ControlService as shoal_proto::v1::control_server::Control>::leave_manager(
+                        &svc, req,
+                    )
+                    .await;
+                if let Err(e) = res {
+                    // Forced: the cluster may be gone; leave anyway.
+                    tracing::warn!(
+                        "leaving raft membership failed, leaving anyway: {}",
+                        e.message()
+                    );
+                }
+            }
+        }
+        self.shared.slot.set(None);
+        let (old, _) = std::mem::replace(&mut *role, (Role_::Inactive, None));
+        stop_role(old).await;
+        forget_cluster(&self.shared.cfg.data_dir);
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+}
+
+/// Removes what ties the node to a cluster from its data dir.
+fn forget_cluster(data_dir: &Path) {
+    let _ = std::fs::remove_file(data_dir.join(STATE_FILE));
+    let _ = std::fs::remove_dir_all(data_dir.join(PKI_DIR));
+    let _ = std::fs::remove_dir_all(data_dir.join(RAFT_DIR));
+}
+
+/// A random non-zero Raft id.
+fn new_raft_id() -> u64 {
+    loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+fn host_of(addr: &str) -> String {
+    match addr.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => addr.to_string(),
+    }
+}
+
+async fn init_cluster(
+    cfg: &DaemonConfig,
+    addr: &str,
+    name: &str,
+) -> Result<(Manager, LocalState, pb::JoinTokens), DaemonError> {
+    let pki = cfg.data_dir.join(PKI_DIR);
+    let cluster_id = new_id();
+    let node_id = new_id();
+    let raft_id = new_raft_id();
+    let root = RootCa::create(&cluster_id)?;
+    root.save(&pki)?;
+    let (key_pem, csr_pem) = ca::make_csr(None)?;
+    let issued = root.issue(
+        &csr_pem,
+        &node_id,
+        Role::Manager,
+        &[host_of(addr)],
+        ca::DEFAULT_NODE_CERT_LIFETIME,
+    )?;
+    let tls = NodeTls::from_pem(root.cert_pem(), &issued.cert_pem, &key_pem)?;
+    tls.save(&pki)?;
+    let m = Manager::start(
+        &cfg.data_dir,
+        cfg.listen_addr,
+        tls,
+        raft_id,
+        &cfg.timers(),
+        vec![addr.to_string()],
+    )
+    .await?;
+    if let Err(e) = m.initialize(addr).await {
+        m.shutdown().await;
+        return Err(e);
+    }
+    let tokens = JoinTokens::generate(&root.digest()).to_proto();
+    let cluster = pb::Cluster {
+        meta: Some(pb::Meta {
+            id: cluster_id.clone(),
+            ..Default::default()
+        }),
+        spec: Some(default_cluster_spec(
+            if name.is_empty() { "default" } else { name },
+            cfg.timers(),
+        )),
+        root_ca_cert_pem: root.cert_pem().to_string(),
+        join_tokens: Some(tokens.clone()),
+    };
+    let node = pb::Node {
+        meta: Some(pb::Meta {
+            id: node_id.clone(),
+            ..Default::default()
+        }),
+        spec: Some(pb::NodeSpec {
+            desired_role: pb::NodeRole::Manager as i32,
+            ..Default::default()
+        }),
+        role: pb::NodeRole::Manager as i32,
+        description: Some(pb::NodeDescription {
+            hostname: cfg.hostname(),
+            ..Default::default()
+        }),
+        status: Some(pb::NodeStatus {
+            state: pb::NodeState::Ready as i32,
+            message: String::new(),
+            addr: addr.to_string(),
+        }),
+        manager_status: Some(pb::ManagerStatus {
+            raft_id,
+            addr: addr.to_string(),
+            leader: true,
+            reachable: true,
+        }),
+        certificate_serial: issued.serial,
+    };
+    if let Err(e) = m
+        .api()
+        .propose(vec![
+            Mutation::Create(Object::Cluster(cluster)),
+            Mutation::Create(Object::Node(node)),
+        ])
+        .await
+    {
+        m.shutdown().await;
+        return Err(DaemonError::Raft(e.message().to_string()));
+    }
+    let st = LocalState {
+        role: "manager".into(),
+        node_id,
+        cluster_id,
+        raft_id,
+        advertise_addr: addr.to_string(),
+        managers: vec![addr.to_string()],
+    };
+    if let Err(e) = st.save(&cfg.data_dir) {
+        m.shutdown().await;
+        return Err(e);
+    }
+    tracing::info!(node_id = %st.node_id, cluster_id = %st.cluster_id, "cluster initialised");
+    Ok((m, st, tokens))
+}
+
+/// The cluster spec of a new cluster: DESIGN.md's timers.
+pub fn default_cluster_spec(name: &str, raft: pb::RaftConfig) -> pb::ClusterSpec {
+    pb::ClusterSpec {
+        name: name.to_string(),
+        raft: Some(raft),
+        dispatcher: Some(pb::DispatcherConfig {
+            heartbeat_period_ms: 1000,
+            missed_heartbeats_down: 3,
+            status_batch_ms: 10,
+            status_batch_max: 1000,
+        }),
+        ca: Some(pb::CaConfig {
+            node_cert_lifetime_ms: ca::DEFAULT_NODE_CERT_LIFETIME.as_millis() as u64,
+        }),
+        orchestration: Some(pb::OrchestrationConfig {
+            task_history_per_slot: 5,
+        }),
+    }
+}
+
+async fn join_cluster(
+    cfg: &DaemonConfig,
+    token: &str,
+    manager_addr: &str,
+    addr: &str,
+) -> Result<(Role_, LocalState), Status> {
+    let pki = cfg.data_dir.join(PKI_DIR);
+    let joined = ca::join_cluster(manager_addr, token, &cfg.hostname(), addr)
+        .await
+        .map_err(|e| match e {
+            ca::CaError::Rpc { status, .. } => Status::new(
+                status.code(),
+                format!("{manager_addr}: {}", status.message()),
+            ),
+            other => Status::failed_precondition(other.to_string()),
+        })?;
+    joined
+        .save(&pki)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let tls = joined.tls().map_err(|e| Status::internal(e.to_string()))?;
+    let cluster_id = tls.identity().cluster_id;
+    let mut st = LocalState {
+        role: joined.role.as_str().to_string(),
+        node_id: joined.node_id.clone(),
+        cluster_id,
+        raft_id: 0,
+        advertise_addr: addr.to_string(),
+        managers: vec![manager_addr.to_string()],
+    };
+    if joined.role == Role::Worker {
+        st.save(&cfg.data_dir)?;
+        tracing::info!(node_id = %st.node_id, "joined the cluster as a worker");
+        return Ok((
+            Role_::Worker {
+                renew: spawn_worker_renewal(tls, pki, st.managers.clone()),
+            },
+            st,
+        ));
+    }
+    st.raft_id = new_raft_id();
+    let m = Manager::start(
+        &cfg.data_dir,
+        cfg.listen_addr,
+        tls.clone(),
+        st.raft_id,
+        &cfg.timers(),
+        vec![addr.to_string()],
+    )
+    .await?;
+    let channel = tls
+        .channel(manager_addr)
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut client = ControlClient::new(channel);
+    let mut req = Request::new(pb::JoinManagerRequest {
+        node_id: st.node_id.clone(),
+        raft_id: st.raft_id,
+        addr: addr.to_string(),
+    });
+    req.set_timeout(JOIN_MANAGER_TIMEOUT);
+    if let Err(e) = client.join_manager(req).await {
+        m.shutdown().await;
+        return Err(Status::new(
+            e.code(),
+            format!("joining raft through {manager_addr}: {}", e.message()),
+        ));
+    }
+    if let Err(e) = st.save(&cfg.data_dir) {
+        m.shutdown().await;
+        return Err(e.into());
+    }
+    tracing::info!(node_id = %st.node_id, raft_id = st.raft_id, "joined the cluster as a manager");
+    Ok((Role_::Manager(m), st))
+}

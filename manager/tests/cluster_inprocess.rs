@@ -1,0 +1,527 @@
+//! In-process clusters on loopback: real daemons (sled in tempdirs, mTLS on 127.0.0.1 ports),
+//! driven through their local Unix sockets as the CLI drives them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use shoal_manager::daemon::{connect_local, Daemon, DaemonConfig};
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::control_client::ControlClient;
+use shoal_proto::v1::daemon_client::DaemonClient;
+use tonic::transport::Channel;
+
+/// One node of a test cluster: its dirs survive restarts of its daemon.
+struct TestNode {
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    daemon: Option<Daemon>,
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Short timers so tests elect in well under a second; `snapshot_interval` small to exercise
+/// snapshot catch-up.
+fn timers(snapshot_interval: u64) -> pb::RaftConfig {
+    pb::RaftConfig {
+        heartbeat_interval_ms: 50,
+        election_timeout_min_ms: 300,
+        election_timeout_max_ms: 600,
+        snapshot_interval,
+        keep_old_entries: 2,
+    }
+}
+
+impl TestNode {
+    async fn start(name: &str, snapshot_interval: u64) -> TestNode {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = TestNode {
+            dir,
+            addr: free_port(),
+            daemon: None,
+        };
+        n.boot(name, snapshot_interval).await;
+        n
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("shoal.sock")
+    }
+
+    async fn boot(&mut self, name: &str, snapshot_interval: u64) {
+        let mut cfg = DaemonConfig::new(self.dir.path().join("data"), self.addr, self.socket());
+        cfg.hostname = Some(name.to_string());
+        cfg.raft_timers = Some(timers(snapshot_interval));
+        self.daemon = Some(Daemon::start(cfg).await.unwrap());
+    }
+
+    async fn stop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        connect_local(&self.socket()).await.unwrap()
+    }
+
+    async fn control(&self) -> ControlClient<Channel> {
+        ControlClient::new(self.channel().await)
+    }
+
+    async fn local(&self) -> DaemonClient<Channel> {
+        DaemonClient::new(self.channel().await)
+    }
+
+    async fn init(&self) -> pb::InitResponse {
+        self.local()
+            .await
+            .init(pb::InitRequest {
+                advertise_addr: self.addr.to_string(),
+                cluster_name: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn join(&self, token: &str, via: &TestNode) -> Result<pb::JoinResponse, tonic::Status> {
+        self.local()
+            .await
+            .join(pb::JoinRequest {
+                token: token.to_string(),
+                manager_addr: via.addr.to_string(),
+                advertise_addr: self.addr.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    fn raft_id(&self) -> u64 {
+        self.daemon
+            .as_ref()
+            .and_then(|d| d.control())
+            .map(|c| c.raft_id())
+            .unwrap_or(0)
+    }
+
+    fn is_leader(&self) -> bool {
+        self.daemon
+            .as_ref()
+            .and_then(|d| d.control())
+            .is_some_and(|c| c.raft().metrics().borrow().current_leader == Some(c.raft_id()))
+    }
+
+    fn service_count_local(&self) -> usize {
+        self.daemon
+            .as_ref()
+            .and_then(|d| d.control())
+            .map(|c| c.store().list_services().unwrap().len())
+            .unwrap_or(0)
+    }
+}
+
+fn spec(name: &str, replicas: u64) -> pb::ServiceSpec {
+    pb::ServiceSpec {
+        name: name.to_string(),
+        task: Some(pb::TaskSpec {
+            container: Some(pb::ContainerSpec {
+                image: "busybox:1.36".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        mode: Some(pb::service_spec::Mode::Replicated(pb::ReplicatedService {
+            replicas,
+        })),
+        ..Default::default()
+    }
+}
+
+async fn create(node: &TestNode, name: &str) -> Result<pb::Service, tonic::Status> {
+    node.control()
+        .await
+        .create_service(pb::CreateServiceRequest {
+            spec: Some(spec(name, 1)),
+        })
+        .await
+        .map(|r| r.into_inner().service.unwrap())
+}
+
+/// Retries a create while the cluster is electing (the first attempts may find no leader).
+async fn create_eventually(node: &TestNode, name: &str) -> pb::Service {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match create(node, name).await {
+            Ok(s) => return s,
+            Err(e) if Instant::now() < deadline && e.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("create {name}: {e}"),
+        }
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn three_managers(snapshot_interval: u64) -> Vec<TestNode> {
+    let a = TestNode::start("m1", snapshot_interval).await;
+    let init = a.init().await;
+    let b = TestNode::start("m2", snapshot_interval).await;
+    b.join(&init.manager_token, &a).await.unwrap();
+    let c = TestNode::start("m3", snapshot_interval).await;
+    // Through a follower: the join is forwarded to the leader.
+    c.join(&init.manager_token, &b).await.unwrap();
+    vec![a, b, c]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_manager_serves_services_and_survives_a_restart() {
+    let mut a = TestNode::start("solo", 10_000).await;
+    let init = a.init().await;
+    assert!(init.worker_token.starts_with("SHOAL-1-"));
+    assert_ne!(init.worker_token, init.manager_token);
+    assert!(a.is_leader());
+
+    let web = create(&a, "web").await.unwrap();
+    let dup = create(&a, "web").await.unwrap_err();
+    assert_eq!(dup.code(), tonic::Code::AlreadyExists, "{dup}");
+    let bad = create(&a, "-bad").await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("invalid service name"), "{bad}");
+
+    let mut c = a.control().await;
+    let v = web.meta.as_ref().unwrap().version;
+    let updated = c
+        .update_service(pb::UpdateServiceRequest {
+            service: "web".into(),
+            version: v,
+            spec: Some(spec("web", 3)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .service
+        .unwrap();
+    assert!(updated.meta.as_ref().unwrap().version > v);
+    let stale = c
+        .update_service(pb::UpdateServiceRequest {
+            service: "web".into(),
+            version: v,
+            spec: Some(spec("web", 4)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale}");
+
+    let nodes = c
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 1);
+    let ms = nodes[0].manager_status.as_ref().unwrap();
+    assert!(ms.leader && ms.reachable);
+
+    // A second init is refused.
+    let again = a
+        .local()
+        .await
+        .init(pb::InitRequest {
+            advertise_addr: a.addr.to_string(),
+            cluster_name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+
+    a.stop().await;
+    a.boot("solo", 10_000).await;
+    wait_for("leader after restart", || a.is_leader()).await;
+    let got = a
+        .control()
+        .await
+        .get_service(pb::GetServiceRequest {
+            service: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .service
+        .unwrap();
+    assert_eq!(got.meta.unwrap().id, web.meta.unwrap().id);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_managers_replicate_fail_over_and_restart_without_loss() {
+    let mut nodes = three_managers(10_000).await;
+    let leader = nodes.iter().position(|n| n.is_leader()).expect("a leader");
+    // Writes through a follower are forwarded to the leader.
+    let follower = (leader + 1) % 3;
+    create(&nodes[follower], "via-follower").await.unwrap();
+    for i in 0..5 {
+        create(&nodes[i % 3], &format!("svc{i}")).await.unwrap();
+    }
+    wait_for("replication to all", || {
+        nodes.iter().all(|n| n.service_count_local() == 6)
+    })
+    .await;
+
+    let listed = nodes[follower]
+        .control()
+        .await
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.nodes.len(), 3);
+    assert_eq!(
+        listed
+            .nodes
+            .iter()
+            .filter(|n| n.manager_status.as_ref().is_some_and(|m| m.leader))
+            .count(),
+        1
+    );
+    assert!(listed
+        .nodes
+        .iter()
+        .all(|n| n.manager_status.as_ref().is_some_and(|m| m.reachable)));
+
+    // Kill the leader: the other two elect a new one and writes resume through them.
+    let old_leader_raft = nodes[leader].raft_id();
+    nodes[leader].stop().await;
+    let rest: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    wait_for("a new leader", || {
+        rest.iter().any(|i| nodes[*i].is_leader())
+    })
+    .await;
+    create_eventually(&nodes[rest[0]], "after-failover-1").await;
+    create_eventually(&nodes[rest[1]], "after-failover-2").await;
+    let listed = nodes[rest[0]]
+        .control()
+        .await
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let old = listed
+        .nodes
+        .iter()
+        .find(|n| {
+            n.manager_status
+                .as_ref()
+                .is_some_and(|m| m.raft_id == old_leader_raft)
+        })
+        .unwrap();
+    assert!(
+        !old.manager_status.as_ref().unwrap().reachable,
+        "a stopped manager shows unreachable"
+    );
+
+    // Full restart of every manager: no acknowledged write is lost.
+    for n in nodes.iter_mut() {
+        n.stop().await;
+    }
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.boot(&format!("m{}", i + 1), 10_000).await;
+    }
+    wait_for("a leader after full restart", || {
+        nodes.iter().any(|n| n.is_leader())
+    })
+    .await;
+    let all = nodes[0]
+        .control()
+        .await
+        .list_services(pb::ListServicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<String> = all
+        .services
+        .iter()
+        .map(|s| {
+            s.service
+                .as_ref()
+                .unwrap()
+                .spec
+                .as_ref()
+                .unwrap()
+                .name
+                .clone()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "after-failover-1",
+            "after-failover-2",
+            "svc0",
+            "svc1",
+            "svc2",
+            "svc3",
+            "svc4",
+            "via-follower"
+        ]
+    );
+    for n in nodes.iter_mut() {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_manager_catches_up_by_snapshot() {
+    let a = TestNode::start("m1", 5).await;
+    let init = a.init().await;
+    for i in 0..30 {
+        create(&a, &format!("s{i}")).await.unwrap();
+    }
+    let api = a.daemon.as_ref().unwrap().control().unwrap();
+    wait_for("a snapshot and a purged log", || {
+        let m = api.raft().metrics().borrow().clone();
+        m.snapshot.is_some() && m.purged.is_some()
+    })
+    .await;
+    let b = TestNode::start("m2", 5).await;
+    b.join(&init.manager_token, &a).await.unwrap();
+    wait_for("the late manager has every service", || {
+        b.service_count_local() == 30
+    })
+    .await;
+    let bm = b
+        .daemon
+        .as_ref()
+        .unwrap()
+        .control()
+        .unwrap()
+        .raft()
+        .metrics()
+        .borrow()
+        .clone();
+    assert!(
+        bm.snapshot.is_some(),
+        "the late manager installed a snapshot"
+    );
+    let (voters, _) = api.membership();
+    assert!(voters.contains(&b.raft_id()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demote_and_remove_keep_quorum() {
+    let mut nodes = three_managers(10_000).await;
+    let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let (x, y) = (others[0], others[1]);
+    let y_id = nodes[y]
+        .daemon
+        .as_ref()
+        .unwrap()
+        .control()
+        .unwrap()
+        .node_id()
+        .to_string();
+    let x_id = nodes[x]
+        .daemon
+        .as_ref()
+        .unwrap()
+        .control()
+        .unwrap()
+        .node_id()
+        .to_string();
+
+    // A manager cannot be removed before it is demoted.
+    let mut c = nodes[leader].control().await;
+    let e = c
+        .remove_node(pb::RemoveNodeRequest {
+            node: y_id.clone(),
+            force: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("demote"), "{e}");
+
+    // With y down, demoting x would leave the leader and an unreachable y: no quorum.
+    nodes[y].stop().await;
+    let e = c
+        .demote_node(pb::DemoteNodeRequest { node: x_id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("quorum"), "{e}");
+
+    // Demoting the stopped y is allowed: leader and x remain, both reachable.
+    let demoted = c
+        .demote_node(pb::DemoteNodeRequest { node: y_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap();
+    assert_eq!(demoted.role, pb::NodeRole::Worker as i32);
+    let (voters, _) = nodes[leader]
+        .daemon
+        .as_ref()
+        .unwrap()
+        .control()
+        .unwrap()
+        .membership();
+    assert_eq!(voters.len(), 2);
+    // Now y is a worker; it is not down as far as the store knows, so removal needs force.
+    let e = c
+        .remove_node(pb::RemoveNodeRequest {
+            node: y_id.clone(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    c.remove_node(pb::RemoveNodeRequest {
+        node: y_id.clone(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    let left = c
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(left.len(), 2);
+
+    // The last manager standing with one other can still be demoted down to one...
+    c.demote_node(pb::DemoteNodeRequest { node: x_id.clone() })
+        .await
+        .unwrap();
+    // ...but the very last one never.
+    let me = nodes[leader]
+        .daemon
+        .as_ref()
+        .unwrap()
+        .control()
+        .unwrap()
+        .node_id()
+        .to_string();
+    let e = c
+        .demote_node(pb::DemoteNodeRequest { node: me })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("last manager"), "{e}");
+    create(&nodes[leader], "still-writable").await.unwrap();
+    for n in nodes.iter_mut() {
+        n.stop().await;
+    }
+}
