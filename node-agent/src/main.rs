@@ -7,7 +7,12 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "shoal: a container orchestrator", propagate_version = true)]
+#[command(
+    name = "shoal",
+    version,
+    about = "shoal: a container orchestrator",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,12 +21,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Low-level OCI runtime, runc-compatible (`shoal runtime run -b BUNDLE ID`)
-    #[command(subcommand)]
-    Runtime(cmd::runtime::RuntimeCommand),
+    Runtime(cmd::runtime::RuntimeArgs),
     /// Node-local images: import, load, ls, inspect, rm, prune
     Image(cmd::image::ImageArgs),
     // -- docker-like front door: run, ps, stop, rm, logs, exec (cmd/container.rs) --
-    // -- cluster: agent, cluster, node, service (cmd/agent.rs, cmd/cluster.rs, ...) --
+    /// The shoal daemon, in the foreground
+    Agent(cmd::agent::AgentArgs),
+    /// Create, join, inspect and leave a cluster
+    Cluster(cmd::cluster::ClusterArgs),
+    /// Manage the cluster's nodes
+    Node(cmd::node::NodeArgs),
+    /// Manage the cluster's services
+    Service(cmd::service::ServiceArgs),
 }
 
 fn main() {
@@ -29,6 +40,10 @@ fn main() {
     let result = match cli.command {
         Command::Runtime(c) => cmd::runtime::run(c),
         Command::Image(c) => cmd::image::run(c),
+        Command::Agent(c) => cmd::agent::run(c),
+        Command::Cluster(c) => cmd::cluster::run(c),
+        Command::Node(c) => cmd::node::run(c),
+        Command::Service(c) => cmd::service::run(c),
     };
     if let Err(err) = result {
         // One line, as a user reads it: the outermost context first, then the causes.

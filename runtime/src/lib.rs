@@ -1,4 +1,7 @@
 //! shoal's node-local container runtime.
 pub mod cgroups;
+pub mod container;
+pub mod exe;
 pub mod image;
 pub mod seccomp;
+pub mod spec;

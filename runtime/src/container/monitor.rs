@@ -1,0 +1,377 @@
+//! The per-container monitor: a fork of the creating process (never an exec, so it starts with
+//! almost nothing of its own) that is reparented away from the caller, forks the container's
+//! init as its only child, copies the init's output into a size-capped rotated log, and records
+//! the exit status durably in the state dir. `wait` waits on it.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use super::init::{self, Fail};
+use super::plan::Plan;
+use super::state::{self, ExitStatus};
+use super::sys;
+use super::{LogConfig, Stdio};
+
+/// Bytes read from the log pipe per read (the monitor's largest buffer).
+const LOG_CHUNK: usize = 16 * 1024;
+/// How long the monitor keeps copying output after the init died (writers left in the
+/// container die with its pid namespace, so this is rarely reached).
+const LOG_DRAIN_TIMEOUT_MS: i32 = 1000;
+/// Longest error line sent to the creator (a pipe write up to PIPE_BUF is atomic).
+const MAX_MESSAGE: usize = 3000;
+
+/// The fds and paths the children inherit from `Container::create`.
+pub struct Launch<'a> {
+    pub to_creator: RawFd,
+    pub go: RawFd,
+    pub listen: RawFd,
+    pub state_dir: &'a Path,
+    pub log: Option<&'a LogConfig>,
+    pub stdio: Stdio,
+}
+
+/// Send one line to the creator; a gone creator is not an error (EPIPE is ignored).
+pub fn send(fd: RawFd, line: &str) {
+    let mut s: String = line.chars().take(MAX_MESSAGE).collect();
+    s = s.replace('\n', " ");
+    s.push('\n');
+    let _ = sys::write_all(fd, s.as_bytes());
+}
+
+/// The intermediate child: leave the caller's session, fork the monitor, and exit so the
+/// monitor is reparented (to init or the nearest subreaper) and the caller reaps nothing later.
+pub fn intermediate(plan: &Plan, l: &Launch) -> ! {
+    let _ = nix::unistd::setsid();
+    // SAFETY: this process is a single-threaded fork.
+    match unsafe { libc::fork() } {
+        0 => monitor(plan, l),
+        -1 => {
+            send(
+                l.to_creator,
+                &format!("error fork monitor: {}", std::io::Error::last_os_error()),
+            );
+            // SAFETY: leaving a forked child without running the parent's destructors.
+            unsafe { libc::_exit(1) }
+        }
+        // SAFETY: as above.
+        _ => unsafe { libc::_exit(0) },
+    }
+}
+
+fn monitor(plan: &Plan, l: &Launch) -> ! {
+    match run_monitor(plan, l) {
+        Ok(()) => {}
+        Err(Fail(msg)) => send(l.to_creator, &format!("error {msg}")),
+    }
+    // SAFETY: leaving a forked child without running the parent's destructors.
+    unsafe { libc::_exit(0) }
+}
+
+fn dev_null() -> Result<File, Fail> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| Fail(format!("open /dev/null: {e}")))
+}
+
+fn run_monitor(plan: &Plan, l: &Launch) -> Result<(), Fail> {
+    // Drop every fd the caller had open, keeping only our channels and stdio (still needed
+    // for an init that inherits it).
+    let mut keep = vec![l.to_creator, l.go, l.listen];
+    keep.sort_unstable();
+    sys::close_fds_except(3, &keep);
+    // SAFETY: setting a signal disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    if let Some(p) = &plan.join_pid {
+        let f = File::open(p).map_err(|e| Fail(format!("open namespace {}: {e}", p.display())))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWPID)
+            .map_err(|e| Fail(format!("join pid namespace {}: {e}", p.display())))?;
+    }
+    let log_pipe = match l.log {
+        Some(_) => Some(sys::pipe().map_err(|e| Fail(format!("log pipe: {e}")))?),
+        None => None,
+    };
+    let pid = sys::clone_fork(plan.clone_flags)
+        .map_err(|e| Fail(format!("clone container init: {e}")))?;
+    if pid == 0 {
+        let out = log_pipe.as_ref().map(|(_, w)| w.as_raw_fd());
+        let r = init_main(plan, l, out);
+        if let Err(Fail(msg)) = r {
+            send(l.to_creator, &format!("error {msg}"));
+        }
+        // SAFETY: leaving the forked init after a failure.
+        unsafe { libc::_exit(127) }
+    }
+    send(l.to_creator, &format!("pid {} {}", std::process::id(), pid));
+    // SAFETY: closing our copies of fds the init owns now.
+    unsafe {
+        libc::close(l.go);
+        libc::close(l.listen);
+    }
+    let log_rd = log_pipe.map(|(r, w)| {
+        drop(w);
+        r
+    });
+    // Hold nothing of the caller's: no terminal, no pipes, no cwd on a mount.
+    if let Ok(null) = dev_null() {
+        for fd in 0..3 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+        }
+    }
+    let _ = std::env::set_current_dir("/");
+    // SAFETY: releasing free heap pages back to the kernel.
+    unsafe { libc::malloc_trim(0) };
+
+    let pidfd = sys::pidfd_open(pid).map_err(|e| Fail(format!("pidfd of init: {e}")))?;
+    if let (Some(rd), Some(cfg)) = (&log_rd, l.log) {
+        copy_log(rd.as_raw_fd(), pidfd.as_raw_fd(), cfg);
+    }
+    let status = reap(pid);
+    send(
+        l.to_creator,
+        &format!(
+            "exit {} {}",
+            status.code.unwrap_or(-1),
+            status.signal.unwrap_or(0)
+        ),
+    );
+    let data = serde_json::to_vec(&status).map_err(|e| Fail(e.to_string()))?;
+    state::write_atomic(l.state_dir, state::EXIT_FILE, &data, true)
+        .map_err(|e| Fail(format!("record exit status: {e}")))?;
+    Ok(())
+}
+
+fn reap(pid: i32) -> ExitStatus {
+    let mut st = 0;
+    loop {
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return ExitStatus {
+                code: None,
+                signal: None,
+            };
+        }
+    }
+    if libc::WIFEXITED(st) {
+        ExitStatus {
+            code: Some(libc::WEXITSTATUS(st)),
+            signal: None,
+        }
+    } else {
+        ExitStatus {
+            code: None,
+            signal: Some(libc::WTERMSIG(st)),
+        }
+    }
+}
+
+/// The init's side: stdio, then namespaces and rootfs, then wait for `start`, then exec.
+fn init_main(plan: &Plan, l: &Launch, log_out: Option<RawFd>) -> Result<(), Fail> {
+    // SAFETY: signal and prctl calls with plain arguments. Rust ignores SIGPIPE and an ignored
+    // signal survives exec, so the container gets the default back.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        // Until exec, this process is the runtime's image: keep /proc/1/exe and ptrace closed
+        // to anything in the container (exec resets this for the real process).
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        // A monitor that dies during setup takes the half-made container with it.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    match (log_out, l.stdio) {
+        (Some(w), _) => {
+            let null = dev_null()?;
+            dup_to(null.as_raw_fd(), 0)?;
+            dup_to(w, 1)?;
+            dup_to(w, 2)?;
+        }
+        (None, Stdio::Null) => {
+            let null = dev_null()?;
+            for fd in 0..3 {
+                dup_to(null.as_raw_fd(), fd)?;
+            }
+        }
+        (None, Stdio::Inherit) => {}
+    }
+    let mut keep = vec![l.to_creator, l.go, l.listen];
+    keep.sort_unstable();
+    sys::close_fds_except(3, &keep);
+
+    let mut b = [0u8; 1];
+    match sys::read(l.go, &mut b) {
+        Ok(1) => {}
+        _ => {
+            return Err(Fail(
+                "creator went away before the container was set up".into(),
+            ))
+        }
+    }
+    // SAFETY: closing a fd we own.
+    unsafe { libc::close(l.go) };
+    init::prepare(plan)?;
+    send(l.to_creator, "ready");
+    // SAFETY: as above.
+    unsafe { libc::close(l.to_creator) };
+
+    // SAFETY: accept on our listening socket; the connection is close-on-exec so its EOF
+    // tells `start` the exec happened.
+    let conn = unsafe {
+        libc::accept4(
+            l.listen,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if conn < 0 {
+        return Err(Fail(format!(
+            "wait for start: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: closing a fd we own; clearing the parent-death signal so the container's process
+    // is not tied to the monitor's life once it runs.
+    unsafe {
+        libc::close(l.listen);
+        libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0);
+    }
+    if let Err(Fail(msg)) = init::exec_process(&plan.process, &[conn]) {
+        send(conn, &format!("error {msg}"));
+    }
+    // SAFETY: leaving after a failed exec.
+    unsafe { libc::_exit(127) }
+}
+
+fn dup_to(from: RawFd, to: RawFd) -> Result<(), Fail> {
+    nix::unistd::dup2(from, to)
+        .map(drop)
+        .map_err(|e| Fail(format!("dup2 to fd {to}: {e}")))
+}
+
+/// Copy the init's output into the log until the init exits and its output is drained.
+fn copy_log(rd: RawFd, pidfd: RawFd, cfg: &LogConfig) {
+    let mut log = RotatingLog::open(cfg);
+    let mut buf = vec![0u8; LOG_CHUNK];
+    let mut exited = false;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: rd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let (n, timeout) = if exited {
+            (1, LOG_DRAIN_TIMEOUT_MS)
+        } else {
+            (2, -1)
+        };
+        // SAFETY: `n` valid pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return;
+        }
+        if r == 0 {
+            return; // drain timed out
+        }
+        if fds[0].revents != 0 {
+            match sys::read(rd, &mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => {
+                    if let Some(l) = log.as_mut() {
+                        l.write(&buf[..k]);
+                    }
+                }
+            }
+        }
+        if !exited && fds[1].revents != 0 {
+            exited = true;
+        }
+    }
+}
+
+/// The log file and its rotated predecessors `path.1` … `path.N`.
+struct RotatingLog {
+    path: PathBuf,
+    max_bytes: u64,
+    max_files: u32,
+    file: File,
+    size: u64,
+}
+
+impl RotatingLog {
+    fn open(cfg: &LogConfig) -> Option<RotatingLog> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.path)
+            .ok()?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Some(RotatingLog {
+            path: cfg.path.clone(),
+            max_bytes: cfg.max_bytes.max(1),
+            max_files: cfg.max_files,
+            file,
+            size,
+        })
+    }
+
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut s = self.path.clone().into_os_string();
+        s.push(format!(".{n}"));
+        PathBuf::from(s)
+    }
+
+    fn rotate(&mut self) {
+        if self.max_files == 0 {
+            let _ = self.file.set_len(0);
+        } else {
+            let _ = std::fs::remove_file(self.rotated(self.max_files));
+            for n in (1..self.max_files).rev() {
+                let _ = std::fs::rename(self.rotated(n), self.rotated(n + 1));
+            }
+            let _ = std::fs::rename(&self.path, self.rotated(1));
+            match OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+            {
+                Ok(f) => self.file = f,
+                Err(_) => return,
+            }
+        }
+        self.size = 0;
+    }
+
+    fn write(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.size >= self.max_bytes {
+                self.rotate();
+            }
+            let room = (self.max_bytes - self.size) as usize;
+            let n = room.min(data.len());
+            if self.file.write_all(&data[..n]).is_err() {
+                return;
+            }
+            self.size += n as u64;
+            data = &data[n..];
+        }
+    }
+}
