@@ -391,13 +391,28 @@ fn gc_keeps_layers_an_overlay_mount_uses() {
     std::fs::write(&path, busybox_rootfs_tar()).unwrap();
     store.import_rootfs_tar(&path, "mounted:1").unwrap();
     let p = store.prepare("mounted:1").unwrap();
-    let (upper, work, merged) = (base.path().join("u"), base.path().join("w"), base.path().join("m"));
+    let (upper, work, merged) = (
+        base.path().join("u"),
+        base.path().join("w"),
+        base.path().join("m"),
+    );
     for d in [&upper, &work, &merged] {
         std::fs::create_dir(d).unwrap();
     }
-    let opts = format!("lowerdir={},upperdir={},workdir={}", p.layer_dirs[0].display(), upper.display(), work.display());
-    nix::mount::mount(Some("overlay"), &merged, Some("overlay"), nix::mount::MsFlags::empty(), Some(opts.as_str()))
-        .expect("mount overlayfs (tests run as root)");
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        p.layer_dirs[0].display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .expect("mount overlayfs (tests run as root)");
     store.remove("mounted:1").unwrap();
     // No caller-supplied in-use list: the mount alone keeps the layer.
     let kept = store.gc(&[]);
