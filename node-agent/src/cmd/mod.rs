@@ -1,4 +1,9 @@
 //! One module per command group.
 
+pub mod agent;
+pub mod cluster;
 pub mod image;
+pub mod node;
+pub mod output;
 pub mod runtime;
+pub mod service;

@@ -1,0 +1,305 @@
+//! `shoal cluster …`: init, join, join-token, leave, inspect, update.
+
+use anyhow::anyhow;
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::control_client::ControlClient;
+use shoal_proto::v1::daemon_client::DaemonClient;
+
+use super::output::{self, block_on, parse_duration_ms, print_json, rpc, Format, SocketArg};
+
+#[derive(Args)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenRole {
+    Worker,
+    Manager,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Make this node the first manager of a new cluster
+    Init {
+        /// Address other nodes reach this one on (host[:port])
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Join a cluster as a worker or a manager (by the token)
+    Join {
+        /// Join token (`shoal cluster join-token worker|manager` on a manager)
+        #[arg(long)]
+        token: String,
+        /// Address this node is reached on (host[:port])
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        /// Any manager, host[:port]
+        manager_addr: String,
+    },
+    /// Show (or rotate) the command that joins a node
+    JoinToken {
+        #[arg(value_enum)]
+        role: TokenRole,
+        /// Replace the token; the old one stops working
+        #[arg(long)]
+        rotate: bool,
+        /// Print the token only
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Leave the cluster (a manager needs --force)
+    Leave {
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Show the cluster's settings and Raft state
+    Inspect {
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// Change the cluster's timers
+    Update(UpdateArgs),
+}
+
+#[derive(Args)]
+struct UpdateArgs {
+    /// Raft heartbeat interval (e.g. 100ms)
+    #[arg(long)]
+    heartbeat_interval: Option<String>,
+    /// Raft election timeout, lower bound
+    #[arg(long)]
+    election_timeout_min: Option<String>,
+    /// Raft election timeout, upper bound
+    #[arg(long)]
+    election_timeout_max: Option<String>,
+    /// Raft log entries between snapshots
+    #[arg(long)]
+    snapshot_interval: Option<u64>,
+    /// Raft log entries kept behind a snapshot
+    #[arg(long)]
+    keep_old_entries: Option<u64>,
+    /// Dispatcher heartbeat period (e.g. 1s)
+    #[arg(long)]
+    dispatcher_heartbeat: Option<String>,
+    /// Missed heartbeats before a node is marked down
+    #[arg(long)]
+    missed_heartbeats: Option<u32>,
+    /// Status-update batching window (e.g. 10ms)
+    #[arg(long)]
+    status_batch_window: Option<String>,
+    /// Status updates per batch at most
+    #[arg(long)]
+    status_batch_max: Option<u32>,
+    /// Node certificate lifetime (e.g. 90d)
+    #[arg(long)]
+    cert_expiry: Option<String>,
+    /// Finished tasks kept per slot
+    #[arg(long)]
+    task_history_limit: Option<u32>,
+}
+
+pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
+    block_on(run_async(a))
+}
+
+async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
+    let ch = a.socket.channel().await?;
+    let mut local = DaemonClient::new(ch.clone());
+    let mut control = ControlClient::new(ch);
+    match a.command {
+        ClusterCommand::Init {
+            advertise_addr,
+            format,
+        } => {
+            let r = rpc(local
+                .init(pb::InitRequest {
+                    advertise_addr: advertise_addr.unwrap_or_default(),
+                    cluster_name: String::new(),
+                })
+                .await)?;
+            if format == Format::Json {
+                return print_json(
+                    &json!({"NodeID": r.node_id, "ClusterID": r.cluster_id, "AdvertiseAddr": r.advertise_addr,
+                    "JoinTokens": {"Worker": r.worker_token, "Manager": r.manager_token}}),
+                );
+            }
+            println!(
+                "Cluster initialized: current node ({}) is now a manager.\n",
+                r.node_id
+            );
+            print_join_command("worker", &r.worker_token, &r.advertise_addr);
+            println!(
+                "To add a manager to this cluster, run 'shoal cluster join-token manager' and follow the instructions.\n"
+            );
+        }
+        ClusterCommand::Join {
+            token,
+            advertise_addr,
+            manager_addr,
+        } => {
+            let r = rpc(local
+                .join(pb::JoinRequest {
+                    token,
+                    manager_addr,
+                    advertise_addr: advertise_addr.unwrap_or_default(),
+                })
+                .await)?;
+            println!(
+                "This node joined a cluster as a {}.",
+                output::role_name(r.role)
+            );
+        }
+        ClusterCommand::JoinToken {
+            role,
+            rotate,
+            quiet,
+        } => {
+            let prole = match role {
+                TokenRole::Worker => pb::NodeRole::Worker,
+                TokenRole::Manager => pb::NodeRole::Manager,
+            };
+            let cluster = if rotate {
+                rpc(control
+                    .rotate_join_token(pb::RotateJoinTokenRequest { role: prole as i32 })
+                    .await)?
+            } else {
+                rpc(control.get_cluster(pb::GetClusterRequest {}).await)?
+            };
+            let tokens = cluster
+                .cluster
+                .and_then(|c| c.join_tokens)
+                .ok_or_else(|| anyhow!("the cluster has no join tokens"))?;
+            let (name, token) = match role {
+                TokenRole::Worker => ("worker", tokens.worker),
+                TokenRole::Manager => ("manager", tokens.manager),
+            };
+            if quiet {
+                println!("{token}");
+                return Ok(());
+            }
+            if rotate {
+                println!("Successfully rotated {name} join token.\n");
+            }
+            let info = rpc(local.info(pb::InfoRequest {}).await)?;
+            print_join_command(name, &token, &info.advertise_addr);
+        }
+        ClusterCommand::Leave { force } => {
+            rpc(local.leave(pb::LeaveRequest { force }).await)?;
+            println!("Node left the cluster.");
+        }
+        ClusterCommand::Inspect { format } => {
+            let c = rpc(control.get_cluster(pb::GetClusterRequest {}).await)?;
+            let v = output::cluster_json(&c);
+            match format {
+                Format::Json => print_json(&json!([v]))?,
+                Format::Table => {
+                    let spec = &v["Spec"];
+                    let mut t = output::Table::new(&["SETTING", "VALUE"]);
+                    t.row(vec!["ID".into(), v["ID"].as_str().unwrap_or("").into()]);
+                    t.row(vec![
+                        "Name".into(),
+                        spec["Name"].as_str().unwrap_or("").into(),
+                    ]);
+                    for (group, obj) in [
+                        ("Raft", &spec["Raft"]),
+                        ("Dispatcher", &spec["Dispatcher"]),
+                        ("CA", &spec["CAConfig"]),
+                        ("Orchestration", &spec["Orchestration"]),
+                    ] {
+                        if let Some(m) = obj.as_object() {
+                            for (k, val) in m {
+                                let s = val
+                                    .as_str()
+                                    .map(String::from)
+                                    .unwrap_or_else(|| val.to_string());
+                                t.row(vec![format!("{group}.{k}"), s]);
+                            }
+                        }
+                    }
+                    t.row(vec!["Leader".into(), c.leader_node_id.clone()]);
+                    t.row(vec!["Raft term".into(), c.raft_term.to_string()]);
+                    t.print();
+                }
+            }
+        }
+        ClusterCommand::Update(u) => {
+            let c = rpc(control.get_cluster(pb::GetClusterRequest {}).await)?;
+            let cluster = c
+                .cluster
+                .ok_or_else(|| anyhow!("the cluster is not initialised"))?;
+            let version = cluster.meta.as_ref().map(|m| m.version).unwrap_or(0);
+            let mut spec = cluster.spec.unwrap_or_default();
+            let raft = spec.raft.get_or_insert_with(Default::default);
+            let restart_needed = u.heartbeat_interval.is_some()
+                || u.election_timeout_min.is_some()
+                || u.election_timeout_max.is_some()
+                || u.snapshot_interval.is_some()
+                || u.keep_old_entries.is_some();
+            if let Some(d) = &u.heartbeat_interval {
+                raft.heartbeat_interval_ms = parse_duration_ms(d)?;
+            }
+            if let Some(d) = &u.election_timeout_min {
+                raft.election_timeout_min_ms = parse_duration_ms(d)?;
+            }
+            if let Some(d) = &u.election_timeout_max {
+                raft.election_timeout_max_ms = parse_duration_ms(d)?;
+            }
+            if let Some(n) = u.snapshot_interval {
+                raft.snapshot_interval = n;
+            }
+            if let Some(n) = u.keep_old_entries {
+                raft.keep_old_entries = n;
+            }
+            let d = spec.dispatcher.get_or_insert_with(Default::default);
+            if let Some(x) = &u.dispatcher_heartbeat {
+                d.heartbeat_period_ms = parse_duration_ms(x)?;
+            }
+            if let Some(n) = u.missed_heartbeats {
+                d.missed_heartbeats_down = n;
+            }
+            if let Some(x) = &u.status_batch_window {
+                d.status_batch_ms = parse_duration_ms(x)?;
+            }
+            if let Some(n) = u.status_batch_max {
+                d.status_batch_max = n;
+            }
+            if let Some(x) = &u.cert_expiry {
+                spec.ca
+                    .get_or_insert_with(Default::default)
+                    .node_cert_lifetime_ms = parse_duration_ms(x)?;
+            }
+            if let Some(n) = u.task_history_limit {
+                spec.orchestration
+                    .get_or_insert_with(Default::default)
+                    .task_history_per_slot = n;
+            }
+            rpc(control
+                .update_cluster(pb::UpdateClusterRequest {
+                    version,
+                    spec: Some(spec),
+                })
+                .await)?;
+            println!("Cluster updated.");
+            if restart_needed {
+                println!("Raft timers take effect on each manager at its next restart.");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_join_command(role: &str, token: &str, addr: &str) {
+    if addr.is_empty() {
+        println!("To add a {role} to this cluster, run the following command:\n\n    shoal cluster join --token {token} <MANAGER-ADDR>\n");
+    } else {
+        println!("To add a {role} to this cluster, run the following command:\n\n    shoal cluster join --token {token} {addr}\n");
+    }
+}

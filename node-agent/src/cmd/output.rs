@@ -1,0 +1,457 @@
+//! What the cluster commands share: the local socket, `--format`, docker-like tables, the
+//! JSON views of cluster objects, and the units users type (durations, sizes, CPUs).
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+use shoal_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// The daemon's local control socket.
+#[derive(Args, Clone, Debug)]
+pub struct SocketArg {
+    /// The shoal daemon's control socket
+    #[arg(long, global = true, env = "SHOAL_SOCKET", default_value = shoal_manager::daemon::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+impl SocketArg {
+    /// A channel to the local daemon.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(shoal_manager::daemon::connect_local(&self.socket).await?)
+    }
+}
+
+/// How results are printed.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Aligned columns, as docker prints them
+    Table,
+    /// JSON
+    Json,
+}
+
+/// A blocking entry point for an async command (the CLI makes one call at a time).
+pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
+
+/// The answer of a call, or its error message as the user should read it.
+pub fn rpc<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+    r.map(|r| r.into_inner())
+        .map_err(|s| anyhow!("{}", s.message()))
+}
+
+/// Prints JSON, pretty.
+pub fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Columns padded to the widest cell plus three spaces, like docker's tabwriter.
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these headers.
+    pub fn new(headers: &[&str]) -> Table {
+        Table {
+            rows: vec![headers.iter().map(|h| h.to_string()).collect()],
+        }
+    }
+
+    /// Adds a row.
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// The table as text, one line per row.
+    pub fn render(&self) -> String {
+        let cols = self.rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..cols)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for r in &self.rows {
+            let mut line = String::new();
+            for (c, cell) in r.iter().enumerate() {
+                if c + 1 == r.len() {
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    line.push_str(&" ".repeat(widths[c] - cell.chars().count() + 3));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Prints the table.
+    pub fn print(&self) {
+        print!("{}", self.render());
+    }
+}
+
+// ---- units ----
+
+/// "1h30m", "500ms", "10s", "90d" → milliseconds.
+pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
+    let bad = || anyhow!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m, 2h, 90d");
+    let mut total: u64 = 0;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    if rest == "0" {
+        return Ok(0);
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let mult = match &rest[..unit_len] {
+            "ms" => 1.0,
+            "s" => 1_000.0,
+            "m" => 60_000.0,
+            "h" => 3_600_000.0,
+            "d" => 86_400_000.0,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        total = total
+            .checked_add((n * mult).round() as u64)
+            .ok_or_else(bad)?;
+    }
+    Ok(total)
+}
+
+/// Milliseconds as a short duration: "100ms", "1s", "1m30s", "90d".
+pub fn format_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1000 || ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let mut s = ms / 1000;
+    let mut out = String::new();
+    for (unit, len) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+        if s >= len {
+            out.push_str(&format!("{}{unit}", s / len));
+            s %= len;
+        }
+    }
+    out
+}
+
+/// "512m", "1g", "100k", "1048576" → bytes.
+pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("invalid size {s:?}: expected e.g. 512m or 1g"))?;
+    if n < 0.0 {
+        bail!("invalid size {s:?}: must not be negative");
+    }
+    Ok((n * mult as f64) as i64)
+}
+
+/// "0.5", "2" → nano-CPUs.
+pub fn parse_cpus(s: &str) -> anyhow::Result<i64> {
+    let n: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("invalid CPU count {s:?}: expected e.g. 0.5 or 2"))?;
+    if !(0.0..=1_000_000.0).contains(&n) {
+        bail!("invalid CPU count {s:?}");
+    }
+    Ok((n * 1e9) as i64)
+}
+
+/// `KEY=VALUE` pairs (a bare `KEY` has an empty value).
+pub fn parse_kv(items: &[String]) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    items
+        .iter()
+        .map(|s| {
+            let (k, v) = s.split_once('=').unwrap_or((s.as_str(), ""));
+            if k.is_empty() {
+                bail!("invalid label {s:?}: expected KEY=VALUE");
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+// ---- names ----
+
+/// `manager` / `worker`.
+pub fn role_name(r: i32) -> &'static str {
+    match pb::NodeRole::try_from(r) {
+        Ok(pb::NodeRole::Manager) => "manager",
+        _ => "worker",
+    }
+}
+
+/// Docker's capitalised availability.
+pub fn availability_name(a: i32) -> &'static str {
+    match pb::NodeAvailability::try_from(a) {
+        Ok(pb::NodeAvailability::Pause) => "Pause",
+        Ok(pb::NodeAvailability::Drain) => "Drain",
+        _ => "Active",
+    }
+}
+
+/// Docker's capitalised node state.
+pub fn state_name(s: i32) -> &'static str {
+    match pb::NodeState::try_from(s) {
+        Ok(pb::NodeState::Ready) => "Ready",
+        Ok(pb::NodeState::Down) => "Down",
+        Ok(pb::NodeState::Disconnected) => "Disconnected",
+        _ => "Unknown",
+    }
+}
+
+/// Leader / Reachable / Unreachable, or empty for a worker.
+pub fn manager_status_name(n: &pb::Node) -> &'static str {
+    match (&n.manager_status, n.role == pb::NodeRole::Manager as i32) {
+        (Some(m), true) if m.leader => "Leader",
+        (Some(m), true) if m.reachable => "Reachable",
+        (Some(_), true) => "Unreachable",
+        _ => "",
+    }
+}
+
+fn enum_name(s: &str, prefix: &str) -> String {
+    s.strip_prefix(prefix).unwrap_or(s).to_ascii_lowercase()
+}
+
+fn meta_json(m: &Option<pb::Meta>) -> (String, Value) {
+    let m = m.clone().unwrap_or_default();
+    (
+        m.id.clone(),
+        json!({"Index": m.version, "CreatedAtMs": m.created_at_ms, "UpdatedAtMs": m.updated_at_ms}),
+    )
+}
+
+/// A node as `node inspect` shows it.
+pub fn node_json(n: &pb::Node) -> Value {
+    let (id, version) = meta_json(&n.meta);
+    let spec = n.spec.clone().unwrap_or_default();
+    let desc = n.description.clone().unwrap_or_default();
+    let status = n.status.clone().unwrap_or_default();
+    let res = desc.resources.unwrap_or_default();
+    json!({
+        "ID": id,
+        "Version": version,
+        "Spec": {
+            "Role": role_name(spec.desired_role),
+            "Availability": availability_name(spec.availability).to_ascii_lowercase(),
+            "Labels": spec.labels,
+        },
+        "Role": role_name(n.role),
+        "Description": {
+            "Hostname": desc.hostname,
+            "OS": desc.os,
+            "Architecture": desc.arch,
+            "Resources": {"NanoCPUs": res.nano_cpus, "MemoryBytes": res.memory_bytes},
+        },
+        "Status": {"State": state_name(status.state).to_ascii_lowercase(), "Message": status.message, "Addr": status.addr},
+        "ManagerStatus": n.manager_status.as_ref().filter(|_| n.role == pb::NodeRole::Manager as i32).map(|m| json!({
+            "RaftID": m.raft_id, "Addr": m.addr, "Leader": m.leader,
+            "Reachability": if m.reachable { "reachable" } else { "unreachable" },
+        })),
+        "CertificateSerial": n.certificate_serial,
+    })
+}
+
+fn resources_json(r: &Option<pb::Resources>) -> Value {
+    let r = r.clone().unwrap_or_default();
+    json!({"NanoCPUs": r.nano_cpus, "MemoryBytes": r.memory_bytes})
+}
+
+fn update_json(u: &Option<pb::UpdateConfig>) -> Value {
+    match u {
+        None => Value::Null,
+        Some(u) => json!({
+            "Parallelism": u.parallelism,
+            "Delay": format_ms(u.delay_ms),
+            "FailureAction": enum_name(u.failure_action().as_str_name(), "FAILURE_ACTION_"),
+            "Monitor": format_ms(u.monitor_ms),
+            "MaxFailureRatio": u.max_failure_ratio,
+            "Order": enum_name(u.order().as_str_name(), "UPDATE_ORDER_").replace('_', "-"),
+        }),
+    }
+}
+
+/// A service spec, whole.
+pub fn service_spec_json(s: &pb::ServiceSpec) -> Value {
+    let task = s.task.clone().unwrap_or_default();
+    let c = task.container.clone().unwrap_or_default();
+    let res = task.resources.clone().unwrap_or_default();
+    let restart = task.restart.unwrap_or_default();
+    let placement = task.placement.clone().unwrap_or_default();
+    let mode = match &s.mode {
+        Some(pb::service_spec::Mode::Replicated(r)) => {
+            json!({"Replicated": {"Replicas": r.replicas}})
+        }
+        Some(pb::service_spec::Mode::Global(_)) => json!({"Global": {}}),
+        None => Value::Null,
+    };
+    json!({
+        "Name": s.name,
+        "Labels": s.labels,
+        "TaskTemplate": {
+            "ContainerSpec": {
+                "Image": c.image, "Command": c.command, "Args": c.args, "Env": c.env, "Dir": c.dir,
+                "User": c.user, "Hostname": c.hostname, "Labels": c.labels,
+                "StopGracePeriod": format_ms(c.stop_grace_period_ms), "ReadOnly": c.read_only,
+                "PidsLimit": c.pids_limit,
+                "Mounts": c.mounts.iter().map(|m| json!({"Source": m.source, "Target": m.target, "ReadOnly": m.read_only})).collect::<Vec<_>>(),
+                "Healthcheck": c.healthcheck.as_ref().map(|h| json!({
+                    "Test": h.test, "Interval": format_ms(h.interval_ms), "Timeout": format_ms(h.timeout_ms),
+                    "Retries": h.retries, "StartPeriod": format_ms(h.start_period_ms)})),
+            },
+            "Resources": {"Limits": resources_json(&res.limits), "Reservations": resources_json(&res.reservations)},
+            "RestartPolicy": {
+                "Condition": enum_name(restart.condition().as_str_name(), "RESTART_CONDITION_").replace('_', "-"),
+                "Delay": format_ms(restart.delay_ms), "MaxAttempts": restart.max_attempts,
+                "Window": format_ms(restart.window_ms),
+            },
+            "Placement": {
+                "Constraints": placement.constraints,
+                "Preferences": placement.preferences.iter().map(|p| json!({"Spread": p.spread_descriptor})).collect::<Vec<_>>(),
+                "MaxReplicas": placement.max_replicas_per_node,
+            },
+            "Networks": task.networks,
+            "ForceUpdate": task.force_update,
+        },
+        "Mode": mode,
+        "UpdateConfig": update_json(&s.update),
+        "RollbackConfig": update_json(&s.rollback),
+        "EndpointSpec": {"Ports": s.ports.iter().map(|p| json!({
+            "Name": p.name, "Protocol": p.protocol, "TargetPort": p.target_port,
+            "PublishedPort": p.published_port, "PublishMode": p.publish_mode})).collect::<Vec<_>>()},
+        "Secrets": s.secrets,
+        "Configs": s.configs,
+    })
+}
+
+/// A service as `service inspect` shows it.
+pub fn service_json(s: &pb::Service) -> Value {
+    let (id, version) = meta_json(&s.meta);
+    let us = s.update_status.clone();
+    json!({
+        "ID": id,
+        "Version": version,
+        "Spec": service_spec_json(&s.spec.clone().unwrap_or_default()),
+        "PreviousSpec": s.previous_spec.as_ref().map(service_spec_json),
+        "SpecVersion": s.spec_version,
+        "UpdateStatus": us.map(|u| json!({
+            "State": enum_name(u.state().as_str_name(), "UPDATE_STATE_"),
+            "StartedAtMs": u.started_at_ms, "CompletedAtMs": u.completed_at_ms, "Message": u.message})),
+    })
+}
+
+/// The cluster as `cluster inspect` shows it (join tokens left out, as docker does).
+pub fn cluster_json(c: &pb::ClusterResponse) -> Value {
+    let cl = c.cluster.clone().unwrap_or_default();
+    let (id, version) = meta_json(&cl.meta);
+    let spec = cl.spec.unwrap_or_default();
+    let raft = spec.raft.unwrap_or_default();
+    let d = spec.dispatcher.unwrap_or_default();
+    json!({
+        "ID": id,
+        "Version": version,
+        "Spec": {
+            "Name": spec.name,
+            "Raft": {
+                "HeartbeatInterval": format_ms(raft.heartbeat_interval_ms),
+                "ElectionTimeoutMin": format_ms(raft.election_timeout_min_ms),
+                "ElectionTimeoutMax": format_ms(raft.election_timeout_max_ms),
+                "SnapshotInterval": raft.snapshot_interval,
+                "KeepOldSnapshots": raft.keep_old_entries,
+            },
+            "Dispatcher": {
+                "HeartbeatPeriod": format_ms(d.heartbeat_period_ms),
+                "MissedHeartbeatsBeforeDown": d.missed_heartbeats_down,
+                "StatusBatchWindow": format_ms(d.status_batch_ms),
+                "StatusBatchMax": d.status_batch_max,
+            },
+            "CAConfig": {"NodeCertExpiry": format_ms(spec.ca.unwrap_or_default().node_cert_lifetime_ms)},
+            "Orchestration": {"TaskHistoryRetentionLimit": spec.orchestration.unwrap_or_default().task_history_per_slot},
+        },
+        "RootCACert": cl.root_ca_cert_pem,
+        "Raft": {"LeaderNodeID": c.leader_node_id, "Term": c.raft_term, "LastApplied": c.raft_last_applied},
+    })
+}
+
+/// A node's short id and hostname, as tables show them.
+pub fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip() {
+        assert_eq!(parse_duration_ms("100ms").unwrap(), 100);
+        assert_eq!(parse_duration_ms("1m30s").unwrap(), 90_000);
+        assert_eq!(parse_duration_ms("90d").unwrap(), 90 * 86_400_000);
+        assert!(parse_duration_ms("10").is_err());
+        assert!(parse_duration_ms("abc").is_err());
+        assert_eq!(format_ms(90_000), "1m30s");
+        assert_eq!(format_ms(100), "100ms");
+        assert_eq!(format_ms(90 * 86_400_000), "90d");
+    }
+
+    #[test]
+    fn sizes_and_cpus() {
+        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1g").unwrap(), 1 << 30);
+        assert!(parse_bytes("x").is_err());
+        assert_eq!(parse_cpus("0.5").unwrap(), 500_000_000);
+        assert!(parse_cpus("-1").is_err());
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let mut t = Table::new(&["ID", "NAME"]);
+        t.row(vec!["abc".into(), "web".into()]);
+        t.row(vec!["a".into(), "longer".into()]);
+        assert_eq!(t.render(), "ID    NAME\nabc   web\na     longer\n");
+    }
+}
