@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use oci_spec::runtime::LinuxResources;
 use serde::{Deserialize, Serialize};
 
-pub use v1::V1Manager;
+pub use v1::{V1Manager, V1_CONTROLLERS};
 pub use v2::V2Manager;
 
 /// Where the host's cgroup filesystems are mounted by default.

@@ -235,6 +235,16 @@ impl V1Manager {
                 fs::write(&memsw_file, &swap.to_string())?;
             }
         } else if let Some(limit) = m.limit() {
+            // The kernel refuses a limit above memory+swap with a bare EINVAL; say why.
+            let memsw = fs::read_opt(&memsw_file)?.and_then(|s| s.trim().parse::<i64>().ok());
+            if let Some(memsw) = memsw.filter(|sw| limit == -1 || limit > *sw) {
+                return Err(CgroupError::Invalid {
+                    field: "memory.limit",
+                    reason: format!(
+                        "{limit} is above the current memory+swap limit {memsw}; set memory.swap too"
+                    ),
+                });
+            }
             fs::write(&limit_file, &limit.to_string())?;
         }
         if let Some(r) = m.reservation() {
