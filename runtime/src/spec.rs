@@ -299,7 +299,8 @@ fn caps_set(names: &[String]) -> Result<std::collections::HashSet<Capability>, S
     names
         .iter()
         .map(|n| {
-            n.parse::<Capability>()
+            n.trim_start_matches("CAP_")
+                .parse::<Capability>()
                 .map_err(|_| SpecError::Invalid(format!("unknown capability {n}")))
         })
         .collect()

@@ -653,14 +653,17 @@ impl Container {
                     let _ = sys::pidfd_send_signal(fd.as_raw_fd(), libc::SIGKILL);
                 }
             }
-            if let Some(c) = &cg {
-                // A frozen init cannot die; destroy thaws and kills whatever is left.
-                c.destroy()?;
-            }
-            let _ = self.wait_timeout(Some(DELETE_TIMEOUT));
         }
         if let Some(c) = &cg {
+            // A frozen init cannot die; destroy thaws and kills whatever is left.
             c.destroy()?;
+        }
+        // The monitor records the exit and may still be writing into the state dir.
+        let _ = self.wait_timeout(Some(DELETE_TIMEOUT));
+        if let Ok(fd) = sys::pidfd_open(self.state.monitor_pid) {
+            if sys::same_process(self.state.monitor_pid, self.state.monitor_start_time) {
+                let _ = sys::pidfd_wait(fd.as_raw_fd(), DELETE_TIMEOUT.as_millis() as i32);
+            }
         }
         std::fs::remove_dir_all(&self.dir).map_err(io_err(format!("remove {}", self.dir.display())))
     }

@@ -130,18 +130,16 @@ fn run_monitor(plan: &Plan, l: &Launch) -> Result<(), Fail> {
         copy_log(rd.as_raw_fd(), pidfd.as_raw_fd(), cfg);
     }
     let status = reap(pid);
-    send(
-        l.to_creator,
-        &format!(
-            "exit {} {}",
-            status.code.unwrap_or(-1),
-            status.signal.unwrap_or(0)
-        ),
-    );
+    // Durable first, so whoever hears "exit" finds the same status in the state dir.
     let data = serde_json::to_vec(&status).map_err(|e| Fail(e.to_string()))?;
-    state::write_atomic(l.state_dir, state::EXIT_FILE, &data, true)
-        .map_err(|e| Fail(format!("record exit status: {e}")))?;
-    Ok(())
+    let recorded = state::write_atomic(l.state_dir, state::EXIT_FILE, &data, true);
+    let line = format!(
+        "exit {} {}",
+        status.code.unwrap_or(-1),
+        status.signal.unwrap_or(0)
+    );
+    send(l.to_creator, &line);
+    recorded.map_err(|e| Fail(format!("record exit status: {e}")))
 }
 
 fn reap(pid: i32) -> ExitStatus {

@@ -1,0 +1,308 @@
+//! Real containers (root): lifecycle, exit codes, logs, survival of the caller, exec,
+//! pause/resume, stats, cleanup after delete, bad bundles.
+
+mod container_support;
+
+use std::time::Duration;
+
+use container_support::{alive, cgroup_dirs, id, mounts, Fixture};
+use shoal_runtime::container::{Container, ContainerError, CreateOptions, ExecOptions, Status};
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(20));
+
+#[test]
+fn create_start_state_kill_delete() {
+    let fx = Fixture::new(&["sleep", "30"]);
+    let id = id("life");
+    let before = mounts();
+    let mut c = fx.create(&id, false);
+    assert_eq!(c.status(), Status::Created);
+    let init = c.pid();
+    let monitor = c.monitor_pid();
+    assert!(alive(init) && alive(monitor));
+    assert!(!cgroup_dirs(&id).is_empty(), "cgroup made");
+    let listed = Container::list(&fx.root).expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].status, Status::Created);
+
+    c.start().expect("start");
+    let loaded = Container::load(&fx.root, &id).expect("load");
+    assert_eq!(loaded.status(), Status::Running);
+    let state = loaded.state();
+    assert_eq!(state.pid, init);
+    assert_eq!(state.id, id);
+    let json = serde_json::to_value(&state).expect("json");
+    assert_eq!(json["status"], "running");
+    assert!(json["ociVersion"].is_string() && json["bundle"].is_string());
+
+    loaded.kill(libc::SIGKILL).expect("kill");
+    let status = c.wait_timeout(WAIT).expect("wait").expect("exited");
+    assert_eq!(status.signal, Some(libc::SIGKILL));
+    assert_eq!(status.shell_code(), 137);
+    assert_eq!(c.status(), Status::Stopped);
+    assert!(matches!(
+        c.kill(libc::SIGTERM),
+        Err(ContainerError::WrongState { .. })
+    ));
+
+    Container::load(&fx.root, &id)
+        .expect("load")
+        .delete(false)
+        .expect("delete");
+    assert!(!fx.root.join(&id).exists(), "state dir removed");
+    assert!(
+        cgroup_dirs(&id).is_empty(),
+        "cgroup removed: {:?}",
+        cgroup_dirs(&id)
+    );
+    assert_eq!(mounts(), before, "no mount left in the host");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!alive(init) && !alive(monitor), "no process left");
+    assert!(matches!(
+        Container::load(&fx.root, &id),
+        Err(ContainerError::NotFound(_))
+    ));
+}
+
+#[test]
+fn exit_code_propagates() {
+    let fx = Fixture::new(&["sh", "-c", "exit 42"]);
+    let mut c = fx.create(&id("exit"), false);
+    c.start().expect("start");
+    let s = c.wait_timeout(WAIT).expect("wait").expect("exited");
+    assert_eq!(s.code, Some(42));
+    // Another process reads the recorded status from the state dir.
+    let other = Container::load(&fx.root, c.id()).expect("load");
+    assert_eq!(other.exit_status().map(|s| s.code), Some(Some(42)));
+    c.delete(false).expect("delete");
+}
+
+#[test]
+fn pid_one_hostname_no_host_processes_and_logs() {
+    let script = "echo pid=$$; echo host=$(hostname); echo procs=$(ls /proc | grep -c '^[0-9][0-9]*$'); echo to-stderr >&2";
+    let fx = Fixture::new(&["sh", "-c", script]);
+    let mut c = fx.create(&id("inside"), true);
+    c.start().expect("start");
+    assert_eq!(
+        c.wait_timeout(WAIT).expect("wait").expect("exited").code,
+        Some(0)
+    );
+    let log = fx.log_text();
+    assert!(log.contains("pid=1\n"), "pid 1 inside: {log}");
+    assert!(log.contains("host=shoaltest\n"), "hostname: {log}");
+    // sh, ls, grep and the $(...) subshell at most: nothing of the host's.
+    let procs: usize = log
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .and_then(|n| n.parse().ok())
+        .expect("procs line");
+    assert!(
+        procs <= 4,
+        "only the container's processes are visible: {log}"
+    );
+    assert!(log.contains("to-stderr\n"), "stderr captured: {log}");
+    c.delete(false).expect("delete");
+}
+
+#[test]
+fn log_is_rotated_at_its_cap() {
+    let fx = Fixture::new(&[
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 3000 ]; do echo 0123456789abcdef0123456789abcdef; i=$((i+1)); done",
+    ]);
+    let log = shoal_runtime::container::LogConfig {
+        path: fx.dir.path().join("r.log"),
+        max_bytes: 32 * 1024,
+        max_files: 2,
+    };
+    let opts = CreateOptions {
+        log: Some(log.clone()),
+        allow_unprotected_exe: true,
+        ..Default::default()
+    };
+    let mut c = Container::create(&fx.root, &id("rotate"), &fx.bundle, &opts).expect("create");
+    c.start().expect("start");
+    c.wait_timeout(WAIT).expect("wait").expect("exited");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    assert!(size(&log.path) <= 32 * 1024);
+    assert_eq!(size(&fx.dir.path().join("r.log.1")), 32 * 1024);
+    assert_eq!(size(&fx.dir.path().join("r.log.2")), 32 * 1024);
+    assert!(
+        !fx.dir.path().join("r.log.3").exists(),
+        "at most max_files rotated files"
+    );
+    c.delete(false).expect("delete");
+}
+
+#[test]
+fn container_survives_its_caller() {
+    let fx = Fixture::new(&["sh", "-c", "sleep 1; exit 5"]);
+    let id = id("survive");
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    // SAFETY: the child only creates the container, reports and blocks until killed.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        let opts = CreateOptions {
+            allow_unprotected_exe: true,
+            ..Default::default()
+        };
+        let ok = Container::create(&fx.root, &id, &fx.bundle, &opts)
+            .and_then(|mut c| c.start())
+            .is_ok();
+        let _ = nix::unistd::write(&w, if ok { b"y" } else { b"n" });
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    drop(w);
+    let mut b = [0u8; 1];
+    nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&r), &mut b).expect("read");
+    assert_eq!(&b, b"y", "child created and started the container");
+    // SAFETY: killing and reaping our own child.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    let mut c = Container::load(&fx.root, &id).expect("load");
+    assert_eq!(
+        c.status(),
+        Status::Running,
+        "still running after its caller died"
+    );
+    let s = c.wait_timeout(WAIT).expect("wait").expect("exited");
+    assert_eq!(s.code, Some(5), "exit status recorded without the caller");
+    c.delete(false).expect("delete");
+}
+
+#[test]
+fn exec_pause_resume_stats() {
+    let fx = Fixture::new(&["sleep", "30"]);
+    let mut c = fx.create(&id("exec"), false);
+    c.start().expect("start");
+    let p = c
+        .exec(&ExecOptions {
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "test \"$FOO\" = bar && test \"$(pwd)\" = /tmp && test $$ -ne 1".into(),
+            ],
+            env: vec!["FOO=bar".into()],
+            cwd: Some("/tmp".into()),
+            detach: false,
+        })
+        .expect("exec");
+    assert_eq!(
+        p.wait().map(|s| s.code),
+        Some(Some(0)),
+        "env, cwd and pid namespace of the exec"
+    );
+    let bad = c.exec(&ExecOptions {
+        args: vec!["no-such-command".into()],
+        ..Default::default()
+    });
+    assert!(
+        matches!(bad, Err(ContainerError::Exec(ref m)) if m.contains("not found")),
+        "{:?}",
+        bad.err()
+    );
+
+    let stats = c.stats().expect("stats");
+    assert!(
+        stats.memory_usage > 0 && stats.pids_current >= 1,
+        "{stats:?}"
+    );
+    assert!(c.pids().expect("pids").contains(&c.pid()));
+
+    c.pause().expect("pause");
+    assert_eq!(c.status(), Status::Paused);
+    assert!(c.delete_check_running());
+    c.resume().expect("resume");
+    assert_eq!(c.status(), Status::Running);
+    let running = Container::load(&fx.root, c.id()).expect("load");
+    assert!(matches!(
+        running.delete(false),
+        Err(ContainerError::WrongState { .. })
+    ));
+    let id = c.id().to_string();
+    c.delete(true).expect("delete -f");
+    assert!(cgroup_dirs(&id).is_empty());
+}
+
+trait DeleteCheck {
+    fn delete_check_running(&self) -> bool;
+}
+
+impl DeleteCheck for Container {
+    /// A paused container refuses a plain delete.
+    fn delete_check_running(&self) -> bool {
+        let again = Container::load(self.root(), self.id()).expect("load");
+        matches!(
+            again.delete(false),
+            Err(ContainerError::WrongState {
+                status: Status::Paused,
+                ..
+            })
+        )
+    }
+}
+
+#[test]
+fn bad_bundles_fail_cleanly() {
+    let fx = Fixture::new(&["true"]);
+    let before = mounts();
+    let cfg = fx.bundle.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg).expect("read")).expect("json");
+    v["linux"]["intelRdt"] = serde_json::json!({"closID": "x"});
+    std::fs::write(&cfg, v.to_string()).expect("write");
+    let opts = CreateOptions {
+        allow_unprotected_exe: true,
+        ..Default::default()
+    };
+    let id1 = id("unsupported");
+    let err = Container::create(&fx.root, &id1, &fx.bundle, &opts)
+        .err()
+        .expect("refused");
+    assert_eq!(err.to_string(), "unsupported spec field: linux.intelRdt");
+    assert!(!fx.root.join(&id1).exists() && cgroup_dirs(&id1).is_empty());
+
+    std::fs::write(&cfg, "{\"ociVersion\": ").expect("write");
+    let id2 = id("malformed");
+    let err = Container::create(&fx.root, &id2, &fx.bundle, &opts)
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().starts_with("malformed config.json"),
+        "{err}"
+    );
+    assert!(!fx.root.join(&id2).exists() && cgroup_dirs(&id2).is_empty());
+
+    // A failure inside the init (a bind mount of a missing source) undoes everything.
+    v["linux"]
+        .as_object_mut()
+        .expect("linux")
+        .remove("intelRdt");
+    v["mounts"].as_array_mut().expect("mounts").push(serde_json::json!({
+        "destination": "/data", "type": "bind", "source": "/nonexistent/shoal-test", "options": ["rbind"]
+    }));
+    std::fs::write(&cfg, v.to_string()).expect("write");
+    let id3 = id("badmount");
+    let err = Container::create(&fx.root, &id3, &fx.bundle, &opts)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("/nonexistent/shoal-test"), "{err}");
+    assert!(!fx.root.join(&id3).exists() && cgroup_dirs(&id3).is_empty());
+    assert_eq!(mounts(), before);
+
+    assert!(matches!(
+        Container::create(&fx.root, "../escape", &fx.bundle, &opts),
+        Err(ContainerError::InvalidId(_))
+    ));
+    // The embedding binary must be protected unless the caller opts out.
+    let strict = CreateOptions::default();
+    assert!(matches!(
+        Container::create(&fx.root, &id("strict"), &fx.bundle, &strict),
+        Err(ContainerError::ExeNotProtected)
+    ));
+}
