@@ -52,7 +52,7 @@ fn cwd_through_a_leaked_fd_is_refused() {
         spec.set_process(Some(p));
     });
     let mut c = fx.create(&id("cwd"), true);
-    let err = c.start().err().expect("start must fail");
+    let err = c.start().expect_err("start must fail");
     assert!(
         matches!(err, ContainerError::Start(ref m) if m.contains("cwd")),
         "{err}"
