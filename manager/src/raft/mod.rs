@@ -26,6 +26,10 @@ pub const DEFAULT_SNAPSHOT_INTERVAL: u64 = 10_000;
 /// log rather than a whole snapshot.
 pub const DEFAULT_KEEP_OLD_ENTRIES: u64 = 1_000;
 
+/// sled's page cache size: sled's default (1 GiB) would dominate a manager's resident memory;
+/// the whole state of a large cluster (10,000 services) is a few tens of MiB.
+pub const SLED_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
 /// Errors of setting up Raft storage and configuration.
 #[derive(thiserror::Error, Debug)]
 pub enum RaftSetupError {
@@ -100,7 +104,10 @@ pub struct Storage {
 impl Storage {
     /// Opens (creating if needed) the sled database in `dir` (`<data-dir>/raft`).
     pub fn open(dir: &Path) -> Result<Storage, RaftSetupError> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()?;
         Storage::from_db(db)
     }
 
