@@ -155,3 +155,85 @@ fn cgroups_v2_real_missing_controller_and_enabling() {
         let _ = std::fs::write(&root_ctl, "-hugetlb");
     }
 }
+
+/// open(2) of `path` with `flags` from a forked child placed in `cg`: 0 or the errno.
+fn open_in_cgroup(cg: &dyn cgroups::CgroupManager, path: &std::ffi::CStr, flags: i32) -> i32 {
+    let mut fds = [0; 2];
+    // SAFETY: pipe/fork/read/open/_exit only; the child uses memory prepared before fork.
+    unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        let pid = libc::fork();
+        assert!(pid >= 0);
+        if pid == 0 {
+            libc::close(fds[1]);
+            let mut b = 0u8;
+            if libc::read(fds[0], (&mut b as *mut u8).cast(), 1) != 1 {
+                libc::_exit(200);
+            }
+            let fd = libc::open(path.as_ptr(), flags);
+            if fd >= 0 {
+                libc::_exit(0);
+            }
+            libc::_exit(*libc::__errno_location());
+        }
+        libc::close(fds[0]);
+        let added = cg.add_task(pid);
+        libc::write(fds[1], [1u8].as_ptr().cast(), 1);
+        libc::close(fds[1]);
+        let mut st = 0;
+        assert_eq!(libc::waitpid(pid, &mut st, 0), pid);
+        added.unwrap();
+        assert!(libc::WIFEXITED(st));
+        libc::WEXITSTATUS(st)
+    }
+}
+
+#[test]
+fn cgroups_v2_real_device_rules_are_enforced_by_ebpf() {
+    let Some(root) = v2_root() else {
+        eprintln!("skipped: needs root and a cgroup2 mount");
+        return;
+    };
+    let h = Hierarchy::V2 { root: root.clone() };
+    let rel = format!("shoal-test-v2-dev-{}/ctr", std::process::id());
+    // Deny everything, then /dev/null rw, /dev/zero read-only.
+    let cg = cgroups::create_in(
+        &h,
+        &rel,
+        Some(&res(r#"{"devices": [
+                {"allow": false, "access": "rwm"},
+                {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+                {"allow": true, "type": "c", "major": 1, "minor": 5, "access": "r"}
+            ]}"#)),
+    )
+    .unwrap();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_eq!(open_in_cgroup(cg.as_ref(), c"/dev/null", libc::O_RDWR), 0);
+        assert_eq!(open_in_cgroup(cg.as_ref(), c"/dev/zero", libc::O_RDONLY), 0);
+        assert_eq!(
+            open_in_cgroup(cg.as_ref(), c"/dev/zero", libc::O_WRONLY),
+            libc::EPERM
+        );
+        assert_eq!(
+            open_in_cgroup(cg.as_ref(), c"/dev/full", libc::O_RDONLY),
+            libc::EPERM
+        );
+        // Updating replaces the program: now /dev/full is readable too.
+        cg.apply(&res(r#"{"devices": [
+                {"allow": false, "access": "rwm"},
+                {"allow": true, "type": "c", "major": 1, "access": "r"}
+            ]}"#))
+            .unwrap();
+        assert_eq!(open_in_cgroup(cg.as_ref(), c"/dev/full", libc::O_RDONLY), 0);
+        assert_eq!(
+            open_in_cgroup(cg.as_ref(), c"/dev/null", libc::O_WRONLY),
+            libc::EPERM
+        );
+    }));
+    cg.destroy().unwrap();
+    let _ = std::fs::remove_dir(root.join(&rel).parent().unwrap());
+    assert!(!root.join(&rel).exists());
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}

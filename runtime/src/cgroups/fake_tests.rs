@@ -302,7 +302,7 @@ fn v2_missing_controller_is_named_and_nothing_is_left() {
 }
 
 #[test]
-fn v2_refuses_device_rules_and_v1_only_fields() {
+fn v2_device_rules_need_a_real_cgroup_and_v1_only_fields_are_refused() {
     let (t, h) = fake_v2("cpu memory pids\n");
     let err = create_in(
         &h,
@@ -313,7 +313,18 @@ fn v2_refuses_device_rules_and_v1_only_fields() {
     )
     .err()
     .unwrap();
-    assert!(err.to_string().contains("linux.resources.devices"), "{err}");
+    // A plain directory cannot take the eBPF device filter (and non-root cannot load one):
+    // the error names the filter and the half-made cgroup is gone.
+    assert!(matches!(err, CgroupError::DeviceFilter(_)), "{err}");
+    assert!(!t.path().join("shoal").exists());
+    let err = create_in(
+        &h,
+        "shoal/d",
+        Some(&res(r#"{"devices":[{"allow":false,"type":"p"}]}"#)),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("fifo"), "{err}");
     let err = create_in(&h, "shoal/d", Some(&res(r#"{"memory":{"swappiness":10}}"#)))
         .err()
         .unwrap();
