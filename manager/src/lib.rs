@@ -3,6 +3,8 @@
 pub mod ca;
 pub mod controlapi;
 pub mod daemon;
+pub mod orchestrator;
 pub mod raft;
+pub mod scheduler;
 pub mod store;
 pub mod tls;

@@ -1,0 +1,207 @@
+//! The leader's orchestrators: make the tasks in the store match each service's spec.
+//!
+//! Each component is a pure decision function over a [`ClusterView`] returning store
+//! mutations, plus a loop (see [`run_leader`]) that runs it on the leader whenever the view
+//! changes. Components never call each other: they read the view (fed by the store's watch
+//! events) and write through Raft; the events of one component's writes wake the others.
+//!
+//! - [`replicated`]: slots 1..N per replicated service; replaces tasks of down or drained nodes.
+//! - [`global`]: one task per eligible node per global service.
+//! - [`restart`]: replaces terminal tasks that should run, per the restart policy.
+//! - [`task_reaper`]: removes tasks of deleted services, deletes removed and surplus history
+//!   tasks, marks tasks of long-gone nodes ORPHANED.
+
+pub mod global;
+pub mod replicated;
+pub mod restart;
+mod runner;
+pub mod task_reaper;
+pub mod view;
+
+use std::future::Future;
+
+use shoal_proto::v1::{Service, Task, TaskState, TaskStatus};
+
+pub use runner::{run_leader, LeaderRunError, BATCH_WINDOW, MAX_COMMAND_MUTATIONS};
+pub use view::ClusterView;
+
+use crate::store::{Command, Mutation, Object, Response};
+
+/// Why a proposal did not reach the store.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum ProposeError {
+    /// This manager is not (or no longer) the leader.
+    #[error("not the raft leader")]
+    NotLeader,
+    /// Raft failed to commit the command.
+    #[error("propose: {0}")]
+    Failed(String),
+}
+
+/// How the leader components write: one atomic command through Raft.
+pub trait Proposer: Send + Sync + 'static {
+    /// Proposes `cmd` and waits until it is applied; the store's answer comes back.
+    fn propose(&self, cmd: Command) -> impl Future<Output = Result<Response, ProposeError>> + Send;
+}
+
+impl Proposer for crate::raft::Raft {
+    async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
+        use openraft::error::{ClientWriteError, RaftError};
+        match self.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(ProposeError::NotLeader)
+            }
+            Err(e) => Err(ProposeError::Failed(e.to_string())),
+        }
+    }
+}
+
+/// What one round of a component decided.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decision {
+    /// Store writes, in order; proposed in commands of at most [`MAX_COMMAND_MUTATIONS`].
+    /// Mutations that must be atomic (retire a task and create its replacement) are adjacent
+    /// and grouped by [`Decision::groups`].
+    pub mutations: Vec<Mutation>,
+    /// Lengths of the atomic groups `mutations` is made of (each group goes in one command).
+    pub groups: Vec<usize>,
+    /// When the component wants to run again although nothing changed (a restart delay or an
+    /// orphaning deadline), ms since the epoch.
+    pub wake_at_ms: Option<i64>,
+}
+
+impl Decision {
+    /// Adds mutations that must be applied together.
+    pub fn push_group(&mut self, group: Vec<Mutation>) {
+        if group.is_empty() {
+            return;
+        }
+        self.groups.push(group.len());
+        self.mutations.extend(group);
+    }
+
+    /// Adds one mutation.
+    pub fn push(&mut self, m: Mutation) {
+        self.push_group(vec![m]);
+    }
+
+    /// Asks for another round no later than `at_ms`.
+    pub fn wake_at(&mut self, at_ms: i64) {
+        self.wake_at_ms = Some(self.wake_at_ms.map_or(at_ms, |w| w.min(at_ms)));
+    }
+
+    /// Splits the mutations into commands of at most `max` mutations, never splitting a group
+    /// (a group larger than `max` gets a command of its own).
+    pub fn into_commands(self, now_ms: i64, max: usize) -> Vec<Command> {
+        let mut out = Vec::new();
+        let mut current: Vec<Mutation> = Vec::new();
+        let mut it = self.mutations.into_iter();
+        for len in self.groups {
+            if !current.is_empty() && current.len() + len > max {
+                out.push(Command {
+                    now_ms,
+                    mutations: std::mem::take(&mut current),
+                });
+            }
+            current.extend(it.by_ref().take(len));
+        }
+        if !current.is_empty() {
+            out.push(Command {
+                now_ms,
+                mutations: current,
+            });
+        }
+        out
+    }
+}
+
+/// A fresh task id: 25 lowercase base-36 characters, like docker's.
+pub fn new_task_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    (0..25)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// The spec version tasks of `service` record: the service's `spec_version`, or its object
+/// version while nothing set one.
+pub fn spec_version(service: &Service) -> u64 {
+    if service.spec_version != 0 {
+        service.spec_version
+    } else {
+        service.meta.as_ref().map_or(0, |m| m.version)
+    }
+}
+
+/// A new PENDING task of `service` wanting to run, in `slot` (replicated) or on `node_id`
+/// (global: slot 0 and the node fixed).
+pub fn new_task(service: &Service, slot: u64, node_id: &str, id: String, now_ms: i64) -> Task {
+    let spec = service.spec.as_ref();
+    Task {
+        meta: Some(shoal_proto::v1::Meta {
+            id,
+            ..Default::default()
+        }),
+        service_id: service
+            .meta
+            .as_ref()
+            .map(|m| m.id.clone())
+            .unwrap_or_default(),
+        slot,
+        node_id: node_id.to_string(),
+        spec: spec.and_then(|s| s.task.clone()),
+        spec_version: spec_version(service),
+        desired_state: TaskState::Running as i32,
+        status: Some(TaskStatus {
+            state: TaskState::Pending as i32,
+            timestamp_ms: now_ms,
+            message: "pending task scheduling".into(),
+            ..Default::default()
+        }),
+        service_name: spec.map(|s| s.name.clone()).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// `Create` of a task.
+pub fn create(task: Task) -> Mutation {
+    Mutation::Create(Object::Task(task))
+}
+
+/// `Update` of a task from `old` to `new`, conditional on `old`'s version. Asserts that the
+/// change moves the task's states forward only (the store refuses the rest anyway).
+pub fn update(old: &Task, new: Task) -> Mutation {
+    debug_assert!(
+        new.desired_state >= old.desired_state && view::state(&new) >= view::state(old),
+        "task {} moved backwards",
+        task_id(old)
+    );
+    Mutation::Update {
+        object: Object::Task(new),
+        expect_version: Some(old.meta.as_ref().map_or(0, |m| m.version)),
+    }
+}
+
+/// `Delete` of a task, conditional on its version.
+pub fn delete(t: &Task) -> Mutation {
+    Mutation::Delete {
+        kind: crate::store::Kind::Task,
+        id: task_id(t).to_string(),
+        expect_version: Some(t.meta.as_ref().map_or(0, |m| m.version)),
+    }
+}
+
+/// The task's id.
+pub fn task_id(t: &Task) -> &str {
+    t.meta.as_ref().map_or("", |m| m.id.as_str())
+}
+
+/// `t` with its desired state raised to `desired` (never lowered).
+pub fn with_desired(t: &Task, desired: TaskState) -> Task {
+    let mut n = t.clone();
+    n.desired_state = n.desired_state.max(desired as i32);
+    n
+}
