@@ -3,6 +3,7 @@
 pub mod ca;
 pub mod controlapi;
 pub mod daemon;
+pub mod dispatcher;
 pub mod orchestrator;
 pub mod raft;
 pub mod scheduler;

@@ -1,0 +1,281 @@
+//! The dispatcher: one mutual-TLS session per node's worker agent, served by the leader.
+//!
+//! - **Sessions** (`session.rs`): a node opens `Session` with its description; the node is
+//!   marked READY (description and resources recorded) and gets its full assignment set, then
+//!   changes. One store watcher (the router) fans task events out to the sessions of the nodes
+//!   they concern; a session forwards only what the agent must act on (a new task, a changed
+//!   desired state or spec, a removal), so the agent's own status writes are not echoed back.
+//! - **Heartbeats** (`heartbeat.rs`): every session heartbeats within the period its last
+//!   answer gave (the cluster's period with jitter); a node silent for
+//!   `missed_heartbeats_down` periods is marked DOWN. A manager that becomes leader gives every
+//!   READY node that grace to reconnect before marking it DOWN.
+//! - **Status** (`status.rs`): reports are batched (≤ [`STATUS_BATCH_WINDOW`] or
+//!   [`STATUS_BATCH_MAX`] updates) into one Raft command; only forward transitions of tasks
+//!   still assigned to the reporting node are written, stale and duplicate reports are dropped.
+//!
+//! Followers answer `Session` with a redirect to the leader. All writes go through a
+//! [`Backend`], which the daemon implements with Raft (`impl Backend for Raft`).
+
+mod heartbeat;
+mod server;
+mod session;
+mod status;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::store::{Command, Response, Store};
+use crate::tls::Authorizer;
+
+pub use server::DispatcherService;
+
+/// Heartbeat period when the cluster object sets none.
+pub const DEFAULT_HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
+/// Missed heartbeats after which a node is DOWN, when the cluster object sets none.
+pub const DEFAULT_MISSED_HEARTBEATS_DOWN: u32 = 3;
+/// Status reports wait at most this long to be batched with others.
+pub const STATUS_BATCH_WINDOW: Duration = Duration::from_millis(10);
+/// At most this many status updates go into one Raft command.
+pub const STATUS_BATCH_MAX: usize = 1000;
+/// Pending `UpdateTaskStatus` calls queued for the batcher; further calls wait (backpressure).
+pub const STATUS_QUEUE: usize = 1024;
+/// Updates one `UpdateTaskStatus` call may carry.
+pub const MAX_UPDATES_PER_CALL: usize = STATUS_BATCH_MAX;
+/// A status batch whose write met a version conflict is re-read and retried this often.
+pub const STATUS_WRITE_RETRIES: usize = 5;
+/// Node status writes (READY, DOWN) retried this often on a version conflict.
+pub const NODE_WRITE_RETRIES: usize = 5;
+/// Store events queued per session; a session that falls further behind resyncs (full set).
+pub const SESSION_EVENT_QUEUE: usize = 4096;
+/// Messages buffered on a session's stream towards the agent.
+pub const SESSION_STREAM_BUFFER: usize = 16;
+/// Task changes sent in one `Assignments` message at most (the full set is one message).
+pub const MAX_CHANGES_PER_MESSAGE: usize = 1000;
+/// Largest message on the dispatcher service (a full set of a node's tasks).
+pub const MAX_DISPATCHER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Heartbeat periods are drawn from [period − jitter, period], jitter = period / this.
+pub const HEARTBEAT_JITTER_DIVISOR: u32 = 10;
+/// Fastest heartbeat period accepted from the cluster object (tests use 100 ms).
+pub const MIN_HEARTBEAT_PERIOD: Duration = Duration::from_millis(20);
+
+/// Why a proposal did not reach the store.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum ProposeError {
+    /// This manager is not (or no longer) the leader.
+    #[error("not the raft leader")]
+    NotLeader,
+    /// Raft failed to commit the command.
+    #[error("propose: {0}")]
+    Failed(String),
+}
+
+/// Who leads the managers, as this manager sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Leadership {
+    /// This manager leads: the dispatcher serves sessions.
+    Leader,
+    /// Another manager leads (its address, if known): sessions are redirected there.
+    Follower { leader_addr: Option<String> },
+}
+
+/// What the dispatcher needs from Raft: writes, and who leads.
+pub trait Backend: Send + Sync + 'static {
+    /// Proposes `cmd` and waits until it is applied; the store's answer comes back.
+    fn propose(&self, cmd: Command) -> impl Future<Output = Result<Response, ProposeError>> + Send;
+    /// Who leads now.
+    fn leadership(&self) -> Leadership;
+}
+
+impl Backend for crate::raft::Raft {
+    async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
+        use openraft::error::{ClientWriteError, RaftError};
+        match self.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(ProposeError::NotLeader)
+            }
+            Err(e) => Err(ProposeError::Failed(e.to_string())),
+        }
+    }
+
+    fn leadership(&self) -> Leadership {
+        let m = self.metrics().borrow().clone();
+        match m.current_leader {
+            Some(l) if l == m.id => Leadership::Leader,
+            Some(l) => Leadership::Follower {
+                leader_addr: m
+                    .membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone()),
+            },
+            None => Leadership::Follower { leader_addr: None },
+        }
+    }
+}
+
+/// Errors of the dispatcher's own plumbing.
+#[derive(thiserror::Error, Debug)]
+pub enum DispatcherError {
+    /// The store could not be read.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A write did not reach the store.
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    /// The store refused a write after every retry.
+    #[error("write refused: {0}")]
+    Refused(String),
+}
+
+/// The dispatcher's timers, from the cluster object (defaults for unset fields).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timers {
+    /// How often agents heartbeat.
+    pub heartbeat_period: Duration,
+    /// Missed heartbeats before DOWN.
+    pub missed_heartbeats_down: u32,
+}
+
+impl Timers {
+    /// The timers of the cluster object in `store` (defaults while there is none).
+    pub fn of(store: &Store) -> Timers {
+        let d = store
+            .get_cluster()
+            .ok()
+            .flatten()
+            .and_then(|c| c.spec)
+            .and_then(|s| s.dispatcher)
+            .unwrap_or_default();
+        Timers {
+            heartbeat_period: if d.heartbeat_period_ms == 0 {
+                DEFAULT_HEARTBEAT_PERIOD
+            } else {
+                Duration::from_millis(d.heartbeat_period_ms).max(MIN_HEARTBEAT_PERIOD)
+            },
+            missed_heartbeats_down: if d.missed_heartbeats_down == 0 {
+                DEFAULT_MISSED_HEARTBEATS_DOWN
+            } else {
+                d.missed_heartbeats_down
+            },
+        }
+    }
+
+    /// How long a node may stay silent after a heartbeat answered with `period`.
+    pub fn grace(&self, period: Duration) -> Duration {
+        period * self.missed_heartbeats_down
+    }
+}
+
+/// One open session of a node.
+struct SessionHandle {
+    id: String,
+    events: mpsc::Sender<session::SessionEvent>,
+}
+
+/// State shared by the service, the router, the heartbeat monitor and the status batcher.
+struct Inner<B: Backend> {
+    store: Store,
+    backend: B,
+    authorizer: Authorizer,
+    /// node id → its current session.
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+    /// node id → when it is DOWN unless it heartbeats (monotonic).
+    deadlines: Mutex<HashMap<String, tokio::time::Instant>>,
+    status_tx: mpsc::Sender<status::StatusRequest>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps stay consistent even if a holder panicked: every update is one insert/remove.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running dispatcher: background tasks plus the gRPC service they share state with.
+pub struct Dispatcher<B: Backend> {
+    inner: Arc<Inner<B>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<B: Backend> Dispatcher<B> {
+    /// Starts the dispatcher over `store` (this manager's replica), writing through `backend`,
+    /// admitting worker and manager certificates through `authorizer`. Serve
+    /// [`Dispatcher::service`] on the manager's TLS port; it is active while `backend` leads.
+    pub fn start(store: Store, backend: B, authorizer: Authorizer) -> Dispatcher<B> {
+        let (status_tx, status_rx) = mpsc::channel(STATUS_QUEUE);
+        let watch = store.watch();
+        let inner = Arc::new(Inner {
+            store,
+            backend,
+            authorizer,
+            sessions: Mutex::new(HashMap::new()),
+            deadlines: Mutex::new(HashMap::new()),
+            status_tx,
+        });
+        let tasks = vec![
+            tokio::spawn(session::route(inner.clone(), watch)),
+            tokio::spawn(heartbeat::monitor(inner.clone())),
+            tokio::spawn(status::batcher(inner.clone(), status_rx)),
+        ];
+        Dispatcher { inner, tasks }
+    }
+
+    /// The gRPC service to add to the manager's server.
+    pub fn service(&self) -> pb::dispatcher_server::DispatcherServer<DispatcherService<B>> {
+        pb::dispatcher_server::DispatcherServer::new(DispatcherService {
+            inner: self.inner.clone(),
+        })
+        .max_decoding_message_size(MAX_DISPATCHER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_DISPATCHER_MESSAGE_BYTES)
+    }
+
+    /// Node ids with an open session now.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.inner.sessions).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Stops the background tasks and ends every session.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        lock(&self.inner.sessions).clear();
+        lock(&self.inner.deadlines).clear();
+    }
+}
+
+impl<B: Backend> Drop for Dispatcher<B> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Addresses of every manager in the store.
+fn managers(store: &Store) -> Vec<String> {
+    let mut v: Vec<String> = store
+        .list_nodes()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|n| n.manager_status.map(|m| m.addr))
+        .filter(|a| !a.is_empty())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// A fresh session id.
+fn new_session_id() -> String {
+    crate::controlapi::new_id()
+}

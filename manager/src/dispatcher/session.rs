@@ -1,0 +1,233 @@
+//! Sessions: the router fanning store events out to nodes, and each session's assignment
+//! stream (full set first, then changes).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::{Task, TaskState};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc};
+use tonic::Status;
+
+use super::{lock, Backend, Inner, MAX_CHANGES_PER_MESSAGE};
+use crate::store::{Action, Event, Object, Store};
+
+/// What the router tells one session.
+#[derive(Debug)]
+pub(super) enum SessionEvent {
+    /// A task on this node was created or changed.
+    Task(Box<Task>),
+    /// A task left this node (deleted, or moved to another node).
+    Removed(String),
+    /// The router lost events: send the full set again.
+    Resync,
+}
+
+fn task_id(t: &Task) -> &str {
+    t.meta.as_ref().map_or("", |m| m.id.as_str())
+}
+
+/// Whether the agent of `t.node_id` should hold `t`: the scheduler (or the agent) has moved
+/// it to ASSIGNED or later.
+fn assigned(t: &Task) -> bool {
+    !t.node_id.is_empty() && t.status.as_ref().map_or(0, |s| s.state) >= TaskState::Assigned as i32
+}
+
+/// Reads every store event and hands task events to the session of the node concerned.
+pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast::Receiver<Event>) {
+    // task id → node it was last routed to, so a task moving away is removed from the old one.
+    let mut placed: HashMap<String, String> = HashMap::new();
+    loop {
+        let ev = match watch.recv().await {
+            Ok(ev) => ev,
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!("dispatcher fell {n} store events behind: resyncing every session");
+                placed.clear();
+                let sessions = lock(&inner.sessions);
+                for s in sessions.values() {
+                    let _ = s.events.try_send(SessionEvent::Resync);
+                }
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        match (ev.action, ev.object) {
+            (Action::Delete, Object::Task(t)) => {
+                let id = task_id(&t).to_string();
+                let node = placed.remove(&id).unwrap_or_else(|| t.node_id.clone());
+                send(&inner, &node, SessionEvent::Removed(id));
+            }
+            (_, Object::Task(t)) => {
+                let id = task_id(&t).to_string();
+                if let Some(old) = placed.get(&id) {
+                    if *old != t.node_id {
+                        send(&inner, old, SessionEvent::Removed(id.clone()));
+                    }
+                }
+                if !assigned(&t) {
+                    placed.remove(&id);
+                    continue;
+                }
+                let node = t.node_id.clone();
+                placed.insert(id, node.clone());
+                send(&inner, &node, SessionEvent::Task(Box::new(t)));
+            }
+            (Action::Delete, Object::Node(n)) => {
+                // A removed node's session ends; its certificate is refused from now on.
+                if let Some(m) = &n.meta {
+                    lock(&inner.sessions).remove(&m.id);
+                    lock(&inner.deadlines).remove(&m.id);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn send<B: Backend>(inner: &Inner<B>, node: &str, ev: SessionEvent) {
+    if node.is_empty() {
+        return;
+    }
+    let mut sessions = lock(&inner.sessions);
+    let Some(s) = sessions.get(node) else {
+        return;
+    };
+    match s.events.try_send(ev) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            // The session cannot keep up: end it; the agent reconnects and gets the full set.
+            tracing::warn!(node_id = %node, "session fell behind: closing it");
+            sessions.remove(node);
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            sessions.remove(node);
+        }
+    }
+}
+
+/// What the agent was told about one task: a change of either is sent again.
+#[derive(PartialEq, Eq)]
+struct Sent {
+    desired_state: i32,
+    spec_version: u64,
+}
+
+fn sent_of(t: &Task) -> Sent {
+    Sent {
+        desired_state: t.desired_state,
+        spec_version: t.spec_version,
+    }
+}
+
+/// The full assignment set of `node`, recording it in `sent`.
+fn full_set(
+    store: &Store,
+    node: &str,
+    sent: &mut HashMap<String, Sent>,
+) -> Result<pb::Assignments, Status> {
+    let tasks: Vec<Task> = store
+        .tasks_by_node(node)
+        .map_err(|e| Status::internal(format!("reading the node's tasks: {e}")))?
+        .into_iter()
+        .filter(assigned)
+        .collect();
+    sent.clear();
+    for t in &tasks {
+        sent.insert(task_id(t).to_string(), sent_of(t));
+    }
+    Ok(pb::Assignments {
+        full: true,
+        tasks,
+        removed: vec![],
+    })
+}
+
+/// Drives one session's stream: the `started` message, the full set, then changes, until the
+/// agent goes away or the router drops the session.
+pub(super) async fn stream(
+    store: Store,
+    node: String,
+    started: pb::SessionStarted,
+    mut events: mpsc::Receiver<SessionEvent>,
+    out: mpsc::Sender<Result<pb::SessionMessage, Status>>,
+) {
+    use pb::session_message::Kind;
+    let msg = |k: Kind| Ok(pb::SessionMessage { kind: Some(k) });
+    if out.send(msg(Kind::Started(started))).await.is_err() {
+        return;
+    }
+    let mut sent: HashMap<String, Sent> = HashMap::new();
+    let first = full_set(&store, &node, &mut sent);
+    let ok = first.is_ok();
+    if out
+        .send(first.map(|a| pb::SessionMessage {
+            kind: Some(Kind::Assignments(a)),
+        }))
+        .await
+        .is_err()
+        || !ok
+    {
+        return;
+    }
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ev) => ev,
+                // The router dropped the session (replaced, removed node, lost leadership).
+                None => return,
+            },
+            _ = out.closed() => return,
+        };
+        let mut batch = vec![ev];
+        while batch.len() < MAX_CHANGES_PER_MESSAGE {
+            match events.try_recv() {
+                Ok(ev) => batch.push(ev),
+                Err(_) => break,
+            }
+        }
+        let mut changes = pb::Assignments::default();
+        let mut resync = false;
+        for ev in batch {
+            match ev {
+                SessionEvent::Resync => resync = true,
+                SessionEvent::Removed(id) => {
+                    if sent.remove(&id).is_some() {
+                        changes.tasks.retain(|t| task_id(t) != id);
+                        changes.removed.push(id);
+                    }
+                }
+                SessionEvent::Task(t) => {
+                    if t.node_id != node {
+                        continue;
+                    }
+                    let id = task_id(&t).to_string();
+                    let now = sent_of(&t);
+                    if sent.get(&id) == Some(&now) {
+                        continue;
+                    }
+                    sent.insert(id.clone(), now);
+                    changes.removed.retain(|r| *r != id);
+                    changes.tasks.retain(|x| task_id(x) != id);
+                    changes.tasks.push(*t);
+                }
+            }
+        }
+        let m = if resync {
+            match full_set(&store, &node, &mut sent) {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = out.send(Err(e)).await;
+                    return;
+                }
+            }
+        } else if changes.tasks.is_empty() && changes.removed.is_empty() {
+            continue;
+        } else {
+            changes
+        };
+        if out.send(msg(Kind::Assignments(m))).await.is_err() {
+            return;
+        }
+    }
+}

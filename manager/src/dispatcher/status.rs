@@ -1,0 +1,139 @@
+//! Task status reports from agents, batched into Raft writes; forward transitions only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use shoal_proto::v1::{Task, TaskStatus};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::{
+    Backend, Inner, ProposeError, STATUS_BATCH_MAX, STATUS_BATCH_WINDOW, STATUS_WRITE_RETRIES,
+};
+use crate::controlapi::now_ms;
+use crate::store::{Command, Mutation, Object, Store, StoreError};
+
+/// One `UpdateTaskStatus` call waiting for its batch.
+pub(super) struct StatusRequest {
+    pub node_id: String,
+    pub updates: Vec<(String, TaskStatus)>,
+    pub done: oneshot::Sender<Result<(), Status>>,
+}
+
+/// Collects calls for up to [`STATUS_BATCH_WINDOW`] or [`STATUS_BATCH_MAX`] updates, writes
+/// them as one command, then answers every call of the batch.
+pub(super) async fn batcher<B: Backend>(
+    inner: Arc<Inner<B>>,
+    mut rx: mpsc::Receiver<StatusRequest>,
+) {
+    while let Some(first) = rx.recv().await {
+        let deadline = Instant::now() + STATUS_BATCH_WINDOW;
+        let mut count = first.updates.len();
+        let mut batch = vec![first];
+        while count < STATUS_BATCH_MAX {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => {
+                    count += r.updates.len();
+                    batch.push(r);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let result = write(&inner, &batch).await;
+        for r in batch {
+            let _ = r.done.send(result.clone());
+        }
+    }
+}
+
+/// The best report per task: the furthest state wins; among equal states, the last one.
+fn merge(batch: &[StatusRequest]) -> HashMap<&str, (&str, &TaskStatus)> {
+    let mut best: HashMap<&str, (&str, &TaskStatus)> = HashMap::new();
+    for r in batch {
+        for (id, st) in &r.updates {
+            match best.get(id.as_str()) {
+                Some((_, cur)) if cur.state > st.state => {}
+                _ => {
+                    best.insert(id.as_str(), (r.node_id.as_str(), st));
+                }
+            }
+        }
+    }
+    best
+}
+
+/// The task updates that move a task forward, from a fresh read of the store.
+pub(super) fn forward_updates(
+    store: &Store,
+    reports: &HashMap<&str, (&str, &TaskStatus)>,
+) -> Result<Vec<Mutation>, StoreError> {
+    let mut ids: Vec<&&str> = reports.keys().collect();
+    // A deterministic order keeps commands comparable between retries and replicas' logs.
+    ids.sort();
+    let mut out = Vec::new();
+    for id in ids {
+        let (node, st) = reports[*id];
+        let Some(task) = store.get_task(id)? else {
+            continue;
+        };
+        if let Some(t) = apply_report(&task, node, st) {
+            let version = t.meta.as_ref().map_or(0, |m| m.version);
+            out.push(Mutation::Update {
+                object: Object::Task(t),
+                expect_version: Some(version),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// `task` with the report applied, if the report is from the task's node and moves its state
+/// forward; `None` for stale, duplicate or misdirected reports.
+pub fn apply_report(task: &Task, node_id: &str, status: &TaskStatus) -> Option<Task> {
+    if task.node_id != node_id {
+        return None;
+    }
+    let current = task.status.as_ref().map_or(0, |s| s.state);
+    if status.state <= current {
+        return None;
+    }
+    let mut t = task.clone();
+    t.status = Some(status.clone());
+    Some(t)
+}
+
+async fn write<B: Backend>(inner: &Inner<B>, batch: &[StatusRequest]) -> Result<(), Status> {
+    let reports = merge(batch);
+    let mut last = String::new();
+    for _ in 0..STATUS_WRITE_RETRIES {
+        let mutations = forward_updates(&inner.store, &reports)
+            .map_err(|e| Status::internal(format!("reading tasks: {e}")))?;
+        if mutations.is_empty() {
+            return Ok(());
+        }
+        let resp = inner
+            .backend
+            .propose(Command {
+                now_ms: now_ms(),
+                mutations,
+            })
+            .await
+            .map_err(|e| match e {
+                ProposeError::NotLeader => {
+                    Status::unavailable("this manager lost leadership; open a new session")
+                }
+                ProposeError::Failed(m) => Status::unavailable(m),
+            })?;
+        match resp.result {
+            Ok(_) => return Ok(()),
+            // Someone else wrote one of the tasks meanwhile (the orchestrator raising a
+            // desired state): read again and redo the batch.
+            Err(e @ StoreError::VersionConflict { .. }) => last = e.to_string(),
+            Err(e) => return Err(Status::internal(format!("status write refused: {e}"))),
+        }
+    }
+    Err(Status::unavailable(format!(
+        "status write kept conflicting: {last}"
+    )))
+}

@@ -1,0 +1,283 @@
+//! The dispatcher over real mTLS with a real store: sessions, assignments, heartbeats, status.
+
+mod dispatcher_support;
+
+use std::time::Duration;
+
+use dispatcher_support::*;
+use shoal_manager::ca::Role;
+use shoal_manager::dispatcher::Leadership;
+use shoal_manager::store::{Kind, Mutation, Object};
+use shoal_manager::tls::anonymous_channel;
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::dispatcher_client::DispatcherClient;
+use shoal_proto::v1::TaskState;
+
+#[tokio::test]
+async fn session_gets_the_full_set_then_changes() {
+    let c = Cluster::start(1000, &["w1", "w2"]).await;
+    c.backend.write(vec![
+        Mutation::Create(Object::Task(task("t1", "w1", TaskState::Assigned))),
+        Mutation::Create(Object::Task(task("t2", "w1", TaskState::Running))),
+        // Not assigned yet (a global task waiting for the scheduler): not sent.
+        Mutation::Create(Object::Task(task("t3", "w1", TaskState::Pending))),
+        Mutation::Create(Object::Task(task("t4", "w2", TaskState::Assigned))),
+    ]);
+    let mut client = c.client("w1", Role::Worker);
+    let (started, mut stream) = open(&mut client, "host-w1").await;
+    assert_eq!(started.node_id, "w1");
+    assert_eq!(started.managers, vec!["127.0.0.1:1".to_string()]);
+    assert!(started.heartbeat_period_ms >= 900 && started.heartbeat_period_ms <= 1000);
+    let full = next_assignments(&mut stream).await;
+    assert!(full.full);
+    assert_eq!(ids(&full), vec!["t1", "t2"]);
+
+    // The session start recorded the node as ready with its description.
+    let n = c.backend.store.get_node("w1").unwrap().unwrap();
+    assert_eq!(n.status.unwrap().state, pb::NodeState::Ready as i32);
+    let d = n.description.unwrap();
+    assert_eq!(d.hostname, "host-w1");
+    assert_eq!(d.resources.unwrap().nano_cpus, 2_000_000_000);
+
+    // A new assignment.
+    c.backend.write(vec![Mutation::Create(Object::Task(task(
+        "t5",
+        "w1",
+        TaskState::Assigned,
+    )))]);
+    let a = next_assignments(&mut stream).await;
+    assert!(!a.full);
+    assert_eq!(ids(&a), vec!["t5"]);
+
+    // The scheduler assigning t3 makes it appear.
+    let mut t3 = c.backend.store.get_task("t3").unwrap().unwrap();
+    t3.status.as_mut().unwrap().state = TaskState::Assigned as i32;
+    c.backend.write(vec![Mutation::Update {
+        object: Object::Task(t3),
+        expect_version: None,
+    }]);
+    assert_eq!(ids(&next_assignments(&mut stream).await), vec!["t3"]);
+
+    // A status-only change (the agent's own report) is not echoed; a desired-state change is.
+    let mut t1 = c.backend.store.get_task("t1").unwrap().unwrap();
+    t1.status.as_mut().unwrap().state = TaskState::Running as i32;
+    c.backend.write(vec![Mutation::Update {
+        object: Object::Task(t1.clone()),
+        expect_version: None,
+    }]);
+    t1.desired_state = TaskState::Shutdown as i32;
+    c.backend.write(vec![Mutation::Update {
+        object: Object::Task(t1),
+        expect_version: None,
+    }]);
+    let a = next_assignments(&mut stream).await;
+    assert_eq!(ids(&a), vec!["t1"]);
+    assert_eq!(a.tasks[0].desired_state, TaskState::Shutdown as i32);
+
+    // Deletion is a removal; other nodes' tasks never show up.
+    c.backend.write(vec![
+        Mutation::Delete {
+            kind: Kind::Task,
+            id: "t4".into(),
+            expect_version: None,
+        },
+        Mutation::Delete {
+            kind: Kind::Task,
+            id: "t2".into(),
+            expect_version: None,
+        },
+    ]);
+    let a = next_assignments(&mut stream).await;
+    assert!(a.tasks.is_empty());
+    assert_eq!(a.removed, vec!["t2".to_string()]);
+    assert_eq!(c.dispatcher.connected_nodes(), vec!["w1".to_string()]);
+}
+
+#[tokio::test]
+async fn a_node_that_misses_three_heartbeats_is_marked_down() {
+    let c = Cluster::start(100, &["w1", "w2"]).await;
+    let mut c1 = c.client("w1", Role::Worker);
+    let mut c2 = c.client("w2", Role::Worker);
+    let (s1, _stream1) = open(&mut c1, "h1").await;
+    let (_s2, _stream2) = open(&mut c2, "h2").await;
+    assert_eq!(c.node_state("w1"), pb::NodeState::Ready as i32);
+    assert_eq!(c.node_state("w2"), pb::NodeState::Ready as i32);
+
+    // w1 heartbeats, w2 stays silent (its stream still open): w2 goes down within
+    // 3 periods plus a check interval, w1 stays ready.
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(700) {
+        let r = c1
+            .heartbeat(pb::HeartbeatRequest {
+                session_id: s1.session_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.heartbeat_period_ms >= 90 && r.heartbeat_period_ms <= 100);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.node_state("w1"), pb::NodeState::Ready as i32);
+    assert_eq!(c.node_state("w2"), pb::NodeState::Down as i32);
+    let n = c.backend.store.get_node("w2").unwrap().unwrap();
+    assert_eq!(n.status.unwrap().message, "heartbeat failure");
+
+    // Its old session is gone; a new one makes it ready again.
+    let err = c2
+        .heartbeat(pb::HeartbeatRequest {
+            session_id: _s2.session_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let (_s2b, _stream2b) = open(&mut c2, "h2").await;
+    assert_eq!(c.node_state("w2"), pb::NodeState::Ready as i32);
+}
+
+fn report(id: &str, state: TaskState) -> pb::TaskStatusUpdate {
+    pb::TaskStatusUpdate {
+        task_id: id.into(),
+        status: Some(pb::TaskStatus {
+            state: state as i32,
+            message: format!("{state:?}"),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test]
+async fn status_reports_are_batched_and_only_move_forward() {
+    let c = Cluster::start(1000, &["w1", "w2"]).await;
+    let mut m = Vec::new();
+    for i in 0..200 {
+        m.push(Mutation::Create(Object::Task(task(
+            &format!("t{i:03}"),
+            "w1",
+            TaskState::Assigned,
+        ))));
+    }
+    m.push(Mutation::Create(Object::Task(task(
+        "other",
+        "w2",
+        TaskState::Assigned,
+    ))));
+    c.backend.write(m);
+    let mut client = c.client("w1", Role::Worker);
+    let (s, _stream) = open(&mut client, "h1").await;
+    let before = c.backend.commands.load(std::sync::atomic::Ordering::SeqCst);
+
+    // 200 concurrent calls, one update each: far fewer Raft commands than calls.
+    let mut calls = Vec::new();
+    for i in 0..200 {
+        let mut cl = client.clone();
+        let sid = s.session_id.clone();
+        calls.push(tokio::spawn(async move {
+            cl.update_task_status(pb::UpdateTaskStatusRequest {
+                session_id: sid,
+                updates: vec![report(&format!("t{i:03}"), TaskState::Running)],
+            })
+            .await
+        }));
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let commands = c.backend.commands.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(commands < 50, "{commands} commands for 200 reports");
+    for i in 0..200 {
+        assert_eq!(c.task_state(&format!("t{i:03}")), TaskState::Running as i32);
+    }
+
+    // Stale (backwards), duplicate and other nodes' reports change nothing; forward ones do,
+    // and in one call the furthest state wins.
+    let before = c.backend.commands.load(std::sync::atomic::Ordering::SeqCst);
+    client
+        .update_task_status(pb::UpdateTaskStatusRequest {
+            session_id: s.session_id.clone(),
+            updates: vec![
+                report("t000", TaskState::Preparing),
+                report("t001", TaskState::Running),
+                report("other", TaskState::Running),
+                report("missing", TaskState::Running),
+            ],
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        c.backend.commands.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "nothing to write"
+    );
+    assert_eq!(c.task_state("t000"), TaskState::Running as i32);
+    assert_eq!(c.task_state("other"), TaskState::Assigned as i32);
+    client
+        .update_task_status(pb::UpdateTaskStatusRequest {
+            session_id: s.session_id.clone(),
+            updates: vec![
+                report("t002", TaskState::Failed),
+                report("t002", TaskState::Complete),
+            ],
+        })
+        .await
+        .unwrap();
+    assert_eq!(c.task_state("t002"), TaskState::Failed as i32);
+    let t = c.backend.store.get_task("t002").unwrap().unwrap();
+    assert_eq!(t.status.unwrap().message, "Failed");
+
+    // A call with a stale session id is refused.
+    let err = client
+        .update_task_status(pb::UpdateTaskStatusRequest {
+            session_id: "not-a-session".into(),
+            updates: vec![report("t003", TaskState::Complete)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(c.task_state("t003"), TaskState::Running as i32);
+}
+
+#[tokio::test]
+async fn worker_and_manager_certs_are_admitted_and_no_cert_is_refused() {
+    let c = Cluster::start(1000, &["w1"]).await;
+    let mut w = c.client("w1", Role::Worker);
+    open(&mut w, "h1").await;
+    let mut m = c.client("manager-0", Role::Manager);
+    open(&mut m, "hm").await;
+
+    let mut anon = DispatcherClient::new(anonymous_channel(&c.addr, c.ca.cert_pem()).unwrap());
+    let err = anon
+        .session(pb::SessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // A certificate of the cluster for a node the store does not know (removed) is refused.
+    let mut gone = c.client("gone", Role::Worker);
+    let err = gone
+        .session(pb::SessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_follower_redirects_to_the_leader() {
+    let c = Cluster::start(1000, &["w1"]).await;
+    *c.backend.leadership.lock().unwrap() = Leadership::Follower {
+        leader_addr: Some("127.0.0.1:4242".into()),
+    };
+    let mut w = c.client("w1", Role::Worker);
+    let mut stream = w
+        .session(pb::SessionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    match next(&mut stream).await {
+        pb::session_message::Kind::Redirect(r) => {
+            assert_eq!(r.leader_addr, "127.0.0.1:4242");
+            assert_eq!(r.managers, vec!["127.0.0.1:1".to_string()]);
+        }
+        other => panic!("expected a redirect, got {other:?}"),
+    }
+    assert!(stream.message().await.unwrap().is_none(), "stream ends");
+}
