@@ -154,7 +154,7 @@ pub fn format_ms(ms: u64) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    if ms < 1000 || ms % 1000 != 0 {
+    if ms < 1000 || !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let mut s = ms / 1000;
@@ -297,7 +297,7 @@ pub fn node_json(n: &pb::Node) -> Value {
 }
 
 fn resources_json(r: &Option<pb::Resources>) -> Value {
-    let r = r.clone().unwrap_or_default();
+    let r = (*r).unwrap_or_default();
     json!({"NanoCPUs": r.nano_cpus, "MemoryBytes": r.memory_bytes})
 }
 
@@ -319,7 +319,7 @@ fn update_json(u: &Option<pb::UpdateConfig>) -> Value {
 pub fn service_spec_json(s: &pb::ServiceSpec) -> Value {
     let task = s.task.clone().unwrap_or_default();
     let c = task.container.clone().unwrap_or_default();
-    let res = task.resources.clone().unwrap_or_default();
+    let res = task.resources.unwrap_or_default();
     let restart = task.restart.unwrap_or_default();
     let placement = task.placement.clone().unwrap_or_default();
     let mode = match &s.mode {

@@ -1,0 +1,343 @@
+//! `shoal agent` processes on 127.0.0.x, driven through the CLI as a user would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// One `shoal agent` process; killed (by pid) when dropped.
+struct Agent {
+    dir: PathBuf,
+    addr: String,
+    host: String,
+    child: Option<Child>,
+}
+
+fn free_port(ip: &str) -> u16 {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl Agent {
+    fn start(root: &Path, n: u8) -> Agent {
+        let ip = format!("127.0.0.{n}");
+        let addr = format!("{ip}:{}", free_port(&ip));
+        let dir = root.join(format!("node{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut a = Agent {
+            dir,
+            addr,
+            host: format!("host{n}"),
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("shoal.sock")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
+        let child = Command::new(SHOAL)
+            .args([
+                "agent",
+                "--listen-addr",
+                &self.addr,
+                "--hostname",
+                &self.host,
+            ])
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--socket")
+            .arg(self.socket())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not open its socket",
+                self.host
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn shoal(&self, args: &[&str]) -> Output {
+        Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_SOCKET", self.socket())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.shoal(args);
+        assert!(
+            out.status.success(),
+            "shoal {args:?} on {} failed: {}",
+            self.host,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.shoal(args);
+        assert!(
+            !out.status.success(),
+            "shoal {args:?} succeeded unexpectedly"
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// Retries a command until it succeeds (an election may be under way).
+    fn eventually(&self, args: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = self.shoal(args);
+            if out.status.success() {
+                return String::from_utf8(out.stdout).unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shoal {args:?} kept failing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The MANAGER STATUS column of each row of `node ls`, by hostname.
+fn manager_statuses(ls: &str) -> Vec<(String, String)> {
+    let mut lines = ls.lines();
+    let header = lines.next().unwrap();
+    let col = header.find("MANAGER STATUS").unwrap();
+    let host_col = header.find("HOSTNAME").unwrap();
+    lines
+        .map(|l| {
+            let host = l[host_col..].split_whitespace().next().unwrap().to_string();
+            let status = l.get(col..).unwrap_or("").trim().to_string();
+            (host, status)
+        })
+        .collect()
+}
+
+#[test]
+fn cli_reports_a_missing_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let out = Command::new(SHOAL)
+        .args(["node", "ls"])
+        .env("SHOAL_SOCKET", &sock)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        err.trim(),
+        format!(
+            "shoal: cannot reach the shoal daemon at {}: is `shoal agent` running?",
+            sock.display()
+        )
+    );
+}
+
+#[test]
+fn three_manager_processes_and_a_worker() {
+    let root = tempfile::tempdir().unwrap();
+    let mut m1 = Agent::start(root.path(), 1);
+    let m2 = Agent::start(root.path(), 2);
+    let m3 = Agent::start(root.path(), 3);
+    let w4 = Agent::start(root.path(), 4);
+
+    let init = m1.ok(&["cluster", "init", "--advertise-addr", &m1.addr.clone()]);
+    assert!(
+        init.contains("shoal cluster join --token SHOAL-1-"),
+        "{init}"
+    );
+    assert!(init.contains(&m1.addr), "{init}");
+    let manager_token = m1
+        .ok(&["cluster", "join-token", "manager", "-q"])
+        .trim()
+        .to_string();
+    let worker_token = m1
+        .ok(&["cluster", "join-token", "worker", "-q"])
+        .trim()
+        .to_string();
+
+    // A wrong token is refused and leaves nothing behind.
+    let last = if worker_token.ends_with('x') {
+        "y"
+    } else {
+        "x"
+    };
+    let bogus = format!("{}{last}", &worker_token[..worker_token.len() - 1]);
+    let err = w4.fails(&["cluster", "join", "--token", &bogus, &m1.addr]);
+    assert!(err.contains("token"), "{err}");
+    assert!(!w4.dir.join("data/pki").exists());
+
+    assert!(m2
+        .ok(&["cluster", "join", "--token", &manager_token, &m1.addr])
+        .contains("as a manager"));
+    // Through a follower: the join is forwarded to the leader.
+    assert!(m3
+        .ok(&["cluster", "join", "--token", &manager_token, &m2.addr])
+        .contains("as a manager"));
+    assert!(w4
+        .ok(&["cluster", "join", "--token", &worker_token, &m3.addr])
+        .contains("as a worker"));
+
+    let ls = m2.ok(&["node", "ls"]);
+    let statuses = manager_statuses(&ls);
+    assert_eq!(statuses.len(), 4, "{ls}");
+    assert_eq!(
+        statuses.iter().filter(|(_, s)| s == "Leader").count(),
+        1,
+        "{ls}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|(_, s)| s == "Reachable").count(),
+        2,
+        "{ls}"
+    );
+    assert!(
+        statuses.contains(&("host4".to_string(), String::new())),
+        "{ls}"
+    );
+    assert!(
+        ls.lines().any(|l| l.contains(" *") && l.contains("host2")),
+        "the local node is starred: {ls}"
+    );
+    assert_eq!(m3.ok(&["node", "ls", "-q"]).lines().count(), 4);
+    let json: serde_json::Value =
+        serde_json::from_str(&m3.ok(&["node", "ls", "--format", "json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 4);
+
+    // A worker holds no cluster state.
+    let err = w4.fails(&["service", "ls"]);
+    assert!(err.contains("not a manager"), "{err}");
+
+    // Writes through any manager; reads from any other.
+    let id = m2.ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "2",
+        "busybox:1.36",
+        "sleep",
+        "60",
+    ]);
+    assert_eq!(id.trim().len(), 25);
+    let err = m3.fails(&["service", "create", "--name", "web", "busybox"]);
+    assert!(err.contains("already in use"), "{err}");
+    let err = m3.fails(&["service", "create", "--name", "bad name", "busybox"]);
+    assert!(err.contains("invalid service name"), "{err}");
+    let err = m3.fails(&[
+        "service",
+        "create",
+        "--name",
+        "c",
+        "--constraint",
+        "node.zone==x",
+        "busybox",
+    ]);
+    assert!(err.contains("invalid constraint"), "{err}");
+    let ls = m3.ok(&["service", "ls"]);
+    assert!(ls.contains("web") && ls.contains("busybox:1.36"), "{ls}");
+    let inspect: serde_json::Value =
+        serde_json::from_str(&m1.ok(&["service", "inspect", "web"])).unwrap();
+    assert_eq!(inspect[0]["Spec"]["Mode"]["Replicated"]["Replicas"], 2);
+    assert_eq!(
+        inspect[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Args"][0],
+        "sleep"
+    );
+
+    // Kill the first manager (the leader) by pid: the others elect and writes resume.
+    let leader_host = manager_statuses(&m2.ok(&["node", "ls"]))
+        .into_iter()
+        .find(|(_, s)| s == "Leader")
+        .unwrap()
+        .0;
+    assert_eq!(leader_host, "host1");
+    m1.kill();
+    m2.eventually(&["service", "create", "--name", "after-kill", "busybox"]);
+    let ls = m3.eventually(&["node", "ls"]);
+    let statuses = manager_statuses(&ls);
+    assert!(
+        statuses.contains(&("host1".to_string(), "Unreachable".to_string())),
+        "{ls}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|(_, s)| s == "Leader").count(),
+        1,
+        "{ls}"
+    );
+
+    // Quorum guard: with host1 down, demoting another manager would lose quorum.
+    let err = m2.fails(&["node", "demote", "host3"]);
+    assert!(err.contains("quorum"), "{err}");
+
+    // The killed manager comes back and catches up.
+    m1.spawn();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ls = m1.shoal(&["service", "ls", "-q"]);
+        if ls.status.success() && String::from_utf8_lossy(&ls.stdout).lines().count() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted manager did not catch up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let inspect: serde_json::Value = serde_json::from_str(&m1.ok(&["cluster", "inspect"])).unwrap();
+    assert_eq!(inspect[0]["Spec"]["Raft"]["HeartbeatInterval"], "100ms");
+
+    // Node updates and removal of the worker.
+    m1.ok(&[
+        "node",
+        "update",
+        "--availability",
+        "drain",
+        "--label-add",
+        "zone=east",
+        "host4",
+    ]);
+    let node: serde_json::Value =
+        serde_json::from_str(&m1.ok(&["node", "inspect", "host4"])).unwrap();
+    assert_eq!(node[0]["Spec"]["Availability"], "drain");
+    assert_eq!(node[0]["Spec"]["Labels"]["zone"], "east");
+    let err = m1.fails(&["node", "rm", "host4"]);
+    assert!(err.contains("not down"), "{err}");
+    m1.ok(&["node", "rm", "--force", "host4"]);
+    assert_eq!(m1.ok(&["node", "ls", "-q"]).lines().count(), 3);
+
+    m1.ok(&["service", "rm", "web"]);
+    assert_eq!(m2.eventually(&["service", "ls", "-q"]).lines().count(), 1);
+}
