@@ -1,7 +1,7 @@
 //! The store on real sled files: apply, checks, indexes, atomicity, durability, watches.
 
 use shoal_manager::store::{
-    Action, Command, Event, Kind, Mutation, Object, Response, Store, StoreError,
+    check_task_forward, Action, Command, Event, Kind, Mutation, Object, Response, Store, StoreError,
 };
 use shoal_proto::v1::{Cluster, Meta, Node, Service, ServiceSpec, Task, TaskState, TaskStatus};
 
@@ -427,6 +427,12 @@ fn task_states_only_move_forward() {
     let t = store.get_task("t1").unwrap().unwrap();
     assert_eq!(t.desired_state, Shutdown as i32);
     assert_eq!(t.status.unwrap().state, Running as i32);
+
+    // Proposers can check the same rule before proposing.
+    let running = task("t1", "s1", "n1", Running, Running);
+    let back = task("t1", "s1", "n1", Assigned, Running);
+    assert!(check_task_forward(&running, &back).is_err());
+    assert!(check_task_forward(&back, &running).is_ok());
 
     // Same state again is fine (a status message update).
     ok(store.apply(

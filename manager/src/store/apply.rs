@@ -340,8 +340,9 @@ fn check_version(id: &str, expect: Option<u64>, actual: u64) -> Result<(), Store
     }
 }
 
-/// Task states only move forward: both the observed state and the desired state.
-fn check_task_forward(old: &Task, new: &Task) -> Result<(), StoreError> {
+/// Task states only move forward: both the observed state and the desired state. Apply
+/// enforces it; proposers can `debug_assert!` it before proposing.
+pub fn check_task_forward(old: &Task, new: &Task) -> Result<(), StoreError> {
     let state = |t: &Task| t.status.as_ref().map(|s| s.state).unwrap_or(0);
     for (field, from, to) in [
         ("status.state", state(old), state(new)),

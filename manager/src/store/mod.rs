@@ -15,7 +15,7 @@ use prost::Message;
 use shoal_proto::v1::{Cluster, Node, Service, Task};
 use tokio::sync::broadcast;
 
-pub use apply::Batch;
+pub use apply::{check_task_forward, Batch};
 pub use dump::{Dump, DumpTree};
 pub use types::{Action, Command, Event, Kind, Mutation, Object, Response, StoreError};
 

@@ -18,6 +18,18 @@ pub struct Command {
     pub mutations: Vec<Mutation>,
 }
 
+impl Command {
+    /// A command stamped with the proposer's wall clock (only proposers read the clock; apply
+    /// never does).
+    pub fn now(mutations: Vec<Mutation>) -> Command {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Command { now_ms, mutations }
+    }
+}
+
 /// One change to one object.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum Mutation {
