@@ -175,8 +175,9 @@ fn default_compile_time_is_measured() {
     let per = t.elapsed() / RUNS;
     eprintln!("default profile: build + compile = {per:?} per run");
     let t = Instant::now();
-    let _ = compile(&default_profile(&caps)).unwrap();
-    eprintln!("single run: {:?}", t.elapsed());
+    let f = compile(&default_profile(&caps)).unwrap();
+    eprintln!("single run: {:?}, {} instructions", t.elapsed(), f.len());
+    assert!(f.len() < compile::BPF_MAX_INSNS);
 }
 
 const DOCKER_JSON: &str = r#"{
