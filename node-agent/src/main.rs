@@ -24,7 +24,18 @@ enum Command {
     Runtime(cmd::runtime::RuntimeArgs),
     /// Node-local images: import, load, ls, inspect, rm, prune
     Image(cmd::image::ImageArgs),
-    // -- docker-like front door: run, ps, stop, rm, logs, exec (cmd/container.rs) --
+    /// Run a container from a local image
+    Run(cmd::container::RunArgs),
+    /// List containers
+    Ps(cmd::container::PsArgs),
+    /// Stop containers (SIGTERM, then SIGKILL after the grace period)
+    Stop(cmd::container::StopArgs),
+    /// Remove containers
+    Rm(cmd::container::RmArgs),
+    /// Print a container's output
+    Logs(cmd::container::LogsArgs),
+    /// Run a command in a running container
+    Exec(cmd::container::ExecArgs),
     /// The shoal daemon, in the foreground
     Agent(cmd::agent::AgentArgs),
     /// Create, join, inspect and leave a cluster
@@ -36,10 +47,19 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
     let result = match cli.command {
         Command::Runtime(c) => cmd::runtime::run(c),
         Command::Image(c) => cmd::image::run(c),
+        Command::Run(c) => cmd::container::run(c),
+        Command::Ps(c) => cmd::container::ps(c),
+        Command::Stop(c) => cmd::container::stop(c),
+        Command::Rm(c) => cmd::container::rm(c),
+        Command::Logs(c) => cmd::container::logs(c),
+        Command::Exec(c) => cmd::container::exec(c),
         Command::Agent(c) => cmd::agent::run(c),
         Command::Cluster(c) => cmd::cluster::run(c),
         Command::Node(c) => cmd::node::run(c),
@@ -50,4 +70,21 @@ fn main() {
         eprintln!("shoal: {err:#}");
         std::process::exit(1);
     }
+}
+
+/// Help and version as clap prints them; a usage error as one line (exit 2).
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit()
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("invalid arguments");
+    eprintln!("shoal: {}", first.trim_start_matches("error: "));
+    std::process::exit(2)
 }

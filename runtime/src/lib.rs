@@ -2,6 +2,7 @@
 pub mod cgroups;
 pub mod container;
 pub mod exe;
+pub mod frontdoor;
 pub mod image;
 pub mod seccomp;
 pub mod spec;

@@ -126,22 +126,28 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         ImageCommand::Rm { references } => {
-            // The container module does not list containers' images yet, so nothing is
-            // passed as in use; gc still keeps every layer an overlay mount on this host uses.
+            // Images and layers of local containers (running or not) stay; gc also keeps
+            // every layer an overlay mount on this host uses.
+            let used = in_use(&args.data_dir)?;
             for r in &references {
                 let info = store.inspect(r).with_context(|| format!("rm {r}"))?;
                 store
-                    .remove_unless_used(r, &[])
+                    .remove_unless_used(r, &used.image_ids)
                     .with_context(|| format!("rm {r}"))?;
                 match store.inspect(&info.id) {
                     Ok(_) => println!("Untagged: {r}"),
                     Err(_) => println!("Deleted: {}", info.id),
                 }
             }
-            store.gc(&[]).context("garbage-collect images")?;
+            store
+                .gc(&used.chain_ids)
+                .context("garbage-collect images")?;
         }
         ImageCommand::Prune => {
-            let report = store.prune(&[], &[]).context("prune images")?;
+            let used = in_use(&args.data_dir)?;
+            let report = store
+                .prune(&used.image_ids, &used.chain_ids)
+                .context("prune images")?;
             println!(
                 "Deleted {} images, {} blobs, {} layers; reclaimed {}",
                 report.images_removed,
@@ -157,6 +163,13 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
 fn open(data_dir: &Path) -> anyhow::Result<ImageStore> {
     ImageStore::open(data_dir)
         .with_context(|| format!("open image store in {}", data_dir.display()))
+}
+
+/// What the data dir's containers use, so rm and prune keep it.
+fn in_use(data_dir: &Path) -> anyhow::Result<shoal_runtime::frontdoor::ImagesInUse> {
+    shoal_runtime::frontdoor::FrontDoor::open(data_dir)
+        .and_then(|f| f.images_in_use())
+        .context("list the images local containers use")
 }
 
 fn now_unix() -> i64 {

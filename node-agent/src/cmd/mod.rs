@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod container;
 pub mod image;
 pub mod node;
 pub mod output;

@@ -1,0 +1,596 @@
+//! `shoal run|ps|stop|rm|logs|exec`: Docker-like containers from local images, on this node.
+//!
+//! `run` and `exec` exit with the container's (or process's) exit code; a failure of shoal
+//! itself there exits 125, as Docker's do, so the two cannot be confused. Output captured in
+//! the log is stdout and stderr merged, and `run` in the foreground streams it to stdout.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use shoal_runtime::container::{is_root, ExecOptions, Status};
+use shoal_runtime::frontdoor::{
+    parse_cpus, parse_memory, parse_pids_limit, ContainerSummary, FrontDoor, LogFollower,
+    RunOptions, RunState,
+};
+
+use super::image::DEFAULT_DATA_DIR;
+
+/// Exit code of `run`/`exec` when shoal itself fails (Docker's).
+const EXIT_SHOAL_FAILED: i32 = 125;
+/// How often a follower of a log looks for new output.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(50);
+/// Longest COMMAND shown by `ps` (Docker's truncation).
+const PS_COMMAND_WIDTH: usize = 20;
+
+/// The data dir option every front-door command takes.
+#[derive(Args)]
+pub struct DataDir {
+    /// Data directory (images, layers, containers)
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+/// `shoal run`.
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Run in the background and print the container id
+    #[arg(short, long)]
+    detach: bool,
+    /// Remove the container when it exits
+    #[arg(long)]
+    rm: bool,
+    /// Name of the container (default: generated)
+    #[arg(long)]
+    name: Option<String>,
+    /// Set an environment variable (KEY=VALUE, or KEY to pass this shell's value)
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Container hostname (default: the short id)
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Memory limit (e.g. 64m, 1g)
+    #[arg(short, long)]
+    memory: Option<String>,
+    /// CPUs (e.g. 0.5)
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Most processes the container may have (-1: unlimited)
+    #[arg(long, allow_hyphen_values = true)]
+    pids_limit: Option<String>,
+    /// Mount the root filesystem read-only
+    #[arg(long)]
+    read_only: bool,
+    /// Working directory inside the container
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// User: name|uid[:group|gid]
+    #[arg(short, long)]
+    user: Option<String>,
+    /// The image, then the command and its arguments (default: the image's)
+    #[arg(
+        value_name = "IMAGE [COMMAND [ARG...]]",
+        required = true,
+        trailing_var_arg = true,
+        num_args = 1..
+    )]
+    image_and_command: Vec<String>,
+}
+
+/// `shoal ps`.
+#[derive(Args)]
+pub struct PsArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Show all containers (default: running ones)
+    #[arg(short, long)]
+    all: bool,
+    /// Only ids
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// `shoal stop`.
+#[derive(Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Seconds to wait after the stop signal before SIGKILL
+    #[arg(short, long, default_value_t = 10)]
+    time: u64,
+    /// Containers (name, id or id prefix)
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+/// `shoal rm`.
+#[derive(Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Kill a running container first
+    #[arg(short, long)]
+    force: bool,
+    /// Containers (name, id or id prefix)
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+/// `shoal logs`.
+#[derive(Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Keep printing new output until the container exits
+    #[arg(short, long)]
+    follow: bool,
+    /// Container (name, id or id prefix)
+    container: String,
+}
+
+/// `shoal exec`.
+#[derive(Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Set an environment variable (KEY=VALUE)
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the container
+    #[arg(short, long)]
+    workdir: Option<PathBuf>,
+    /// Do not wait for the process
+    #[arg(short, long)]
+    detach: bool,
+    /// The container, then the command and its arguments
+    #[arg(
+        value_name = "CONTAINER COMMAND [ARG...]",
+        required = true,
+        trailing_var_arg = true,
+        num_args = 2..
+    )]
+    container_and_command: Vec<String>,
+}
+
+fn open(data: &DataDir) -> Result<FrontDoor> {
+    if !is_root() {
+        bail!("must run as root");
+    }
+    FrontDoor::open(&data.data_dir)
+        .with_context(|| format!("open data dir {}", data.data_dir.display()))
+}
+
+/// Run from the immutable copy of this binary before touching a container (CVE-2019-5736).
+fn protect() -> Result<()> {
+    shoal_runtime::exe::reexec_protected().context("protect the runtime binary")?;
+    shoal_runtime::exe::forget_reexec_mark();
+    Ok(())
+}
+
+/// Print a failure the way `main` does and exit with Docker's "the tool failed" code.
+fn exit_failed(err: anyhow::Error) -> ! {
+    eprintln!("shoal: {err:#}");
+    std::process::exit(EXIT_SHOAL_FAILED)
+}
+
+/// The init of a foreground `run`, for forwarding the caller's signals.
+static FOREGROUND_PID: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = FOREGROUND_PID.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+fn forward_signals(pid: i32) {
+    FOREGROUND_PID.store(pid, Ordering::Relaxed);
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ] {
+        // SAFETY: installing a handler that only calls kill.
+        unsafe {
+            libc::signal(
+                sig,
+                forward as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+}
+
+/// `shoal run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    match run_inner(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => exit_failed(e),
+    }
+}
+
+fn run_inner(args: RunArgs) -> Result<i32> {
+    let fd = open(&args.data)?;
+    let mut it = args.image_and_command.into_iter();
+    let image = it.next().context("give an image to run")?;
+    let opts = RunOptions {
+        image,
+        name: args.name,
+        command: it.collect(),
+        env: args.env,
+        hostname: args.hostname,
+        memory: args.memory.as_deref().map(parse_memory).transpose()?,
+        cpus: args.cpus.as_deref().map(parse_cpus).transpose()?,
+        pids_limit: args
+            .pids_limit
+            .as_deref()
+            .map(parse_pids_limit)
+            .transpose()?
+            .flatten(),
+        read_only: args.read_only,
+        workdir: args.workdir,
+        user: args.user,
+        auto_remove: args.rm,
+    };
+    protect()?;
+    let mut c = fd.create(&opts)?;
+    let id = c.record.id.clone();
+    if args.detach {
+        fd.start(&mut c)?;
+        if args.rm {
+            fd.spawn_auto_remove(&id)
+                .context("watch the container for --rm")?;
+        }
+        println!("{id}");
+        return Ok(0);
+    }
+    let mut follower = LogFollower::new(&fd.log_path(&id), false);
+    forward_signals(c.container.pid());
+    fd.start(&mut c)?;
+    let mut out = std::io::stdout().lock();
+    let status = loop {
+        let s = c.container.wait_timeout(Some(FOLLOW_INTERVAL))?;
+        // A closed stdout must not stop the wait (or the --rm).
+        let _ = follower.poll(&mut out);
+        if let Some(s) = s {
+            break s;
+        }
+    };
+    let _ = follower.poll(&mut out);
+    let _ = out.flush();
+    drop(out);
+    if args.rm {
+        fd.remove(&id, true).context("remove the container")?;
+    }
+    Ok(status.shell_code())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Docker's human duration ("Less than a second", "3 seconds", "About a minute", ...).
+fn human_duration(secs: u64) -> String {
+    let (m, h, d) = (secs / 60, secs / 3600, secs / 86_400);
+    if secs < 1 {
+        "Less than a second".into()
+    } else if secs == 1 {
+        "1 second".into()
+    } else if secs < 60 {
+        format!("{secs} seconds")
+    } else if m == 1 {
+        "About a minute".into()
+    } else if m < 60 {
+        format!("{m} minutes")
+    } else if h == 1 {
+        "About an hour".into()
+    } else if h < 48 {
+        format!("{h} hours")
+    } else if d < 14 {
+        format!("{d} days")
+    } else if d < 60 {
+        format!("{} weeks", d / 7)
+    } else if d < 730 {
+        format!("{} months", d / 30)
+    } else {
+        format!("{} years", d / 365)
+    }
+}
+
+fn status_text(state: RunState, now: u64) -> String {
+    let ago = |t: u64| human_duration(now.saturating_sub(t));
+    match state {
+        RunState::Created => "Created".into(),
+        RunState::Running { started } => format!("Up {}", ago(started)),
+        RunState::Paused { started } => format!("Up {} (Paused)", ago(started)),
+        RunState::Exited { code, finished } => format!("Exited ({code}) {} ago", ago(finished)),
+        RunState::Dead => "Dead".into(),
+    }
+}
+
+fn command_text(args: &[String]) -> String {
+    let s = args.join(" ");
+    let s = if s.chars().count() > PS_COMMAND_WIDTH {
+        let mut t: String = s.chars().take(PS_COMMAND_WIDTH - 1).collect();
+        t.push('…');
+        t
+    } else {
+        s
+    };
+    format!("\"{s}\"")
+}
+
+/// `docker ps`-style table.
+fn ps_table(list: &[ContainerSummary], now: u64) -> String {
+    let mut rows: Vec<[String; 6]> = vec![[
+        "CONTAINER ID",
+        "IMAGE",
+        "COMMAND",
+        "CREATED",
+        "STATUS",
+        "NAMES",
+    ]
+    .map(String::from)];
+    for c in list {
+        let r = &c.record;
+        rows.push([
+            r.short_id().to_string(),
+            r.image.clone(),
+            command_text(&r.command),
+            format!("{} ago", human_duration(now.saturating_sub(r.created))),
+            status_text(c.state, now),
+            r.name.clone(),
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (k, c) in r.iter().enumerate() {
+            if k + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                let pad = widths[k] - c.chars().count();
+                line.push_str(c);
+                line.push_str(&" ".repeat(pad + 3));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `shoal ps`.
+pub fn ps(args: PsArgs) -> Result<()> {
+    let fd = open(&args.data)?;
+    let list = fd.list(args.all).context("list containers")?;
+    if args.quiet {
+        for c in &list {
+            println!("{}", c.record.short_id());
+        }
+    } else {
+        print!("{}", ps_table(&list, unix_now()));
+    }
+    Ok(())
+}
+
+/// Apply `f` to every named container; report each failure on its own line, fail at the end.
+fn each(
+    fd: &FrontDoor,
+    names: &[String],
+    verb: &str,
+    f: impl Fn(&str) -> Result<()>,
+) -> Result<()> {
+    let mut failed = Vec::new();
+    for n in names {
+        let r = fd
+            .resolve(n)
+            .map_err(anyhow::Error::from)
+            .and_then(|r| f(&r.id));
+        match r {
+            Ok(()) => println!("{n}"),
+            Err(e) => {
+                if names.len() > 1 {
+                    eprintln!("shoal: {verb} {n}: {e:#}");
+                }
+                failed.push((n.clone(), e));
+            }
+        }
+    }
+    match failed.len() {
+        0 => Ok(()),
+        1 if names.len() == 1 => {
+            let (n, e) = failed.remove(0);
+            Err(e.context(format!("{verb} {n}")))
+        }
+        k => bail!("{verb}: {k} of {} containers failed", names.len()),
+    }
+}
+
+/// `shoal stop`.
+pub fn stop(args: StopArgs) -> Result<()> {
+    let fd = open(&args.data)?;
+    let grace = Duration::from_secs(args.time);
+    each(&fd, &args.containers, "stop", |id| {
+        fd.stop(id, grace)?;
+        Ok(())
+    })
+}
+
+/// `shoal rm`.
+pub fn rm(args: RmArgs) -> Result<()> {
+    let fd = open(&args.data)?;
+    each(&fd, &args.containers, "rm", |id| {
+        Ok(fd.remove(id, args.force)?)
+    })
+}
+
+/// `shoal logs`.
+pub fn logs(args: LogsArgs) -> Result<()> {
+    let fd = open(&args.data)?;
+    let r = fd
+        .resolve(&args.container)
+        .with_context(|| format!("logs {}", args.container))?;
+    let files = fd.log_files(&r.id);
+    let (live, rotated) = files.split_last().context("no log")?;
+    let mut out = std::io::stdout().lock();
+    for f in rotated {
+        if let Ok(mut file) = std::fs::File::open(f) {
+            // A closed stdout ends `logs` quietly, as with `cat`.
+            if std::io::copy(&mut file, &mut out).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    let mut follower = LogFollower::new(live, false);
+    if follower.poll(&mut out).is_err() || !args.follow {
+        return Ok(());
+    }
+    loop {
+        let running = matches!(
+            fd.container(&r.id)?.map(|c| c.status()),
+            Some(Status::Running | Status::Paused | Status::Created)
+        );
+        if follower.poll(&mut out).is_err() {
+            return Ok(());
+        }
+        if !running {
+            return Ok(());
+        }
+        std::thread::sleep(FOLLOW_INTERVAL);
+    }
+}
+
+/// `shoal exec`.
+pub fn exec(args: ExecArgs) -> Result<()> {
+    match exec_inner(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => exit_failed(e),
+    }
+}
+
+fn exec_inner(args: ExecArgs) -> Result<i32> {
+    let fd = open(&args.data)?;
+    let mut it = args.container_and_command.into_iter();
+    let name = it.next().context("give a container")?;
+    let command: Vec<String> = it.collect();
+    let r = fd
+        .resolve(&name)
+        .with_context(|| format!("exec in {name}"))?;
+    protect()?;
+    let p = fd
+        .exec(
+            &r.id,
+            &ExecOptions {
+                args: command,
+                env: args.env,
+                cwd: args.workdir,
+                detach: args.detach,
+            },
+        )
+        .with_context(|| format!("exec in {name}"))?;
+    Ok(p.wait().map_or(0, |s| s.shell_code()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_runtime::frontdoor::ContainerRecord;
+
+    #[test]
+    fn statuses_read_like_docker() {
+        assert_eq!(
+            status_text(RunState::Running { started: 97 }, 100),
+            "Up 3 seconds"
+        );
+        assert_eq!(
+            status_text(
+                RunState::Exited {
+                    code: 0,
+                    finished: 95
+                },
+                100
+            ),
+            "Exited (0) 5 seconds ago"
+        );
+        assert_eq!(
+            status_text(
+                RunState::Exited {
+                    code: 137,
+                    finished: 100
+                },
+                100
+            ),
+            "Exited (137) Less than a second ago"
+        );
+        assert_eq!(human_duration(90), "About a minute");
+        assert_eq!(human_duration(3 * 3600), "3 hours");
+        assert_eq!(
+            command_text(&["sh".into(), "-c".into(), "exit 7".into()]),
+            "\"sh -c exit 7\""
+        );
+        assert_eq!(
+            command_text(&[
+                "/bin/sh".into(),
+                "-c".into(),
+                "while true; do :; done".into()
+            ]),
+            "\"/bin/sh -c while tr…\""
+        );
+    }
+
+    #[test]
+    fn ps_table_aligns() {
+        let rec = |id: char, name: &str| ContainerRecord {
+            id: id.to_string().repeat(64),
+            name: name.into(),
+            image: "busybox:latest".into(),
+            image_id: String::new(),
+            chain_ids: vec![],
+            command: vec!["sleep".into(), "30".into()],
+            created: 90,
+            started: Some(95),
+            auto_remove: false,
+            stop_signal: None,
+        };
+        let t = ps_table(
+            &[
+                ContainerSummary {
+                    record: rec('a', "web"),
+                    state: RunState::Running { started: 95 },
+                },
+                ContainerSummary {
+                    record: rec('b', "db"),
+                    state: RunState::Exited {
+                        code: 0,
+                        finished: 99,
+                    },
+                },
+            ],
+            100,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let col = lines[0].find("STATUS").unwrap();
+        assert_eq!(lines[1].find("Up 5 seconds"), Some(col));
+        assert_eq!(lines[2].find("Exited (0) 1 second ago"), Some(col));
+        assert!(lines[1].starts_with("aaaaaaaaaaaa   busybox:latest   \"sleep 30\""));
+        assert!(lines[1].ends_with("web"));
+    }
+}
