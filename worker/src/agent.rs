@@ -1,0 +1,363 @@
+//! The worker agent: the dispatcher session, one controller per assigned task, the local task
+//! database and the batched status reports.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_manager::tls::NodeTls;
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::dispatcher_client::DispatcherClient;
+use shoal_proto::v1::{NodeDescription, Task, TaskStatus};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::controller::{self, Assignment, Report};
+use crate::db::{DbError, TaskDb};
+use crate::executor::Executor;
+
+/// Status reports queued from controllers to the agent; controllers wait when it is full.
+pub const REPORT_QUEUE: usize = 1024;
+/// Reports wait this long to be sent together with others.
+pub const REPORT_BATCH_WINDOW: Duration = Duration::from_millis(10);
+/// Reports sent in one `UpdateTaskStatus` call at most (the dispatcher's limit).
+pub const MAX_REPORTS_PER_CALL: usize = shoal_manager::dispatcher::MAX_UPDATES_PER_CALL;
+/// How long one `UpdateTaskStatus` call may take (it waits for the Raft write).
+pub const REPORT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before re-sending reports after a failed call on a live session.
+pub const REPORT_RETRY_DELAY: Duration = Duration::from_millis(200);
+
+/// Errors of the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("no manager address to connect to")]
+    NoManagers,
+}
+
+/// How to run a node's worker agent.
+pub struct AgentConfig {
+    /// The node's TLS material (its certificate names the node).
+    pub tls: NodeTls,
+    /// Manager addresses (host:port) to open the session with; the dispatcher's list replaces
+    /// it once connected.
+    pub managers: Vec<String>,
+    /// Data dir holding `worker/` (the task database). `None` keeps tasks in memory only:
+    /// hollow nodes of scale tests, which have no containers to adopt.
+    pub data_dir: Option<PathBuf>,
+    /// What the node reports at session start (hostname, resources, hollow flag).
+    pub description: NodeDescription,
+    /// Runs the tasks.
+    pub executor: Arc<dyn Executor>,
+}
+
+/// The current session, for the report sender.
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub client: DispatcherClient<Channel>,
+    pub session_id: String,
+}
+
+struct Ctl {
+    tx: watch::Sender<Assignment>,
+    handle: JoinHandle<()>,
+}
+
+/// State shared by the agent's tasks.
+pub(crate) struct Shared {
+    pub tls: NodeTls,
+    pub description: NodeDescription,
+    pub managers: Mutex<Vec<String>>,
+    pub link: watch::Sender<Option<Link>>,
+    executor: Arc<dyn Executor>,
+    db: Option<TaskDb>,
+    controllers: Mutex<HashMap<String, Ctl>>,
+    /// Latest status of every task the agent holds.
+    statuses: Mutex<HashMap<String, TaskStatus>>,
+    /// Reports not yet acknowledged by a dispatcher, latest per task.
+    pending: Mutex<BTreeMap<String, TaskStatus>>,
+    pending_added: Notify,
+    reports_tx: mpsc::Sender<Report>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves the maps consistent; a panic elsewhere must not wedge them.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn task_id(t: &Task) -> &str {
+    t.meta.as_ref().map_or("", |m| m.id.as_str())
+}
+
+impl Shared {
+    /// Applies an assignment message: new tasks get controllers, changed ones are updated,
+    /// removed ones (and, for a full set, the ones missing from it) are stopped and forgotten.
+    pub(crate) fn apply(self: &Arc<Self>, a: pb::Assignments) {
+        let mut ctls = lock(&self.controllers);
+        let mut removed: Vec<String> = a.removed;
+        if a.full {
+            let keep: HashSet<&str> = a.tasks.iter().map(task_id).collect();
+            removed.extend(
+                ctls.keys()
+                    .filter(|id| !keep.contains(id.as_str()))
+                    .cloned(),
+            );
+        }
+        for id in removed {
+            if let Some(c) = ctls.remove(&id) {
+                c.tx.send_modify(|x| x.removed = true);
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _ = c.handle.await;
+                    me.forget(&id);
+                });
+            }
+        }
+        for t in a.tasks {
+            let id = task_id(&t).to_string();
+            if id.is_empty() {
+                continue;
+            }
+            if let Some(c) = ctls.get(&id) {
+                c.tx.send_modify(|x| x.task = t.clone());
+                let status = lock(&self.statuses).get(&id).cloned();
+                self.store(&t, status);
+                continue;
+            }
+            let status = lock(&self.statuses)
+                .get(&id)
+                .cloned()
+                .or_else(|| t.status.clone())
+                .unwrap_or_default();
+            self.store(&t, Some(status.clone()));
+            let c = self.spawn(t, status);
+            ctls.insert(id, c);
+        }
+    }
+
+    fn spawn(&self, task: Task, status: TaskStatus) -> Ctl {
+        let id = task_id(&task).to_string();
+        lock(&self.statuses).insert(id, status.clone());
+        let (tx, rx) = watch::channel(Assignment {
+            task,
+            removed: false,
+        });
+        let handle = tokio::spawn(controller::run(
+            self.executor.clone(),
+            rx,
+            status,
+            self.reports_tx.clone(),
+        ));
+        Ctl { tx, handle }
+    }
+
+    fn store(&self, task: &Task, status: Option<TaskStatus>) {
+        if let Some(db) = &self.db {
+            let mut t = task.clone();
+            t.status = status;
+            if let Err(e) = db.put(&t) {
+                tracing::error!("recording task {}: {e}", task_id(task));
+            }
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        if lock(&self.controllers).contains_key(id) {
+            // Assigned again meanwhile.
+            return;
+        }
+        lock(&self.statuses).remove(id);
+        if let Some(db) = &self.db {
+            if let Err(e) = db.remove(id) {
+                tracing::error!("forgetting task {id}: {e}");
+            }
+        }
+    }
+
+    /// Queues every task's current status again (a new session: the new leader may have
+    /// missed reports; it ignores what it already has).
+    pub(crate) fn resend_all(&self) {
+        let all: Vec<(String, TaskStatus)> = lock(&self.statuses)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut p = lock(&self.pending);
+        for (id, s) in all {
+            let newer = p.get(&id).is_some_and(|q| q.state > s.state);
+            if !newer {
+                p.insert(id, s);
+            }
+        }
+        drop(p);
+        self.pending_added.notify_one();
+    }
+}
+
+/// Records controller reports (memory, database) and queues them for the dispatcher.
+async fn record(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
+    while let Some((id, status)) = rx.recv().await {
+        if let Some(db) = &shared.db {
+            if let Err(e) = db.set_status(&id, &status) {
+                tracing::error!("recording status of task {id}: {e}");
+            }
+        }
+        lock(&shared.statuses).insert(id.clone(), status.clone());
+        lock(&shared.pending).insert(id, status);
+        shared.pending_added.notify_one();
+    }
+}
+
+/// Sends queued reports over the current session in batches until acknowledged.
+async fn send_reports(shared: Arc<Shared>) {
+    let mut link_rx = shared.link.subscribe();
+    loop {
+        let current = link_rx.borrow_and_update().clone();
+        let link = match current {
+            Some(l) => l,
+            None => {
+                if link_rx.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if lock(&shared.pending).is_empty() {
+            tokio::select! {
+                _ = shared.pending_added.notified() => {}
+                r = link_rx.changed() => if r.is_err() { return },
+            }
+            continue;
+        }
+        tokio::time::sleep(REPORT_BATCH_WINDOW).await;
+        let batch: Vec<(String, TaskStatus)> = lock(&shared.pending)
+            .iter()
+            .take(MAX_REPORTS_PER_CALL)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let req = pb::UpdateTaskStatusRequest {
+            session_id: link.session_id.clone(),
+            updates: batch
+                .iter()
+                .map(|(id, s)| pb::TaskStatusUpdate {
+                    task_id: id.clone(),
+                    status: Some(s.clone()),
+                })
+                .collect(),
+        };
+        let mut client = link.client.clone();
+        match tokio::time::timeout(REPORT_CALL_TIMEOUT, client.update_task_status(req)).await {
+            Ok(Ok(_)) => {
+                let mut p = lock(&shared.pending);
+                for (id, s) in batch {
+                    if p.get(&id) == Some(&s) {
+                        p.remove(&id);
+                    }
+                }
+            }
+            Ok(Err(e)) if e.code() == tonic::Code::FailedPrecondition => {
+                // The session is stale: wait for the next one.
+                tracing::debug!("status reports refused: {}", e.message());
+                if link_rx.changed().await.is_err() {
+                    return;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("status reports failed: {}", e.message());
+                tokio::time::sleep(REPORT_RETRY_DELAY).await;
+            }
+            Err(_) => tokio::time::sleep(REPORT_RETRY_DELAY).await,
+        }
+    }
+}
+
+/// A running worker agent.
+pub struct Agent {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Opens the task database, resumes the tasks it holds (adopting their containers), and
+    /// starts the dispatcher session.
+    pub async fn start(cfg: AgentConfig) -> Result<Agent, WorkerError> {
+        if cfg.managers.is_empty() {
+            return Err(WorkerError::NoManagers);
+        }
+        let db = match &cfg.data_dir {
+            Some(d) => Some(TaskDb::open(d)?),
+            None => None,
+        };
+        let stored = match &db {
+            Some(db) => db.list()?,
+            None => vec![],
+        };
+        let (reports_tx, reports_rx) = mpsc::channel(REPORT_QUEUE);
+        let shared = Arc::new(Shared {
+            tls: cfg.tls,
+            description: cfg.description,
+            managers: Mutex::new(cfg.managers),
+            link: watch::channel(None).0,
+            executor: cfg.executor,
+            db,
+            controllers: Mutex::new(HashMap::new()),
+            statuses: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
+            pending_added: Notify::new(),
+            reports_tx,
+        });
+        {
+            let mut ctls = lock(&shared.controllers);
+            for t in stored {
+                let status = t.status.clone().unwrap_or_default();
+                let id = task_id(&t).to_string();
+                tracing::info!(task = %id, state = status.state, "resuming task");
+                ctls.insert(id, shared.spawn(t, status));
+            }
+        }
+        let tasks = vec![
+            tokio::spawn(record(shared.clone(), reports_rx)),
+            tokio::spawn(send_reports(shared.clone())),
+            tokio::spawn(crate::session::run(shared.clone())),
+        ];
+        Ok(Agent { shared, tasks })
+    }
+
+    /// Latest status of every task the agent holds, by task id.
+    pub fn statuses(&self) -> HashMap<String, TaskStatus> {
+        lock(&self.shared.statuses).clone()
+    }
+
+    /// Whether a session with a leader is open now.
+    pub fn connected(&self) -> bool {
+        self.shared.link.borrow().is_some()
+    }
+
+    /// Stops the agent. Containers keep running: a restarted agent adopts them.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        if let Some(db) = &self.shared.db {
+            if let Err(e) = db.flush() {
+                tracing::warn!("flushing the task database: {e}");
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        for (_, c) in lock(&self.shared.controllers).drain() {
+            c.handle.abort();
+        }
+        self.shared.link.send_replace(None);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

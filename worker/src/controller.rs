@@ -1,0 +1,329 @@
+//! One controller per task: drives it through ACCEPTED → PREPARING → READY → STARTING →
+//! RUNNING → COMPLETE | FAILED | SHUTDOWN (or REJECTED) with an [`Executor`], and stops it
+//! (SIGTERM, SIGKILL after the grace period, delete) when its desired state says so.
+//!
+//! A controller resumed from the local database probes the container first: a running one is
+//! adopted (never restarted), one that exited meanwhile is reported with its real exit code.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shoal_proto::v1::{Task, TaskState, TaskStatus};
+use tokio::sync::{mpsc, watch};
+
+use crate::executor::{ExecError, Executor, Exit, Probe, StopSignal};
+
+/// Stop grace period of a task whose spec sets none (docker's default).
+pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// How long a SIGKILLed process may take to be reaped before the controller gives up on it.
+pub const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// What the agent tells a controller: the task as the dispatcher last sent it.
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    /// The task (its desired state decides whether it should run).
+    pub task: Task,
+    /// The dispatcher no longer assigns it: stop, delete the container, forget it.
+    pub removed: bool,
+}
+
+/// A status change of a task, as reported to the agent.
+pub type Report = (String, TaskStatus);
+
+/// Where the controller is, which may lag the reported state (a resumed task whose half-made
+/// container was discarded must be started again while STARTING is already reported).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Accept,
+    Prepare,
+    Start,
+    Running,
+    Done,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The stop grace period of a task.
+pub fn grace_period(task: &Task) -> Duration {
+    match task
+        .spec
+        .as_ref()
+        .and_then(|s| s.container.as_ref())
+        .map_or(0, |c| c.stop_grace_period_ms)
+    {
+        0 => DEFAULT_STOP_GRACE_PERIOD,
+        ms => Duration::from_millis(ms),
+    }
+}
+
+fn wants_stop(a: &Assignment) -> bool {
+    a.removed || a.task.desired_state > TaskState::Running as i32
+}
+
+struct Controller {
+    exec: Arc<dyn Executor>,
+    id: String,
+    status: TaskStatus,
+    reports: mpsc::Sender<Report>,
+    assigned: watch::Receiver<Assignment>,
+    /// A container may exist that must be deleted once the task should no longer run.
+    container: bool,
+}
+
+impl Controller {
+    async fn report(&mut self, state: TaskState, message: &str, err: &str) {
+        debug_assert!(state as i32 > self.status.state, "task state moves forward");
+        self.status.state = state as i32;
+        self.status.timestamp_ms = now_ms();
+        self.status.message = message.to_string();
+        self.status.err = err.to_string();
+        let _ = self
+            .reports
+            .send((self.id.clone(), self.status.clone()))
+            .await;
+    }
+
+    async fn report_exit(&mut self, exit: Exit, stopped: bool) {
+        self.status.exit_code = exit.code;
+        self.status.pid = 0;
+        if stopped {
+            self.report(TaskState::Shutdown, "shutdown", "").await;
+        } else if exit.code == 0 {
+            self.report(TaskState::Complete, "finished", "").await;
+        } else {
+            let err = format!("task: non-zero exit ({})", exit.code);
+            self.report(TaskState::Failed, "failed", &err).await;
+        }
+    }
+
+    fn current(&mut self) -> Assignment {
+        self.assigned.borrow_and_update().clone()
+    }
+
+    /// SIGTERM, then SIGKILL after the grace period; the exit, if the process went away.
+    async fn stop(&mut self, grace: Duration) -> Option<Exit> {
+        if let Err(e) = self.exec.signal(&self.id, StopSignal::Term).await {
+            tracing::warn!(task = %self.id, "stop: {e}");
+        }
+        match tokio::time::timeout(grace, self.exec.wait(&self.id)).await {
+            Ok(Ok(e)) => return Some(e),
+            Ok(Err(e)) => {
+                tracing::warn!(task = %self.id, "stop: {e}");
+                return None;
+            }
+            Err(_) => {}
+        }
+        if let Err(e) = self.exec.signal(&self.id, StopSignal::Kill).await {
+            tracing::warn!(task = %self.id, "kill: {e}");
+        }
+        match tokio::time::timeout(KILL_WAIT, self.exec.wait(&self.id)).await {
+            Ok(Ok(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    async fn remove_container(&mut self) {
+        if !self.container {
+            return;
+        }
+        match self.exec.remove(&self.id).await {
+            Ok(()) => self.container = false,
+            Err(e) => tracing::warn!(task = %self.id, "deleting container: {e}"),
+        }
+    }
+
+    /// Where a task resumed from the database stands: probes its container.
+    async fn resume(&mut self) -> Phase {
+        let s = self.status.state;
+        if s >= TaskState::Complete as i32 {
+            self.container = true;
+            return Phase::Done;
+        }
+        if s < TaskState::Accepted as i32 {
+            return Phase::Accept;
+        }
+        if s < TaskState::Preparing as i32 {
+            return Phase::Prepare;
+        }
+        if s < TaskState::Starting as i32 {
+            return if s < TaskState::Ready as i32 {
+                Phase::Prepare
+            } else {
+                Phase::Start
+            };
+        }
+        let probe = match self.exec.probe(&self.id).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.container = true;
+                let err = format!("inspecting the container after an agent restart: {e}");
+                self.report(TaskState::Failed, "failed", &err).await;
+                return Phase::Done;
+            }
+        };
+        match probe {
+            Probe::Running { pid } => {
+                self.container = true;
+                if s < TaskState::Running as i32 {
+                    self.status.container_id = self.id.clone();
+                    self.status.pid = pid;
+                    self.report(TaskState::Running, "started", "").await;
+                }
+                tracing::info!(task = %self.id, pid, "adopted running container");
+                Phase::Running
+            }
+            Probe::Exited(exit) => {
+                self.container = true;
+                self.report_exit(exit, false).await;
+                Phase::Done
+            }
+            Probe::Created | Probe::Lost if s < TaskState::Running as i32 => {
+                // Never started (the agent stopped between create and start): start afresh.
+                self.container = true;
+                self.remove_container().await;
+                Phase::Start
+            }
+            Probe::Missing if s < TaskState::Running as i32 => Phase::Start,
+            Probe::Created | Probe::Lost | Probe::Missing => {
+                self.container = probe != Probe::Missing;
+                self.report(
+                    TaskState::Failed,
+                    "failed",
+                    "container vanished while the agent was down",
+                )
+                .await;
+                Phase::Done
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        let mut phase = self.resume().await;
+        loop {
+            let a = self.current();
+            let grace = grace_period(&a.task);
+            if wants_stop(&a) && phase != Phase::Done {
+                let exit = if phase == Phase::Running {
+                    self.stop(grace).await
+                } else {
+                    None
+                };
+                match exit {
+                    Some(e) => self.report_exit(e, true).await,
+                    None => self.report(TaskState::Shutdown, "shutdown", "").await,
+                }
+                phase = Phase::Done;
+            }
+            match phase {
+                Phase::Accept => {
+                    self.report(TaskState::Accepted, "accepted", "").await;
+                    phase = Phase::Prepare;
+                }
+                Phase::Prepare => {
+                    self.report(TaskState::Preparing, "preparing", "").await;
+                    match self.exec.prepare(&a.task).await {
+                        Ok(()) => {
+                            self.report(TaskState::Ready, "prepared", "").await;
+                            phase = Phase::Start;
+                        }
+                        Err(e) => {
+                            self.report(TaskState::Rejected, "rejected", &e.to_string())
+                                .await;
+                            phase = Phase::Done;
+                        }
+                    }
+                }
+                Phase::Start => {
+                    if self.status.state < TaskState::Starting as i32 {
+                        self.report(TaskState::Starting, "starting", "").await;
+                    }
+                    self.container = true;
+                    match self.exec.start(&a.task).await {
+                        Ok(s) => {
+                            self.status.container_id = s.container_id;
+                            self.status.pid = s.pid;
+                            self.report(TaskState::Running, "started", "").await;
+                            phase = Phase::Running;
+                        }
+                        Err(e) => {
+                            let err = match e {
+                                ExecError::Runtime(m) => format!("starting container: {m}"),
+                                other => other.to_string(),
+                            };
+                            self.report(TaskState::Failed, "failed", &err).await;
+                            phase = Phase::Done;
+                        }
+                    }
+                }
+                Phase::Running => {
+                    let exec = self.exec.clone();
+                    let id = self.id.clone();
+                    tokio::select! {
+                        r = exec.wait(&id) => {
+                            match r {
+                                Ok(exit) => self.report_exit(exit, false).await,
+                                Err(e) => {
+                                    let err = format!("waiting for the container: {e}");
+                                    self.report(TaskState::Failed, "failed", &err).await;
+                                }
+                            }
+                            phase = Phase::Done;
+                        }
+                        changed = self.assigned.changed() => {
+                            if changed.is_err() {
+                                // The agent is stopping: leave the container running.
+                                return;
+                            }
+                        }
+                    }
+                }
+                Phase::Done => {
+                    if wants_stop(&a) {
+                        self.remove_container().await;
+                        if a.removed {
+                            return;
+                        }
+                    }
+                    if self.assigned.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs one task's controller until the task is removed (container deleted) or the agent
+/// drops `assigned`. `status` is where the task stands (ASSIGNED for a new one, the stored
+/// status for one resumed after an agent restart); every change goes to `reports`.
+pub async fn run(
+    exec: Arc<dyn Executor>,
+    assigned: watch::Receiver<Assignment>,
+    status: TaskStatus,
+    reports: mpsc::Sender<Report>,
+) {
+    let id = assigned
+        .borrow()
+        .task
+        .meta
+        .as_ref()
+        .map_or(String::new(), |m| m.id.clone());
+    Controller {
+        exec,
+        id,
+        status,
+        reports,
+        assigned,
+        container: false,
+    }
+    .run()
+    .await
+}
+
+#[cfg(test)]
+mod tests;

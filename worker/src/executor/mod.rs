@@ -1,0 +1,83 @@
+//! Executors: what turns a task into a running thing. `runtime` runs real containers through
+//! shoal's runtime; `sim` is a hollow node's bookkeeping (scale tests only, never a default).
+//! The container id is always the task id.
+
+pub mod runtime;
+pub mod sim;
+
+use shoal_proto::v1::Task;
+
+pub use runtime::{RuntimeExecutor, RuntimeExecutorConfig};
+pub use sim::SimExecutor;
+
+/// Errors of an executor.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ExecError {
+    /// The task's image is not in the local image store.
+    #[error("image {0} not found on node (no cluster registry yet)")]
+    ImageNotFound(String),
+    /// The task's spec cannot be run (bad user, bad image reference...).
+    #[error("invalid task: {0}")]
+    Invalid(String),
+    /// The runtime failed.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// How a task's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// The shell's convention: the exit code, or 128 + the signal that killed it.
+    pub code: i32,
+}
+
+/// What the executor finds of a task's container (after an agent restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// No container.
+    Missing,
+    /// Created, never started.
+    Created,
+    /// Running (or paused) with this host pid.
+    Running { pid: i32 },
+    /// Exited.
+    Exited(Exit),
+    /// A container whose processes are gone with no exit status recorded.
+    Lost,
+}
+
+/// The signals a stop sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGTERM: please stop.
+    Term,
+    /// SIGKILL: after the grace period.
+    Kill,
+}
+
+/// A started task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    /// Container id (the task id).
+    pub container_id: String,
+    /// Host pid of its process (0 when it has none, as in `sim`).
+    pub pid: i32,
+}
+
+/// Runs tasks. Every method is keyed by the task id, so a restarted agent can reach the
+/// containers an earlier one started.
+#[tonic::async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Makes what the task needs available locally (its image's layers).
+    async fn prepare(&self, task: &Task) -> Result<(), ExecError>;
+    /// Creates and starts the task's container.
+    async fn start(&self, task: &Task) -> Result<Started, ExecError>;
+    /// Waits until the task's process exits. Cancel-safe.
+    async fn wait(&self, task_id: &str) -> Result<Exit, ExecError>;
+    /// Signals the task's process; a process that already exited is not an error.
+    async fn signal(&self, task_id: &str, signal: StopSignal) -> Result<(), ExecError>;
+    /// Removes the task's container and what it left on disk; a missing one is not an error.
+    async fn remove(&self, task_id: &str) -> Result<(), ExecError>;
+    /// What is there now of the task's container.
+    async fn probe(&self, task_id: &str) -> Result<Probe, ExecError>;
+}

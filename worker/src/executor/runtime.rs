@@ -1,0 +1,470 @@
+//! The real executor: one container per task through shoal's runtime, its rootfs an overlay of
+//! the image's layers, its spec Docker's defaults plus the task's command, env, user, working
+//! dir and limits, its output captured to a rotated log. The container id is the task id.
+//!
+//! Per task on disk: `<data_dir>/containers/<id>/` holds `bundle/` (config.json and the empty
+//! `rootfs/` mount point), `upper/` and `work/` (the overlay's writable layer) and
+//! `container.log`. The runtime's own state lives under the state root (default
+//! `/run/shoal/runtime`), which survives an agent restart but not a reboot.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use shoal_proto::v1::Task;
+use shoal_runtime::container::{
+    Container, ContainerError, CreateOptions, LogConfig, Overlay, Status,
+};
+use shoal_runtime::image::{ImageError, ImageStore, PreparedImage};
+
+use super::{ExecError, Executor, Exit, Probe, Started, StopSignal};
+
+/// Directory of the containers' bundles, writable layers and logs under the data dir.
+pub const CONTAINERS_DIR: &str = "containers";
+/// A task's log is rotated at this size.
+pub const LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// Rotated log files kept per task.
+pub const LOG_MAX_FILES: u32 = 3;
+/// CFS period used to express a CPU limit as a quota.
+const CPU_PERIOD_US: u64 = 100_000;
+/// How long one blocking wait on a container lasts before it is re-armed, so that a
+/// cancelled wait frees its thread soon.
+const WAIT_SLICE: Duration = Duration::from_secs(1);
+
+/// Where the runtime executor keeps things.
+#[derive(Clone, Debug)]
+pub struct RuntimeExecutorConfig {
+    /// The node's data dir: `images/` and `layers/` (the image store), `containers/`.
+    pub data_dir: PathBuf,
+    /// The runtime's state root (`shoal_runtime::container::DEFAULT_ROOT` in production).
+    pub state_root: PathBuf,
+    /// Let containers be created from a binary that is not an immutable copy (tests only:
+    /// the `shoal` binary re-executes itself protected at start).
+    pub allow_unprotected_exe: bool,
+}
+
+/// Runs tasks as containers.
+pub struct RuntimeExecutor {
+    cfg: RuntimeExecutorConfig,
+    images: Arc<ImageStore>,
+}
+
+impl RuntimeExecutor {
+    /// An executor over the image store in `cfg.data_dir`.
+    pub fn new(cfg: RuntimeExecutorConfig) -> Result<RuntimeExecutor, ExecError> {
+        let images =
+            ImageStore::open(&cfg.data_dir).map_err(|e| ExecError::Runtime(e.to_string()))?;
+        Ok(RuntimeExecutor {
+            cfg,
+            images: Arc::new(images),
+        })
+    }
+
+    fn task_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join(CONTAINERS_DIR).join(id)
+    }
+}
+
+fn runtime_err(e: impl std::fmt::Display) -> ExecError {
+    ExecError::Runtime(e.to_string())
+}
+
+fn task_id(t: &Task) -> String {
+    t.meta.as_ref().map_or(String::new(), |m| m.id.clone())
+}
+
+/// The image store's reference for a task's image: its digest when pinned
+/// (`name[:tag]@sha256:…`), else the name.
+fn store_reference(image: &str) -> &str {
+    match image.split_once('@') {
+        Some((_, digest)) => digest,
+        None => image,
+    }
+}
+
+fn prepare_image(images: &ImageStore, image: &str) -> Result<PreparedImage, ExecError> {
+    if image.is_empty() {
+        return Err(ExecError::Invalid("the task names no image".into()));
+    }
+    match images.prepare(store_reference(image)) {
+        Ok(p) => Ok(p),
+        Err(ImageError::NotFound(_)) => Err(ExecError::ImageNotFound(image.to_string())),
+        Err(ImageError::InvalidReference { .. }) => {
+            Err(ExecError::ImageNotFound(image.to_string()))
+        }
+        Err(e) => Err(runtime_err(e)),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ExecError> + Send + 'static,
+) -> Result<T, ExecError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ExecError::Runtime(format!("runtime thread: {e}")))?
+}
+
+/// The process's argv, Docker's way: the task's command replaces the image's entrypoint
+/// (and then its cmd too), the task's args replace the image's cmd.
+fn argv(
+    task_cmd: &[String],
+    task_args: &[String],
+    entry: &[String],
+    cmd: &[String],
+) -> Vec<String> {
+    let (entry, cmd): (&[String], &[String]) = if task_cmd.is_empty() {
+        (entry, if task_args.is_empty() { cmd } else { task_args })
+    } else {
+        (task_cmd, task_args)
+    };
+    entry.iter().chain(cmd.iter()).cloned().collect()
+}
+
+/// `KEY=VALUE` lists merged: later keys replace earlier ones in place.
+fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = base.to_vec();
+    for kv in over {
+        let key = kv.split('=').next().unwrap_or(kv);
+        match out.iter().position(|e| e.split('=').next() == Some(key)) {
+            Some(i) => out[i] = kv.clone(),
+            None => out.push(kv.clone()),
+        }
+    }
+    out
+}
+
+/// Resolves `user[:group]` (names or numbers) against the image's /etc/passwd and /etc/group
+/// (topmost layer holding the file wins).
+fn resolve_user(user: &str, layers: &[PathBuf]) -> Result<(u32, u32), ExecError> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let read = |name: &str| -> String {
+        layers
+            .iter()
+            .rev()
+            .map(|l| l.join("etc").join(name))
+            .find(|p| p.is_file())
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    };
+    let passwd = read("passwd");
+    let entry = |file: &str, key: &str| -> Option<(u32, Option<u32>)> {
+        file.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() >= 3 && (f[0] == key || f[2] == key) {
+                Some((f[2].parse().ok()?, f.get(3).and_then(|g| g.parse().ok())))
+            } else {
+                None
+            }
+        })
+    };
+    let (uid, primary) = match u.parse::<u32>() {
+        Ok(n) => (n, entry(&passwd, u).and_then(|e| e.1).unwrap_or(0)),
+        Err(_) => match entry(&passwd, u) {
+            Some((uid, gid)) => (uid, gid.unwrap_or(0)),
+            None => {
+                return Err(ExecError::Invalid(format!(
+                    "user {u:?} not found in the image's /etc/passwd"
+                )))
+            }
+        },
+    };
+    let gid = match g {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => match entry(&read("group"), g) {
+                Some((gid, _)) => gid,
+                None => {
+                    return Err(ExecError::Invalid(format!(
+                        "group {g:?} not found in the image's /etc/group"
+                    )))
+                }
+            },
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// The OCI config of a task's container.
+fn build_spec(task: &Task, id: &str, image: &PreparedImage) -> Result<Value, ExecError> {
+    let spec = task.spec.clone().unwrap_or_default();
+    let c = spec.container.clone().unwrap_or_default();
+    let cfg = image.config.config().clone().unwrap_or_default();
+    let none: Vec<String> = vec![];
+    let args = argv(
+        &c.command,
+        &c.args,
+        cfg.entrypoint().as_ref().unwrap_or(&none),
+        cfg.cmd().as_ref().unwrap_or(&none),
+    );
+    if args.is_empty() {
+        return Err(ExecError::Invalid(
+            "no command: the task sets none and the image has no entrypoint or cmd".into(),
+        ));
+    }
+    let env = merge_env(cfg.env().as_ref().unwrap_or(&none), &c.env);
+    let hostname = if c.hostname.is_empty() {
+        id.chars().take(12).collect()
+    } else {
+        c.hostname.clone()
+    };
+    let oci = shoal_runtime::spec::docker_default(&args, &env, &hostname).map_err(runtime_err)?;
+    let mut v = serde_json::to_value(&oci).map_err(runtime_err)?;
+    let user = if c.user.is_empty() {
+        cfg.user().clone().unwrap_or_default()
+    } else {
+        c.user.clone()
+    };
+    let (uid, gid) = resolve_user(&user, &image.layer_dirs)?;
+    v["process"]["user"] = json!({"uid": uid, "gid": gid});
+    let cwd = if !c.dir.is_empty() {
+        c.dir.clone()
+    } else {
+        cfg.working_dir()
+            .clone()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "/".into())
+    };
+    v["process"]["cwd"] = json!(cwd);
+    v["root"]["readonly"] = json!(c.read_only);
+    let limits = spec.resources.and_then(|r| r.limits).unwrap_or_default();
+    let mut res = serde_json::Map::new();
+    if limits.memory_bytes > 0 {
+        res.insert("memory".into(), json!({"limit": limits.memory_bytes}));
+    }
+    if limits.nano_cpus > 0 {
+        let quota = (limits.nano_cpus as u128 * CPU_PERIOD_US as u128 / 1_000_000_000) as i64;
+        res.insert(
+            "cpu".into(),
+            json!({"quota": quota.max(1000), "period": CPU_PERIOD_US}),
+        );
+    }
+    if c.pids_limit > 0 {
+        res.insert("pids".into(), json!({"limit": c.pids_limit}));
+    }
+    if !res.is_empty() {
+        let linux = v["linux"]
+            .as_object_mut()
+            .ok_or_else(|| runtime_err("spec has no linux section"))?;
+        let r = linux.entry("resources").or_insert_with(|| json!({}));
+        if let Some(r) = r.as_object_mut() {
+            r.extend(res);
+        }
+    }
+    Ok(v)
+}
+
+fn mkdir(p: &Path) -> Result<(), ExecError> {
+    std::fs::create_dir_all(p)
+        .map_err(|e| ExecError::Runtime(format!("create {}: {e}", p.display())))
+}
+
+fn load(root: &Path, id: &str) -> Result<Option<Container>, ExecError> {
+    match Container::load(root, id) {
+        Ok(c) => Ok(Some(c)),
+        Err(ContainerError::NotFound(_)) => Ok(None),
+        Err(e) => Err(runtime_err(e)),
+    }
+}
+
+#[tonic::async_trait]
+impl Executor for RuntimeExecutor {
+    async fn prepare(&self, task: &Task) -> Result<(), ExecError> {
+        let images = self.images.clone();
+        let image = task
+            .spec
+            .as_ref()
+            .and_then(|s| s.container.as_ref())
+            .map_or(String::new(), |c| c.image.clone());
+        blocking(move || prepare_image(&images, &image).map(|_| ())).await
+    }
+
+    async fn start(&self, task: &Task) -> Result<Started, ExecError> {
+        let images = self.images.clone();
+        let task = task.clone();
+        let id = task_id(&task);
+        let dir = self.task_dir(&id);
+        let cfg = self.cfg.clone();
+        blocking(move || {
+            let image = task
+                .spec
+                .as_ref()
+                .and_then(|s| s.container.as_ref())
+                .map_or(String::new(), |c| c.image.clone());
+            let prepared = prepare_image(&images, &image)?;
+            let spec = build_spec(&task, &id, &prepared)?;
+            let bundle = dir.join("bundle");
+            mkdir(&bundle.join("rootfs"))?;
+            mkdir(&dir.join("upper"))?;
+            mkdir(&dir.join("work"))?;
+            let text = serde_json::to_vec_pretty(&spec).map_err(runtime_err)?;
+            std::fs::write(bundle.join("config.json"), text).map_err(runtime_err)?;
+            let opts = CreateOptions {
+                overlay: Some(Overlay {
+                    lower_dirs: prepared.layer_dirs.clone(),
+                    upper: dir.join("upper"),
+                    work: dir.join("work"),
+                }),
+                log: Some(LogConfig {
+                    path: dir.join("container.log"),
+                    max_bytes: LOG_MAX_BYTES,
+                    max_files: LOG_MAX_FILES,
+                }),
+                allow_unprotected_exe: cfg.allow_unprotected_exe,
+                ..Default::default()
+            };
+            let mut c =
+                Container::create(&cfg.state_root, &id, &bundle, &opts).map_err(runtime_err)?;
+            c.start().map_err(runtime_err)?;
+            Ok(Started {
+                container_id: id,
+                pid: c.pid(),
+            })
+        })
+        .await
+    }
+
+    async fn wait(&self, task_id: &str) -> Result<Exit, ExecError> {
+        let root = self.cfg.state_root.clone();
+        let id = task_id.to_string();
+        loop {
+            let (root, id) = (root.clone(), id.clone());
+            // Slices, so that a wait dropped by the controller (a stop) frees its thread soon.
+            let r = blocking(move || {
+                let Some(mut c) = load(&root, &id)? else {
+                    return Err(ExecError::Runtime(format!("container {id} does not exist")));
+                };
+                c.wait_timeout(Some(WAIT_SLICE)).map_err(runtime_err)
+            })
+            .await?;
+            if let Some(s) = r {
+                return Ok(Exit {
+                    code: s.shell_code(),
+                });
+            }
+        }
+    }
+
+    async fn signal(&self, task_id: &str, signal: StopSignal) -> Result<(), ExecError> {
+        let root = self.cfg.state_root.clone();
+        let id = task_id.to_string();
+        blocking(move || {
+            let Some(c) = load(&root, &id)? else {
+                return Ok(());
+            };
+            let sig = match signal {
+                StopSignal::Term => libc::SIGTERM,
+                StopSignal::Kill => libc::SIGKILL,
+            };
+            match c.kill(sig) {
+                Ok(()) | Err(ContainerError::WrongState { .. }) => Ok(()),
+                Err(e) => Err(runtime_err(e)),
+            }
+        })
+        .await
+    }
+
+    async fn remove(&self, task_id: &str) -> Result<(), ExecError> {
+        let root = self.cfg.state_root.clone();
+        let id = task_id.to_string();
+        let dir = self.task_dir(task_id);
+        blocking(move || {
+            if let Some(c) = load(&root, &id)? {
+                c.delete(true).map_err(runtime_err)?;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(ExecError::Runtime(format!("remove {}: {e}", dir.display()))),
+            }
+        })
+        .await
+    }
+
+    async fn probe(&self, task_id: &str) -> Result<Probe, ExecError> {
+        let root = self.cfg.state_root.clone();
+        let id = task_id.to_string();
+        blocking(move || {
+            let Some(c) = load(&root, &id)? else {
+                return Ok(Probe::Missing);
+            };
+            let st = c.state();
+            Ok(match st.status {
+                Status::Creating | Status::Created => Probe::Created,
+                Status::Running | Status::Paused => Probe::Running { pid: st.pid },
+                Status::Stopped => match c.exit_status() {
+                    Some(s) => Probe::Exited(Exit {
+                        code: s.shell_code(),
+                    }),
+                    None => Probe::Lost,
+                },
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn argv_follows_docker() {
+        let (entry, cmd) = (s(&["/entry"]), s(&["default"]));
+        assert_eq!(argv(&[], &[], &entry, &cmd), s(&["/entry", "default"]));
+        assert_eq!(argv(&[], &s(&["x"]), &entry, &cmd), s(&["/entry", "x"]));
+        assert_eq!(argv(&s(&["sh"]), &[], &entry, &cmd), s(&["sh"]));
+        assert_eq!(
+            argv(&s(&["sh"]), &s(&["-c", "x"]), &entry, &cmd),
+            s(&["sh", "-c", "x"])
+        );
+        assert_eq!(
+            argv(&[], &s(&["sleep", "1"]), &[], &cmd),
+            s(&["sleep", "1"])
+        );
+    }
+
+    #[test]
+    fn env_overrides_by_key() {
+        assert_eq!(
+            merge_env(&s(&["PATH=/bin", "A=1"]), &s(&["A=2", "B=3"])),
+            s(&["PATH=/bin", "A=2", "B=3"])
+        );
+    }
+
+    #[test]
+    fn users_resolve_from_the_top_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let (low, top) = (d.path().join("low"), d.path().join("top"));
+        for l in [&low, &top] {
+            std::fs::create_dir_all(l.join("etc")).unwrap();
+        }
+        std::fs::write(low.join("etc/passwd"), "app:x:5:5::/:/bin/sh\n").unwrap();
+        std::fs::write(top.join("etc/passwd"), "app:x:1000:1001::/:/bin/sh\n").unwrap();
+        std::fs::write(top.join("etc/group"), "staff:x:50:\n").unwrap();
+        let layers = vec![low, top];
+        assert_eq!(resolve_user("", &layers), Ok((0, 0)));
+        assert_eq!(resolve_user("app", &layers), Ok((1000, 1001)));
+        assert_eq!(resolve_user("app:staff", &layers), Ok((1000, 50)));
+        assert_eq!(resolve_user("77:78", &layers), Ok((77, 78)));
+        assert!(resolve_user("nobody", &layers).is_err());
+    }
+
+    #[test]
+    fn pinned_images_are_looked_up_by_digest() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(store_reference(&format!("busybox:1@{d}")), d);
+        assert_eq!(store_reference("busybox:1"), "busybox:1");
+    }
+}
