@@ -199,12 +199,16 @@ impl Shared {
 /// Records controller reports (memory, database) and queues them for the dispatcher.
 async fn record(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
     while let Some((id, status)) = rx.recv().await {
-        if let Some(db) = &shared.db {
-            if let Err(e) = db.set_status(&id, &status) {
-                tracing::error!("recording status of task {id}: {e}");
+        // The last reports of a removed task still go to the dispatcher, but it is not
+        // remembered again once forgotten.
+        if lock(&shared.controllers).contains_key(&id) {
+            if let Some(db) = &shared.db {
+                if let Err(e) = db.set_status(&id, &status) {
+                    tracing::error!("recording status of task {id}: {e}");
+                }
             }
+            lock(&shared.statuses).insert(id.clone(), status.clone());
         }
-        lock(&shared.statuses).insert(id.clone(), status.clone());
         lock(&shared.pending).insert(id, status);
         shared.pending_added.notify_one();
     }
