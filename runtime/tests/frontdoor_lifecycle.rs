@@ -109,6 +109,12 @@ fn rm_removes_everything() {
     let pid = c.pid();
     assert!(alive(pid));
     assert!(!cgroup_dirs(&id).is_empty());
+    // The overlay lives in the container's mount namespace only.
+    assert!(
+        mounts_under(&n.data).is_empty(),
+        "{:?}",
+        mounts_under(&n.data)
+    );
     let e = n.fd.remove(&id, false).unwrap_err();
     assert!(matches!(e, FrontDoorError::Running(_)), "{e}");
     assert!(n.fd.container_dir(&id).exists());
@@ -235,4 +241,44 @@ fn bad_input_leaves_nothing() {
         n.container_entries()
     );
     assert_eq!(mounts_under(&n.data), before);
+}
+
+#[test]
+fn cpus_set_a_cfs_quota() {
+    let n = Node::new();
+    let id = n.start(&["sleep", "30"], |o| o.cpus = Some(0.5));
+    let v1 = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("shoal").join(&id).join("cpu.cfs_quota_us"))
+        .find(|p| p.exists());
+    match v1 {
+        Some(p) => {
+            assert_eq!(std::fs::read_to_string(&p).unwrap().trim(), "50000");
+            let period = p.with_file_name("cpu.cfs_period_us");
+            assert_eq!(std::fs::read_to_string(period).unwrap().trim(), "100000");
+        }
+        None => {
+            let p = std::path::Path::new("/sys/fs/cgroup/shoal")
+                .join(&id)
+                .join("cpu.max");
+            assert_eq!(std::fs::read_to_string(p).unwrap().trim(), "50000 100000");
+        }
+    }
+}
+
+#[test]
+fn devices_are_denied_beyond_the_defaults() {
+    let n = Node::new();
+    // CAP_MKNOD is in Docker's set, but the device cgroup refuses opening a disk.
+    let (code, log, _) = n.run(
+        &["sh", "-c", "mknod /tmp/disk b 8 0 && head -c 1 /tmp/disk; echo rc=$?; echo x > /dev/null && echo null ok"],
+        |_| {},
+    );
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("Operation not permitted") && log.contains("rc=1"),
+        "{log}"
+    );
+    assert!(log.contains("null ok"), "{log}");
 }

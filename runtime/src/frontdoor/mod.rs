@@ -76,6 +76,8 @@ pub enum FrontDoorError {
     User(String),
     #[error("container {0} is running: stop it first or use rm -f")]
     Running(String),
+    #[error("container {0} is being created")]
+    Busy(String),
     #[error("container {0} is not running")]
     NotRunning(String),
     #[error("corrupt record of container {id}: {reason}")]
@@ -433,7 +435,7 @@ impl FrontDoor {
         store.inspect(&opts.image)?;
         let prepared = store.prepare(&opts.image)?;
 
-        let (record, mut guard) = {
+        let (record, mut guard, _creating) = {
             let _lock = self.lock()?;
             let records = self.records()?;
             let taken = |n: &str| records.iter().find(|r| r.name == n).map(|r| r.id.clone());
@@ -468,6 +470,9 @@ impl FrontDoor {
             let cdir = self.dir.join(&id);
             std::fs::create_dir(&cdir).map_err(io_err(format!("create {}", cdir.display())))?;
             let guard = DirGuard(Some(cdir.clone()));
+            // Held until the runtime has the container, so `rm` cannot pull the dirs from
+            // under a create in progress (and is free again if this process dies).
+            let creating = lock_dir(&cdir, false)?;
             for d in ["upper", "work", "rootfs"] {
                 std::fs::create_dir(cdir.join(d)).map_err(io_err(format!("create {d} dir")))?;
             }
@@ -486,7 +491,7 @@ impl FrontDoor {
             };
             // The record reserves the name: it is written before the lock is released.
             self.save_record(&record)?;
-            (record, guard)
+            (record, guard, creating)
         };
         let cdir = self.dir.join(&record.id);
         let mut named = opts.clone();
@@ -596,6 +601,20 @@ impl FrontDoor {
         if !cdir.exists() {
             return Ok(());
         }
+        let _creating = match lock_dir(&cdir, true) {
+            Ok(l) => l,
+            Err(FrontDoorError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::EWOULDBLOCK) =>
+            {
+                return Err(FrontDoorError::Busy(id.to_string()))
+            }
+            Err(FrontDoorError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(())
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(c) = self.container(id)? {
             let status = c.status();
             if matches!(status, Status::Running | Status::Paused) && !force {
@@ -661,6 +680,18 @@ impl FrontDoor {
         unsafe { libc::waitpid(mid, &mut st, 0) };
         Ok(())
     }
+}
+
+/// An exclusive flock on a directory (`try_only`: fail with EWOULDBLOCK instead of waiting).
+fn lock_dir(dir: &Path, try_only: bool) -> Result<nix::fcntl::Flock<File>> {
+    let f = File::open(dir).map_err(io_err(format!("open {}", dir.display())))?;
+    let how = if try_only {
+        nix::fcntl::FlockArg::LockExclusiveNonblock
+    } else {
+        nix::fcntl::FlockArg::LockExclusive
+    };
+    nix::fcntl::Flock::lock(f, how)
+        .map_err(|(_, e)| io_err(format!("lock {}", dir.display()))(e.into()))
 }
 
 /// `SIGTERM`, `TERM` or `15` as a signal number.
