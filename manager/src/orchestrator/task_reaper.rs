@@ -7,7 +7,7 @@
 //!   that should no longer run, are marked ORPHANED (nobody will ever report on them).
 //! - Each slot keeps at most the cluster's task history (5): the oldest ended tasks go.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use shoal_proto::v1::{NodeState, Task, TaskState};
 
@@ -88,8 +88,16 @@ pub fn reap(view: &ClusterView, now_ms: i64) -> Decision {
 /// Deletes the oldest ended tasks of each slot beyond the cluster's history limit.
 fn trim_history(view: &ClusterView, touched: &HashSet<&str>, d: &mut Decision) {
     let limit = view.task_history_per_slot();
+    // Only services with ended tasks can have something to trim; most rounds of a large
+    // steady cluster look at no slot at all.
+    let services: BTreeSet<&str> = view
+        .tasks
+        .values()
+        .filter(|t| !wants_running(t) && is_terminal(t))
+        .map(|t| t.service_id.as_str())
+        .collect();
     let mut slots: BTreeMap<(&str, u64, &str), Vec<&Task>> = BTreeMap::new();
-    for t in view.tasks.values() {
+    for t in services.into_iter().flat_map(|s| view.tasks_of_service(s)) {
         let node = if t.slot == 0 { t.node_id.as_str() } else { "" };
         slots
             .entry((t.service_id.as_str(), t.slot, node))
