@@ -480,6 +480,71 @@ mod tests {
     }
 
     #[test]
+    fn entrypoint_cmd_env_and_workdir_from_the_image() {
+        let cfg: ImageConfiguration = serde_json::from_value(serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {
+                "Entrypoint": ["/entry", "-v"], "Cmd": ["serve"],
+                "Env": ["PATH=/custom/bin", "MODE=prod"], "WorkingDir": "/app",
+                "StopSignal": "SIGQUIT"
+            },
+            "rootfs": {"type": "layers", "diff_ids": []}
+        }))
+        .unwrap();
+        assert_eq!(process_args(&cfg, &[]), vec!["/entry", "-v", "serve"]);
+        assert_eq!(
+            process_args(&cfg, &["debug".into()]),
+            vec!["/entry", "-v", "debug"]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir(&upper).unwrap();
+        let opts = RunOptions {
+            image: "img".into(),
+            env: vec!["MODE=dev".into()],
+            memory: Some(64 << 20),
+            cpus: Some(1.5),
+            pids_limit: Some(20),
+            read_only: true,
+            ..Default::default()
+        };
+        let id = "ab".repeat(32);
+        let view = ImageView {
+            layer_dirs: &[],
+            config: &cfg,
+        };
+        let spec = build_spec(&id, &opts, &view, &upper).unwrap();
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(p.cwd(), Path::new("/app"));
+        assert!(upper.join("app").is_dir());
+        let env = p.env().as_ref().unwrap();
+        assert!(env.contains(&"PATH=/custom/bin".to_string()), "{env:?}");
+        assert!(env.contains(&"MODE=dev".to_string()), "{env:?}");
+        assert!(!env.contains(&"MODE=prod".to_string()), "{env:?}");
+        assert_eq!(spec.hostname().as_deref(), Some(&id[..12]));
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
+        let res = spec.linux().as_ref().unwrap().resources().clone().unwrap();
+        assert_eq!(res.memory().unwrap().limit(), Some(64 << 20));
+        assert_eq!(res.cpu().as_ref().unwrap().quota(), Some(150_000));
+        assert_eq!(res.cpu().as_ref().unwrap().period(), Some(CPU_PERIOD_US));
+        assert_eq!(res.pids().unwrap().limit(), 20);
+        // The spec passes the runtime's own validation.
+        crate::spec::parse(&serde_json::to_string(&spec).unwrap()).unwrap();
+
+        let bare: ImageConfiguration = serde_json::from_value(serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": []}
+        }))
+        .unwrap();
+        let view = ImageView {
+            layer_dirs: &[],
+            config: &bare,
+        };
+        let e = build_spec(&id, &opts, &view, &upper).unwrap_err();
+        assert!(matches!(e, FrontDoorError::NoCommand(_)), "{e}");
+    }
+
+    #[test]
     fn workdirs_must_be_absolute_and_clean() {
         assert_eq!(clean_abs("/a/./b/"), Some(PathBuf::from("/a/b")));
         assert_eq!(clean_abs("rel"), None);
