@@ -9,7 +9,7 @@ use std::time::Duration;
 use shoal_manager::tls::NodeTls;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::dispatcher_client::DispatcherClient;
-use shoal_proto::v1::{NodeDescription, Task, TaskStatus};
+use shoal_proto::v1::{NodeDescription, Task, TaskState, TaskStatus};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -105,6 +105,21 @@ impl Shared {
                     .filter(|id| !keep.contains(id.as_str()))
                     .cloned(),
             );
+            // Stored tasks that never got a container wait for this set; the ones it lacks
+            // were removed while the agent was down.
+            let waiting: Vec<String> = lock(&self.statuses)
+                .keys()
+                .filter(|id| !keep.contains(id.as_str()) && !ctls.contains_key(*id))
+                .cloned()
+                .collect();
+            for id in waiting {
+                lock(&self.statuses).remove(&id);
+                if let Some(db) = &self.db {
+                    if let Err(e) = db.remove(&id) {
+                        tracing::error!("forgetting task {id}: {e}");
+                    }
+                }
+            }
         }
         for id in removed {
             if let Some(c) = ctls.remove(&id) {
@@ -277,6 +292,24 @@ async fn send_reports(shared: Arc<Shared>) {
     }
 }
 
+/// How long opening the task database waits for an agent of this process that is still
+/// shutting down (a restart within one process, as tests do) to release it.
+pub const DB_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+async fn open_db(dir: &std::path::Path) -> Result<TaskDb, WorkerError> {
+    let deadline = tokio::time::Instant::now() + DB_LOCK_WAIT;
+    loop {
+        match TaskDb::open(dir) {
+            Err(DbError::Sled(sled::Error::Io(e)))
+                if e.to_string().contains("lock") && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// A running worker agent.
 pub struct Agent {
     shared: Arc<Shared>,
@@ -291,7 +324,7 @@ impl Agent {
             return Err(WorkerError::NoManagers);
         }
         let db = match &cfg.data_dir {
-            Some(d) => Some(TaskDb::open(d)?),
+            Some(d) => Some(open_db(d).await?),
             None => None,
         };
         let stored = match &db {
@@ -317,6 +350,12 @@ impl Agent {
             for t in stored {
                 let status = t.status.clone().unwrap_or_default();
                 let id = task_id(&t).to_string();
+                if status.state < TaskState::Starting as i32 {
+                    // No container yet: nothing to adopt, so wait for the dispatcher's full
+                    // set to say whether the task should still run.
+                    lock(&shared.statuses).insert(id, status);
+                    continue;
+                }
                 tracing::info!(task = %id, state = status.state, "resuming task");
                 ctls.insert(id, shared.spawn(t, status));
             }
@@ -341,6 +380,19 @@ impl Agent {
 
     /// Stops the agent. Containers keep running: a restarted agent adopts them.
     pub async fn shutdown(mut self) {
+        let mut handles: Vec<JoinHandle<()>> = self.tasks.drain(..).collect();
+        handles.extend(
+            lock(&self.shared.controllers)
+                .drain()
+                .map(|(_, c)| c.handle),
+        );
+        for h in &handles {
+            h.abort();
+        }
+        // Until they are gone they hold the database open.
+        for h in handles {
+            let _ = h.await;
+        }
         self.stop();
         if let Some(db) = &self.shared.db {
             if let Err(e) = db.flush() {

@@ -185,3 +185,47 @@ async fn a_stopped_agent_goes_down_and_a_restarted_one_reports_what_happened_mea
     );
     a.shutdown().await;
 }
+
+#[tokio::test]
+async fn stored_tasks_without_a_container_wait_for_the_full_set() {
+    let c = Cluster::start(200, &["w1"]).await;
+    let data = tempfile::tempdir().unwrap();
+    {
+        let db = shoal_worker::db::TaskDb::open(data.path()).unwrap();
+        for id in ["ghost", "t1"] {
+            let mut t = task(id, "w1", "img", &[]);
+            t.status.as_mut().unwrap().state = TaskState::Accepted as i32;
+            db.put(&t).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    // Only t1 is still assigned; "ghost" was removed while the agent was down.
+    c.backend.write(vec![Mutation::Create(Object::Task(task(
+        "t1",
+        "w1",
+        "img",
+        &[],
+    )))]);
+    let sim = Arc::new(SimExecutor::new());
+    let a = Agent::start(config(
+        &c,
+        "w1",
+        vec![c.leader.addr.clone()],
+        sim,
+        Some(data.path()),
+    ))
+    .await
+    .unwrap();
+    c.wait_task("t1", TaskState::Running, 5).await;
+    eventually("ghost forgotten", 5, || !a.statuses().contains_key("ghost")).await;
+    a.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let db = shoal_worker::db::TaskDb::open(data.path()).unwrap();
+    let ids: Vec<String> = db
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.meta.unwrap().id)
+        .collect();
+    assert_eq!(ids, vec!["t1".to_string()]);
+}
