@@ -70,9 +70,11 @@ die() {
 	exit 1
 }
 usage() {
-	echo "$prog: $*" >&2
-	echo "usage: $prog up N [--prefix P] [--subnet A.B.C] | down [--prefix P|--all] | exec HOST CMD... | agent HOST [ARGS...] | kill HOST [-SIG] | addr HOST | ls | tmpfs HOST SIZE | partition G1 G2... | partition-one-way FROM TO | heal" >&2
+	echo "$prog: $* (see: $prog help)" >&2
 	exit 2
+}
+help() {
+	sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
 }
 
 prefix=shoal-h
@@ -93,10 +95,11 @@ valid_subnet() {
 	for o in "${BASH_REMATCH[@]:1}"; do ((10#$o <= 255)) || return 1; done
 }
 
-# Serialises every command on one prefix (two `up`s, or `down` racing `agent`).
-lock_prefix() {
+# Serialises the commands that change things (two `up`s, `down` racing `agent`), across all
+# prefixes: a lock on the state directory itself, so no lock file is left behind.
+take_lock() {
 	mkdir -p "$STATE_ROOT"
-	exec 9>"$STATE_ROOT/$1.lock"
+	exec 9<"$STATE_ROOT"
 	flock 9
 }
 
@@ -213,7 +216,7 @@ cmd_up() {
 	n=$((10#$n))
 	valid_prefix "$prefix" || usage "bad prefix '$prefix' (a-z, 0-9, '-', not ending in a digit, at most 11 characters)"
 	valid_subnet "$subnet" || usage "bad subnet '$subnet' (three octets, like 10.77.0)"
-	lock_prefix "$prefix"
+	take_lock
 	local br sf old_subnet="" old_n=0
 	br=$(bridge_of "$prefix")
 	sf=$(state_file "$prefix")
@@ -424,7 +427,7 @@ host_down() {
 down_prefix() {
 	local p=$1 br sf h
 	valid_prefix "$p" || usage "bad prefix '$p'"
-	lock_prefix "$p"
+	take_lock
 	sf=$(state_file "$p")
 	br=$(sed -n 's/^bridge=//p' "$sf" 2>/dev/null || true)
 	[[ -n $br ]] || br=$(bridge_of "$p")
@@ -434,7 +437,6 @@ down_prefix() {
 	link_exists "$br" && ip link del "$br"
 	wait_link_gone "$br"
 	fw_close "$br"
-	# The lock file stays: a command waiting on it holds it open.
 	rm -f "$sf" "$sf.tmp"
 }
 
@@ -478,8 +480,7 @@ cmd_agent() {
 	h=$(resolve_host "$1")
 	shift
 	require_host "$h"
-	[[ $h =~ ^(.*[^0-9])[0-9]+$ ]]
-	lock_prefix "${BASH_REMATCH[1]}"
+	take_lock
 	local dir addr bin pid t
 	dir=$(host_dir "$h")
 	addr=$(host_addr "$h")
@@ -701,6 +702,11 @@ main() {
 	[[ $# -ge 1 ]] || usage "no command"
 	local cmd=$1
 	shift
+	case $cmd in -h | --help | help)
+		help
+		return
+		;;
+	esac
 	[[ $(id -u) == 0 ]] || die "must run as root (network namespaces)"
 	case $cmd in
 	exec | agent) ;;
@@ -725,7 +731,7 @@ main() {
 	partition) cmd_partition "$@" ;;
 	partition-one-way) cmd_partition_one_way "$@" ;;
 	heal) cmd_heal "$@" ;;
-	-h | --help | help) usage "commands" ;;
+	-h | --help | help) help ;;
 	*) usage "unknown command '$cmd'" ;;
 	esac
 }

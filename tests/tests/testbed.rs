@@ -1,0 +1,521 @@
+//! The multi-host test bed for real: network namespaces, veths, a bridge, nftables partitions
+//! and `shoal agent` processes (root only, as in CI).
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use shoal_tests::testbed::{
+    pid_alive, pid_stopped, script_path, Host, Signal, Testbed, STATE_ROOT,
+};
+
+fn up(n: usize) -> Testbed {
+    match Testbed::up(n) {
+        Ok(tb) => tb,
+        Err(e) => panic!("testbed up {n}: {e}"),
+    }
+}
+
+fn pings(from: &Host, to: Ipv4Addr) -> bool {
+    let out = from
+        .exec(&["busybox", "ping", "-c", "1", "-W", "1", &to.to_string()])
+        .expect("running ping");
+    out.status.success()
+}
+
+fn root_pings(to: Ipv4Addr) -> bool {
+    Command::new("busybox")
+        .args(["ping", "-c", "1", "-W", "1", &to.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running ping")
+        .success()
+}
+
+fn netns_names() -> HashSet<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn link_names() -> HashSet<String> {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link show");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
+
+fn mounts_under(dir: &str) -> Vec<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .expect("reading mountinfo")
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(dir))
+        .map(str::to_string)
+        .collect()
+}
+
+/// What a test bed leaves once down: nothing with its prefix or bridge.
+fn assert_nothing_left(prefix: &str, bridge: &str, pids: &[u32]) {
+    let is_ours = |n: &str| {
+        n.strip_prefix(prefix)
+            .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let ns: Vec<_> = netns_names().into_iter().filter(|n| is_ours(n)).collect();
+    assert!(ns.is_empty(), "namespaces left: {ns:?}");
+    let links: Vec<_> = link_names()
+        .into_iter()
+        .filter(|n| is_ours(n) || n == bridge)
+        .collect();
+    assert!(links.is_empty(), "links left: {links:?}");
+    let live: Vec<_> = pids.iter().filter(|&&p| pid_alive(p)).collect();
+    assert!(live.is_empty(), "processes left: {live:?}");
+    let host_dir = format!("{STATE_ROOT}/{prefix}");
+    let m = mounts_under(&host_dir);
+    assert!(m.is_empty(), "mounts left: {m:?}");
+    let dirs: Vec<_> = fs::read_dir(STATE_ROOT)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| is_ours(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(dirs.is_empty(), "host dirs left: {dirs:?}");
+    assert!(
+        !Path::new(&format!("{STATE_ROOT}/{prefix}.state")).exists(),
+        "state file left"
+    );
+}
+
+fn default_route() -> String {
+    let out = Command::new("ip")
+        .args(["-4", "route", "show", "default"])
+        .output()
+        .expect("ip route");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip_forward() -> String {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("reading ip_forward")
+}
+
+/// A `sleep` left running in the host in its own session, as a crashed run leaves it.
+fn leave_sleeper(h: &Host) -> Child {
+    let child = h
+        .command("setsid")
+        .args(["sleep", "1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning sleep");
+    let pid = child.id();
+    // nsenter and setsid exec, so the child is the sleep itself once it has started.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| !e.ends_with("sleep")) {
+        assert!(Instant::now() < deadline, "sleep did not start");
+        sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Reaps a child that `down` must have ended with SIGKILL.
+fn assert_killed(mut child: Child) {
+    let status = child.wait().expect("waiting for a left process");
+    assert_eq!(status.signal(), Some(9), "{status}");
+}
+
+#[test]
+fn three_hosts_reach_each_other_and_the_bridge() {
+    let route_before = default_route();
+    let forward_before = ip_forward();
+    let tb = up(3);
+    assert_eq!(tb.hosts().len(), 3);
+    for h in tb.hosts() {
+        assert_eq!(
+            h.addr(),
+            Ipv4Addr::new(10, 77, tb.slot() as u8, h.index() as u8)
+        );
+        assert!(
+            pings(h, tb.bridge_addr()),
+            "{} cannot ping the bridge",
+            h.name()
+        );
+        for other in tb.hosts() {
+            assert!(
+                pings(h, other.addr()),
+                "{} cannot ping {}",
+                h.name(),
+                other.name()
+            );
+        }
+        assert!(root_pings(h.addr()), "root cannot ping {}", h.name());
+        let routes = h.exec_ok(&["ip", "-4", "route"]).expect("ip route in host");
+        assert!(
+            routes.contains(&format!("default via {}", tb.bridge_addr())),
+            "{routes}"
+        );
+    }
+    // The script's own exec and addr agree with the helper.
+    let h2 = tb.host(2).expect("host 2");
+    let env = tb.script(&["exec", "2", "env"]).expect("testbed.sh exec");
+    assert!(env.contains(&format!("SHOAL_DATA_DIR={}", h2.data_dir().display())));
+    assert!(env.contains(&format!("SHOAL_SOCKET={}", h2.socket().display())));
+    let addr = tb.script(&["addr", h2.name()]).expect("testbed.sh addr");
+    assert_eq!(addr.trim(), h2.addr().to_string());
+    // Nothing routed or forwarded outside: the root namespace's routing is as it was.
+    assert_eq!(default_route(), route_before);
+    assert_eq!(ip_forward(), forward_before);
+    let (prefix, bridge) = (tb.prefix().to_string(), tb.bridge());
+    tb.down().expect("down");
+    assert_nothing_left(&prefix, &bridge, &[]);
+    assert_eq!(default_route(), route_before);
+}
+
+#[test]
+fn tcp_server_in_one_host_is_reachable_from_another() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    let listener = h1
+        .in_netns(|| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5555)))
+        .expect("entering h1")
+        .expect("binding in h1");
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().expect("accept");
+        let mut got = String::new();
+        conn.read_to_string(&mut got).expect("read");
+        (peer, got)
+    });
+    let target = format!("{}", h1.addr());
+    let mut client = h2
+        .command("busybox")
+        .args(["nc", &target, "5555"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawning nc in h2");
+    client
+        .stdin
+        .take()
+        .expect("nc stdin")
+        .write_all(b"hello from h2\n")
+        .expect("writing to nc");
+    assert!(client.wait().expect("nc").success());
+    let (peer, got) = server.join().expect("server thread");
+    assert_eq!(got, "hello from h2\n");
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(h2.addr()));
+    // Each host has its own loopback: h1's port is not on h2's 127.0.0.1.
+    let local = h2
+        .exec(&["busybox", "nc", "-w", "1", "127.0.0.1", "5555"])
+        .expect("nc to loopback");
+    assert!(!local.status.success(), "h2's loopback reached h1's server");
+}
+
+#[test]
+fn up_and_down_are_idempotent() {
+    let mut tb = up(3);
+    let ino = |h: &Host| {
+        fs::metadata(format!("/run/netns/{}", h.name()))
+            .expect("netns file")
+            .ino()
+    };
+    let first: Vec<u64> = tb.hosts().iter().map(ino).collect();
+    let sleeper = leave_sleeper(tb.host(1).expect("h1"));
+    let sleeper_pid = sleeper.id();
+    tb.grow(3).expect("up 3 again");
+    assert_eq!(tb.hosts().iter().map(ino).collect::<Vec<_>>(), first);
+    tb.grow(5).expect("up 5 after up 3");
+    assert_eq!(tb.hosts().len(), 5);
+    assert_eq!(
+        tb.hosts()[..3].iter().map(ino).collect::<Vec<_>>(),
+        first,
+        "up 5 remade the first three hosts"
+    );
+    assert!(pid_alive(sleeper_pid), "up 5 disturbed a process in h1");
+    let (h1, h5) = (tb.host(1).expect("h1"), tb.host(5).expect("h5"));
+    assert!(pings(h5, h1.addr()));
+    assert!(pings(h1, h5.addr()));
+    // An `up` that asks for fewer hosts keeps the ones there are.
+    tb.grow(2).expect("up 2 after up 5");
+    assert_eq!(tb.hosts().len(), 5);
+
+    let (prefix, bridge) = (tb.prefix().to_string(), tb.bridge());
+    tb.script(&["down"]).expect("down");
+    assert_nothing_left(&prefix, &bridge, &[sleeper_pid]);
+    assert_killed(sleeper);
+    tb.script(&["down"]).expect("down twice");
+    tb.down().expect("down a third time, through the helper");
+    assert_nothing_left(&prefix, &bridge, &[]);
+}
+
+#[test]
+fn down_cleans_up_after_a_crash() {
+    let tb = up(3);
+    let (prefix, bridge) = (tb.prefix().to_string(), tb.bridge());
+    let h1 = tb.host(1).expect("h1");
+    let h2 = tb.host(2).expect("h2");
+    let h3 = tb.host(3).expect("h3");
+    // A process tree left in h1, a stopped process in h2, a mount on h3's data dir.
+    let tree = h1
+        .command("setsid")
+        .args(["sh", "-c", "sleep 1000 & sleep 1000"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning a tree in h1");
+    let stopped_child = leave_sleeper(h2);
+    let stopped = stopped_child.id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(stopped as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("stopping");
+    tb.script(&["tmpfs", h3.name(), "4m"]).expect("tmpfs on h3");
+    fs::write(h3.data_dir().join("junk"), b"x").expect("writing into the tmpfs");
+    assert_eq!(mounts_under(&h3.dir().display().to_string()).len(), 1);
+    let mut pids = h1.pids().expect("pids in h1");
+    pids.extend(h2.pids().expect("pids in h2"));
+    assert!(pids.len() >= 3, "expected the left processes, got {pids:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pid_stopped(stopped) {
+        assert!(Instant::now() < deadline, "sleep did not stop");
+        sleep(Duration::from_millis(20));
+    }
+    // The driver crashed half-way through writing its state: half a state file.
+    let state = format!("{STATE_ROOT}/{prefix}.state");
+    let text = fs::read(&state).expect("reading the state file");
+    fs::write(&state, &text[..text.len() / 2]).expect("truncating the state file");
+    // ...and another one never wrote it at all.
+    let tb2 = up(2);
+    let (prefix2, bridge2) = (tb2.prefix().to_string(), tb2.bridge());
+    let left2 = leave_sleeper(tb2.host(2).expect("tb2 h2"));
+    let pids2 = tb2.host(2).expect("tb2 h2").pids().expect("pids");
+    fs::remove_file(format!("{STATE_ROOT}/{prefix2}.state")).expect("removing the state file");
+
+    tb.script(&["down"]).expect("down after the crash");
+    assert_nothing_left(&prefix, &bridge, &pids);
+    tb2.script(&["down"]).expect("down without a state file");
+    assert_nothing_left(&prefix2, &bridge2, &pids2);
+    assert_killed(tree);
+    assert_killed(stopped_child);
+    assert_killed(left2);
+}
+
+#[test]
+fn partition_blocks_traffic_between_groups_and_heal_restores_it() {
+    let tb = up(3);
+    let h = |i| tb.host(i).expect("host");
+    tb.partition(&[&[1], &[2, 3]]).expect("partition");
+    assert!(
+        !pings(h(1), h(2).addr()),
+        "h1 reaches h2 across the partition"
+    );
+    assert!(
+        !pings(h(3), h(1).addr()),
+        "h3 reaches h1 across the partition"
+    );
+    assert!(pings(h(2), h(3).addr()), "h2 and h3 are on the same side");
+    // The root namespace is not filtered: tests keep their view of every host.
+    assert!(root_pings(h(1).addr()));
+    assert!(pings(h(1), tb.bridge_addr()));
+    tb.heal().expect("heal");
+    assert!(pings(h(1), h(2).addr()), "heal did not restore h1 -> h2");
+    assert!(pings(h(3), h(1).addr()), "heal did not restore h3 -> h1");
+    tb.heal().expect("heal twice");
+}
+
+#[test]
+fn one_way_partition_is_one_way() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    let bind = |h: &Host| {
+        let a = h.addr();
+        h.in_netns(move || UdpSocket::bind(SocketAddrV4::new(a, 6000)))
+            .expect("entering host")
+            .expect("binding udp")
+    };
+    let (s1, s2) = (bind(h1), bind(h2));
+    for s in [&s1, &s2] {
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+    }
+    let arrives = |from: &UdpSocket, to: &UdpSocket, to_host: &Host| {
+        let msg = b"datagram";
+        let mut buf = [0u8; 16];
+        for _ in 0..3 {
+            from.send_to(msg, SocketAddrV4::new(to_host.addr(), 6000))
+                .expect("send");
+            if let Ok((n, _)) = to.recv_from(&mut buf) {
+                return &buf[..n] == msg;
+            }
+        }
+        false
+    };
+    assert!(arrives(&s1, &s2, h2) && arrives(&s2, &s1, h1));
+    tb.partition_one_way(1, 2).expect("partition-one-way");
+    assert!(!arrives(&s1, &s2, h2), "h1 -> h2 still flows");
+    assert!(arrives(&s2, &s1, h1), "h2 -> h1 was cut too");
+    tb.heal().expect("heal");
+    assert!(arrives(&s1, &s2, h2), "heal did not restore h1 -> h2");
+}
+
+#[test]
+fn agent_starts_in_a_host_and_answers_on_its_socket() {
+    let tb = up(2);
+    let h1 = tb.host(1).expect("h1");
+    let pid = h1.spawn_agent(&[]).expect("spawn agent");
+    assert_eq!(h1.agent_pid(), Some(pid));
+    assert!(h1.socket().exists());
+    assert!(
+        h1.pids().expect("pids").contains(&pid),
+        "agent not in h1's namespace"
+    );
+    // Before `cluster init` the daemon answers or refuses on one clear line.
+    let out = h1.shoal(&["node", "ls"]).expect("shoal node ls");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("shoal: "), "{stderr}");
+    }
+    let out = h1.shoal(&["cluster", "init"]).expect("cluster init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ls = h1.shoal(&["node", "ls"]).expect("node ls");
+    let text = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    assert!(text.contains(h1.name()), "{text}");
+    let log = fs::read_to_string(h1.agent_log()).expect("agent log");
+    assert!(log.contains(&h1.agent_addr().to_string()), "{log}");
+
+    h1.kill(Signal::Stop).expect("SIGSTOP");
+    assert!(pid_stopped(pid));
+    h1.kill(Signal::Cont).expect("SIGCONT");
+    assert!(!pid_stopped(pid));
+    h1.kill(Signal::Kill).expect("SIGKILL");
+    assert!(!pid_alive(pid));
+    assert_eq!(h1.agent_pid(), None);
+    assert!(
+        h1.kill(Signal::Term).is_err(),
+        "kill with no agent succeeded"
+    );
+    // Restart on the same data dir (what chaos does after a kill -9).
+    let pid2 = h1.spawn_agent(&[]).expect("restart agent");
+    let ls = h1.shoal(&["node", "ls"]).expect("node ls after restart");
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    let (prefix, bridge) = (tb.prefix().to_string(), tb.bridge());
+    tb.down().expect("down");
+    assert_nothing_left(&prefix, &bridge, &[pid, pid2]);
+}
+
+#[test]
+fn agents_on_two_hosts_form_a_cluster_over_the_bridge() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    h1.spawn_agent(&[]).expect("agent h1");
+    h2.spawn_agent(&[]).expect("agent h2");
+    let init = h1.shoal(&["cluster", "init"]).expect("init");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let tok = h1
+        .shoal(&["cluster", "join-token", "-q", "manager"])
+        .expect("join-token");
+    assert!(
+        tok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tok.stderr)
+    );
+    let tok = String::from_utf8_lossy(&tok.stdout).trim().to_string();
+    let join = h2
+        .shoal(&[
+            "cluster",
+            "join",
+            "--token",
+            &tok,
+            &h1.agent_addr().to_string(),
+        ])
+        .expect("join");
+    assert!(
+        join.status.success(),
+        "{}",
+        String::from_utf8_lossy(&join.stderr)
+    );
+    let ls = h2.shoal(&["node", "ls"]).expect("node ls on h2");
+    let text = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    assert!(
+        text.contains(h1.name()) && text.contains(h2.name()),
+        "{text}"
+    );
+}
+
+#[test]
+fn script_refuses_bad_input_on_one_line() {
+    let script = script_path();
+    let cases: &[&[&str]] = &[
+        &["up", "0"],
+        &["up", "abc"],
+        &["up", "2", "--subnet", "10.300.0"],
+        &["up", "2", "--prefix", "BAD"],
+        &["frobnicate"],
+        &["kill", "sh199-h1", "-HUP"],
+        &["exec", "nosuchhost9", "true"],
+    ];
+    for args in cases {
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(*args)
+            .output()
+            .expect("running testbed.sh");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("testbed.sh: "), "{args:?}: {stderr}");
+    }
+    // Down with nothing up is fine.
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["down", "--prefix", "shnone-h"])
+        .output()
+        .expect("running testbed.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
