@@ -519,3 +519,97 @@ fn script_refuses_bad_input_on_one_line() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A network namespace standing in for a root namespace with a firewall; on drop, the test
+/// bed made in it comes down and it is deleted.
+struct OuterNs(String, String);
+
+impl Drop for OuterNs {
+    fn drop(&mut self) {
+        let _ = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.0))
+            .args(["--", "bash"])
+            .arg(script_path())
+            .args(["--prefix", &self.1, "down"])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn bridge_is_let_through_a_drop_forward_policy_and_only_while_up() {
+    if Command::new("iptables").arg("--version").output().is_err() {
+        panic!("iptables is missing (CI installs it): the firewall path cannot be tested");
+    }
+    let pid = std::process::id();
+    let prefix = format!("fw{pid}-h");
+    let outer = OuterNs(format!("shfw{pid}"), prefix.clone());
+    let ok = |c: &mut Command| {
+        let out = c.output().expect("running");
+        assert!(
+            out.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(Command::new("ip").args(["netns", "add", &outer.0]));
+    let in_outer = |prog: &str| {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", outer.0))
+            .arg("--")
+            .arg(prog);
+        c
+    };
+    ok(in_outer("iptables").args(["-P", "FORWARD", "DROP"]));
+    ok(in_outer("iptables").args(["-P", "INPUT", "DROP"]));
+    let before = ok(in_outer("iptables").arg("-S"));
+    // Inside `outer` the bridge and the root side of the veths live there, as they would in a
+    // root namespace with that firewall; its own routing table makes any subnet free.
+    let script = script_path();
+    let testbed = |args: &[&str]| {
+        let mut c = in_outer("bash");
+        c.arg(&script).arg("--prefix").arg(&prefix).args(args);
+        ok(&mut c)
+    };
+    testbed(&["up", "2", "--subnet", "10.77.0"]);
+    let ping = |host: &str, to: &str| {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{host}"))
+            .args(["--", "busybox", "ping", "-c", "1", "-W", "1", to])
+            .output()
+            .expect("ping")
+            .status
+            .success()
+    };
+    let (h1, h2) = (format!("{prefix}1"), format!("{prefix}2"));
+    assert!(ping(&h1, "10.77.0.2"), "FORWARD DROP cut the hosts apart");
+    assert!(ping(&h2, "10.77.0.254"), "INPUT DROP cut the bridge off");
+    let during = ok(in_outer("iptables").arg("-S"));
+    assert!(during.contains("shoal-testbed"), "{during}");
+    // Without the rule the policy wins: the rule is what lets the bridge through.
+    let bridge = format!("fw{pid}-br0");
+    ok(in_outer("iptables").args([
+        "-D",
+        "FORWARD",
+        "-i",
+        &bridge,
+        "-o",
+        &bridge,
+        "-m",
+        "comment",
+        "--comment",
+        &format!("shoal-testbed {bridge}"),
+        "-j",
+        "ACCEPT",
+    ]));
+    assert!(
+        !ping(&h1, "10.77.0.2"),
+        "the DROP policy does not apply here"
+    );
+    testbed(&["up", "2"]);
+    assert!(ping(&h1, "10.77.0.2"), "up again did not put the rule back");
+    testbed(&["down"]);
+    assert_eq!(ok(in_outer("iptables").arg("-S")), before);
+    assert_nothing_left(&prefix, &bridge, &[]);
+}
