@@ -171,6 +171,47 @@ pub fn pid_stopped(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Writes a root filesystem tar holding /bin/busybox, its applets as symlinks and a root
+/// user: an image for `shoal image import` made from this machine's busybox.
+pub fn busybox_rootfs_tar(path: &Path) -> Result<(), TestbedError> {
+    let io_err = |what: &str| {
+        let what = format!("{what} for {}", path.display());
+        move |source| TestbedError::Io { what, source }
+    };
+    let busybox = fs::read("/bin/busybox").map_err(io_err("reading /bin/busybox"))?;
+    let list = run_ok(Command::new("/bin/busybox").arg("--list"))?;
+    let file = File::create(path).map_err(io_err("creating the tar"))?;
+    let mut b = tar::Builder::new(file);
+    let mut add = |h: &mut tar::Header, name: &str, data: &[u8]| {
+        h.set_size(data.len() as u64);
+        b.append_data(h, name, data)
+    };
+    for d in ["bin", "etc", "tmp", "root"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        add(&mut h, d, &[]).map_err(io_err("writing the tar"))?;
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    add(&mut h, "bin/busybox", &busybox).map_err(io_err("writing the tar"))?;
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    add(&mut h, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+        .map_err(io_err("writing the tar"))?;
+    for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .map_err(io_err("writing the tar"))?;
+    }
+    b.into_inner()
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("finishing the tar"))
+}
+
 /// A set of test hosts; dropping it brings them all down.
 pub struct Testbed {
     slot: u32,
@@ -459,6 +500,21 @@ impl Host {
     pub fn shoal(&self, args: &[&str]) -> Result<Output, TestbedError> {
         let bin = self.shoal_path()?;
         run(self.command(bin).args(args))
+    }
+
+    /// Imports a busybox image (see [`busybox_rootfs_tar`]) into the host's data dir as `tag`.
+    pub fn import_busybox(&self, tag: &str) -> Result<(), TestbedError> {
+        let tar = self.dir.join("busybox-rootfs.tar");
+        busybox_rootfs_tar(&tar)?;
+        let bin = self.shoal_path()?;
+        let r = run_ok(
+            self.command(bin)
+                .args(["image", "import"])
+                .arg(&tar)
+                .arg(tag),
+        );
+        let _ = fs::remove_file(&tar);
+        r.map(drop)
     }
 
     /// Starts `shoal agent` in the host (`testbed.sh agent`) and waits until its control

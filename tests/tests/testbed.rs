@@ -613,3 +613,55 @@ fn bridge_is_let_through_a_drop_forward_policy_and_only_while_up() {
     assert_eq!(ok(in_outer("iptables").arg("-S")), before);
     assert_nothing_left(&prefix, &bridge, &[]);
 }
+
+#[test]
+fn down_ends_a_hosts_containers_and_removes_their_cgroups() {
+    let tb = up(1);
+    let h1 = tb.host(1).expect("h1");
+    h1.import_busybox("busybox:latest").expect("import");
+    let run = h1
+        .shoal(&["run", "-d", "busybox:latest", "sleep", "1000"])
+        .expect("shoal run");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let id = String::from_utf8_lossy(&run.stdout).trim().to_string();
+    assert!(
+        h1.data_dir().join("containers").join(&id).is_dir(),
+        "no container dir for {id}"
+    );
+    let cgroups: Vec<_> = [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/memory",
+    ]
+    .iter()
+    .map(|root| Path::new(root).join("shoal").join(&id))
+    .filter(|p| p.is_dir())
+    .collect();
+    assert!(!cgroups.is_empty(), "no cgroup shoal/{id}");
+    let procs: Vec<u32> = cgroups
+        .iter()
+        .flat_map(|cg| {
+            fs::read_to_string(cg.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    assert!(
+        procs.iter().any(|&p| pid_alive(p)),
+        "the container's sleep is not running"
+    );
+    // The container has its own network namespace: only down's other searches find it.
+    let mut pids = h1.pids().expect("pids");
+    pids.extend(&procs);
+    let (prefix, bridge) = (tb.prefix().to_string(), tb.bridge());
+    tb.down().expect("down");
+    assert_nothing_left(&prefix, &bridge, &pids);
+    let left: Vec<_> = cgroups.iter().filter(|c| c.exists()).collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+}
