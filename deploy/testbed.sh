@@ -13,7 +13,10 @@
 #   testbed.sh partition-one-way FROM TO    drop traffic from FROM to TO only
 #   testbed.sh heal [--prefix P]            remove every partition rule
 #
-# HOST is a full host name (shoal-h2) or its number (2, h2) under --prefix.
+# HOST is a full host name (shoal-h2) or its number (2, h2) under --prefix. Options may come
+# before the command (for exec and agent they must: what follows HOST is the command's).
+# `agent` adds --hostname HOST unless ARGS name one, appends to the host's agent.log and prints
+# the agent's pid. Commands that change things take one lock (flock on /run/shoal-testbed).
 #
 # Layout. Host i of prefix P is the network namespace P<i> (shoal-h1, shoal-h2, ...) with one
 # veth: `eth0` inside (address <subnet>.<i>/24, default route via <subnet>.254, lo up), its
@@ -38,12 +41,13 @@
 # host directories. Both `up` and `down` are idempotent; `up 5` after `up 3` adds h4 and h5.
 #
 # Firewall. If the bridge netfilter hook is on (br_netfilter, net.bridge.bridge-nf-call-iptables
-# =1) and iptables exists, bridged traffic passes the root namespace's FORWARD chain, where a
-# DROP policy (Docker sets one) would cut the hosts apart: `up` inserts ACCEPT rules for this
-# bridge only (FORWARD in and out of the bridge, INPUT from it), tagged with a comment, and
-# `down` removes exactly those. The global sysctl is left alone, since other bridges on the
-# machine may rely on it. A pure nftables ruleset with a drop policy on forward is not
-# adjusted (the test bed then reports no reply; see `ls`).
+# =1), bridged traffic passes the root namespace's FORWARD chain, where a DROP policy (Docker
+# sets one) would cut the hosts apart; an INPUT DROP policy would cut them off the bridge
+# address. When iptables exists, `up` inserts ACCEPT rules for this bridge only (INPUT from it;
+# FORWARD in and out of it when the hook is on), tagged with a comment, and `down` removes
+# exactly those. The global sysctl is left alone: other bridges on the machine may rely on it.
+# A pure nftables ruleset with a drop policy is not adjusted: hosts then cannot reach each
+# other until such a ruleset accepts the bridge.
 #
 # Partitions are nftables rules inside the hosts' namespaces (table inet shoal_testbed), so the
 # root namespace is never filtered. They add up; `heal` removes them all. Needs `nft`
@@ -179,15 +183,15 @@ bridge_nf_on() {
 
 fw_rules() {
 	local br=$1
-	echo "FORWARD -i $br -o $br"
 	echo "INPUT -i $br"
+	echo "FORWARD -i $br -o $br"
 }
 
 fw_open() {
 	local br=$1 chain match
 	command -v iptables >/dev/null || return 0
-	bridge_nf_on || return 0
 	while read -r chain match; do
+		[[ $chain == FORWARD ]] && ! bridge_nf_on && continue
 		# shellcheck disable=SC2086 # match is a list of words
 		iptables -w -C "$chain" $match -m comment --comment "shoal-testbed $br" -j ACCEPT 2>/dev/null ||
 			iptables -w -I "$chain" 1 $match -m comment --comment "shoal-testbed $br" -j ACCEPT ||
