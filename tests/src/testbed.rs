@@ -53,6 +53,8 @@ pub enum TestbedError {
     Io { what: String, source: io::Error },
     #[error("no shoal binary: set SHOAL_BIN or build the shoal binary (tried {0})")]
     NoShoalBin(String),
+    #[error("exec needs a command")]
+    NoCommand,
     #[error("no host {0} in this test bed (hosts are numbered from 1)")]
     NoHost(usize),
     #[error("unexpected output from {cmd}: {output}")]
@@ -93,7 +95,6 @@ pub fn script_path() -> PathBuf {
 /// The shoal binary: $SHOAL_BIN, else the one cargo built next to this test executable, else
 /// the repository's target/debug or target/release.
 pub fn shoal_bin() -> Result<PathBuf, TestbedError> {
-    let mut tried = Vec::new();
     if let Some(b) = std::env::var_os("SHOAL_BIN") {
         return Ok(PathBuf::from(b));
     }
@@ -107,6 +108,7 @@ pub fn shoal_bin() -> Result<PathBuf, TestbedError> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     candidates.push(repo.join("target/debug/shoal"));
     candidates.push(repo.join("target/release/shoal"));
+    let mut tried = Vec::new();
     for c in candidates {
         if c.is_file() {
             return Ok(c);
@@ -473,19 +475,13 @@ impl Host {
 
     /// Runs `args[0] args[1..]` in the host to completion (whatever its exit status).
     pub fn exec(&self, args: &[&str]) -> Result<Output, TestbedError> {
-        let (prog, rest) = args.split_first().ok_or_else(|| TestbedError::BadOutput {
-            cmd: "exec".into(),
-            output: "no command given".into(),
-        })?;
+        let (prog, rest) = args.split_first().ok_or(TestbedError::NoCommand)?;
         run(self.command(prog).args(rest))
     }
 
     /// [`Host::exec`] that must succeed; returns its stdout.
     pub fn exec_ok(&self, args: &[&str]) -> Result<String, TestbedError> {
-        let (prog, rest) = args.split_first().ok_or_else(|| TestbedError::BadOutput {
-            cmd: "exec".into(),
-            output: "no command given".into(),
-        })?;
+        let (prog, rest) = args.split_first().ok_or(TestbedError::NoCommand)?;
         run_ok(self.command(prog).args(rest))
     }
 
@@ -614,7 +610,8 @@ impl Host {
     }
 
     /// Runs `f` on a thread that has joined this host's network namespace: sockets it makes
-    /// live in the host (and stay there when used from other threads).
+    /// live in the host (and stay there when used from other threads). Such a socket keeps
+    /// the namespace alive: close it before the test bed goes down.
     pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, TestbedError> {
         let path = format!("/run/netns/{}", self.name);
         let ns = File::open(&path).map_err(|source| TestbedError::Io {
