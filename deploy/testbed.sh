@@ -50,7 +50,9 @@
 # other until such a ruleset accepts the bridge.
 #
 # Partitions are nftables rules inside the hosts' namespaces (table inet shoal_testbed), so the
-# root namespace is never filtered. They add up; `heal` removes them all. Needs `nft`
+# root namespace is never filtered; hosts named in no group keep talking to everyone. Rules
+# drop established connections' packets too (a real cut, not a reset). They add up; `heal`
+# removes them all. Needs `nft`
 # (Debian package nftables).
 #
 # The shoal binary is $SHOAL_BIN, else target/debug/shoal, else target/release/shoal (relative
