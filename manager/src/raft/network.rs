@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    Timeout, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
@@ -236,7 +236,7 @@ impl PeerClient {
                     | Code::ResourceExhausted
                     | Code::Unknown => CallError::Unreachable(RaftNetError::Status(status)),
                     _ => CallError::Network(RaftNetError::Status(status)),
-                })
+                });
             }
             Ok(Ok(resp)) => resp.into_inner(),
         };
@@ -244,6 +244,8 @@ impl PeerClient {
     }
 
     /// openraft's view of a call's outcome.
+    // The error type is openraft's, returned as the trait requires.
+    #[allow(clippy::result_large_err)]
     fn finish<Resp, E: std::error::Error>(
         &self,
         method: Method,
@@ -387,5 +389,45 @@ impl RaftRpc for RaftService {
         self.admit(&req)?;
         let rpc: InstallSnapshotRequest = decode(&req.get_ref().data).map_err(bad_request)?;
         reply(&self.raft.install_snapshot(rpc).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::typ::Entry;
+    use crate::store::{Command, Mutation, Object};
+
+    #[test]
+    fn requests_and_responses_survive_the_wire_encoding() {
+        let service = shoal_proto::v1::Service {
+            meta: Some(shoal_proto::v1::Meta {
+                id: "s1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let entry = Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 7),
+            payload: openraft::EntryPayload::Normal(Command {
+                now_ms: 5,
+                mutations: vec![Mutation::Create(Object::Service(service))],
+            }),
+        };
+        let req = AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(3, 1),
+            prev_log_id: None,
+            entries: vec![entry],
+            leader_commit: None,
+        };
+        let back: AppendEntriesRequest = decode(&encode(&req).unwrap()).unwrap();
+        assert_eq!(back.entries.len(), 1);
+        assert_eq!(format!("{back:?}"), format!("{req:?}"));
+
+        let resp: Result<AppendEntriesResponse, RaftError<NodeId>> =
+            Ok(AppendEntriesResponse::Success);
+        let back: Result<AppendEntriesResponse, RaftError<NodeId>> =
+            decode(&encode(&resp).unwrap()).unwrap();
+        assert_eq!(back, resp);
     }
 }
