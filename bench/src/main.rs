@@ -1,6 +1,8 @@
 //! shoal's benchmarks, each run side by side with its peer in the same run, reporting medians
 //! and ratios. Not timed tests: run them by hand (see BENCHMARKS.md) on a quiet machine.
 
+mod cluster;
+mod etcd;
 mod fixture;
 mod runtime;
 mod stats;
@@ -20,6 +22,12 @@ enum Bench {
     RuntimeStart(runtime::StartArgs),
     /// Resident memory of the per-container monitor with N containers running.
     MonitorMemory(runtime::MemoryArgs),
+    /// Write path: service updates on 3 managers vs etcd puts on 3 members, 1 and 64 clients.
+    ClusterWrite(cluster::WriteArgs),
+    /// Leader failover: kill -9 of the leader under writes, time to the next write (vs etcd).
+    ClusterFailover(cluster::FailoverArgs),
+    /// Memory of a manager idle and with 10,000 services (vs an etcd member).
+    ClusterMemory(cluster::MemoryArgs),
 }
 
 fn main() {
@@ -27,6 +35,9 @@ fn main() {
     let result = match cli.bench {
         Bench::RuntimeStart(a) => runtime::start_latency(&a),
         Bench::MonitorMemory(a) => runtime::monitor_memory(&a),
+        Bench::ClusterWrite(a) => cluster::write_path(&a),
+        Bench::ClusterFailover(a) => cluster::failover(&a),
+        Bench::ClusterMemory(a) => cluster::memory(&a),
     };
     if let Err(e) = result {
         eprintln!("shoal-bench: {e:#}");
