@@ -155,13 +155,14 @@ impl Object {
     }
 }
 
-/// How an `Object` travels in serde formats: its kind and its prost bytes.
+/// How an `Object` travels in serde formats: its kind and its prost bytes (as one byte string,
+/// not a sequence of integers: bincode then copies them in one go).
 #[derive(Serialize, Deserialize)]
 enum ObjectWire {
-    Node(Vec<u8>),
-    Service(Vec<u8>),
-    Task(Vec<u8>),
-    Cluster(Vec<u8>),
+    Node(#[serde(with = "serde_bytes")] Vec<u8>),
+    Service(#[serde(with = "serde_bytes")] Vec<u8>),
+    Task(#[serde(with = "serde_bytes")] Vec<u8>),
+    Cluster(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 impl Serialize for Object {
