@@ -306,3 +306,85 @@ fn bad_bundles_fail_cleanly() {
         Err(ContainerError::ExeNotProtected)
     ));
 }
+
+#[test]
+fn user_namespace_maps_and_joined_namespaces() {
+    use oci_spec::runtime::{LinuxIdMappingBuilder, LinuxNamespaceBuilder, LinuxNamespaceType};
+    let map = |host: u32| {
+        LinuxIdMappingBuilder::default()
+            .container_id(0u32)
+            .host_id(host)
+            .size(65536u32)
+            .build()
+            .expect("map")
+    };
+    let fx = Fixture::with_spec(
+        &[
+            "sh",
+            "-c",
+            "echo uid=$(id -u); cat /proc/self/uid_map; sleep 30",
+        ],
+        |spec| {
+            let mut linux = spec.linux().clone().expect("linux");
+            let mut nss = linux.namespaces().clone().unwrap_or_default();
+            nss.push(
+                LinuxNamespaceBuilder::default()
+                    .typ(LinuxNamespaceType::User)
+                    .build()
+                    .expect("ns"),
+            );
+            linux.set_namespaces(Some(nss));
+            linux.set_uid_mappings(Some(vec![map(200_000)]));
+            linux.set_gid_mappings(Some(vec![map(200_000)]));
+            spec.set_linux(Some(linux));
+        },
+    );
+    let mut c = fx.create(&id("userns"), true);
+    c.start().expect("start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !fx.log_text().contains("200000") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = fx.log_text();
+    assert!(log.contains("uid=0\n"), "root inside: {log}");
+    assert!(
+        log.split_whitespace()
+            .collect::<Vec<_>>()
+            .starts_with(&["uid=0", "0", "200000", "65536"]),
+        "{log}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", c.pid())).expect("status");
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid");
+    assert!(
+        uid_line.contains("200000"),
+        "host sees the mapped uid: {uid_line}"
+    );
+
+    // A second container joins the first one's network namespace by path.
+    let net = format!("/proc/{}/ns/net", c.pid());
+    let fx2 = Fixture::with_spec(&["true"], |spec| {
+        let mut linux = spec.linux().clone().expect("linux");
+        let mut nss = linux.namespaces().clone().unwrap_or_default();
+        nss.retain(|n| n.typ() != LinuxNamespaceType::Network);
+        nss.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .path(net.clone())
+                .build()
+                .expect("ns"),
+        );
+        linux.set_namespaces(Some(nss));
+        spec.set_linux(Some(linux));
+    });
+    let mut c2 = fx2.create(&id("joinnet"), false);
+    let a = std::fs::read_link(format!("/proc/{}/ns/net", c.pid())).expect("ns");
+    let b = std::fs::read_link(format!("/proc/{}/ns/net", c2.pid())).expect("ns");
+    assert_eq!(a, b, "joined the namespace");
+    c2.start().expect("start");
+    assert_eq!(
+        c2.wait_timeout(WAIT).expect("wait").expect("exited").code,
+        Some(0)
+    );
+    c2.delete(false).expect("delete");
+    c.delete(true).expect("delete");
+}

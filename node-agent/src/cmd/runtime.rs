@@ -215,7 +215,7 @@ pub fn run(args: RuntimeArgs) -> Result<()> {
                 return Ok(());
             }
             let status = c
-                .wait()
+                .wait_reaped()
                 .with_context(|| format!("wait for container {id}"))?;
             c.delete(true)
                 .with_context(|| format!("delete container {id}"))?;

@@ -383,8 +383,15 @@ fn setns_path(path: &Path, flag: CloneFlags) -> R {
 }
 
 /// The init's work between clone and start: namespaces, rootfs, hostname, sysctl.
-pub fn prepare(plan: &Plan) -> R {
+///
+/// `go` blocks until the creator has put this process in its cgroup (and written the id maps
+/// of a new user namespace). Without a new user namespace the rootfs is set up while the
+/// creator does that, since a cgroup migration can cost an RCU grace period (~10 ms).
+pub fn prepare(plan: &Plan, go: &mut dyn FnMut() -> R) -> R {
+    let mut waited = false;
     if plan.new_user_ns {
+        go()?;
+        waited = true;
         // The parent has written the id maps by now; act as root of the new namespace.
         nix::unistd::setresgid(0.into(), 0.into(), 0.into())
             .ctx(|| "become gid 0 in the user namespace".into())?;
@@ -393,9 +400,6 @@ pub fn prepare(plan: &Plan) -> R {
     }
     for (flag, path) in &plan.join {
         setns_path(path, *flag)?;
-    }
-    if plan.new_cgroup_ns {
-        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).ctx(|| "new cgroup namespace".into())?;
     }
     if plan.new_mount_ns {
         setup_rootfs(plan)?;
@@ -421,6 +425,13 @@ pub fn prepare(plan: &Plan) -> R {
     if let Some(adj) = plan.process.oom_score_adj {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .ctx(|| "oom_score_adj".into())?;
+    }
+    if !waited {
+        go()?;
+    }
+    // Rooted at the container's cgroup, so only after the creator moved us there.
+    if plan.new_cgroup_ns {
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).ctx(|| "new cgroup namespace".into())?;
     }
     Ok(())
 }

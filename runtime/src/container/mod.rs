@@ -32,6 +32,8 @@ pub const DEFAULT_ROOT: &str = "/run/shoal/runtime";
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `delete -f` waits for the monitor after killing the init.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts at removing a state dir the monitor is still writing into.
+const REMOVE_RETRIES: u32 = 200;
 /// Longest container id (ids name directories and cgroups).
 const MAX_ID_LEN: usize = 128;
 
@@ -310,9 +312,6 @@ impl Container {
         opts: &CreateOptions,
         undo: &mut Undo,
     ) -> Result<Container> {
-        let text = serde_json::to_vec(spec).map_err(|e| ContainerError::Setup(e.to_string()))?;
-        state::write_atomic(dir, state::CONFIG_FILE, &text, false)
-            .map_err(io_err("write config copy"))?;
         let resources = resources_with_default_devices(spec)?;
         let cg = cgroups::create(cgroup_rel, resources.as_ref())?;
         undo.cgroup = Some(cg);
@@ -409,7 +408,13 @@ impl Container {
             state,
             events: Some(events),
         };
-        c.save()?;
+        // The spec rides along in state.json (one file to write and remove) for `exec`.
+        let file = state::StateFile {
+            state: c.state.clone(),
+            config: spec.clone(),
+        };
+        let data = serde_json::to_vec(&file).map_err(|e| ContainerError::Setup(e.to_string()))?;
+        state::write_atomic(dir, state::STATE_FILE, &data, false).map_err(io_err("write state"))?;
         undo.dir = None;
         undo.cgroup = None;
         undo.init = None;
@@ -417,15 +422,12 @@ impl Container {
         Ok(c)
     }
 
-    fn save(&self) -> Result<()> {
-        let data = serde_json::to_vec_pretty(&self.state)
-            .map_err(|e| ContainerError::Setup(e.to_string()))?;
-        state::write_atomic(&self.dir, state::STATE_FILE, &data, false)
-            .map_err(io_err("write state"))
-    }
-
     /// Open an existing container (from any process).
     pub fn load(root: &Path, id: &str) -> Result<Container> {
+        Ok(Self::load_with_config(root, id)?.0)
+    }
+
+    fn load_with_config(root: &Path, id: &str) -> Result<(Container, oci_spec::runtime::Spec)> {
         check_id(id)?;
         let dir = root.join(id);
         let text = match std::fs::read(dir.join(state::STATE_FILE)) {
@@ -435,14 +437,15 @@ impl Container {
             }
             Err(e) => return Err(io_err("read state")(e)),
         };
-        let state: State = serde_json::from_slice(&text)
+        let file: state::StateFile = serde_json::from_slice(&text)
             .map_err(|e| ContainerError::Setup(format!("corrupt state of {id}: {e}")))?;
-        Ok(Container {
+        let c = Container {
             root: root.to_path_buf(),
             dir,
-            state,
+            state: file.state,
             events: None,
-        })
+        };
+        Ok((c, file.config))
     }
 
     /// Every container under `root`, with current status.
@@ -533,9 +536,8 @@ impl Container {
         let mut reply = String::new();
         use std::io::Read;
         let _ = conn.read_to_string(&mut reply);
+        // Status is read from the processes and this socket's presence: no state rewrite.
         let _ = std::fs::remove_file(self.dir.join(state::START_SOCKET));
-        self.state.status = Status::Running;
-        let _ = self.save();
         match reply.trim().strip_prefix("error ") {
             Some(msg) => Err(ContainerError::Start(msg.to_string())),
             None => Ok(()),
@@ -592,12 +594,38 @@ impl Container {
 
     /// Like [`wait`](Self::wait) but gives up after `timeout` with `Ok(None)`.
     pub fn wait_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>> {
+        self.wait_inner(timeout, true)
+    }
+
+    /// Like [`wait`](Self::wait) but returns as soon as the monitor has reaped the init, before
+    /// `exit.json` is durable: for a creator that deletes the container next (`run`). Other
+    /// processes may briefly see the container stopped with no exit status yet.
+    pub fn wait_reaped(&mut self) -> Result<ExitStatus> {
+        self.wait_inner(None, false)?
+            .ok_or_else(|| ContainerError::MonitorGone(self.state.id.clone()))
+    }
+
+    fn wait_inner(
+        &mut self,
+        timeout: Option<Duration>,
+        durable: bool,
+    ) -> Result<Option<ExitStatus>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         if let Some(ev) = self.events.as_mut() {
+            let mut reaped = None;
             while let Some(line) = ev.next(deadline) {
                 if let Some(rest) = line.strip_prefix("exit ") {
-                    return Ok(Some(parse_exit(rest)));
+                    reaped = Some(parse_exit(rest));
+                    if !durable {
+                        return Ok(reaped);
+                    }
+                } else if line == "recorded" && reaped.is_some() {
+                    return Ok(reaped);
                 }
+            }
+            if reaped.is_some() && deadline.is_none_or(|d| Instant::now() < d) {
+                // The monitor failed to record it; what it reaped is still the truth.
+                return Ok(reaped);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
@@ -658,22 +686,29 @@ impl Container {
             // A frozen init cannot die; destroy thaws and kills whatever is left.
             c.destroy()?;
         }
-        // The monitor records the exit and may still be writing into the state dir.
-        let _ = self.wait_timeout(Some(DELETE_TIMEOUT));
-        if let Ok(fd) = sys::pidfd_open(self.state.monitor_pid) {
-            if sys::same_process(self.state.monitor_pid, self.state.monitor_start_time) {
-                let _ = sys::pidfd_wait(fd.as_raw_fd(), DELETE_TIMEOUT.as_millis() as i32);
+        if status != Status::Stopped {
+            let _ = self.wait_inner(Some(DELETE_TIMEOUT), false);
+        }
+        // The monitor may be writing exit.json right now (it writes through its own fd of this
+        // dir, so nothing lands in a later container of the same name): retry while it does.
+        let mut tries = 0;
+        loop {
+            match std::fs::remove_dir_all(&self.dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if tries < REMOVE_RETRIES && e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(io_err(format!("remove {}", self.dir.display()))(e)),
             }
         }
-        std::fs::remove_dir_all(&self.dir).map_err(io_err(format!("remove {}", self.dir.display())))
     }
 
     /// Run another process inside the running container.
     pub fn exec(&self, opts: &ExecOptions) -> Result<ExecProcess> {
         self.require("exec", &[Status::Created, Status::Running])?;
-        let text = std::fs::read_to_string(self.dir.join(state::CONFIG_FILE))
-            .map_err(io_err("read config copy"))?;
-        let spec = spec::parse(&text)?;
+        let (_, spec) = Self::load_with_config(&self.root, &self.state.id)?;
         let mut process = spec
             .process()
             .clone()

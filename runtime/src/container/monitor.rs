@@ -85,6 +85,10 @@ fn run_monitor(plan: &Plan, l: &Launch) -> Result<(), Fail> {
     sys::close_fds_except(3, &keep);
     // SAFETY: setting a signal disposition.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // Held by fd, so a status written late can never land in a newer container's dir that
+    // reuses the name after a delete.
+    let state_dir = File::open(l.state_dir)
+        .map_err(|e| Fail(format!("open {}: {e}", l.state_dir.display())))?;
     if let Some(p) = &plan.join_pid {
         let f = File::open(p).map_err(|e| Fail(format!("open namespace {}: {e}", p.display())))?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWPID)
@@ -124,22 +128,90 @@ fn run_monitor(plan: &Plan, l: &Launch) -> Result<(), Fail> {
     let _ = std::env::set_current_dir("/");
     // SAFETY: releasing free heap pages back to the kernel.
     unsafe { libc::malloc_trim(0) };
-
     let pidfd = sys::pidfd_open(pid).map_err(|e| Fail(format!("pidfd of init: {e}")))?;
+    shed_inherited_pages();
     if let (Some(rd), Some(cfg)) = (&log_rd, l.log) {
         copy_log(rd.as_raw_fd(), pidfd.as_raw_fd(), cfg);
     }
     let status = reap(pid);
-    // Durable first, so whoever hears "exit" finds the same status in the state dir.
-    let data = serde_json::to_vec(&status).map_err(|e| Fail(e.to_string()))?;
-    let recorded = state::write_atomic(l.state_dir, state::EXIT_FILE, &data, true);
+    // Announce first (a foreground `run` deletes the container next and needs no disk), then
+    // record durably: temp file, fsync, rename, fsync of the dir.
     let line = format!(
         "exit {} {}",
         status.code.unwrap_or(-1),
         status.signal.unwrap_or(0)
     );
     send(l.to_creator, &line);
-    recorded.map_err(|e| Fail(format!("record exit status: {e}")))
+    let data = serde_json::to_vec(&status).map_err(|e| Fail(e.to_string()))?;
+    record_exit(&state_dir, &data).map_err(|e| Fail(format!("record exit status: {e}")))?;
+    send(l.to_creator, "recorded");
+    Ok(())
+}
+
+fn record_exit(dir: &File, data: &[u8]) -> std::io::Result<()> {
+    use nix::fcntl::{openat, renameat, OFlag};
+    use nix::sys::stat::Mode;
+    let tmp = format!(".{}.tmp", state::EXIT_FILE);
+    let fd = openat(
+        Some(dir.as_raw_fd()),
+        tmp.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )?;
+    // SAFETY: openat just returned this fd and nothing else owns it.
+    let mut f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    renameat(
+        Some(dir.as_raw_fd()),
+        tmp.as_str(),
+        Some(dir.as_raw_fd()),
+        state::EXIT_FILE,
+    )?;
+    dir.sync_all()
+}
+
+/// Give back the pages the monitor inherited but will not touch while it waits: the mapped
+/// code of the runtime and libc (re-read from the page cache when needed; code is never
+/// written, so nothing is lost) and the unused depth of the caller's stack. Data pages stay.
+fn shed_inherited_pages() {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let here = 0u8;
+    let sp = &here as *const u8 as usize;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let mut ranges = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        else {
+            continue;
+        };
+        let path = f.nth(3).unwrap_or("");
+        if perms == "r-xp" && path.starts_with('/') {
+            ranges.push((start, end));
+        } else if path == "[stack]" && sp > start && sp < end {
+            // Everything a page below the current frame is dead stack.
+            let top = (sp.saturating_sub(2 * page)) & !(page - 1);
+            if top > start {
+                ranges.push((start, top));
+            }
+        }
+    }
+    for (start, end) in ranges {
+        // SAFETY: the ranges are our own code mappings (never written, re-faulted from the
+        // file) and stack pages below the live frames.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
 }
 
 fn reap(pid: i32) -> ExitStatus {
@@ -204,18 +276,22 @@ fn init_main(plan: &Plan, l: &Launch, log_out: Option<RawFd>) -> Result<(), Fail
     keep.sort_unstable();
     sys::close_fds_except(3, &keep);
 
-    let mut b = [0u8; 1];
-    match sys::read(l.go, &mut b) {
-        Ok(1) => {}
-        _ => {
-            return Err(Fail(
-                "creator went away before the container was set up".into(),
-            ))
+    let go_fd = l.go;
+    let mut go = || -> Result<(), Fail> {
+        let mut b = [0u8; 1];
+        match sys::read(go_fd, &mut b) {
+            Ok(1) => {}
+            _ => {
+                return Err(Fail(
+                    "creator went away before the container was set up".into(),
+                ))
+            }
         }
-    }
-    // SAFETY: closing a fd we own.
-    unsafe { libc::close(l.go) };
-    init::prepare(plan)?;
+        // SAFETY: closing a fd we own.
+        unsafe { libc::close(go_fd) };
+        Ok(())
+    };
+    init::prepare(plan, &mut go)?;
     send(l.to_creator, "ready");
     // SAFETY: as above.
     unsafe { libc::close(l.to_creator) };

@@ -1,5 +1,4 @@
-//! The container state directory: `<root>/<id>/state.json`, `exit.json`, `config.json`,
-//! `start.sock`. Files are replaced atomically (temp file, fsync, rename).
+//! The container state directory: `<root>/<id>/state.json`, `exit.json`, `start.sock`. Files are replaced atomically (temp file, fsync, rename).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -53,6 +52,14 @@ pub struct State {
     pub cgroup: String,
 }
 
+/// `state.json` on disk: the state plus the validated spec (for `exec`).
+#[derive(Serialize, Deserialize)]
+pub struct StateFile {
+    #[serde(flatten)]
+    pub state: State,
+    pub config: oci_spec::runtime::Spec,
+}
+
 /// How the container's init ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitStatus {
@@ -75,7 +82,6 @@ impl ExitStatus {
 
 pub const STATE_FILE: &str = "state.json";
 pub const EXIT_FILE: &str = "exit.json";
-pub const CONFIG_FILE: &str = "config.json";
 pub const START_SOCKET: &str = "start.sock";
 
 /// Write `data` to `dir/name` so a reader sees the old file or the whole new one; when
