@@ -479,15 +479,7 @@ async fn demote_and_remove_keep_quorum() {
         .unwrap()
         .membership();
     assert_eq!(voters.len(), 2);
-    // Now y is a worker; it is not down as far as the store knows, so removal needs force.
-    let e = c
-        .remove_node(pb::RemoveNodeRequest {
-            node: y_id.clone(),
-            force: false,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    // Now y is a worker (and stopped): it can be removed.
     c.remove_node(pb::RemoveNodeRequest {
         node: y_id.clone(),
         force: true,
@@ -506,6 +498,17 @@ async fn demote_and_remove_keep_quorum() {
     c.demote_node(pb::DemoteNodeRequest { node: x_id.clone() })
         .await
         .unwrap();
+    // The running x learns of its demotion and turns into a worker by itself.
+    let xd = nodes[x].daemon.as_ref().unwrap();
+    wait_for("x to run as a worker", || xd.control().is_none()).await;
+    let info = nodes[x]
+        .local()
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.state, pb::LocalNodeState::Worker as i32);
     // ...but the very last one never.
     let me = nodes[leader]
         .daemon

@@ -295,6 +295,14 @@ impl ControlApi {
                 )));
             }
             let health = self.manager_health().await;
+            let now = health.count_reachable(&voters);
+            if !quorum_after(voters.len(), now) {
+                // The membership change itself needs a quorum of the managers there are now.
+                return Err(Status::unavailable(format!(
+                    "only {now} of {} managers are reachable: the cluster has lost quorum",
+                    voters.len()
+                )));
+            }
             let reachable = health.count_reachable(&remaining);
             if !force && !quorum_after(remaining.len(), reachable) {
                 return Err(Status::failed_precondition(format!(

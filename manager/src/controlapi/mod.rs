@@ -33,6 +33,8 @@ pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// How often a call retries when the leader changed under it.
 pub const LEADER_RETRIES: usize = 3;
+/// How long a proposal may wait to be committed (no quorum = never).
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before retrying a call whose leader changed under it.
 pub const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Messages larger than this are refused (a service spec is a few KiB).
@@ -233,7 +235,13 @@ impl ControlApi {
             now_ms: now_ms(),
             mutations,
         };
-        let resp = self.inner.raft.client_write(cmd).await.map_err(|e| {
+        let write = tokio::time::timeout(PROPOSE_TIMEOUT, self.inner.raft.client_write(cmd));
+        let resp = write.await.map_err(|_| {
+            Status::unavailable(
+                "the write was not committed in time: the managers may have lost quorum",
+            )
+        })?;
+        let resp = resp.map_err(|e| {
             use openraft::error::{ClientWriteError, RaftError};
             match e {
                 RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {

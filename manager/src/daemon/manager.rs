@@ -1,4 +1,5 @@
-//! One running manager: sled, Raft, and the TLS gRPC port serving Raft, CA and Control.
+//! One running manager: sled, Raft, and the TLS gRPC port serving Raft, CA, Control and the
+//! dispatcher.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use super::backend::{ManagerCaBackend, StoreRegistry};
 use super::DaemonError;
 use crate::ca::{CaService, RootCa, PKI_DIR};
 use crate::controlapi::{ControlApi, ControlService};
+use crate::dispatcher::Dispatcher;
 use crate::raft::network::{Network, RaftService};
 use crate::raft::{raft_config, Raft, RaftSetupError, Storage};
 use crate::tls::{tls_incoming, Authorizer, NodeTls};
@@ -48,6 +50,7 @@ async fn open_storage(dir: &Path) -> Result<Storage, DaemonError> {
 /// A manager's running parts.
 pub struct Manager {
     api: ControlApi,
+    dispatcher: Option<Dispatcher<Raft>>,
     server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     renew: Option<JoinHandle<()>>,
 }
@@ -93,8 +96,10 @@ impl Manager {
 
         let backend = Arc::new(ManagerCaBackend(api.clone()));
         let ca = CaService::new(root_ca, backend, authorizer.clone()).into_server();
-        let raft_svc = RaftService::new(raft.clone(), authorizer).into_server();
+        let raft_svc = RaftService::new(raft.clone(), authorizer.clone()).into_server();
         let control = ControlService::tls(api.clone()).into_server();
+        let dispatcher = Dispatcher::start(storage.store.clone(), raft.clone(), authorizer.clone());
+        let dispatch = dispatcher.service();
         let listener =
             tokio::net::TcpListener::bind(listen)
                 .await
@@ -109,6 +114,7 @@ impl Manager {
                 .add_service(raft_svc)
                 .add_service(ca)
                 .add_service(control)
+                .add_service(dispatch)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;
                 })
@@ -130,6 +136,7 @@ impl Manager {
         tracing::info!(node_id = %identity.node_id, raft_id, %listen, "manager started");
         Ok(Manager {
             api,
+            dispatcher: Some(dispatcher),
             server: Some((stop_tx, server)),
             renew: Some(renew),
         })
@@ -163,6 +170,9 @@ impl Manager {
     pub async fn shutdown(mut self) {
         if let Some(r) = self.renew.take() {
             r.abort();
+        }
+        if let Some(d) = self.dispatcher.take() {
+            d.shutdown();
         }
         if let Err(e) = self.api.raft().shutdown().await {
             tracing::warn!("raft shutdown: {e}");

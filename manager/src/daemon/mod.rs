@@ -42,6 +42,12 @@ pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:4242";
 /// How long a joining manager waits for the cluster to make it a voter.
 pub const JOIN_MANAGER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How often a manager checks with the leader that it is still a manager (a demoted
+/// manager is no longer sent Raft traffic, so it learns of its demotion by asking).
+pub const ROLE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// How long that check may take.
+pub const ROLE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -195,6 +201,7 @@ impl Daemon {
             *shared.role.lock().await = (role, Some(st));
         }
         let socket_server = serve_socket(shared.clone()).await?;
+        tokio::spawn(watch_role(Arc::downgrade(&shared)));
         Ok(Daemon {
             shared,
             socket_server: Some(socket_server),
@@ -228,6 +235,95 @@ impl Daemon {
         let mut role = self.shared.role.lock().await;
         stop_role(std::mem::replace(&mut role.0, Role_::Inactive)).await;
     }
+}
+
+/// Turns this manager into a worker once the cluster has demoted it; ends with the daemon.
+async fn watch_role(shared: std::sync::Weak<Shared>) {
+    loop {
+        tokio::time::sleep(ROLE_CHECK_INTERVAL).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let Some(api) = shared.slot.get() else {
+            continue;
+        };
+        if let Some((false, leader)) = still_manager(&api).await {
+            let mut role = shared.role.lock().await;
+            // Re-check under the lock: a leave or restart may have happened meanwhile.
+            let same = shared
+                .slot
+                .get()
+                .is_some_and(|a| a.raft_id() == api.raft_id());
+            if !same {
+                continue;
+            }
+            drop(api);
+            tracing::warn!("this node was demoted: it now runs as a worker");
+            shared.slot.set(None);
+            let (old, st) = std::mem::replace(&mut *role, (Role_::Inactive, None));
+            stop_role(old).await;
+            let data_dir = &shared.cfg.data_dir;
+            let _ = std::fs::remove_dir_all(data_dir.join(RAFT_DIR));
+            let Some(mut st) = st else {
+                continue;
+            };
+            st.role = "worker".into();
+            st.raft_id = 0;
+            st.managers = vec![leader];
+            if let Err(e) = st.save(data_dir) {
+                tracing::error!("recording the demotion: {e}");
+            }
+            match NodeTls::load(&data_dir.join(PKI_DIR)) {
+                Ok(tls) => {
+                    let renew =
+                        spawn_worker_renewal(tls, data_dir.join(PKI_DIR), st.managers.clone());
+                    *role = (Role_::Worker { renew }, Some(st));
+                }
+                Err(e) => tracing::error!("loading the node certificate: {e}"),
+            }
+        }
+    }
+}
+
+/// Asks the cluster whether this node is still a manager: `Some((answer, manager address))`,
+/// or `None` when no manager gave a clear answer. The leader is asked first; a demoted node
+/// may no longer know who leads, so the other members it knows are asked too (they forward).
+async fn still_manager(api: &crate::controlapi::ControlApi) -> Option<(bool, String)> {
+    let m = api.raft().metrics().borrow().clone();
+    if m.current_leader == Some(api.raft_id()) {
+        return Some((true, String::new()));
+    }
+    let membership = m.membership_config.membership();
+    let mut addrs: Vec<String> = Vec::new();
+    if let Some(l) = m.current_leader.and_then(|l| membership.get_node(&l)) {
+        addrs.push(l.addr.clone());
+    }
+    for (id, n) in membership.nodes() {
+        if *id != api.raft_id() && !addrs.contains(&n.addr) {
+            addrs.push(n.addr.clone());
+        }
+    }
+    for addr in addrs {
+        let Ok(ch) = api.peer_channel(&addr) else {
+            continue;
+        };
+        let mut req = Request::new(pb::GetNodeRequest {
+            node: api.node_id().to_string(),
+        });
+        req.set_timeout(ROLE_CHECK_TIMEOUT);
+        match ControlClient::new(ch).get_node(req).await {
+            Ok(r) => {
+                let n = r.into_inner().node?;
+                let manager = pb::NodeRole::Manager as i32;
+                let is = n.role == manager || n.spec.is_some_and(|s| s.desired_role == manager);
+                return Some((is, addr));
+            }
+            // Refused: demoted or removed.
+            Err(s) if s.code() == tonic::Code::PermissionDenied => return Some((false, addr)),
+            Err(_) => continue,
+        }
+    }
+    None
 }
 
 async fn stop_role(role: Role_) {
