@@ -191,6 +191,18 @@ async fn one_manager_serves_services_and_survives_a_restart() {
     assert!(init.worker_token.starts_with("SHOAL-1-"));
     assert_ne!(init.worker_token, init.manager_token);
     assert!(a.is_leader());
+    let m = a
+        .daemon
+        .as_ref()
+        .unwrap()
+        .membership()
+        .borrow()
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (m.role.as_str(), m.managers.clone()),
+        ("manager", vec![a.addr.to_string()])
+    );
 
     let web = create(&a, "web").await.unwrap();
     let dup = create(&a, "web").await.unwrap_err();
@@ -509,6 +521,9 @@ async fn demote_and_remove_keep_quorum() {
         .unwrap()
         .into_inner();
     assert_eq!(info.state, pb::LocalNodeState::Worker as i32);
+    let m = xd.membership().borrow().clone().expect("still a member");
+    assert_eq!(m.role, "worker");
+    assert_eq!(m.node_id, x_id);
     // ...but the very last one never.
     let me = nodes[leader]
         .daemon

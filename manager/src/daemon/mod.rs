@@ -175,9 +175,52 @@ enum Role_ {
 
 struct Shared {
     cfg: DaemonConfig,
+    /// What the node's worker agent needs to run, published on every change.
+    membership: tokio::sync::watch::Sender<Option<Membership>>,
     /// What this node is now; held across a whole init/join/leave.
     role: Mutex<(Role_, Option<LocalState>)>,
     slot: ApiSlot,
+}
+
+/// This node's membership, as its worker agent needs it: who it is, its TLS material, and
+/// the managers to open the dispatcher session with.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    pub node_id: String,
+    /// "manager" or "worker".
+    pub role: String,
+    pub hostname: String,
+    pub tls: NodeTls,
+    pub managers: Vec<String>,
+}
+
+impl Shared {
+    /// Tells watchers what the node is now (`None`: in no cluster).
+    fn publish(&self, st: Option<&LocalState>) {
+        let m = st.and_then(|st| {
+            let tls = match NodeTls::load(&self.cfg.data_dir.join(PKI_DIR)) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!("loading the node certificate: {e}");
+                    return None;
+                }
+            };
+            let managers = if st.role == "manager" {
+                // This manager's own dispatcher redirects to the leader's.
+                vec![st.advertise_addr.clone()]
+            } else {
+                st.managers.clone()
+            };
+            Some(Membership {
+                node_id: st.node_id.clone(),
+                role: st.role.clone(),
+                hostname: self.cfg.hostname(),
+                tls,
+                managers,
+            })
+        });
+        self.membership.send_replace(m);
+    }
 }
 
 /// A running daemon.
@@ -195,9 +238,11 @@ impl Daemon {
             cfg: cfg.clone(),
             role: Mutex::new((Role_::Inactive, None)),
             slot: ApiSlot::default(),
+            membership: tokio::sync::watch::channel(None).0,
         });
         if let Some(st) = LocalState::load(&cfg.data_dir)? {
             let role = resume(&shared, &st).await?;
+            shared.publish(Some(&st));
             *shared.role.lock().await = (role, Some(st));
         }
         let socket_server = serve_socket(shared.clone()).await?;
@@ -211,6 +256,11 @@ impl Daemon {
     /// The control API of this node while it is a manager.
     pub fn control(&self) -> Option<crate::controlapi::ControlApi> {
         self.shared.slot.get()
+    }
+
+    /// This node's membership now and as it changes, for the worker agent.
+    pub fn membership(&self) -> tokio::sync::watch::Receiver<Option<Membership>> {
+        self.shared.membership.subscribe()
     }
 
     /// The local socket path.
@@ -278,6 +328,7 @@ async fn watch_role(shared: std::sync::Weak<Shared>) {
                     let renew =
                         spawn_worker_renewal(tls, data_dir.join(PKI_DIR), st.managers.clone());
                     *role = (Role_::Worker { renew }, Some(st));
+                    shared.publish(role.1.as_ref());
                 }
                 Err(e) => tracing::error!("loading the node certificate: {e}"),
             }
@@ -486,6 +537,7 @@ impl DaemonRpc for DaemonService {
                     manager_token: tokens.manager,
                 };
                 *role = (Role_::Manager(m), Some(st));
+                self.shared.publish(role.1.as_ref());
                 Ok(Response::new(resp))
             }
             Err(e) => {
@@ -521,6 +573,7 @@ impl DaemonRpc for DaemonService {
                     } as i32,
                 };
                 *role = (new_role, Some(st));
+                self.shared.publish(role.1.as_ref());
                 Ok(Response::new(resp))
             }
             Err(e) => {
@@ -574,6 +627,7 @@ impl DaemonRpc for DaemonService {
         }
         self.shared.slot.set(None);
         let (old, _) = std::mem::replace(&mut *role, (Role_::Inactive, None));
+        self.shared.publish(None);
         stop_role(old).await;
         forget_cluster(&self.shared.cfg.data_dir);
         Ok(Response::new(pb::LeaveResponse {}))
