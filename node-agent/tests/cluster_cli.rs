@@ -336,6 +336,54 @@ fn three_manager_processes_and_a_worker() {
     m1.ok(&["node", "rm", "--force", "host4"]);
     assert_eq!(m1.ok(&["node", "ls", "-q"]).lines().count(), 3);
 
+    // Cluster settings and token rotation.
+    assert!(m2
+        .ok(&[
+            "cluster",
+            "update",
+            "--snapshot-interval",
+            "5000",
+            "--dispatcher-heartbeat",
+            "2s"
+        ])
+        .contains("Cluster updated"));
+    let inspect: serde_json::Value = serde_json::from_str(&m3.ok(&["cluster", "inspect"])).unwrap();
+    assert_eq!(inspect[0]["Spec"]["Raft"]["SnapshotInterval"], 5000);
+    assert_eq!(inspect[0]["Spec"]["Dispatcher"]["HeartbeatPeriod"], "2s");
+    let err = m2.fails(&["cluster", "update", "--heartbeat-interval", "0s"]);
+    assert!(err.contains("greater than zero"), "{err}");
+    let rotated = m2.ok(&["cluster", "join-token", "worker", "--rotate"]);
+    assert!(
+        rotated.contains("Successfully rotated worker join token"),
+        "{rotated}"
+    );
+    assert_ne!(
+        m1.ok(&["cluster", "join-token", "worker", "-q"]).trim(),
+        worker_token
+    );
+
+    // Leaving: a manager must be demoted first (or forced); a worker just leaves.
+    let err = m3.fails(&["cluster", "leave"]);
+    assert!(err.contains("demote"), "{err}");
+    assert!(m1.ok(&["node", "demote", "host3"]).contains("demoted"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        // The demoted daemon notices by itself and then runs as a worker.
+        let out = m3.shoal(&["node", "ls"]);
+        if String::from_utf8_lossy(&out.stderr).contains("not a manager") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host3 did not turn into a worker"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(m3
+        .ok(&["cluster", "leave"])
+        .contains("Node left the cluster"));
+    assert!(!m3.dir.join("data/node.json").exists());
+
     m1.ok(&["service", "rm", "web"]);
     assert_eq!(m2.eventually(&["service", "ls", "-q"]).lines().count(), 1);
 }
