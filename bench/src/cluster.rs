@@ -27,6 +27,9 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const REJOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one request may take before the client gives it up.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one write may take during a failover before the client tries again: short, so
+/// that the measured time is not a multiple of a long client timeout (both sides alike).
+pub const FAILOVER_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long opening a connection may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause after a failed request before the next one (both sides alike).
@@ -98,6 +101,9 @@ pub struct FailoverArgs {
     /// Steady writes to the leader before it is killed, in milliseconds.
     #[arg(long, default_value_t = 500)]
     load_ms: u64,
+    /// Print every failed write after a kill (when, and the error).
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(clap::Args)]
@@ -224,6 +230,8 @@ pub(crate) trait Writer: Send + 'static {
     fn write(&mut self) -> impl Future<Output = Result<(), Status>> + Send;
     /// Sends the next writes through another member.
     fn set_channel(&mut self, ch: Channel);
+    /// How long each request may take from now on.
+    fn set_timeout(&mut self, timeout: Duration);
     /// Version conflicts met so far.
     fn conflicts(&self) -> u64;
 }
@@ -285,8 +293,12 @@ async fn connect_unix(path: &Path) -> Result<Channel> {
         .with_context(|| format!("connecting to {}", path.display()))
 }
 
-fn timed<T>(mut req: Request<T>) -> Request<T> {
-    req.set_timeout(ATTEMPT_TIMEOUT);
+fn timed<T>(req: Request<T>) -> Request<T> {
+    timed_by(req, ATTEMPT_TIMEOUT)
+}
+
+fn timed_by<T>(mut req: Request<T>, timeout: Duration) -> Request<T> {
+    req.set_timeout(timeout);
     req
 }
 
@@ -487,6 +499,7 @@ impl Side for Shoal {
             value_bytes,
             seq: 0,
             conflicts: 0,
+            timeout: ATTEMPT_TIMEOUT,
         })
     }
 
@@ -571,6 +584,7 @@ pub struct ShoalWriter {
     value_bytes: usize,
     seq: u64,
     conflicts: u64,
+    timeout: Duration,
 }
 
 impl Writer for ShoalWriter {
@@ -582,11 +596,14 @@ impl Writer for ShoalWriter {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let r = self
                 .client
-                .update_service(timed(Request::new(pb::UpdateServiceRequest {
-                    service: self.id.clone(),
-                    version: self.version,
-                    spec: Some(self.spec.clone()),
-                })))
+                .update_service(timed_by(
+                    Request::new(pb::UpdateServiceRequest {
+                        service: self.id.clone(),
+                        version: self.version,
+                        spec: Some(self.spec.clone()),
+                    }),
+                    self.timeout,
+                ))
                 .await;
             match r {
                 Ok(r) => {
@@ -603,9 +620,12 @@ impl Writer for ShoalWriter {
                     self.conflicts += 1;
                     let cur = self
                         .client
-                        .get_service(timed(Request::new(pb::GetServiceRequest {
-                            service: self.id.clone(),
-                        })))
+                        .get_service(timed_by(
+                            Request::new(pb::GetServiceRequest {
+                                service: self.id.clone(),
+                            }),
+                            self.timeout,
+                        ))
                         .await?;
                     self.version = cur
                         .into_inner()
@@ -622,6 +642,10 @@ impl Writer for ShoalWriter {
 
     fn set_channel(&mut self, ch: Channel) {
         self.client = ControlClient::new(ch);
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
     }
 
     fn conflicts(&self) -> u64 {
@@ -843,6 +867,7 @@ async fn failover_trial<S: Side>(
     side: &mut S,
     load: Duration,
     value_bytes: usize,
+    verbose: bool,
 ) -> Result<(Duration, u64)> {
     side.wait_healthy(REJOIN_TIMEOUT).await?;
     let leader = side.leader().await?;
@@ -850,6 +875,7 @@ async fn failover_trial<S: Side>(
     let mut w = side.writer(leader, 0, value_bytes).await?;
     // The client holds a connection to another member too, as a multi-endpoint client does.
     let spare = side.channel(survivor).await?;
+    w.set_timeout(FAILOVER_ATTEMPT_TIMEOUT);
     let until = Instant::now() + load;
     while Instant::now() < until {
         w.write().await.map_err(|s| {
@@ -863,6 +889,15 @@ async fn failover_trial<S: Side>(
         match w.write().await {
             Ok(()) => break t0.elapsed(),
             Err(s) => {
+                if verbose {
+                    eprintln!(
+                        "    {} +{:.0} ms: {:?} {}",
+                        side.name(),
+                        ms(t0.elapsed()),
+                        s.code(),
+                        s.message()
+                    );
+                }
                 if t0.elapsed() > FAILOVER_DEADLINE {
                     bail!(
                         "{}: no write succeeded {FAILOVER_DEADLINE:?} after the leader was killed: {}",
@@ -900,8 +935,8 @@ pub fn failover(a: &FailoverArgs) -> Result<()> {
         let (mut s, mut e) = (Vec::new(), Vec::new());
         let mut sc = 0;
         for t in 0..a.trials {
-            let (st, sconf) = failover_trial(&mut cl.shoal, load, vb).await?;
-            let (et, _) = failover_trial(&mut cl.etcd, load, vb).await?;
+            let (st, sconf) = failover_trial(&mut cl.shoal, load, vb, a.verbose).await?;
+            let (et, _) = failover_trial(&mut cl.etcd, load, vb, a.verbose).await?;
             sc += sconf;
             eprintln!(
                 "  trial {}: shoal {:.3} ms, etcd {:.3} ms",

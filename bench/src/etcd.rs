@@ -62,7 +62,12 @@ pub struct StatusResponse {
 const PUT: &str = "/etcdserverpb.KV/Put";
 const STATUS: &str = "/etcdserverpb.Maintenance/Status";
 
-async fn unary<Q, R>(ch: Channel, path: &'static str, msg: Q) -> Result<R, Status>
+async fn unary<Q, R>(
+    ch: Channel,
+    path: &'static str,
+    msg: Q,
+    timeout: Duration,
+) -> Result<R, Status>
 where
     Q: prost::Message + Send + Sync + 'static,
     R: prost::Message + Default + Send + Sync + 'static,
@@ -72,7 +77,7 @@ where
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut req = Request::new(msg);
-    req.set_timeout(ATTEMPT_TIMEOUT);
+    req.set_timeout(timeout);
     let codec = tonic_prost::ProstCodec::<Q, R>::default();
     grpc.unary(req, PathAndQuery::from_static(path), codec)
         .await
@@ -164,7 +169,7 @@ impl Etcd {
 
     async fn status(&self, i: usize) -> Result<StatusResponse, Status> {
         let ch = self.channel_to(i).await?;
-        unary(ch, STATUS, StatusRequest {}).await
+        unary(ch, STATUS, StatusRequest {}, ATTEMPT_TIMEOUT).await
     }
 
     async fn channel_to(&self, i: usize) -> Result<Channel, Status> {
@@ -179,7 +184,12 @@ impl Etcd {
     }
 
     /// Puts one value (no retry).
-    pub async fn put(ch: Channel, key: &[u8], value: Vec<u8>) -> Result<(), Status> {
+    pub async fn put(
+        ch: Channel,
+        key: &[u8],
+        value: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), Status> {
         let _: PutResponse = unary(
             ch,
             PUT,
@@ -187,6 +197,7 @@ impl Etcd {
                 key: key.to_vec(),
                 value,
             },
+            timeout,
         )
         .await?;
         Ok(())
@@ -236,6 +247,7 @@ impl Side for Etcd {
             key: format!("bench/w/{client}").into_bytes(),
             value_bytes,
             seq: 0,
+            timeout: ATTEMPT_TIMEOUT,
         })
     }
 
@@ -286,6 +298,7 @@ impl Side for Etcd {
             ch,
             key.as_bytes(),
             value(value_bytes, i as u64).into_bytes(),
+            ATTEMPT_TIMEOUT,
         )
         .await
     }
@@ -301,6 +314,7 @@ pub struct EtcdWriter {
     key: Vec<u8>,
     value_bytes: usize,
     seq: u64,
+    timeout: Duration,
 }
 
 impl Writer for EtcdWriter {
@@ -310,12 +324,17 @@ impl Writer for EtcdWriter {
             self.ch.clone(),
             &self.key,
             value(self.value_bytes, self.seq).into_bytes(),
+            self.timeout,
         )
         .await
     }
 
     fn set_channel(&mut self, ch: Channel) {
         self.ch = ch;
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
     }
 
     fn conflicts(&self) -> u64 {
