@@ -341,10 +341,12 @@ async fn watch_role(shared: std::sync::Weak<Shared>) {
 /// may no longer know who leads, so the other members it knows are asked too (they forward).
 async fn still_manager(api: &crate::controlapi::ControlApi) -> Option<(bool, String)> {
     let m = api.raft().metrics().borrow().clone();
-    if m.current_leader == Some(api.raft_id()) {
+    let membership = m.membership_config.membership();
+    // A leader that removed itself may lead on for a moment: only a voter's word counts.
+    let voter = membership.voter_ids().any(|v| v == api.raft_id());
+    if voter && m.current_leader == Some(api.raft_id()) {
         return Some((true, String::new()));
     }
-    let membership = m.membership_config.membership();
     let mut addrs: Vec<String> = Vec::new();
     if let Some(l) = m.current_leader.and_then(|l| membership.get_node(&l)) {
         addrs.push(l.addr.clone());
