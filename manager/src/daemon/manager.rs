@@ -51,6 +51,8 @@ async fn open_storage(dir: &Path) -> Result<Storage, DaemonError> {
 pub struct Manager {
     api: ControlApi,
     dispatcher: Option<Dispatcher<Raft>>,
+    /// Runs the orchestrators and the scheduler while this manager leads.
+    leader_loops: Option<JoinHandle<()>>,
     server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     renew: Option<JoinHandle<()>>,
 }
@@ -134,11 +136,13 @@ impl Manager {
             }
         });
         tracing::info!(node_id = %identity.node_id, raft_id, %listen, "manager started");
+        let leader_loops = tokio::spawn(lead_while_leader(raft.clone(), storage.store.clone()));
         Ok(Manager {
             api,
             dispatcher: Some(dispatcher),
             server: Some((stop_tx, server)),
             renew: Some(renew),
+            leader_loops: Some(leader_loops),
         })
     }
 
@@ -171,6 +175,10 @@ impl Manager {
         if let Some(r) = self.renew.take() {
             r.abort();
         }
+        if let Some(l) = self.leader_loops.take() {
+            l.abort();
+            let _ = l.await;
+        }
         if let Some(d) = self.dispatcher.take() {
             d.shutdown();
         }
@@ -190,10 +198,49 @@ impl Manager {
     }
 }
 
+/// Pause after the leader loops failed to start before trying again.
+const LEADER_LOOPS_RETRY: Duration = Duration::from_secs(1);
+
+fn leading(m: &openraft::RaftMetrics<u64, BasicNode>) -> bool {
+    m.state == openraft::ServerState::Leader && m.current_leader == Some(m.id)
+}
+
+/// Runs the orchestrators and the scheduler each time this manager becomes the leader, and
+/// stops them when it stops being the leader.
+async fn lead_while_leader(raft: Raft, store: crate::store::Store) {
+    let mut metrics = raft.metrics();
+    loop {
+        while !leading(&metrics.borrow_and_update()) {
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+        let mut watch = raft.metrics();
+        let lost = async move {
+            while leading(&watch.borrow_and_update()) {
+                if watch.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tracing::info!("leading: orchestrators and scheduler running");
+        match crate::orchestrator::run_leader(store.clone(), raft.clone(), lost).await {
+            Ok(()) => tracing::info!("no longer leading: orchestrators and scheduler stopped"),
+            Err(e) => {
+                tracing::error!("leader loops: {e}");
+                tokio::time::sleep(LEADER_LOOPS_RETRY).await;
+            }
+        }
+    }
+}
+
 impl Drop for Manager {
     fn drop(&mut self) {
         if let Some(r) = self.renew.take() {
             r.abort();
+        }
+        if let Some(l) = self.leader_loops.take() {
+            l.abort();
         }
         if let Some((stop, task)) = self.server.take() {
             let _ = stop.send(());
