@@ -201,6 +201,33 @@ fn forwarded<T>(req: Request<T>) -> Request<T> {
     out
 }
 
+/// Docker's restart delay when the spec gives no restart policy.
+pub const DEFAULT_RESTART_DELAY_MS: u64 = 5_000;
+
+/// Fills in what docker fills in when the user gives none: the restart policy (any, 5 s).
+/// The image reference is kept as given: the control API cannot see the nodes' image stores,
+/// so it pins nothing (a cluster registry will resolve digests).
+fn with_defaults(mut spec: pb::ServiceSpec) -> pb::ServiceSpec {
+    let task = spec.task.get_or_insert_with(Default::default);
+    task.restart.get_or_insert(pb::RestartPolicy {
+        condition: pb::RestartCondition::Any as i32,
+        delay_ms: DEFAULT_RESTART_DELAY_MS,
+        max_attempts: 0,
+        window_ms: 0,
+    });
+    spec
+}
+
+/// Whether two specs differ in their replica count at most (scaling keeps the spec version).
+fn same_but_replicas(a: &pb::ServiceSpec, b: &pb::ServiceSpec) -> bool {
+    use pb::service_spec::Mode;
+    let mut b = b.clone();
+    if let (Some(Mode::Replicated(ra)), Some(Mode::Replicated(rb))) = (&a.mode, &mut b.mode) {
+        rb.replicas = ra.replicas;
+    }
+    *a == b
+}
+
 fn invalid(e: validate::Invalid) -> Status {
     Status::invalid_argument(e.0)
 }
@@ -251,7 +278,9 @@ impl Control for ControlService {
                 id: id.clone(),
                 ..Default::default()
             }),
-            spec: Some(spec),
+            spec: Some(with_defaults(spec)),
+            // The store stamps the version of this write.
+            spec_version: 0,
             ..Default::default()
         };
         api.propose(vec![Mutation::Create(Object::Service(service))])
@@ -333,7 +362,16 @@ impl Control for ControlService {
             )));
         }
         let id = id_of(current.meta.as_ref()).to_string();
+        let spec = with_defaults(spec);
         let mut next = current.clone();
+        if !same_but_replicas(&old_spec, &spec) {
+            // A new spec: the store stamps this write's version, so tasks made from now on
+            // differ from the old ones (rolling updates tell them apart by it).
+            next.spec_version = 0;
+        } else if next.spec_version == 0 {
+            // Written before spec versions were stamped: pin the version the spec had.
+            next.spec_version = version;
+        }
         next.previous_spec = Some(old_spec);
         next.spec = Some(spec);
         api.propose(vec![Mutation::Update {

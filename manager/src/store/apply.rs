@@ -162,6 +162,7 @@ impl Staged<'_, '_> {
             return Err(StoreError::AlreadyExists { kind, id });
         }
         let mut object = object.clone();
+        stamp_spec_version(&mut object, log_index);
         let meta = object.meta_mut();
         meta.version = log_index;
         meta.created_at_ms = now_ms;
@@ -194,6 +195,7 @@ impl Staged<'_, '_> {
             check_task_forward(old, new)?;
         }
         let mut object = object.clone();
+        stamp_spec_version(&mut object, log_index);
         let created = old.meta().map(|m| m.created_at_ms).unwrap_or(now_ms);
         let meta = object.meta_mut();
         meta.version = log_index;
@@ -327,6 +329,16 @@ fn check_id(kind: Kind, id: &str) -> Result<(), StoreError> {
         });
     }
     Ok(())
+}
+
+/// A service written with `spec_version` 0 has a new spec: it records the version of this
+/// write (the proposer cannot know the log index in advance).
+fn stamp_spec_version(object: &mut Object, log_index: u64) {
+    if let Object::Service(s) = object {
+        if s.spec_version == 0 {
+            s.spec_version = log_index;
+        }
+    }
 }
 
 fn check_version(id: &str, expect: Option<u64>, actual: u64) -> Result<(), StoreError> {

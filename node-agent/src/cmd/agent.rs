@@ -1,11 +1,38 @@
-//! `shoal agent`: the daemon, in the foreground.
+//! `shoal agent`: the daemon, in the foreground, and the node's worker agent.
+//!
+//! The daemon (manager crate) owns the node's membership; this command runs the worker agent
+//! beside it: started when the daemon publishes a membership, restarted when the membership
+//! changes (join, promote, demote), stopped on leave (and its tasks' containers removed), and
+//! stopped without touching its containers when the process exits, so a restarted agent
+//! adopts them.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Args;
-use shoal_manager::daemon::{Daemon, DaemonConfig, DEFAULT_DATA_DIR, DEFAULT_LISTEN_ADDR};
+use clap::{Args, ValueEnum};
+use shoal_manager::daemon::{
+    Daemon, DaemonConfig, Membership, DEFAULT_DATA_DIR, DEFAULT_LISTEN_ADDR,
+};
+use shoal_proto::v1 as pb;
+use shoal_worker::executor::{ExecError, StopSignal};
+use shoal_worker::{
+    Agent, AgentConfig, Executor, RuntimeExecutor, RuntimeExecutorConfig, SimExecutor,
+};
+use tokio::sync::watch;
+
+/// Runtime state of the node's task containers, under the data dir: apart from the front
+/// door's (`containers/.runtime`), so `shoal ps` never lists service tasks.
+pub const TASK_RUNTIME_DIR: &str = "containers/.tasks";
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum ExecutorArg {
+    /// Real containers
+    Runtime,
+    /// A hollow node: tasks are bookkeeping only (scale tests; never in production)
+    Sim,
+}
 
 #[derive(Args)]
 pub struct AgentArgs {
@@ -24,27 +51,196 @@ pub struct AgentArgs {
     /// Name this node reports (default: the machine's hostname)
     #[arg(long)]
     hostname: Option<String>,
+    /// What runs the node's tasks
+    #[arg(long, value_enum, default_value_t = ExecutorArg::Runtime, hide = true)]
+    executor: ExecutorArg,
 }
 
 pub fn run(a: AgentArgs) -> anyhow::Result<()> {
+    // Before any thread exists: containers are created only from an immutable copy of this
+    // binary (CVE-2019-5736), so the daemon re-executes itself from one.
+    if a.executor == ExecutorArg::Runtime {
+        shoal_runtime::exe::reexec_protected().context("protect the runtime binary")?;
+        shoal_runtime::exe::forget_reexec_mark();
+    }
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let mut cfg = DaemonConfig::new(a.data_dir, a.listen_addr, a.socket);
+        let data_dir = std::path::absolute(&a.data_dir)
+            .with_context(|| format!("data dir {}", a.data_dir.display()))?;
+        let executor: Arc<dyn Executor> = match a.executor {
+            ExecutorArg::Runtime => Arc::new(
+                RuntimeExecutor::new(RuntimeExecutorConfig {
+                    data_dir: data_dir.clone(),
+                    state_root: data_dir.join(TASK_RUNTIME_DIR),
+                    allow_unprotected_exe: false,
+                })
+                .context("opening the node's image store")?,
+            ),
+            ExecutorArg::Sim => Arc::new(SimExecutor::new()),
+        };
+        let mut cfg = DaemonConfig::new(data_dir.clone(), a.listen_addr, a.socket);
         cfg.advertise_addr = a.advertise_addr;
         cfg.hostname = a.hostname;
         let daemon = Daemon::start(cfg)
             .await
             .context("starting the shoal daemon")?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let worker = tokio::spawn(keep_worker(
+            daemon.membership(),
+            stop_rx,
+            WorkerSetup {
+                data_dir,
+                executor,
+                hollow: a.executor == ExecutorArg::Sim,
+            },
+        ));
         tracing::info!(socket = %daemon.socket().display(), "shoal agent ready");
         wait_for_signal().await?;
         tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        if let Err(e) = worker.await {
+            tracing::error!("worker agent: {e}");
+        }
         daemon.shutdown().await;
         Ok(())
     })
+}
+
+/// What every incarnation of the node's worker agent shares.
+struct WorkerSetup {
+    data_dir: PathBuf,
+    executor: Arc<dyn Executor>,
+    hollow: bool,
+}
+
+impl WorkerSetup {
+    fn description(&self, m: &Membership) -> pb::NodeDescription {
+        pb::NodeDescription {
+            hostname: m.hostname.clone(),
+            resources: Some(shoal_worker::host_resources()),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            engine_version: env!("CARGO_PKG_VERSION").into(),
+            hollow: self.hollow,
+        }
+    }
+
+    async fn start(&self, m: &Membership) -> Option<Agent> {
+        let cfg = AgentConfig {
+            tls: m.tls.clone(),
+            managers: m.managers.clone(),
+            // A hollow node has no containers to adopt after a restart.
+            data_dir: (!self.hollow).then(|| self.data_dir.clone()),
+            description: self.description(m),
+            executor: self.executor.clone(),
+        };
+        match Agent::start(cfg).await {
+            Ok(a) => {
+                tracing::info!(node_id = %m.node_id, role = %m.role, managers = ?m.managers, "worker agent started");
+                Some(a)
+            }
+            Err(e) => {
+                tracing::error!("starting the worker agent: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// What, of a membership, the worker agent is started with (node id, role, managers): a
+/// change restarts it.
+type WorkerIdentity = (String, String, Vec<String>);
+
+fn identity(m: &Membership) -> WorkerIdentity {
+    (m.node_id.clone(), m.role.clone(), m.managers.clone())
+}
+
+/// Runs the worker agent as the membership says until `stop` turns true.
+async fn keep_worker(
+    mut membership: watch::Receiver<Option<Membership>>,
+    mut stop: watch::Receiver<bool>,
+    setup: WorkerSetup,
+) {
+    let mut running: Option<(WorkerIdentity, Agent)> = None;
+    loop {
+        let m = membership.borrow_and_update().clone();
+        let wanted = m.as_ref().map(identity);
+        if running.as_ref().map(|(k, _)| k) != wanted.as_ref() {
+            let was_member = running.is_some();
+            if let Some((_, agent)) = running.take() {
+                agent.shutdown().await;
+            }
+            match m {
+                Some(m) => {
+                    running = setup.start(&m).await.map(|a| (identity(&m), a));
+                }
+                None if was_member => {
+                    tracing::info!("left the cluster: removing this node's tasks");
+                    remove_all_tasks(&setup.data_dir, setup.executor.as_ref()).await;
+                }
+                None => {}
+            }
+        }
+        tokio::select! {
+            changed = membership.changed() => if changed.is_err() { break },
+            _ = stop.changed() => break,
+        }
+    }
+    // The process exits: containers keep running for the next agent to adopt.
+    if let Some((_, agent)) = running.take() {
+        agent.shutdown().await;
+    }
+}
+
+/// After a leave: kill and remove every task container the node's task database holds, then
+/// forget the database.
+async fn remove_all_tasks(data_dir: &Path, executor: &dyn Executor) {
+    let deadline = tokio::time::Instant::now() + shoal_worker::agent::DB_LOCK_WAIT;
+    let opened = loop {
+        match shoal_worker::db::TaskDb::open(data_dir) {
+            // The stopped agent's last tasks may hold it for a moment.
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => break other,
+        }
+    };
+    let ids: Vec<String> = match opened {
+        Ok(db) => match db.list() {
+            Ok(tasks) => tasks
+                .into_iter()
+                .filter_map(|t| t.meta.map(|m| m.id))
+                .collect(),
+            Err(e) => {
+                tracing::error!("reading the task database: {e}");
+                return;
+            }
+        },
+        Err(e) => {
+            tracing::error!("opening the task database: {e}");
+            return;
+        }
+    };
+    for id in ids {
+        let removed: Result<(), ExecError> = async {
+            executor.signal(&id, StopSignal::Kill).await?;
+            executor.remove(&id).await
+        }
+        .await;
+        if let Err(e) = removed {
+            tracing::error!(task = %id, "removing the task's container: {e}");
+        }
+    }
+    let dir = data_dir.join(shoal_worker::db::WORKER_DIR);
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::error!("removing {}: {e}", dir.display());
+        }
+    }
 }
 
 /// Logs to stderr; under systemd (journald adds its own timestamps) without timestamps.
