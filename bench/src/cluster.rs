@@ -29,7 +29,7 @@ pub const REJOIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one write may take during a failover before the client tries again: short, so
 /// that the measured time is not a multiple of a long client timeout (both sides alike).
-pub const FAILOVER_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(250);
+pub const FAILOVER_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long opening a connection may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause after a failed request before the next one (both sides alike).
@@ -77,6 +77,39 @@ pub struct Common {
     /// Size of the value each write carries (a service label / an etcd value).
     #[arg(long, default_value_t = 256)]
     value_bytes: usize,
+    /// Raft timers for both sides instead of their defaults, in ms: HEARTBEAT,MIN,MAX
+    /// (shoal: election timeout MIN..MAX; etcd: --election-timeout MIN, which it
+    /// randomises over MIN..2*MIN).
+    #[arg(long, value_delimiter = ',')]
+    raft_timers: Option<Vec<u64>>,
+}
+
+/// Raft timers in milliseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Timers {
+    pub heartbeat: u64,
+    pub election_min: u64,
+    pub election_max: u64,
+}
+
+impl Common {
+    fn timers(&self) -> Result<Option<Timers>> {
+        match self.raft_timers.as_deref() {
+            None => Ok(None),
+            Some(&[heartbeat, election_min, election_max])
+                if heartbeat > 0 && heartbeat < election_min && election_min <= election_max =>
+            {
+                Ok(Some(Timers {
+                    heartbeat,
+                    election_min,
+                    election_max,
+                }))
+            }
+            Some(_) => {
+                bail!("--raft-timers: expected HEARTBEAT,MIN,MAX with 0 < HEARTBEAT < MIN <= MAX")
+            }
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -355,6 +388,35 @@ impl Shoal {
             .await
             .context("the shoal managers did not come up")?;
         Ok(s)
+    }
+
+    /// Sets the cluster's Raft timers, then restarts each manager in turn so that it runs
+    /// with them (a manager takes its timers from the stored cluster spec when it starts).
+    pub async fn set_timers(&mut self, t: Timers) -> Result<()> {
+        let (hb, min, max) = (
+            format!("{}ms", t.heartbeat),
+            format!("{}ms", t.election_min),
+            format!("{}ms", t.election_max),
+        );
+        self.cli(
+            0,
+            &[
+                "cluster",
+                "update",
+                "--heartbeat-interval",
+                &hb,
+                "--election-timeout-min",
+                &min,
+                "--election-timeout-max",
+                &max,
+            ],
+        )?;
+        for i in 0..self.agents.len() {
+            self.wait_healthy(REJOIN_TIMEOUT).await?;
+            Side::kill(self, i);
+            self.spawn(i).await?;
+        }
+        self.wait_healthy(REJOIN_TIMEOUT).await
     }
 
     async fn spawn(&mut self, i: usize) -> Result<()> {
@@ -674,8 +736,12 @@ impl Clusters {
             .prefix("shoal-bench-cluster-")
             .tempdir_in(&c.workdir)
             .with_context(|| format!("making a directory in {}", c.workdir.display()))?;
-        let shoal = Shoal::start(&bin, dir.path()).await?;
-        let etcd = Etcd::start(&c.etcd, dir.path()).await?;
+        let timers = c.timers()?;
+        let mut shoal = Shoal::start(&bin, dir.path()).await?;
+        if let Some(t) = timers {
+            shoal.set_timers(t).await?;
+        }
+        let etcd = Etcd::start(&c.etcd, dir.path(), timers).await?;
         Ok(Clusters {
             shoal,
             etcd,
@@ -932,6 +998,13 @@ pub fn failover(a: &FailoverArgs) -> Result<()> {
     runtime()?.block_on(async {
         let mut cl = Clusters::start(&a.common).await?;
         let vb = a.common.value_bytes;
+        let timers = match a.common.timers()? {
+            Some(t) => format!(
+                "heartbeat {} ms, election timeout {}..{} ms (etcd: --heartbeat-interval {} --election-timeout {})",
+                t.heartbeat, t.election_min, t.election_max, t.heartbeat, t.election_min
+            ),
+            None => "each side's default Raft timers".to_string(),
+        };
         let (mut s, mut e) = (Vec::new(), Vec::new());
         let mut sc = 0;
         for t in 0..a.trials {
@@ -950,7 +1023,7 @@ pub fn failover(a: &FailoverArgs) -> Result<()> {
         let (s50, s99, smax) = summary(&s);
         let (e50, e99, emax) = summary(&e);
         println!(
-            "cluster-failover: {} trials each, kill -9 of the leader under steady writes, time to the next successful write through a survivor",
+            "cluster-failover: {} trials each, kill -9 of the leader under steady writes, time to the next successful write through a survivor; {timers}",
             a.trials
         );
         println!("  shoal: p50 {s50:.1} ms  p99 {s99:.1} ms  max {smax:.1} ms  ({sc} conflicts)  (target p99 < 1000 ms)");
@@ -959,6 +1032,7 @@ pub fn failover(a: &FailoverArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"bench": "cluster-failover", "trials": a.trials,
+                "raft_timers_ms": a.common.raft_timers,
                 "shoal_p50_ms": s50, "shoal_p99_ms": s99, "shoal_max_ms": smax,
                 "shoal_conflicts": sc,
                 "etcd_p50_ms": e50, "etcd_p99_ms": e99, "etcd_max_ms": emax,

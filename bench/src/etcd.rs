@@ -13,7 +13,9 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-use crate::cluster::{free_port, value, Proc, Side, Writer, ATTEMPT_TIMEOUT, CONNECT_TIMEOUT};
+use crate::cluster::{
+    free_port, value, Proc, Side, Timers, Writer, ATTEMPT_TIMEOUT, CONNECT_TIMEOUT,
+};
 
 /// `etcdserverpb.PutRequest` (key, value only).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -100,11 +102,12 @@ pub struct Etcd {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    timers: Option<Timers>,
 }
 
 impl Etcd {
     /// Starts 3 members with data under `root` and waits until they have a leader.
-    pub async fn start(bin: &str, root: &Path) -> Result<Etcd> {
+    pub async fn start(bin: &str, root: &Path, timers: Option<Timers>) -> Result<Etcd> {
         let mut members = Vec::new();
         for i in 1..=3 {
             let dir = root.join(format!("etcd{i}"));
@@ -128,6 +131,7 @@ impl Etcd {
             members,
             initial_cluster,
             token: format!("shoal-bench-{}", std::process::id()),
+            timers,
         };
         for i in 0..3 {
             etcd.spawn(i)?;
@@ -158,10 +162,14 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-token", &self.token])
-            .args(["--initial-cluster-state", "new"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+            .args(["--initial-cluster-state", "new"]);
+        if let Some(t) = self.timers {
+            cmd.arg("--heartbeat-interval")
+                .arg(t.heartbeat.to_string())
+                .arg("--election-timeout")
+                .arg(t.election_min.to_string());
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let what = format!("etcd {}", m.name);
         self.members[i].proc = Some(Proc::spawn(&mut cmd, &what)?);
         Ok(())
