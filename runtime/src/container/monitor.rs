@@ -172,44 +172,87 @@ fn record_exit(dir: &File, data: &[u8]) -> std::io::Result<()> {
     dir.sync_all()
 }
 
-/// Give back the pages the monitor inherited but will not touch while it waits: the mapped
-/// code of the runtime and libc (re-read from the page cache when needed; code is never
-/// written, so nothing is lost) and the unused depth of the caller's stack. Data pages stay.
+/// Give back the pages the monitor inherited but will not touch while it waits: file-backed
+/// mappings that were never written (code, read-only data of the runtime and libc; re-read
+/// from the page cache if ever needed) and the unused depth of the caller's stack. Mappings
+/// holding private copies (relocated data, heap) stay.
 fn shed_inherited_pages() {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
         return;
     };
     let here = 0u8;
     let sp = &here as *const u8 as usize;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    // (start, end, no private page seen so far, read-only file mapping)
+    let mut cur: Option<(usize, usize, bool, bool)> = None;
     let mut ranges = Vec::new();
-    for line in maps.lines() {
+    let mut mixed = Vec::new();
+    for line in smaps.lines() {
         let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
-            continue;
-        };
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-        else {
-            continue;
-        };
-        let path = f.nth(3).unwrap_or("");
-        if perms == "r-xp" && path.starts_with('/') {
-            ranges.push((start, end));
-        } else if path == "[stack]" && sp > start && sp < end {
-            // Everything a page below the current frame is dead stack.
-            let top = (sp.saturating_sub(2 * page)) & !(page - 1);
-            if top > start {
-                ranges.push((start, top));
+        let Some(first) = f.next() else { continue };
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(start), Ok(end)) =
+                (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            {
+                match cur.take() {
+                    Some((s0, e0, true, true)) => ranges.push((s0, e0)),
+                    Some((s0, e0, false, true)) => mixed.push((s0, e0)),
+                    _ => {}
+                }
+                let perms = f.next().unwrap_or("");
+                let path = f.nth(3).unwrap_or("");
+                let file_ro =
+                    path.starts_with('/') && perms.starts_with('r') && !perms.contains('w');
+                cur = Some((start, end, true, file_ro));
+                if path == "[stack]" && sp > start && sp < end {
+                    // Everything two pages below the current frame is dead stack.
+                    let top = sp.saturating_sub(2 * page) & !(page - 1);
+                    if top > start {
+                        ranges.push((start, top));
+                    }
+                }
+                continue;
+            }
+        }
+        // A private copy (a relocated page) would be lost by dropping: keep such mappings.
+        if first == "Anonymous:" && f.next() != Some("0") {
+            // (a mapping with private pages is handled page by page below)
+            if let Some(c) = cur.as_mut() {
+                c.2 = false;
+            }
+        }
+    }
+    match cur {
+        Some((s0, e0, true, true)) => ranges.push((s0, e0)),
+        Some((s0, e0, false, true)) => mixed.push((s0, e0)),
+        _ => {}
+    }
+    // In a mapping holding a few private pages (relocated read-only data), drop only the
+    // pages /proc/self/pagemap reports as present file pages.
+    if let Ok(pm) = File::open("/proc/self/pagemap") {
+        use std::os::unix::fs::FileExt;
+        for (start, end) in mixed {
+            let n = (end - start) / page;
+            let mut buf = vec![0u8; n * 8];
+            if pm
+                .read_exact_at(&mut buf, (start / page * 8) as u64)
+                .is_err()
+            {
+                continue;
+            }
+            for (i, e) in buf.chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+                let (present, file) = (v & (1 << 63) != 0, v & (1 << 61) != 0);
+                if present && file {
+                    ranges.push((start + i * page, start + (i + 1) * page));
+                }
             }
         }
     }
     for (start, end) in ranges {
-        // SAFETY: the ranges are our own code mappings (never written, re-faulted from the
-        // file) and stack pages below the live frames.
+        // SAFETY: read-only file mappings with no private pages (re-faulted from the file)
+        // and stack pages below the live frames.
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
     }
 }

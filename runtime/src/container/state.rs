@@ -57,6 +57,7 @@ pub struct State {
 pub struct StateFile {
     #[serde(flatten)]
     pub state: State,
+    #[serde(default)]
     pub config: oci_spec::runtime::Spec,
 }
 
