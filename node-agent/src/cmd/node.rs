@@ -102,7 +102,14 @@ async fn run_async(a: NodeArgs) -> anyhow::Result<()> {
                     format!("{}{mark}", id(n)),
                     n.description
                         .as_ref()
-                        .map(|d| d.hostname.clone())
+                        .map(|d| {
+                            // A hollow node runs no containers (scale tests): say so.
+                            if d.hollow {
+                                format!("{} (hollow)", d.hostname)
+                            } else {
+                                d.hostname.clone()
+                            }
+                        })
                         .unwrap_or_default(),
                     output::state_name(n.status.as_ref().map(|s| s.state).unwrap_or(0)).into(),
                     output::availability_name(n.spec.as_ref().map(|s| s.availability).unwrap_or(0))

@@ -1,4 +1,9 @@
-//! `shoal service …`: create, inspect, ls, update, rm (the spec; orchestration comes later).
+//! `shoal service …`: create, ls, ps, inspect, scale, update, rm, with docker's words and
+//! flags. create and scale follow the tasks until the service converges unless `--detach`.
+
+mod progress;
+
+use std::collections::HashMap;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
@@ -6,6 +11,7 @@ use serde_json::Value;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::control_client::ControlClient;
 use shoal_proto::v1::service_spec::Mode;
+use tonic::transport::Channel;
 
 use super::output::{self, block_on, parse_duration_ms, print_json, rpc, Format, SocketArg, Table};
 
@@ -53,6 +59,31 @@ enum ServiceCommand {
         services: Vec<String>,
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
+        /// Human-readable text instead of JSON
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// List the tasks of services
+    Ps {
+        #[arg(required = true)]
+        services: Vec<String>,
+        /// Filter: desired-state=running|shutdown|accepted, node=ID|HOSTNAME, id=ID, name=NAME
+        #[arg(short, long)]
+        filter: Vec<String>,
+        /// Do not truncate ids and errors
+        #[arg(long)]
+        no_trunc: bool,
+        /// Only task ids
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Scale replicated services (NAME=REPLICAS ...)
+    Scale {
+        #[arg(required = true, value_name = "SERVICE=REPLICAS")]
+        scales: Vec<String>,
+        /// Return at once instead of waiting for the services to converge
+        #[arg(short, long)]
+        detach: bool,
     },
     /// List services
     #[command(alias = "list")]
@@ -86,9 +117,9 @@ enum ServiceCommand {
 
 #[derive(Args)]
 struct CreateArgs {
-    /// Service name
+    /// Service name (default: a generated one)
     #[arg(long)]
-    name: String,
+    name: Option<String>,
     /// replicated (default) or global
     #[arg(long, value_enum, default_value_t = ModeArg::Replicated)]
     mode: ModeArg,
@@ -179,7 +210,7 @@ struct CreateArgs {
     /// Mount the container's root filesystem read-only
     #[arg(long)]
     read_only: bool,
-    /// Accepted for docker compatibility: create always returns at once
+    /// Return at once instead of waiting for the service to converge
     #[arg(short, long)]
     detach: bool,
     /// Image reference: NAME[:TAG][@sha256:DIGEST]
@@ -273,7 +304,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
         } as i32,
     };
     Ok(pb::ServiceSpec {
-        name: a.name.clone(),
+        name: a.name.clone().unwrap_or_else(generated_name),
         labels: output::parse_kv(&a.label)?,
         task: Some(pb::TaskSpec {
             container: Some(pb::ContainerSpec {
@@ -350,13 +381,51 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
     };
     let mut c = ControlClient::new(a.socket.channel().await?);
     match a.command {
-        ServiceCommand::Create(_) => {
+        ServiceCommand::Create(args) => {
             let s = rpc(c.create_service(pb::CreateServiceRequest { spec }).await)?
                 .service
                 .unwrap_or_default();
-            println!("{}", s.meta.map(|m| m.id).unwrap_or_default());
+            let sid = id(&s);
+            println!("{sid}");
+            if !args.detach {
+                progress::wait_converged(&mut c, &sid).await?;
+            }
         }
-        ServiceCommand::Inspect { services, format } => {
+        ServiceCommand::Ps {
+            services,
+            filter,
+            no_trunc,
+            quiet,
+        } => ps(&mut c, &services, &filter, no_trunc, quiet).await?,
+        ServiceCommand::Scale { scales, detach } => {
+            let mut wanted = Vec::new();
+            for s in &scales {
+                let bad =
+                    || anyhow::anyhow!("invalid scale specifier {s:?}: expected SERVICE=REPLICAS");
+                let (name, n) = s.split_once('=').ok_or_else(bad)?;
+                let n: i64 = n.parse().map_err(|_| bad())?;
+                if name.is_empty() {
+                    return Err(bad());
+                }
+                wanted.push((name.to_string(), replicas(n)?));
+            }
+            let mut scaled = Vec::new();
+            for (name, n) in wanted {
+                let sid = scale(&mut c, &name, n).await?;
+                println!("{name} scaled to {n}");
+                scaled.push(sid);
+            }
+            if !detach {
+                for sid in scaled {
+                    progress::wait_converged(&mut c, &sid).await?;
+                }
+            }
+        }
+        ServiceCommand::Inspect {
+            services,
+            format,
+            pretty,
+        } => {
             let mut out = Vec::new();
             for s in services {
                 out.push(
@@ -364,6 +433,12 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
                         .service
                         .unwrap_or_default(),
                 );
+            }
+            if pretty {
+                for s in &out {
+                    print!("{}", pretty_service(s));
+                }
+                return Ok(());
             }
             match format {
                 Format::Json => print_json(&Value::Array(
@@ -499,4 +574,391 @@ fn image(s: &pb::ServiceSpec) -> String {
         .and_then(|t| t.container.as_ref())
         .map(|c| c.image.clone())
         .unwrap_or_default()
+}
+
+/// A service name when the user gives none: `adjective_noun`, as docker makes them.
+fn generated_name() -> String {
+    const LEFT: [&str; 16] = [
+        "brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid", "merry",
+        "nimble", "proud", "quiet", "sharp", "tender", "witty",
+    ];
+    const RIGHT: [&str; 16] = [
+        "bass", "carp", "dace", "eel", "gar", "hake", "ide", "koi", "ling", "minnow", "perch",
+        "pike", "roach", "shad", "tench", "trout",
+    ];
+    use rand::seq::SliceRandom;
+    let mut rng = rand::thread_rng();
+    format!(
+        "{}_{}",
+        LEFT.choose(&mut rng).unwrap_or(&"shoal"),
+        RIGHT.choose(&mut rng).unwrap_or(&"service")
+    )
+}
+
+/// How many times a scale is retried when the service changed between read and write.
+const SCALE_RETRIES: usize = 5;
+
+/// Sets a replicated service's replica count; returns its id.
+async fn scale(c: &mut ControlClient<Channel>, name: &str, n: u64) -> anyhow::Result<String> {
+    let mut attempt = 0;
+    loop {
+        let cur = rpc(c
+            .get_service(pb::GetServiceRequest {
+                service: name.to_string(),
+            })
+            .await)?
+        .service
+        .unwrap_or_default();
+        let mut spec = cur.spec.clone().unwrap_or_default();
+        match &mut spec.mode {
+            Some(Mode::Replicated(r)) => r.replicas = n,
+            _ => bail!("{name}: scale can only be used with replicated mode"),
+        }
+        let version = cur.meta.as_ref().map(|m| m.version).unwrap_or(0);
+        match c
+            .update_service(pb::UpdateServiceRequest {
+                service: id(&cur),
+                version,
+                spec: Some(spec),
+            })
+            .await
+        {
+            Ok(_) => return Ok(id(&cur)),
+            Err(e) if e.code() == tonic::Code::FailedPrecondition && attempt < SCALE_RETRIES => {
+                attempt += 1;
+            }
+            Err(e) => bail!("{}", e.message()),
+        }
+    }
+}
+
+/// Docker's capitalised task state.
+fn state_title(s: i32) -> String {
+    let w = progress::state_word(s);
+    let mut c = w.chars();
+    match c.next() {
+        Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
+        None => w,
+    }
+}
+
+/// "5 seconds", "about a minute", "3 hours": how long ago, as `docker service ps` says it.
+fn human_duration(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0 => "less than a second".into(),
+        1 => "1 second".into(),
+        2..=59 => format!("{s} seconds"),
+        60..=119 => "about a minute".into(),
+        120..=3_599 => format!("{} minutes", s / 60),
+        3_600..=7_199 => "about an hour".into(),
+        7_200..=172_799 => format!("{} hours", s / 3_600),
+        _ => format!("{} days", s / 86_400),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Longest error shown by `service ps` without `--no-trunc`.
+const PS_ERROR_WIDTH: usize = 40;
+
+/// `service ps`: each slot's (or node's) tasks, newest first, history indented as docker does.
+async fn ps(
+    c: &mut ControlClient<Channel>,
+    services: &[String],
+    filters: &[String],
+    no_trunc: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let mut desired: Option<i32> = None;
+    let mut node_filter: Option<String> = None;
+    let mut id_filter: Option<String> = None;
+    let mut name_filter: Option<String> = None;
+    for f in filters {
+        let (k, v) = f
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("invalid filter {f:?}: expected KEY=VALUE"))?;
+        match k {
+            "desired-state" => {
+                desired = Some(match v {
+                    "running" => pb::TaskState::Running as i32,
+                    "shutdown" => pb::TaskState::Shutdown as i32,
+                    "accepted" => pb::TaskState::Accepted as i32,
+                    _ => bail!(
+                        "invalid filter desired-state={v}: expected running, shutdown or accepted"
+                    ),
+                })
+            }
+            "node" => node_filter = Some(v.to_string()),
+            "id" => id_filter = Some(v.to_string()),
+            "name" => name_filter = Some(v.to_string()),
+            _ => bail!("invalid filter {k:?}: expected desired-state, node, id or name"),
+        }
+    }
+    let nodes = rpc(c.list_nodes(pb::ListNodesRequest {}).await)?.nodes;
+    let hostname: HashMap<String, String> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default(),
+                n.description
+                    .as_ref()
+                    .map(|d| d.hostname.clone())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    let node_id = match &node_filter {
+        Some(f) => Some(
+            nodes
+                .iter()
+                .map(|n| n.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default())
+                .find(|id| id == f || hostname.get(id) == Some(f) || id.starts_with(f.as_str()))
+                .ok_or_else(|| anyhow::anyhow!("no such node: {f}"))?,
+        ),
+        None => None,
+    };
+    let now = now_ms();
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "IMAGE",
+        "NODE",
+        "DESIRED STATE",
+        "CURRENT STATE",
+        "ERROR",
+        "PORTS",
+    ]);
+    for name in services {
+        let svc = rpc(c
+            .get_service(pb::GetServiceRequest {
+                service: name.clone(),
+            })
+            .await)?
+        .service
+        .unwrap_or_default();
+        let sname = svc
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let mut tasks = rpc(c
+            .list_tasks(pb::ListTasksRequest {
+                service: id(&svc),
+                node: String::new(),
+            })
+            .await)?
+        .tasks;
+        tasks.retain(|t| {
+            let wanted_state = match desired {
+                // docker: "running" also shows tasks still on their way there.
+                Some(d) if d == pb::TaskState::Running as i32 => {
+                    t.desired_state <= pb::TaskState::Running as i32
+                }
+                Some(d) if d == pb::TaskState::Accepted as i32 => {
+                    t.desired_state == pb::TaskState::Accepted as i32
+                }
+                Some(_) => t.desired_state > pb::TaskState::Running as i32,
+                None => true,
+            };
+            let tid = t.meta.as_ref().map_or("", |m| m.id.as_str());
+            wanted_state
+                && node_id.as_ref().is_none_or(|n| &t.node_id == n)
+                && id_filter
+                    .as_ref()
+                    .is_none_or(|f| tid.starts_with(f.as_str()))
+        });
+        // Group by slot (replicated) or node (global); newest first within a group.
+        let key = |t: &pb::Task| {
+            (
+                t.slot,
+                if t.slot == 0 {
+                    t.node_id.clone()
+                } else {
+                    String::new()
+                },
+            )
+        };
+        tasks.sort_by(|a, b| {
+            key(a).cmp(&key(b)).then_with(|| {
+                let at = |t: &pb::Task| t.meta.as_ref().map_or(0, |m| m.created_at_ms);
+                at(b).cmp(&at(a))
+            })
+        });
+        let mut previous_key = None;
+        for task in &tasks {
+            let k = key(task);
+            let first = previous_key.as_ref() != Some(&k);
+            previous_key = Some(k);
+            let tname = if task.slot > 0 {
+                format!("{sname}.{}", task.slot)
+            } else {
+                format!("{sname}.{}", task.node_id)
+            };
+            if name_filter.as_ref().is_some_and(|f| f != &tname) {
+                continue;
+            }
+            let tid = task.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+            if quiet {
+                println!("{tid}");
+                continue;
+            }
+            let status = task.status.clone().unwrap_or_default();
+            let err = if status.state == pb::TaskState::Pending as i32 {
+                task.scheduling_message.clone()
+            } else if status.state > pb::TaskState::Running as i32 {
+                status.err.clone()
+            } else {
+                String::new()
+            };
+            let err = if err.is_empty() {
+                String::new()
+            } else if no_trunc || err.chars().count() <= PS_ERROR_WIDTH {
+                format!("\"{err}\"")
+            } else {
+                let cut: String = err.chars().take(PS_ERROR_WIDTH - 1).collect();
+                format!("\"{cut}…\"")
+            };
+            let when = if status.timestamp_ms > 0 {
+                format!(
+                    "{} {} ago",
+                    state_title(status.state),
+                    human_duration(now - status.timestamp_ms)
+                )
+            } else {
+                state_title(status.state)
+            };
+            let img = task
+                .spec
+                .as_ref()
+                .and_then(|s| s.container.as_ref())
+                .map(|c| c.image.clone())
+                .unwrap_or_default();
+            t.row(vec![
+                if no_trunc {
+                    tid.clone()
+                } else {
+                    output::short(&tid).to_string()
+                },
+                if first {
+                    tname
+                } else {
+                    format!(" \\_ {tname}")
+                },
+                img,
+                hostname.get(&task.node_id).cloned().unwrap_or_default(),
+                state_title(task.desired_state),
+                when,
+                err,
+                String::new(),
+            ]);
+        }
+    }
+    if !quiet {
+        t.print();
+    }
+    Ok(())
+}
+
+/// `service inspect --pretty`.
+fn pretty_service(s: &pb::Service) -> String {
+    let sp = s.spec.clone().unwrap_or_default();
+    let task = sp.task.clone().unwrap_or_default();
+    let c = task.container.clone().unwrap_or_default();
+    let mut out = String::new();
+    let mut line =
+        |k: &str, v: String| out.push_str(&format!("{}\n", format!("{k:<16}{v}").trim_end()));
+    line("ID:", id(s));
+    line("Name:", sp.name.clone());
+    if !sp.labels.is_empty() {
+        line("Labels:", String::new());
+        for (k, v) in &sp.labels {
+            line(&format!(" {k}"), format!("= {v}"));
+        }
+    }
+    match &sp.mode {
+        Some(Mode::Global(_)) => line("Service Mode:", "Global".into()),
+        Some(Mode::Replicated(r)) => {
+            line("Service Mode:", "Replicated".into());
+            line(" Replicas:", r.replicas.to_string());
+        }
+        None => {}
+    }
+    let placement = task.placement.clone().unwrap_or_default();
+    line("Placement:", String::new());
+    if !placement.constraints.is_empty() {
+        line(
+            " Constraints:",
+            format!("[{}]", placement.constraints.join(" ")),
+        );
+    }
+    if placement.max_replicas_per_node > 0 {
+        line(
+            " Max Replicas Per Node:",
+            placement.max_replicas_per_node.to_string(),
+        );
+    }
+    let r = task.restart.unwrap_or_default();
+    line("RestartPolicy:", String::new());
+    line(
+        " Condition:",
+        r.condition()
+            .as_str_name()
+            .trim_start_matches("RESTART_CONDITION_")
+            .to_ascii_lowercase()
+            .replace('_', "-"),
+    );
+    line(" Delay:", output::format_ms(r.delay_ms));
+    if r.max_attempts > 0 {
+        line(" Max Attempts:", r.max_attempts.to_string());
+    }
+    if r.window_ms > 0 {
+        line(" Window:", output::format_ms(r.window_ms));
+    }
+    line("ContainerSpec:", String::new());
+    line(" Image:", c.image.clone());
+    if !c.command.is_empty() {
+        line(" Command:", c.command.join(" "));
+    }
+    if !c.args.is_empty() {
+        line(" Args:", c.args.join(" "));
+    }
+    if !c.env.is_empty() {
+        line(" Env:", c.env.join(" "));
+    }
+    line(" Stop Grace:", output::format_ms(c.stop_grace_period_ms));
+    let res = task.resources.unwrap_or_default();
+    let (lim, rsv) = (
+        res.limits.unwrap_or_default(),
+        res.reservations.unwrap_or_default(),
+    );
+    if lim != pb::Resources::default() || rsv != pb::Resources::default() {
+        line("Resources:", String::new());
+        let cpus = |n: i64| format!("{}", n as f64 / 1e9);
+        let mem = |b: i64| format!("{}MiB", b / (1 << 20));
+        if rsv != pb::Resources::default() {
+            line(" Reservations:", String::new());
+            if rsv.nano_cpus > 0 {
+                line("  CPU:", cpus(rsv.nano_cpus));
+            }
+            if rsv.memory_bytes > 0 {
+                line("  Memory:", mem(rsv.memory_bytes));
+            }
+        }
+        if lim != pb::Resources::default() {
+            line(" Limits:", String::new());
+            if lim.nano_cpus > 0 {
+                line("  CPU:", cpus(lim.nano_cpus));
+            }
+            if lim.memory_bytes > 0 {
+                line("  Memory:", mem(lim.memory_bytes));
+            }
+        }
+    }
+    out
 }
