@@ -941,7 +941,6 @@ async fn failover_trial<S: Side>(
     let mut w = side.writer(leader, 0, value_bytes).await?;
     // The client holds a connection to another member too, as a multi-endpoint client does.
     let spare = side.channel(survivor).await?;
-    w.set_timeout(FAILOVER_ATTEMPT_TIMEOUT);
     let until = Instant::now() + load;
     while Instant::now() < until {
         w.write().await.map_err(|s| {
@@ -951,6 +950,7 @@ async fn failover_trial<S: Side>(
     let t0 = Instant::now();
     side.kill(leader);
     w.set_channel(spare);
+    w.set_timeout(FAILOVER_ATTEMPT_TIMEOUT);
     let took = loop {
         match w.write().await {
             Ok(()) => break t0.elapsed(),
