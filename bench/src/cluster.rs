@@ -175,7 +175,7 @@ impl Proc {
     }
 
     /// `Some(reason)` once it has exited.
-    fn exited(&mut self) -> Option<String> {
+    pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
             Ok(Some(st)) => Some(format!("{} exited: {st}", self.what)),
             Ok(None) => None,

@@ -136,9 +136,15 @@ impl Etcd {
         for i in 0..3 {
             etcd.spawn(i)?;
         }
-        etcd.wait_healthy(crate::cluster::STARTUP_TIMEOUT)
-            .await
-            .context("etcd did not come up")?;
+        if let Err(e) = etcd.wait_healthy(crate::cluster::STARTUP_TIMEOUT).await {
+            // A member that refused its flags has exited: say so, with its log.
+            for m in &mut etcd.members {
+                if let Some(why) = m.proc.as_mut().and_then(|p| p.exited()) {
+                    bail!("etcd did not come up: {why} (see {})", m.log.display());
+                }
+            }
+            return Err(e.context("etcd did not come up"));
+        }
         Ok(etcd)
     }
 
