@@ -140,7 +140,9 @@ impl Etcd {
             // A member that refused its flags has exited: say so, with its log.
             for m in &mut etcd.members {
                 if let Some(why) = m.proc.as_mut().and_then(|p| p.exited()) {
-                    bail!("etcd did not come up: {why} (see {})", m.log.display());
+                    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+                    let last = log.lines().last().unwrap_or("").trim();
+                    bail!("etcd did not come up: {why}: {last}");
                 }
             }
             return Err(e.context("etcd did not come up"));
