@@ -112,7 +112,7 @@ impl Manager {
         let incoming = tls_incoming(listener, tls.server_config()?);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            let res = tonic::transport::Server::builder()
+            let res = crate::tls::grpc_server()
                 .add_service(raft_svc)
                 .add_service(ca)
                 .add_service(control)
