@@ -52,7 +52,13 @@ pub struct AgentConfig {
     pub description: NodeDescription,
     /// Runs the tasks.
     pub executor: Arc<dyn Executor>,
+    /// Told the role the cluster wants this node to hold, at every session start and
+    /// heartbeat (the daemon, which owns membership, acts on a promotion).
+    pub on_desired_role: Option<DesiredRoleHook>,
 }
+
+/// Receives the node's desired role as the dispatcher states it.
+pub type DesiredRoleHook = Arc<dyn Fn(pb::NodeRole) + Send + Sync>;
 
 /// The current session, for the report sender.
 #[derive(Clone)]
@@ -69,6 +75,7 @@ struct Ctl {
 /// State shared by the agent's tasks.
 pub(crate) struct Shared {
     pub tls: NodeTls,
+    pub on_desired_role: Option<DesiredRoleHook>,
     pub description: NodeDescription,
     pub managers: Mutex<Vec<String>>,
     pub link: watch::Sender<Option<Link>>,
@@ -334,6 +341,7 @@ impl Agent {
         let (reports_tx, reports_rx) = mpsc::channel(REPORT_QUEUE);
         let shared = Arc::new(Shared {
             tls: cfg.tls,
+            on_desired_role: cfg.on_desired_role,
             description: cfg.description,
             managers: Mutex::new(cfg.managers),
             link: watch::channel(None).0,

@@ -8,7 +8,7 @@ pub mod db;
 pub mod executor;
 mod session;
 
-pub use agent::{Agent, AgentConfig, WorkerError};
+pub use agent::{Agent, AgentConfig, DesiredRoleHook, WorkerError};
 pub use executor::{Executor, RuntimeExecutor, RuntimeExecutorConfig, SimExecutor};
 pub use session::{backoff, RECONNECT_BASE, RECONNECT_MAX};
 

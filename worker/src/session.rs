@@ -113,6 +113,7 @@ async fn session(shared: &Arc<Shared>, addr: &str) -> Outcome {
     };
     learn_managers(shared, addr, started.managers.clone());
     tracing::info!(%addr, node_id = %started.node_id, "session started");
+    tell_desired_role(shared, started.desired_role);
     shared.link.send_replace(Some(Link {
         client: client.clone(),
         session_id: started.session_id.clone(),
@@ -136,7 +137,9 @@ async fn session(shared: &Arc<Shared>, addr: &str) -> Outcome {
                 let req = pb::HeartbeatRequest { session_id: started.session_id.clone() };
                 match tokio::time::timeout(period, client.heartbeat(req)).await {
                     Ok(Ok(r)) => {
-                        period = Duration::from_millis(r.into_inner().heartbeat_period_ms.max(1));
+                        let r = r.into_inner();
+                        tell_desired_role(shared, r.desired_role);
+                        period = Duration::from_millis(r.heartbeat_period_ms.max(1));
                         next_beat = tokio::time::Instant::now() + period;
                     }
                     Ok(Err(e)) => {
@@ -159,4 +162,15 @@ fn learn_managers(shared: &Shared, addr: &str, mut managers: Vec<String>) {
         managers.push(addr.to_string());
     }
     *lock(&shared.managers) = managers;
+}
+
+/// Passes the role the dispatcher says the node should hold to whoever asked for it.
+fn tell_desired_role(shared: &Shared, role: Option<i32>) {
+    let (Some(hook), Some(role)) = (&shared.on_desired_role, role) else {
+        return;
+    };
+    match pb::NodeRole::try_from(role) {
+        Ok(r) => hook(r),
+        Err(_) => tracing::warn!(role, "the dispatcher named an unknown role"),
+    }
 }

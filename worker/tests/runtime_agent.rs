@@ -108,6 +108,7 @@ impl Node {
                 ..Default::default()
             },
             executor: Arc::new(exec),
+            on_desired_role: None,
         })
         .await
         .unwrap()

@@ -31,6 +31,7 @@ fn config(
             ..Default::default()
         },
         executor: sim,
+        on_desired_role: None,
     }
 }
 

@@ -9,10 +9,10 @@ use rand::Rng;
 use shoal_proto::v1::ca_client::CaClient;
 use shoal_proto::v1::RenewRequest;
 
-use super::files::save_node_pair;
+use super::files::{save_node_pair, write_atomic, CA_KEY_FILE};
 use super::join::{call, make_csr};
 use super::server::MAX_CA_MESSAGE_BYTES;
-use super::{CaError, CertInfo};
+use super::{CaError, CertInfo, Role, RootCa};
 use crate::tls::NodeTls;
 
 /// First pause after a failed renewal; doubled up to [`RENEW_RETRY_MAX_DELAY`].
@@ -48,7 +48,25 @@ pub async fn renew_once(tls: &NodeTls, pki_dir: &Path, manager_addr: &str) -> Re
     )
     .await?;
     // Check it fully before anything is written.
-    NodeTls::from_pem(tls.ca_pem(), &resp.cert_pem, &key_pem)?;
+    let checked = NodeTls::from_pem(tls.ca_pem(), &resp.cert_pem, &key_pem)?;
+    if !resp.ca_key_pem.is_empty() {
+        if checked.identity().role != Role::Manager {
+            return Err(CaError::CertInvalid(
+                "the CA key came with a worker certificate".into(),
+            ));
+        }
+        // The key must belong to the CA this node trusts, not whatever the response says.
+        let ca = RootCa::from_pem(tls.ca_pem(), &resp.ca_key_pem)?;
+        if ca.cluster_id() != id.cluster_id {
+            return Err(CaError::CertInvalid("CA key is for another cluster".into()));
+        }
+        // Before the certificate: a manager certificate on disk always has its CA key.
+        write_atomic(
+            &pki_dir.join(CA_KEY_FILE),
+            resp.ca_key_pem.as_bytes(),
+            0o600,
+        )?;
+    }
     save_node_pair(pki_dir, &resp.cert_pem, &key_pem)?;
     tls.replace(&resp.cert_pem, &key_pem)?;
     let info = tls.cert_info();

@@ -242,10 +242,18 @@ impl Ca for CaService {
             .await
             .map_err(status)?;
         tracing::debug!(node_id = %id.node_id, serial = %issued.serial, "certificate renewed");
+        if role != id.role {
+            tracing::info!(node_id = %id.node_id, from = %id.role, to = %role, "role changed at renewal");
+        }
         Ok(Response::new(RenewResponse {
             cert_pem: issued.cert_pem,
             ca_pem: self.ca.cert_pem().to_string(),
             role: role.to_proto() as i32,
+            // A promoted worker becomes a manager only with the CA key (any manager issues).
+            ca_key_pem: match role {
+                Role::Manager => self.ca.key_pem().to_string(),
+                Role::Worker => String::new(),
+            },
         }))
     }
 }

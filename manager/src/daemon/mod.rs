@@ -47,6 +47,8 @@ pub const JOIN_MANAGER_TIMEOUT: Duration = Duration::from_secs(60);
 pub const ROLE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long that check may take.
 pub const ROLE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause before a failed self-promotion (worker to manager) is tried again.
+pub const PROMOTE_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +182,8 @@ struct Shared {
     /// What this node is now; held across a whole init/join/leave.
     role: Mutex<(Role_, Option<LocalState>)>,
     slot: ApiSlot,
+    /// The role the cluster wants this node to hold, as the dispatcher last said.
+    desired_role: tokio::sync::watch::Sender<Option<pb::NodeRole>>,
 }
 
 /// This node's membership, as its worker agent needs it: who it is, its TLS material, and
@@ -239,6 +243,7 @@ impl Daemon {
             role: Mutex::new((Role_::Inactive, None)),
             slot: ApiSlot::default(),
             membership: tokio::sync::watch::channel(None).0,
+            desired_role: tokio::sync::watch::channel(None).0,
         });
         if let Some(st) = LocalState::load(&cfg.data_dir)? {
             let role = resume(&shared, &st).await?;
@@ -247,6 +252,10 @@ impl Daemon {
         }
         let socket_server = serve_socket(shared.clone()).await?;
         tokio::spawn(watch_role(Arc::downgrade(&shared)));
+        tokio::spawn(watch_promotion(
+            Arc::downgrade(&shared),
+            shared.desired_role.subscribe(),
+        ));
         Ok(Daemon {
             shared,
             socket_server: Some(socket_server),
@@ -261,6 +270,21 @@ impl Daemon {
     /// This node's membership now and as it changes, for the worker agent.
     pub fn membership(&self) -> tokio::sync::watch::Receiver<Option<Membership>> {
         self.shared.membership.subscribe()
+    }
+
+    /// Where the worker agent reports the role the dispatcher says this node should hold:
+    /// a worker told it should be a manager promotes itself.
+    pub fn desired_role_hook(&self) -> Arc<dyn Fn(pb::NodeRole) + Send + Sync> {
+        let shared = Arc::downgrade(&self.shared);
+        Arc::new(move |role| {
+            if let Some(shared) = shared.upgrade() {
+                shared.desired_role.send_if_modified(|cur| {
+                    let changed = *cur != Some(role);
+                    *cur = Some(role);
+                    changed
+                });
+            }
+        })
     }
 
     /// The local socket path.
@@ -328,6 +352,9 @@ async fn watch_role(shared: std::sync::Weak<Shared>) {
                     let renew =
                         spawn_worker_renewal(tls, data_dir.join(PKI_DIR), st.managers.clone());
                     *role = (Role_::Worker { renew }, Some(st));
+                    // What the manager's agent heard is stale: a later promotion must show
+                    // as a change.
+                    shared.desired_role.send_replace(None);
                     shared.publish(role.1.as_ref());
                 }
                 Err(e) => tracing::error!("loading the node certificate: {e}"),
@@ -630,6 +657,7 @@ impl DaemonRpc for DaemonService {
         self.shared.slot.set(None);
         let (old, _) = std::mem::replace(&mut *role, (Role_::Inactive, None));
         self.shared.publish(None);
+        self.shared.desired_role.send_replace(None);
         stop_role(old).await;
         forget_cluster(&self.shared.cfg.data_dir);
         Ok(Response::new(pb::LeaveResponse {}))
@@ -830,22 +858,9 @@ async fn join_cluster(
         vec![addr.to_string()],
     )
     .await?;
-    let channel = tls
-        .channel(manager_addr)
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut client = ControlClient::new(channel);
-    let mut req = Request::new(pb::JoinManagerRequest {
-        node_id: st.node_id.clone(),
-        raft_id: st.raft_id,
-        addr: addr.to_string(),
-    });
-    req.set_timeout(JOIN_MANAGER_TIMEOUT);
-    if let Err(e) = client.join_manager(req).await {
+    if let Err(e) = join_raft(&tls, manager_addr, &st).await {
         m.shutdown().await;
-        return Err(Status::new(
-            e.code(),
-            format!("joining raft through {manager_addr}: {}", e.message()),
-        ));
+        return Err(e);
     }
     if let Err(e) = st.save(&cfg.data_dir) {
         m.shutdown().await;
@@ -853,4 +868,120 @@ async fn join_cluster(
     }
     tracing::info!(node_id = %st.node_id, raft_id = st.raft_id, "joined the cluster as a manager");
     Ok((Role_::Manager(m), st))
+}
+
+/// Asks the cluster, through the manager at `manager_addr` (which forwards to the leader), to
+/// make this node's running manager a learner and then a voter.
+async fn join_raft(tls: &NodeTls, manager_addr: &str, st: &LocalState) -> Result<(), Status> {
+    let channel = tls
+        .channel(manager_addr)
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut client = ControlClient::new(channel);
+    let mut req = Request::new(pb::JoinManagerRequest {
+        node_id: st.node_id.clone(),
+        raft_id: st.raft_id,
+        addr: st.advertise_addr.clone(),
+    });
+    req.set_timeout(JOIN_MANAGER_TIMEOUT);
+    client.join_manager(req).await.map(|_| ()).map_err(|e| {
+        Status::new(
+            e.code(),
+            format!("joining raft through {manager_addr}: {}", e.message()),
+        )
+    })
+}
+
+/// Turns this worker into a manager once the cluster has promoted it (the worker agent
+/// passes on what the dispatcher says); ends with the daemon.
+async fn watch_promotion(
+    shared: std::sync::Weak<Shared>,
+    mut desired: tokio::sync::watch::Receiver<Option<pb::NodeRole>>,
+) {
+    while desired.changed().await.is_ok() {
+        if *desired.borrow_and_update() != Some(pb::NodeRole::Manager) {
+            continue;
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if let Err(e) = promote_self(&shared).await {
+            tracing::warn!("becoming a manager failed, trying again: {e}");
+            // The next heartbeat says "manager" again and so starts the next attempt.
+            shared.desired_role.send_replace(None);
+            drop(shared);
+            tokio::time::sleep(PROMOTE_RETRY_DELAY).await;
+        }
+    }
+}
+
+/// Makes this worker a manager: a manager certificate and the CA key (a renewal, which the
+/// CA answers with the role the cluster wants), a Raft id recorded before joining (a retry or
+/// a restart reuses it, so the cluster never holds two ids for this node), a manager on the
+/// data dir, `JoinManager` through a known manager, and the new role recorded in node.json.
+/// Does nothing unless the node is a worker now.
+async fn promote_self(shared: &Shared) -> Result<(), DaemonError> {
+    let mut role = shared.role.lock().await;
+    let (Role_::Worker { .. }, Some(st)) = &*role else {
+        return Ok(());
+    };
+    let mut st = st.clone();
+    let cfg = &shared.cfg;
+    let pki = cfg.data_dir.join(PKI_DIR);
+    let tls = NodeTls::load(&pki)?;
+    if tls.identity().role != Role::Manager || RootCa::load(&pki).is_err() {
+        let mut renewed = Err(DaemonError::Ca(ca::CaError::NoManager));
+        for addr in &st.managers {
+            renewed = ca::renew_once(&tls, &pki, addr).await.map_err(Into::into);
+            if renewed.is_ok() {
+                break;
+            }
+        }
+        renewed?;
+        if tls.identity().role != Role::Manager {
+            return Err(DaemonError::Refused(
+                "the CA still issues this node a worker certificate".into(),
+            ));
+        }
+        RootCa::load(&pki)?;
+    }
+    tracing::info!(node_id = %st.node_id, "promoted: this node becomes a manager");
+    if st.raft_id == 0 {
+        st.raft_id = new_raft_id();
+        st.save(&cfg.data_dir)?;
+        role.1 = Some(st.clone());
+    }
+    let m = Manager::start(
+        &cfg.data_dir,
+        cfg.listen_addr,
+        tls.clone(),
+        st.raft_id,
+        &cfg.timers(),
+        vec![st.advertise_addr.clone()],
+    )
+    .await?;
+    let mut joined = Err(DaemonError::Ca(ca::CaError::NoManager));
+    for addr in &st.managers {
+        joined = join_raft(&tls, addr, &st)
+            .await
+            .map_err(|e| DaemonError::Raft(e.message().to_string()));
+        if joined.is_ok() {
+            break;
+        }
+    }
+    if let Err(e) = joined {
+        m.shutdown().await;
+        return Err(e);
+    }
+    st.role = "manager".into();
+    if let Err(e) = st.save(&cfg.data_dir) {
+        // Raft already counts this node: run on as a manager; a restart resumes as a worker
+        // with the same Raft id and joins again (idempotent).
+        tracing::error!("recording the promotion: {e}");
+    }
+    shared.slot.set(Some(m.api().clone()));
+    let (old, _) = std::mem::replace(&mut *role, (Role_::Manager(m), Some(st)));
+    stop_role(old).await;
+    shared.publish(role.1.as_ref());
+    tracing::info!("this node now runs as a manager");
+    Ok(())
 }

@@ -50,6 +50,13 @@ impl<B: Backend> DispatcherService<B> {
     }
 }
 
+/// The role the cluster wants `node_id` to hold (its spec's), which is how a promoted
+/// worker learns of its promotion; `None` when the store cannot say.
+fn desired_role(store: &crate::store::Store, node_id: &str) -> Option<i32> {
+    let node = store.get_node(node_id).ok()??;
+    Some(node.spec.map_or(node.role, |s| s.desired_role))
+}
+
 #[tonic::async_trait]
 impl<B: Backend> DispatcherRpc for DispatcherService<B> {
     type SessionStream = ReceiverStream<Result<pb::SessionMessage, Status>>;
@@ -131,6 +138,7 @@ impl<B: Backend> DispatcherRpc for DispatcherService<B> {
             node_id: node_id.clone(),
             heartbeat_period_ms: period.as_millis() as u64,
             managers: managers(&inner.store),
+            desired_role: desired_role(&inner.store, &node_id),
         };
         let inner = self.inner.clone();
         let session_id = started.session_id.clone();
@@ -162,12 +170,14 @@ impl<B: Backend> DispatcherRpc for DispatcherService<B> {
         self.check_session(&who.node_id, &req.get_ref().session_id)?;
         let timers = Timers::of(&self.inner.store);
         let period = jittered(timers.heartbeat_period);
+        let desired_role = desired_role(&self.inner.store, &who.node_id);
         lock(&self.inner.deadlines).insert(
             who.node_id,
             tokio::time::Instant::now() + timers.grace(period),
         );
         Ok(Response::new(pb::HeartbeatResponse {
             heartbeat_period_ms: period.as_millis() as u64,
+            desired_role,
         }))
     }
 

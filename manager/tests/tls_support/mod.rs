@@ -2,7 +2,7 @@
 //! and a manager serving the CA and Raft services over real TLS on 127.0.0.1.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +32,8 @@ pub struct MemBackend {
     pub joined: Mutex<Vec<NewNode>>,
     pub renewals: Mutex<Vec<(String, String)>>,
     pub lifetime: Mutex<Duration>,
+    /// Roles the cluster wants nodes to hold (promote/demote), by node id.
+    pub desired: Mutex<HashMap<String, Role>>,
 }
 
 impl MemBackend {
@@ -42,6 +44,7 @@ impl MemBackend {
             joined: Mutex::new(Vec::new()),
             renewals: Mutex::new(Vec::new()),
             lifetime: Mutex::new(shoal_manager::ca::DEFAULT_NODE_CERT_LIFETIME),
+            desired: Mutex::new(HashMap::new()),
         }
     }
 
@@ -64,6 +67,10 @@ impl CaBackend for MemBackend {
 
     fn node_cert_lifetime(&self) -> Duration {
         *self.lifetime.lock().unwrap()
+    }
+
+    fn desired_role(&self, node_id: &str) -> Option<Role> {
+        self.desired.lock().unwrap().get(node_id).copied()
     }
 
     async fn register_node(&self, node: NewNode) -> Result<(), CaError> {

@@ -96,6 +96,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
                 data_dir,
                 executor,
                 hollow: a.executor == ExecutorArg::Sim,
+                on_desired_role: daemon.desired_role_hook(),
             },
         ));
         tracing::info!(socket = %daemon.socket().display(), "shoal agent ready");
@@ -115,6 +116,8 @@ struct WorkerSetup {
     data_dir: PathBuf,
     executor: Arc<dyn Executor>,
     hollow: bool,
+    /// The daemon's: a promotion reaches the node through its dispatcher session.
+    on_desired_role: shoal_worker::DesiredRoleHook,
 }
 
 impl WorkerSetup {
@@ -137,6 +140,7 @@ impl WorkerSetup {
             data_dir: (!self.hollow).then(|| self.data_dir.clone()),
             description: self.description(m),
             executor: self.executor.clone(),
+            on_desired_role: Some(self.on_desired_role.clone()),
         };
         match Agent::start(cfg).await {
             Ok(a) => {

@@ -1,0 +1,251 @@
+//! `shoal node promote` of a worker, with real `shoal agent` processes on 127.0.0.x: the
+//! worker learns of it through its dispatcher session, renews into a manager certificate,
+//! starts a manager and joins Raft; a restart resumes it as a manager.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+/// How long a promoted worker may take to show as a reachable manager.
+const PROMOTION_WAIT: Duration = Duration::from_secs(30);
+
+/// One `shoal agent` process (hollow executor: no containers); killed by pid when dropped.
+struct Agent {
+    dir: PathBuf,
+    addr: String,
+    host: String,
+    child: Option<Child>,
+}
+
+fn free_port(ip: &str) -> u16 {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl Agent {
+    fn start(root: &Path, n: u8) -> Agent {
+        // Apart from cluster_cli's addresses, so both tests can run at once.
+        let ip = format!("127.0.1.{n}");
+        let addr = format!("{ip}:{}", free_port(&ip));
+        let dir = root.join(format!("node{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut a = Agent {
+            dir,
+            addr,
+            host: format!("phost{n}"),
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("shoal.sock")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new(SHOAL)
+            .args([
+                "agent",
+                "--executor",
+                "sim",
+                "--listen-addr",
+                &self.addr,
+                "--advertise-addr",
+                &self.addr,
+                "--hostname",
+                &self.host,
+            ])
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--socket")
+            .arg(self.socket())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not open its socket",
+                self.host
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn shoal(&self, args: &[&str]) -> Output {
+        Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_SOCKET", self.socket())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.shoal(args);
+        assert!(
+            out.status.success(),
+            "shoal {args:?} on {} failed: {}\n{}",
+            self.host,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.shoal(args);
+        assert!(
+            !out.status.success(),
+            "shoal {args:?} on {} succeeded unexpectedly",
+            self.host
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The role this node's daemon recorded in node.json.
+    fn recorded_role(&self) -> String {
+        let raw = std::fs::read(self.dir.join("data/node.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        v["role"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The MANAGER STATUS column of `node ls`, by hostname.
+fn manager_statuses(ls: &str) -> Vec<(String, String)> {
+    let mut lines = ls.lines();
+    let header = lines.next().unwrap();
+    let col = header.find("MANAGER STATUS").unwrap();
+    let host_col = header.find("HOSTNAME").unwrap();
+    lines
+        .map(|l| {
+            let host = l[host_col..].split_whitespace().next().unwrap().to_string();
+            let status = l.get(col..).unwrap_or("").trim().to_string();
+            (host, status)
+        })
+        .collect()
+}
+
+fn status_of(ls: &str, host: &str) -> String {
+    manager_statuses(ls)
+        .into_iter()
+        .find(|(h, _)| h == host)
+        .map(|(_, s)| s)
+        .unwrap_or_default()
+}
+
+/// Polls `node ls` on `on` until `host` shows `want`.
+fn wait_status(on: &Agent, host: &str, want: &str) -> String {
+    let deadline = Instant::now() + PROMOTION_WAIT;
+    loop {
+        let out = on.shoal(&["node", "ls"]);
+        let ls = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && status_of(&ls, host) == want {
+            return ls;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{host} never showed as {want:?} on {}: {ls}{}",
+            on.host,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_promoted_worker_becomes_a_voting_manager() {
+    let root = tempfile::tempdir().unwrap();
+    let m1 = Agent::start(root.path(), 1);
+    let mut w2 = Agent::start(root.path(), 2);
+
+    m1.ok(&["cluster", "init", "--advertise-addr", &m1.addr.clone()]);
+    let worker_token = m1
+        .ok(&["cluster", "join-token", "worker", "-q"])
+        .trim()
+        .to_string();
+    assert!(w2
+        .ok(&["cluster", "join", "--token", &worker_token, &m1.addr])
+        .contains("as a worker"));
+    wait_status(&m1, "phost2", "");
+    assert_eq!(w2.recorded_role(), "worker");
+    let err = w2.fails(&["node", "ls"]);
+    assert!(err.contains("not a manager"), "{err}");
+
+    // The only manager cannot go.
+    let err = m1.fails(&["node", "demote", "phost1"]);
+    assert!(err.contains("last manager"), "{err}");
+
+    assert!(m1
+        .ok(&["node", "promote", "phost2"])
+        .contains("promoted to a manager"));
+    let ls = wait_status(&m1, "phost2", "Reachable");
+    assert_eq!(status_of(&ls, "phost1"), "Leader", "{ls}");
+    assert_eq!(w2.recorded_role(), "manager");
+    let node: serde_json::Value =
+        serde_json::from_str(&m1.ok(&["node", "inspect", "phost2"])).unwrap();
+    assert_eq!(node[0]["Spec"]["Role"], "manager", "{node}");
+
+    // The promoted node serves the control API and its writes reach the leader.
+    let ls = w2.ok(&["node", "ls"]);
+    assert_eq!(status_of(&ls, "phost2"), "Reachable", "{ls}");
+    w2.ok(&["service", "create", "--name", "via-promoted", "busybox"]);
+    assert!(m1.ok(&["service", "ls"]).contains("via-promoted"));
+
+    // Quorum guard: with one of the two managers down, demoting it is refused.
+    w2.kill();
+    let err = m1.fails(&["node", "demote", "phost2"]);
+    assert!(err.contains("quorum"), "{err}");
+
+    // A restart resumes the promoted node as a manager.
+    w2.spawn();
+    wait_status(&m1, "phost2", "Reachable");
+    assert_eq!(w2.recorded_role(), "manager");
+
+    // The promoted node is a voter: it can outlive the first manager's demotion (a learner
+    // would be refused as the last manager would go) and then leads alone.
+    assert!(w2.ok(&["node", "demote", "phost1"]).contains("demoted"));
+    let ls = wait_status(&w2, "phost2", "Leader");
+    assert_eq!(status_of(&ls, "phost1"), "", "{ls}");
+    w2.ok(&["service", "create", "--name", "after-demote", "busybox"]);
+    let deadline = Instant::now() + PROMOTION_WAIT;
+    loop {
+        // The demoted first manager notices by itself and runs on as a worker.
+        let out = m1.shoal(&["node", "ls"]);
+        if String::from_utf8_lossy(&out.stderr).contains("not a manager") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "phost1 did not turn into a worker"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(m1.recorded_role(), "worker");
+}
