@@ -208,6 +208,10 @@ fn a_promoted_worker_becomes_a_voting_manager() {
     let ls = wait_status(&m1, "phost2", "Reachable");
     assert_eq!(status_of(&ls, "phost1"), "Leader", "{ls}");
     assert_eq!(w2.recorded_role(), "manager");
+    assert!(
+        w2.dir.join("data/pki/ca.key").exists(),
+        "a manager holds the CA key"
+    );
     let node: serde_json::Value =
         serde_json::from_str(&m1.ok(&["node", "inspect", "phost2"])).unwrap();
     assert_eq!(node[0]["Spec"]["Role"], "manager", "{node}");
@@ -247,5 +251,17 @@ fn a_promoted_worker_becomes_a_voting_manager() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(m1.recorded_role(), "worker");
+    // It records the change once its manager has stopped.
+    let deadline = Instant::now() + PROMOTION_WAIT;
+    while m1.recorded_role() != "worker" {
+        assert!(
+            Instant::now() < deadline,
+            "phost1 did not record its demotion"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !m1.dir.join("data/pki/ca.key").exists(),
+        "a demoted manager drops the CA key"
+    );
 }

@@ -338,6 +338,8 @@ async fn watch_role(shared: std::sync::Weak<Shared>) {
             stop_role(old).await;
             let data_dir = &shared.cfg.data_dir;
             let _ = std::fs::remove_dir_all(data_dir.join(RAFT_DIR));
+            // Workers never hold the CA key; a later promotion hands it out again.
+            let _ = std::fs::remove_file(data_dir.join(PKI_DIR).join(ca::CA_KEY_FILE));
             let Some(mut st) = st else {
                 continue;
             };
