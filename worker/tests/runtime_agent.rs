@@ -97,7 +97,8 @@ impl Node {
             state_root: self.state_root.clone(),
             allow_unprotected_exe: true,
         })
-        .unwrap();
+        .unwrap()
+        .with_shoal_binary(shoal_binary());
         Agent::start(AgentConfig {
             tls: node_tls(&c.ca, node, Role::Worker),
             managers: vec![c.leader.addr.clone()],
@@ -189,11 +190,12 @@ async fn real_containers_run_fail_stop_and_reject() {
         "waited the grace period: {took:?}"
     );
     assert_eq!(s.exit_code, 137, "SIGKILLed");
-    eventually("container deleted", 10, || {
-        Container::load(&node.state_root, &sleeper).is_err()
+    // The executor deletes the container, then its directory.
+    let dir = node.data.path().join("containers").join(&sleeper);
+    eventually("container and its directory deleted", 10, || {
+        Container::load(&node.state_root, &sleeper).is_err() && !dir.exists()
     })
     .await;
-    assert!(!node.data.path().join("containers").join(&sleeper).exists());
     agent.shutdown().await;
 }
 

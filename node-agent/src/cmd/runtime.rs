@@ -1,12 +1,12 @@
 //! `shoal runtime …`: the runc-style CLI over an OCI bundle.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use shoal_runtime::container::{
-    Container, CreateOptions, ExecOptions, LogConfig, Stdio, DEFAULT_ROOT,
+    Container, CreateOptions, ExecOptions, LogConfig, Overlay, Stdio, DEFAULT_ROOT,
 };
 
 /// Options of every `shoal runtime` command.
@@ -19,27 +19,85 @@ pub struct RuntimeArgs {
     command: RuntimeCommand,
 }
 
+/// Default rotation size of a captured log.
+const DEFAULT_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// Default count of rotated log files.
+const DEFAULT_LOG_MAX_FILES: u32 = 3;
+
 #[derive(Args)]
 struct LogArgs {
     /// Capture stdout and stderr into this file (stdin is /dev/null)
     #[arg(long)]
     log: Option<PathBuf>,
-    /// Rotate the log at this many bytes
-    #[arg(long, default_value_t = 10 * 1024 * 1024)]
-    log_max_bytes: u64,
-    /// Rotated log files to keep
-    #[arg(long, default_value_t = 3)]
-    log_max_files: u32,
+    /// Rotate the log at this many bytes [default: 10485760]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    log_max_bytes: Option<u64>,
+    /// Rotated log files to keep, 0 to truncate instead [default: 3]
+    #[arg(long)]
+    log_max_files: Option<u32>,
 }
 
 impl LogArgs {
-    fn config(&self) -> Option<LogConfig> {
-        self.log.as_ref().map(|p| LogConfig {
-            path: p.clone(),
-            max_bytes: self.log_max_bytes,
-            max_files: self.log_max_files,
-        })
+    fn config(&self) -> Result<Option<LogConfig>> {
+        let Some(path) = &self.log else {
+            if self.log_max_bytes.is_some() || self.log_max_files.is_some() {
+                bail!("--log-max-bytes and --log-max-files need --log");
+            }
+            return Ok(None);
+        };
+        Ok(Some(LogConfig {
+            path: path.clone(),
+            max_bytes: self.log_max_bytes.unwrap_or(DEFAULT_LOG_MAX_BYTES),
+            max_files: self.log_max_files.unwrap_or(DEFAULT_LOG_MAX_FILES),
+        }))
     }
+}
+
+/// An overlayfs root over image layers (hidden: the worker agent's way of creating a task's
+/// container in a process of its own, so the monitor forks from this small process and not
+/// from the daemon).
+#[derive(Args)]
+struct OverlayArgs {
+    /// Read-only layer directories, lowest first, separated by ':'
+    #[arg(long, hide = true, value_name = "DIR:DIR:...")]
+    overlay_lower: Option<String>,
+    /// The container's writable layer
+    #[arg(long, hide = true, value_name = "DIR")]
+    overlay_upper: Option<PathBuf>,
+    /// Overlayfs work directory (empty, on the upper's filesystem)
+    #[arg(long, hide = true, value_name = "DIR")]
+    overlay_work: Option<PathBuf>,
+}
+
+impl OverlayArgs {
+    fn config(&self) -> Result<Option<Overlay>> {
+        let (lower, upper, work) =
+            match (&self.overlay_lower, &self.overlay_upper, &self.overlay_work) {
+                (None, None, None) => return Ok(None),
+                (Some(l), Some(u), Some(w)) => (l, u, w),
+                _ => bail!("--overlay-lower, --overlay-upper and --overlay-work go together"),
+            };
+        let mut lower_dirs = Vec::new();
+        for d in lower.split(':') {
+            if d.is_empty() {
+                bail!("--overlay-lower {lower:?}: empty layer directory");
+            }
+            lower_dirs.push(existing_dir("--overlay-lower", Path::new(d))?);
+        }
+        Ok(Some(Overlay {
+            lower_dirs,
+            upper: existing_dir("--overlay-upper", upper)?,
+            work: existing_dir("--overlay-work", work)?,
+        }))
+    }
+}
+
+/// `dir` made absolute, refused unless it is a directory.
+fn existing_dir(flag: &str, dir: &Path) -> Result<PathBuf> {
+    if !dir.is_dir() {
+        bail!("{flag} {}: not a directory", dir.display());
+    }
+    std::path::absolute(dir).with_context(|| format!("{flag} {}", dir.display()))
 }
 
 #[derive(Subcommand)]
@@ -63,6 +121,8 @@ enum RuntimeCommand {
         bundle: PathBuf,
         #[command(flatten)]
         log: LogArgs,
+        #[command(flatten)]
+        overlay: OverlayArgs,
         id: String,
     },
     /// Start the process of a created container
@@ -173,14 +233,16 @@ fn parse_signal(s: &str) -> Result<i32> {
 }
 
 fn create(
-    root: &std::path::Path,
-    bundle: &std::path::Path,
+    root: &Path,
+    bundle: &Path,
     id: &str,
     log: &LogArgs,
+    overlay: Option<Overlay>,
     stdio: Stdio,
 ) -> Result<Container> {
     let opts = CreateOptions {
-        log: log.config(),
+        log: log.config()?,
+        overlay,
         stdio,
         ..Default::default()
     };
@@ -203,7 +265,7 @@ pub fn run(args: RuntimeArgs) -> Result<()> {
         } => {
             protect()?;
             let stdio = if detach { Stdio::Null } else { Stdio::Inherit };
-            let mut c = create(&root, &bundle, &id, &log, stdio)?;
+            let mut c = create(&root, &bundle, &id, &log, None, stdio)?;
             if !detach {
                 forward_signals(c.pid());
             }
@@ -221,9 +283,15 @@ pub fn run(args: RuntimeArgs) -> Result<()> {
                 .with_context(|| format!("delete container {id}"))?;
             std::process::exit(status.shell_code());
         }
-        RuntimeCommand::Create { bundle, log, id } => {
+        RuntimeCommand::Create {
+            bundle,
+            log,
+            overlay,
+            id,
+        } => {
+            let overlay = overlay.config()?;
             protect()?;
-            create(&root, &bundle, &id, &log, Stdio::Null)?;
+            create(&root, &bundle, &id, &log, overlay, Stdio::Null)?;
         }
         RuntimeCommand::Start { id } => load(&id)?
             .start()

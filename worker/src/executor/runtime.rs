@@ -6,16 +6,22 @@
 //! `rootfs/` mount point), `upper/` and `work/` (the overlay's writable layer) and
 //! `container.log`. The runtime's own state lives under the state root (default
 //! `/run/shoal/runtime`), which survives an agent restart but not a reboot.
+//!
+//! Containers are created by a `shoal runtime create` subprocess, never by the daemon itself:
+//! the runtime forks each container's monitor from the process that creates it, and a fork of
+//! the multi-threaded daemon would carry the daemon's whole address space (and locks other
+//! threads held at the fork) into every monitor. Start, signal, wait and delete do not fork
+//! and stay in-process.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use shoal_proto::v1::Task;
-use shoal_runtime::container::{
-    Container, ContainerError, CreateOptions, LogConfig, Overlay, Status,
-};
+use shoal_runtime::container::{Container, ContainerError, Status};
 use shoal_runtime::image::{ImageError, ImageStore, PreparedImage};
 
 use super::{ExecError, Executor, Exit, Probe, Started, StopSignal};
@@ -31,6 +37,8 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// How long one blocking wait on a container lasts before it is re-armed, so that a
 /// cancelled wait frees its thread soon.
 const WAIT_SLICE: Duration = Duration::from_secs(1);
+/// Bytes of a failed `shoal runtime create`'s stderr kept for the task's error message.
+const MAX_CREATE_ERROR: usize = 2048;
 
 /// Where the runtime executor keeps things.
 #[derive(Clone, Debug)]
@@ -39,8 +47,8 @@ pub struct RuntimeExecutorConfig {
     pub data_dir: PathBuf,
     /// The runtime's state root (`shoal_runtime::container::DEFAULT_ROOT` in production).
     pub state_root: PathBuf,
-    /// Let containers be created from a binary that is not an immutable copy (tests only:
-    /// the `shoal` binary re-executes itself protected at start).
+    /// No longer consulted: containers are created by a `shoal runtime create` subprocess,
+    /// which always runs from (and re-executes itself into) an immutable copy of the binary.
     pub allow_unprotected_exe: bool,
 }
 
@@ -48,22 +56,98 @@ pub struct RuntimeExecutorConfig {
 pub struct RuntimeExecutor {
     cfg: RuntimeExecutorConfig,
     images: Arc<ImageStore>,
+    /// The `shoal` binary whose `runtime create` makes the containers.
+    shoal: PathBuf,
 }
 
 impl RuntimeExecutor {
-    /// An executor over the image store in `cfg.data_dir`.
+    /// An executor over the image store in `cfg.data_dir`, creating containers with the
+    /// running binary (the `shoal` daemon, already re-executed from its immutable copy).
     pub fn new(cfg: RuntimeExecutorConfig) -> Result<RuntimeExecutor, ExecError> {
         let images =
             ImageStore::open(&cfg.data_dir).map_err(|e| ExecError::Runtime(e.to_string()))?;
+        let shoal = std::env::current_exe()
+            .map_err(|e| ExecError::Runtime(format!("path of the running binary: {e}")))?;
         Ok(RuntimeExecutor {
             cfg,
             images: Arc::new(images),
+            shoal,
         })
+    }
+
+    /// Create containers with this `shoal` binary instead of the running one (for programs
+    /// that embed the agent but are not `shoal`, such as tests).
+    pub fn with_shoal_binary(mut self, shoal: impl Into<PathBuf>) -> RuntimeExecutor {
+        self.shoal = shoal.into();
+        self
+    }
+
+    /// `shoal runtime create` for a task's container; its stderr is the error on failure.
+    async fn create(&self, id: &str, dir: &Path, layers: &[PathBuf]) -> Result<(), ExecError> {
+        let mut lower = OsString::new();
+        for (i, l) in layers.iter().enumerate() {
+            if i > 0 {
+                lower.push(":");
+            }
+            lower.push(l.as_os_str());
+        }
+        let mut cmd = tokio::process::Command::new(&self.shoal);
+        cmd.arg("runtime")
+            .arg("--root")
+            .arg(&self.cfg.state_root)
+            .arg("create")
+            .arg("--bundle")
+            .arg(dir.join("bundle"))
+            .arg("--log")
+            .arg(dir.join("container.log"))
+            .arg("--log-max-bytes")
+            .arg(LOG_MAX_BYTES.to_string())
+            .arg("--log-max-files")
+            .arg(LOG_MAX_FILES.to_string())
+            .arg("--overlay-lower")
+            .arg(lower)
+            .arg("--overlay-upper")
+            .arg(dir.join("upper"))
+            .arg("--overlay-work")
+            .arg(dir.join("work"))
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // Not killed when a cancelled start drops this future: a create cut short would leave
+        // a half-made container behind, one that finishes is removed like any other.
+        let out = cmd.output().await.map_err(|e| {
+            ExecError::Runtime(format!("run {} runtime create: {e}", self.shoal.display()))
+        })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(ExecError::Runtime(create_error(&out.stderr, out.status)))
     }
 
     fn task_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join(CONTAINERS_DIR).join(id)
     }
+}
+
+/// The task's error for a failed `shoal runtime create`: its message without the program name,
+/// or how it ended when it printed nothing.
+fn create_error(stderr: &[u8], status: std::process::ExitStatus) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    let text = text.strip_prefix("shoal: ").unwrap_or(text);
+    if text.is_empty() {
+        return format!("shoal runtime create failed ({status})");
+    }
+    let mut msg: String = text.lines().collect::<Vec<_>>().join("; ");
+    if msg.len() > MAX_CREATE_ERROR {
+        let mut cut = MAX_CREATE_ERROR;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg.truncate(cut);
+    }
+    msg
 }
 
 fn runtime_err(e: impl std::fmt::Display) -> ExecError {
@@ -291,37 +375,34 @@ impl Executor for RuntimeExecutor {
         let task = task.clone();
         let id = task_id(&task);
         let dir = self.task_dir(&id);
-        let cfg = self.cfg.clone();
+        let layers = {
+            let (id, dir) = (id.clone(), dir.clone());
+            blocking(move || {
+                let image = task
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.container.as_ref())
+                    .map_or(String::new(), |c| c.image.clone());
+                let prepared = prepare_image(&images, &image)?;
+                let spec = build_spec(&task, &id, &prepared)?;
+                let bundle = dir.join("bundle");
+                mkdir(&bundle.join("rootfs"))?;
+                mkdir(&dir.join("upper"))?;
+                mkdir(&dir.join("work"))?;
+                let text = serde_json::to_vec_pretty(&spec).map_err(runtime_err)?;
+                std::fs::write(bundle.join("config.json"), text).map_err(runtime_err)?;
+                Ok(prepared.layer_dirs)
+            })
+            .await?
+        };
+        self.create(&id, &dir, &layers).await?;
+        let root = self.cfg.state_root.clone();
         blocking(move || {
-            let image = task
-                .spec
-                .as_ref()
-                .and_then(|s| s.container.as_ref())
-                .map_or(String::new(), |c| c.image.clone());
-            let prepared = prepare_image(&images, &image)?;
-            let spec = build_spec(&task, &id, &prepared)?;
-            let bundle = dir.join("bundle");
-            mkdir(&bundle.join("rootfs"))?;
-            mkdir(&dir.join("upper"))?;
-            mkdir(&dir.join("work"))?;
-            let text = serde_json::to_vec_pretty(&spec).map_err(runtime_err)?;
-            std::fs::write(bundle.join("config.json"), text).map_err(runtime_err)?;
-            let opts = CreateOptions {
-                overlay: Some(Overlay {
-                    lower_dirs: prepared.layer_dirs.clone(),
-                    upper: dir.join("upper"),
-                    work: dir.join("work"),
-                }),
-                log: Some(LogConfig {
-                    path: dir.join("container.log"),
-                    max_bytes: LOG_MAX_BYTES,
-                    max_files: LOG_MAX_FILES,
-                }),
-                allow_unprotected_exe: cfg.allow_unprotected_exe,
-                ..Default::default()
+            let Some(mut c) = load(&root, &id)? else {
+                return Err(ExecError::Runtime(format!(
+                    "container {id} is gone right after its creation"
+                )));
             };
-            let mut c =
-                Container::create(&cfg.state_root, &id, &bundle, &opts).map_err(runtime_err)?;
             c.start().map_err(runtime_err)?;
             Ok(Started {
                 container_id: id,
@@ -459,6 +540,24 @@ mod tests {
         assert_eq!(resolve_user("app:staff", &layers), Ok((1000, 50)));
         assert_eq!(resolve_user("77:78", &layers), Ok((77, 78)));
         assert!(resolve_user("nobody", &layers).is_err());
+    }
+
+    #[test]
+    fn create_errors_read_as_one_line() {
+        use std::os::unix::process::ExitStatusExt;
+        let failed = std::process::ExitStatus::from_raw(1 << 8);
+        assert_eq!(
+            create_error(b"shoal: create container t1: no such image\n", failed),
+            "create container t1: no such image"
+        );
+        assert_eq!(create_error(b"a\nb\n", failed), "a; b");
+        assert_eq!(
+            create_error(b"", failed),
+            "shoal runtime create failed (exit status: 1)"
+        );
+        let long = "\u{e9}".repeat(MAX_CREATE_ERROR);
+        let msg = create_error(long.as_bytes(), failed);
+        assert!(msg.len() <= MAX_CREATE_ERROR && msg.chars().all(|c| c == '\u{e9}'));
     }
 
     #[test]

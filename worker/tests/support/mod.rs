@@ -262,3 +262,59 @@ pub async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The `shoal` binary of this build, for the runtime executor's `shoal runtime create`
+/// subprocess: `<target>/<profile>/shoal` beside this test binary (`<target>/<profile>/deps/`).
+/// `cargo nextest run --workspace` builds it fresh along with the tests (the shoal package has
+/// integration tests); when it is missing (only this package's tests were built) it is built
+/// here. A run of this package alone after a change to the binary needs
+/// `cargo build -p shoal` first.
+pub fn shoal_binary() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let me = std::env::current_exe().expect("path of the test binary");
+            let profile_dir = me
+                .parent()
+                .and_then(|deps| deps.parent())
+                .expect("test binary under <target>/<profile>/deps");
+            let bin = profile_dir.join("shoal");
+            if bin.is_file() {
+                return bin;
+            }
+            let target = profile_dir.parent().expect("target dir");
+            let profile = profile_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("profile dir name");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = std::process::Command::new(cargo);
+            build
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                .args(["build", "--quiet", "-p", "shoal", "--bin", "shoal"])
+                .arg("--target-dir")
+                .arg(target);
+            // What cargo set for this test (package name, manifest dir...) must not leak into
+            // the build: build scripts that watch such variables would rebuild for nothing.
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy().into_owned();
+                if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("NEXTEST") {
+                    build.env_remove(k);
+                }
+            }
+            match profile {
+                "debug" => {}
+                "release" => {
+                    build.arg("--release");
+                }
+                other => {
+                    build.args(["--profile", other]);
+                }
+            }
+            let status = build.status().expect("run cargo build -p shoal");
+            assert!(status.success(), "cargo build -p shoal failed");
+            assert!(bin.is_file(), "{} missing after the build", bin.display());
+            bin
+        })
+        .clone()
+}

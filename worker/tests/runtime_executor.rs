@@ -1,0 +1,216 @@
+//! The runtime executor on its own (no dispatcher): a task's container is made by a
+//! `shoal runtime create` subprocess, so its monitor is a fork of that small process and not of
+//! the (multi-threaded, large) agent. Real busybox containers; needs root.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use shoal_runtime::container::Container;
+use shoal_runtime::image::ImageStore;
+use shoal_worker::executor::{ExecError, Exit, Probe, StopSignal};
+use shoal_worker::{Executor, RuntimeExecutor, RuntimeExecutorConfig};
+use support::{shoal_binary, task};
+
+const IMAGE: &str = "busybox:executor-test";
+/// The monitor's own (anonymous) memory must stay under this: a monitor forked from the agent
+/// would carry the agent's heap here.
+const MONITOR_ANON_LIMIT_KIB: u64 = 1024;
+/// Its whole resident set must stay under this in an optimized build (the design's target is
+/// 1 MiB per monitor).
+const MONITOR_RSS_LIMIT_KIB: u64 = 2048;
+/// The same in a debug build: its unoptimized code touches several times more code pages
+/// (file-backed, faulted in whole large folios) while the monitor copies the log.
+const MONITOR_RSS_LIMIT_DEBUG_KIB: u64 = 4096;
+/// Memory this test process holds (touched) while the container is created: a monitor forked
+/// from this process would carry it.
+const BALLAST_BYTES: usize = 32 << 20;
+/// How long the monitor gets to give back the pages it inherited after the create returned.
+const SETTLE: Duration = Duration::from_secs(5);
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A rootfs tar of /bin/busybox with `sleep`.
+fn busybox_tar(path: &Path) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, d, std::io::empty()).unwrap();
+    }
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(busybox.len() as u64);
+    b.append_data(&mut h, "bin/busybox", busybox.as_slice())
+        .unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
+    h.set_size(0);
+    b.append_link(&mut h, "bin/sleep", "busybox").unwrap();
+    b.finish().unwrap();
+}
+
+/// A data dir with the busybox image and an executor over it; deletes what a test left.
+struct Node {
+    exec: RuntimeExecutor,
+    state_root: PathBuf,
+    data: tempfile::TempDir,
+}
+
+impl Node {
+    fn new(state_root: Option<PathBuf>) -> Node {
+        let data = tempfile::tempdir().unwrap();
+        let tar = data.path().join("rootfs.tar");
+        busybox_tar(&tar);
+        ImageStore::open(data.path())
+            .unwrap()
+            .import_rootfs_tar(&tar, IMAGE)
+            .unwrap();
+        let state_root = state_root.unwrap_or_else(|| data.path().join("run"));
+        let exec = RuntimeExecutor::new(RuntimeExecutorConfig {
+            data_dir: data.path().to_path_buf(),
+            state_root: state_root.clone(),
+            allow_unprotected_exe: false,
+        })
+        .unwrap()
+        .with_shoal_binary(shoal_binary());
+        Node {
+            exec,
+            state_root,
+            data,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for s in Container::list(&self.state_root).unwrap_or_default() {
+            if let Ok(c) = Container::load(&self.state_root, &s.id) {
+                let _ = c.delete(true);
+            }
+        }
+    }
+}
+
+/// `Key:   value kB` of /proc/<pid>/status.
+fn status_kib(pid: i32, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+fn ppid(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_container_has_a_small_monitor_forked_from_the_shoal_binary() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let node = Node::new(None);
+    let id = format!("small{}", std::process::id());
+    let t = task(&id, "w1", IMAGE, &["sleep", "1000"]);
+    node.exec.prepare(&t).await.unwrap();
+    let ballast = std::hint::black_box(vec![1u8; BALLAST_BYTES]);
+    let started = node.exec.start(&t).await.unwrap();
+    assert_eq!(started.container_id, id);
+    assert_eq!(
+        node.exec.probe(&id).await.unwrap(),
+        Probe::Running { pid: started.pid }
+    );
+
+    // The monitor pid as the runtime records it in the container's state.
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(node.state_root.join(&id).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let monitor = state["monitorPid"].as_i64().expect("monitorPid in state") as i32;
+    assert_eq!(
+        ppid(started.pid),
+        monitor,
+        "the init is the monitor's child"
+    );
+    assert_ne!(ppid(monitor), std::process::id() as i32);
+    // A fork of the `shoal runtime create` subprocess: it runs the immutable copy of shoal, not
+    // this test binary.
+    let exe = std::fs::read_link(format!("/proc/{monitor}/exe")).unwrap();
+    assert!(
+        exe.starts_with(shoal_runtime::exe::PROTECTED_EXE_DIR),
+        "monitor runs {}",
+        exe.display()
+    );
+    let rss_limit = if cfg!(debug_assertions) {
+        MONITOR_RSS_LIMIT_DEBUG_KIB
+    } else {
+        MONITOR_RSS_LIMIT_KIB
+    };
+    let small = || {
+        status_kib(monitor, "RssAnon:") < MONITOR_ANON_LIMIT_KIB
+            && status_kib(monitor, "VmRSS:") < rss_limit
+    };
+    let deadline = Instant::now() + SETTLE;
+    while !small() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let me = std::process::id() as i32;
+    eprintln!(
+        "monitor: RSS {} KiB, anonymous {} KiB; this test process: RSS {} KiB, anonymous {} KiB",
+        status_kib(monitor, "VmRSS:"),
+        status_kib(monitor, "RssAnon:"),
+        status_kib(me, "VmRSS:"),
+        status_kib(me, "RssAnon:"),
+    );
+    assert!(
+        small(),
+        "monitor: RSS {} KiB, anonymous {} KiB (limits {rss_limit}, {MONITOR_ANON_LIMIT_KIB}); \
+         this test process: RSS {} KiB, anonymous {} KiB",
+        status_kib(monitor, "VmRSS:"),
+        status_kib(monitor, "RssAnon:"),
+        status_kib(me, "VmRSS:"),
+        status_kib(me, "RssAnon:"),
+    );
+
+    drop(ballast);
+    node.exec.signal(&id, StopSignal::Kill).await.unwrap();
+    assert_eq!(node.exec.wait(&id).await.unwrap(), Exit { code: 137 });
+    node.exec.remove(&id).await.unwrap();
+    assert_eq!(node.exec.probe(&id).await.unwrap(), Probe::Missing);
+    assert!(!node.data.path().join("containers").join(&id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_create_reports_the_runtime_error() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // A state root that is a file: the create subprocess cannot make its state dir there.
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    let node = Node::new(Some(blocker.path().to_path_buf()));
+    let id = format!("fail{}", std::process::id());
+    let t = task(&id, "w1", IMAGE, &["sleep", "1000"]);
+    let err = node.exec.start(&t).await.unwrap_err();
+    let ExecError::Runtime(msg) = err else {
+        panic!("not a runtime error: {err:?}");
+    };
+    assert!(
+        msg.starts_with(&format!("create container {id}: ")) && msg.contains("File exists"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'), "one line: {msg:?}");
+    assert!(blocker.path().is_file(), "the create made nothing there");
+}
