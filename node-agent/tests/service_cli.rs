@@ -737,3 +737,103 @@ fn a_leader_change_does_not_disturb_running_tasks() {
     }
     assert_eq!(c.ps("web").len(), 3, "no replacement tasks");
 }
+
+#[test]
+fn a_node_that_leaves_removes_its_tasks() {
+    let c = Cluster::new(2, 1);
+    c.nodes[0].ok(&[
+        "service", "create", "--name", "agent", "--mode", "global", IMAGE, "sleep", "3600",
+    ]);
+    assert_eq!(c.nodes[1].containers().len(), 1);
+    c.nodes[1].ok(&["cluster", "leave"]);
+    c.until("the leaver's container removed", || {
+        c.nodes[1].containers().is_empty()
+    });
+    assert!(
+        !c.nodes[1].data().join("worker").exists(),
+        "task database forgotten"
+    );
+    assert_eq!(
+        c.nodes[0].containers().len(),
+        1,
+        "the other node's task stays"
+    );
+}
+
+#[test]
+fn scaling_keeps_the_spec_version_and_a_new_spec_changes_it() {
+    let c = Cluster::new(1, 1);
+    let m = &c.nodes[0];
+    let version = || -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&m.ok(&["service", "inspect", "web"])).unwrap();
+        v[0]["SpecVersion"].as_u64().unwrap()
+    };
+    m.ok(&[
+        "service", "create", "-d", "--name", "web", IMAGE, "sleep", "3600",
+    ]);
+    let created = version();
+    assert!(created > 0);
+    m.ok(&["service", "scale", "-d", "web=2"]);
+    assert_eq!(version(), created);
+    m.ok(&["service", "update", "--force", "web"]);
+    assert!(version() > created);
+    let pretty = m.ok(&["service", "inspect", "--pretty", "web"]);
+    assert!(pretty.contains("Replicas:      2"), "{pretty}");
+    assert!(pretty.contains("Args:          sleep 3600"), "{pretty}");
+}
+
+#[test]
+fn bad_service_arguments_fail_on_one_line_before_the_daemon_is_asked() {
+    // No daemon at this socket: the arguments are checked first.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    for (args, want) in [
+        (
+            &["service", "scale", "web"][..],
+            "invalid scale specifier \"web\"",
+        ),
+        (&["service", "scale", "web=-1"][..], "must not be negative"),
+        (
+            &["service", "scale", "web=x"][..],
+            "invalid scale specifier",
+        ),
+        (
+            &["service", "ps", "--filter", "color=red", "web"][..],
+            "invalid filter \"color\"",
+        ),
+        (
+            &["service", "ps", "--filter", "desired-state=sleeping", "web"][..],
+            "invalid filter desired-state=sleeping",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--mode",
+                "global",
+                "--replicas",
+                "2",
+                IMAGE,
+            ][..],
+            "--replicas applies to replicated services only",
+        ),
+        (
+            &["service", "create", "--restart-delay", "soon", IMAGE][..],
+            "--restart-delay",
+        ),
+    ] {
+        let out = Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_SOCKET", &sock)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("shoal: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}

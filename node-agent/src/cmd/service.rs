@@ -379,6 +379,14 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
         ServiceCommand::Create(c) => Some(build_spec(c)?),
         _ => None,
     };
+    let wanted = match &a.command {
+        ServiceCommand::Scale { scales, .. } => parse_scales(scales)?,
+        _ => Vec::new(),
+    };
+    let ps_filter = match &a.command {
+        ServiceCommand::Ps { filter, .. } => parse_ps_filters(filter)?,
+        _ => PsFilter::default(),
+    };
     let mut c = ControlClient::new(a.socket.channel().await?);
     match a.command {
         ServiceCommand::Create(args) => {
@@ -393,22 +401,11 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
         }
         ServiceCommand::Ps {
             services,
-            filter,
             no_trunc,
             quiet,
-        } => ps(&mut c, &services, &filter, no_trunc, quiet).await?,
-        ServiceCommand::Scale { scales, detach } => {
-            let mut wanted = Vec::new();
-            for s in &scales {
-                let bad =
-                    || anyhow::anyhow!("invalid scale specifier {s:?}: expected SERVICE=REPLICAS");
-                let (name, n) = s.split_once('=').ok_or_else(bad)?;
-                let n: i64 = n.parse().map_err(|_| bad())?;
-                if name.is_empty() {
-                    return Err(bad());
-                }
-                wanted.push((name.to_string(), replicas(n)?));
-            }
+            ..
+        } => ps(&mut c, &services, ps_filter, no_trunc, quiet).await?,
+        ServiceCommand::Scale { detach, .. } => {
             let mut scaled = Vec::new();
             for (name, n) in wanted {
                 let sid = scale(&mut c, &name, n).await?;
@@ -668,24 +665,24 @@ fn now_ms() -> i64 {
 const PS_ERROR_WIDTH: usize = 40;
 
 /// `service ps`: each slot's (or node's) tasks, newest first, history indented as docker does.
-async fn ps(
-    c: &mut ControlClient<Channel>,
-    services: &[String],
-    filters: &[String],
-    no_trunc: bool,
-    quiet: bool,
-) -> anyhow::Result<()> {
-    let mut desired: Option<i32> = None;
-    let mut node_filter: Option<String> = None;
-    let mut id_filter: Option<String> = None;
-    let mut name_filter: Option<String> = None;
-    for f in filters {
-        let (k, v) = f
+/// `service ps --filter`s.
+#[derive(Default)]
+struct PsFilter {
+    desired: Option<i32>,
+    node: Option<String>,
+    id: Option<String>,
+    name: Option<String>,
+}
+
+fn parse_ps_filters(filters: &[String]) -> anyhow::Result<PsFilter> {
+    let mut f = PsFilter::default();
+    for item in filters {
+        let (k, v) = item
             .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("invalid filter {f:?}: expected KEY=VALUE"))?;
+            .ok_or_else(|| anyhow::anyhow!("invalid filter {item:?}: expected KEY=VALUE"))?;
         match k {
             "desired-state" => {
-                desired = Some(match v {
+                f.desired = Some(match v {
                     "running" => pb::TaskState::Running as i32,
                     "shutdown" => pb::TaskState::Shutdown as i32,
                     "accepted" => pb::TaskState::Accepted as i32,
@@ -694,12 +691,43 @@ async fn ps(
                     ),
                 })
             }
-            "node" => node_filter = Some(v.to_string()),
-            "id" => id_filter = Some(v.to_string()),
-            "name" => name_filter = Some(v.to_string()),
+            "node" => f.node = Some(v.to_string()),
+            "id" => f.id = Some(v.to_string()),
+            "name" => f.name = Some(v.to_string()),
             _ => bail!("invalid filter {k:?}: expected desired-state, node, id or name"),
         }
     }
+    Ok(f)
+}
+
+/// `NAME=N` arguments of `service scale`.
+fn parse_scales(scales: &[String]) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut wanted = Vec::new();
+    for s in scales {
+        let bad = || anyhow::anyhow!("invalid scale specifier {s:?}: expected SERVICE=REPLICAS");
+        let (name, n) = s.split_once('=').ok_or_else(bad)?;
+        let n: i64 = n.parse().map_err(|_| bad())?;
+        if name.is_empty() {
+            return Err(bad());
+        }
+        wanted.push((name.to_string(), replicas(n)?));
+    }
+    Ok(wanted)
+}
+
+async fn ps(
+    c: &mut ControlClient<Channel>,
+    services: &[String],
+    filter: PsFilter,
+    no_trunc: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let PsFilter {
+        desired,
+        node: node_filter,
+        id: id_filter,
+        name: name_filter,
+    } = filter;
     let nodes = rpc(c.list_nodes(pb::ListNodesRequest {}).await)?.nodes;
     let hostname: HashMap<String, String> = nodes
         .iter()
