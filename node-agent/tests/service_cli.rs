@@ -616,20 +616,36 @@ fn a_global_service_follows_a_node_join() {
 fn an_unsatisfiable_constraint_pends_until_a_label_matches() {
     let c = Cluster::new(2, 1);
     let m = &c.nodes[0];
-    m.ok(&[
-        "service",
-        "create",
-        "--detach",
-        "--name",
-        "blue",
-        "--replicas",
-        "2",
-        "--constraint",
-        "node.labels.zone==blue",
-        IMAGE,
-        "sleep",
-        "3600",
-    ]);
+    // Without --detach the CLI waits; Ctrl-C stops the waiting, not the service.
+    let create = Command::new(SHOAL)
+        .args([
+            "service",
+            "create",
+            "--name",
+            "blue",
+            "--replicas",
+            "2",
+            "--constraint",
+            "node.labels.zone==blue",
+            IMAGE,
+            "sleep",
+            "3600",
+        ])
+        .env("SHOAL_SOCKET", m.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(create.id() as i32, libc::SIGINT) };
+    let out = create.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("no suitable node"), "{text}");
+    assert!(
+        text.contains("Operation continuing in background."),
+        "{text}"
+    );
     c.until("pending with a reason", || {
         let ps = c.ps("blue");
         ps.len() == 2

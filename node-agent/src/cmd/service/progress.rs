@@ -258,11 +258,24 @@ impl Display {
     }
 }
 
-/// Follows the service's tasks until it converges, drawing progress.
+/// Follows the service's tasks until it converges, drawing progress; Ctrl-C stops only the
+/// watching (the cluster keeps converging the service).
 pub async fn wait_converged(
     c: &mut ControlClient<Channel>,
     service_id: &str,
 ) -> anyhow::Result<()> {
+    tokio::select! {
+        r = follow(c, service_id) => r,
+        _ = tokio::signal::ctrl_c() => {
+            println!();
+            println!("Operation continuing in background.");
+            println!("Use `shoal service ps {service_id}` to check progress.");
+            Ok(())
+        }
+    }
+}
+
+async fn follow(c: &mut ControlClient<Channel>, service_id: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut display = Display::new();
     loop {
