@@ -247,8 +247,13 @@ fn measure_shoal(shoal: &Path, root: &Path, bundle: &Path, ids: &[String]) -> Re
             .output()?;
         let state: serde_json::Value =
             serde_json::from_slice(&out.stdout).with_context(|| format!("state of {id}"))?;
-        let pid = state["pid"].as_i64().context("state has no pid")? as i32;
-        mems.push(mem_of(ppid_of(pid)?)?);
+        if state["status"] != "running" {
+            bail!("container {id} is {} instead of running", state["status"]);
+        }
+        let monitor = state["monitorPid"]
+            .as_i64()
+            .context("state has no monitorPid")? as i32;
+        mems.push(mem_of(monitor)?);
     }
     Ok(mems)
 }
