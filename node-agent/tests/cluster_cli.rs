@@ -244,6 +244,7 @@ fn three_manager_processes_and_a_worker() {
     let id = m2.ok(&[
         "service",
         "create",
+        "--detach",
         "--name",
         "web",
         "--replicas",
@@ -285,7 +286,14 @@ fn three_manager_processes_and_a_worker() {
         .0;
     assert_eq!(leader_host, "host1");
     m1.kill();
-    m2.eventually(&["service", "create", "--name", "after-kill", "busybox"]);
+    m2.eventually(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "after-kill",
+        "busybox",
+    ]);
     let ls = m3.eventually(&["node", "ls"]);
     let statuses = manager_statuses(&ls);
     assert!(
