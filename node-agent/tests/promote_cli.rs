@@ -265,3 +265,42 @@ fn a_promoted_worker_becomes_a_voting_manager() {
         "a demoted manager drops the CA key"
     );
 }
+
+#[test]
+fn a_worker_whose_join_manager_is_gone_is_promoted_through_the_others() {
+    let root = tempfile::tempdir().unwrap();
+    let m1 = Agent::start(root.path(), 11);
+    let m2 = Agent::start(root.path(), 12);
+    let w3 = Agent::start(root.path(), 13);
+    m1.ok(&["cluster", "init", "--advertise-addr", &m1.addr.clone()]);
+    let manager_token = m1
+        .ok(&["cluster", "join-token", "manager", "-q"])
+        .trim()
+        .to_string();
+    let worker_token = m1
+        .ok(&["cluster", "join-token", "worker", "-q"])
+        .trim()
+        .to_string();
+    m2.ok(&["cluster", "join", "--token", &manager_token, &m1.addr]);
+    w3.ok(&["cluster", "join", "--token", &worker_token, &m1.addr]);
+    wait_status(&m2, "phost13", "");
+
+    // The manager the worker joined through stops being one (its port closes).
+    m2.ok(&["node", "demote", "phost11"]);
+    wait_status(&m2, "phost12", "Leader");
+    let deadline = Instant::now() + PROMOTION_WAIT;
+    while m1.recorded_role() != "worker" {
+        assert!(
+            Instant::now() < deadline,
+            "phost11 did not turn into a worker"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    m2.ok(&["node", "promote", "phost13"]);
+    let ls = wait_status(&m2, "phost13", "Reachable");
+    assert_eq!(status_of(&ls, "phost12"), "Leader", "{ls}");
+    assert_eq!(w3.recorded_role(), "manager");
+    w3.ok(&["service", "create", "--name", "via-w3", "busybox"]);
+    assert!(m2.ok(&["service", "ls"]).contains("via-w3"));
+}

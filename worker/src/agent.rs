@@ -57,8 +57,9 @@ pub struct AgentConfig {
     pub on_desired_role: Option<DesiredRoleHook>,
 }
 
-/// Receives the node's desired role as the dispatcher states it.
-pub type DesiredRoleHook = Arc<dyn Fn(pb::NodeRole) + Send + Sync>;
+/// Receives the node's desired role as the dispatcher states it, with the manager addresses
+/// the agent knows now (the dispatcher's list).
+pub type DesiredRoleHook = Arc<dyn Fn(pb::NodeRole, &[String]) + Send + Sync>;
 
 /// The current session, for the report sender.
 #[derive(Clone)]

@@ -170,7 +170,10 @@ fn tell_desired_role(shared: &Shared, role: Option<i32>) {
         return;
     };
     match pb::NodeRole::try_from(role) {
-        Ok(r) => hook(r),
+        Ok(r) => {
+            let managers = lock(&shared.managers).clone();
+            hook(r, &managers);
+        }
         Err(_) => tracing::warn!(role, "the dispatcher named an unknown role"),
     }
 }

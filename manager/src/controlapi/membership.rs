@@ -16,6 +16,14 @@ use crate::store::{Kind, Mutation, Object};
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 /// How long a joining manager may take to catch up before it is given up on.
 pub const JOIN_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(45);
+/// A membership write that met a concurrent change of the node (the dispatcher records
+/// sessions and heartbeats on it) is re-read and retried this often.
+pub const NODE_WRITE_RETRIES: usize = 5;
+
+/// Whether a write failed only because the object changed since it was read.
+fn is_version_conflict(s: &Status) -> bool {
+    s.code() == tonic::Code::FailedPrecondition && s.message().starts_with("version conflict")
+}
 
 /// Whether `reachable` managers out of `voters` keep a quorum (a strict majority).
 pub fn quorum_after(voters: usize, reachable: usize) -> bool {
@@ -124,6 +132,29 @@ impl ControlApi {
             .ok_or_else(|| Status::not_found(format!("node {id} not found")))
     }
 
+    /// Applies `change` to the stored node `id` and writes it, re-reading and retrying when
+    /// the node changed meanwhile: these writes carry no version of the user's.
+    async fn change_node(
+        &self,
+        id: &str,
+        change: impl Fn(&mut pb::Node),
+    ) -> Result<pb::Node, Status> {
+        let mut last = None;
+        for _ in 0..NODE_WRITE_RETRIES {
+            let mut node = self
+                .store()
+                .get_node(id)
+                .map_err(store_status)?
+                .ok_or_else(|| Status::not_found(format!("node {id} not found")))?;
+            change(&mut node);
+            match self.write_node(node).await {
+                Err(s) if is_version_conflict(&s) => last = Some(s),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::aborted("node write retries exhausted")))
+    }
+
     /// Adds a manager that holds a manager certificate: a learner first, a voter once it has
     /// caught up (by snapshot if the log was purged); its Node object is recorded as a
     /// manager. Idempotent for a manager that is already a voter at the same address.
@@ -169,14 +200,16 @@ impl ControlApi {
             reachable: true,
         };
         match self.store().get_node(node_id).map_err(store_status)? {
-            Some(mut n) => {
-                n.role = pb::NodeRole::Manager as i32;
-                n.spec.get_or_insert_with(Default::default).desired_role =
-                    pb::NodeRole::Manager as i32;
-                n.manager_status = Some(manager_status);
-                let st = n.status.get_or_insert_with(Default::default);
-                st.state = pb::NodeState::Ready as i32;
-                self.write_node(n).await?;
+            Some(_) => {
+                self.change_node(node_id, |n| {
+                    n.role = pb::NodeRole::Manager as i32;
+                    n.spec.get_or_insert_with(Default::default).desired_role =
+                        pb::NodeRole::Manager as i32;
+                    n.manager_status = Some(manager_status.clone());
+                    let st = n.status.get_or_insert_with(Default::default);
+                    st.state = pb::NodeState::Ready as i32;
+                })
+                .await?;
             }
             None => {
                 let n = pb::Node {
@@ -263,12 +296,15 @@ impl ControlApi {
 
     /// Marks a worker to become a manager: its agent sees the desired role, gets a manager
     /// certificate and joins Raft by itself.
-    pub async fn promote(&self, mut node: pb::Node) -> Result<pb::Node, Status> {
+    pub async fn promote(&self, node: pb::Node) -> Result<pb::Node, Status> {
         if node.role == pb::NodeRole::Manager as i32 {
             return Ok(node);
         }
-        node.spec.get_or_insert_with(Default::default).desired_role = pb::NodeRole::Manager as i32;
-        self.write_node(node).await
+        let id = node.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+        self.change_node(&id, |n| {
+            n.spec.get_or_insert_with(Default::default).desired_role = pb::NodeRole::Manager as i32;
+        })
+        .await
     }
 
     /// Turns a manager into a worker: out of Raft membership, role worker. Refused when the
@@ -312,18 +348,20 @@ impl ControlApi {
             }
             // The node's record changes first: if this manager is the one leaving, it stops
             // being leader once the membership change commits, and could not write after.
-            let mut next = node.clone();
-            next.role = pb::NodeRole::Worker as i32;
-            next.spec.get_or_insert_with(Default::default).desired_role =
-                pb::NodeRole::Worker as i32;
-            next.manager_status = None;
-            if force {
-                // Only a leaving manager forces: it is going away.
-                let st = next.status.get_or_insert_with(Default::default);
-                st.state = pb::NodeState::Down as i32;
-                st.message = "left the cluster".into();
-            }
-            let updated = self.write_node(next).await?;
+            let updated = self
+                .change_node(&id, |next| {
+                    next.role = pb::NodeRole::Worker as i32;
+                    next.spec.get_or_insert_with(Default::default).desired_role =
+                        pb::NodeRole::Worker as i32;
+                    next.manager_status = None;
+                    if force {
+                        // Only a leaving manager forces: it is going away.
+                        let st = next.status.get_or_insert_with(Default::default);
+                        st.state = pb::NodeState::Down as i32;
+                        st.message = "left the cluster".into();
+                    }
+                })
+                .await?;
             let change = if voters.contains(&raft_id) {
                 ChangeMembers::RemoveVoters(BTreeSet::from([raft_id]))
             } else {
@@ -342,11 +380,13 @@ impl ControlApi {
             }
             return Ok(updated);
         }
-        let mut next = node;
-        next.role = pb::NodeRole::Worker as i32;
-        next.spec.get_or_insert_with(Default::default).desired_role = pb::NodeRole::Worker as i32;
-        next.manager_status = None;
-        self.write_node(next).await
+        self.change_node(&id, |next| {
+            next.role = pb::NodeRole::Worker as i32;
+            next.spec.get_or_insert_with(Default::default).desired_role =
+                pb::NodeRole::Worker as i32;
+            next.manager_status = None;
+        })
+        .await
     }
 
     /// Deletes a node's record, which also revokes its certificate. A manager must be

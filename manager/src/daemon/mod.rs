@@ -184,6 +184,8 @@ struct Shared {
     slot: ApiSlot,
     /// The role the cluster wants this node to hold, as the dispatcher last said.
     desired_role: tokio::sync::watch::Sender<Option<pb::NodeRole>>,
+    /// The managers the dispatcher last named: a promotion tries them after node.json's.
+    learned_managers: std::sync::Mutex<Vec<String>>,
 }
 
 /// This node's membership, as its worker agent needs it: who it is, its TLS material, and
@@ -227,6 +229,9 @@ impl Shared {
     }
 }
 
+/// Receives the role the dispatcher says this node should hold, and the managers it named.
+pub type DesiredRoleHook = Arc<dyn Fn(pb::NodeRole, &[String]) + Send + Sync>;
+
 /// A running daemon.
 pub struct Daemon {
     shared: Arc<Shared>,
@@ -244,6 +249,7 @@ impl Daemon {
             slot: ApiSlot::default(),
             membership: tokio::sync::watch::channel(None).0,
             desired_role: tokio::sync::watch::channel(None).0,
+            learned_managers: std::sync::Mutex::new(Vec::new()),
         });
         if let Some(st) = LocalState::load(&cfg.data_dir)? {
             let role = resume(&shared, &st).await?;
@@ -272,12 +278,20 @@ impl Daemon {
         self.shared.membership.subscribe()
     }
 
-    /// Where the worker agent reports the role the dispatcher says this node should hold:
-    /// a worker told it should be a manager promotes itself.
-    pub fn desired_role_hook(&self) -> Arc<dyn Fn(pb::NodeRole) + Send + Sync> {
+    /// Where the worker agent reports the role the dispatcher says this node should hold,
+    /// and the managers it knows: a worker told it should be a manager promotes itself.
+    pub fn desired_role_hook(&self) -> DesiredRoleHook {
         let shared = Arc::downgrade(&self.shared);
-        Arc::new(move |role| {
+        Arc::new(move |role, managers| {
             if let Some(shared) = shared.upgrade() {
+                let mut learned = shared
+                    .learned_managers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if learned.as_slice() != managers {
+                    *learned = managers.to_vec();
+                }
+                drop(learned);
                 shared.desired_role.send_if_modified(|cur| {
                     let changed = *cur != Some(role);
                     *cur = Some(role);
@@ -930,9 +944,21 @@ async fn promote_self(shared: &Shared) -> Result<(), DaemonError> {
     let cfg = &shared.cfg;
     let pki = cfg.data_dir.join(PKI_DIR);
     let tls = NodeTls::load(&pki)?;
+    // The managers it joined through may be gone; the dispatcher named the current ones.
+    let mut managers = st.managers.clone();
+    for m in shared
+        .learned_managers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        if !managers.contains(m) && *m != st.advertise_addr {
+            managers.push(m.clone());
+        }
+    }
     if tls.identity().role != Role::Manager || RootCa::load(&pki).is_err() {
         let mut renewed = Err(DaemonError::Ca(ca::CaError::NoManager));
-        for addr in &st.managers {
+        for addr in &managers {
             renewed = ca::renew_once(&tls, &pki, addr).await.map_err(Into::into);
             if renewed.is_ok() {
                 break;
@@ -962,7 +988,7 @@ async fn promote_self(shared: &Shared) -> Result<(), DaemonError> {
     )
     .await?;
     let mut joined = Err(DaemonError::Ca(ca::CaError::NoManager));
-    for addr in &st.managers {
+    for addr in &managers {
         joined = join_raft(&tls, addr, &st)
             .await
             .map_err(|e| DaemonError::Raft(e.message().to_string()));
