@@ -78,11 +78,12 @@ place() {
         chmod "$mode" "$dst"
         return 0
     fi
-    mkdir -p "$(dirname "$dst")"
     tmp="$dst.install.$$"
-    cp "$src" "$tmp"
-    chmod "$mode" "$tmp"
-    mv -f "$tmp" "$dst"
+    if ! { mkdir -p "$(dirname "$dst")" && cp "$src" "$tmp" && chmod "$mode" "$tmp" &&
+        mv -f "$tmp" "$dst"; }; then
+        rm -f "$tmp"
+        return 1
+    fi
     echo changed
 }
 
@@ -122,9 +123,9 @@ fi
 unit_src="$here/shoal.service"
 [ -f "$unit_src" ] || die "no unit file at $unit_src"
 
-bin_changed=$(place "$binary" "$bin_path" 0755)
+bin_changed=$(place "$binary" "$bin_path" 0755) || die "could not install $bin_path"
 [ -n "$bin_changed" ] && echo "installed $bin_path"
-unit_changed=$(place "$unit_src" "$unit_path" 0644)
+unit_changed=$(place "$unit_src" "$unit_path" 0644) || die "could not install $unit_path"
 [ -n "$unit_changed" ] && echo "installed $unit_path"
 
 if [ ! -e "$defaults_path" ]; then
