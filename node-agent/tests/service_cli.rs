@@ -67,6 +67,8 @@ struct Node {
     addr: String,
     host: String,
     child: Option<Child>,
+    /// Runs the sim executor (a hollow node: no containers).
+    hollow: bool,
 }
 
 impl Node {
@@ -77,6 +79,7 @@ impl Node {
             addr: format!("{ip}:{}", free_port(&ip)),
             host: format!("host{n}"),
             child: None,
+            hollow: false,
         };
         std::fs::create_dir_all(node.data()).unwrap();
         // The image must be in each node's own store: there is no cluster registry yet.
@@ -122,6 +125,11 @@ impl Node {
             .arg(self.data())
             .arg("--socket")
             .arg(self.socket())
+            .args(if self.hollow {
+                &["--executor", "sim"][..]
+            } else {
+                &[][..]
+            })
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -176,10 +184,23 @@ impl Node {
         (v["status"] == "running").then(|| v["pid"].as_i64().map(|p| p as i32))?
     }
 
-    /// Force-deletes every container of the node (kills them, removes their cgroups).
+    /// Force-deletes every container of the node (kills them, removes their cgroups). A
+    /// `runtime create` the killed agent started may still finish: the runtime root is watched
+    /// until it stays empty.
     fn remove_containers(&self) {
-        for id in self.containers() {
-            let _ = self.runtime(&["delete", "--force", &id]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut quiet = 0;
+        while quiet < 3 && Instant::now() < deadline {
+            let ids = self.containers();
+            if ids.is_empty() {
+                quiet += 1;
+            } else {
+                quiet = 0;
+            }
+            for id in ids {
+                let _ = self.runtime(&["delete", "--force", &id]);
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -852,4 +873,35 @@ fn bad_service_arguments_fail_on_one_line_before_the_daemon_is_asked() {
             "{args:?}: {err}"
         );
     }
+}
+
+#[test]
+fn a_hollow_node_is_marked_and_runs_tasks_without_containers() {
+    let mut c = Cluster::with_spare(1, 1, 1);
+    c.nodes[1].kill_agent();
+    c.nodes[1].hollow = true;
+    c.nodes[1].spawn();
+    c.join(1, false);
+    c.wait_ready(2);
+    let ls = c.nodes[0].ok(&["node", "ls"]);
+    assert!(ls.contains("host2 (hollow)"), "{ls}");
+    assert!(!ls.contains("host1 (hollow)"), "{ls}");
+    c.nodes[0].ok(&[
+        "service",
+        "create",
+        "--name",
+        "sim",
+        "--replicas",
+        "3",
+        "--constraint",
+        "node.hostname==host2",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    assert_eq!(
+        c.per_node("sim"),
+        BTreeMap::from([("host2".to_string(), 3)])
+    );
+    assert!(c.nodes.iter().all(|n| n.containers().is_empty()));
 }
