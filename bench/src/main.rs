@@ -5,6 +5,7 @@ mod cluster;
 mod etcd;
 mod fixture;
 mod runtime;
+mod services;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Bench {
     ClusterFailover(cluster::FailoverArgs),
     /// Memory of a manager idle and with 10,000 services (vs an etcd member).
     ClusterMemory(cluster::MemoryArgs),
+    /// One node: `service create --replicas N` until all run, then scale to 0 (vs swarm mode).
+    ServiceConverge(services::ConvergeArgs),
 }
 
 fn main() {
@@ -38,6 +41,7 @@ fn main() {
         Bench::ClusterWrite(a) => cluster::write_path(&a),
         Bench::ClusterFailover(a) => cluster::failover(&a),
         Bench::ClusterMemory(a) => cluster::memory(&a),
+        Bench::ServiceConverge(a) => services::converge(&a),
     };
     if let Err(e) = result {
         eprintln!("shoal-bench: {e:#}");
