@@ -12,15 +12,23 @@ bin=$PWD/target/release/shoal
 export SHOAL_DATA_DIR=$dir/data SHOAL_SOCKET=$dir/shoal.sock
 
 down() {
+  local tasks=$SHOAL_DATA_DIR/containers/.tasks
   if [[ -S $SHOAL_SOCKET ]]; then "$bin" service rm web >/dev/null 2>&1 || true; fi
+  # The agent stops the service's containers (SIGTERM, then SIGKILL after the grace period):
+  # wait for that, bounded, before the agent goes.
+  for _ in $(seq 150); do
+    [[ -z $("$bin" runtime --root "$tasks" list -q 2>/dev/null) ]] && break
+    sleep 0.1
+  done
   if [[ -f $dir/agent.pid ]]; then
     pid=$(cat "$dir/agent.pid")
-    # Give the worker a moment to stop the service's containers before the agent goes.
-    for _ in $(seq 50); do [[ -z $("$bin" service ls -q 2>/dev/null) ]] && break; sleep 0.1; done
-    sleep 2
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
+  # Anything the agent did not get to (it was killed, say) is removed here, cgroups included.
+  for id in $("$bin" runtime --root "$tasks" list -q 2>/dev/null); do
+    "$bin" runtime --root "$tasks" delete -f "$id" >/dev/null 2>&1 || true
+  done
   rm -rf "$dir"
 }
 
@@ -44,7 +52,7 @@ up() {
   tar -C "$dir/rootfs" -cf "$dir/busybox.tar" .
   "$bin" image import "$dir/busybox.tar" busybox:latest
 
-  "$bin" service create --name web --replicas 3 busybox:latest \
+  "$bin" service create --name web --replicas 3 --stop-grace-period 2s busybox:latest \
     sh -c 'while true; do echo "hello from $(hostname)"; sleep 5; done'
   "$bin" service ls
   "$bin" service ps web
