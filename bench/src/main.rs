@@ -3,6 +3,7 @@
 
 mod cluster;
 mod etcd;
+mod failure;
 mod fixture;
 mod runtime;
 mod services;
@@ -31,6 +32,8 @@ enum Bench {
     ClusterMemory(cluster::MemoryArgs),
     /// One node: `service create --replicas N` until all run, then scale to 0 (vs swarm mode).
     ServiceConverge(services::ConvergeArgs),
+    /// Kill a worker (agent and containers) running N tasks: time until all run elsewhere.
+    NodeFailure(failure::FailureArgs),
 }
 
 fn main() {
@@ -42,6 +45,7 @@ fn main() {
         Bench::ClusterFailover(a) => cluster::failover(&a),
         Bench::ClusterMemory(a) => cluster::memory(&a),
         Bench::ServiceConverge(a) => services::converge(&a),
+        Bench::NodeFailure(a) => failure::node_failure(&a),
     };
     if let Err(e) = result {
         eprintln!("shoal-bench: {e:#}");

@@ -48,7 +48,7 @@ pub struct ConvergeArgs {
     workdir: PathBuf,
 }
 
-fn shoal_bin(given: &Option<PathBuf>) -> Result<PathBuf> {
+pub(crate) fn shoal_bin(given: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p.clone());
     }
@@ -63,7 +63,7 @@ fn shoal_bin(given: &Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// Runs `cmd`; its stdout, or its stderr as the error.
-fn run(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
