@@ -150,8 +150,9 @@ async fn writes_snapshots_purge_and_restart_on_one_node() {
         raft.shutdown().await.expect("shutdown");
     }
 
-    // Same files, new process state.
-    let st = Storage::open(&path).unwrap();
+    // Same files, new process state. openraft's tasks may still hold the old sled handle for a
+    // moment after shutdown returns: wait (bounded) for its lock, as the daemon does.
+    let st = open_when_released(&path).await;
     assert_eq!(
         st.store.list_nodes().unwrap().len(),
         WRITES,
@@ -169,4 +170,18 @@ async fn writes_snapshots_purge_and_restart_on_one_node() {
     assert!(resp.data.result.is_ok());
     assert_eq!(st.store.list_nodes().unwrap().len(), WRITES + 1);
     raft.shutdown().await.expect("shutdown");
+}
+
+/// Opens the storage once the previous holder of its sled lock in this process lets go.
+async fn open_when_released(path: &std::path::Path) -> Storage {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Storage::open(path) {
+            Ok(st) => return st,
+            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopening the storage: {e}"),
+        }
+    }
 }
