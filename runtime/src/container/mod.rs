@@ -140,6 +140,19 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerEr
 
 type Result<T, E = ContainerError> = std::result::Result<T, E>;
 
+/// How long `create` looks for the init's own reason once talking to it failed.
+const INIT_FAILURE_WAIT: Duration = Duration::from_secs(2);
+
+/// The init builds the rootfs while `create` moves it into its cgroup, so it can fail and be
+/// gone before `create` is done with it (ESRCH, EPIPE): its reason, if it gave one, is the
+/// truer error.
+fn init_failure(events: &mut Lines) -> Option<ContainerError> {
+    match events.next(Some(Instant::now() + INIT_FAILURE_WAIT)) {
+        Some(l) if l != "ready" => Some(setup_error(&l)),
+        _ => None,
+    }
+}
+
 /// Line protocol reader over a pipe or socket (messages from monitor and init).
 struct Lines {
     fd: OwnedFd,
@@ -365,7 +378,9 @@ impl Container {
         let init_start_time = sys::start_time(init_pid).unwrap_or(0);
         let monitor_start_time = sys::start_time(monitor_pid).unwrap_or(0);
         if let Some(cg) = &undo.cgroup {
-            cg.add_task(init_pid)?;
+            if let Err(e) = cg.add_task(init_pid) {
+                return Err(init_failure(&mut events).unwrap_or(e.into()));
+            }
         }
         if plan.new_user_ns {
             for (file, map) in [("uid_map", &plan.uid_map), ("gid_map", &plan.gid_map)] {
@@ -375,7 +390,9 @@ impl Container {
                 }
             }
         }
-        sys::write_all(go_w.as_raw_fd(), b"g").map_err(io_err("signal the init"))?;
+        if let Err(e) = sys::write_all(go_w.as_raw_fd(), b"g") {
+            return Err(init_failure(&mut events).unwrap_or(io_err("signal the init")(e)));
+        }
         drop(go_w);
         match events.next(deadline) {
             Some(l) if l == "ready" => {}
