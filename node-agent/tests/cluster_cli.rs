@@ -1,149 +1,17 @@
 //! `shoal agent` processes on 127.0.0.x, driven through the CLI as a user would.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
+use support::{manager_statuses, Agent, AgentKind, SHOAL};
 
-const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
-
-/// One `shoal agent` process; killed (by pid) when dropped.
-struct Agent {
-    dir: PathBuf,
-    addr: String,
-    host: String,
-    child: Option<Child>,
-}
-
-fn free_port(ip: &str) -> u16 {
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    l.local_addr().unwrap().port()
-}
-
-impl Agent {
-    fn start(root: &Path, n: u8) -> Agent {
-        let ip = format!("127.0.0.{n}");
-        let addr = format!("{ip}:{}", free_port(&ip));
-        let dir = root.join(format!("node{n}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut a = Agent {
-            dir,
-            addr,
-            host: format!("host{n}"),
-            child: None,
-        };
-        a.spawn();
-        a
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("shoal.sock")
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
-        let child = Command::new(SHOAL)
-            .args([
-                "agent",
-                "--listen-addr",
-                &self.addr,
-                "--hostname",
-                &self.host,
-            ])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--socket")
-            .arg(self.socket())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "agent {} did not open its socket",
-                self.host
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn shoal(&self, args: &[&str]) -> Output {
-        Command::new(SHOAL)
-            .args(args)
-            .env("SHOAL_SOCKET", self.socket())
-            .output()
-            .unwrap()
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.shoal(args);
-        assert!(
-            out.status.success(),
-            "shoal {args:?} on {} failed: {}",
-            self.host,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs a command that must fail; returns its stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.shoal(args);
-        assert!(
-            !out.status.success(),
-            "shoal {args:?} succeeded unexpectedly"
-        );
-        String::from_utf8(out.stderr).unwrap()
-    }
-
-    /// Retries a command until it succeeds (an election may be under way).
-    fn eventually(&self, args: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let out = self.shoal(args);
-            if out.status.success() {
-                return String::from_utf8(out.stdout).unwrap();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "shoal {args:?} kept failing: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The MANAGER STATUS column of each row of `node ls`, by hostname.
-fn manager_statuses(ls: &str) -> Vec<(String, String)> {
-    let mut lines = ls.lines();
-    let header = lines.next().unwrap();
-    let col = header.find("MANAGER STATUS").unwrap();
-    let host_col = header.find("HOSTNAME").unwrap();
-    lines
-        .map(|l| {
-            let host = l[host_col..].split_whitespace().next().unwrap().to_string();
-            let status = l.get(col..).unwrap_or("").trim().to_string();
-            (host, status)
-        })
-        .collect()
-}
+const KIND: AgentKind = AgentKind {
+    net: "127.0.0",
+    host_prefix: "host",
+    hollow: false,
+    advertise: false,
+};
 
 #[test]
 fn cli_reports_a_missing_daemon() {
@@ -168,10 +36,10 @@ fn cli_reports_a_missing_daemon() {
 #[test]
 fn three_manager_processes_and_a_worker() {
     let root = tempfile::tempdir().unwrap();
-    let mut m1 = Agent::start(root.path(), 1);
-    let m2 = Agent::start(root.path(), 2);
-    let m3 = Agent::start(root.path(), 3);
-    let w4 = Agent::start(root.path(), 4);
+    let mut m1 = Agent::start(root.path(), 1, KIND);
+    let m2 = Agent::start(root.path(), 2, KIND);
+    let m3 = Agent::start(root.path(), 3, KIND);
+    let w4 = Agent::start(root.path(), 4, KIND);
 
     let init = m1.ok(&["cluster", "init", "--advertise-addr", &m1.addr.clone()]);
     assert!(

@@ -2,155 +2,20 @@
 //! worker learns of it through its dispatcher session, renews into a manager certificate,
 //! starts a manager and joins Raft; a restart resumes it as a manager.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
-const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+use std::time::{Duration, Instant};
+use support::{manager_statuses, Agent, AgentKind};
+
 /// How long a promoted worker may take to show as a reachable manager.
 const PROMOTION_WAIT: Duration = Duration::from_secs(30);
-
-/// One `shoal agent` process (hollow executor: no containers); killed by pid when dropped.
-struct Agent {
-    dir: PathBuf,
-    addr: String,
-    host: String,
-    child: Option<Child>,
-}
-
-fn free_port(ip: &str) -> u16 {
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    l.local_addr().unwrap().port()
-}
-
-impl Agent {
-    fn start(root: &Path, n: u8) -> Agent {
-        // Apart from cluster_cli's addresses, so both tests can run at once.
-        let ip = format!("127.0.1.{n}");
-        let addr = format!("{ip}:{}", free_port(&ip));
-        let dir = root.join(format!("node{n}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut a = Agent {
-            dir,
-            addr,
-            host: format!("phost{n}"),
-            child: None,
-        };
-        a.spawn();
-        a
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("shoal.sock")
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .unwrap();
-        let child = Command::new(SHOAL)
-            .args([
-                "agent",
-                "--executor",
-                "sim",
-                "--listen-addr",
-                &self.addr,
-                "--advertise-addr",
-                &self.addr,
-                "--hostname",
-                &self.host,
-            ])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--socket")
-            .arg(self.socket())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "agent {} did not open its socket",
-                self.host
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn shoal(&self, args: &[&str]) -> Output {
-        Command::new(SHOAL)
-            .args(args)
-            .env("SHOAL_SOCKET", self.socket())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.shoal(args);
-        assert!(
-            out.status.success(),
-            "shoal {args:?} on {} failed: {}\n{}",
-            self.host,
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.shoal(args);
-        assert!(
-            !out.status.success(),
-            "shoal {args:?} on {} succeeded unexpectedly",
-            self.host
-        );
-        String::from_utf8(out.stderr).unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// The role this node's daemon recorded in node.json.
-    fn recorded_role(&self) -> String {
-        let raw = std::fs::read(self.dir.join("data/node.json")).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-        v["role"].as_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The MANAGER STATUS column of `node ls`, by hostname.
-fn manager_statuses(ls: &str) -> Vec<(String, String)> {
-    let mut lines = ls.lines();
-    let header = lines.next().unwrap();
-    let col = header.find("MANAGER STATUS").unwrap();
-    let host_col = header.find("HOSTNAME").unwrap();
-    lines
-        .map(|l| {
-            let host = l[host_col..].split_whitespace().next().unwrap().to_string();
-            let status = l.get(col..).unwrap_or("").trim().to_string();
-            (host, status)
-        })
-        .collect()
-}
+/// Hollow agents (no containers), apart from cluster_cli's addresses so both run at once.
+const KIND: AgentKind = AgentKind {
+    net: "127.0.1",
+    host_prefix: "phost",
+    hollow: true,
+    advertise: true,
+};
 
 fn status_of(ls: &str, host: &str) -> String {
     manager_statuses(ls)
@@ -182,8 +47,8 @@ fn wait_status(on: &Agent, host: &str, want: &str) -> String {
 #[test]
 fn a_promoted_worker_becomes_a_voting_manager() {
     let root = tempfile::tempdir().unwrap();
-    let m1 = Agent::start(root.path(), 1);
-    let mut w2 = Agent::start(root.path(), 2);
+    let m1 = Agent::start(root.path(), 1, KIND);
+    let mut w2 = Agent::start(root.path(), 2, KIND);
 
     m1.ok(&["cluster", "init", "--advertise-addr", &m1.addr.clone()]);
     let worker_token = m1
@@ -269,9 +134,9 @@ fn a_promoted_worker_becomes_a_voting_manager() {
 #[test]
 fn a_worker_whose_join_manager_is_gone_is_promoted_through_the_others() {
     let root = tempfile::tempdir().unwrap();
-    let m1 = Agent::start(root.path(), 11);
-    let m2 = Agent::start(root.path(), 12);
-    let w3 = Agent::start(root.path(), 13);
+    let m1 = Agent::start(root.path(), 11, KIND);
+    let m2 = Agent::start(root.path(), 12, KIND);
+    let w3 = Agent::start(root.path(), 13, KIND);
     m1.ok(&["cluster", "init", "--advertise-addr", &m1.addr.clone()]);
     let manager_token = m1
         .ok(&["cluster", "join-token", "manager", "-q"])
