@@ -40,6 +40,9 @@ pub const CONTAINERS_DIR: &str = "containers";
 pub const RUNTIME_DIR: &str = ".runtime";
 /// A container's record file.
 pub const RECORD_FILE: &str = "record.json";
+/// In a container dir made by something other than the front door (a service task's), the
+/// image it runs, so that `image rm` and `prune` keep that image and its layers.
+pub const IMAGE_USE_FILE: &str = "image-use.json";
 /// Rotate a container's log at this size.
 pub const LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 /// Rotated log files kept beside the live one.
@@ -200,6 +203,52 @@ pub struct ContainerSummary {
 pub struct ImagesInUse {
     pub image_ids: Vec<String>,
     pub chain_ids: Vec<String>,
+}
+
+impl ImagesInUse {
+    fn add(&mut self, image_id: String, chain_ids: Vec<String>) {
+        if !self.image_ids.contains(&image_id) {
+            self.image_ids.push(image_id);
+        }
+        for c in chain_ids {
+            if !self.chain_ids.contains(&c) {
+                self.chain_ids.push(c);
+            }
+        }
+    }
+}
+
+/// What an [`IMAGE_USE_FILE`] holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ImageUse {
+    image_id: String,
+    chain_ids: Vec<String>,
+}
+
+/// Records in `container_dir` that its container runs the image `image_id` with these layer
+/// chain ids (for containers the front door did not make; removed with the dir).
+pub fn record_image_use(
+    container_dir: &Path,
+    image_id: &str,
+    chain_ids: &[String],
+) -> std::io::Result<()> {
+    let u = ImageUse {
+        image_id: image_id.to_string(),
+        chain_ids: chain_ids.to_vec(),
+    };
+    let text = serde_json::to_vec(&u).map_err(std::io::Error::other)?;
+    std::fs::create_dir_all(container_dir)?;
+    let tmp = container_dir.join(format!("{IMAGE_USE_FILE}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, container_dir.join(IMAGE_USE_FILE))
+}
+
+fn read_image_use(container_dir: &Path) -> Option<ImageUse> {
+    use std::io::Read;
+    let f = File::open(container_dir.join(IMAGE_USE_FILE)).ok()?;
+    let mut text = Vec::new();
+    f.take(MAX_RECORD_BYTES).read_to_end(&mut text).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 /// A container just created, its process not yet started.
@@ -407,16 +456,18 @@ impl FrontDoor {
         Ok(out)
     }
 
-    /// Image ids and chain ids of every local container's image.
+    /// Image ids and chain ids of every local container's image: the front door's own
+    /// containers and every other container dir that carries an [`IMAGE_USE_FILE`] (the
+    /// worker's service tasks).
     pub fn images_in_use(&self) -> Result<ImagesInUse> {
         let mut u = ImagesInUse::default();
         for r in self.records()? {
-            if !u.image_ids.contains(&r.image_id) {
-                u.image_ids.push(r.image_id.clone());
-            }
-            for c in r.chain_ids {
-                if !u.chain_ids.contains(&c) {
-                    u.chain_ids.push(c);
+            u.add(r.image_id, r.chain_ids);
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if let Some(used) = read_image_use(&e.path()) {
+                    u.add(used.image_id, used.chain_ids);
                 }
             }
         }
@@ -758,5 +809,31 @@ mod tests {
         let used = fd.images_in_use().unwrap();
         assert_eq!(used.image_ids, vec!["sha256:00".to_string()]);
         assert_eq!(used.chain_ids, vec!["sha256:c1".to_string()]);
+    }
+
+    #[test]
+    fn task_containers_count_as_image_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = FrontDoor::open(dir.path()).unwrap();
+        assert_eq!(fd.images_in_use().unwrap(), ImagesInUse::default());
+        let task_dir = fd.container_dir("taskabc");
+        record_image_use(
+            &task_dir,
+            "sha256:11",
+            &["sha256:c1".into(), "sha256:c2".into()],
+        )
+        .unwrap();
+        // A dir without the file (or with garbage in it) is no user.
+        std::fs::create_dir_all(fd.container_dir("other")).unwrap();
+        std::fs::create_dir_all(fd.container_dir("bad")).unwrap();
+        std::fs::write(fd.container_dir("bad").join(IMAGE_USE_FILE), b"{").unwrap();
+        let used = fd.images_in_use().unwrap();
+        assert_eq!(used.image_ids, vec!["sha256:11".to_string()]);
+        assert_eq!(
+            used.chain_ids,
+            vec!["sha256:c1".to_string(), "sha256:c2".to_string()]
+        );
+        std::fs::remove_dir_all(&task_dir).unwrap();
+        assert_eq!(fd.images_in_use().unwrap(), ImagesInUse::default());
     }
 }

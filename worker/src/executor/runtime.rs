@@ -389,6 +389,13 @@ impl Executor for RuntimeExecutor {
                 mkdir(&bundle.join("rootfs"))?;
                 mkdir(&dir.join("upper"))?;
                 mkdir(&dir.join("work"))?;
+                // So that `shoal image rm/prune` on this node keep the task's image.
+                shoal_runtime::frontdoor::record_image_use(
+                    &dir,
+                    &prepared.info.id,
+                    &prepared.chain_ids,
+                )
+                .map_err(runtime_err)?;
                 let text = serde_json::to_vec_pretty(&spec).map_err(runtime_err)?;
                 std::fs::write(bundle.join("config.json"), text).map_err(runtime_err)?;
                 Ok(prepared.layer_dirs)
