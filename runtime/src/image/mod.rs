@@ -703,6 +703,14 @@ impl ImageStore {
                 s.config_digest.starts_with(&full) || (hex.len() == 64 && s.manifest_digest == full)
             })
             .collect();
+        // Manifests that share a config (one image stored with gzip and with plain layers,
+        // say) are one image by id: the first in index order answers for it.
+        if matches
+            .iter()
+            .all(|s| s.config_digest == matches[0].config_digest)
+        {
+            matches.truncate(1);
+        }
         match matches.len() {
             0 => Err(ImageError::NotFound(reference.to_string())),
             1 => Ok((matches.remove(0), None)),
