@@ -193,7 +193,7 @@ fn three_manager_processes_and_a_worker() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let inspect: serde_json::Value = serde_json::from_str(&m1.ok(&["cluster", "inspect"])).unwrap();
-    assert_eq!(inspect[0]["Spec"]["Raft"]["HeartbeatInterval"], "100ms");
+    assert_eq!(inspect[0]["Spec"]["Raft"]["HeartbeatInterval"], "50ms");
 
     // Node updates and removal of the worker.
     m1.ok(&[

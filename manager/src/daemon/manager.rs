@@ -17,6 +17,7 @@ use super::DaemonError;
 use crate::ca::{CaService, RootCa, PKI_DIR};
 use crate::controlapi::{ControlApi, ControlService};
 use crate::dispatcher::Dispatcher;
+use crate::raft::elect::{driven_config, ElectionDriver, LeaderContact};
 use crate::raft::network::{Network, RaftService};
 use crate::raft::{raft_config, Raft, RaftSetupError, Storage};
 use crate::tls::{tls_incoming, Authorizer, NodeTls};
@@ -55,6 +56,8 @@ pub struct Manager {
     leader_loops: Option<JoinHandle<()>>,
     server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     renew: Option<JoinHandle<()>>,
+    /// Decides when this manager elects itself (openraft's own timer is off).
+    elections: Option<ElectionDriver>,
 }
 
 impl Manager {
@@ -78,7 +81,7 @@ impl Manager {
         let network = Network::new(raft_id, tls.clone());
         let raft = Raft::new(
             raft_id,
-            config,
+            driven_config(&config),
             network,
             storage.log.clone(),
             storage.state_machine.clone(),
@@ -98,7 +101,11 @@ impl Manager {
 
         let backend = Arc::new(ManagerCaBackend(api.clone()));
         let ca = CaService::new(root_ca, backend, authorizer.clone()).into_server();
-        let raft_svc = RaftService::new(raft.clone(), authorizer.clone()).into_server();
+        let contact = LeaderContact::new();
+        let elections = ElectionDriver::spawn(raft.clone(), &config, contact.clone());
+        let raft_svc = RaftService::new(raft.clone(), authorizer.clone())
+            .with_contact(contact)
+            .into_server();
         let control = ControlService::tls(api.clone()).into_server();
         let dispatcher = Dispatcher::start(storage.store.clone(), raft.clone(), authorizer.clone());
         let dispatch = dispatcher.service();
@@ -143,6 +150,7 @@ impl Manager {
             server: Some((stop_tx, server)),
             renew: Some(renew),
             leader_loops: Some(leader_loops),
+            elections: Some(elections),
         })
     }
 
@@ -182,6 +190,7 @@ impl Manager {
         if let Some(d) = self.dispatcher.take() {
             d.shutdown();
         }
+        drop(self.elections.take());
         if let Err(e) = self.api.raft().shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }

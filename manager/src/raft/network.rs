@@ -24,6 +24,7 @@ use shoal_proto::v1::RaftMessage;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use super::elect::LeaderContact;
 use super::typ::rpc::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -336,12 +337,31 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 pub struct RaftService {
     raft: Raft,
     authorizer: Authorizer,
+    contact: Option<LeaderContact>,
 }
 
 impl RaftService {
     /// Serves `raft`, admitting peers through `authorizer`.
     pub fn new(raft: Raft, authorizer: Authorizer) -> RaftService {
-        RaftService { raft, authorizer }
+        RaftService {
+            raft,
+            authorizer,
+            contact: None,
+        }
+    }
+
+    /// Stamps `contact` for the election driver whenever a leader's append or snapshot is
+    /// accepted, or a vote request comes from a candidate whose log is at least as complete as
+    /// ours (it can win: give it a round before competing, as Raft resets its timer on a vote).
+    pub fn with_contact(mut self, contact: LeaderContact) -> RaftService {
+        self.contact = Some(contact);
+        self
+    }
+
+    fn heard(&self) {
+        if let Some(c) = &self.contact {
+            c.touch();
+        }
     }
 
     /// The tonic service, with messages bounded by [`MAX_RAFT_MESSAGE_BYTES`] both ways.
@@ -373,13 +393,25 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftMessage>, Status> {
         self.admit(&req)?;
         let rpc: AppendEntriesRequest = decode(&req.get_ref().data).map_err(bad_request)?;
-        reply(&self.raft.append_entries(rpc).await)
+        let result = self.raft.append_entries(rpc).await;
+        // A deposed leader's appends are refused with our higher vote: not a leader heard.
+        if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.heard();
+        }
+        reply(&result)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.admit(&req)?;
         let rpc: VoteRequest = decode(&req.get_ref().data).map_err(bad_request)?;
-        reply(&self.raft.vote(rpc).await)
+        let candidate_log = rpc.last_log_id;
+        let result = self.raft.vote(rpc).await;
+        // A candidate behind us cannot win (we refuse it, and so will others as complete as
+        // us): competing with it is not delayed.
+        if matches!(&result, Ok(r) if r.vote_granted || candidate_log >= r.last_log_id) {
+            self.heard();
+        }
+        reply(&result)
     }
 
     async fn install_snapshot(
@@ -388,7 +420,12 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftMessage>, Status> {
         self.admit(&req)?;
         let rpc: InstallSnapshotRequest = decode(&req.get_ref().data).map_err(bad_request)?;
-        reply(&self.raft.install_snapshot(rpc).await)
+        let leader_vote = rpc.vote;
+        let result = self.raft.install_snapshot(rpc).await;
+        if matches!(&result, Ok(r) if r.vote <= leader_vote) {
+            self.heard();
+        }
+        reply(&result)
     }
 }
 

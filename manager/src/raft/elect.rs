@@ -1,0 +1,412 @@
+//! shoal's election driver: decides when a manager that hears no leader elects itself.
+//!
+//! openraft 0.9's own timer lets a follower elect only after `election_timeout_max` (the
+//! leader lease every voter keeps after hearing a leader) plus an election timeout drawn once
+//! per process, so a failover takes at least max + min, and two followers that drew close
+//! timeouts split the vote round after round. The managers turn that timer off
+//! (`Config::enable_elect = false`, [`driven_config`]) and run [`ElectionDriver`] instead:
+//!
+//! - a voter that has not heard from a leader for `lease + jitter` elects itself, with the
+//!   jitter drawn afresh from `[0, max - min)` after every attempt;
+//! - after an attempt that won nothing and heard from no leader it tries again after
+//!   `heartbeat + jitter` (a new draw each time, so split votes resolve);
+//! - the only voter of a cluster elects at once; a leader or a learner never does.
+//!
+//! Voters still refuse any vote within the lease of the last leader message they processed
+//! (openraft's `handle_vote_req`), so a node that lost contact alone (a partitioned minority)
+//! cannot win while the majority still hears its leader.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use rand::Rng;
+use tokio::task::JoinHandle;
+
+use super::typ::{Node, NodeId, Raft};
+
+/// Longest the driver sleeps before it looks at the node's role and leader contact again
+/// (a new leader, a promotion to voter, a shutdown).
+pub const ELECTION_POLL: Duration = Duration::from_millis(20);
+
+/// When this manager last heard from a leader, or from a candidate that could win: stamped by
+/// the Raft gRPC service, read by the driver. Clones share the stamp.
+#[derive(Clone, Debug)]
+pub struct LeaderContact(Arc<ContactInner>);
+
+#[derive(Debug)]
+struct ContactInner {
+    epoch: Instant,
+    /// Microseconds from `epoch` to the last contact.
+    last_us: AtomicU64,
+}
+
+impl Default for LeaderContact {
+    fn default() -> Self {
+        LeaderContact::new()
+    }
+}
+
+impl LeaderContact {
+    /// A stamp set to now: a manager that just started gives its peers a whole lease to be heard.
+    pub fn new() -> LeaderContact {
+        LeaderContact(Arc::new(ContactInner {
+            epoch: Instant::now(),
+            last_us: AtomicU64::new(0),
+        }))
+    }
+
+    /// Records a contact now.
+    pub fn touch(&self) {
+        let us = u64::try_from(self.0.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // Concurrent handlers may finish out of order: the stamp only moves forward.
+        self.0.last_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// The time of the last contact.
+    pub fn last(&self) -> Instant {
+        self.0.epoch + Duration::from_micros(self.0.last_us.load(Ordering::Relaxed))
+    }
+}
+
+/// The driver's timing, taken from the same openraft config the node runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ElectionTimers {
+    /// Silence before a first attempt can win: openraft's leader lease (`election_timeout_max`).
+    pub lease: Duration,
+    /// Width of the random extra wait drawn for every attempt (`max - min`).
+    pub jitter: Duration,
+    /// Least wait between two attempts (the heartbeat interval: longer than a vote round trip).
+    pub retry: Duration,
+}
+
+impl ElectionTimers {
+    /// The timers matching `config`'s heartbeat and election timeouts.
+    pub fn of(config: &openraft::Config) -> ElectionTimers {
+        let max = config.election_timeout_max;
+        ElectionTimers {
+            lease: Duration::from_millis(max),
+            jitter: Duration::from_millis(max.saturating_sub(config.election_timeout_min)),
+            retry: Duration::from_millis(config.heartbeat_interval),
+        }
+    }
+
+    /// A fresh jitter in `[0, self.jitter)`.
+    fn draw(&self) -> Duration {
+        if self.jitter.is_zero() {
+            return Duration::ZERO;
+        }
+        rand::thread_rng().gen_range(Duration::ZERO..self.jitter)
+    }
+}
+
+/// What this node is, as far as elections go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// It leads: nothing to do.
+    Leader,
+    /// A learner, or not in the membership yet: it cannot be elected.
+    NonVoter,
+    /// The only voter: nobody else can lead, so it elects at once.
+    SoleVoter,
+    /// One of several voters.
+    Voter,
+}
+
+impl Role {
+    /// The role in `m`, or `None` once the node has shut down.
+    pub fn of(m: &openraft::RaftMetrics<NodeId, Node>) -> Option<Role> {
+        if m.running_state.is_err() || m.state == ServerState::Shutdown {
+            return None;
+        }
+        if m.state == ServerState::Leader {
+            return Some(Role::Leader);
+        }
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == m.id) {
+            return Some(Role::NonVoter);
+        }
+        Some(if membership.voter_ids().count() == 1 {
+            Role::SoleVoter
+        } else {
+            Role::Voter
+        })
+    }
+}
+
+/// What the driver does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Elect this node now.
+    Elect,
+    /// Look again after this long.
+    Wait(Duration),
+}
+
+/// The driver's decision logic, apart from clocks and Raft so it can be tested on its own.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    timers: ElectionTimers,
+    /// When this node last started an election (cleared while it leads or cannot vote).
+    last_attempt: Option<Instant>,
+    /// The extra wait before the next attempt, drawn after each attempt.
+    jitter: Duration,
+}
+
+impl Schedule {
+    /// A schedule with a first jitter of `jitter` (draw it at random).
+    pub fn new(timers: ElectionTimers, jitter: Duration) -> Schedule {
+        Schedule {
+            timers,
+            last_attempt: None,
+            jitter,
+        }
+    }
+
+    /// The next step at `now` for a node in `role` whose last leader contact was at
+    /// `last_contact`; `draw` gives the jitter for the attempt after an election started now.
+    pub fn step(
+        &mut self,
+        now: Instant,
+        role: Role,
+        last_contact: Instant,
+        draw: impl FnOnce() -> Duration,
+    ) -> Step {
+        let due = match (role, self.last_attempt) {
+            (Role::Leader | Role::NonVoter, _) => {
+                self.last_attempt = None;
+                return Step::Wait(ELECTION_POLL);
+            }
+            (Role::SoleVoter, None) => now,
+            // An attempt that heard no leader since: the round failed or is still out; a new
+            // one after the retry wait, with its own jitter so two candidates drift apart.
+            (_, Some(attempt)) if attempt >= last_contact => {
+                attempt + self.timers.retry + self.jitter
+            }
+            (Role::SoleVoter, Some(_)) => now,
+            // Voters keep refusing votes for a lease after the leader's last message.
+            (Role::Voter, _) => last_contact + self.timers.lease + self.jitter,
+        };
+        if now >= due {
+            self.last_attempt = Some(now);
+            self.jitter = draw();
+            Step::Elect
+        } else {
+            Step::Wait((due - now).min(ELECTION_POLL))
+        }
+    }
+}
+
+/// The openraft config a driven manager runs with: `config` with openraft's own election
+/// timer off.
+pub fn driven_config(config: &openraft::Config) -> Arc<openraft::Config> {
+    Arc::new(openraft::Config {
+        enable_elect: false,
+        ..config.clone()
+    })
+}
+
+/// The running election driver of one manager; stops when dropped or when Raft shuts down.
+#[derive(Debug)]
+pub struct ElectionDriver {
+    task: JoinHandle<()>,
+}
+
+impl ElectionDriver {
+    /// Turns openraft's own election timer off on `raft` and drives its elections from the
+    /// leader contacts `contact` records, with `config`'s timers.
+    pub fn spawn(raft: Raft, config: &openraft::Config, contact: LeaderContact) -> ElectionDriver {
+        raft.runtime_config().elect(false);
+        let timers = ElectionTimers::of(config);
+        let task = tokio::spawn(drive(raft, timers, contact));
+        ElectionDriver { task }
+    }
+}
+
+impl Drop for ElectionDriver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn drive(raft: Raft, timers: ElectionTimers, contact: LeaderContact) {
+    let metrics = raft.metrics();
+    let mut schedule = Schedule::new(timers, timers.draw());
+    loop {
+        let Some(role) = Role::of(&metrics.borrow()) else {
+            return;
+        };
+        match schedule.step(Instant::now(), role, contact.last(), || timers.draw()) {
+            Step::Elect => {
+                tracing::info!(?role, "no leader heard: starting an election");
+                if let Err(e) = raft.trigger().elect().await {
+                    tracing::debug!("election driver stops: {e}");
+                    return;
+                }
+            }
+            Step::Wait(d) => tokio::time::sleep(d).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn timers() -> ElectionTimers {
+        ElectionTimers {
+            lease: 400 * MS,
+            jitter: 200 * MS,
+            retry: 50 * MS,
+        }
+    }
+
+    #[test]
+    fn timers_follow_the_openraft_config() {
+        let c = openraft::Config {
+            heartbeat_interval: 50,
+            election_timeout_min: 200,
+            election_timeout_max: 400,
+            ..Default::default()
+        };
+        assert_eq!(ElectionTimers::of(&c), timers());
+        assert!(!driven_config(&c).enable_elect);
+        for _ in 0..1000 {
+            assert!(timers().draw() < 200 * MS);
+        }
+    }
+
+    #[test]
+    fn a_voter_elects_only_after_the_lease_and_its_jitter() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(timers(), 30 * MS);
+        let never = || panic!("no draw without an attempt");
+        // Heard the leader at t0: quiet until lease + jitter = 430 ms.
+        assert_eq!(
+            s.step(t0, Role::Voter, t0, never),
+            Step::Wait(ELECTION_POLL)
+        );
+        assert_eq!(
+            s.step(t0 + 420 * MS, Role::Voter, t0, never),
+            Step::Wait(10 * MS)
+        );
+        // A heartbeat at 300 ms moves the deadline.
+        let hb = t0 + 300 * MS;
+        assert_eq!(
+            s.step(t0 + 430 * MS, Role::Voter, hb, never),
+            Step::Wait(ELECTION_POLL)
+        );
+        assert_eq!(
+            s.step(hb + 430 * MS, Role::Voter, hb, || 120 * MS),
+            Step::Elect
+        );
+    }
+
+    #[test]
+    fn a_failed_attempt_is_retried_with_a_fresh_draw_each_time() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(timers(), Duration::ZERO);
+        let mut draws = vec![70 * MS, 10 * MS, 150 * MS].into_iter();
+        let a1 = t0 + 400 * MS;
+        assert_eq!(
+            s.step(a1, Role::Voter, t0, || draws.next().unwrap()),
+            Step::Elect
+        );
+        // Next attempt at a1 + retry 50 + the new draw 70, not after another lease.
+        assert_eq!(
+            s.step(a1 + 119 * MS, Role::Voter, t0, || unreachable!()),
+            Step::Wait(MS)
+        );
+        let a2 = a1 + 120 * MS;
+        assert_eq!(
+            s.step(a2, Role::Voter, t0, || draws.next().unwrap()),
+            Step::Elect
+        );
+        // The draw of 10 ms applies to the third attempt only.
+        assert_eq!(
+            s.step(a2 + 59 * MS, Role::Voter, t0, || unreachable!()),
+            Step::Wait(MS)
+        );
+        let a3 = a2 + 60 * MS;
+        assert_eq!(
+            s.step(a3, Role::Voter, t0, || draws.next().unwrap()),
+            Step::Elect
+        );
+        assert_eq!(
+            s.step(a3 + 199 * MS, Role::Voter, t0, || unreachable!()),
+            Step::Wait(MS)
+        );
+    }
+
+    #[test]
+    fn hearing_a_leader_after_an_attempt_brings_back_the_lease() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(timers(), Duration::ZERO);
+        let a1 = t0 + 400 * MS;
+        assert_eq!(s.step(a1, Role::Voter, t0, || 20 * MS), Step::Elect);
+        // Another candidate won and its first append arrived.
+        let heard = a1 + 5 * MS;
+        assert_eq!(
+            s.step(a1 + 100 * MS, Role::Voter, heard, || unreachable!()),
+            Step::Wait(ELECTION_POLL)
+        );
+        assert_eq!(
+            s.step(heard + 419 * MS, Role::Voter, heard, || unreachable!()),
+            Step::Wait(MS)
+        );
+        assert_eq!(
+            s.step(heard + 420 * MS, Role::Voter, heard, || Duration::ZERO),
+            Step::Elect
+        );
+    }
+
+    #[test]
+    fn leaders_and_learners_never_elect_and_a_sole_voter_elects_at_once() {
+        let t0 = Instant::now();
+        let long_ago = t0 - Duration::from_secs(60);
+        let mut s = Schedule::new(timers(), Duration::ZERO);
+        for role in [Role::Leader, Role::NonVoter] {
+            assert_eq!(
+                s.step(t0, role, long_ago, || unreachable!()),
+                Step::Wait(ELECTION_POLL)
+            );
+        }
+        // Just started, heard nobody: the only voter does not wait for a lease.
+        assert_eq!(s.step(t0, Role::SoleVoter, t0, || 100 * MS), Step::Elect);
+        // Its election is still out: the retry wait applies, not another immediate one.
+        assert_eq!(
+            s.step(t0 + 10 * MS, Role::SoleVoter, t0, || unreachable!()),
+            Step::Wait(ELECTION_POLL)
+        );
+        assert_eq!(
+            s.step(t0 + 150 * MS, Role::SoleVoter, t0, || Duration::ZERO),
+            Step::Elect
+        );
+        // Leading clears the attempt; losing the lead later starts from the lease again.
+        assert_eq!(
+            s.step(t0 + 200 * MS, Role::Leader, t0, || unreachable!()),
+            Step::Wait(ELECTION_POLL)
+        );
+        let heard = t0 + 300 * MS;
+        assert_eq!(
+            s.step(heard + 100 * MS, Role::Voter, heard, || unreachable!()),
+            Step::Wait(ELECTION_POLL)
+        );
+    }
+
+    #[test]
+    fn the_contact_stamp_only_moves_forward() {
+        let c = LeaderContact::new();
+        let first = c.last();
+        std::thread::sleep(2 * MS);
+        c.clone().touch();
+        let second = c.last();
+        assert!(second > first);
+        c.0.last_us.store(0, Ordering::Relaxed);
+        c.touch();
+        assert!(c.last() >= second);
+    }
+}
