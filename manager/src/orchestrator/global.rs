@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use shoal_proto::v1::service_spec::Mode;
 use shoal_proto::v1::{Node, NodeAvailability, NodeState, Service, Task, TaskState};
 
+use super::updater::is_current;
 use super::view::{wants_running, ClusterView};
 use super::{create, new_task, task_id, update, with_desired, Decision};
 use crate::scheduler::constraint::Constraint;
@@ -89,6 +90,12 @@ fn reconcile_service(
                 d.push(create(new_task(service, 0, node_id, ids(), now_ms)));
             }
             continue;
+        }
+        // A start-first update's pair (old spec + replacement) is the updater's.
+        if let [a, b] = tasks.as_slice() {
+            if is_current(service, a) != is_current(service, b) {
+                continue;
+            }
         }
         // Never two tasks of one service that should run on one node: keep the newest.
         tasks.sort_by_key(|t| {

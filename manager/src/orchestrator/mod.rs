@@ -8,6 +8,7 @@
 //! - [`replicated`]: slots 1..N per replicated service; replaces tasks of down or drained nodes.
 //! - [`global`]: one task per eligible node per global service.
 //! - [`restart`]: replaces terminal tasks that should run, per the restart policy.
+//! - [`updater`]: rolls tasks onto a new spec (rolling updates, rollback), from the store.
 //! - [`task_reaper`]: removes tasks of deleted services, deletes removed and surplus history
 //!   tasks, marks tasks of long-gone nodes ORPHANED.
 
@@ -16,6 +17,7 @@ pub mod replicated;
 pub mod restart;
 mod runner;
 pub mod task_reaper;
+pub mod updater;
 pub mod view;
 
 use std::future::Future;

@@ -7,12 +7,15 @@
 //!   slot first among equals.
 //! - A task that should run on a node that is gone, down or drained is retired (desired
 //!   SHUTDOWN) and replaced in the same slot by a new PENDING task, in one command.
+//! - Tasks on an old spec are left to the updater (a start-first update's pair in one slot
+//!   included).
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use shoal_proto::v1::service_spec::Mode;
 use shoal_proto::v1::{NodeAvailability, NodeState, Service, Task, TaskState};
 
+use super::updater::is_current;
 use super::view::{is_terminal, wants_running, ClusterView};
 use super::{create, new_task, task_id, update, with_desired, Decision};
 
@@ -90,9 +93,10 @@ fn reconcile_service(
         });
     }
 
-    // Never two tasks that should run in one slot: keep the newest, retire the others.
+    // Never two tasks that should run in one slot: keep the newest, retire the others. A
+    // start-first update's pair (an old-spec task and its replacement) is the updater's.
     for occupants in slots.values_mut() {
-        if occupants.len() < 2 {
+        if occupants.len() < 2 || start_first_pair(service, occupants) {
             continue;
         }
         debug_assert!(
@@ -138,6 +142,17 @@ fn reconcile_service(
                 }
             }
         }
+    }
+}
+
+/// Two stored tasks, one on the service's current spec and one on an old spec.
+fn start_first_pair(service: &Service, occupants: &[Occupant<'_>]) -> bool {
+    let [a, b] = occupants else {
+        return false;
+    };
+    match (a.task, b.task) {
+        (Some(a), Some(b)) => is_current(service, a) != is_current(service, b),
+        _ => false,
     }
 }
 

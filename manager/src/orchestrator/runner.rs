@@ -1,5 +1,5 @@
 //! The leader's loops: one keeps the shared [`ClusterView`] current from the store's watch
-//! stream; one per component (replicated, global, restart, reaper, scheduler) waits for the
+//! stream; one per component (replicated, global, restart, updater, reaper, scheduler) waits for the
 //! view to change, lets a short batch window pass, decides over the view and proposes the
 //! result through Raft.
 
@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::updater::Updater;
 use super::view::ClusterView;
 use super::{global, new_task_id, replicated, restart, task_reaper, Decision, Proposer};
 use crate::scheduler;
@@ -43,7 +44,8 @@ pub enum LeaderRunError {
     Load(#[from] StoreError),
 }
 
-type Decide = fn(&ClusterView, i64) -> Decision;
+/// One component's decision step; the updater keeps a little memory between rounds.
+type Decide = Box<dyn FnMut(&ClusterView, i64) -> Decision + Send>;
 
 fn replicated_round(v: &ClusterView, now: i64) -> Decision {
     replicated::reconcile(v, now, &mut new_task_id)
@@ -55,14 +57,21 @@ fn restart_round(v: &ClusterView, now: i64) -> Decision {
     restart::supervise(v, now, &mut new_task_id)
 }
 
-/// The components the leader runs, by name.
-const COMPONENTS: [(&str, Decide); 5] = [
-    ("replicated orchestrator", replicated_round),
-    ("global orchestrator", global_round),
-    ("restart supervisor", restart_round),
-    ("task reaper", task_reaper::reap),
-    ("scheduler", scheduler::schedule),
-];
+/// The components the leader runs, by name (a fresh set per leadership term).
+fn components() -> Vec<(&'static str, Decide)> {
+    let mut updater = Updater::new();
+    vec![
+        ("replicated orchestrator", Box::new(replicated_round)),
+        ("global orchestrator", Box::new(global_round)),
+        ("restart supervisor", Box::new(restart_round)),
+        (
+            "update orchestrator",
+            Box::new(move |v: &ClusterView, now: i64| updater.round(v, now, &mut new_task_id)),
+        ),
+        ("task reaper", Box::new(task_reaper::reap)),
+        ("scheduler", Box::new(scheduler::schedule)),
+    ]
+}
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
@@ -86,7 +95,7 @@ pub async fn run_leader<P: Proposer>(
     let (generation, _) = watch::channel(0u64);
     let proposer = Arc::new(proposer);
     let mut tasks = JoinSet::new();
-    for (name, decide) in COMPONENTS {
+    for (name, decide) in components() {
         tasks.spawn(component(
             name,
             decide,
@@ -199,7 +208,7 @@ async fn propose_all<P: Proposer>(name: &str, proposer: &P, d: Decision, now: i6
 /// One component's loop: wait for a change (or a deadline), batch, decide, propose.
 async fn component<P: Proposer>(
     name: &'static str,
-    decide: Decide,
+    mut decide: Decide,
     view: Arc<RwLock<ClusterView>>,
     mut generation: watch::Receiver<u64>,
     proposer: Arc<P>,
@@ -220,9 +229,11 @@ async fn component<P: Proposer>(
         generation.borrow_and_update();
         let now = now_ms();
         let decision = decide(&read(&view), now);
-        next = decision
-            .wake_at_ms
-            .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now).max(0) as u64));
+        // A far wake-up (a held task's not_before) is capped: the resync round covers it.
+        next = decision.wake_at_ms.map(|at| {
+            let wait = Duration::from_millis(at.saturating_sub(now).max(0) as u64);
+            Instant::now() + wait.min(RESYNC_PERIOD)
+        });
         if decision.mutations.is_empty() {
             continue;
         }
