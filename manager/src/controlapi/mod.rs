@@ -8,6 +8,7 @@
 
 mod membership;
 mod server;
+pub mod update;
 pub mod validate;
 
 use std::collections::{BTreeSet, HashMap};

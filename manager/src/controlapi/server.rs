@@ -9,7 +9,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{new_id, store_status, validate, ControlApi, FORWARDED_HEADER};
+use super::{new_id, store_status, update, validate, ControlApi, FORWARDED_HEADER};
 use crate::ca::{NodeIdentity, Role};
 use crate::store::{Action, Event, Kind, Mutation, Object};
 
@@ -261,6 +261,7 @@ impl Control for ControlService {
             .clone()
             .ok_or_else(|| Status::invalid_argument("no spec"))?;
         validate::service_spec(&spec).map_err(invalid)?;
+        update::check_configs(&spec).map_err(invalid)?;
         leader_only!(api, req, create_service, write);
         if let Some(id) = api
             .store()
@@ -345,6 +346,7 @@ impl Control for ControlService {
             .clone()
             .ok_or_else(|| Status::invalid_argument("no spec"))?;
         validate::service_spec(&spec).map_err(invalid)?;
+        update::check_configs(&spec).map_err(invalid)?;
         leader_only!(api, req, update_service, write);
         let current = api.find_service(&req.get_ref().service)?;
         let version = version_of(current.meta.as_ref());
@@ -374,6 +376,36 @@ impl Control for ControlService {
         }
         next.previous_spec = Some(old_spec);
         next.spec = Some(spec);
+        update::on_update(&current, &mut next, super::now_ms());
+        api.propose(vec![Mutation::Update {
+            object: Object::Service(next),
+            expect_version: Some(version),
+        }])
+        .await?;
+        let service = api.find_service(&id)?;
+        Ok(Response::new(pb::ServiceResponse {
+            service: Some(service),
+        }))
+    }
+
+    async fn rollback_service(
+        &self,
+        req: Request<pb::RollbackServiceRequest>,
+    ) -> Result<Response<pb::ServiceResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, rollback_service, write);
+        let current = api.find_service(&req.get_ref().service)?;
+        let version = version_of(current.meta.as_ref());
+        let wanted = req.get_ref().version;
+        if wanted != 0 && wanted != version {
+            return Err(Status::failed_precondition(format!(
+                "rollback out of sequence: service is at version {version}, not {wanted}"
+            )));
+        }
+        let next = update::rollback(&current, super::now_ms())
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let id = id_of(current.meta.as_ref()).to_string();
         api.propose(vec![Mutation::Update {
             object: Object::Service(next),
             expect_version: Some(version),
