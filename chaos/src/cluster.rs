@@ -1,0 +1,291 @@
+//! The cluster under test: a test bed of hosts, each running a real `shoal agent`; the first
+//! `managers` hosts are managers, the rest workers. One manager's data dir is a small tmpfs
+//! (the disk-full fault). Control calls go over each host's local socket (gRPC).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::control_client::ControlClient;
+use shoal_tests::testbed::{Host, Signal, Testbed};
+use tonic::transport::Channel;
+
+/// The image every service runs, imported into each host's store.
+pub const IMAGE: &str = "busybox:latest";
+/// Size of the tmpfs the disk-full manager keeps its data dir on.
+pub const TMPFS_SIZE: &str = "48m";
+/// How long connecting to a host's socket may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a control call made by the harness itself (not the recorded workload) may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(12);
+/// How long bootstrapping may wait for every node to be Ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// Where a host's worker agent keeps its task containers (under its data dir).
+const TASK_RUNTIME_DIR: &str = "containers/.tasks";
+/// Rounds of force-deleting a host's containers (a create in flight may still finish).
+const CONTAINER_KILL_ROUNDS: usize = 10;
+
+/// The test bed with its agents.
+pub struct Cluster {
+    pub tb: Testbed,
+    pub managers: Vec<usize>,
+    pub workers: Vec<usize>,
+    /// The manager whose data dir is a tmpfs.
+    pub disk_host: usize,
+}
+
+/// What one `ListNodes` says about the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    pub leader: Option<usize>,
+    pub ready: usize,
+    pub reachable_managers: usize,
+    pub nodes: usize,
+}
+
+pub async fn control(socket: &Path) -> Result<ControlClient<Channel>> {
+    let ch = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        shoal_manager::daemon::connect_local(socket),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("connecting to {}: timed out", socket.display()))??;
+    Ok(ControlClient::new(ch))
+}
+
+impl Cluster {
+    /// Brings up `managers + workers` hosts, their agents, and forms the cluster.
+    pub fn start(managers: usize, workers: usize, log: &dyn Fn(&str)) -> Result<Cluster> {
+        let n = managers + workers;
+        let tb = Testbed::up_with_hint("shoal-chaos", n).context("bringing the test bed up")?;
+        let c = Cluster {
+            tb,
+            managers: (1..=managers).collect(),
+            workers: (managers + 1..=n).collect(),
+            disk_host: managers,
+        };
+        log(&format!(
+            "test bed {} up: {} hosts on 10.77.{}.0/24",
+            c.tb.prefix(),
+            n,
+            c.tb.slot()
+        ));
+        let disk = c.host(c.disk_host)?.name().to_string();
+        c.tb.script(&["tmpfs", &disk, TMPFS_SIZE])
+            .context("mounting the disk-full manager's tmpfs")?;
+        for h in c.tb.hosts() {
+            h.import_busybox(IMAGE)
+                .with_context(|| format!("importing {IMAGE} into {}", h.name()))?;
+            h.spawn_agent(&[])
+                .with_context(|| format!("starting the agent in {}", h.name()))?;
+        }
+        let h1 = c.host(1)?;
+        shoal_ok(h1, &["cluster", "init"])?;
+        let mtok = shoal_ok(h1, &["cluster", "join-token", "-q", "manager"])?;
+        let wtok = shoal_ok(h1, &["cluster", "join-token", "-q", "worker"])?;
+        let addr = h1.agent_addr().to_string();
+        for &i in c.managers.iter().skip(1) {
+            shoal_ok(
+                c.host(i)?,
+                &["cluster", "join", "--token", mtok.trim(), &addr],
+            )?;
+        }
+        for &i in &c.workers {
+            shoal_ok(
+                c.host(i)?,
+                &["cluster", "join", "--token", wtok.trim(), &addr],
+            )?;
+        }
+        log("cluster formed; waiting for every node to be Ready");
+        Ok(c)
+    }
+
+    pub fn host(&self, i: usize) -> Result<&Host> {
+        Ok(self.tb.host(i)?)
+    }
+
+    pub fn sockets(&self, hosts: &[usize]) -> Vec<(String, PathBuf)> {
+        hosts
+            .iter()
+            .filter_map(|&i| self.tb.host(i).ok())
+            .map(|h| (h.name().to_string(), h.socket()))
+            .collect()
+    }
+
+    fn index_of(&self, hostname: &str) -> Option<usize> {
+        self.tb
+            .hosts()
+            .iter()
+            .find(|h| h.name() == hostname)
+            .map(Host::index)
+    }
+
+    /// Asks the managers in turn (the first that answers) how the cluster is.
+    pub async fn health(&self) -> Option<Health> {
+        for (_, sock) in self.sockets(&self.managers) {
+            let Ok(mut c) = control(&sock).await else {
+                continue;
+            };
+            let r = tokio::time::timeout(CALL_TIMEOUT, c.list_nodes(pb::ListNodesRequest {})).await;
+            let Ok(Ok(r)) = r else { continue };
+            let nodes = r.into_inner().nodes;
+            let mut h = Health {
+                nodes: nodes.len(),
+                ..Default::default()
+            };
+            for n in &nodes {
+                let name = n
+                    .description
+                    .as_ref()
+                    .map(|d| d.hostname.as_str())
+                    .unwrap_or("");
+                if n.status.as_ref().map(|s| s.state) == Some(pb::NodeState::Ready as i32) {
+                    h.ready += 1;
+                }
+                if let Some(ms) = &n.manager_status {
+                    if ms.reachable {
+                        h.reachable_managers += 1;
+                    }
+                    if ms.leader {
+                        h.leader = self.index_of(name);
+                    }
+                }
+            }
+            return Some(h);
+        }
+        None
+    }
+
+    /// True when there is a leader, every manager is reachable and every node is Ready.
+    pub fn all_well(&self, h: &Health) -> bool {
+        h.leader.is_some()
+            && h.reachable_managers == self.managers.len()
+            && h.ready == self.tb.hosts().len()
+            && h.nodes == self.tb.hosts().len()
+    }
+
+    /// Waits (up to `timeout`) for [`Cluster::all_well`]; returns how long it took.
+    pub async fn wait_well(&self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < timeout {
+            if let Some(h) = self.health().await {
+                if self.all_well(&h) {
+                    return Ok(start.elapsed());
+                }
+                last = Some(h);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        bail!(
+            "the cluster was not well after {} s (last seen: {last:?})",
+            timeout.as_secs()
+        )
+    }
+
+    /// The leader's host number, asking until one is known (up to `timeout`).
+    pub async fn leader(&self, timeout: Duration) -> Option<usize> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(l) = self.health().await.and_then(|h| h.leader) {
+                return Some(l);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        None
+    }
+
+    /// Starts host `i`'s agent unless it runs.
+    pub fn ensure_agent(&self, i: usize) -> Result<()> {
+        let h = self.host(i)?;
+        if h.agent_pid().is_none() {
+            h.spawn_agent(&[])
+                .with_context(|| format!("restarting the agent in {}", h.name()))?;
+        }
+        Ok(())
+    }
+
+    pub fn kill_agent(&self, i: usize, sig: Signal) -> Result<()> {
+        let h = self.host(i)?;
+        h.kill(sig)
+            .with_context(|| format!("signalling the agent in {} ({sig:?})", h.name()))
+    }
+
+    /// SIGKILLs every container the host's worker agent made (the machine dies with them).
+    pub fn kill_containers(&self, i: usize) -> Result<usize> {
+        let h = self.host(i)?;
+        let root = h.data_dir().join(TASK_RUNTIME_DIR);
+        let root = root.to_string_lossy().into_owned();
+        let mut killed = 0;
+        for _ in 0..CONTAINER_KILL_ROUNDS {
+            let out = h.shoal(&["runtime", "--root", &root, "list", "-q"])?;
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            if ids.is_empty() {
+                break;
+            }
+            for id in &ids {
+                h.shoal(&["runtime", "--root", &root, "delete", "--force", id])?;
+                killed += 1;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(killed)
+    }
+
+    /// Every host's agent log, by host name.
+    pub fn logs(&self) -> BTreeMap<String, String> {
+        self.tb
+            .hosts()
+            .iter()
+            .map(|h| {
+                let text = std::fs::read(h.agent_log())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                (h.name().to_string(), text)
+            })
+            .collect()
+    }
+}
+
+/// Runs the shoal CLI in `h`; it must succeed. Returns stdout.
+pub fn shoal_ok(h: &Host, args: &[&str]) -> Result<String> {
+    let out = h.shoal(args)?;
+    if !out.status.success() {
+        bail!(
+            "shoal {} in {} failed: {}",
+            args.join(" "),
+            h.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether a container (by id) has live processes: its cgroup `shoal/<id>` in any hierarchy
+/// lists one. Container ids are random task ids, so only this run's containers match.
+pub fn container_live(id: &str) -> bool {
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        return false;
+    }
+    for base in [
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/memory",
+    ] {
+        let p = Path::new(base).join("shoal").join(id).join("cgroup.procs");
+        if let Ok(s) = std::fs::read_to_string(&p) {
+            if s.lines().any(|l| !l.trim().is_empty()) {
+                return true;
+            }
+        }
+    }
+    false
+}

@@ -1,0 +1,155 @@
+//! The task sampler: every [`SAMPLE_PERIOD`] it reads all tasks (a linearizable read, so one
+//! consistent store state) and checks each replicated slot for two tasks at once, in the
+//! store (desired ≤ RUNNING: the orchestrators' invariant) and on the machines (two task
+//! containers with live processes).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use shoal_proto::v1 as pb;
+
+use crate::cluster::{container_live, control, CALL_TIMEOUT};
+use crate::workload::Shared;
+
+/// How often tasks are sampled.
+pub const SAMPLE_PERIOD: Duration = Duration::from_millis(1000);
+/// Overlaps recorded at most (each kind); counting goes on beyond.
+const MAX_RECORDED: usize = 200;
+
+/// Two tasks of one slot seen at once.
+#[derive(Debug, Clone, Serialize)]
+pub struct Overlap {
+    pub at_ms: u64,
+    pub service: String,
+    pub slot: u64,
+    pub tasks: Vec<String>,
+    /// The fault in progress (or healed less than the grace period before), if any.
+    pub during_fault: Option<String>,
+}
+
+/// What the sampler saw.
+#[derive(Debug, Default, Serialize)]
+pub struct Observations {
+    pub samples: u64,
+    pub failed_samples: u64,
+    pub tasks_seen: usize,
+    /// Slots with two tasks whose desired state is ≤ RUNNING in one store state.
+    pub store_overlaps: Vec<Overlap>,
+    pub store_overlap_count: u64,
+    /// Slots with two live task containers at once.
+    pub live_overlaps: Vec<Overlap>,
+    pub live_overlap_count: u64,
+}
+
+/// The fault the harness has in progress, for tagging what the sampler sees.
+#[derive(Default)]
+pub struct FaultTag {
+    pub current: Option<String>,
+    /// The last healed fault and when (ms since the run started).
+    pub healed: Option<(String, u64)>,
+}
+
+/// After a fault is healed, what it caused may take this long to be undone (a cut-off agent
+/// learns that its tasks were replaced only once it reaches a manager again).
+pub const HEAL_GRACE_MS: u64 = 15_000;
+
+impl FaultTag {
+    fn tag(&self, now_ms: u64) -> Option<String> {
+        if let Some(c) = &self.current {
+            return Some(c.clone());
+        }
+        match &self.healed {
+            Some((f, at)) if now_ms.saturating_sub(*at) <= HEAL_GRACE_MS => {
+                Some(format!("{f} (healed {} ms before)", now_ms - at))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Samples until `stop` is set; returns what it saw.
+pub async fn sample(
+    shared: Arc<Shared>,
+    managers: Vec<(String, PathBuf)>,
+    tag: Arc<Mutex<FaultTag>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Observations {
+    let mut obs = Observations::default();
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(SAMPLE_PERIOD).await;
+        let Some((_, sock)) = managers.choose(&mut rng).cloned() else {
+            break;
+        };
+        let tasks = async {
+            let mut c = control(&sock).await.ok()?;
+            let r =
+                tokio::time::timeout(CALL_TIMEOUT, c.list_tasks(pb::ListTasksRequest::default()))
+                    .await
+                    .ok()?
+                    .ok()?;
+            Some(r.into_inner().tasks)
+        }
+        .await;
+        let Some(tasks) = tasks else {
+            obs.failed_samples += 1;
+            continue;
+        };
+        obs.samples += 1;
+        let now_ms = shared.now_us() / 1000;
+        let fault = tag.lock().unwrap_or_else(|e| e.into_inner()).tag(now_ms);
+        let mut store: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+        let mut live: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+        for t in &tasks {
+            let id = t.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+            seen.insert(id.clone());
+            names.insert(t.service_id.clone(), t.service_name.clone());
+            if t.slot == 0 {
+                continue;
+            }
+            let key = (t.service_id.clone(), t.slot);
+            if t.desired_state <= pb::TaskState::Running as i32 {
+                store.entry(key.clone()).or_default().push(id.clone());
+            }
+            let cid = t
+                .status
+                .as_ref()
+                .map(|s| s.container_id.clone())
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| id.clone());
+            // Whatever the store says: a container with live processes runs.
+            if container_live(&cid) {
+                live.entry(key).or_default().push(id);
+            }
+        }
+        let overlap = |((svc, slot), ids): ((String, u64), Vec<String>)| Overlap {
+            at_ms: now_ms,
+            service: names.get(&svc).cloned().unwrap_or(svc),
+            slot,
+            tasks: ids,
+            during_fault: fault.clone(),
+        };
+        for (k, ids) in store.into_iter().filter(|(_, v)| v.len() > 1) {
+            obs.store_overlap_count += 1;
+            if obs.store_overlaps.len() < MAX_RECORDED {
+                obs.store_overlaps.push(overlap((k, ids)));
+            }
+        }
+        for (k, ids) in live.into_iter().filter(|(_, v)| v.len() > 1) {
+            obs.live_overlap_count += 1;
+            if obs.live_overlaps.len() < MAX_RECORDED {
+                obs.live_overlaps.push(overlap((k, ids)));
+            }
+        }
+    }
+    obs.tasks_seen = seen.len();
+    obs
+}
