@@ -1,7 +1,9 @@
-//! `shoal service …`: create, ls, ps, inspect, scale, update, rm, with docker's words and
-//! flags. create and scale follow the tasks until the service converges unless `--detach`.
+//! `shoal service …`: create, ls, ps, inspect, scale, update, rollback, rm, with docker's
+//! words and flags. create, scale, update and rollback follow the tasks until the service
+//! converges unless `--detach`.
 
 mod progress;
+mod update;
 
 use std::collections::HashMap;
 
@@ -94,17 +96,13 @@ enum ServiceCommand {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Change a service's replicas or image
-    Update {
-        /// Number of tasks
-        #[arg(long, allow_negative_numbers = true)]
-        replicas: Option<i64>,
-        /// Image reference
-        #[arg(long)]
-        image: Option<String>,
-        /// Redeploy every task even if nothing changed
-        #[arg(long)]
-        force: bool,
+    /// Change a service's spec: a rolling update of the tasks whose spec changed
+    Update(Box<update::UpdateArgs>),
+    /// Roll a service back to its previous spec
+    Rollback {
+        /// Return at once instead of following the rollback
+        #[arg(short, long)]
+        detach: bool,
         service: String,
     },
     /// Remove services
@@ -180,24 +178,8 @@ struct CreateArgs {
     /// Window the restart attempts are counted in (e.g. 1m)
     #[arg(long)]
     restart_window: Option<String>,
-    /// Tasks updated at once (0 = all)
-    #[arg(long, default_value_t = 1)]
-    update_parallelism: u64,
-    /// Delay between update batches
-    #[arg(long, default_value = "0s")]
-    update_delay: String,
-    /// On update failure: pause, continue, rollback
-    #[arg(long, value_enum, default_value_t = FailureActionArg::Pause)]
-    update_failure_action: FailureActionArg,
-    /// stop-first or start-first
-    #[arg(long, value_enum, default_value_t = OrderArg::StopFirst)]
-    update_order: OrderArg,
-    /// How long an updated task is watched for failure
-    #[arg(long, default_value = "5s")]
-    update_monitor: String,
-    /// Share of failed tasks tolerated during an update
-    #[arg(long, default_value_t = 0.0)]
-    update_max_failure_ratio: f32,
+    #[command(flatten)]
+    configs: update::CreateConfigArgs,
     /// Time to wait after SIGTERM before SIGKILL
     #[arg(long, default_value = "10s")]
     stop_grace_period: String,
@@ -288,21 +270,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
                 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let update = pb::UpdateConfig {
-        parallelism: a.update_parallelism,
-        delay_ms: parse_duration_ms(&a.update_delay).context("--update-delay")?,
-        failure_action: match a.update_failure_action {
-            FailureActionArg::Pause => pb::FailureAction::Pause,
-            FailureActionArg::Continue => pb::FailureAction::Continue,
-            FailureActionArg::Rollback => pb::FailureAction::Rollback,
-        } as i32,
-        monitor_ms: parse_duration_ms(&a.update_monitor).context("--update-monitor")?,
-        max_failure_ratio: a.update_max_failure_ratio,
-        order: match a.update_order {
-            OrderArg::StopFirst => pb::UpdateOrder::StopFirst,
-            OrderArg::StartFirst => pb::UpdateOrder::StartFirst,
-        } as i32,
-    };
+    let (update, rollback) = a.configs.configs()?;
     Ok(pb::ServiceSpec {
         name: a.name.clone().unwrap_or_else(generated_name),
         labels: output::parse_kv(&a.label)?,
@@ -358,7 +326,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
         }),
         mode: Some(mode),
         update: Some(update),
-        rollback: Some(update),
+        rollback: Some(rollback),
         ports: a
             .publish
             .iter()
@@ -382,6 +350,10 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
     let wanted = match &a.command {
         ServiceCommand::Scale { scales, .. } => parse_scales(scales)?,
         _ => Vec::new(),
+    };
+    let edit = match &a.command {
+        ServiceCommand::Update(u) => Some(u.edit()?),
+        _ => None,
     };
     let ps_filter = match &a.command {
         ServiceCommand::Ps { filter, .. } => parse_ps_filters(filter)?,
@@ -476,7 +448,15 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
                     .collect();
                 return print_json(&Value::Array(v));
             }
-            let mut t = Table::new(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"]);
+            let mut t = Table::new(&[
+                "ID",
+                "NAME",
+                "MODE",
+                "REPLICAS",
+                "IMAGE",
+                "PORTS",
+                "UPDATE STATUS",
+            ]);
             for s in &list {
                 let svc = s.service.clone().unwrap_or_default();
                 let sp = svc.spec.clone().unwrap_or_default();
@@ -498,49 +478,18 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
                     format!("{}/{}", s.running_tasks, s.desired_tasks),
                     image(&sp),
                     ports.join(","),
+                    update_state_word(&svc),
                 ]);
             }
             t.print();
         }
-        ServiceCommand::Update {
-            replicas: r,
-            image: img,
-            force,
-            service,
-        } => {
-            if r.is_none() && img.is_none() && !force {
-                bail!("nothing to update: pass --replicas, --image or --force");
+        ServiceCommand::Update(u) => {
+            if let Some(edit) = &edit {
+                update::update(&mut c, &u.service, edit).await?;
             }
-            let cur = rpc(c
-                .get_service(pb::GetServiceRequest {
-                    service: service.clone(),
-                })
-                .await)?
-            .service
-            .unwrap_or_default();
-            let mut spec = cur.spec.clone().unwrap_or_default();
-            if let Some(n) = r {
-                match &mut spec.mode {
-                    Some(Mode::Replicated(rep)) => rep.replicas = replicas(n)?,
-                    _ => bail!("--replicas applies to replicated services only"),
-                }
-            }
-            let task = spec.task.get_or_insert_with(Default::default);
-            if let Some(i) = img {
-                task.container.get_or_insert_with(Default::default).image = i;
-            }
-            if force {
-                task.force_update += 1;
-            }
-            let version = cur.meta.as_ref().map(|m| m.version).unwrap_or(0);
-            rpc(c
-                .update_service(pb::UpdateServiceRequest {
-                    service: id(&cur),
-                    version,
-                    spec: Some(spec),
-                })
-                .await)?;
-            println!("{service}");
+        }
+        ServiceCommand::Rollback { detach, service } => {
+            update::rollback(&mut c, &service, detach).await?;
         }
         ServiceCommand::Rm { services } => {
             for s in services {
@@ -556,6 +505,44 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
 
 fn id(s: &pb::Service) -> String {
     s.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default()
+}
+
+/// The update state as docker words it (`updating`, `rollback_paused`, …); empty if none.
+fn update_state_word(s: &pb::Service) -> String {
+    s.update_status
+        .as_ref()
+        .filter(|u| u.state() != pb::UpdateState::Unknown)
+        .map(|u| {
+            u.state()
+                .as_str_name()
+                .trim_start_matches("UPDATE_STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// `--pretty` lines of an update or rollback config.
+fn pretty_update_config(line: &mut dyn FnMut(&str, String), title: &str, u: &pb::UpdateConfig) {
+    line(title, String::new());
+    line(" Parallelism:", u.parallelism.to_string());
+    if u.delay_ms > 0 {
+        line(" Delay:", output::format_ms(u.delay_ms));
+    }
+    let action = u
+        .failure_action()
+        .as_str_name()
+        .trim_start_matches("FAILURE_ACTION_")
+        .to_ascii_lowercase();
+    line(" On failure:", action);
+    line(" Monitoring Period:", output::format_ms(u.monitor_ms));
+    line(" Max failure ratio:", u.max_failure_ratio.to_string());
+    let order = u
+        .order()
+        .as_str_name()
+        .trim_start_matches("UPDATE_ORDER_")
+        .to_ascii_lowercase()
+        .replace('_', "-");
+    line(" Update order:", order);
 }
 
 fn mode_name(s: &pb::ServiceSpec) -> String {
@@ -931,6 +918,21 @@ fn pretty_service(s: &pb::Service) -> String {
             placement.max_replicas_per_node.to_string(),
         );
     }
+    if let Some(u) = s.update_status.as_ref().filter(|u| u.started_at_ms > 0) {
+        line("UpdateStatus:", String::new());
+        line(" State:", update_state_word(s));
+        line(
+            " Started:",
+            format!("{} ago", human_duration(now_ms() - u.started_at_ms)),
+        );
+        if u.completed_at_ms > 0 {
+            line(
+                " Completed:",
+                format!("{} ago", human_duration(now_ms() - u.completed_at_ms)),
+            );
+        }
+        line(" Message:", u.message.clone());
+    }
     let r = task.restart.unwrap_or_default();
     line("RestartPolicy:", String::new());
     line(
@@ -960,6 +962,12 @@ fn pretty_service(s: &pb::Service) -> String {
         line(" Env:", c.env.join(" "));
     }
     line(" Stop Grace:", output::format_ms(c.stop_grace_period_ms));
+    if let Some(u) = &sp.update {
+        pretty_update_config(&mut line, "UpdateConfig:", u);
+    }
+    if let Some(u) = &sp.rollback {
+        pretty_update_config(&mut line, "RollbackConfig:", u);
+    }
     let res = task.resources.unwrap_or_default();
     let (lim, rsv) = (
         res.limits.unwrap_or_default(),

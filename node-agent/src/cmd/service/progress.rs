@@ -1,8 +1,9 @@
-//! Progress of `service create` and `service scale`, docker's way: `overall progress: N out
-//! of M tasks`, a line per slot (or node, for a global service) moving through the task
-//! states, then `verify: Service converged`. On a terminal the lines are redrawn in place;
-//! otherwise a line is printed whenever what it says changes. Interrupting only stops the
-//! watching: the cluster carries on.
+//! Progress of `service create`, `scale`, `update` and `rollback`, docker's way: `overall
+//! progress: N out of M tasks` (`rolling back update: …` during a rollback), a line per slot (or
+//! node, for a global service) moving through the task states, then `verify: Service
+//! converged`. A task counts once it runs the service's current spec. On a terminal the lines
+//! are redrawn in place; otherwise a line is printed whenever what it says changes.
+//! Interrupting only stops the watching: the cluster carries on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -168,12 +169,14 @@ pub fn snapshot(
             chosen.push(t.meta.as_ref().map_or("", |m| m.id.as_str()));
         }
     }
+    let current = spec.task.as_ref();
     let running = wanted
         .iter()
         .filter(|(_, t)| {
             t.is_some_and(|t| {
                 state(t) == TaskState::Running as i32
                     && t.desired_state <= TaskState::Running as i32
+                    && t.spec.as_ref() == current
             })
         })
         .count();
@@ -195,6 +198,8 @@ pub fn snapshot(
 /// Draws snapshots on stdout: in place on a terminal, changed lines only otherwise.
 struct Display {
     tty: bool,
+    /// Words before the counts (`rolling back update: ` during a rollback).
+    prefix: &'static str,
     /// Lines drawn last time (terminal) or last printed per label (plain).
     shown: Vec<String>,
     last_overall: Option<String>,
@@ -206,6 +211,7 @@ impl Display {
         use std::io::IsTerminal;
         Display {
             tty: std::io::stdout().is_terminal(),
+            prefix: "",
             shown: Vec::new(),
             last_overall: None,
             last_plain: HashMap::new(),
@@ -213,7 +219,10 @@ impl Display {
     }
 
     fn draw(&mut self, s: &Snapshot) -> std::io::Result<()> {
-        let overall = format!("overall progress: {} out of {} tasks", s.running, s.total);
+        let overall = format!(
+            "overall progress: {}{} out of {} tasks",
+            self.prefix, s.running, s.total
+        );
         let bars = s.lines.len() <= MAX_PROGRESS_BARS;
         let mut out = std::io::stdout().lock();
         if self.tty {
@@ -324,6 +333,111 @@ async fn follow(c: &mut ControlClient<Channel>, service_id: &str) -> anyhow::Res
     }
 }
 
+/// Follows an update (or, with `manual_rollback`, a rollback) until it completes and the
+/// service converges. A paused update or rollback, or an update that was rolled back, is an
+/// error with the service's message, as docker reports them.
+pub async fn wait_updated(
+    c: &mut ControlClient<Channel>,
+    service_id: &str,
+    manual_rollback: bool,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        r = follow_update(c, service_id, manual_rollback) => r,
+        _ = tokio::signal::ctrl_c() => {
+            println!();
+            println!("Operation continuing in background.");
+            println!("Use `shoal service ps {service_id}` to check progress.");
+            Ok(())
+        }
+    }
+}
+
+async fn follow_update(
+    c: &mut ControlClient<Channel>,
+    service_id: &str,
+    manual_rollback: bool,
+) -> anyhow::Result<()> {
+    use pb::UpdateState;
+    let mut display = Display::new();
+    let mut announced = false;
+    // An update seen running in this follow: its ROLLBACK_COMPLETED means it failed.
+    let mut followed = false;
+    loop {
+        let service = rpc(c
+            .get_service(pb::GetServiceRequest {
+                service: service_id.to_string(),
+            })
+            .await)
+        .context("reading the service")?
+        .service
+        .unwrap_or_default();
+        let tasks = rpc(c
+            .list_tasks(pb::ListTasksRequest {
+                service: service_id.to_string(),
+                node: String::new(),
+            })
+            .await)
+        .context("reading the service's tasks")?
+        .tasks;
+        let status = service.update_status.clone().unwrap_or_default();
+        let hostnames = if matches!(
+            service.spec.as_ref().and_then(|s| s.mode.as_ref()),
+            Some(Mode::Global(_))
+        ) {
+            rpc(c.list_nodes(pb::ListNodesRequest {}).await)?
+                .nodes
+                .into_iter()
+                .map(|n| {
+                    (
+                        n.meta.map(|m| m.id).unwrap_or_default(),
+                        n.description.map(|d| d.hostname).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let s = snapshot(&service, &tasks, &hostnames);
+        let mut done = false;
+        match status.state() {
+            UpdateState::Updating => followed = true,
+            UpdateState::RollbackStarted => {
+                followed = true;
+                if !announced {
+                    println!("rollback: {}", status.message);
+                    announced = true;
+                }
+                display.prefix = "rolling back update: ";
+            }
+            UpdateState::Paused => {
+                display.draw(&s).context("writing progress")?;
+                anyhow::bail!("service update paused: {}", status.message)
+            }
+            UpdateState::RollbackPaused => {
+                display.draw(&s).context("writing progress")?;
+                anyhow::bail!("service rollback paused: {}", status.message)
+            }
+            UpdateState::RollbackCompleted => {
+                display.prefix = "rolling back update: ";
+                if s.converged {
+                    display.draw(&s).context("writing progress")?;
+                    if followed && !manual_rollback {
+                        anyhow::bail!("service rolled back: {}", status.message);
+                    }
+                    done = true;
+                }
+            }
+            UpdateState::Completed | UpdateState::Unknown => done = s.converged,
+        }
+        display.draw(&s).context("writing progress")?;
+        if done {
+            println!("verify: Service converged");
+            return Ok(());
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +525,28 @@ mod tests {
         t.scheduling_message = "no suitable node (constraints)".into();
         let s = snapshot(&replicated(1), &[t], &HashMap::new());
         assert!(s.lines[0].1.contains("no suitable node"), "{:?}", s.lines);
+    }
+
+    #[test]
+    fn only_tasks_on_the_current_spec_count() {
+        let spec = |image: &str| pb::TaskSpec {
+            container: Some(pb::ContainerSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut svc = replicated(2);
+        svc.spec.as_mut().unwrap().task = Some(spec("new"));
+        let mut a = task("a", 1, Running, Running, 2);
+        a.spec = Some(spec("new"));
+        let mut b = task("b", 2, Running, Running, 1);
+        b.spec = Some(spec("old"));
+        let s = snapshot(&svc, &[a.clone(), b], &HashMap::new());
+        assert_eq!((s.running, s.converged), (1, false));
+        let mut b2 = task("b2", 2, Running, Running, 3);
+        b2.spec = Some(spec("new"));
+        assert!(snapshot(&svc, &[a, b2], &HashMap::new()).converged);
     }
 
     #[test]

@@ -1,0 +1,699 @@
+//! `shoal service update` and `shoal service rollback`: change a running service's spec
+//! (which starts a rolling update of the tasks whose spec changed), or swap the previous spec
+//! back in. Both follow the update until it completes unless `--detach`.
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::control_client::ControlClient;
+use shoal_proto::v1::service_spec::Mode;
+use tonic::transport::Channel;
+
+use super::super::output::{self, parse_duration_ms, rpc};
+use super::{id, progress, replicas, FailureActionArg, OrderArg, RestartArg};
+
+/// How many times an update is re-read and re-sent when the service changed in between (the
+/// update orchestrator writes the update status as it goes).
+pub const UPDATE_RETRIES: usize = 10;
+
+/// A rollback's failure action: a rollback is never itself rolled back.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RollbackActionArg {
+    Pause,
+    Continue,
+}
+
+/// The update config flags of `service create` (docker's defaults).
+#[derive(Args)]
+pub struct CreateConfigArgs {
+    /// Tasks updated at once (0 = all)
+    #[arg(long, default_value_t = 1)]
+    update_parallelism: u64,
+    /// Delay between task updates
+    #[arg(long, default_value = "0s")]
+    update_delay: String,
+    /// On update failure: pause, continue, rollback
+    #[arg(long, value_enum, default_value_t = FailureActionArg::Pause)]
+    update_failure_action: FailureActionArg,
+    /// stop-first or start-first
+    #[arg(long, value_enum, default_value_t = OrderArg::StopFirst)]
+    update_order: OrderArg,
+    /// How long an updated task is watched for failure
+    #[arg(long, default_value = "5s")]
+    update_monitor: String,
+    /// Share of failed tasks tolerated during an update
+    #[arg(long, default_value_t = 0.0)]
+    update_max_failure_ratio: f32,
+    /// Tasks rolled back at once (0 = all)
+    #[arg(long, default_value_t = 1)]
+    rollback_parallelism: u64,
+    /// Delay between task rollbacks
+    #[arg(long, default_value = "0s")]
+    rollback_delay: String,
+    /// On rollback failure: pause, continue
+    #[arg(long, value_enum, default_value_t = RollbackActionArg::Pause)]
+    rollback_failure_action: RollbackActionArg,
+    /// stop-first or start-first
+    #[arg(long, value_enum, default_value_t = OrderArg::StopFirst)]
+    rollback_order: OrderArg,
+    /// How long a rolled-back task is watched for failure
+    #[arg(long, default_value = "5s")]
+    rollback_monitor: String,
+    /// Share of failed tasks tolerated during a rollback
+    #[arg(long, default_value_t = 0.0)]
+    rollback_max_failure_ratio: f32,
+}
+
+fn action(a: FailureActionArg) -> i32 {
+    (match a {
+        FailureActionArg::Pause => pb::FailureAction::Pause,
+        FailureActionArg::Continue => pb::FailureAction::Continue,
+        FailureActionArg::Rollback => pb::FailureAction::Rollback,
+    }) as i32
+}
+
+fn rollback_action(a: RollbackActionArg) -> i32 {
+    (match a {
+        RollbackActionArg::Pause => pb::FailureAction::Pause,
+        RollbackActionArg::Continue => pb::FailureAction::Continue,
+    }) as i32
+}
+
+fn order(o: OrderArg) -> i32 {
+    (match o {
+        OrderArg::StopFirst => pb::UpdateOrder::StopFirst,
+        OrderArg::StartFirst => pb::UpdateOrder::StartFirst,
+    }) as i32
+}
+
+fn ratio(flag: &str, r: f32) -> anyhow::Result<f32> {
+    if !(0.0..=1.0).contains(&r) {
+        bail!("invalid {flag} {r}: must be between 0 and 1");
+    }
+    Ok(r)
+}
+
+impl CreateConfigArgs {
+    /// The update and rollback configs.
+    pub fn configs(&self) -> anyhow::Result<(pb::UpdateConfig, pb::UpdateConfig)> {
+        let update = pb::UpdateConfig {
+            parallelism: self.update_parallelism,
+            delay_ms: parse_duration_ms(&self.update_delay).context("--update-delay")?,
+            failure_action: action(self.update_failure_action),
+            monitor_ms: parse_duration_ms(&self.update_monitor).context("--update-monitor")?,
+            max_failure_ratio: ratio("--update-max-failure-ratio", self.update_max_failure_ratio)?,
+            order: order(self.update_order),
+        };
+        let rollback = pb::UpdateConfig {
+            parallelism: self.rollback_parallelism,
+            delay_ms: parse_duration_ms(&self.rollback_delay).context("--rollback-delay")?,
+            failure_action: rollback_action(self.rollback_failure_action),
+            monitor_ms: parse_duration_ms(&self.rollback_monitor).context("--rollback-monitor")?,
+            max_failure_ratio: ratio(
+                "--rollback-max-failure-ratio",
+                self.rollback_max_failure_ratio,
+            )?,
+            order: order(self.rollback_order),
+        };
+        Ok((update, rollback))
+    }
+}
+
+/// `service update` flags: each one given changes that part of the spec.
+#[derive(Args)]
+pub struct UpdateArgs {
+    /// Number of tasks
+    #[arg(long, allow_negative_numbers = true)]
+    replicas: Option<i64>,
+    /// Image reference
+    #[arg(long)]
+    image: Option<String>,
+    /// Command arguments (replaces them; split on whitespace)
+    #[arg(long, allow_hyphen_values = true)]
+    args: Option<String>,
+    /// Add or replace environment variables (NAME=VALUE)
+    #[arg(long)]
+    env_add: Vec<String>,
+    /// Remove environment variables (NAME)
+    #[arg(long)]
+    env_rm: Vec<String>,
+    /// Add placement constraints
+    #[arg(long)]
+    constraint_add: Vec<String>,
+    /// Remove placement constraints
+    #[arg(long)]
+    constraint_rm: Vec<String>,
+    /// Add or replace service labels (KEY=VALUE)
+    #[arg(long)]
+    label_add: Vec<String>,
+    /// Remove service labels (KEY)
+    #[arg(long)]
+    label_rm: Vec<String>,
+    /// CPU limit (e.g. 0.5; 0 = none)
+    #[arg(long)]
+    limit_cpu: Option<String>,
+    /// Memory limit (e.g. 512m; 0 = none)
+    #[arg(long)]
+    limit_memory: Option<String>,
+    /// Process count limit (0 = none)
+    #[arg(long)]
+    limit_pids: Option<i64>,
+    /// CPUs reserved
+    #[arg(long)]
+    reserve_cpu: Option<String>,
+    /// Memory reserved
+    #[arg(long)]
+    reserve_memory: Option<String>,
+    /// Working directory in the container
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// User in the container
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Time to wait after SIGTERM before SIGKILL
+    #[arg(long)]
+    stop_grace_period: Option<String>,
+    /// Restart when: none, on-failure, any
+    #[arg(long, value_enum)]
+    restart_condition: Option<RestartArg>,
+    /// Delay between restarts
+    #[arg(long)]
+    restart_delay: Option<String>,
+    /// Restarts before giving up (0 = unlimited)
+    #[arg(long)]
+    restart_max_attempts: Option<u64>,
+    /// Tasks updated at once (0 = all)
+    #[arg(long)]
+    update_parallelism: Option<u64>,
+    /// Delay between task updates
+    #[arg(long)]
+    update_delay: Option<String>,
+    /// On update failure: pause, continue, rollback
+    #[arg(long, value_enum)]
+    update_failure_action: Option<FailureActionArg>,
+    /// How long an updated task is watched for failure
+    #[arg(long)]
+    update_monitor: Option<String>,
+    /// Share of failed tasks tolerated during an update
+    #[arg(long)]
+    update_max_failure_ratio: Option<f32>,
+    /// stop-first or start-first
+    #[arg(long, value_enum)]
+    update_order: Option<OrderArg>,
+    /// Tasks rolled back at once (0 = all)
+    #[arg(long)]
+    rollback_parallelism: Option<u64>,
+    /// Delay between task rollbacks
+    #[arg(long)]
+    rollback_delay: Option<String>,
+    /// On rollback failure: pause, continue
+    #[arg(long, value_enum)]
+    rollback_failure_action: Option<RollbackActionArg>,
+    /// How long a rolled-back task is watched for failure
+    #[arg(long)]
+    rollback_monitor: Option<String>,
+    /// Share of failed tasks tolerated during a rollback
+    #[arg(long)]
+    rollback_max_failure_ratio: Option<f32>,
+    /// stop-first or start-first
+    #[arg(long, value_enum)]
+    rollback_order: Option<OrderArg>,
+    /// Redeploy every task even if nothing changed
+    #[arg(long)]
+    force: bool,
+    /// Roll back to the previous spec (as `service rollback`)
+    #[arg(long)]
+    rollback: bool,
+    /// Return at once instead of following the update
+    #[arg(short, long)]
+    detach: bool,
+    pub service: String,
+}
+
+/// The flags of `service update`, checked and parsed before the daemon is asked anything.
+pub struct Edit {
+    replicas: Option<u64>,
+    image: Option<String>,
+    args: Option<Vec<String>>,
+    env_add: Vec<(String, String)>,
+    env_rm: Vec<String>,
+    constraint_add: Vec<String>,
+    constraint_rm: Vec<String>,
+    label_add: Vec<(String, String)>,
+    label_rm: Vec<String>,
+    limit_cpu: Option<i64>,
+    limit_memory: Option<i64>,
+    limit_pids: Option<i64>,
+    reserve_cpu: Option<i64>,
+    reserve_memory: Option<i64>,
+    workdir: Option<String>,
+    user: Option<String>,
+    stop_grace_ms: Option<u64>,
+    restart_condition: Option<i32>,
+    restart_delay_ms: Option<u64>,
+    restart_max_attempts: Option<u64>,
+    update: ConfigEdit,
+    rollback_cfg: ConfigEdit,
+    force: bool,
+    /// Roll back instead of editing.
+    pub rollback: bool,
+    pub detach: bool,
+}
+
+#[derive(Default)]
+struct ConfigEdit {
+    parallelism: Option<u64>,
+    delay_ms: Option<u64>,
+    failure_action: Option<i32>,
+    monitor_ms: Option<u64>,
+    max_failure_ratio: Option<f32>,
+    order: Option<i32>,
+}
+
+impl ConfigEdit {
+    fn apply(&self, c: &mut pb::UpdateConfig) {
+        if let Some(v) = self.parallelism {
+            c.parallelism = v;
+        }
+        if let Some(v) = self.delay_ms {
+            c.delay_ms = v;
+        }
+        if let Some(v) = self.failure_action {
+            c.failure_action = v;
+        }
+        if let Some(v) = self.monitor_ms {
+            c.monitor_ms = v;
+        }
+        if let Some(v) = self.max_failure_ratio {
+            c.max_failure_ratio = v;
+        }
+        if let Some(v) = self.order {
+            c.order = v;
+        }
+    }
+}
+
+fn duration(flag: &str, v: &Option<String>) -> anyhow::Result<Option<u64>> {
+    v.as_deref()
+        .map(|s| parse_duration_ms(s).with_context(|| flag.to_string()))
+        .transpose()
+}
+
+fn env_pair(s: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => bail!("invalid --env-add {s:?}: expected NAME=VALUE"),
+    }
+}
+
+impl UpdateArgs {
+    /// Checks every flag; nothing is sent yet.
+    pub fn edit(&self) -> anyhow::Result<Edit> {
+        let cpu = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<i64>> {
+            v.as_deref()
+                .map(|s| output::parse_cpus(s).with_context(|| flag.to_string()))
+                .transpose()
+        };
+        let mem = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<i64>> {
+            v.as_deref()
+                .map(|s| output::parse_bytes(s).with_context(|| flag.to_string()))
+                .transpose()
+        };
+        if self.rollback {
+            let edits = self.replicas.is_some()
+                || self.image.is_some()
+                || self.args.is_some()
+                || !self.env_add.is_empty()
+                || !self.env_rm.is_empty()
+                || !self.constraint_add.is_empty()
+                || !self.constraint_rm.is_empty()
+                || self.force;
+            if edits {
+                bail!("--rollback cannot be combined with flags that change the spec");
+            }
+        }
+        if let Some(p) = self.limit_pids {
+            if p < 0 {
+                bail!("invalid --limit-pids {p}: must not be negative");
+            }
+        }
+        let label_add = self
+            .label_add
+            .iter()
+            .map(|s| match s.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => bail!("invalid --label-add {s:?}: expected KEY=VALUE"),
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let update = ConfigEdit {
+            parallelism: self.update_parallelism,
+            delay_ms: duration("--update-delay", &self.update_delay)?,
+            failure_action: self.update_failure_action.map(action),
+            monitor_ms: duration("--update-monitor", &self.update_monitor)?,
+            max_failure_ratio: self
+                .update_max_failure_ratio
+                .map(|r| ratio("--update-max-failure-ratio", r))
+                .transpose()?,
+            order: self.update_order.map(order),
+        };
+        let rollback_cfg = ConfigEdit {
+            parallelism: self.rollback_parallelism,
+            delay_ms: duration("--rollback-delay", &self.rollback_delay)?,
+            failure_action: self.rollback_failure_action.map(rollback_action),
+            monitor_ms: duration("--rollback-monitor", &self.rollback_monitor)?,
+            max_failure_ratio: self
+                .rollback_max_failure_ratio
+                .map(|r| ratio("--rollback-max-failure-ratio", r))
+                .transpose()?,
+            order: self.rollback_order.map(order),
+        };
+        Ok(Edit {
+            replicas: self.replicas.map(replicas).transpose()?,
+            image: self.image.clone(),
+            args: self
+                .args
+                .as_ref()
+                .map(|a| a.split_whitespace().map(str::to_string).collect()),
+            env_add: self
+                .env_add
+                .iter()
+                .map(|s| env_pair(s))
+                .collect::<anyhow::Result<_>>()?,
+            env_rm: self.env_rm.clone(),
+            constraint_add: self.constraint_add.clone(),
+            constraint_rm: self.constraint_rm.clone(),
+            label_add,
+            label_rm: self.label_rm.clone(),
+            limit_cpu: cpu("--limit-cpu", &self.limit_cpu)?,
+            limit_memory: mem("--limit-memory", &self.limit_memory)?,
+            limit_pids: self.limit_pids,
+            reserve_cpu: cpu("--reserve-cpu", &self.reserve_cpu)?,
+            reserve_memory: mem("--reserve-memory", &self.reserve_memory)?,
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+            stop_grace_ms: duration("--stop-grace-period", &self.stop_grace_period)?,
+            restart_condition: self.restart_condition.map(|c| {
+                (match c {
+                    RestartArg::None => pb::RestartCondition::None,
+                    RestartArg::OnFailure => pb::RestartCondition::OnFailure,
+                    RestartArg::Any => pb::RestartCondition::Any,
+                }) as i32
+            }),
+            restart_delay_ms: duration("--restart-delay", &self.restart_delay)?,
+            restart_max_attempts: self.restart_max_attempts,
+            update,
+            rollback_cfg,
+            force: self.force,
+            rollback: self.rollback,
+            detach: self.detach,
+        })
+    }
+}
+
+impl Edit {
+    /// The spec with these edits applied.
+    pub fn apply(&self, mut spec: pb::ServiceSpec) -> anyhow::Result<pb::ServiceSpec> {
+        if let Some(n) = self.replicas {
+            match &mut spec.mode {
+                Some(Mode::Replicated(r)) => r.replicas = n,
+                _ => bail!("--replicas applies to replicated services only"),
+            }
+        }
+        for (k, v) in &self.label_add {
+            spec.labels.insert(k.clone(), v.clone());
+        }
+        for k in &self.label_rm {
+            spec.labels.remove(k);
+        }
+        self.update
+            .apply(spec.update.get_or_insert_with(default_config));
+        self.rollback_cfg
+            .apply(spec.rollback.get_or_insert_with(default_config));
+        let task = spec.task.get_or_insert_with(Default::default);
+        let c = task.container.get_or_insert_with(Default::default);
+        if let Some(i) = &self.image {
+            c.image = i.clone();
+        }
+        if let Some(a) = &self.args {
+            c.args = a.clone();
+        }
+        for name in &self.env_rm {
+            c.env
+                .retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != name);
+        }
+        for (k, v) in &self.env_add {
+            c.env
+                .retain(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) != k);
+            c.env.push(format!("{k}={v}"));
+        }
+        if let Some(w) = &self.workdir {
+            c.dir = w.clone();
+        }
+        if let Some(u) = &self.user {
+            c.user = u.clone();
+        }
+        if let Some(g) = self.stop_grace_ms {
+            c.stop_grace_period_ms = g;
+        }
+        if let Some(p) = self.limit_pids {
+            c.pids_limit = p;
+        }
+        let placement = task.placement.get_or_insert_with(Default::default);
+        for rm in &self.constraint_rm {
+            placement.constraints.retain(|x| x != rm);
+        }
+        for add in &self.constraint_add {
+            if !placement.constraints.contains(add) {
+                placement.constraints.push(add.clone());
+            }
+        }
+        let res = task.resources.get_or_insert_with(Default::default);
+        let limits = res.limits.get_or_insert_with(Default::default);
+        if let Some(v) = self.limit_cpu {
+            limits.nano_cpus = v;
+        }
+        if let Some(v) = self.limit_memory {
+            limits.memory_bytes = v;
+        }
+        let reservations = res.reservations.get_or_insert_with(Default::default);
+        if let Some(v) = self.reserve_cpu {
+            reservations.nano_cpus = v;
+        }
+        if let Some(v) = self.reserve_memory {
+            reservations.memory_bytes = v;
+        }
+        if self.restart_condition.is_some()
+            || self.restart_delay_ms.is_some()
+            || self.restart_max_attempts.is_some()
+        {
+            let r = task.restart.get_or_insert_with(Default::default);
+            if let Some(v) = self.restart_condition {
+                r.condition = v;
+            }
+            if let Some(v) = self.restart_delay_ms {
+                r.delay_ms = v;
+            }
+            if let Some(v) = self.restart_max_attempts {
+                r.max_attempts = v;
+            }
+        }
+        if self.force {
+            task.force_update += 1;
+        }
+        Ok(spec)
+    }
+}
+
+/// Docker's update config (parallelism 1, pause, monitor 5 s, stop-first).
+fn default_config() -> pb::UpdateConfig {
+    pb::UpdateConfig {
+        parallelism: 1,
+        delay_ms: 0,
+        failure_action: pb::FailureAction::Pause as i32,
+        monitor_ms: 5_000,
+        max_failure_ratio: 0.0,
+        order: pb::UpdateOrder::StopFirst as i32,
+    }
+}
+
+fn retryable(e: &tonic::Status) -> bool {
+    e.code() == tonic::Code::FailedPrecondition
+        && (e.message().contains("out of sequence") || e.message().contains("version"))
+}
+
+/// `service update`: applies the edit to the current spec (re-reading it when the service
+/// changed in between), then follows the update unless detached.
+pub async fn update(
+    c: &mut ControlClient<Channel>,
+    service: &str,
+    edit: &Edit,
+) -> anyhow::Result<()> {
+    if edit.rollback {
+        return rollback(c, service, edit.detach).await;
+    }
+    let mut attempt = 0;
+    let sid = loop {
+        let cur = rpc(c
+            .get_service(pb::GetServiceRequest {
+                service: service.to_string(),
+            })
+            .await)?
+        .service
+        .unwrap_or_default();
+        let spec = edit.apply(cur.spec.clone().unwrap_or_default())?;
+        let version = cur.meta.as_ref().map_or(0, |m| m.version);
+        match c
+            .update_service(pb::UpdateServiceRequest {
+                service: id(&cur),
+                version,
+                spec: Some(spec),
+            })
+            .await
+        {
+            Ok(_) => break id(&cur),
+            Err(e) if retryable(&e) && attempt < UPDATE_RETRIES => attempt += 1,
+            Err(e) => bail!("{}", e.message()),
+        }
+    };
+    println!("{service}");
+    if edit.detach {
+        return Ok(());
+    }
+    progress::wait_updated(c, &sid, false).await
+}
+
+/// `service rollback`: the previous spec back, rolled out under the rollback config.
+pub async fn rollback(
+    c: &mut ControlClient<Channel>,
+    service: &str,
+    detach: bool,
+) -> anyhow::Result<()> {
+    let s = rpc(c
+        .rollback_service(pb::RollbackServiceRequest {
+            service: service.to_string(),
+            version: 0,
+        })
+        .await)?
+    .service
+    .unwrap_or_default();
+    println!("{service}");
+    if detach {
+        return Ok(());
+    }
+    progress::wait_updated(c, &id(&s), true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        u: UpdateArgs,
+    }
+
+    fn edit(args: &[&str]) -> anyhow::Result<Edit> {
+        let mut all = vec!["x"];
+        all.extend_from_slice(args);
+        all.push("web");
+        Cli::try_parse_from(all)?.u.edit()
+    }
+
+    fn base() -> pb::ServiceSpec {
+        pb::ServiceSpec {
+            name: "web".into(),
+            mode: Some(Mode::Replicated(pb::ReplicatedService { replicas: 2 })),
+            task: Some(pb::TaskSpec {
+                container: Some(pb::ContainerSpec {
+                    image: "busybox:1".into(),
+                    args: vec!["sleep".into(), "10".into()],
+                    env: vec!["A=1".into(), "B=2".into()],
+                    ..Default::default()
+                }),
+                placement: Some(pb::Placement {
+                    constraints: vec!["node.role==worker".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flags_edit_only_what_they_name() {
+        let e = edit(&[
+            "--image",
+            "busybox:2",
+            "--args",
+            "sleep 20",
+            "--env-add",
+            "B=3",
+            "--env-add",
+            "C=4",
+            "--env-rm",
+            "A",
+            "--constraint-rm",
+            "node.role==worker",
+            "--constraint-add",
+            "node.labels.zone==a",
+            "--limit-memory",
+            "64m",
+            "--update-parallelism",
+            "2",
+            "--update-order",
+            "start-first",
+            "--rollback-failure-action",
+            "continue",
+        ])
+        .unwrap();
+        let s = e.apply(base()).unwrap();
+        let t = s.task.clone().unwrap();
+        let c = t.container.unwrap();
+        assert_eq!(c.image, "busybox:2");
+        assert_eq!(c.args, vec!["sleep", "20"]);
+        assert_eq!(c.env, vec!["B=3", "C=4"]);
+        assert_eq!(
+            t.placement.unwrap().constraints,
+            vec!["node.labels.zone==a"]
+        );
+        assert_eq!(t.resources.unwrap().limits.unwrap().memory_bytes, 64 << 20);
+        let u = s.update.unwrap();
+        assert_eq!(
+            (u.parallelism, u.order),
+            (2, pb::UpdateOrder::StartFirst as i32)
+        );
+        assert_eq!(u.monitor_ms, 5_000, "unnamed settings keep their defaults");
+        assert_eq!(
+            s.rollback.unwrap().failure_action,
+            pb::FailureAction::Continue as i32
+        );
+        assert!(matches!(s.mode, Some(Mode::Replicated(r)) if r.replicas == 2));
+
+        let forced = edit(&["--force"]).unwrap().apply(base()).unwrap();
+        assert_eq!(forced.task.unwrap().force_update, 1);
+    }
+
+    #[test]
+    fn bad_flags_fail_before_anything_is_sent() {
+        let err = |args: &[&str]| match edit(args) {
+            Ok(_) => panic!("{args:?} accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err(&["--update-max-failure-ratio", "2"]).contains("between 0 and 1"));
+        assert!(err(&["--update-delay", "10"]).contains("--update-delay"));
+        assert!(err(&["--env-add", "=x"]).contains("NAME=VALUE"));
+        assert!(err(&["--replicas", "-1"]).contains("must not be negative"));
+        assert!(err(&["--rollback", "--image", "x"]).contains("cannot be combined"));
+        // A rollback's failure action cannot be rollback.
+        assert!(edit(&["--rollback-failure-action", "rollback"]).is_err());
+        let global = pb::ServiceSpec {
+            mode: Some(Mode::Global(pb::GlobalService {})),
+            ..base()
+        };
+        let e = edit(&["--replicas", "3"]).unwrap().apply(global);
+        assert!(format!("{:#}", e.unwrap_err()).contains("replicated services only"));
+    }
+}
