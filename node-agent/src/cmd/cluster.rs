@@ -71,13 +71,13 @@ enum ClusterCommand {
 
 #[derive(Args)]
 struct UpdateArgs {
-    /// Raft heartbeat interval (e.g. 100ms)
+    /// Raft heartbeat interval (default 50ms; applies at each manager's next restart)
     #[arg(long)]
     heartbeat_interval: Option<String>,
-    /// Raft election timeout, lower bound
+    /// Raft election timeout, lower bound (default 200ms; at each manager's next restart)
     #[arg(long)]
     election_timeout_min: Option<String>,
-    /// Raft election timeout, upper bound
+    /// Raft election timeout, upper bound and leader lease (default 400ms; at next restart)
     #[arg(long)]
     election_timeout_max: Option<String>,
     /// Raft log entries between snapshots
