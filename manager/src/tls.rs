@@ -31,19 +31,40 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::http::Uri;
+use tonic::codegen::http::{self, Uri};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
+use tower::layer::util::{Identity, Stack};
 use x509_parser::prelude::FromDer;
 
 use crate::ca::{self, CertInfo, NodeIdentity, Role};
 
 /// How long a TCP connect plus TLS handshake to a peer may take by default (LAN).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a server waits for a client to finish its TLS handshake.
+/// How long a server waits for a client to finish its TLS handshake and send the HTTP/2
+/// preface: a silent or trickling client is dropped after this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// TLS handshakes a server runs at once; further connections wait in the listen backlog.
-pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Large enough that a burst of silent connections (each dropped after [`HANDSHAKE_TIMEOUT`])
+/// does not hold up real clients; small enough that their buffers stay a few MiB.
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Connections a server holds at once, handshaking or served; at the cap it stops accepting
+/// (new ones wait in the kernel's listen backlog), so a flood cannot exhaust file descriptors
+/// or memory. A cluster needs a few per node.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Concurrent HTTP/2 streams (calls) one connection may open; a node uses a handful.
+pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Largest HTTP/2 header block a server accepts (gRPC metadata is small).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Longest a server works on one call until its response starts (reading a trickled request
+/// included); streamed responses (sessions, watches) are not cut by it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest error text (`grpc-message`) a server sends: handlers quote what the caller sent
+/// ("service <name> not found"), and a huge name would make a header the client refuses,
+/// tearing down the whole connection with every call on it.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+/// What every HTTP/2 client sends first.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Handshaken connections queued for the gRPC server to pick up.
 const ACCEPTED_QUEUE: usize = 64;
 /// Pause after a failed `accept` (for example out of file descriptors) before the next.
@@ -325,21 +346,27 @@ impl ResolvesClientCert for CurrentCert {
 }
 
 /// Accepts TCP connections on `listener` and runs each TLS handshake in its own task (at most
-/// [`MAX_PENDING_HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`]); yields the
-/// connections that complete one. A failed handshake (a certificate from another CA, say)
-/// is logged and dropped. Stops accepting when the stream is dropped.
-/// Use with `tonic::transport::Server::serve_with_incoming`.
+/// [`MAX_PENDING_HANDSHAKES`] at once, at most [`MAX_CONNECTIONS`] connections in all, each
+/// handshake plus the client's HTTP/2 preface within [`HANDSHAKE_TIMEOUT`]); yields the
+/// connections that complete one. A failed handshake (a certificate from another CA, say) or a
+/// client that is not speaking HTTP/2 is logged and dropped. Stops accepting when the stream
+/// is dropped. Use with `tonic::transport::Server::serve_with_incoming`.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, io::Error>> {
+) -> ReceiverStream<Result<ServedConn, io::Error>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     tokio::spawn(async move {
         let acceptor = TlsAcceptor::from(config);
         let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+        let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let permit = tokio::select! {
-                p = handshakes.clone().acquire_owned() => match p {
+            let permits = tokio::select! {
+                p = async {
+                    let slot = connections.clone().acquire_owned().await?;
+                    let handshake = handshakes.clone().acquire_owned().await?;
+                    Ok::<_, tokio::sync::AcquireError>((slot, handshake))
+                } => match p {
                     Ok(p) => p,
                     Err(_) => return,
                 },
@@ -360,10 +387,28 @@ pub fn tls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let (slot, handshake) = permits;
+                let open = async {
+                    let mut tls = acceptor.accept(tcp).await?;
+                    let mut preface = vec![0u8; HTTP2_PREFACE.len()];
+                    tokio::io::AsyncReadExt::read_exact(&mut tls, &mut preface).await?;
+                    if preface != HTTP2_PREFACE {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "not an HTTP/2 client",
+                        ));
+                    }
+                    Ok(tls)
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, open).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        drop(handshake);
+                        let conn = ServedConn {
+                            tls,
+                            preface_sent: 0,
+                            _slot: slot,
+                        };
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, "tls handshake refused: {e}"),
                     Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
@@ -374,15 +419,146 @@ pub fn tls_incoming(
     ReceiverStream::new(rx)
 }
 
-/// A tonic server builder with shoal's transport settings (HTTP/2 windows of
-/// [`HTTP2_WINDOW_BYTES`], keepalive). Serve with [`tls_incoming`]:
+/// A connection [`tls_incoming`] accepted: the TLS stream with the HTTP/2 preface it already
+/// read put back in front, holding one of the server's [`MAX_CONNECTIONS`] slots until dropped.
+pub struct ServedConn {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    /// How much of [`HTTP2_PREFACE`] the server has read back so far.
+    preface_sent: usize,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for ServedConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.preface_sent < HTTP2_PREFACE.len() {
+            let rest = &HTTP2_PREFACE[self.preface_sent..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.preface_sent += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ServedConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for ServedConn {
+    // The TLS stream's own: handlers read the peer certificates from it.
+    type ConnectInfo =
+        <tokio_rustls::server::TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
+/// A tonic server builder with shoal's transport settings: HTTP/2 windows of
+/// [`HTTP2_WINDOW_BYTES`], keepalive (a peer that stops answering pings is dropped), at most
+/// [`MAX_CONCURRENT_STREAMS`] calls per connection, headers up to [`MAX_HEADER_LIST_BYTES`],
+/// [`REQUEST_TIMEOUT`] per call. Serve with [`tls_incoming`]:
 /// `grpc_server().add_service(..).serve_with_incoming(tls_incoming(listener, config))`.
-pub fn grpc_server() -> tonic::transport::Server {
+pub fn grpc_server() -> tonic::transport::Server<Stack<TrimStatusLayer, Identity>> {
     tonic::transport::Server::builder()
         .initial_stream_window_size(HTTP2_WINDOW_BYTES)
         .initial_connection_window_size(HTTP2_WINDOW_BYTES)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .timeout(REQUEST_TIMEOUT)
+        .layer(TrimStatusLayer)
+}
+
+/// Cuts every error text a server sends to [`MAX_STATUS_MESSAGE_BYTES`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrimStatusLayer;
+
+impl<S> tower::Layer<S> for TrimStatusLayer {
+    type Service = TrimStatus<S>;
+
+    fn layer(&self, inner: S) -> TrimStatus<S> {
+        TrimStatus(inner)
+    }
+}
+
+/// The service [`TrimStatusLayer`] wraps around a server's routes.
+#[derive(Clone, Debug)]
+pub struct TrimStatus<S>(S);
+
+type Trim<B> = fn(http::Response<B>) -> http::Response<B>;
+
+impl<S, Req, B> tower::Service<Req> for TrimStatus<S>
+where
+    S: tower::Service<Req, Response = http::Response<B>>,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, Trim<B>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        futures::TryFutureExt::map_ok(self.0.call(req), trim_status as Trim<B>)
+    }
+}
+
+/// An error's `grpc-message` (percent-encoded) cut to [`MAX_STATUS_MESSAGE_BYTES`], never in
+/// the middle of an escape. Statuses in trailers (after a streamed body) are left alone: they
+/// come from shoal's own stream code, not from echoing a request.
+fn trim_status<B>(mut r: http::Response<B>) -> http::Response<B> {
+    const NAME: &str = "grpc-message";
+    let Some(v) = r.headers().get(NAME) else {
+        return r;
+    };
+    let bytes = v.as_bytes();
+    if bytes.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return r;
+    }
+    let mut end = MAX_STATUS_MESSAGE_BYTES;
+    if let Some(p) = bytes[end - 2..end].iter().position(|b| *b == b'%') {
+        end = end - 2 + p;
+    }
+    let mut cut = bytes[..end].to_vec();
+    cut.extend_from_slice(b"...");
+    if let Ok(v) = http::HeaderValue::from_bytes(&cut) {
+        r.headers_mut().insert(NAME, v);
+    }
+    r
 }
 
 /// A channel over TLS to a server this node does not hold a certificate for yet: the server

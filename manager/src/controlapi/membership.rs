@@ -16,6 +16,10 @@ use crate::store::{Kind, Mutation, Object};
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 /// How long a joining manager may take to catch up before it is given up on.
 pub const JOIN_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(45);
+/// Log entries a new manager's log may trail the leader's by when it is made a voter.
+const MAX_PROMOTION_LAG: u64 = 64;
+/// How long the leader's replication metrics may take to show a new learner caught up.
+const PROMOTION_CHECK_WAIT: Duration = Duration::from_secs(2);
 /// A membership write that met a concurrent change of the node (the dispatcher records
 /// sessions and heartbeats on it) is re-read and retried this often.
 pub const NODE_WRITE_RETRIES: usize = 5;
@@ -182,12 +186,43 @@ impl ControlApi {
         };
         if !voters.contains(&raft_id) {
             let learner = self.raft().add_learner(raft_id, node.clone(), true);
-            tokio::time::timeout(JOIN_CATCH_UP_TIMEOUT, learner)
-                .await
-                .map_err(|_| Status::deadline_exceeded("the new manager did not catch up in time"))?
-                .map_err(|e| {
+            let added = match tokio::time::timeout(JOIN_CATCH_UP_TIMEOUT, learner).await {
+                Err(_) => Err(Status::deadline_exceeded(
+                    "the new manager did not catch up in time",
+                )),
+                Ok(r) => r.map(|_| ()).map_err(|e| {
                     Status::unavailable(format!("adding the manager as a learner: {e}"))
-                })?;
+                }),
+            };
+            // A voter that never caught up (unreachable, or a learner left by an earlier
+            // attempt) would cost the cluster its quorum: promote only a learner the leader
+            // has replicated to, and drop one that failed.
+            let caught_up = added.is_ok()
+                && self
+                    .raft()
+                    .wait(Some(PROMOTION_CHECK_WAIT))
+                    .metrics(
+                        |m| {
+                            let last = m.last_log_index.unwrap_or(0);
+                            m.replication
+                                .as_ref()
+                                .and_then(|r| r.get(&raft_id).cloned().flatten())
+                                .is_some_and(|l| l.index + MAX_PROMOTION_LAG >= last)
+                        },
+                        "new manager caught up",
+                    )
+                    .await
+                    .is_ok();
+            if !caught_up {
+                let _ = self
+                    .raft()
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([raft_id])), false)
+                    .await;
+                added?;
+                return Err(Status::unavailable(format!(
+                    "the new manager (raft id {raft_id}, {addr}) has not caught up with the leader's log"
+                )));
+            }
             self.raft()
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([raft_id])), false)
                 .await

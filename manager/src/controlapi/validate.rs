@@ -18,6 +18,10 @@ pub const MAX_LABELS: usize = 256;
 pub const MAX_LABEL_LEN: usize = 4096;
 /// Longest Raft timer accepted (ms): anything beyond is a unit mistake.
 pub const MAX_TIMER_MS: u64 = 3_600_000;
+/// Longest duration a service spec may carry (restart delay and window, update delay and
+/// monitor, stop grace period, healthcheck timers): a year is a typo already, and the
+/// orchestrators add these to wall-clock milliseconds, which must not overflow.
+pub const MAX_SPEC_DURATION_MS: u64 = 365 * 24 * 3_600_000;
 
 /// What is wrong with a request, as the user will read it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -241,6 +245,27 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
         if e.is_empty() || e.starts_with('=') {
             return Err(invalid(format!(
                 "invalid environment variable {e:?}: expected NAME=VALUE"
+            )));
+        }
+    }
+    let mut timers = vec![("stop grace period", container.stop_grace_period_ms)];
+    if let Some(h) = &container.healthcheck {
+        timers.push(("healthcheck interval", h.interval_ms));
+        timers.push(("healthcheck timeout", h.timeout_ms));
+        timers.push(("healthcheck start period", h.start_period_ms));
+    }
+    if let Some(r) = &task.restart {
+        timers.push(("restart delay", r.delay_ms));
+        timers.push(("restart window", r.window_ms));
+    }
+    for u in [&spec.update, &spec.rollback].into_iter().flatten() {
+        timers.push(("update delay", u.delay_ms));
+        timers.push(("update monitor", u.monitor_ms));
+    }
+    for (what, ms) in timers {
+        if ms > MAX_SPEC_DURATION_MS {
+            return Err(invalid(format!(
+                "{what} of {ms} ms is longer than the limit of {MAX_SPEC_DURATION_MS} ms (a year)"
             )));
         }
     }

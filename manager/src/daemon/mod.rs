@@ -506,7 +506,8 @@ async fn serve_socket(
     let daemon = DaemonServer::new(DaemonService { shared });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let res = tonic::transport::Server::builder()
+        // The same per-connection limits as the TLS port (streams, headers, keepalive).
+        let res = crate::tls::grpc_server()
             .add_service(daemon)
             .add_service(control)
             .serve_with_incoming_shutdown(incoming, async {

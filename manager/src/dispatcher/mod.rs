@@ -59,6 +59,10 @@ pub const SESSION_STREAM_BUFFER: usize = 16;
 pub const MAX_CHANGES_PER_MESSAGE: usize = 1000;
 /// Largest message on the dispatcher service (a full set of a node's tasks).
 pub const MAX_DISPATCHER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest request the dispatcher decodes (a status batch of `MAX_UPDATES_PER_CALL` with long
+/// error texts); requests are decoded before the caller is authorised, so this stays far
+/// below the 64 MiB its answers may need.
+pub const MAX_DISPATCHER_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 /// Heartbeat periods are drawn from [period − jitter, period], jitter = period / this.
 pub const HEARTBEAT_JITTER_DIVISOR: u32 = 10;
 /// Fastest heartbeat period accepted from the cluster object (tests use 100 ms).
@@ -230,7 +234,7 @@ impl<B: Backend> Dispatcher<B> {
         pb::dispatcher_server::DispatcherServer::new(DispatcherService {
             inner: self.inner.clone(),
         })
-        .max_decoding_message_size(MAX_DISPATCHER_MESSAGE_BYTES)
+        .max_decoding_message_size(MAX_DISPATCHER_REQUEST_BYTES)
         .max_encoding_message_size(MAX_DISPATCHER_MESSAGE_BYTES)
     }
 

@@ -142,9 +142,12 @@ pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
             _ => return Err(bad()),
         };
         rest = &rest[unit_len..];
-        total = total
-            .checked_add((n * mult).round() as u64)
-            .ok_or_else(bad)?;
+        // `as` saturates: a term beyond u64 must be refused, not turned into u64::MAX.
+        let ms = (n * mult).round();
+        if !ms.is_finite() || ms >= u64::MAX as f64 {
+            return Err(bad());
+        }
+        total = total.checked_add(ms as u64).ok_or_else(bad)?;
     }
     Ok(total)
 }
@@ -185,7 +188,12 @@ pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
     if n < 0.0 {
         bail!("invalid size {s:?}: must not be negative");
     }
-    Ok((n * mult as f64) as i64)
+    // NaN, infinities and sizes beyond i64 would otherwise become 0 or i64::MAX silently.
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes >= i64::MAX as f64 {
+        bail!("invalid size {s:?}: expected e.g. 512m or 1g");
+    }
+    Ok(bytes as i64)
 }
 
 /// "0.5", "2" → nano-CPUs.

@@ -2,6 +2,8 @@
 //! words and flags. create, scale, update and rollback follow the tasks until the service
 //! converges unless `--detach`.
 
+#[cfg(test)]
+mod fuzz;
 mod progress;
 mod update;
 
@@ -219,6 +221,12 @@ fn port(s: &str) -> anyhow::Result<pb::PortConfig> {
         ),
         None => (0, ports.parse::<u32>().map_err(|_| bad())?),
     };
+    if target == 0 || target > 65535 || published > 65535 {
+        bail!("invalid port {s:?}: ports are 1-65535");
+    }
+    if !matches!(proto, "tcp" | "udp" | "sctp") {
+        return Err(bad());
+    }
     Ok(pb::PortConfig {
         name: String::new(),
         protocol: proto.to_string(),
@@ -229,6 +237,12 @@ fn port(s: &str) -> anyhow::Result<pb::PortConfig> {
 }
 
 fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
+    if a.limit_pids < 0 {
+        bail!(
+            "invalid --limit-pids {}: must not be negative",
+            a.limit_pids
+        );
+    }
     let mode = match a.mode {
         ModeArg::Global => {
             if a.replicas.is_some() {

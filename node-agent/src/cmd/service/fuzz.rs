@@ -1,0 +1,330 @@
+//! Property tests ("fuzz targets" on stable Rust) for `shoal service create`'s flags: any
+//! mix of flag values goes through clap and `build_spec`, and ends as a usage error, one error
+//! line, or a spec the control API accepts (numbers, ports and timers are the CLI's to check;
+//! names, images, constraints and env pass through verbatim and the server names what is wrong).
+//!
+//! Cases: [`CASES`], or `PROPTEST_CASES` for a longer local run
+//! (`PROPTEST_CASES=100000 cargo nextest run -p shoal fuzz`).
+
+use clap::Parser;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use shoal_manager::controlapi::validate;
+
+use super::{build_spec, ServiceCommand};
+
+/// Flag combinations tried in CI (each is a clap parse and a spec build: microseconds).
+const CASES: u32 = 4_000;
+
+#[derive(Parser)]
+#[command(name = "service")]
+struct Cli {
+    #[command(subcommand)]
+    command: ServiceCommand,
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CASES)
+}
+
+fn pick(values: &'static [&'static str]) -> BoxedStrategy<String> {
+    prop_oneof![
+        4 => prop::sample::select(values).prop_map(String::from),
+        1 => "[ -~]{0,12}",
+        1 => "\\PC{0,6}",
+    ]
+    .boxed()
+}
+
+const DURATIONS: &[&str] = &[
+    "0",
+    "5s",
+    "500ms",
+    "1h30m",
+    "1.5s",
+    "0.0001ms",
+    "1e3s",
+    "99999999999999999999d",
+    "999999999999d",
+    "213503982334601d",
+    "-1s",
+    "1..5s",
+    "s",
+    "1x",
+    "nan",
+    "inf",
+    "1h1h",
+    " 2m ",
+    "1 s",
+    "366d",
+    "365d",
+];
+const SIZES: &[&str] = &[
+    "512m",
+    "1g",
+    "0",
+    "100k",
+    "1tb",
+    "-1",
+    "-0",
+    "nan",
+    "inf",
+    "-inf",
+    "1e30g",
+    "8e18",
+    "9223372036854775807",
+    "9223372036854775808",
+    "0x10",
+    "",
+    "b",
+    "m",
+    "1.5g",
+    "1e-9",
+];
+const CPUS: &[&str] = &[
+    "0.5", "2", "0", "-0", "nan", "inf", "1e9", "1000000", "1000001", "1e-12", "",
+];
+const PORTS: &[&str] = &[
+    "80",
+    "8080:80",
+    "0",
+    "0:80",
+    "80:0",
+    "65535",
+    "65536",
+    "70000:80",
+    "80/udp",
+    "80/sctp",
+    "80/xyz",
+    "80/",
+    "/tcp",
+    "a:b",
+    ":80",
+    "80:",
+    "4294967296",
+    "1:2:3",
+    "-1",
+];
+const KVS: &[&str] = &["k=v", "=v", "k", "k=v=w", "", "a.b/c=ü", "x=\n"];
+const ENVS: &[&str] = &["A=B", "=x", "", "A", "PATH=/bin", "A=\0"];
+const CONSTRAINTS: &[&str] = &[
+    "node.role==manager",
+    "node.labels.zone!=east",
+    "node.rol==x",
+    "==",
+    "node.hostname==",
+    "",
+    "node.labels.==a",
+];
+const PREFS: &[&str] = &[
+    "spread=node.labels.zone",
+    "spread=",
+    "spread=node.id",
+    "zone",
+    "spread=node.labels.",
+];
+const NUMBERS: &[&str] = &[
+    "0",
+    "1",
+    "-1",
+    "100000",
+    "100001",
+    "18446744073709551615",
+    "18446744073709551616",
+    "9223372036854775807",
+    "x",
+    "",
+];
+const RATIOS: &[&str] = &["0", "0.5", "1", "1.0001", "-0.1", "nan", "inf", "x"];
+const NAMES: &[&str] = &["web", "a", "-bad", "x.y_z-1", "UPPER", ""];
+const IMAGES: &[&str] = &[
+    "busybox:1.36",
+    "busybox",
+    "Busybox",
+    "busybox@sha256:00",
+    "registry:5000/a/b:c",
+    "",
+];
+
+/// One `--flag value` pair (or a bare switch), as argv words.
+fn flag() -> BoxedStrategy<Vec<String>> {
+    let with = |f: &'static str, v: BoxedStrategy<String>| {
+        v.prop_map(move |v| vec![f.to_string(), v]).boxed()
+    };
+    prop_oneof![
+        with("--name", pick(NAMES)),
+        with("--mode", pick(&["replicated", "global", "x"])),
+        with("--replicas", pick(NUMBERS)),
+        with("--env", pick(ENVS)),
+        with("--label", pick(KVS)),
+        with("--container-label", pick(KVS)),
+        with("--constraint", pick(CONSTRAINTS)),
+        with("--placement-pref", pick(PREFS)),
+        with("--replicas-max-per-node", pick(NUMBERS)),
+        with("--workdir", pick(&["/w", "", "rel"])),
+        with("--user", pick(&["0:0", "nobody", ""])),
+        with("--hostname", pick(&["h", ""])),
+        with("--limit-cpu", pick(CPUS)),
+        with("--reserve-cpu", pick(CPUS)),
+        with("--limit-memory", pick(SIZES)),
+        with("--reserve-memory", pick(SIZES)),
+        with("--limit-pids", pick(NUMBERS)),
+        with(
+            "--restart-condition",
+            pick(&["none", "on-failure", "any", "always"])
+        ),
+        with("--restart-delay", pick(DURATIONS)),
+        with("--restart-max-attempts", pick(NUMBERS)),
+        with("--restart-window", pick(DURATIONS)),
+        with("--update-parallelism", pick(NUMBERS)),
+        with("--update-delay", pick(DURATIONS)),
+        with(
+            "--update-failure-action",
+            pick(&["pause", "continue", "rollback", "x"])
+        ),
+        with("--update-order", pick(&["stop-first", "start-first", "x"])),
+        with("--update-monitor", pick(DURATIONS)),
+        with("--update-max-failure-ratio", pick(RATIOS)),
+        with("--stop-grace-period", pick(DURATIONS)),
+        with("--publish", pick(PORTS)),
+        with("--network", pick(&["n", ""])),
+        Just(vec!["--read-only".to_string()]).boxed(),
+        Just(vec!["--detach".to_string()]).boxed(),
+    ]
+    .boxed()
+}
+
+/// What the server may refuse in a spec the CLI built: text the CLI passes through verbatim.
+const SERVER_CHECKS: &[&str] = &[
+    "service name",
+    "image",
+    "constraint",
+    "environment variable",
+    "label",
+    "placement preference",
+    "more than the limit",
+    "longer than the limit",
+];
+
+#[test]
+fn service_create_flags_give_an_error_line_or_a_valid_spec() {
+    let strategy = (
+        prop::collection::vec(flag(), 0..10),
+        pick(IMAGES),
+        prop::collection::vec(pick(&["sh", "-c", "--", "echo hi"]), 0..3),
+    );
+    TestRunner::new(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    })
+    .run(&strategy, |(flags, image, command)| {
+        let mut argv = vec!["service".to_string(), "create".to_string()];
+        argv.extend(flags.into_iter().flatten());
+        argv.push(image);
+        argv.extend(command);
+        let args = match Cli::try_parse_from(&argv) {
+            Err(_) => return Ok(()), // a usage error: clap prints it, exit 2
+            Ok(Cli { command: ServiceCommand::Create(a) }) => a,
+            Ok(_) => return Err(TestCaseError::fail("parsed as another command")),
+        };
+        match build_spec(&args) {
+            Err(e) => {
+                let line = format!("{e:#}");
+                prop_assert!(!line.is_empty() && !line.contains('\n'), "error is not one line: {:?}", line);
+            }
+            Ok(spec) => {
+                if let Err(e) = validate::service_spec(&spec) {
+                    prop_assert!(
+                        SERVER_CHECKS.iter().any(|c| e.0.contains(c)),
+                        "the CLI built a spec the server refuses for a number it parsed: {} (argv {:?})",
+                        e,
+                        argv
+                    );
+                }
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// The unit parsers never saturate: a value they accept is the value the text says.
+#[test]
+fn unit_parsers_refuse_what_does_not_fit_and_keep_what_does() {
+    use super::super::output::{parse_bytes, parse_cpus, parse_duration_ms};
+    let units = prop::sample::select(vec![
+        ("ms", 1u64),
+        ("s", 1_000),
+        ("m", 60_000),
+        ("h", 3_600_000),
+        ("d", 86_400_000),
+    ]);
+    let sizes = prop::sample::select(vec![
+        ("", 1i64),
+        ("k", 1 << 10),
+        ("m", 1 << 20),
+        ("g", 1 << 30),
+        ("t", 1 << 40),
+    ]);
+    TestRunner::new(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    })
+    .run(
+        &(
+            any::<u32>(),
+            units,
+            sizes,
+            "[-+.0-9a-z ]{0,24}",
+            any::<f64>(),
+        ),
+        |(n, (unit, ms), (suffix, mult), junk, float)| {
+            prop_assert_eq!(
+                parse_duration_ms(&format!("{n}{unit}")).ok(),
+                Some(u64::from(n) * ms)
+            );
+            let want = i64::from(n).checked_mul(mult).filter(|v| *v < i64::MAX);
+            prop_assert_eq!(parse_bytes(&format!("{n}{suffix}")).ok(), want);
+            for s in [
+                junk.clone(),
+                format!("{float}"),
+                format!("{float}d"),
+                format!("{float}g"),
+                format!("{junk}{n}"),
+            ] {
+                if let Ok(v) = parse_duration_ms(&s) {
+                    prop_assert!(v < u64::MAX, "{:?} saturated to {}", s, v);
+                }
+                if let Ok(v) = parse_bytes(&s) {
+                    prop_assert!((0..i64::MAX).contains(&v), "{:?} became {}", s, v);
+                    let f: f64 = s
+                        .trim()
+                        .trim_end_matches(['k', 'm', 'g', 't', 'b'])
+                        .parse()
+                        .unwrap_or(0.0);
+                    prop_assert!(f.is_finite(), "{:?} is not a finite size but gave {}", s, v);
+                }
+                if let Ok(v) = parse_cpus(&s) {
+                    prop_assert!(
+                        (0..=1_000_000_000_000_000).contains(&v),
+                        "{:?} became {} nano-cpus",
+                        s,
+                        v
+                    );
+                }
+            }
+            for s in ["nan", "inf", "-inf", "NaN", "1e400", "infinity"] {
+                prop_assert!(parse_bytes(s).is_err(), "{} accepted as a size", s);
+                prop_assert!(parse_cpus(s).is_err(), "{} accepted as cpus", s);
+            }
+            prop_assert!(parse_duration_ms("99999999999999999999d").is_err());
+            Ok(())
+        },
+    )
+    .unwrap();
+}
