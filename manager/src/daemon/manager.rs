@@ -78,7 +78,8 @@ impl Manager {
         let timers = stored.as_ref().and_then(|s| s.raft).unwrap_or(*timers);
         let name = stored.map(|s| s.name).unwrap_or_default();
         let config = raft_config(if name.is_empty() { "shoal" } else { &name }, &timers)?;
-        let network = Network::new(raft_id, tls.clone());
+        let contact = LeaderContact::new();
+        let network = Network::new(raft_id, tls.clone()).with_contact(contact.clone());
         let raft = Raft::new(
             raft_id,
             driven_config(&config),
@@ -101,7 +102,6 @@ impl Manager {
 
         let backend = Arc::new(ManagerCaBackend(api.clone()));
         let ca = CaService::new(root_ca, backend, authorizer.clone()).into_server();
-        let contact = LeaderContact::new();
         let elections = ElectionDriver::spawn(raft.clone(), &config, contact.clone());
         let raft_svc = RaftService::new(raft.clone(), authorizer.clone())
             .with_contact(contact)

@@ -9,7 +9,9 @@
 //! - a voter that has not heard from a leader for `lease + jitter` elects itself, with the
 //!   jitter drawn afresh from `[0, max - min)` after every attempt;
 //! - after an attempt that won nothing and heard from no leader it tries again after
-//!   `heartbeat + jitter` (a new draw each time, so split votes resolve);
+//!   `heartbeat + jitter` (a new draw each time, so split votes resolve), or after a further
+//!   `2 × max` if a voter answered it with a longer log (it cannot win; like openraft's
+//!   `smaller_log_timeout`, this leaves the round to a node that can);
 //! - the only voter of a cluster elects at once; a leader or a learner never does.
 //!
 //! Voters still refuse any vote within the lease of the last leader message they processed
@@ -30,8 +32,9 @@ use super::typ::{Node, NodeId, Raft};
 /// (a new leader, a promotion to voter, a shutdown).
 pub const ELECTION_POLL: Duration = Duration::from_millis(20);
 
-/// When this manager last heard from a leader, or from a candidate that could win: stamped by
-/// the Raft gRPC service, read by the driver. Clones share the stamp.
+/// When this manager last heard from a leader, or from a candidate that could win (stamped
+/// by the Raft gRPC service), and when a voter last refused it for a longer log (stamped by its
+/// Raft client); read by the driver. Clones share the stamps.
 #[derive(Clone, Debug)]
 pub struct LeaderContact(Arc<ContactInner>);
 
@@ -40,6 +43,8 @@ struct ContactInner {
     epoch: Instant,
     /// Microseconds from `epoch` to the last contact.
     last_us: AtomicU64,
+    /// Microseconds from `epoch` to the last vote refused for a longer log; 0 = never.
+    behind_us: AtomicU64,
 }
 
 impl Default for LeaderContact {
@@ -54,19 +59,38 @@ impl LeaderContact {
         LeaderContact(Arc::new(ContactInner {
             epoch: Instant::now(),
             last_us: AtomicU64::new(0),
+            behind_us: AtomicU64::new(0),
         }))
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.0.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
     /// Records a contact now.
     pub fn touch(&self) {
-        let us = u64::try_from(self.0.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         // Concurrent handlers may finish out of order: the stamp only moves forward.
-        self.0.last_us.fetch_max(us, Ordering::Relaxed);
+        self.0.last_us.fetch_max(self.now_us(), Ordering::Relaxed);
     }
 
     /// The time of the last contact.
     pub fn last(&self) -> Instant {
         self.0.epoch + Duration::from_micros(self.0.last_us.load(Ordering::Relaxed))
+    }
+
+    /// Records that a voter refused this node's vote request because its log is longer.
+    pub fn saw_longer_log(&self) {
+        self.0
+            .behind_us
+            .fetch_max(self.now_us().max(1), Ordering::Relaxed);
+    }
+
+    /// When a voter last refused this node for a longer log, if ever.
+    pub fn behind_since(&self) -> Option<Instant> {
+        match self.0.behind_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(self.0.epoch + Duration::from_micros(us)),
+        }
     }
 }
 
@@ -79,6 +103,9 @@ pub struct ElectionTimers {
     pub jitter: Duration,
     /// Least wait between two attempts (the heartbeat interval: longer than a vote round trip).
     pub retry: Duration,
+    /// Extra wait after an attempt that a voter refused for a longer log (`2 × max`, as
+    /// openraft's `smaller_log_timeout`).
+    pub behind: Duration,
 }
 
 impl ElectionTimers {
@@ -89,6 +116,7 @@ impl ElectionTimers {
             lease: Duration::from_millis(max),
             jitter: Duration::from_millis(max.saturating_sub(config.election_timeout_min)),
             retry: Duration::from_millis(config.heartbeat_interval),
+            behind: Duration::from_millis(max.saturating_mul(2)),
         }
     }
 
@@ -110,6 +138,9 @@ pub enum Role {
     NonVoter,
     /// The only voter: nobody else can lead, so it elects at once.
     SoleVoter,
+    /// The only voter with its election under way (`cluster init` starts one itself): it
+    /// needs no other vote, so openraft completes it; a second one would only bump the term.
+    SoleCandidate,
     /// One of several voters.
     Voter,
 }
@@ -127,10 +158,10 @@ impl Role {
         if !membership.voter_ids().any(|v| v == m.id) {
             return Some(Role::NonVoter);
         }
-        Some(if membership.voter_ids().count() == 1 {
-            Role::SoleVoter
-        } else {
-            Role::Voter
+        Some(match membership.voter_ids().count() {
+            1 if m.state == ServerState::Candidate => Role::SoleCandidate,
+            1 => Role::SoleVoter,
+            _ => Role::Voter,
         })
     }
 }
@@ -165,16 +196,18 @@ impl Schedule {
     }
 
     /// The next step at `now` for a node in `role` whose last leader contact was at
-    /// `last_contact`; `draw` gives the jitter for the attempt after an election started now.
+    /// `last_contact` and that a voter last refused for a longer log at `behind_since`; `draw`
+    /// gives the jitter for the attempt after an election started now.
     pub fn step(
         &mut self,
         now: Instant,
         role: Role,
         last_contact: Instant,
+        behind_since: Option<Instant>,
         draw: impl FnOnce() -> Duration,
     ) -> Step {
         let due = match (role, self.last_attempt) {
-            (Role::Leader | Role::NonVoter, _) => {
+            (Role::Leader | Role::NonVoter | Role::SoleCandidate, _) => {
                 self.last_attempt = None;
                 return Step::Wait(ELECTION_POLL);
             }
@@ -182,7 +215,13 @@ impl Schedule {
             // An attempt that heard no leader since: the round failed or is still out; a new
             // one after the retry wait, with its own jitter so two candidates drift apart.
             (_, Some(attempt)) if attempt >= last_contact => {
-                attempt + self.timers.retry + self.jitter
+                let behind = behind_since.is_some_and(|b| b >= attempt);
+                let hold = if behind {
+                    self.timers.behind
+                } else {
+                    Duration::ZERO
+                };
+                attempt + self.timers.retry + self.jitter + hold
             }
             (Role::SoleVoter, Some(_)) => now,
             // Voters keep refusing votes for a lease after the leader's last message.
@@ -237,7 +276,8 @@ async fn drive(raft: Raft, timers: ElectionTimers, contact: LeaderContact) {
         let Some(role) = Role::of(&metrics.borrow()) else {
             return;
         };
-        match schedule.step(Instant::now(), role, contact.last(), || timers.draw()) {
+        let (last, behind) = (contact.last(), contact.behind_since());
+        match schedule.step(Instant::now(), role, last, behind, || timers.draw()) {
             Step::Elect => {
                 tracing::info!(?role, "no leader heard: starting an election");
                 if let Err(e) = raft.trigger().elect().await {
@@ -261,6 +301,7 @@ mod tests {
             lease: 400 * MS,
             jitter: 200 * MS,
             retry: 50 * MS,
+            behind: 800 * MS,
         }
     }
 
@@ -286,21 +327,21 @@ mod tests {
         let never = || panic!("no draw without an attempt");
         // Heard the leader at t0: quiet until lease + jitter = 430 ms.
         assert_eq!(
-            s.step(t0, Role::Voter, t0, never),
+            s.step(t0, Role::Voter, t0, None, never),
             Step::Wait(ELECTION_POLL)
         );
         assert_eq!(
-            s.step(t0 + 420 * MS, Role::Voter, t0, never),
+            s.step(t0 + 420 * MS, Role::Voter, t0, None, never),
             Step::Wait(10 * MS)
         );
         // A heartbeat at 300 ms moves the deadline.
         let hb = t0 + 300 * MS;
         assert_eq!(
-            s.step(t0 + 430 * MS, Role::Voter, hb, never),
+            s.step(t0 + 430 * MS, Role::Voter, hb, None, never),
             Step::Wait(ELECTION_POLL)
         );
         assert_eq!(
-            s.step(hb + 430 * MS, Role::Voter, hb, || 120 * MS),
+            s.step(hb + 430 * MS, Role::Voter, hb, None, || 120 * MS),
             Step::Elect
         );
     }
@@ -312,32 +353,57 @@ mod tests {
         let mut draws = vec![70 * MS, 10 * MS, 150 * MS].into_iter();
         let a1 = t0 + 400 * MS;
         assert_eq!(
-            s.step(a1, Role::Voter, t0, || draws.next().unwrap()),
+            s.step(a1, Role::Voter, t0, None, || draws.next().unwrap()),
             Step::Elect
         );
         // Next attempt at a1 + retry 50 + the new draw 70, not after another lease.
         assert_eq!(
-            s.step(a1 + 119 * MS, Role::Voter, t0, || unreachable!()),
+            s.step(a1 + 119 * MS, Role::Voter, t0, None, || unreachable!()),
             Step::Wait(MS)
         );
         let a2 = a1 + 120 * MS;
         assert_eq!(
-            s.step(a2, Role::Voter, t0, || draws.next().unwrap()),
+            s.step(a2, Role::Voter, t0, None, || draws.next().unwrap()),
             Step::Elect
         );
         // The draw of 10 ms applies to the third attempt only.
         assert_eq!(
-            s.step(a2 + 59 * MS, Role::Voter, t0, || unreachable!()),
+            s.step(a2 + 59 * MS, Role::Voter, t0, None, || unreachable!()),
             Step::Wait(MS)
         );
         let a3 = a2 + 60 * MS;
         assert_eq!(
-            s.step(a3, Role::Voter, t0, || draws.next().unwrap()),
+            s.step(a3, Role::Voter, t0, None, || draws.next().unwrap()),
             Step::Elect
         );
         assert_eq!(
-            s.step(a3 + 199 * MS, Role::Voter, t0, || unreachable!()),
+            s.step(a3 + 199 * MS, Role::Voter, t0, None, || unreachable!()),
             Step::Wait(MS)
+        );
+    }
+
+    #[test]
+    fn an_attempt_refused_for_a_longer_log_holds_off_the_next_one() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(timers(), Duration::ZERO);
+        let a1 = t0 + 400 * MS;
+        assert_eq!(s.step(a1, Role::Voter, t0, None, || 30 * MS), Step::Elect);
+        // A refusal from before this attempt does not count.
+        let before = Some(t0);
+        assert_eq!(
+            s.step(a1 + 80 * MS, Role::Voter, t0, before, || 10 * MS),
+            Step::Elect
+        );
+        let a2 = a1 + 80 * MS;
+        // A voter answered the second attempt with a longer log: retry + jitter + 800 ms.
+        let refused = Some(a2 + 3 * MS);
+        assert_eq!(
+            s.step(a2 + 859 * MS, Role::Voter, t0, refused, || unreachable!()),
+            Step::Wait(MS)
+        );
+        assert_eq!(
+            s.step(a2 + 860 * MS, Role::Voter, t0, refused, || Duration::ZERO),
+            Step::Elect
         );
     }
 
@@ -346,53 +412,70 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Schedule::new(timers(), Duration::ZERO);
         let a1 = t0 + 400 * MS;
-        assert_eq!(s.step(a1, Role::Voter, t0, || 20 * MS), Step::Elect);
+        assert_eq!(s.step(a1, Role::Voter, t0, None, || 20 * MS), Step::Elect);
         // Another candidate won and its first append arrived.
         let heard = a1 + 5 * MS;
         assert_eq!(
-            s.step(a1 + 100 * MS, Role::Voter, heard, || unreachable!()),
+            s.step(a1 + 100 * MS, Role::Voter, heard, None, || unreachable!()),
             Step::Wait(ELECTION_POLL)
         );
         assert_eq!(
-            s.step(heard + 419 * MS, Role::Voter, heard, || unreachable!()),
+            s.step(
+                heard + 419 * MS,
+                Role::Voter,
+                heard,
+                None,
+                || unreachable!()
+            ),
             Step::Wait(MS)
         );
         assert_eq!(
-            s.step(heard + 420 * MS, Role::Voter, heard, || Duration::ZERO),
+            s.step(heard + 420 * MS, Role::Voter, heard, None, || {
+                Duration::ZERO
+            }),
             Step::Elect
         );
     }
 
     #[test]
-    fn leaders_and_learners_never_elect_and_a_sole_voter_elects_at_once() {
+    fn leaders_learners_and_a_sole_candidate_wait_and_a_sole_voter_elects_at_once() {
         let t0 = Instant::now();
         let long_ago = t0 - Duration::from_secs(60);
         let mut s = Schedule::new(timers(), Duration::ZERO);
-        for role in [Role::Leader, Role::NonVoter] {
+        for role in [Role::Leader, Role::NonVoter, Role::SoleCandidate] {
             assert_eq!(
-                s.step(t0, role, long_ago, || unreachable!()),
+                s.step(t0, role, long_ago, None, || unreachable!()),
                 Step::Wait(ELECTION_POLL)
             );
         }
         // Just started, heard nobody: the only voter does not wait for a lease.
-        assert_eq!(s.step(t0, Role::SoleVoter, t0, || 100 * MS), Step::Elect);
+        assert_eq!(
+            s.step(t0, Role::SoleVoter, t0, None, || 100 * MS),
+            Step::Elect
+        );
         // Its election is still out: the retry wait applies, not another immediate one.
         assert_eq!(
-            s.step(t0 + 10 * MS, Role::SoleVoter, t0, || unreachable!()),
+            s.step(t0 + 10 * MS, Role::SoleVoter, t0, None, || unreachable!()),
             Step::Wait(ELECTION_POLL)
         );
         assert_eq!(
-            s.step(t0 + 150 * MS, Role::SoleVoter, t0, || Duration::ZERO),
+            s.step(t0 + 150 * MS, Role::SoleVoter, t0, None, || Duration::ZERO),
             Step::Elect
         );
         // Leading clears the attempt; losing the lead later starts from the lease again.
         assert_eq!(
-            s.step(t0 + 200 * MS, Role::Leader, t0, || unreachable!()),
+            s.step(t0 + 200 * MS, Role::Leader, t0, None, || unreachable!()),
             Step::Wait(ELECTION_POLL)
         );
         let heard = t0 + 300 * MS;
         assert_eq!(
-            s.step(heard + 100 * MS, Role::Voter, heard, || unreachable!()),
+            s.step(
+                heard + 100 * MS,
+                Role::Voter,
+                heard,
+                None,
+                || unreachable!()
+            ),
             Step::Wait(ELECTION_POLL)
         );
     }

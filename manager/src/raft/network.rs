@@ -82,6 +82,7 @@ pub struct Network {
     self_id: NodeId,
     tls: NodeTls,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    contact: Option<LeaderContact>,
 }
 
 impl fmt::Debug for Network {
@@ -100,7 +101,15 @@ impl Network {
             self_id,
             tls,
             channels: Arc::new(Mutex::new(HashMap::new())),
+            contact: None,
         }
+    }
+
+    /// Tells the election driver through `contact` when a voter refuses this node's vote
+    /// request because its log is longer (this node cannot win that round).
+    pub fn with_contact(mut self, contact: LeaderContact) -> Network {
+        self.contact = Some(contact);
+        self
     }
 
     /// The cached channel to `addr`, made (lazily connecting) if there is none.
@@ -133,6 +142,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             node: node.clone(),
             channel: self.channel(&node.addr),
+            contact: self.contact.clone(),
         }
     }
 }
@@ -145,6 +155,7 @@ pub struct PeerClient {
     /// An address that does not parse stays an error for this client's life: every RPC
     /// reports the peer unreachable.
     channel: Result<Channel, RaftNetError>,
+    contact: Option<LeaderContact>,
 }
 
 impl fmt::Debug for PeerClient {
@@ -317,7 +328,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse, RPCError<NodeId, Node, RaftError<NodeId>>> {
         let ttl = option.hard_ttl();
-        let outcome = self.call(Method::Vote, &rpc, ttl).await;
+        let outcome = self
+            .call::<_, VoteResponse, openraft::error::Infallible>(Method::Vote, &rpc, ttl)
+            .await;
+        if let (Some(c), Ok(Ok(resp))) = (&self.contact, &outcome) {
+            if !resp.vote_granted && resp.last_log_id > rpc.last_log_id {
+                c.saw_longer_log();
+            }
+        }
         self.finish(Method::Vote, ttl, outcome)
     }
 
