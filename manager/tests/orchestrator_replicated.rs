@@ -86,6 +86,30 @@ fn scale_up_fills_free_slots_and_scale_down_prefers_loaded_nodes() {
 }
 
 #[test]
+fn scale_up_skips_slots_whose_task_is_still_stopping() {
+    let mut h = Harness::new();
+    h.add_node("n1", &[], 4, 8 * GIB);
+    h.create_service("web", spec("web", Some(2)));
+    h.settle();
+    assert!(h
+        .tasks("web")
+        .iter()
+        .all(|t| state(t) == TaskState::Running));
+    // Scale to 0 and straight back to 2, before the agent stopped the old tasks: their
+    // containers still run in slots 1 and 2, so the new tasks take slots 3 and 4.
+    h.scale("web", 0);
+    h.orchestrate();
+    h.scale("web", 2);
+    h.orchestrate();
+    assert_eq!(slots(&h, "web"), vec![3, 4]);
+    // Once the old tasks stopped (and were reaped), scale-up reuses the low slots again.
+    h.settle();
+    h.scale("web", 4);
+    h.settle();
+    assert_eq!(slots(&h, "web"), vec![1, 2, 3, 4]);
+}
+
+#[test]
 fn service_removal_removes_then_deletes_all_tasks() {
     let mut h = Harness::new();
     h.add_node("n1", &[], 4, 8 * GIB);

@@ -70,8 +70,17 @@ fn reconcile_service(
 ) {
     let service_id = service.meta.as_ref().map_or("", |m| m.id.as_str());
     let mut slots: BTreeMap<u64, Vec<Occupant<'_>>> = BTreeMap::new();
+    // Slots whose task is being stopped (scale-down, service update) on a live node: a new
+    // task there would run next to the old one until it stops, so scale-up skips them.
+    let mut stopping: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     for t in view.tasks_of_service(service_id) {
-        if !wants_running(t) || t.slot == 0 {
+        if t.slot == 0 {
+            continue;
+        }
+        if !wants_running(t) {
+            if !is_terminal(t) && !t.node_id.is_empty() && !node_lost(view, &t.node_id) {
+                stopping.insert(t.slot);
+            }
             continue;
         }
         if !is_terminal(t) && !t.node_id.is_empty() && node_lost(view, &t.node_id) {
@@ -128,7 +137,7 @@ fn reconcile_service(
     if occupied < replicas {
         let mut slot = 1u64;
         for _ in occupied..replicas {
-            while slots.contains_key(&slot) {
+            while slots.contains_key(&slot) || stopping.contains(&slot) {
                 slot += 1;
             }
             d.push(create(new_task(service, slot, "", ids(), now_ms)));
