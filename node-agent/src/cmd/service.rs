@@ -80,6 +80,9 @@ enum ServiceCommand {
         /// Only task ids
         #[arg(short, long)]
         quiet: bool,
+        /// json: every task in full, its status times included (filters do not apply)
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Scale replicated services (NAME=REPLICAS ...)
     Scale {
@@ -385,6 +388,11 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
                 progress::wait_converged(&mut c, &sid).await?;
             }
         }
+        ServiceCommand::Ps {
+            services,
+            format: Format::Json,
+            ..
+        } => ps_json(&mut c, &services).await?,
         ServiceCommand::Ps {
             services,
             no_trunc,
@@ -892,6 +900,51 @@ async fn ps(
         t.print();
     }
     Ok(())
+}
+
+/// A task in full, as `service ps --format json` prints it.
+fn task_json(t: &pb::Task) -> Value {
+    let st = t.status.clone().unwrap_or_default();
+    let c = t
+        .spec
+        .as_ref()
+        .and_then(|s| s.container.clone())
+        .unwrap_or_default();
+    serde_json::json!({
+        "ID": t.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default(),
+        "CreatedAtMs": t.meta.as_ref().map_or(0, |m| m.created_at_ms),
+        "ServiceID": t.service_id,
+        "Slot": t.slot,
+        "NodeID": t.node_id,
+        "SpecVersion": t.spec_version,
+        "Image": c.image,
+        "Args": c.args,
+        "Env": c.env,
+        "DesiredState": progress::state_word(t.desired_state),
+        "Status": {
+            "State": progress::state_word(st.state),
+            "TimestampMs": st.timestamp_ms,
+            "Message": st.message,
+            "Err": st.err,
+            "ExitCode": st.exit_code,
+        },
+    })
+}
+
+/// `service ps --format json`: every task of the services.
+async fn ps_json(c: &mut ControlClient<Channel>, services: &[String]) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    for name in services {
+        let tasks = rpc(c
+            .list_tasks(pb::ListTasksRequest {
+                service: name.clone(),
+                node: String::new(),
+            })
+            .await)?
+        .tasks;
+        out.extend(tasks.iter().map(task_json));
+    }
+    print_json(&Value::Array(out))
 }
 
 /// `service inspect --pretty`.

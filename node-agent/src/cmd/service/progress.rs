@@ -362,6 +362,8 @@ async fn follow_update(
     let mut announced = false;
     // An update seen running in this follow: its ROLLBACK_COMPLETED means it failed.
     let mut followed = false;
+    // Why the rollback started: its completed status only says "rollback completed".
+    let mut rollback_cause = String::new();
     loop {
         let service = rpc(c
             .get_service(pb::GetServiceRequest {
@@ -407,6 +409,7 @@ async fn follow_update(
                     println!("rollback: {}", status.message);
                     announced = true;
                 }
+                rollback_cause = status.message.clone();
                 display.prefix = "rolling back update: ";
             }
             UpdateState::Paused => {
@@ -422,7 +425,10 @@ async fn follow_update(
                 if s.converged {
                     display.draw(&s).context("writing progress")?;
                     if followed && !manual_rollback {
-                        anyhow::bail!("service rolled back: {}", status.message);
+                        if rollback_cause.is_empty() {
+                            rollback_cause = status.message;
+                        }
+                        anyhow::bail!("service rolled back: {rollback_cause}");
                     }
                     done = true;
                 }
