@@ -22,6 +22,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(12);
 /// How long bootstrapping may wait for every node to be Ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// Tries at joining one node.
+const JOIN_ATTEMPTS: usize = 3;
 /// Where a host's worker agent keeps its task containers (under its data dir).
 const TASK_RUNTIME_DIR: &str = "containers/.tasks";
 /// Rounds of force-deleting a host's containers (a create in flight may still finish).
@@ -87,16 +89,10 @@ impl Cluster {
         let wtok = shoal_ok(h1, &["cluster", "join-token", "-q", "worker"])?;
         let addr = h1.agent_addr().to_string();
         for &i in c.managers.iter().skip(1) {
-            shoal_ok(
-                c.host(i)?,
-                &["cluster", "join", "--token", mtok.trim(), &addr],
-            )?;
+            join(c.host(i)?, mtok.trim(), &addr, log)?;
         }
         for &i in &c.workers {
-            shoal_ok(
-                c.host(i)?,
-                &["cluster", "join", "--token", wtok.trim(), &addr],
-            )?;
+            join(c.host(i)?, wtok.trim(), &addr, log)?;
         }
         log("cluster formed; waiting for every node to be Ready");
         Ok(c)
@@ -252,6 +248,23 @@ impl Cluster {
             })
             .collect()
     }
+}
+
+/// Joins `h` to the cluster, trying again (up to [`JOIN_ATTEMPTS`] times) when the join is
+/// refused for a passing reason (a busy machine: the new manager did not catch up in time).
+fn join(h: &Host, token: &str, addr: &str, log: &dyn Fn(&str)) -> Result<()> {
+    let mut last = None;
+    for _ in 0..JOIN_ATTEMPTS {
+        match shoal_ok(h, &["cluster", "join", "--token", token, addr]) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                log(&format!("{e:#}; trying again"));
+                last = Some(e);
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("joining {}", h.name())))
 }
 
 /// Runs the shoal CLI in `h`; it must succeed. Returns stdout.

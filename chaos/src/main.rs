@@ -64,6 +64,9 @@ struct Args {
     /// Where the report goes (default: a new directory under the temp dir)
     #[arg(long)]
     report_dir: Option<PathBuf>,
+    /// With --smoke: only these faults (by name, like disk-full-manager), in this order
+    #[arg(long = "fault", value_name = "NAME")]
+    only: Vec<String>,
     /// Concurrent clients
     #[arg(long, default_value_t = 4)]
     clients: usize,
@@ -116,6 +119,19 @@ fn run(args: Args) -> Result<bool> {
     }
     if args.clients == 0 {
         bail!("--clients must be at least 1");
+    }
+    let mut smoke_faults = ALL.to_vec();
+    if !args.only.is_empty() {
+        smoke_faults = Vec::new();
+        for n in &args.only {
+            match ALL.iter().find(|f| f.name() == n) {
+                Some(f) => smoke_faults.push(*f),
+                None => bail!(
+                    "unknown fault '{n}' (one of: {})",
+                    ALL.map(|f| f.name()).join(", ")
+                ),
+            }
+        }
     }
     let epoch = Instant::now();
     let logf = move |m: &str| log(epoch, m);
@@ -213,7 +229,7 @@ fn run(args: Args) -> Result<bool> {
     std::thread::sleep(WARMUP);
     let mut records = Vec::new();
     if args.smoke {
-        for f in ALL {
+        for &f in &smoke_faults {
             if interrupted() {
                 break;
             }

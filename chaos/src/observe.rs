@@ -73,6 +73,16 @@ impl FaultTag {
     }
 }
 
+fn state_name(s: i32) -> String {
+    pb::TaskState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("TASK_STATE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| s.to_string())
+}
+
 /// Samples until `stop` is set; returns what it saw.
 pub async fn sample(
     shared: Arc<Shared>,
@@ -115,9 +125,16 @@ pub async fn sample(
             if t.slot == 0 {
                 continue;
             }
+            let state = t.status.as_ref().map(|s| s.state).unwrap_or_default();
+            let node = t.node_id.get(..6).unwrap_or(&t.node_id);
+            let desc = format!(
+                "{id} on {node} (desired {}, observed {})",
+                state_name(t.desired_state),
+                state_name(state)
+            );
             let key = (t.service_id.clone(), t.slot);
             if t.desired_state <= pb::TaskState::Running as i32 {
-                store.entry(key.clone()).or_default().push(id.clone());
+                store.entry(key.clone()).or_default().push(desc.clone());
             }
             let cid = t
                 .status
@@ -127,7 +144,7 @@ pub async fn sample(
                 .unwrap_or_else(|| id.clone());
             // Whatever the store says: a container with live processes runs.
             if container_live(&cid) {
-                live.entry(key).or_default().push(id);
+                live.entry(key).or_default().push(desc);
             }
         }
         let overlap = |((svc, slot), ids): ((String, u64), Vec<String>)| Overlap {
