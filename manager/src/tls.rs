@@ -502,6 +502,64 @@ pub fn grpc_server() -> tonic::transport::Server<Stack<TrimStatusLayer, Identity
         .layer(TrimStatusLayer)
 }
 
+/// True for a call to the one service callers without a certificate may reach: the CA
+/// (fetching the root certificate, joining with a token), whose messages are capped small.
+fn is_public_call(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.strip_prefix(shoal_proto::v1::ca_server::SERVICE_NAME))
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Refuses, before a byte of the request body is read, every call without a verified client
+/// certificate except to the CA: an anonymous client cannot make the server buffer a Raft,
+/// Control or Dispatcher message (up to 16 MiB each). Handlers still authorise the caller
+/// (cluster, role, removal); this only stops the unauthenticated early. For the TLS port.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequireClientCertLayer;
+
+impl<S> tower::Layer<S> for RequireClientCertLayer {
+    type Service = RequireClientCert<S>;
+
+    fn layer(&self, inner: S) -> RequireClientCert<S> {
+        RequireClientCert(inner)
+    }
+}
+
+/// The service [`RequireClientCertLayer`] wraps around a server's routes.
+#[derive(Clone, Debug)]
+pub struct RequireClientCert<S>(S);
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RequireClientCert<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        S::Future,
+        futures::future::Ready<Result<http::Response<ResBody>, S::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let has_cert = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|i| i.peer_certs())
+            .is_some_and(|c| !c.is_empty());
+        if has_cert || is_public_call(req.uri().path()) {
+            return futures::future::Either::Left(self.0.call(req));
+        }
+        let refused = Status::unauthenticated("a client certificate is required").into_http();
+        futures::future::Either::Right(futures::future::ready(Ok(refused)))
+    }
+}
+
 /// Cuts every error text a server sends to [`MAX_STATUS_MESSAGE_BYTES`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TrimStatusLayer;

@@ -267,3 +267,52 @@ fn silent_and_slow_clients_do_not_exhaust_the_manager_port() {
         daemon.shutdown().await;
     });
 }
+
+/// A client without a certificate reaches only the CA: a large request to any other service
+/// is refused before its body is read (the handler would refuse it too, but only after the
+/// server had buffered and decoded it).
+#[test]
+fn anonymous_requests_beyond_the_ca_are_refused_before_decoding() {
+    use shoal_proto::v1::control_client::ControlClient;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = free_port();
+        let socket = dir.path().join("shoal.sock");
+        let data = dir.path().join("data");
+        let mut cfg = DaemonConfig::new(&data, addr, socket.clone());
+        cfg.hostname = Some("anon".into());
+        let daemon = Daemon::start(cfg).await.expect("daemon");
+        DaemonClient::new(connect_local(&socket).await.expect("socket"))
+            .init(pb::InitRequest {
+                advertise_addr: addr.to_string(),
+                cluster_name: String::new(),
+            })
+            .await
+            .expect("init");
+        let ca_pem = std::fs::read_to_string(data.join("pki/ca.crt")).expect("ca.crt");
+        let ch = anonymous_channel(&addr.to_string(), &ca_pem).expect("channel");
+        let big = pb::CreateServiceRequest {
+            spec: Some(pb::ServiceSpec {
+                name: "x".repeat(3 << 20),
+                ..Default::default()
+            }),
+        };
+        let err = ControlClient::new(ch.clone())
+            .max_encoding_message_size(8 << 20)
+            .create_service(big)
+            .await
+            .expect_err("an anonymous create was accepted");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        assert!(
+            err.message().contains("client certificate is required"),
+            "{err:?}"
+        );
+        // The same connection still serves the public CA method.
+        CaClient::new(ch)
+            .get_root_certificate(pb::GetRootCertificateRequest {})
+            .await
+            .expect("root certificate after a refused call");
+        daemon.shutdown().await;
+    });
+}

@@ -120,6 +120,7 @@ impl Manager {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let res = crate::tls::grpc_server()
+                .layer(crate::tls::RequireClientCertLayer)
                 .add_service(raft_svc)
                 .add_service(ca)
                 .add_service(control)
