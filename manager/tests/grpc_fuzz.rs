@@ -589,3 +589,55 @@ fn whole_dispatcher_requests_from_a_real_node() {
     eprintln!("answers: {:#?}", codes.borrow());
     result.unwrap();
 }
+
+/// `RaftMessage.data` carries openraft's requests as bincode: damaged or arbitrary payloads
+/// must decode to an error, never a panic or a huge allocation.
+#[test]
+fn raft_payloads_decode_without_panicking() {
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+    use shoal_manager::raft::TypeConfig;
+    use shoal_manager::store::{Command, Mutation, Object};
+
+    let node = pb::Node {
+        meta: Some(pb::Meta {
+            id: "n1".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let entry = Entry::<TypeConfig> {
+        log_id: LogId::new(CommittedLeaderId::new(3, 1), 7),
+        payload: EntryPayload::Normal(Command::now(vec![Mutation::Create(Object::Node(node))])),
+    };
+    let append = bincode::serialize(&AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new(3, 1),
+        prev_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 6)),
+        entries: vec![entry.clone(), entry],
+        leader_commit: None,
+    })
+    .expect("encode");
+    let vote = bincode::serialize(&VoteRequest::<u64>::new(Vote::new(4, 2), None)).expect("encode");
+    runner(cases(PURE_CASES))
+        .run(
+            &(
+                prop::collection::vec(any::<u8>(), 0..512),
+                prop::collection::vec((any::<u32>(), any::<u8>()), 1..6),
+                any::<bool>(),
+            ),
+            |(raw, flips, which)| {
+                let mut damaged = if which { append.clone() } else { vote.clone() };
+                for (at, x) in flips {
+                    let i = at as usize % damaged.len();
+                    damaged[i] ^= x;
+                }
+                for b in [&raw, &damaged] {
+                    let _ = bincode::deserialize::<AppendEntriesRequest<TypeConfig>>(b);
+                    let _ = bincode::deserialize::<VoteRequest<u64>>(b);
+                    let _ = bincode::deserialize::<InstallSnapshotRequest<TypeConfig>>(b);
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
