@@ -233,7 +233,9 @@ fn invalid(e: validate::Invalid) -> Status {
 }
 
 /// Forwards the call to the leader when this manager is not it; on the leader, confirms
-/// leadership for reads.
+/// leadership first, for writes too: a write is checked against the local store before it
+/// is proposed (the name taken, the service missing, the version read), and a deposed
+/// leader that has not heard of its successor yet would refuse from a stale state.
 macro_rules! leader_only {
     ($api:ident, $req:ident, $method:ident, read) => {
         if let Some(mut c) = $api.read_route(&$req).await? {
@@ -241,7 +243,7 @@ macro_rules! leader_only {
         }
     };
     ($api:ident, $req:ident, $method:ident, write) => {
-        if let Some(mut c) = $api.leader_client(&$req).await? {
+        if let Some(mut c) = $api.read_route(&$req).await? {
             return c.$method(forwarded($req)).await;
         }
     };

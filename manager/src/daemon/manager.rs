@@ -181,6 +181,12 @@ impl Manager {
 
     /// Stops serving and stops Raft; the sled database closes once the last handle drops.
     pub async fn shutdown(mut self) {
+        self.stop().await;
+    }
+
+    /// [`Manager::shutdown`] in place: its control API stays (answering from the stopped
+    /// Raft), nothing else runs. Doing it again does nothing more.
+    pub async fn stop(&mut self) {
         if let Some(r) = self.renew.take() {
             r.abort();
         }

@@ -47,6 +47,26 @@ pub const JOIN_MANAGER_TIMEOUT: Duration = Duration::from_secs(60);
 pub const ROLE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long that check may take.
 pub const ROLE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a manager's Raft is checked for a fatal stop (see `watch_raft`).
+pub const RAFT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Least time between a manager stopping on a fatal Raft error and the agent starting afresh.
+pub const RAFT_RESTART_DELAY: Duration = Duration::from_secs(2);
+/// Free space the data dir needs before such a manager's agent starts afresh.
+pub const RAFT_RESTART_FREE_BYTES: u64 = 16 << 20;
+/// Exit status when [`reexec`] cannot replace the process (a supervisor restarts it).
+pub const EXIT_REEXEC_FAILED: i32 = 75;
+
+/// Replaces this process with a fresh run of its own command line: same pid, so a
+/// supervisor, the test bed and the worker agent's containers (separate processes, adopted
+/// again at start) are unaffected; every descriptor is close-on-exec, so locks go with it.
+fn reexec() -> ! {
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("/proc/self/exe")
+        .args(std::env::args_os().skip(1))
+        .exec();
+    tracing::error!("starting the agent afresh: {err}; exiting");
+    std::process::exit(EXIT_REEXEC_FAILED)
+}
 /// Pause before a failed self-promotion (worker to manager) is tried again.
 pub const PROMOTE_RETRY_DELAY: Duration = Duration::from_secs(2);
 
@@ -258,6 +278,7 @@ impl Daemon {
         }
         let socket_server = serve_socket(shared.clone()).await?;
         tokio::spawn(watch_role(Arc::downgrade(&shared)));
+        tokio::spawn(watch_raft(Arc::downgrade(&shared)));
         tokio::spawn(watch_promotion(
             Arc::downgrade(&shared),
             shared.desired_role.subscribe(),
@@ -323,6 +344,81 @@ impl Daemon {
         let mut role = self.shared.role.lock().await;
         stop_role(std::mem::replace(&mut role.0, Role_::Inactive)).await;
     }
+}
+
+/// Handles a manager whose Raft stopped on a fatal error — a storage error such as a full
+/// disk. openraft never resumes by itself, and a manager without Raft would go on serving
+/// its dispatcher and Raft port from a state that no longer moves (its workers would stay
+/// attached to it, and be marked down). So the manager stops serving at once: workers and
+/// peers move to the other managers, while the local socket keeps answering with the
+/// storage error. Once the data dir has [`RAFT_RESTART_FREE_BYTES`] free again (and at
+/// least [`RAFT_RESTART_DELAY`] later) the process starts afresh ([`reexec`]): the stopped
+/// Raft may hold the database in this process, and a new process image opens it cleanly.
+async fn watch_raft(shared: std::sync::Weak<Shared>) {
+    let mut stopped_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::time::sleep(RAFT_CHECK_INTERVAL).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let data_dir = &shared.cfg.data_dir;
+        if let Some(at) = stopped_at {
+            if at.elapsed() >= RAFT_RESTART_DELAY && has_room(data_dir).await {
+                tracing::error!(
+                    "{} has room again: starting the agent afresh",
+                    data_dir.display()
+                );
+                reexec();
+            }
+            continue;
+        }
+        let Some(api) = shared.slot.get() else {
+            continue;
+        };
+        let fatal = match &api.raft().metrics().borrow().running_state {
+            Err(e) => e.to_string(),
+            Ok(()) => continue,
+        };
+        let mut role = shared.role.lock().await;
+        // Re-check under the lock: a leave, demotion or restart may have happened.
+        let same = shared
+            .slot
+            .get()
+            .is_some_and(|a| a.raft_id() == api.raft_id());
+        let Role_::Manager(m) = &mut role.0 else {
+            continue;
+        };
+        if !same {
+            continue;
+        }
+        m.stop().await;
+        stopped_at = Some(tokio::time::Instant::now());
+        tracing::error!(
+            "raft stopped: {fatal}; this manager stopped serving and the agent starts afresh once {} has {} MiB free",
+            data_dir.display(),
+            RAFT_RESTART_FREE_BYTES >> 20
+        );
+    }
+}
+
+/// Whether `dir` takes [`RAFT_RESTART_FREE_BYTES`] more: writes (then removes) a file that
+/// size, so it answers for this file system as it is, quotas and reservations included.
+async fn has_room(dir: &Path) -> bool {
+    let probe = dir.join(".room-check");
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let chunk = vec![0u8; 1 << 20];
+        let fits = std::fs::File::create(&probe).and_then(|mut f| {
+            for _ in 0..(RAFT_RESTART_FREE_BYTES >> 20) {
+                f.write_all(&chunk)?;
+            }
+            f.sync_all()
+        });
+        let _ = std::fs::remove_file(&probe);
+        fits.is_ok()
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Turns this manager into a worker once the cluster has demoted it; ends with the daemon.
