@@ -473,6 +473,7 @@ async fn converge(
                 continue;
             };
             let mut running: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for t in tasks.into_inner().tasks {
                 if !t.service_name.starts_with(&format!("chaos-{run_id}-")) {
                     continue;
@@ -486,11 +487,21 @@ async fn converge(
                         .map(|s| s.container_id.clone())
                         .filter(|c| !c.is_empty())
                         .unwrap_or(id);
-                    if st.map(|s| s.state) == Some(pb::TaskState::Running as i32)
-                        && container_live(&cid)
-                    {
+                    let live = container_live(&cid);
+                    if st.map(|s| s.state) == Some(pb::TaskState::Running as i32) && live {
                         e.1 += 1;
                     }
+                    seen.entry(t.service_name.clone())
+                        .or_default()
+                        .push(format!(
+                            "task {cid} slot {} on {} observed {:?}{}{}",
+                            t.slot,
+                            t.node_id.get(..6).unwrap_or(&t.node_id),
+                            st.and_then(|s| pb::TaskState::try_from(s.state).ok()),
+                            st.map(|s| format!(" ({} {})", s.message, s.err))
+                                .unwrap_or_default(),
+                            if live { ", container live" } else { "" }
+                        ));
                 }
             }
             last = Vec::new();
@@ -498,7 +509,8 @@ async fn converge(
                 let (desired, live) = running.get(*name).copied().unwrap_or_default();
                 if desired != r || live != r {
                     last.push(format!(
-                        "{name}: {r} replicas wanted, {desired} tasks desired running, {live} running with a live container"
+                        "{name}: {r} replicas wanted, {desired} tasks desired running, {live} running with a live container: {}",
+                        seen.get(*name).map(|v| v.join("; ")).unwrap_or_default()
                     ));
                 }
             }
