@@ -427,6 +427,82 @@ mod tests {
         }
     }
 
+    /// Whether some order of the answered operations and a subset of the unanswered ones
+    /// respects real time and the model: every permutation, tried.
+    fn brute_force(h: &[Entry<RegOp>]) -> bool {
+        fn go(h: &[Entry<RegOp>], used: &mut Vec<bool>, state: Option<SpecValue>) -> bool {
+            if h.iter()
+                .zip(used.iter())
+                .all(|(e, u)| *u || e.ret.is_none())
+            {
+                return true;
+            }
+            for i in 0..h.len() {
+                if used[i] {
+                    continue;
+                }
+                // i may go next only if no other pending operation returned before i's call.
+                let blocked = (0..h.len())
+                    .any(|j| j != i && !used[j] && h[j].ret.is_some_and(|r| r < h[i].call));
+                if blocked {
+                    continue;
+                }
+                if let Some(next) = Register.step(&state, &h[i].op) {
+                    used[i] = true;
+                    if go(h, used, next) {
+                        return true;
+                    }
+                    used[i] = false;
+                }
+            }
+            false
+        }
+        go(h, &mut vec![false; h.len()], None)
+    }
+
+    #[test]
+    fn agrees_with_brute_force_on_random_small_histories() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (mut yes, mut no) = (0, 0);
+        for _ in 0..3000 {
+            let n = rng.gen_range(1..=6);
+            let h: Vec<Entry<RegOp>> = (0..n)
+                .map(|_| {
+                    let call = rng.gen_range(0..20);
+                    let ret = (rng.gen_range(0..6) > 0).then(|| call + rng.gen_range(0..8));
+                    let val = |rng: &mut rand::rngs::StdRng| v(rng.gen_range(1..4));
+                    let op = match rng.gen_range(0..6) {
+                        0 => RegOp::Create(val(&mut rng)),
+                        1 => RegOp::CreateExists,
+                        2 => RegOp::Cas {
+                            old: val(&mut rng),
+                            new: val(&mut rng),
+                        },
+                        3 => RegOp::Missing,
+                        4 => RegOp::Remove,
+                        _ => RegOp::Read(rng.gen_bool(0.7).then(|| val(&mut rng))),
+                    };
+                    e(call, ret, op)
+                })
+                .collect();
+            let expected = brute_force(&h);
+            let got = verdict(&h);
+            assert_eq!(
+                matches!(got, Verdict::Linearizable(_)),
+                expected,
+                "{h:?}: {got:?}"
+            );
+            if expected {
+                yes += 1;
+            } else {
+                no += 1;
+            }
+        }
+        // Both verdicts were exercised.
+        assert!(yes > 300 && no > 300, "{yes} linearizable, {no} not");
+    }
+
     #[test]
     fn the_step_limit_gives_inconclusive_not_a_pass() {
         let h = [
