@@ -110,7 +110,7 @@ impl ControlApi {
         let Ok(ch) = self.peer_channel(addr) else {
             return false;
         };
-        let mut c = CaClient::new(ch);
+        let mut c = CaClient::new(ch).max_decoding_message_size(crate::ca::MAX_CA_MESSAGE_BYTES);
         let call = c.get_root_certificate(pb::GetRootCertificateRequest {});
         match tokio::time::timeout(PROBE_TIMEOUT, call).await {
             Ok(Ok(_)) => true,

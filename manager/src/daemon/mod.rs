@@ -503,7 +503,11 @@ async fn still_manager(api: &crate::controlapi::ControlApi) -> Option<(bool, Str
             node: api.node_id().to_string(),
         });
         req.set_timeout(ROLE_CHECK_TIMEOUT);
-        match ControlClient::new(ch).get_node(req).await {
+        match ControlClient::new(ch)
+            .max_decoding_message_size(crate::controlapi::MAX_CONTROL_MESSAGE_BYTES)
+            .get_node(req)
+            .await
+        {
             Ok(r) => {
                 let n = r.into_inner().node?;
                 let manager = pb::NodeRole::Manager as i32;
@@ -989,7 +993,8 @@ async fn join_raft(tls: &NodeTls, manager_addr: &str, st: &LocalState) -> Result
     let channel = tls
         .channel(manager_addr)
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut client = ControlClient::new(channel);
+    let mut client = ControlClient::new(channel)
+        .max_decoding_message_size(crate::controlapi::MAX_CONTROL_MESSAGE_BYTES);
     let mut req = Request::new(pb::JoinManagerRequest {
         node_id: st.node_id.clone(),
         raft_id: st.raft_id,
