@@ -8,6 +8,7 @@ mod fixture;
 mod runtime;
 mod services;
 mod stats;
+mod update;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,8 @@ enum Bench {
     ServiceConverge(services::ConvergeArgs),
     /// Kill a worker (agent and containers) running N tasks: time until all run elsewhere.
     NodeFailure(failure::FailureArgs),
+    /// One node: a rolling update of N replicas, parallelism P, until completed (vs swarm mode).
+    ServiceUpdate(update::UpdateArgs),
 }
 
 fn main() {
@@ -46,6 +49,7 @@ fn main() {
         Bench::ClusterMemory(a) => cluster::memory(&a),
         Bench::ServiceConverge(a) => services::converge(&a),
         Bench::NodeFailure(a) => failure::node_failure(&a),
+        Bench::ServiceUpdate(a) => update::service_update(&a),
     };
     if let Err(e) = result {
         eprintln!("shoal-bench: {e:#}");

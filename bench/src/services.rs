@@ -101,7 +101,7 @@ struct Round {
 // ---- shoal ----
 
 /// One agent, a one-node cluster; its task containers are deleted and the agent killed on drop.
-struct ShoalNode {
+pub(crate) struct ShoalNode {
     bin: PathBuf,
     dir: PathBuf,
     socket: PathBuf,
@@ -109,7 +109,7 @@ struct ShoalNode {
 }
 
 impl ShoalNode {
-    fn start(bin: &Path, dir: &Path) -> Result<ShoalNode> {
+    pub(crate) fn start(bin: &Path, dir: &Path) -> Result<ShoalNode> {
         let addr = format!("127.0.0.1:{}", free_port()?);
         let data = dir.join("data");
         std::fs::create_dir_all(&data)?;
@@ -174,7 +174,7 @@ impl ShoalNode {
         Ok(node)
     }
 
-    fn cli(&self, args: &[&str]) -> Result<String> {
+    pub(crate) fn cli(&self, args: &[&str]) -> Result<String> {
         run(Command::new(&self.bin)
             .args(args)
             .env("SHOAL_SOCKET", &self.socket))
@@ -185,7 +185,7 @@ impl ShoalNode {
     }
 
     /// Task containers the runtime reports running, and all of them.
-    fn runtime_containers(&self) -> Result<(usize, usize)> {
+    pub(crate) fn runtime_containers(&self) -> Result<(usize, usize)> {
         let root = self.runtime_root();
         if !root.exists() {
             return Ok((0, 0));
@@ -250,7 +250,7 @@ impl ShoalNode {
     }
 
     /// Kills the agent, then deletes every task container it left.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut p) = self.agent.take() {
             p.kill();
         }
