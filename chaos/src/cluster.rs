@@ -14,8 +14,9 @@ use tonic::transport::Channel;
 
 /// The image every service runs, imported into each host's store.
 pub const IMAGE: &str = "busybox:latest";
-/// Size of the tmpfs the disk-full manager keeps its data dir on.
-pub const TMPFS_SIZE: &str = "48m";
+/// Size of the tmpfs the disk-full manager keeps its data dir on: room for sled's growth
+/// over a long run (tens of MiB) plus the space the manager needs free to start again.
+pub const TMPFS_SIZE: &str = "160m";
 /// How long connecting to a host's socket may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a control call made by the harness itself (not the recorded workload) may take.

@@ -39,7 +39,7 @@ const LEAD_ATTEMPTS: usize = 3;
 const SUCCESSOR_WAIT: Duration = Duration::from_secs(8);
 /// Big writes made while the disk is full, and the label bytes each carries.
 const PRESSURE_WRITES: usize = 12;
-const PRESSURE_LABELS: usize = 256 * 1024;
+const PRESSURE_LABELS: usize = 64 * 1024;
 /// Size of one ballast label's value (the control API allows 4 KiB).
 const LABEL_VALUE_BYTES: usize = 4000;
 /// The disk stays full at least this long (the big writes take their time).

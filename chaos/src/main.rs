@@ -498,8 +498,11 @@ async fn converge(
                             t.slot,
                             t.node_id.get(..6).unwrap_or(&t.node_id),
                             st.and_then(|s| pb::TaskState::try_from(s.state).ok()),
-                            st.map(|s| format!(" ({} {})", s.message, s.err))
-                                .unwrap_or_default(),
+                            st.map(|s| format!(
+                                " ({} {} {})",
+                                s.message, s.err, t.scheduling_message
+                            ))
+                            .unwrap_or_default(),
                             if live { ", container live" } else { "" }
                         ));
                 }
