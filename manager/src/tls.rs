@@ -52,6 +52,10 @@ pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// (new ones wait in the kernel's listen backlog), so a flood cannot exhaust file descriptors
 /// or memory. A cluster needs a few per node.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// How long a connection without a client certificate is served: such a caller can only
+/// fetch the root certificate or join (a call or two, each on a fresh connection), so an
+/// anonymous client cannot park idle connections and fill [`MAX_CONNECTIONS`].
+pub const ANONYMOUS_CONNECTION_LIFETIME: Duration = Duration::from_secs(20);
 /// Concurrent HTTP/2 streams (calls) one connection may open; a node uses a handful.
 pub const MAX_CONCURRENT_STREAMS: u32 = 128;
 /// Largest HTTP/2 header block a server accepts (gRPC metadata is small).
@@ -403,9 +407,17 @@ pub fn tls_incoming(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, open).await {
                     Ok(Ok(tls)) => {
                         drop(handshake);
+                        let anonymous = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .is_none_or(|c| c.is_empty());
+                        let expires = anonymous
+                            .then(|| Box::pin(tokio::time::sleep(ANONYMOUS_CONNECTION_LIFETIME)));
                         let conn = ServedConn {
                             tls,
                             preface_sent: 0,
+                            expires,
                             _slot: slot,
                         };
                         let _ = tx.send(Ok(conn)).await;
@@ -425,6 +437,8 @@ pub struct ServedConn {
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     /// How much of [`HTTP2_PREFACE`] the server has read back so far.
     preface_sent: usize,
+    /// When a connection without a client certificate ends (it then reads as closed).
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -434,6 +448,11 @@ impl tokio::io::AsyncRead for ServedConn {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(expires) = self.expires.as_mut() {
+            if expires.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(())); // end of stream: the server closes
+            }
+        }
         if self.preface_sent < HTTP2_PREFACE.len() {
             let rest = &HTTP2_PREFACE[self.preface_sent..];
             let n = rest.len().min(buf.remaining());

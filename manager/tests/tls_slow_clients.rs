@@ -316,3 +316,54 @@ fn anonymous_requests_beyond_the_ca_are_refused_before_decoding() {
         daemon.shutdown().await;
     });
 }
+
+/// A connection without a client certificate is closed after its lifetime, even while its
+/// client (a tonic channel, which answers keepalive pings) would keep it idle forever.
+#[test]
+fn anonymous_connections_end_after_their_lifetime() {
+    use shoal_manager::tls::ANONYMOUS_CONNECTION_LIFETIME;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = free_port();
+        let socket = dir.path().join("shoal.sock");
+        let data = dir.path().join("data");
+        let mut cfg = DaemonConfig::new(&data, addr, socket.clone());
+        cfg.hostname = Some("lifetime".into());
+        let daemon = Daemon::start(cfg).await.expect("daemon");
+        DaemonClient::new(connect_local(&socket).await.expect("socket"))
+            .init(pb::InitRequest {
+                advertise_addr: addr.to_string(),
+                cluster_name: String::new(),
+            })
+            .await
+            .expect("init");
+        let ca_pem = std::fs::read_to_string(data.join("pki/ca.crt")).expect("ca.crt");
+        let ch = anonymous_channel(&addr.to_string(), &ca_pem).expect("channel");
+        let opened = Instant::now();
+        CaClient::new(ch.clone())
+            .get_root_certificate(pb::GetRootCertificateRequest {})
+            .await
+            .expect("root certificate");
+        assert_eq!(server_side(addr.port()), 1, "one anonymous connection open");
+        let deadline = ANONYMOUS_CONNECTION_LIFETIME + Duration::from_secs(3);
+        while server_side(addr.port()) > 0 {
+            assert!(
+                opened.elapsed() < deadline,
+                "an idle anonymous connection outlived {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            opened.elapsed() + Duration::from_secs(1) >= ANONYMOUS_CONNECTION_LIFETIME,
+            "closed after {:?}, before its lifetime",
+            opened.elapsed()
+        );
+        // The channel reconnects for the next call.
+        CaClient::new(ch)
+            .get_root_certificate(pb::GetRootCertificateRequest {})
+            .await
+            .expect("root certificate on a new connection");
+        daemon.shutdown().await;
+    });
+}
