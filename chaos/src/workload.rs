@@ -370,8 +370,9 @@ pub fn spawn_clients(
         .collect()
 }
 
-/// Reads every name ever used (through any manager that answers, retrying up to
-/// `timeout`), recording the reads; returns each one's value.
+/// Reads every name ever used with one linearizable `ListServices` (through any manager that
+/// answers, retrying up to `timeout`) and records it as a read of each name (same start and
+/// end: one store state); returns each one's value, and the names left unread.
 pub async fn final_reads(
     shared: &Arc<Shared>,
     timeout: Duration,
@@ -384,30 +385,50 @@ pub async fn final_reads(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let mut finals = std::collections::BTreeMap::new();
-    let mut unread = Vec::new();
     let deadline = Instant::now() + timeout;
-    let mut client = Client {
-        id: usize::MAX,
-        shared: shared.clone(),
-        rng: rand::rngs::StdRng::seed_from_u64(0),
-    };
-    for name in names {
-        if Instant::now() >= deadline {
-            unread.push(name);
-            continue;
-        }
-        loop {
-            if let (Outcome::Read(v), _) = client.read_full(&name).await {
-                finals.insert(name.clone(), v);
-                break;
-            }
-            if Instant::now() >= deadline {
-                unread.push(name.clone());
-                break;
-            }
+    let prefix = format!("chaos-{}-", shared.run_id);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    while Instant::now() < deadline {
+        let Some((host, sock)) = shared.managers.choose(&mut rng).cloned() else {
+            break;
+        };
+        let start_us = shared.now_us();
+        let req = pb::ListServicesRequest {
+            name_prefix: prefix.clone(),
+        };
+        let Answer::Ok(list) = call(Kind::Read, &sock, |mut cl| async move {
+            cl.list_services(req).await
+        })
+        .await
+        else {
             tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let end_us = shared.now_us();
+        let found: std::collections::HashMap<String, Option<SpecValue>> = list
+            .services
+            .iter()
+            .filter_map(|sum| sum.service.as_ref())
+            .filter_map(|s| Some((s.spec.as_ref()?.name.clone(), value_of(s))))
+            .collect();
+        let mut finals = std::collections::BTreeMap::new();
+        for name in names {
+            let v = found.get(&name).copied().flatten();
+            shared.record(Call {
+                id: shared.next_call.fetch_add(1, Ordering::Relaxed),
+                client: usize::MAX,
+                service: name.clone(),
+                kind: Kind::Read,
+                via: host.clone(),
+                start_us,
+                end_us,
+                value: None,
+                old: None,
+                outcome: Outcome::Read(v),
+            });
+            finals.insert(name, v);
         }
+        return (finals, Vec::new());
     }
-    (finals, unread)
+    (std::collections::BTreeMap::new(), names)
 }
