@@ -663,13 +663,11 @@ fn commands_round_trip_through_serde() {
     assert_eq!(bincode::deserialize::<Command>(&b).unwrap(), c);
     let j = serde_json::to_string(&c).unwrap();
     assert_eq!(serde_json::from_str::<Command>(&j).unwrap(), c);
-    let r = Response {
-        result: Err(StoreError::VersionConflict {
-            id: "x".into(),
-            expected: 1,
-            actual: 2,
-        }),
-    };
+    let r = Response::single(Err(StoreError::VersionConflict {
+        id: "x".into(),
+        expected: 1,
+        actual: 2,
+    }));
     assert_eq!(
         bincode::deserialize::<Response>(&bincode::serialize(&r).unwrap()).unwrap(),
         r

@@ -7,12 +7,13 @@
 //! certificate required) and on the local root-only Unix socket.
 
 mod membership;
+mod propose;
 mod server;
 pub mod update;
 pub mod validate;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shoal_proto::v1::control_client::ControlClient;
@@ -22,8 +23,10 @@ use tonic::{Code, Status};
 use crate::raft::Raft;
 use crate::store::{Command, Mutation, Store, StoreError};
 use crate::tls::{Authorizer, NodeTls};
+use propose::Proposer;
 
 pub use membership::{quorum_after, ManagerHealth};
+pub use propose::{MAX_GROUP_COMMANDS, MAX_INFLIGHT_GROUPS, PROPOSAL_QUEUE};
 pub use server::{watch_event, ApiSlot, ControlService, WATCH_STREAM_BUFFER};
 
 /// Metadata key marking a call a follower forwarded, so the receiver never forwards it again.
@@ -67,6 +70,8 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     /// Serialises membership changes (openraft refuses overlapping ones).
     membership: tokio::sync::Mutex<()>,
+    /// The group-commit loop, started by the first proposal (which runs on a tokio runtime).
+    proposer: OnceLock<Proposer>,
 }
 
 impl ControlApi {
@@ -88,6 +93,7 @@ impl ControlApi {
                 authorizer,
                 channels: Mutex::new(HashMap::new()),
                 membership: tokio::sync::Mutex::new(()),
+                proposer: OnceLock::new(),
             }),
         }
     }
@@ -230,28 +236,26 @@ impl ControlApi {
     }
 
     /// Proposes mutations as one command and waits until it is applied; returns the new
-    /// versions. Refusals by the store come back as their gRPC equivalents.
+    /// versions. Refusals by the store come back as their gRPC equivalents. Concurrent
+    /// proposals may share one Raft entry (see `propose`'s module); each is still applied
+    /// all-or-nothing on its own.
     pub async fn propose(&self, mutations: Vec<Mutation>) -> Result<Vec<u64>, Status> {
         let cmd = Command {
             now_ms: now_ms(),
             mutations,
         };
-        let write = tokio::time::timeout(PROPOSE_TIMEOUT, self.inner.raft.client_write(cmd));
-        let resp = write.await.map_err(|_| {
-            Status::unavailable(
-                "the write was not committed in time: the managers may have lost quorum",
-            )
-        })?;
-        let resp = resp.map_err(|e| {
-            use openraft::error::{ClientWriteError, RaftError};
-            match e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-                    Status::unavailable("this manager lost leadership; retry the request")
-                }
-                other => Status::unavailable(format!("raft: {other}")),
-            }
-        })?;
-        resp.data.result.map_err(store_status)
+        let proposer = self
+            .inner
+            .proposer
+            .get_or_init(|| Proposer::start(self.inner.raft.clone()));
+        let resp = tokio::time::timeout(PROPOSE_TIMEOUT, proposer.propose(cmd))
+            .await
+            .map_err(|_| {
+                Status::unavailable(
+                    "the write was not committed in time: the managers may have lost quorum",
+                )
+            })??;
+        resp.result.map_err(store_status)
     }
 
     pub(crate) async fn membership_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
@@ -293,7 +297,7 @@ pub fn store_status(e: StoreError) -> Status {
         StoreError::VersionConflict { .. } | StoreError::InvalidTransition { .. } => {
             Code::FailedPrecondition
         }
-        StoreError::Invalid { .. } => Code::InvalidArgument,
+        StoreError::Invalid { .. } | StoreError::Malformed(_) => Code::InvalidArgument,
         StoreError::Storage(_) | StoreError::Decode { .. } => Code::Internal,
     };
     Status::new(code, e.to_string())

@@ -125,9 +125,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let log_id = entry.log_id;
             last_applied = Some(log_id);
             match entry.payload {
-                EntryPayload::Blank => responses.push(Response {
-                    result: Ok(Vec::new()),
-                }),
+                EntryPayload::Blank => responses.push(Response::single(Ok(Vec::new()))),
                 EntryPayload::Normal(cmd) => {
                     let resp = batch
                         .apply(log_id.index, &cmd)
@@ -136,9 +134,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(log_id), m));
-                    responses.push(Response {
-                        result: Ok(Vec::new()),
-                    });
+                    responses.push(Response::single(Ok(Vec::new())));
                 }
             }
         }

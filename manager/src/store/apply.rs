@@ -37,7 +37,25 @@ impl<'a> Batch<'a> {
     /// Applies `cmd` at `log_index` on top of the batch. A refused command (conflict, not
     /// found, ...) is `Ok` with the refusal in the response and changes nothing; `Err` is a
     /// storage failure (the batch should be dropped).
+    ///
+    /// A group command (`Mutation::Group`) applies each of its commands this way in turn and
+    /// answers with their responses in `Response::each`.
     pub fn apply(&mut self, log_index: u64, cmd: &Command) -> Result<Response, StoreError> {
+        let [Mutation::Group(group)] = cmd.mutations.as_slice() else {
+            return self.apply_one(log_index, cmd);
+        };
+        let mut each = Vec::with_capacity(group.len());
+        for c in group {
+            each.push(self.apply_one(log_index, c)?);
+        }
+        Ok(Response {
+            result: Ok(Vec::new()),
+            each,
+        })
+    }
+
+    /// Applies one command that is not a group (a group inside is refused as malformed).
+    fn apply_one(&mut self, log_index: u64, cmd: &Command) -> Result<Response, StoreError> {
         let mut staged = Staged {
             batch: self,
             writes: Writes::new(),
@@ -48,19 +66,13 @@ impl<'a> Batch<'a> {
             match staged.mutate(log_index, cmd.now_ms, m) {
                 Ok(()) => versions.push(log_index),
                 Err(StoreError::Storage(e)) => return Err(StoreError::Storage(e)),
-                Err(refused) => {
-                    return Ok(Response {
-                        result: Err(refused),
-                    })
-                }
+                Err(refused) => return Ok(Response::single(Err(refused))),
             }
         }
         let Staged { writes, events, .. } = staged;
         self.writes.extend(writes);
         self.events.extend(events);
-        Ok(Response {
-            result: Ok(versions),
-        })
+        Ok(Response::single(Ok(versions)))
     }
 
     /// Sets a key of the state machine's metadata tree in this batch.
@@ -151,6 +163,9 @@ impl Staged<'_, '_> {
                 id,
                 expect_version,
             } => self.delete(log_index, *kind, id, *expect_version),
+            Mutation::Group(_) => Err(StoreError::Malformed(
+                "a group must be the only mutation of a command, and groups do not nest".into(),
+            )),
         }
     }
 

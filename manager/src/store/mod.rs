@@ -127,9 +127,9 @@ impl Store {
         match batch.apply(log_index, cmd) {
             Ok(resp) => match batch.commit() {
                 Ok(()) => resp,
-                Err(e) => Response { result: Err(e) },
+                Err(e) => Response::single(Err(e)),
             },
-            Err(e) => Response { result: Err(e) },
+            Err(e) => Response::single(Err(e)),
         }
     }
 

@@ -51,6 +51,12 @@ pub enum Mutation {
         /// Optimistic concurrency token, as for `Update`.
         expect_version: Option<u64>,
     },
+    /// Several proposers' commands carried in one Raft entry (group commit): each is checked
+    /// and applied on its own, in order, all-or-nothing by itself, as if it had its own entry
+    /// at this index; their results are the response's `each`. Only valid as the sole
+    /// mutation of a command, and never nested. (Last variant: entries written before it
+    /// existed still decode.)
+    Group(Vec<Command>),
 }
 
 /// A stored cluster object (serde-encoded as its prost bytes).
@@ -194,8 +200,21 @@ impl<'de> Deserialize<'de> for Object {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Response {
     /// The new version of each mutated object, one per mutation in order (all equal to the raft
-    /// log index of the command), or why the whole command was refused.
+    /// log index of the command), or why the whole command was refused. `Ok(vec![])` for a
+    /// group.
     pub result: Result<Vec<u64>, StoreError>,
+    /// For a `Mutation::Group` command: one response per grouped command, in order; else empty.
+    pub each: Vec<Response>,
+}
+
+impl Response {
+    /// The response of a command that is not a group.
+    pub fn single(result: Result<Vec<u64>, StoreError>) -> Response {
+        Response {
+            result,
+            each: Vec::new(),
+        }
+    }
 }
 
 /// Why the store refused a command or a read failed.
@@ -255,6 +274,9 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A command that cannot be applied as written (a misplaced or nested group).
+    #[error("malformed command: {0}")]
+    Malformed(String),
     /// sled failed (I/O, corruption).
     #[error("storage: {0}")]
     Storage(String),
