@@ -102,9 +102,13 @@ fn shoal_round(a: &UpdateArgs, node: &ShoalNode, name: &str) -> Result<Duration>
     let t = Instant::now();
     node.cli(&["service", "update", "-d", "--args", "sleep 3601", name])?;
     let took = until(t, &format!("shoal: {name} update"), || {
-        let (state, _) = shoal_state(node, name)?;
+        let (state, v) = shoal_state(node, name)?;
         if state == "paused" || state.starts_with("rollback") {
-            bail!("shoal: the update of {name} ended {state}");
+            let ps = node.cli(&["service", "ps", "--no-trunc", name])?;
+            bail!(
+                "shoal: the update of {name} ended {state}: {}\n{ps}",
+                v["UpdateStatus"]["Message"]
+            );
         }
         Ok(state == "completed")
     })?;
