@@ -174,6 +174,11 @@ impl Proc {
         self.child.id()
     }
 
+    /// Its piped stdout, once.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
     /// `Some(reason)` once it has exited.
     pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
@@ -455,8 +460,18 @@ impl Shoal {
         Ok(())
     }
 
+    /// Agent `i`'s hostname.
+    pub fn host(&self, i: usize) -> String {
+        self.agents[i].host.clone()
+    }
+
+    /// Agent `i`'s gRPC address (host:port).
+    pub fn addr(&self, i: usize) -> String {
+        self.agents[i].addr.clone()
+    }
+
     /// Runs `shoal ARGS` against agent `i`; its stdout, or its stderr as the error.
-    fn cli(&self, i: usize, args: &[&str]) -> Result<String> {
+    pub(crate) fn cli(&self, i: usize, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.bin)
             .args(args)
             .env("SHOAL_SOCKET", &self.agents[i].socket)

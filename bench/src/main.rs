@@ -6,6 +6,7 @@ mod etcd;
 mod failure;
 mod fixture;
 mod runtime;
+mod scale;
 mod services;
 mod stats;
 mod update;
@@ -37,6 +38,10 @@ enum Bench {
     NodeFailure(failure::FailureArgs),
     /// One node: a rolling update of N replicas, parallelism P, until completed (vs swarm mode).
     ServiceUpdate(update::UpdateArgs),
+    /// 3 drained managers + N hollow nodes: a service of R replicas until all run.
+    Scale(scale::ScaleArgs),
+    /// Runs N hollow nodes (own key, certificate, session; sim executor) in this process.
+    HollowNodes(scale::HollowArgs),
 }
 
 fn main() {
@@ -50,6 +55,8 @@ fn main() {
         Bench::ServiceConverge(a) => services::converge(&a),
         Bench::NodeFailure(a) => failure::node_failure(&a),
         Bench::ServiceUpdate(a) => update::service_update(&a),
+        Bench::Scale(a) => scale::scale(&a),
+        Bench::HollowNodes(a) => scale::hollow_nodes(&a),
     };
     if let Err(e) = result {
         eprintln!("shoal-bench: {e:#}");
