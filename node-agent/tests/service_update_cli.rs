@@ -428,3 +428,40 @@ fn killing_the_leader_mid_update_ends_with_every_task_on_the_new_spec() {
     assert!(down <= 1, "{down} slots down at once: {h:#?}");
     c.assert_real("web");
 }
+
+#[test]
+fn a_global_service_updates_node_by_node() {
+    let c = Cluster::new(3, 1);
+    let m = &c.nodes[0];
+    m.ok(&[
+        "service",
+        "create",
+        "--name",
+        "agent",
+        "--mode",
+        "global",
+        "--stop-grace-period",
+        "1s",
+        "--update-monitor",
+        "300ms",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    let is_new = |t: &Hist| t.args == ["sleep", "7200"];
+    let out = m.ok(&["service", "update", "--args", "sleep 7200", "agent"]);
+    assert!(out.contains("overall progress: 3 out of 3 tasks"), "{out}");
+    let h = history(&c, "agent");
+    let new_running: Vec<&Hist> = h
+        .iter()
+        .filter(|t| is_new(t) && t.state == "running" && t.desired == "running")
+        .collect();
+    assert_eq!(new_running.len(), 3, "{h:#?}");
+    let nodes: std::collections::BTreeSet<&str> =
+        new_running.iter().map(|t| t.node.as_str()).collect();
+    assert_eq!(nodes.len(), 3, "one task per node: {h:#?}");
+    // Parallelism 1 (the default): one node without its task at a time.
+    assert_eq!(max_down(&h, is_new), 1, "{h:#?}");
+    assert_eq!(update_state(&c, "agent"), "completed");
+    c.assert_real("agent");
+}
