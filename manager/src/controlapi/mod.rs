@@ -167,10 +167,12 @@ impl ControlApi {
                     }
                 }
             }
-            if tokio::time::timeout_at(deadline, metrics.changed())
-                .await
-                .is_err()
-            {
+            // Raft shut down (a demoted manager) closes the channel: `changed()` would then
+            // return at once forever, so that ends the wait too.
+            if !matches!(
+                tokio::time::timeout_at(deadline, metrics.changed()).await,
+                Ok(Ok(()))
+            ) {
                 return Err(Status::unavailable(
                     "no raft leader: the managers have lost quorum or are electing one",
                 ));
