@@ -465,3 +465,67 @@ fn a_global_service_updates_node_by_node() {
     assert_eq!(update_state(&c, "agent"), "completed");
     c.assert_real("agent");
 }
+
+#[test]
+fn bad_update_flags_fail_on_one_line_before_the_daemon_is_asked() {
+    // No daemon at this socket: the flags are checked first.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    for (args, want) in [
+        (
+            &[
+                "service",
+                "update",
+                "--update-max-failure-ratio",
+                "2",
+                "web",
+            ][..],
+            "invalid --update-max-failure-ratio 2: must be between 0 and 1",
+        ),
+        (
+            &["service", "update", "--update-delay", "10", "web"][..],
+            "--update-delay",
+        ),
+        (
+            &["service", "update", "--env-add", "=x", "web"][..],
+            "invalid --env-add \"=x\": expected NAME=VALUE",
+        ),
+        (
+            &["service", "update", "--rollback", "--image", "x", "web"][..],
+            "--rollback cannot be combined with flags that change the spec",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--rollback-max-failure-ratio",
+                "1.5",
+                "x",
+            ][..],
+            "invalid --rollback-max-failure-ratio 1.5: must be between 0 and 1",
+        ),
+    ] {
+        let out = std::process::Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_SOCKET", &sock)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // A rollback's failure action cannot be rollback: clap refuses the value.
+    let out = std::process::Command::new(SHOAL)
+        .args([
+            "service",
+            "update",
+            "--rollback-failure-action",
+            "rollback",
+            "web",
+        ])
+        .env("SHOAL_SOCKET", &sock)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
