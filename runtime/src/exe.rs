@@ -138,14 +138,18 @@ pub fn protected_copy() -> Result<PathBuf, ExeError> {
     Ok(target)
 }
 
-/// Remove older copies of the same binary name; they may still be running, which is fine.
+/// Remove older copies of the same binary name that no process runs. A copy still running
+/// is kept: its process (a daemon of the previous version, say) starts helpers such as
+/// `shoal runtime create` from that path, so removing it would break the daemon until its
+/// restart.
 fn remove_stale(dir: &Path, name: &str, keep: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
+    let running = running_exes();
     for e in entries.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if n != keep && n.starts_with(&format!("{name}-")) {
+        if n != keep && n.starts_with(&format!("{name}-")) && !running.contains(&e.path()) {
             if let Ok(f) = File::open(e.path()) {
                 if let Ok(v) = flags(&f) {
                     let nv = v & !FS_IMMUTABLE_FL;
@@ -156,6 +160,24 @@ fn remove_stale(dir: &Path, name: &str, keep: &str) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// The executables of every process on the host (as `/proc/<pid>/exe` names them).
+fn running_exes() -> std::collections::HashSet<PathBuf> {
+    let mut out = std::collections::HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let n = p.file_name();
+        if !n.as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        if let Ok(exe) = std::fs::read_link(p.path().join("exe")) {
+            out.insert(exe);
+        }
+    }
+    out
 }
 
 /// Re-execute the calling program from its immutable copy unless it already runs from one.
@@ -190,4 +212,40 @@ pub fn reexec_protected() -> Result<(), ExeError> {
 /// Drop the re-exec mark from the environment so containers never see it.
 pub fn forget_reexec_mark() {
     std::env::remove_var(REEXEC_MARK);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_copies_go_unless_a_process_runs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = dir.path().join("tool-1");
+        let idle = dir.path().join("tool-2");
+        let other = dir.path().join("else-1");
+        for p in [&running, &idle, &other] {
+            std::fs::copy("/bin/sleep", p).unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut child = std::process::Command::new(&running)
+            .arg("30")
+            .spawn()
+            .unwrap();
+        // The child has exec'd once its exe link names the copy.
+        let link = PathBuf::from(format!("/proc/{}/exe", child.id()));
+        for _ in 0..200 {
+            if std::fs::read_link(&link).is_ok_and(|p| p == running) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(running_exes().contains(&running));
+        remove_stale(dir.path(), "tool", "tool-3");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(running.exists(), "a running copy was removed");
+        assert!(!idle.exists(), "an idle stale copy was kept");
+        assert!(other.exists(), "another binary's copy was touched");
+    }
 }

@@ -66,8 +66,9 @@ impl RuntimeExecutor {
     pub fn new(cfg: RuntimeExecutorConfig) -> Result<RuntimeExecutor, ExecError> {
         let images =
             ImageStore::open(&cfg.data_dir).map_err(|e| ExecError::Runtime(e.to_string()))?;
-        let shoal = std::env::current_exe()
-            .map_err(|e| ExecError::Runtime(format!("path of the running binary: {e}")))?;
+        // Through /proc: the running binary even when its file has been replaced or removed
+        // since (a newer build replacing its protected copy).
+        let shoal = PathBuf::from("/proc/self/exe");
         Ok(RuntimeExecutor {
             cfg,
             images: Arc::new(images),
