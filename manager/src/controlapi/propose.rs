@@ -30,28 +30,19 @@ struct Pending {
 
 /// The sending side of the group-commit loop; the loop ends when this is dropped.
 pub(crate) struct Proposer {
-    raft: Raft,
     tx: mpsc::Sender<Pending>,
-    /// One permit per Raft entry the control API may have in flight.
-    inflight: Arc<Semaphore>,
 }
 
 impl Proposer {
     /// Starts the loop on the current tokio runtime.
     pub(crate) fn start(raft: Raft) -> Proposer {
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
-        let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_GROUPS));
-        tokio::spawn(run(raft.clone(), rx, inflight.clone()));
-        Proposer { raft, tx, inflight }
+        tokio::spawn(run(raft, rx));
+        Proposer { tx }
     }
 
     /// Proposes `cmd` (possibly grouped with others) and waits until it is applied.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<Response, Status> {
-        // A free slot means nothing is waiting to be grouped with: write from this task, with
-        // no hop through the loop. (Freed permits go to the loop first when it waits for one.)
-        if let Ok(_permit) = self.inflight.clone().try_acquire_owned() {
-            return write(&self.raft, cmd).await;
-        }
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Pending { cmd, reply })
@@ -63,7 +54,9 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, inflight: Arc<Semaphore>) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+    // One permit per Raft entry in flight; while none is free, proposals queue up.
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_GROUPS));
     while let Some(first) = rx.recv().await {
         // Never closed, so acquiring only waits.
         let Ok(permit) = inflight.clone().acquire_owned().await else {
