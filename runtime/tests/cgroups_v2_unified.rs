@@ -35,6 +35,20 @@ fn controllers(root: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Stats once the cgroup has used more than `ns` of CPU, or the last ones after a bound.
+fn wait_cpu(cg: &dyn cgroups::CgroupManager, ns: u64) -> cgroups::CgroupStats {
+    const TRIES: usize = 100;
+    let mut s = cg.stats().unwrap();
+    for _ in 0..TRIES {
+        if s.cpu_usage_ns > ns {
+            break;
+        }
+        sleep(Duration::from_millis(50));
+        s = cg.stats().unwrap();
+    }
+    s
+}
+
 #[test]
 fn cgroups_v2_real_task_freeze_stats_kill() {
     let Some(root) = v2_root() else {
@@ -62,8 +76,8 @@ fn cgroups_v2_real_task_freeze_stats_kill() {
     let _kill = KillOnDrop(pid);
     cg.add_task(pid).unwrap();
     assert_eq!(cg.pids().unwrap(), vec![pid]);
-    sleep(Duration::from_millis(200));
-    let s = cg.stats().unwrap();
+    // A loaded machine may give the spinner little CPU: wait (bounded) for it to use some.
+    let s = wait_cpu(&*cg, 10_000_000);
     assert!(s.cpu_usage_ns > 10_000_000, "{s:?}");
 
     cg.freeze().unwrap();
@@ -76,7 +90,7 @@ fn cgroups_v2_real_task_freeze_stats_kill() {
     // cgroup.events lags the write by a moment.
     sleep(Duration::from_millis(300));
     assert!(!cg.is_frozen().unwrap());
-    let c = cg.stats().unwrap().cpu_usage_ns;
+    let c = wait_cpu(&*cg, b + 10_000_000).cpu_usage_ns;
     assert!(
         c > b + 10_000_000,
         "thawed child made no progress: {b} → {c}"
