@@ -43,8 +43,6 @@ pub const DEFAULT_MISSED_HEARTBEATS_DOWN: u32 = 3;
 pub const STATUS_BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// At most this many status updates go into one Raft command.
 pub const STATUS_BATCH_MAX: usize = 1000;
-/// Status batches being written through Raft at once.
-pub const STATUS_WRITES_IN_FLIGHT: usize = 4;
 /// Pending `UpdateTaskStatus` calls queued for the batcher; further calls wait (backpressure).
 pub const STATUS_QUEUE: usize = 1024;
 /// Updates one `UpdateTaskStatus` call may carry.

@@ -9,8 +9,7 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::{
-    Backend, Inner, ProposeError, STATUS_BATCH_MAX, STATUS_BATCH_WINDOW, STATUS_WRITES_IN_FLIGHT,
-    STATUS_WRITE_RETRIES,
+    Backend, Inner, ProposeError, STATUS_BATCH_MAX, STATUS_BATCH_WINDOW, STATUS_WRITE_RETRIES,
 };
 use crate::controlapi::now_ms;
 use crate::store::{Command, Mutation, Object, Store, StoreError};
@@ -28,7 +27,6 @@ pub(super) async fn batcher<B: Backend>(
     inner: Arc<Inner<B>>,
     mut rx: mpsc::Receiver<StatusRequest>,
 ) {
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(STATUS_WRITES_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let deadline = Instant::now() + STATUS_BATCH_WINDOW;
         let mut count = first.updates.len();
@@ -42,21 +40,10 @@ pub(super) async fn batcher<B: Backend>(
                 Ok(None) | Err(_) => break,
             }
         }
-        // Several batches in Raft at once: a status write waits for its commit, and one at a
-        // time capped the cluster at one batch per commit latency. A task is in at most one
-        // batch in flight (its agent waits for the answer before reporting it again); a
-        // version conflict with another writer is re-read and retried as before.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let result = write(&inner, &batch).await;
-            for r in batch {
-                let _ = r.done.send(result.clone());
-            }
-            drop(permit);
-        });
+        let result = write(&inner, &batch).await;
+        for r in batch {
+            let _ = r.done.send(result.clone());
+        }
     }
 }
 

@@ -24,9 +24,6 @@ pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
 pub const MAX_EVENTS_PER_APPLY: usize = 4_096;
 /// Largest command a component proposes (a scheduling round of 100,000 tasks is 100 commands).
 pub const MAX_COMMAND_MUTATIONS: usize = 1_000;
-/// Commands of one round proposed to Raft at once (openraft puts concurrent proposals in one
-/// append, so a big round costs a few commit latencies rather than one per command).
-pub const MAX_PROPOSALS_IN_FLIGHT: usize = 8;
 /// After a proposal, how long a component waits for its own writes to reach the view before
 /// deciding again (deciding on a view without them would repeat them).
 pub const VIEW_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -185,19 +182,10 @@ struct Outcome {
 }
 
 async fn propose_all<P: Proposer>(name: &str, proposer: &P, d: Decision, now: i64) -> Outcome {
-    use futures::StreamExt;
     let mut out = Outcome::default();
-    // The commands of one decision are independent groups, so several go to Raft at once:
-    // waiting for each commit before proposing the next made a round of 100 commands
-    // (100,000 new tasks) cost 100 commit latencies.
-    let mut results = futures::stream::iter(d.into_commands(now, MAX_COMMAND_MUTATIONS))
-        .map(|cmd| {
-            let n = cmd.mutations.len();
-            async move { (n, proposer.propose(cmd).await) }
-        })
-        .buffered(MAX_PROPOSALS_IN_FLIGHT);
-    while let Some((n, result)) = results.next().await {
-        match result {
+    for cmd in d.into_commands(now, MAX_COMMAND_MUTATIONS) {
+        let n = cmd.mutations.len();
+        match proposer.propose(cmd).await {
             Ok(resp) => match resp.result {
                 Ok(versions) => {
                     out.applied = out.applied.max(versions.into_iter().max().unwrap_or(0));
