@@ -100,6 +100,16 @@ pub struct ScaleArgs {
     /// `cluster update` before the nodes join; the managers restart to take them).
     #[arg(long, value_delimiter = ',')]
     raft_timers: Option<Vec<u64>>,
+    /// Longest wait, in seconds, for the joins and again for the tasks (default 600 and 900):
+    /// a run that takes longer fails with what it reached.
+    #[arg(long)]
+    deadline: Option<u64>,
+}
+
+impl ScaleArgs {
+    fn deadline(&self, default: Duration) -> Duration {
+        self.deadline.map_or(default, Duration::from_secs)
+    }
 }
 
 fn timers(a: &ScaleArgs) -> Result<Option<Timers>> {
@@ -422,10 +432,11 @@ async fn run(a: &ScaleArgs, timers: Option<Timers>, bin: &Path, root: &Path) -> 
                 );
             }
         }
-        if t.elapsed() > JOIN_DEADLINE {
+        if t.elapsed() > a.deadline(JOIN_DEADLINE) {
             bail!(
-                "{ready} of {} hollow nodes Ready after {JOIN_DEADLINE:?}",
-                a.nodes
+                "{ready} of {} hollow nodes Ready after {:?}",
+                a.nodes,
+                a.deadline(JOIN_DEADLINE)
             );
         }
         if last_print.elapsed() > Duration::from_secs(5) {
@@ -500,10 +511,11 @@ async fn run(a: &ScaleArgs, timers: Option<Timers>, bin: &Path, root: &Path) -> 
         if up == a.replicas {
             break;
         }
-        if t.elapsed() > RUN_DEADLINE {
+        if t.elapsed() > a.deadline(RUN_DEADLINE) {
             bail!(
-                "{up} of {} tasks running after {RUN_DEADLINE:?}",
-                a.replicas
+                "{up} of {} tasks running after {:?}",
+                a.replicas,
+                a.deadline(RUN_DEADLINE)
             );
         }
         if last_print.elapsed() > Duration::from_secs(2) {

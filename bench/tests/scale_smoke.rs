@@ -31,6 +31,9 @@ fn scale_smoke_50_hollow_nodes_2000_replicas() {
             "2000",
             "--hosts-procs",
             "2",
+            // Fail with what it reached, well before the test runner's own timeout.
+            "--deadline",
+            "100",
         ])
         .arg("--shoal")
         .arg(shoal())
