@@ -14,6 +14,13 @@
 //!   `smaller_log_timeout`, this leaves the round to a node that can);
 //! - the only voter of a cluster elects at once; a leader or a learner never does.
 //!
+//! The driver also sends the leader's heartbeats at the cluster's interval
+//! (`Trigger::heartbeat`): openraft 0.9 uses its own `heartbeat_interval` as the deadline of
+//! every AppendEntries too, and at 50 ms a follower that needs longer to take a big batch of
+//! entries on a loaded host times out round after round. [`driven_config`] widens openraft's
+//! interval to just under the election timeout ([`append_deadline_ms`]) and the driver keeps
+//! the followers' leases fresh at the cluster's rate.
+//!
 //! Voters still refuse any vote within the lease of the last leader message they processed
 //! (openraft's `handle_vote_req`), so a node that lost contact alone (a partitioned minority)
 //! cannot win while the majority still hears its leader.
@@ -237,11 +244,22 @@ impl Schedule {
     }
 }
 
+/// openraft's `heartbeat_interval` for a driven manager, which is the deadline of each
+/// AppendEntries: just under the election timeout (openraft requires it below
+/// `election_timeout_min`), never below the cluster's heartbeat interval.
+pub fn append_deadline_ms(config: &openraft::Config) -> u64 {
+    config
+        .heartbeat_interval
+        .max(config.election_timeout_min.saturating_sub(1))
+}
+
 /// The openraft config a driven manager runs with: `config` with openraft's own election
-/// timer off.
+/// timer off and its heartbeat interval (the AppendEntries deadline) widened to
+/// [`append_deadline_ms`]; the driver sends heartbeats at `config`'s interval.
 pub fn driven_config(config: &openraft::Config) -> Arc<openraft::Config> {
     Arc::new(openraft::Config {
         enable_elect: false,
+        heartbeat_interval: append_deadline_ms(config),
         ..config.clone()
     })
 }
@@ -258,7 +276,8 @@ impl ElectionDriver {
     pub fn spawn(raft: Raft, config: &openraft::Config, contact: LeaderContact) -> ElectionDriver {
         raft.runtime_config().elect(false);
         let timers = ElectionTimers::of(config);
-        let task = tokio::spawn(drive(raft, timers, contact));
+        let beat = Duration::from_millis(config.heartbeat_interval);
+        let task = tokio::spawn(drive(raft, timers, beat, contact));
         ElectionDriver { task }
     }
 }
@@ -269,13 +288,25 @@ impl Drop for ElectionDriver {
     }
 }
 
-async fn drive(raft: Raft, timers: ElectionTimers, contact: LeaderContact) {
+async fn drive(raft: Raft, timers: ElectionTimers, beat: Duration, contact: LeaderContact) {
     let metrics = raft.metrics();
     let mut schedule = Schedule::new(timers, timers.draw());
+    let mut last_beat = Instant::now();
     loop {
         let Some(role) = Role::of(&metrics.borrow()) else {
             return;
         };
+        if role == Role::Leader {
+            if last_beat.elapsed() >= beat {
+                last_beat = Instant::now();
+                if let Err(e) = raft.trigger().heartbeat().await {
+                    tracing::debug!("election driver stops: {e}");
+                    return;
+                }
+            }
+            tokio::time::sleep(beat.saturating_sub(last_beat.elapsed()).min(ELECTION_POLL)).await;
+            continue;
+        }
         let (last, behind) = (contact.last(), contact.behind_since());
         match schedule.step(Instant::now(), role, last, behind, || timers.draw()) {
             Step::Elect => {
@@ -314,7 +345,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(ElectionTimers::of(&c), timers());
-        assert!(!driven_config(&c).enable_elect);
+        let driven = driven_config(&c);
+        assert!(!driven.enable_elect);
+        // openraft's interval is the AppendEntries deadline: widened, still a valid config.
+        assert_eq!(driven.heartbeat_interval, 199);
+        assert!(openraft::Config::clone(&driven).validate().is_ok());
+        let slow = openraft::Config {
+            heartbeat_interval: 300,
+            election_timeout_min: 301,
+            election_timeout_max: 600,
+            ..Default::default()
+        };
+        assert_eq!(append_deadline_ms(&slow), 300);
         for _ in 0..1000 {
             assert!(timers().draw() < 200 * MS);
         }
