@@ -2,18 +2,15 @@
 //! proposing through `Raft::client_write`, with a simulated agent moving tasks, converging
 //! after each change within a bounded wait; a restarted `run_leader` resumes from the store.
 
+mod no_peers;
+use no_peers::NoPeers;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::{BasicNode, ServerState};
 use shoal_manager::orchestrator::run_leader;
-use shoal_manager::raft::typ::rpc::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
-use shoal_manager::raft::{raft_config, Raft, Storage, TypeConfig};
+use shoal_manager::raft::{raft_config, Raft, Storage};
 use shoal_manager::store::{Command, Kind, Mutation, Object, Store};
 use shoal_proto::v1::{
     service_spec::Mode, ContainerSpec, Meta, Node, NodeDescription, NodeSpec, NodeState,
@@ -22,52 +19,6 @@ use shoal_proto::v1::{
 };
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-/// A one-voter cluster never sends an RPC.
-struct NoPeers;
-
-fn no_peer<E: std::error::Error>() -> RPCError<u64, BasicNode, E> {
-    RPCError::Network(NetworkError::new(&std::io::Error::other(
-        "single-node test cluster has no peers",
-    )))
-}
-
-impl RaftNetwork<TypeConfig> for NoPeers {
-    async fn append_entries(
-        &mut self,
-        _rpc: AppendEntriesRequest,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(no_peer())
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        _rpc: InstallSnapshotRequest,
-        _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse,
-        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
-    > {
-        Err(no_peer())
-    }
-
-    async fn vote(
-        &mut self,
-        _rpc: VoteRequest,
-        _option: RPCOption,
-    ) -> Result<VoteResponse, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(no_peer())
-    }
-}
-
-impl RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = NoPeers;
-
-    async fn new_client(&mut self, _target: u64, _node: &BasicNode) -> NoPeers {
-        NoPeers
-    }
-}
 
 /// Bound on every wait for convergence.
 const CONVERGE: Duration = Duration::from_secs(15);

@@ -3,20 +3,17 @@
 //! once, without shutdown or any flush of its own; the parent reopens the files and finds
 //! every acknowledged write in the log and, once replayed, in the store.
 
+mod no_peers;
+use no_peers::NoPeers;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command as Process, Stdio};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::storage::RaftLogReader;
 use openraft::{BasicNode, EntryPayload, ServerState};
-use shoal_manager::raft::typ::rpc::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
-use shoal_manager::raft::{raft_config, Raft, Storage, TypeConfig};
+use shoal_manager::raft::{raft_config, Raft, Storage};
 use shoal_manager::store::{Command, Mutation, Object};
 use shoal_proto::v1::{Meta, Node, RaftConfig};
 
@@ -26,52 +23,6 @@ const CHILD_DIR_ENV: &str = "SHOAL_TEST_DURABILITY_CHILD_DIR";
 const WRITES: usize = 40;
 const WAIT: Duration = Duration::from_secs(10);
 const TEST_NAME: &str = "acknowledged_writes_survive_abort";
-
-/// A one-voter cluster never sends an RPC.
-struct NoPeers;
-
-fn no_peer<E: std::error::Error>() -> RPCError<u64, BasicNode, E> {
-    RPCError::Network(NetworkError::new(&std::io::Error::other(
-        "single-node test cluster has no peers",
-    )))
-}
-
-impl RaftNetwork<TypeConfig> for NoPeers {
-    async fn append_entries(
-        &mut self,
-        _rpc: AppendEntriesRequest,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(no_peer())
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        _rpc: InstallSnapshotRequest,
-        _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse,
-        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
-    > {
-        Err(no_peer())
-    }
-
-    async fn vote(
-        &mut self,
-        _rpc: VoteRequest,
-        _option: RPCOption,
-    ) -> Result<VoteResponse, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(no_peer())
-    }
-}
-
-impl RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = NoPeers;
-
-    async fn new_client(&mut self, _target: u64, _node: &BasicNode) -> NoPeers {
-        NoPeers
-    }
-}
 
 fn node_id(i: usize) -> String {
     format!("durable-{i:03}")

@@ -1,66 +1,17 @@
 //! A real one-manager openraft node on the sled storage: writes through Raft, snapshots and
 //! purging keep the log bounded, and a restart from the same files loses nothing.
 
+mod no_peers;
+use no_peers::NoPeers;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::storage::RaftLogReader;
 use openraft::{BasicNode, ServerState};
-use shoal_manager::raft::typ::rpc::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
-use shoal_manager::raft::{raft_config, Raft, Storage, TypeConfig};
+use shoal_manager::raft::{raft_config, Raft, Storage};
 use shoal_manager::store::{Command, Mutation, Object, StoreError};
 use shoal_proto::v1::{Meta, Node, RaftConfig};
-
-/// A one-voter cluster never sends an RPC; any attempt is a failure of the test.
-struct NoPeers;
-
-fn no_peer<E: std::error::Error>() -> RPCError<u64, BasicNode, E> {
-    RPCError::Network(NetworkError::new(&std::io::Error::other(
-        "single-node test cluster has no peers",
-    )))
-}
-
-impl RaftNetwork<TypeConfig> for NoPeers {
-    async fn append_entries(
-        &mut self,
-        _rpc: AppendEntriesRequest,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(no_peer())
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        _rpc: InstallSnapshotRequest,
-        _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse,
-        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
-    > {
-        Err(no_peer())
-    }
-
-    async fn vote(
-        &mut self,
-        _rpc: VoteRequest,
-        _option: RPCOption,
-    ) -> Result<VoteResponse, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(no_peer())
-    }
-}
-
-impl RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = NoPeers;
-
-    async fn new_client(&mut self, _target: u64, _node: &BasicNode) -> NoPeers {
-        NoPeers
-    }
-}
 
 const SNAPSHOT_INTERVAL: u64 = 20;
 const KEEP: u64 = 5;
