@@ -103,6 +103,17 @@ impl ControlService {
 }
 
 impl ControlApi {
+    /// Writes `next` over the service as it was at `version` and returns it as now stored.
+    async fn write_service(&self, next: pb::Service, version: u64) -> Result<pb::Service, Status> {
+        let id = id_of(next.meta.as_ref()).to_string();
+        self.propose(vec![Mutation::Update {
+            object: Object::Service(next),
+            expect_version: Some(version),
+        }])
+        .await?;
+        self.find_service(&id)
+    }
+
     pub(crate) fn find_service(&self, key: &str) -> Result<pb::Service, Status> {
         let store = self.store();
         if key.is_empty() {
@@ -365,7 +376,6 @@ impl Control for ControlService {
                 req.get_ref().version
             )));
         }
-        let id = id_of(current.meta.as_ref()).to_string();
         let spec = with_defaults(spec);
         let mut next = current.clone();
         if !same_but_replicas(&old_spec, &spec) {
@@ -379,12 +389,7 @@ impl Control for ControlService {
         next.previous_spec = Some(old_spec);
         next.spec = Some(spec);
         update::on_update(&current, &mut next, super::now_ms());
-        api.propose(vec![Mutation::Update {
-            object: Object::Service(next),
-            expect_version: Some(version),
-        }])
-        .await?;
-        let service = api.find_service(&id)?;
+        let service = api.write_service(next, version).await?;
         Ok(Response::new(pb::ServiceResponse {
             service: Some(service),
         }))
@@ -407,13 +412,7 @@ impl Control for ControlService {
         }
         let next = update::rollback(&current, super::now_ms())
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let id = id_of(current.meta.as_ref()).to_string();
-        api.propose(vec![Mutation::Update {
-            object: Object::Service(next),
-            expect_version: Some(version),
-        }])
-        .await?;
-        let service = api.find_service(&id)?;
+        let service = api.write_service(next, version).await?;
         Ok(Response::new(pb::ServiceResponse {
             service: Some(service),
         }))
