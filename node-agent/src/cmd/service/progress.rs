@@ -284,26 +284,35 @@ pub async fn wait_converged(
     }
 }
 
+/// One poll of the service and its tasks.
+async fn read_service(
+    c: &mut ControlClient<Channel>,
+    service_id: &str,
+) -> anyhow::Result<(pb::Service, Vec<pb::Task>)> {
+    let service = rpc(c
+        .get_service(pb::GetServiceRequest {
+            service: service_id.to_string(),
+        })
+        .await)
+    .context("reading the service")?
+    .service
+    .unwrap_or_default();
+    let tasks = rpc(c
+        .list_tasks(pb::ListTasksRequest {
+            service: service_id.to_string(),
+            node: String::new(),
+        })
+        .await)
+    .context("reading the service's tasks")?
+    .tasks;
+    Ok((service, tasks))
+}
+
 async fn follow(c: &mut ControlClient<Channel>, service_id: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut display = Display::new();
     loop {
-        let service = rpc(c
-            .get_service(pb::GetServiceRequest {
-                service: service_id.to_string(),
-            })
-            .await)
-        .context("reading the service")?
-        .service
-        .unwrap_or_default();
-        let tasks = rpc(c
-            .list_tasks(pb::ListTasksRequest {
-                service: service_id.to_string(),
-                node: String::new(),
-            })
-            .await)
-        .context("reading the service's tasks")?
-        .tasks;
+        let (service, tasks) = read_service(c, service_id).await?;
         let global = matches!(
             service.spec.as_ref().and_then(|s| s.mode.as_ref()),
             Some(Mode::Global(_))
@@ -365,22 +374,7 @@ async fn follow_update(
     // Why the rollback started: its completed status only says "rollback completed".
     let mut rollback_cause = String::new();
     loop {
-        let service = rpc(c
-            .get_service(pb::GetServiceRequest {
-                service: service_id.to_string(),
-            })
-            .await)
-        .context("reading the service")?
-        .service
-        .unwrap_or_default();
-        let tasks = rpc(c
-            .list_tasks(pb::ListTasksRequest {
-                service: service_id.to_string(),
-                node: String::new(),
-            })
-            .await)
-        .context("reading the service's tasks")?
-        .tasks;
+        let (service, tasks) = read_service(c, service_id).await?;
         let status = service.update_status.clone().unwrap_or_default();
         let hostnames = if matches!(
             service.spec.as_ref().and_then(|s| s.mode.as_ref()),
