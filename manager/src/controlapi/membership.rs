@@ -25,7 +25,7 @@ const PROMOTION_CHECK_WAIT: Duration = Duration::from_secs(2);
 pub const NODE_WRITE_RETRIES: usize = 5;
 
 /// Whether a write failed only because the object changed since it was read.
-fn is_version_conflict(s: &Status) -> bool {
+pub(crate) fn is_version_conflict(s: &Status) -> bool {
     s.code() == tonic::Code::FailedPrecondition && s.message().starts_with("version conflict")
 }
 

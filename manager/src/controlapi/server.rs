@@ -9,7 +9,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{new_id, store_status, update, validate, ControlApi, FORWARDED_HEADER};
+use super::{membership, new_id, store_status, update, validate, ControlApi, FORWARDED_HEADER};
 use crate::ca::{NodeIdentity, Role};
 use crate::store::{Action, Event, Kind, Mutation, Object};
 
@@ -525,39 +525,27 @@ impl Control for ControlService {
         }
         leader_only!(api, req, update_node, write);
         let r = req.get_ref();
-        let node = api.find_node(&r.node)?;
-        let version = version_of(node.meta.as_ref());
-        if r.version != 0 && r.version != version {
-            return Err(Status::failed_precondition(format!(
-                "update out of sequence: node is at version {version}, not {}",
-                r.version
-            )));
-        }
-        let mut next = node.clone();
-        let spec = next.spec.get_or_insert_with(Default::default);
-        if let Some(a) = r.availability {
-            spec.availability = a;
-        }
-        for k in &r.label_rm {
-            if spec.labels.remove(k).is_none() {
-                return Err(Status::not_found(format!(
-                    "label {k} not found on the node"
-                )));
+        // A caller that named no version means "whatever is current": the dispatcher writes
+        // heartbeats and status on the node too, so a conflict with those is re-read and
+        // retried; a caller that named a version gets the conflict.
+        let attempts = if r.version == 0 {
+            membership::NODE_WRITE_RETRIES
+        } else {
+            1
+        };
+        let mut last = None;
+        for _ in 0..attempts {
+            match update_node_once(&api, r).await {
+                Err(s) if r.version == 0 && membership::is_version_conflict(&s) => last = Some(s),
+                Err(s) => return Err(s),
+                Ok(id) => {
+                    let mut node = api.find_node(&id)?;
+                    api.manager_health().await.fill(&mut node);
+                    return Ok(Response::new(pb::NodeResponse { node: Some(node) }));
+                }
             }
         }
-        spec.labels.extend(r.label_add.clone());
-        if spec.labels.len() > validate::MAX_LABELS {
-            return Err(Status::invalid_argument("too many node labels"));
-        }
-        let id = id_of(node.meta.as_ref()).to_string();
-        api.propose(vec![Mutation::Update {
-            object: Object::Node(next),
-            expect_version: Some(version),
-        }])
-        .await?;
-        let mut node = api.find_node(&id)?;
-        api.manager_health().await.fill(&mut node);
-        Ok(Response::new(pb::NodeResponse { node: Some(node) }))
+        Err(last.unwrap_or_else(|| Status::aborted("node write retries exhausted")))
     }
 
     async fn promote_node(
@@ -813,4 +801,39 @@ pub fn watch_event(ev: Event) -> pb::WatchEvent {
         action: action as i32,
         object: Some(object),
     }
+}
+
+/// One read-modify-write of a node for `update_node`; answers the node's id.
+async fn update_node_once(api: &ControlApi, r: &pb::UpdateNodeRequest) -> Result<String, Status> {
+    let node = api.find_node(&r.node)?;
+    let version = version_of(node.meta.as_ref());
+    if r.version != 0 && r.version != version {
+        return Err(Status::failed_precondition(format!(
+            "update out of sequence: node is at version {version}, not {}",
+            r.version
+        )));
+    }
+    let mut next = node.clone();
+    let spec = next.spec.get_or_insert_with(Default::default);
+    if let Some(a) = r.availability {
+        spec.availability = a;
+    }
+    for k in &r.label_rm {
+        if spec.labels.remove(k).is_none() {
+            return Err(Status::not_found(format!(
+                "label {k} not found on the node"
+            )));
+        }
+    }
+    spec.labels.extend(r.label_add.clone());
+    if spec.labels.len() > validate::MAX_LABELS {
+        return Err(Status::invalid_argument("too many node labels"));
+    }
+    let id = id_of(node.meta.as_ref()).to_string();
+    api.propose(vec![Mutation::Update {
+        object: Object::Node(next),
+        expect_version: Some(version),
+    }])
+    .await?;
+    Ok(id)
 }
