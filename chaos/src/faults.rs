@@ -223,7 +223,10 @@ impl Injector<'_> {
             t.healed = Some((f.name().to_string(), rec.healed_ms));
         }
         match self.rt.block_on(self.cluster.wait_well(RECOVERY_TIMEOUT)) {
-            Ok(d) => rec.recovery_s = Some(d.as_secs_f64()),
+            Ok((d, h)) => {
+                rec.recovery_s = Some(d.as_secs_f64());
+                rec.notes.push(format!("well as seen through {}", h.via));
+            }
             Err(e) => {
                 rec.errors.push(format!("{e:#}"));
                 // One more chance: an agent may have died while we waited.
