@@ -109,8 +109,21 @@ fn main() {
     }
 }
 
+/// Logs `msg` with the seconds since the run started and the UTC time of day (the agents'
+/// logs are in UTC: a fault is found in them by its time).
 fn log(epoch: Instant, msg: &str) {
-    eprintln!("[{:>7.1}s] {msg}", epoch.elapsed().as_secs_f64());
+    let ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() % 86_400_000)
+        .unwrap_or(0);
+    eprintln!(
+        "[{:>7.1}s {:02}:{:02}:{:02}.{:03}Z] {msg}",
+        epoch.elapsed().as_secs_f64(),
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    );
 }
 
 fn run(args: Args) -> Result<bool> {
