@@ -250,6 +250,49 @@ impl Cluster {
         Ok(killed)
     }
 
+    /// Where each host's agent runs now and how long its log is: taken before a fault, so
+    /// that [`Cluster::wait_sessions`] can tell which agents were restarted.
+    pub fn agent_marks(&self) -> Vec<(Option<u32>, u64)> {
+        self.tb
+            .hosts()
+            .iter()
+            .map(|h| {
+                let len = std::fs::metadata(h.agent_log()).map_or(0, |m| m.len());
+                (h.agent_pid(), len)
+            })
+            .collect()
+    }
+
+    /// Waits (up to `timeout`) until every agent that runs under another pid than in `marks`
+    /// has logged a dispatcher session start since: a manager node shows Ready as soon as its
+    /// Raft port answers (`ListNodes` reports a manager's Raft reachability as its state), so
+    /// only its agent's log tells that it has a session with the leader again. Returns the
+    /// hosts still without one.
+    pub async fn wait_sessions(
+        &self,
+        marks: &[(Option<u32>, u64)],
+        timeout: Duration,
+    ) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let mut missing = Vec::new();
+            for (h, (pid, len)) in self.tb.hosts().iter().zip(marks) {
+                if h.agent_pid() == *pid {
+                    continue;
+                }
+                let log = std::fs::read(h.agent_log()).unwrap_or_default();
+                let since = log.get(*len as usize..).unwrap_or(&[]);
+                if !String::from_utf8_lossy(since).contains("session started") {
+                    missing.push(h.name().to_string());
+                }
+            }
+            if missing.is_empty() || start.elapsed() >= timeout {
+                return missing;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Every host's agent log, by host name.
     pub fn logs(&self) -> BTreeMap<String, String> {
         self.tb
