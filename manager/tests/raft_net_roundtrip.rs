@@ -224,6 +224,27 @@ async fn transport_outcomes_reach_openraft_as_the_right_errors() {
         .await
         .unwrap_err();
     assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
+    // An append of several entries that times out: openraft is told to send half as many.
+    let err = mute
+        .append_entries(
+            append((1..=6).map(|i| entry(i, 0)).collect()),
+            RPCOption::new(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        RPCError::PayloadTooLarge(p) => assert_eq!(p.entries_hint(), 3),
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    // One entry that times out is a timeout.
+    let err = mute
+        .append_entries(
+            append(vec![entry(1, 0)]),
+            RPCOption::new(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
     hold.abort();
 
     // A worker's certificate: the peer refuses it, openraft backs off.

@@ -326,6 +326,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                     PayloadTooLarge::new_entries_hint(entries / 2).with_source_error(&e),
                 ))
             }
+            // openraft resends a timed-out append whole, so a follower that cannot take that
+            // many entries within the deadline (a loaded host) would never catch up: it gets
+            // half as many at once instead (openraft keeps the hint for its next 10 appends).
+            Err(CallError::Timeout) if entries > 1 => Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(entries / 2),
+            )),
             outcome => self.finish(Method::AppendEntries, ttl, outcome),
         }
     }
