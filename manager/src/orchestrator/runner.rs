@@ -155,11 +155,20 @@ pub async fn run_leader<P: Proposer>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), LeaderRunError> {
     let events = store.watch();
-    let view = Arc::new(RwLock::new(ClusterView::load(&store)?));
+    // A new leader's log may hold entries of earlier terms that it commits only now (a former
+    // leader's creates among them): deciding before they are applied would repeat them.
+    let proposer = Arc::new(proposer);
+    let mut shutdown = std::pin::pin!(shutdown);
+    tokio::select! {
+        _ = proposer.applied(proposer.last_log_index()) => {}
+        _ = &mut shutdown => return Ok(()),
+    }
+    let view = Arc::new(RwLock::new(crate::store::block_in_place(|| {
+        ClusterView::load(&store)
+    })?));
     let (generation, _) = watch::channel(0u64);
     let (barriers, barrier_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared { view, barriers });
-    let proposer = Arc::new(proposer);
     let mut tasks = JoinSet::new();
     for c in components() {
         tasks.spawn(component(
@@ -240,7 +249,7 @@ async fn keep_view(
             // Drop what is queued: the reload reflects it. Later events are applied on top,
             // their versions sorting out what the reload already holds.
             while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = events.try_recv() {}
-            match ClusterView::load(&store) {
+            match crate::store::block_in_place(|| ClusterView::load(&store)) {
                 Ok(fresh) => {
                     let mut v = view.write().unwrap_or_else(|p| p.into_inner());
                     let applied = v.applied();
@@ -292,9 +301,16 @@ fn drain(
         }
         if !batch.is_empty() {
             any = true;
-            let mut v = view.write().unwrap_or_else(|p| p.into_inner());
-            for ev in batch.drain(..) {
-                v.apply_event(&ev);
+            let apply = |batch: &mut Vec<crate::store::Event>| {
+                let mut v = view.write().unwrap_or_else(|p| p.into_inner());
+                for ev in batch.drain(..) {
+                    v.apply_event(&ev);
+                }
+            };
+            if batch.len() >= 256 {
+                crate::store::block_in_place(|| apply(&mut batch));
+            } else {
+                apply(&mut batch);
             }
         }
         if empty {
@@ -367,11 +383,11 @@ async fn component<P: Proposer>(
         generation.borrow_and_update();
         let now = now_ms();
         let started = Instant::now();
-        let decision = {
+        let decision = crate::store::block_in_place(|| {
             let view = read(&shared.view);
             seen = Some(view.changes());
             (c.decide)(&view, now)
-        };
+        });
         last_round = Instant::now();
         gap = (last_round - started)
             .saturating_mul(ROUND_SPACING)
