@@ -225,6 +225,11 @@ async fn transport_outcomes_reach_openraft_as_the_right_errors() {
         .unwrap_err();
     assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
     // An append of several entries that times out: openraft is told to send half as many.
+    // (A fresh network each time: the cached channel's handshake would time out as a connect
+    // error, an Unreachable, once its own 200 ms have passed.)
+    let mut mute = Network::new(9, me.clone())
+        .new_client(4, &BasicNode::new(&silent_addr))
+        .await;
     let err = mute
         .append_entries(
             append((1..=6).map(|i| entry(i, 0)).collect()),
@@ -237,6 +242,9 @@ async fn transport_outcomes_reach_openraft_as_the_right_errors() {
         other => panic!("expected PayloadTooLarge, got {other:?}"),
     }
     // One entry that times out is a timeout.
+    let mut mute = Network::new(9, me.clone())
+        .new_client(4, &BasicNode::new(&silent_addr))
+        .await;
     let err = mute
         .append_entries(
             append(vec![entry(1, 0)]),
