@@ -298,12 +298,21 @@ impl Control for ControlService {
             .ok_or_else(|| Status::invalid_argument("no spec"))?;
         validate::service_spec(&spec).map_err(invalid)?;
         update::check_configs(&spec).map_err(invalid)?;
-        leader_only!(api, req, create_service, write);
-        if let Some(id) = api
+        leader_only!(api, req, create_service, propose);
+        // The name is checked again in apply; confirm leadership (and catch up) only before
+        // refusing, as `service_at` does.
+        let mut taken = api
             .store()
             .service_id_by_name(&spec.name)
-            .map_err(store_status)?
-        {
+            .map_err(store_status)?;
+        if taken.is_some() {
+            api.linearize().await?;
+            taken = api
+                .store()
+                .service_id_by_name(&spec.name)
+                .map_err(store_status)?;
+        }
+        if let Some(id) = taken {
             return Err(Status::already_exists(format!(
                 "service name {} is already in use by service {id}",
                 spec.name
