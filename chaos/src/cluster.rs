@@ -46,6 +46,10 @@ pub struct Health {
     pub ready: usize,
     pub reachable_managers: usize,
     pub nodes: usize,
+    /// The host whose socket answered.
+    pub via: String,
+    /// Every node that is not Ready or whose manager is unreachable: "host state (message)".
+    pub unwell: Vec<String>,
 }
 
 pub async fn control(socket: &Path) -> Result<ControlClient<Channel>> {
@@ -121,7 +125,7 @@ impl Cluster {
 
     /// Asks the managers in turn (the first that answers) how the cluster is.
     pub async fn health(&self) -> Option<Health> {
-        for (_, sock) in self.sockets(&self.managers) {
+        for (via, sock) in self.sockets(&self.managers) {
             let Ok(mut c) = control(&sock).await else {
                 continue;
             };
@@ -130,6 +134,7 @@ impl Cluster {
             let nodes = r.into_inner().nodes;
             let mut h = Health {
                 nodes: nodes.len(),
+                via,
                 ..Default::default()
             };
             for n in &nodes {
@@ -138,12 +143,21 @@ impl Cluster {
                     .as_ref()
                     .map(|d| d.hostname.as_str())
                     .unwrap_or("");
-                if n.status.as_ref().map(|s| s.state) == Some(pb::NodeState::Ready as i32) {
+                let state = n.status.as_ref().map_or(0, |s| s.state);
+                if state == pb::NodeState::Ready as i32 {
                     h.ready += 1;
+                } else {
+                    let st = pb::NodeState::try_from(state)
+                        .map(|s| s.as_str_name().to_string())
+                        .unwrap_or_else(|_| state.to_string());
+                    let msg = n.status.as_ref().map_or("", |s| s.message.as_str());
+                    h.unwell.push(format!("{name} {st} ({msg})"));
                 }
                 if let Some(ms) = &n.manager_status {
                     if ms.reachable {
                         h.reachable_managers += 1;
+                    } else {
+                        h.unwell.push(format!("{name} manager unreachable"));
                     }
                     if ms.leader {
                         h.leader = self.index_of(name);
@@ -164,13 +178,13 @@ impl Cluster {
     }
 
     /// Waits (up to `timeout`) for [`Cluster::all_well`]; returns how long it took.
-    pub async fn wait_well(&self, timeout: Duration) -> Result<Duration> {
+    pub async fn wait_well(&self, timeout: Duration) -> Result<(Duration, Health)> {
         let start = Instant::now();
         let mut last = None;
         while start.elapsed() < timeout {
             if let Some(h) = self.health().await {
                 if self.all_well(&h) {
-                    return Ok(start.elapsed());
+                    return Ok((start.elapsed(), h));
                 }
                 last = Some(h);
             }
@@ -234,6 +248,49 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(killed)
+    }
+
+    /// Where each host's agent runs now and how long its log is: taken before a fault, so
+    /// that [`Cluster::wait_sessions`] can tell which agents were restarted.
+    pub fn agent_marks(&self) -> Vec<(Option<u32>, u64)> {
+        self.tb
+            .hosts()
+            .iter()
+            .map(|h| {
+                let len = std::fs::metadata(h.agent_log()).map_or(0, |m| m.len());
+                (h.agent_pid(), len)
+            })
+            .collect()
+    }
+
+    /// Waits (up to `timeout`) until every agent that runs under another pid than in `marks`
+    /// has logged a dispatcher session start since: a manager node shows Ready as soon as its
+    /// Raft port answers (`ListNodes` reports a manager's Raft reachability as its state), so
+    /// only its agent's log tells that it has a session with the leader again. Returns the
+    /// hosts still without one.
+    pub async fn wait_sessions(
+        &self,
+        marks: &[(Option<u32>, u64)],
+        timeout: Duration,
+    ) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let mut missing = Vec::new();
+            for (h, (pid, len)) in self.tb.hosts().iter().zip(marks) {
+                if h.agent_pid() == *pid {
+                    continue;
+                }
+                let log = std::fs::read(h.agent_log()).unwrap_or_default();
+                let since = log.get(*len as usize..).unwrap_or(&[]);
+                if !String::from_utf8_lossy(since).contains("session started") {
+                    missing.push(h.name().to_string());
+                }
+            }
+            if missing.is_empty() || start.elapsed() >= timeout {
+                return missing;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Every host's agent log, by host name.

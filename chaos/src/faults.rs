@@ -212,6 +212,7 @@ impl Injector<'_> {
             errors: Vec::new(),
             notes: Vec::new(),
         };
+        let marks = self.cluster.agent_marks();
         if let Err(e) = self.inject(f, hold, &mut rec) {
             rec.errors.push(format!("{e:#}"));
         }
@@ -222,8 +223,28 @@ impl Injector<'_> {
             t.current = None;
             t.healed = Some((f.name().to_string(), rec.healed_ms));
         }
-        match self.rt.block_on(self.cluster.wait_well(RECOVERY_TIMEOUT)) {
-            Ok(d) => rec.recovery_s = Some(d.as_secs_f64()),
+        let healed = Instant::now();
+        let well = self.rt.block_on(async {
+            let (d, h) = self.cluster.wait_well(RECOVERY_TIMEOUT).await?;
+            let left = RECOVERY_TIMEOUT.saturating_sub(healed.elapsed());
+            let missing = self.cluster.wait_sessions(&marks, left).await;
+            if !missing.is_empty() {
+                bail!(
+                    "restarted agents without a dispatcher session {} s after the heal: {}",
+                    RECOVERY_TIMEOUT.as_secs(),
+                    missing.join(", ")
+                );
+            }
+            Ok((d.max(healed.elapsed()), h))
+        });
+        match well {
+            Ok((d, h)) => {
+                rec.recovery_s = Some(d.as_secs_f64());
+                rec.notes.push(format!(
+                    "well as seen through {}, every restarted agent in session",
+                    h.via
+                ));
+            }
             Err(e) => {
                 rec.errors.push(format!("{e:#}"));
                 // One more chance: an agent may have died while we waited.

@@ -1,6 +1,14 @@
 //! The agent's side of the dispatcher session: connect to a manager (mTLS with the node's
 //! certificate), follow redirects to the leader, heartbeat, hand assignments to the agent, and
 //! reconnect with bounded exponential backoff and jitter to any known manager.
+//!
+//! Reconnecting is raced against the dispatcher's grace: a new leader marks every node DOWN
+//! that has not opened a session with it within `missed_heartbeats_down` heartbeat periods
+//! (3 s by default), and its tasks are then replaced elsewhere. So ([`Reconnect`]) a leader
+//! named by a redirect is tried at once (after a backoff when the last attempt already
+//! followed one: two managers naming each other while an election settles),
+//! and the backoff never grows beyond one heartbeat period (the last one a dispatcher gave, 1 s
+//! before any), so a node that can reach the new leader gets there within its grace.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +31,12 @@ pub const MAX_SESSION_MESSAGE_BYTES: usize =
     shoal_manager::dispatcher::MAX_DISPATCHER_MESSAGE_BYTES;
 
 /// How a session attempt ended.
-enum Outcome {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
     /// A follower named the leader (empty while none is known).
     Redirect(String),
-    /// A session ran and then broke.
-    Ended,
+    /// A session ran (with this heartbeat period) and then broke.
+    Ended(Duration),
     /// No session could be opened.
     Failed(String),
 }
@@ -35,15 +44,75 @@ enum Outcome {
 /// The delay before reconnect attempt `attempt` (1-based): exponential, capped, with jitter
 /// over its upper half so that a manager's nodes do not all come back at once.
 pub fn backoff(attempt: u32) -> Duration {
+    backoff_capped(attempt, RECONNECT_MAX)
+}
+
+/// [`backoff`] with a lower cap.
+pub fn backoff_capped(attempt: u32, cap: Duration) -> Duration {
     let exp = RECONNECT_BASE.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    let d = exp.min(RECONNECT_MAX);
+    let d = exp.min(RECONNECT_MAX).min(cap);
     let half = d / 2;
     half + Duration::from_millis(rand::thread_rng().gen_range(0..=half.as_millis() as u64))
 }
 
+/// Where the next session attempt goes and how long to wait before it (see the module doc).
+#[derive(Debug)]
+pub(crate) struct Reconnect {
+    /// Failed attempts since the last session that ran.
+    attempt: u32,
+    /// The last attempt went to a leader named by a redirect.
+    followed: bool,
+    /// Longest wait: the last heartbeat period a dispatcher gave (capped by RECONNECT_MAX).
+    cap: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            attempt: 0,
+            followed: false,
+            cap: shoal_manager::dispatcher::DEFAULT_HEARTBEAT_PERIOD.min(RECONNECT_MAX),
+        }
+    }
+}
+
+impl Reconnect {
+    /// After an attempt at `addr` ended with `outcome`: the address to try next (`None`: the
+    /// next known manager in turn) and the wait before it.
+    pub(crate) fn after(&mut self, addr: &str, outcome: &Outcome) -> (Option<String>, Duration) {
+        match outcome {
+            Outcome::Ended(period) => {
+                self.attempt = 0;
+                self.followed = false;
+                if !period.is_zero() {
+                    self.cap = (*period).min(RECONNECT_MAX);
+                }
+                (None, Duration::ZERO)
+            }
+            Outcome::Redirect(leader) if !leader.is_empty() && leader != addr => {
+                self.attempt = self.attempt.saturating_add(1);
+                // Straight there, unless the last attempt already followed a redirect (two
+                // managers that name each other while an election settles).
+                let wait = if self.followed {
+                    backoff_capped(self.attempt, self.cap)
+                } else {
+                    Duration::ZERO
+                };
+                self.followed = true;
+                (Some(leader.clone()), wait)
+            }
+            Outcome::Redirect(_) | Outcome::Failed(_) => {
+                self.attempt = self.attempt.saturating_add(1);
+                self.followed = false;
+                (None, backoff_capped(self.attempt, self.cap))
+            }
+        }
+    }
+}
+
 /// Keeps a session open for the agent's lifetime.
 pub(crate) async fn run(shared: Arc<Shared>) {
-    let mut attempt: u32 = 0;
+    let mut policy = Reconnect::default();
     let mut next: Option<String> = None;
     let mut round_robin = 0usize;
     loop {
@@ -59,23 +128,19 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 m[round_robin % m.len()].clone()
             }
         };
-        match session(&shared, &addr).await {
-            Outcome::Ended => attempt = 0,
+        let outcome = session(&shared, &addr).await;
+        match &outcome {
+            Outcome::Ended(_) => {}
             Outcome::Redirect(leader) => {
-                tracing::debug!(%addr, %leader, "redirected to the leader");
-                if !leader.is_empty() && leader != addr {
-                    next = Some(leader);
-                }
-                attempt = attempt.saturating_add(1);
+                tracing::debug!(%addr, %leader, "redirected to the leader")
             }
-            Outcome::Failed(e) => {
-                tracing::debug!(%addr, "session failed: {e}");
-                attempt = attempt.saturating_add(1);
-            }
+            Outcome::Failed(e) => tracing::debug!(%addr, "session failed: {e}"),
         }
         shared.link.send_replace(None);
-        if attempt > 0 {
-            tokio::time::sleep(backoff(attempt)).await;
+        let (to, wait) = policy.after(&addr, &outcome);
+        next = to;
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -127,10 +192,10 @@ async fn session(shared: &Arc<Shared>, addr: &str) -> Outcome {
             msg = stream.message() => match msg {
                 Ok(Some(pb::SessionMessage { kind: Some(Kind::Assignments(a)) })) => shared.apply(a),
                 Ok(Some(_)) => {}
-                Ok(None) => return Outcome::Ended,
+                Ok(None) => return Outcome::Ended(period),
                 Err(e) => {
                     tracing::debug!("session stream broke: {}", e.message());
-                    return Outcome::Ended;
+                    return Outcome::Ended(period);
                 }
             },
             _ = tokio::time::sleep_until(next_beat) => {
@@ -144,9 +209,9 @@ async fn session(shared: &Arc<Shared>, addr: &str) -> Outcome {
                     }
                     Ok(Err(e)) => {
                         tracing::debug!("heartbeat refused: {}", e.message());
-                        return Outcome::Ended;
+                        return Outcome::Ended(period);
                     }
-                    Err(_) => return Outcome::Ended,
+                    Err(_) => return Outcome::Ended(period),
                 }
             }
         }
@@ -175,5 +240,87 @@ fn tell_desired_role(shared: &Shared, role: Option<i32>) {
             hook(r, &managers);
         }
         Err(_) => tracing::warn!(role, "the dispatcher named an unknown role"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M1: &str = "10.0.0.1:4242";
+    const M2: &str = "10.0.0.2:4242";
+
+    fn failed() -> Outcome {
+        Outcome::Failed("Connection refused".into())
+    }
+
+    #[test]
+    fn a_named_leader_is_tried_at_once_after_any_number_of_failures() {
+        let mut p = Reconnect::default();
+        for _ in 0..10 {
+            let (to, wait) = p.after(M1, &failed());
+            assert_eq!(to, None);
+            assert!(wait > Duration::ZERO);
+        }
+        let (to, wait) = p.after(M1, &Outcome::Redirect(M2.into()));
+        assert_eq!(to.as_deref(), Some(M2));
+        assert_eq!(wait, Duration::ZERO);
+    }
+
+    #[test]
+    fn redirects_in_a_row_back_off_but_keep_the_named_leader() {
+        let mut p = Reconnect::default();
+        assert_eq!(
+            p.after(M1, &Outcome::Redirect(M2.into())),
+            (Some(M2.to_string()), Duration::ZERO)
+        );
+        let (to, wait) = p.after(M2, &Outcome::Redirect(M1.into()));
+        assert_eq!(to.as_deref(), Some(M1));
+        assert!(wait > Duration::ZERO);
+        // A failure in between: the next named leader is tried at once again.
+        p.after(M1, &failed());
+        assert_eq!(
+            p.after(M1, &Outcome::Redirect(M2.into())),
+            (Some(M2.to_string()), Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn a_redirect_naming_no_leader_or_itself_waits_and_moves_on() {
+        let mut p = Reconnect::default();
+        let (to, wait) = p.after(M1, &Outcome::Redirect(String::new()));
+        assert_eq!(to, None);
+        assert!(wait > Duration::ZERO);
+        let (to, wait) = p.after(M1, &Outcome::Redirect(M1.into()));
+        assert_eq!(to, None);
+        assert!(wait > Duration::ZERO);
+    }
+
+    #[test]
+    fn the_wait_never_exceeds_the_last_heartbeat_period() {
+        let mut p = Reconnect::default();
+        // Before any session: the default period.
+        for _ in 0..20 {
+            let (_, wait) = p.after(M1, &failed());
+            assert!(wait <= shoal_manager::dispatcher::DEFAULT_HEARTBEAT_PERIOD);
+        }
+        // A session that ran with a 200 ms period: reconnect at once, then waits ≤ 200 ms.
+        assert_eq!(
+            p.after(M1, &Outcome::Ended(Duration::from_millis(200))),
+            (None, Duration::ZERO)
+        );
+        let mut longest = Duration::ZERO;
+        for _ in 0..20 {
+            let (_, wait) = p.after(M1, &failed());
+            longest = longest.max(wait);
+        }
+        assert!(longest <= Duration::from_millis(200), "{longest:?}");
+        assert!(longest >= Duration::from_millis(100), "{longest:?}");
+        // A long period never lifts the cap above RECONNECT_MAX.
+        p.after(M1, &Outcome::Ended(Duration::from_secs(60)));
+        for _ in 0..20 {
+            let (_, wait) = p.after(M1, &failed());
+            assert!(wait <= RECONNECT_MAX);
+        }
     }
 }
