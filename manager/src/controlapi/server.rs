@@ -114,6 +114,21 @@ impl ControlApi {
         self.find_service(&id)
     }
 
+    /// The service as this leader's replica has it, when it is at `version`. Otherwise (or
+    /// when it is missing) the replica may only lag behind (a new leader still applying its
+    /// predecessor's entries) or this manager may have been deposed: confirm leadership with
+    /// a quorum, which also waits until everything committed is applied, and read again, so
+    /// that a refusal never comes from a stale replica.
+    pub(crate) async fn service_at(&self, key: &str, version: u64) -> Result<pb::Service, Status> {
+        if let Ok(s) = self.find_service(key) {
+            if version_of(s.meta.as_ref()) == version {
+                return Ok(s);
+            }
+        }
+        self.linearize().await?;
+        self.find_service(key)
+    }
+
     pub(crate) fn find_service(&self, key: &str) -> Result<pb::Service, Status> {
         let store = self.store();
         if key.is_empty() {
@@ -258,6 +273,14 @@ macro_rules! leader_only {
             return c.$method(forwarded($req)).await;
         }
     };
+    // A write that confirms leadership only before it refuses (see `service_at`): the
+    // proposal itself cannot commit on a deposed leader, so a write that goes ahead needs no
+    // quorum round of its own.
+    ($api:ident, $req:ident, $method:ident, propose) => {
+        if let Some(mut c) = $api.leader_client(&$req).await? {
+            return c.$method(forwarded($req)).await;
+        }
+    };
 }
 
 #[tonic::async_trait]
@@ -275,12 +298,21 @@ impl Control for ControlService {
             .ok_or_else(|| Status::invalid_argument("no spec"))?;
         validate::service_spec(&spec).map_err(invalid)?;
         update::check_configs(&spec).map_err(invalid)?;
-        leader_only!(api, req, create_service, write);
-        if let Some(id) = api
+        leader_only!(api, req, create_service, propose);
+        // The name is checked again in apply; confirm leadership (and catch up) only before
+        // refusing, as `service_at` does.
+        let mut taken = api
             .store()
             .service_id_by_name(&spec.name)
-            .map_err(store_status)?
-        {
+            .map_err(store_status)?;
+        if taken.is_some() {
+            api.linearize().await?;
+            taken = api
+                .store()
+                .service_id_by_name(&spec.name)
+                .map_err(store_status)?;
+        }
+        if let Some(id) = taken {
             return Err(Status::already_exists(format!(
                 "service name {} is already in use by service {id}",
                 spec.name
@@ -360,8 +392,10 @@ impl Control for ControlService {
             .ok_or_else(|| Status::invalid_argument("no spec"))?;
         validate::service_spec(&spec).map_err(invalid)?;
         update::check_configs(&spec).map_err(invalid)?;
-        leader_only!(api, req, update_service, write);
-        let current = api.find_service(&req.get_ref().service)?;
+        leader_only!(api, req, update_service, propose);
+        let current = api
+            .service_at(&req.get_ref().service, req.get_ref().version)
+            .await?;
         let version = version_of(current.meta.as_ref());
         let old_spec = current.spec.clone().unwrap_or_default();
         if old_spec.name != spec.name {

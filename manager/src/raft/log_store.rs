@@ -1,7 +1,8 @@
 //! The Raft log, vote and committed id on sled (openraft storage-v2 `RaftLogStorage`).
 //!
-//! Votes and appends are acknowledged only after `flush` returned: a manager that crashes
-//! right after answering never forgets what it promised.
+//! Votes and appends are acknowledged only after [`Durable::sync`] returned (sled's flush and
+//! `fdatasync`): a manager that crashes or loses power right after answering never forgets
+//! what it promised.
 
 // openraft's trait methods return its (large) `StorageError`; the helpers feeding them do too.
 #![allow(clippy::result_large_err)]
@@ -14,6 +15,7 @@ use openraft::{RaftLogId, StorageIOError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::durable::Durable;
 use super::typ::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// sled tree of log entries, keyed by big-endian index (so key order is index order).
@@ -28,7 +30,7 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 /// The Raft log on sled. Clones share the same trees (the log reader is a clone).
 #[derive(Clone, Debug)]
 pub struct LogStore {
-    db: sled::Db,
+    durable: Durable,
     logs: sled::Tree,
     state: sled::Tree,
 }
@@ -54,7 +56,7 @@ fn index_key(index: u64) -> [u8; 8] {
 }
 
 impl LogStore {
-    /// Opens (creating if needed) the log trees in `db`.
+    /// Opens (creating if needed) the log trees in `db`; `durable` syncs that database.
     ///
     /// A log with a hole is cut at the hole: sled's recovery after a failed write (ENOSPC)
     /// can drop large values kept as external blobs while keeping later inline keys, which
@@ -62,9 +64,9 @@ impl LogStore {
     /// openraft takes the last key as the last log id and would stop for good reading the
     /// hole, at every start; the entries from the hole on are removed instead and fetched
     /// again from the leader. A saved committed id beyond the cut is dropped with them.
-    pub fn open(db: &sled::Db) -> Result<LogStore, sled::Error> {
+    pub fn open(db: &sled::Db, durable: Durable) -> Result<LogStore, sled::Error> {
         let store = LogStore {
-            db: db.clone(),
+            durable,
             logs: db.open_tree(LOG_TREE)?,
             state: db.open_tree(LOG_STATE_TREE)?,
         };
@@ -109,7 +111,7 @@ impl LogStore {
         if committed.is_some_and(|c| c.index >= hole) {
             self.state.remove(KEY_COMMITTED)?;
         }
-        self.db.flush()?;
+        self.durable.sync_blocking().map_err(sled::Error::Io)?;
         tracing::error!(
             hole,
             removed = cut,
@@ -129,8 +131,8 @@ impl LogStore {
         self.get_state(KEY_LAST_PURGED)
     }
 
-    async fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush_async().await.map(|_| ())
+    async fn flush(&self) -> std::io::Result<()> {
+        self.durable.sync().await
     }
 }
 
@@ -231,8 +233,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 Ok(())
             }
             Err(e) => {
-                let msg = e.to_string();
-                callback.log_io_completed(Err(std::io::Error::other(msg)));
+                callback.log_io_completed(Err(std::io::Error::new(e.kind(), e.to_string())));
                 Err(write_err(e))
             }
         }

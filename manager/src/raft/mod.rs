@@ -1,5 +1,6 @@
 //! Raft for the managers: openraft 0.9 types and its storage (log and state machine) on sled.
 
+pub mod durable;
 pub mod elect;
 pub mod log_store;
 pub mod network;
@@ -9,6 +10,7 @@ pub mod typ;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use durable::Durable;
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;
 pub use typ::{NodeId, Raft, TypeConfig};
@@ -43,6 +45,9 @@ pub enum RaftSetupError {
     /// sled could not open the database or a tree.
     #[error("open raft storage: {0}")]
     Sled(#[from] sled::Error),
+    /// The database's files could not be opened or synced.
+    #[error("sync raft storage: {0}")]
+    Io(#[from] std::io::Error),
     /// The store could not be opened.
     #[error("open store: {0}")]
     Store(#[from] StoreError),
@@ -103,6 +108,8 @@ pub fn default_raft_timers() -> shoal_proto::v1::RaftConfig {
 pub struct Storage {
     /// The sled database (log, vote, state machine, snapshot trees).
     pub db: sled::Db,
+    /// What makes writes to `db` durable (shared by the log store and the state machine).
+    pub durable: Durable,
     /// The log store, to hand to `Raft::new`.
     pub log: LogStore,
     /// The state machine, to hand to `Raft::new`.
@@ -118,16 +125,13 @@ impl Storage {
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
             .open()?;
-        Storage::from_db(db)
-    }
-
-    /// Opens the trees in an already open database.
-    pub fn from_db(db: sled::Db) -> Result<Storage, RaftSetupError> {
+        let durable = Durable::open(&db, dir)?;
         let store = Store::open(&db)?;
-        let log = LogStore::open(&db)?;
-        let state_machine = StateMachine::open(&db, store.clone())?;
+        let log = LogStore::open(&db, durable.clone())?;
+        let state_machine = StateMachine::open(&db, durable.clone(), store.clone())?;
         Ok(Storage {
             db,
+            durable,
             log,
             state_machine,
             store,

@@ -13,6 +13,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, SnapshotId, StorageIOError};
 use serde::{Deserialize, Serialize};
 
+use super::durable::Durable;
 use super::typ::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -36,6 +37,7 @@ struct StoredSnapshot {
 #[derive(Clone, Debug)]
 pub struct StateMachine {
     db: sled::Db,
+    durable: Durable,
     store: Store,
     snapshots: sled::Tree,
 }
@@ -57,10 +59,15 @@ fn snap_write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl StateMachine {
-    /// A state machine applying to `store`, whose trees live in `db`.
-    pub fn open(db: &sled::Db, store: Store) -> Result<StateMachine, sled::Error> {
+    /// A state machine applying to `store`, whose trees live in `db` (synced by `durable`).
+    pub fn open(
+        db: &sled::Db,
+        durable: Durable,
+        store: Store,
+    ) -> Result<StateMachine, sled::Error> {
         Ok(StateMachine {
             db: db.clone(),
+            durable,
             store,
             snapshots: db.open_tree(SNAPSHOT_TREE)?,
         })
@@ -94,13 +101,14 @@ impl StateMachine {
         }
     }
 
-    /// Keeps `snap` as the current snapshot, durably.
+    /// Keeps `snap` as the current snapshot, durably, together with everything written to the
+    /// database before it (the applied store it was built from or installed into).
     async fn save_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
         let bytes = bincode::serialize(snap).map_err(snap_write_err)?;
         self.snapshots
             .insert(KEY_SNAPSHOT, bytes)
             .map_err(snap_write_err)?;
-        self.db.flush_async().await.map_err(snap_write_err)?;
+        self.durable.sync().await.map_err(snap_write_err)?;
         Ok(())
     }
 }
