@@ -281,3 +281,31 @@ async fn a_follower_redirects_to_the_leader() {
     }
     assert!(stream.message().await.unwrap().is_none(), "stream ends");
 }
+
+/// Finding 11 (CHAOS.md): a DOWN mark that lands after the READY of a new session (the
+/// monitor's write retried on the version conflict with that READY) must not leave a node
+/// that heartbeats in its session DOWN for good.
+#[tokio::test]
+async fn a_node_marked_down_while_in_session_is_ready_again_at_its_next_heartbeat() {
+    let c = Cluster::start(100, &["w1"]).await;
+    let mut c1 = c.client("w1", Role::Worker);
+    let (s1, _stream1) = open(&mut c1, "h1").await;
+    assert_eq!(c.node_state("w1"), pb::NodeState::Ready as i32);
+    // The late DOWN mark, as the monitor writes it.
+    let mut n = c.backend.store.get_node("w1").unwrap().unwrap();
+    let version = n.meta.as_ref().unwrap().version;
+    let st = n.status.get_or_insert_with(Default::default);
+    st.state = pb::NodeState::Down as i32;
+    st.message = "heartbeat failure".into();
+    c.backend.write(vec![Mutation::Update {
+        object: Object::Node(n),
+        expect_version: Some(version),
+    }]);
+    assert_eq!(c.node_state("w1"), pb::NodeState::Down as i32);
+    c1.heartbeat(pb::HeartbeatRequest {
+        session_id: s1.session_id.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.node_state("w1"), pb::NodeState::Ready as i32);
+}

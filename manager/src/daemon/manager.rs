@@ -216,6 +216,9 @@ impl Manager {
 
 /// Pause after the leader loops failed to start before trying again.
 const LEADER_LOOPS_RETRY: Duration = Duration::from_secs(1);
+/// How long a new leader waits at a time for its store to apply what was committed before
+/// its term; it checks its leadership again after each wait.
+const LEADER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn leading(m: &openraft::RaftMetrics<u64, BasicNode>) -> bool {
     m.state == openraft::ServerState::Leader && m.current_leader == Some(m.id)
@@ -229,6 +232,22 @@ async fn lead_while_leader(raft: Raft, store: crate::store::Store) {
         while !leading(&metrics.borrow_and_update()) {
             if metrics.changed().await.is_err() {
                 return;
+            }
+        }
+        // A new leader's store may trail what earlier leaders committed (its commit index is
+        // learned only when its own first entry commits, and the one it saved may be stale
+        // after a crash): deciding from that view would repeat writes already made, e.g. a
+        // second task in a slot. Wait until everything committed before this term is applied.
+        match tokio::time::timeout(LEADER_CATCH_UP_TIMEOUT, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::info!("not starting the leader loops yet: {e}");
+                tokio::time::sleep(LEADER_LOOPS_RETRY / 5).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::info!("not starting the leader loops yet: the store has not caught up");
+                continue;
             }
         }
         let mut watch = raft.metrics();

@@ -172,9 +172,38 @@ impl<B: Backend> DispatcherRpc for DispatcherService<B> {
         let period = jittered(timers.heartbeat_period);
         let desired_role = desired_role(&self.inner.store, &who.node_id);
         lock(&self.inner.deadlines).insert(
-            who.node_id,
+            who.node_id.clone(),
             tokio::time::Instant::now() + timers.grace(period),
         );
+        // A node whose current session heartbeats is up. A DOWN mark can still land after
+        // the READY its session wrote: the monitor's write, retried on the version conflict
+        // with that READY, re-reads it and marks the node DOWN again. Put it right here.
+        let down = self
+            .inner
+            .store
+            .get_node(&who.node_id)
+            .ok()
+            .flatten()
+            .and_then(|n| n.status)
+            .is_some_and(|s| s.state == NodeState::Down as i32);
+        if down {
+            let id = who.node_id.clone();
+            write_nodes(&self.inner, move |store| {
+                let Some(mut n) = store.get_node(&id)? else {
+                    return Ok(vec![]);
+                };
+                let status = n.status.get_or_insert_with(NodeStatus::default);
+                if status.state != NodeState::Down as i32 {
+                    return Ok(vec![]);
+                }
+                status.state = NodeState::Ready as i32;
+                status.message = String::new();
+                Ok(vec![update(n)])
+            })
+            .await
+            .map_err(|e| Status::unavailable(format!("recording the node as ready: {e}")))?;
+            tracing::info!(node_id = %who.node_id, "a node in session was marked down: ready again");
+        }
         Ok(Response::new(pb::HeartbeatResponse {
             heartbeat_period_ms: period.as_millis() as u64,
             desired_role,
