@@ -51,6 +51,9 @@ pub const ROLE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 pub const RAFT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Least time between a manager stopping on a fatal Raft error and the agent starting afresh.
 pub const RAFT_RESTART_DELAY: Duration = Duration::from_secs(2);
+/// How long a manager whose Raft stopped may take to stop serving before the agent goes on
+/// without a clean stop.
+pub const RAFT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Free space the data dir needs before such a manager's agent starts afresh.
 pub const RAFT_RESTART_FREE_BYTES: u64 = 16 << 20;
 /// Exit status when [`reexec`] cannot replace the process (a supervisor restarts it).
@@ -379,22 +382,35 @@ async fn watch_raft(shared: std::sync::Weak<Shared>) {
             Err(e) => e.to_string(),
             Ok(()) => continue,
         };
-        let mut role = shared.role.lock().await;
-        // Re-check under the lock: a leave, demotion or restart may have happened.
-        let same = shared
-            .slot
-            .get()
-            .is_some_and(|a| a.raft_id() == api.raft_id());
-        let Role_::Manager(m) = &mut role.0 else {
-            continue;
-        };
-        if !same {
-            continue;
+        tracing::error!("raft stopped: {fatal}; this manager stops serving");
+        // Bounded: a Raft that died in the middle of an apply has been seen to hang its own
+        // shutdown (chaos finding 8). The re-exec that follows replaces the whole process
+        // image, so a clean stop is a nicety, not a need.
+        match tokio::time::timeout(RAFT_STOP_TIMEOUT, shared.role.lock()).await {
+            Ok(mut role) => {
+                // Re-check under the lock: a leave, demotion or restart may have happened.
+                let same = shared
+                    .slot
+                    .get()
+                    .is_some_and(|a| a.raft_id() == api.raft_id());
+                let Role_::Manager(m) = &mut role.0 else {
+                    continue;
+                };
+                if !same {
+                    continue;
+                }
+                if tokio::time::timeout(RAFT_STOP_TIMEOUT, m.stop())
+                    .await
+                    .is_err()
+                {
+                    tracing::error!("stopping the manager did not finish in time; going on");
+                }
+            }
+            Err(_) => tracing::error!("the node's role is locked; not waiting for a clean stop"),
         }
-        m.stop().await;
         stopped_at = Some(tokio::time::Instant::now());
         tracing::error!(
-            "raft stopped: {fatal}; this manager stopped serving and the agent starts afresh once {} has {} MiB free",
+            "this manager stopped serving; the agent starts afresh once {} has {} MiB free",
             data_dir.display(),
             RAFT_RESTART_FREE_BYTES >> 20
         );
