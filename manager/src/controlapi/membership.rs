@@ -44,7 +44,9 @@ pub struct ManagerHealth {
 }
 
 impl ManagerHealth {
-    /// Fills a node's manager status and, for managers, its state.
+    /// Fills a manager node's manager status (leader, reachable) from Raft. Its state
+    /// (Ready, Down) stays what the dispatcher recorded for its agent, as docker shows STATUS
+    /// and MANAGER STATUS apart: a restarted manager answers Raft before its agent is back.
     pub fn fill(&self, node: &mut pb::Node) {
         let Some(ms) = node.manager_status.as_mut() else {
             return;
@@ -55,12 +57,6 @@ impl ManagerHealth {
         let reachable = self.reachable.get(&ms.raft_id).copied().unwrap_or(false);
         ms.leader = self.leader == Some(ms.raft_id);
         ms.reachable = reachable;
-        let status = node.status.get_or_insert_with(Default::default);
-        status.state = if reachable {
-            pb::NodeState::Ready as i32
-        } else {
-            pb::NodeState::Down as i32
-        };
     }
 
     /// How many of `ids` are reachable.
