@@ -104,6 +104,9 @@ pub struct ScaleArgs {
     /// a run that takes longer fails with what it reached.
     #[arg(long)]
     deadline: Option<u64>,
+    /// Keep the run's directory (managers' and hosts' logs) after a successful run too.
+    #[arg(long)]
+    keep_logs: bool,
 }
 
 impl ScaleArgs {
@@ -365,7 +368,7 @@ pub fn scale(a: &ScaleArgs) -> Result<()> {
         .tempdir_in(&a.workdir)
         .with_context(|| format!("making a directory in {}", a.workdir.display()))?;
     let result = runtime()?.block_on(run(a, timers, &bin, dir.path()));
-    if result.is_err() {
+    if result.is_err() || a.keep_logs {
         // Every process is gone by now; the logs stay for the post-mortem.
         eprintln!("logs kept in {}", dir.keep().display());
     }

@@ -224,6 +224,27 @@ async fn transport_outcomes_reach_openraft_as_the_right_errors() {
         .await
         .unwrap_err();
     assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
+    // An append of several entries that times out: openraft is told to send half as many.
+    let err = mute
+        .append_entries(
+            append((1..=6).map(|i| entry(i, 0)).collect()),
+            RPCOption::new(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        RPCError::PayloadTooLarge(p) => assert_eq!(p.entries_hint(), 3),
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    // One entry that times out is a timeout.
+    let err = mute
+        .append_entries(
+            append(vec![entry(1, 0)]),
+            RPCOption::new(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
     hold.abort();
 
     // A worker's certificate: the peer refuses it, openraft backs off.
@@ -243,4 +264,66 @@ async fn transport_outcomes_reach_openraft_as_the_right_errors() {
     let err = peer.vote(vote_request(), option).await.unwrap_err();
     assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
     assert!(err.to_string().contains("removed"), "{err}");
+}
+
+/// The leader's beacon (`LeaderPing`) keeps a follower's elections off only when it comes from
+/// a leader of a later term or from the leader the follower knows for its term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_beacon_counts_only_from_a_leader_the_node_can_follow() {
+    use shoal_manager::raft::elect::LeaderContact;
+    use shoal_manager::raft::network::RaftService;
+    use shoal_manager::tls::{grpc_server, tls_incoming, Authorizer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(RootCa::create("cluster-beacon").unwrap());
+    let backend = Arc::new(MemBackend::new(&ca));
+    // Node 3, never initialized: term 0, no leader known.
+    let tls = manager_tls(&ca, "manager-3", Duration::from_secs(3600));
+    let (raft, _store) = raft_node(3, dir.path(), &tls).await;
+    let contact = LeaderContact::new();
+    let authorizer = Authorizer::new(ca.cluster_id(), backend.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let incoming = tls_incoming(listener, tls.server_config().unwrap());
+    let router = grpc_server().add_service(
+        RaftService::new(raft.clone(), authorizer)
+            .with_contact(contact.clone())
+            .into_server(),
+    );
+    let server = tokio::spawn(async move {
+        router.serve_with_incoming(incoming).await.unwrap();
+    });
+
+    let leader_tls = manager_tls(&ca, "manager-1", Duration::from_secs(3600));
+    let net = Network::new(1, leader_tls);
+    let ttl = Duration::from_secs(5);
+    let before = contact.last();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Same term (0) from a leader the node does not know: not contact.
+    assert_eq!(net.ping_leadership(&addr, 0, ttl).await.unwrap(), 0);
+    assert_eq!(
+        contact.last(),
+        before,
+        "a beacon from an unknown leader counted"
+    );
+    // A later term: a leader the node has not heard of yet.
+    assert_eq!(net.ping_leadership(&addr, 4, ttl).await.unwrap(), 0);
+    assert!(
+        contact.last() > before,
+        "a beacon of a later term did not count"
+    );
+
+    // A worker's certificate is refused, like every Raft RPC.
+    let worker = node_tls(&ca, "worker-1", Role::Worker, Duration::from_secs(3600));
+    let err = Network::new(2, worker)
+        .ping_leadership(&addr, 9, ttl)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("PermissionDenied") || err.to_string().contains("manager"),
+        "{err}"
+    );
+
+    raft.shutdown().await.unwrap();
+    server.abort();
 }

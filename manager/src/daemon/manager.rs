@@ -83,7 +83,7 @@ impl Manager {
         let raft = Raft::new(
             raft_id,
             driven_config(&config),
-            network,
+            network.clone(),
             storage.log.clone(),
             storage.state_machine.clone(),
         )
@@ -102,7 +102,8 @@ impl Manager {
 
         let backend = Arc::new(ManagerCaBackend(api.clone()));
         let ca = CaService::new(root_ca, backend, authorizer.clone()).into_server();
-        let elections = ElectionDriver::spawn(raft.clone(), &config, contact.clone());
+        let elections =
+            ElectionDriver::spawn(raft.clone(), &config, contact.clone(), Some(network));
         let raft_svc = RaftService::new(raft.clone(), authorizer.clone())
             .with_contact(contact)
             .into_server();

@@ -107,7 +107,7 @@ async fn write<B: Backend>(inner: &Inner<B>, batch: &[StatusRequest]) -> Result<
     let reports = merge(batch);
     let mut last = String::new();
     for _ in 0..STATUS_WRITE_RETRIES {
-        let mutations = forward_updates(&inner.store, &reports)
+        let mutations = crate::store::block_in_place(|| forward_updates(&inner.store, &reports))
             .map_err(|e| Status::internal(format!("reading tasks: {e}")))?;
         if mutations.is_empty() {
             return Ok(());

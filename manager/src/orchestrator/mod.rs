@@ -24,7 +24,9 @@ use std::future::Future;
 
 use shoal_proto::v1::{Service, Task, TaskState, TaskStatus};
 
-pub use runner::{run_leader, LeaderRunError, BATCH_WINDOW, MAX_COMMAND_MUTATIONS};
+pub use runner::{
+    run_leader, LeaderRunError, BATCH_WINDOW, MAX_COMMAND_BYTES, MAX_COMMAND_MUTATIONS,
+};
 pub use view::ClusterView;
 
 use crate::store::{Command, Mutation, Object, Response};
@@ -44,6 +46,16 @@ pub enum ProposeError {
 pub trait Proposer: Send + Sync + 'static {
     /// Proposes `cmd` and waits until it is applied; the store's answer comes back.
     fn propose(&self, cmd: Command) -> impl Future<Output = Result<Response, ProposeError>> + Send;
+
+    /// The highest index in this manager's Raft log. After a proposal whose outcome is
+    /// unknown (an error after it may have been appended), it is at or below this index if it
+    /// is in the log at all.
+    fn last_log_index(&self) -> u64;
+
+    /// Completes once the entry at `index` (and all before it) has been applied to the store
+    /// here; never completes if that cannot happen while this manager leads (the leader loops
+    /// are ended when leadership is lost).
+    fn applied(&self, index: u64) -> impl Future<Output = ()> + Send;
 }
 
 impl Proposer for crate::raft::Raft {
@@ -55,6 +67,27 @@ impl Proposer for crate::raft::Raft {
                 Err(ProposeError::NotLeader)
             }
             Err(e) => Err(ProposeError::Failed(e.to_string())),
+        }
+    }
+
+    fn last_log_index(&self) -> u64 {
+        self.metrics().borrow().last_log_index.unwrap_or(0)
+    }
+
+    async fn applied(&self, index: u64) {
+        let mut metrics = self.metrics();
+        loop {
+            let applied = metrics
+                .borrow_and_update()
+                .last_applied
+                .map_or(0, |l| l.index);
+            if applied >= index {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                // Raft stopped: nothing more will be applied; the leader loops end with it.
+                std::future::pending::<()>().await;
+            }
         }
     }
 }
@@ -96,17 +129,30 @@ impl Decision {
     /// Splits the mutations into commands of at most `max` mutations, never splitting a group
     /// (a group larger than `max` gets a command of its own).
     pub fn into_commands(self, now_ms: i64, max: usize) -> Vec<Command> {
+        self.into_commands_within(now_ms, max, usize::MAX)
+    }
+
+    /// Like [`Decision::into_commands`], and also at most about `max_bytes` of encoded objects
+    /// per command (a group larger than that gets a command of its own), so one Raft entry —
+    /// and the AppendEntries carrying it — stays small.
+    pub fn into_commands_within(self, now_ms: i64, max: usize, max_bytes: usize) -> Vec<Command> {
         let mut out = Vec::new();
         let mut current: Vec<Mutation> = Vec::new();
+        let mut bytes = 0usize;
         let mut it = self.mutations.into_iter();
         for len in self.groups {
-            if !current.is_empty() && current.len() + len > max {
+            let group: Vec<Mutation> = it.by_ref().take(len).collect();
+            let group_bytes: usize = group.iter().map(mutation_bytes).sum();
+            if !current.is_empty() && (current.len() + len > max || bytes + group_bytes > max_bytes)
+            {
                 out.push(Command {
                     now_ms,
                     mutations: std::mem::take(&mut current),
                 });
+                bytes = 0;
             }
-            current.extend(it.by_ref().take(len));
+            current.extend(group);
+            bytes += group_bytes;
         }
         if !current.is_empty() {
             out.push(Command {
@@ -116,6 +162,28 @@ impl Decision {
         }
         out
     }
+}
+
+/// About how many bytes a mutation takes in a Raft entry (its object's encoding, plus a little).
+pub fn mutation_bytes(m: &Mutation) -> usize {
+    use prost::Message;
+    const OVERHEAD: usize = 16;
+    let object = |o: &Object| match o {
+        Object::Node(n) => n.encoded_len(),
+        Object::Service(s) => s.encoded_len(),
+        Object::Task(t) => t.encoded_len(),
+        Object::Cluster(c) => c.encoded_len(),
+    };
+    OVERHEAD
+        + match m {
+            Mutation::Create(o) | Mutation::Update { object: o, .. } => object(o),
+            Mutation::Delete { id, .. } => id.len(),
+            Mutation::Group(cmds) => cmds
+                .iter()
+                .flat_map(|c| c.mutations.iter())
+                .map(mutation_bytes)
+                .sum(),
+        }
 }
 
 /// A fresh task id: 25 lowercase base-36 characters, like docker's.

@@ -7,12 +7,12 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::updater::Updater;
-use super::view::ClusterView;
+use super::view::{change, ClusterView, Interest};
 use super::{global, new_task_id, replicated, restart, task_reaper, Decision, Proposer};
 use crate::scheduler;
 use crate::store::{Store, StoreError};
@@ -24,9 +24,16 @@ pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
 pub const MAX_EVENTS_PER_APPLY: usize = 4_096;
 /// Largest command a component proposes (a scheduling round of 100,000 tasks is 100 commands).
 pub const MAX_COMMAND_MUTATIONS: usize = 1_000;
-/// After a proposal, how long a component waits for its own writes to reach the view before
-/// deciding again (deciding on a view without them would repeat them).
-pub const VIEW_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Byte budget of one command's objects: a Raft entry (and so the AppendEntries that carries
+/// it to a follower, which must arrive within openraft's heartbeat-interval deadline) stays a
+/// few hundred KiB even when the component has thousands of tasks to write.
+pub const MAX_COMMAND_BYTES: usize = 192 * 1024;
+/// A component's rounds are spaced by at least this many times the last round's duration
+/// (and at least [`BATCH_WINDOW`]), so a round over a large view cannot keep a core busy
+/// while events flow: deciding takes at most about 1/(1 + ROUND_SPACING) of a core.
+pub const ROUND_SPACING: u32 = 3;
+/// Cap of the spacing above: a change is never left waiting longer than this.
+pub const MAX_ROUND_GAP: Duration = Duration::from_millis(500);
 /// Pause after Raft refused to take a proposal (not leader, no quorum) before trying again.
 pub const PROPOSE_RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Pause before deciding again after the store refused a command (a conflict), so a conflict
@@ -57,19 +64,55 @@ fn restart_round(v: &ClusterView, now: i64) -> Decision {
     restart::supervise(v, now, &mut new_task_id)
 }
 
-/// The components the leader runs, by name (a fresh set per leadership term).
-fn components() -> Vec<(&'static str, Decide)> {
+/// A leader component: its name, what changes wake it, its decision step.
+struct Component {
+    name: &'static str,
+    interest: Interest,
+    decide: Decide,
+}
+
+/// The components the leader runs (a fresh set per leadership term), with the changes each
+/// one's decision depends on. Task progress (ASSIGNED → RUNNING, the bulk of a deployment's
+/// events) wakes only the updater, which follows new tasks starting.
+fn components() -> Vec<Component> {
+    use change::*;
     let mut updater = Updater::new();
+    let c = |name, interest, decide: Decide| Component {
+        name,
+        interest,
+        decide,
+    };
     vec![
-        ("replicated orchestrator", Box::new(replicated_round)),
-        ("global orchestrator", Box::new(global_round)),
-        ("restart supervisor", Box::new(restart_round)),
-        (
+        c(
+            "replicated orchestrator",
+            SERVICES | NODES | CLUSTER | TASK_CREATED | TASK_SETTLED,
+            Box::new(replicated_round),
+        ),
+        c(
+            "global orchestrator",
+            SERVICES | NODES | CLUSTER | TASK_CREATED | TASK_SETTLED,
+            Box::new(global_round),
+        ),
+        c(
+            "restart supervisor",
+            SERVICES | NODES | CLUSTER | TASK_SETTLED,
+            Box::new(restart_round),
+        ),
+        c(
             "update orchestrator",
+            ALL,
             Box::new(move |v: &ClusterView, now: i64| updater.round(v, now, &mut new_task_id)),
         ),
-        ("task reaper", Box::new(task_reaper::reap)),
-        ("scheduler", Box::new(scheduler::schedule)),
+        c(
+            "task reaper",
+            SERVICES | NODES | CLUSTER | TASK_CREATED | TASK_SETTLED,
+            Box::new(task_reaper::reap),
+        ),
+        c(
+            "scheduler",
+            NODES | CLUSTER | TASK_CREATED | TASK_SETTLED,
+            Box::new(scheduler::schedule),
+        ),
     ]
 }
 
@@ -79,6 +122,27 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// A request to the view keeper: answer once every event published before the request was
+/// applied to the view.
+type Barrier = oneshot::Sender<()>;
+
+/// What the components share: the view, its generation, the way to reach the view keeper.
+struct Shared {
+    view: Arc<RwLock<ClusterView>>,
+    barriers: mpsc::UnboundedSender<Barrier>,
+}
+
+impl Shared {
+    /// Waits until the view holds every event the store published before this call.
+    async fn caught_up(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.barriers.send(tx).is_ok() {
+            // The keeper ends only with the leader loops.
+            let _ = rx.await;
+        }
+    }
 }
 
 /// Runs the orchestrators and the scheduler until `shutdown` completes. Call it when this
@@ -91,20 +155,36 @@ pub async fn run_leader<P: Proposer>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), LeaderRunError> {
     let events = store.watch();
-    let view = Arc::new(RwLock::new(ClusterView::load(&store)?));
-    let (generation, _) = watch::channel(0u64);
+    // A new leader's log may hold entries of earlier terms that it commits only now (a former
+    // leader's creates among them): deciding before they are applied would repeat them.
     let proposer = Arc::new(proposer);
+    let mut shutdown = std::pin::pin!(shutdown);
+    tokio::select! {
+        _ = proposer.applied(proposer.last_log_index()) => {}
+        _ = &mut shutdown => return Ok(()),
+    }
+    let view = Arc::new(RwLock::new(crate::store::block_in_place(|| {
+        ClusterView::load(&store)
+    })?));
+    let (generation, _) = watch::channel(0u64);
+    let (barriers, barrier_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared { view, barriers });
     let mut tasks = JoinSet::new();
-    for (name, decide) in components() {
+    for c in components() {
         tasks.spawn(component(
-            name,
-            decide,
-            view.clone(),
+            c,
+            shared.clone(),
             generation.subscribe(),
             proposer.clone(),
         ));
     }
-    tasks.spawn(keep_view(store, events, view, generation));
+    tasks.spawn(keep_view(
+        store,
+        events,
+        shared.view.clone(),
+        generation,
+        barrier_rx,
+    ));
     shutdown.await;
     // Dropping the set aborts every loop; a proposal in flight may still commit, which is
     // harmless: the next leader reconciles from what the store holds.
@@ -118,41 +198,64 @@ fn read(view: &RwLock<ClusterView>) -> std::sync::RwLockReadGuard<'_, ClusterVie
 }
 
 /// Applies watch events to the view and bumps the generation the components wait on. On a
-/// lagged stream (events lost), reloads the view from the store.
+/// lagged stream (events lost), reloads the view from the store. Answers barriers once the
+/// events queued before them are in the view.
 async fn keep_view(
     store: Store,
     mut events: broadcast::Receiver<crate::store::Event>,
     view: Arc<RwLock<ClusterView>>,
     generation: watch::Sender<u64>,
+    mut barriers: mpsc::UnboundedReceiver<Barrier>,
 ) {
+    let mut waiting: Vec<Barrier> = Vec::new();
     loop {
-        let first = match events.recv().await {
-            Ok(ev) => Some(ev),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "leader view lagged behind the store; reloading");
-                None
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
+        let first = tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(ev) => Some(ev),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "leader view lagged behind the store; reloading");
+                    None
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            b = barriers.recv() => match b {
+                Some(b) => {
+                    waiting.push(b);
+                    while let Ok(b) = barriers.try_recv() {
+                        waiting.push(b);
+                    }
+                    // Everything published before these requests is queued now: drain it.
+                    match drain(&mut events, &view, Vec::new()) {
+                        Drained::Done(changed) => {
+                            if changed {
+                                generation.send_modify(|g| *g += 1);
+                            }
+                            for b in waiting.drain(..) {
+                                let _ = b.send(());
+                            }
+                            continue;
+                        }
+                        Drained::Lagged => None,
+                    }
+                }
+                None => return,
+            },
         };
-        let mut reload = first.is_none();
-        let mut batch: Vec<crate::store::Event> = first.into_iter().collect();
-        while !reload && batch.len() < MAX_EVENTS_PER_APPLY {
-            match events.try_recv() {
-                Ok(ev) => batch.push(ev),
-                Err(broadcast::error::TryRecvError::Lagged(_)) => reload = true,
-                Err(_) => break,
-            }
-        }
-        if reload {
+        let lagged = match first {
+            Some(ev) => matches!(drain(&mut events, &view, vec![ev]), Drained::Lagged),
+            None => true,
+        };
+        if lagged {
             // Drop what is queued: the reload reflects it. Later events are applied on top,
             // their versions sorting out what the reload already holds.
             while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = events.try_recv() {}
-            match ClusterView::load(&store) {
+            match crate::store::block_in_place(|| ClusterView::load(&store)) {
                 Ok(fresh) => {
                     let mut v = view.write().unwrap_or_else(|p| p.into_inner());
                     let applied = v.applied();
                     *v = fresh;
                     v.note_applied(applied);
+                    v.note_all_changed();
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reloading the leader view failed; retrying");
@@ -160,41 +263,82 @@ async fn keep_view(
                     continue;
                 }
             }
-        } else {
-            let mut v = view.write().unwrap_or_else(|p| p.into_inner());
-            for ev in &batch {
-                v.apply_event(ev);
-            }
         }
         generation.send_modify(|g| *g += 1);
+        // Barriers that were waiting while a reload happened are answered by it.
+        for b in waiting.drain(..) {
+            let _ = b.send(());
+        }
+    }
+}
+
+enum Drained {
+    /// Every queued event is in the view (true if there was any).
+    Done(bool),
+    /// Events were lost: the view must be reloaded.
+    Lagged,
+}
+
+/// Applies `batch` and every event queued behind it to the view, at most
+/// [`MAX_EVENTS_PER_APPLY`] under one write lock.
+fn drain(
+    events: &mut broadcast::Receiver<crate::store::Event>,
+    view: &RwLock<ClusterView>,
+    mut batch: Vec<crate::store::Event>,
+) -> Drained {
+    let mut any = !batch.is_empty();
+    loop {
+        let mut empty = false;
+        while batch.len() < MAX_EVENTS_PER_APPLY {
+            match events.try_recv() {
+                Ok(ev) => batch.push(ev),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => return Drained::Lagged,
+                Err(_) => {
+                    empty = true;
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            any = true;
+            let apply = |batch: &mut Vec<crate::store::Event>| {
+                let mut v = view.write().unwrap_or_else(|p| p.into_inner());
+                for ev in batch.drain(..) {
+                    v.apply_event(&ev);
+                }
+            };
+            if batch.len() >= 256 {
+                crate::store::block_in_place(|| apply(&mut batch));
+            } else {
+                apply(&mut batch);
+            }
+        }
+        if empty {
+            return Drained::Done(any);
+        }
     }
 }
 
 /// What proposing one decision came to.
 #[derive(Default)]
 struct Outcome {
-    /// Highest raft index of an applied command.
-    applied: u64,
     /// Some command was refused by the store (a conflict: the view was behind).
     refused: bool,
-    /// Raft did not take a command.
+    /// Raft did not answer a command: its outcome is unknown (it may still commit).
     failed: bool,
 }
 
 async fn propose_all<P: Proposer>(name: &str, proposer: &P, d: Decision, now: i64) -> Outcome {
     let mut out = Outcome::default();
-    for cmd in d.into_commands(now, MAX_COMMAND_MUTATIONS) {
+    for cmd in d.into_commands_within(now, MAX_COMMAND_MUTATIONS, MAX_COMMAND_BYTES) {
         let n = cmd.mutations.len();
         match proposer.propose(cmd).await {
-            Ok(resp) => match resp.result {
-                Ok(versions) => {
-                    out.applied = out.applied.max(versions.into_iter().max().unwrap_or(0));
-                }
-                Err(e) => {
+            Ok(resp) => {
+                if let Err(e) = resp.result {
                     tracing::debug!(component = name, mutations = n, error = %e, "command refused; will retry");
                     out.refused = true;
                 }
-            },
+            }
             Err(e) => {
                 tracing::debug!(component = name, error = %e, "proposal failed");
                 out.failed = true;
@@ -205,30 +349,49 @@ async fn propose_all<P: Proposer>(name: &str, proposer: &P, d: Decision, now: i6
     out
 }
 
-/// One component's loop: wait for a change (or a deadline), batch, decide, propose.
+/// One component's loop: wait for a change it is interested in (or a deadline), batch,
+/// decide, propose, and wait until the view holds the outcome before deciding again.
 async fn component<P: Proposer>(
-    name: &'static str,
-    mut decide: Decide,
-    view: Arc<RwLock<ClusterView>>,
+    mut c: Component,
+    shared: Arc<Shared>,
     mut generation: watch::Receiver<u64>,
     proposer: Arc<P>,
 ) {
     // The first round runs at once: a full reconcile of what the store holds.
     let mut next: Option<Instant> = Some(Instant::now());
+    let mut seen = None;
+    let mut gap = BATCH_WINDOW;
+    let mut last_round = Instant::now();
     loop {
         let deadline = next.unwrap_or_else(|| Instant::now() + RESYNC_PERIOD);
-        tokio::select! {
+        let woken_by_change = tokio::select! {
             changed = generation.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                tokio::time::sleep(BATCH_WINDOW).await;
+                true
             }
-            _ = tokio::time::sleep_until(deadline) => {}
+            _ = tokio::time::sleep_until(deadline) => false,
+        };
+        if woken_by_change {
+            let relevant = seen.is_none_or(|s| read(&shared.view).changes().since(&s, c.interest));
+            if !relevant {
+                continue;
+            }
+            tokio::time::sleep_until((last_round + gap).max(Instant::now() + BATCH_WINDOW)).await;
         }
         generation.borrow_and_update();
         let now = now_ms();
-        let decision = decide(&read(&view), now);
+        let started = Instant::now();
+        let decision = crate::store::block_in_place(|| {
+            let view = read(&shared.view);
+            seen = Some(view.changes());
+            (c.decide)(&view, now)
+        });
+        last_round = Instant::now();
+        gap = (last_round - started)
+            .saturating_mul(ROUND_SPACING)
+            .clamp(BATCH_WINDOW, MAX_ROUND_GAP);
         // A far wake-up (a held task's not_before) is capped: the resync round covers it.
         next = decision.wake_at_ms.map(|at| {
             let wait = Duration::from_millis(at.saturating_sub(now).max(0) as u64);
@@ -237,22 +400,22 @@ async fn component<P: Proposer>(
         if decision.mutations.is_empty() {
             continue;
         }
-        let outcome = propose_all(name, proposer.as_ref(), decision, now).await;
+        let outcome = propose_all(c.name, proposer.as_ref(), decision, now).await;
         if outcome.failed {
+            // The last proposal may still commit (a timeout while Raft struggles): deciding
+            // from a view without it would propose the same writes again (CHAOS.md finding 4).
+            // Wait until everything this leader's log holds is applied, so the view reflects
+            // the proposal or it is known never to apply.
+            let index = proposer.last_log_index();
+            proposer.applied(index).await;
+            shared.caught_up().await;
             next = Some(Instant::now() + PROPOSE_RETRY_DELAY);
             continue;
         }
         // Decide again once our own writes are in the view: a write may enable the next step,
-        // and a refusal means the view was behind.
-        let until = Instant::now() + VIEW_CATCH_UP_TIMEOUT;
-        while read(&view).applied() < outcome.applied {
-            if tokio::time::timeout_at(until, generation.changed())
-                .await
-                .map_or(true, |r| r.is_err())
-            {
-                break;
-            }
-        }
+        // and a refusal means the view was behind. Applied commands published their events
+        // before their answers came back, so one barrier is enough.
+        shared.caught_up().await;
         next = Some(if outcome.refused {
             Instant::now() + REFUSED_RETRY_DELAY
         } else {

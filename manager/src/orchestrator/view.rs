@@ -40,7 +40,80 @@ pub struct ClusterView {
     by_service: HashMap<String, BTreeSet<String>>,
     by_node: HashMap<String, BTreeSet<String>>,
     usage: HashMap<String, NodeUsage>,
+    /// Ids of the tasks whose observed state is PENDING (what the scheduler looks at).
+    pending: BTreeSet<String>,
     applied: u64,
+    changes: Changes,
+}
+
+/// Kinds of change a component can be interested in (bits of [`Interest`]).
+pub mod change {
+    /// A service was created, updated or deleted.
+    pub const SERVICES: u8 = 1;
+    /// A node was created, updated or deleted.
+    pub const NODES: u8 = 1 << 1;
+    /// The cluster object changed.
+    pub const CLUSTER: u8 = 1 << 2;
+    /// A task was created.
+    pub const TASK_CREATED: u8 = 1 << 3;
+    /// A task moved forward without ending: PENDING → ASSIGNED on a node, a status change
+    /// between ASSIGNED and RUNNING, a pending task's scheduling message. Desired state, node
+    /// and restart hold unchanged. (The bulk of the events of a large deployment.)
+    pub const TASK_PROGRESS: u8 = 1 << 4;
+    /// Any other task change: it ended (terminal state), its desired state, node or restart
+    /// hold changed, or it was deleted.
+    pub const TASK_SETTLED: u8 = 1 << 5;
+    /// Every kind.
+    pub const ALL: u8 = 0x3f;
+}
+
+/// A set of [`change`] bits.
+pub type Interest = u8;
+
+/// Per-kind change counters of a view: a component remembers the counters its last round saw
+/// and skips rounds in which nothing it is interested in changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes([u64; 6]);
+
+impl Changes {
+    fn bump(&mut self, kinds: u8) {
+        for (i, c) in self.0.iter_mut().enumerate() {
+            if kinds & (1 << i) != 0 {
+                *c += 1;
+            }
+        }
+    }
+
+    /// True if any kind in `interest` changed between `earlier` and `self`.
+    pub fn since(&self, earlier: &Changes, interest: Interest) -> bool {
+        (0..6).any(|i| interest & (1 << i) != 0 && self.0[i] != earlier.0[i])
+    }
+}
+
+/// What kind of change going from `old` to `new` is for a task (see [`change`]).
+pub fn task_change(old: Option<&Task>, new: Option<&Task>) -> u8 {
+    match (old, new) {
+        (None, Some(_)) => change::TASK_CREATED,
+        (Some(o), Some(n)) => {
+            let same_node = o.node_id == n.node_id
+                || (o.node_id.is_empty()
+                    && state(o) == TaskState::Pending as i32
+                    && state(n) == TaskState::Assigned as i32);
+            if same_node
+                && !is_terminal(o)
+                && !is_terminal(n)
+                && o.desired_state == n.desired_state
+                && o.not_before_ms == n.not_before_ms
+                && o.spec_version == n.spec_version
+                && o.slot == n.slot
+            {
+                change::TASK_PROGRESS
+            } else {
+                change::TASK_SETTLED
+            }
+        }
+        _ => change::TASK_SETTLED,
+    }
 }
 
 /// A task's observed state as a number (`TaskState` values are ordered).
@@ -117,6 +190,21 @@ impl ClusterView {
         self.applied = self.applied.max(version);
     }
 
+    /// Per-kind change counters (every object put or removed counts).
+    pub fn changes(&self) -> Changes {
+        self.changes
+    }
+
+    /// Counts a change of every kind (after a reload: components must look again).
+    pub fn note_all_changed(&mut self) {
+        self.changes.bump(change::ALL);
+    }
+
+    /// Tasks whose observed state is PENDING, ordered by task id.
+    pub fn pending_tasks(&self) -> impl Iterator<Item = &Task> {
+        self.pending.iter().filter_map(|id| self.tasks.get(id))
+    }
+
     /// Applies one watch event; events older than the object in the view are ignored.
     pub fn apply_event(&mut self, ev: &Event) {
         self.applied = self.applied.max(ev.version);
@@ -164,14 +252,21 @@ impl ClusterView {
         let id = o.id().to_string();
         match o {
             Object::Node(n) => {
+                self.changes.bump(change::NODES);
                 self.nodes.insert(id, n);
             }
             Object::Service(s) => {
+                self.changes.bump(change::SERVICES);
                 self.services.insert(id, s);
             }
-            Object::Cluster(c) => self.cluster = Some(c),
+            Object::Cluster(c) => {
+                self.changes.bump(change::CLUSTER);
+                self.cluster = Some(c)
+            }
             Object::Task(t) => {
-                if let Some(old) = self.tasks.remove(&id) {
+                let old = self.tasks.remove(&id);
+                self.changes.bump(task_change(old.as_ref(), Some(&t)));
+                if let Some(old) = old {
                     self.unindex(&id, &old);
                 }
                 self.index(&id, &t);
@@ -184,14 +279,20 @@ impl ClusterView {
         let id = o.id();
         match o {
             Object::Node(_) => {
+                self.changes.bump(change::NODES);
                 self.nodes.remove(id);
             }
             Object::Service(_) => {
+                self.changes.bump(change::SERVICES);
                 self.services.remove(id);
             }
-            Object::Cluster(_) => self.cluster = None,
+            Object::Cluster(_) => {
+                self.changes.bump(change::CLUSTER);
+                self.cluster = None
+            }
             Object::Task(_) => {
                 if let Some(old) = self.tasks.remove(id) {
+                    self.changes.bump(change::TASK_SETTLED);
                     self.unindex(id, &old);
                 }
             }
@@ -199,6 +300,9 @@ impl ClusterView {
     }
 
     fn index(&mut self, id: &str, t: &Task) {
+        if state(t) == TaskState::Pending as i32 {
+            self.pending.insert(id.to_string());
+        }
         self.by_service
             .entry(t.service_id.clone())
             .or_default()
@@ -220,6 +324,9 @@ impl ClusterView {
     }
 
     fn unindex(&mut self, id: &str, t: &Task) {
+        if state(t) == TaskState::Pending as i32 {
+            self.pending.remove(id);
+        }
         if let Some(set) = self.by_service.get_mut(&t.service_id) {
             set.remove(id);
             if set.is_empty() {

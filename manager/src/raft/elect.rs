@@ -21,6 +21,15 @@
 //! interval to just under the election timeout ([`append_deadline_ms`]) and the driver keeps
 //! the followers' leases fresh at the cluster's rate.
 //!
+//! A heartbeat travels on openraft's replication stream, behind whatever append is in flight
+//! to that follower: a follower taking a large batch on a loaded host hears nothing for longer
+//! than the lease and starts an election against a leader that is alive and replicating (seen
+//! at scale: elections in a loop). So the leader's driver also sends a beacon
+//! (`LeaderPing`, [`Network::ping_leadership`]) to every other voter at the heartbeat rate, on
+//! its own gRPC stream, and a follower counts a beacon from its leader as contact. A leader
+//! vouches for itself only while a quorum acknowledged it within [`beacon_quorum_limit`]:
+//! one that stopped replicating (a stuck core, a lost majority) falls silent and is replaced.
+//!
 //! Voters still refuse any vote within the lease of the last leader message they processed
 //! (openraft's `handle_vote_req`), so a node that lost contact alone (a partitioned minority)
 //! cannot win while the majority still hears its leader.
@@ -33,6 +42,7 @@ use openraft::ServerState;
 use rand::Rng;
 use tokio::task::JoinHandle;
 
+use super::network::Network;
 use super::typ::{Node, NodeId, Raft};
 
 /// Longest the driver sleeps before it looks at the node's role and leader contact again
@@ -272,13 +282,84 @@ pub struct ElectionDriver {
 
 impl ElectionDriver {
     /// Turns openraft's own election timer off on `raft` and drives its elections from the
-    /// leader contacts `contact` records, with `config`'s timers.
-    pub fn spawn(raft: Raft, config: &openraft::Config, contact: LeaderContact) -> ElectionDriver {
+    /// leader contacts `contact` records, with `config`'s timers; as leader it sends beacons
+    /// through `beacons` (none: heartbeats only).
+    pub fn spawn(
+        raft: Raft,
+        config: &openraft::Config,
+        contact: LeaderContact,
+        beacons: Option<Network>,
+    ) -> ElectionDriver {
         raft.runtime_config().elect(false);
         let timers = ElectionTimers::of(config);
         let beat = Duration::from_millis(config.heartbeat_interval);
-        let task = tokio::spawn(drive(raft, timers, beat, contact));
+        let beacons = beacons.map(|net| Beacons {
+            net,
+            ttl: Duration::from_millis(config.election_timeout_min),
+            quorum_limit: beacon_quorum_limit(config),
+            inflight: Default::default(),
+        });
+        let task = tokio::spawn(drive(raft, timers, beat, contact, beacons));
         ElectionDriver { task }
+    }
+}
+
+/// How recently a quorum must have acknowledged a leader for it to send beacons: ten election
+/// timeouts, at least 2 s (a loaded follower may take that long to answer a large append).
+pub fn beacon_quorum_limit(config: &openraft::Config) -> Duration {
+    Duration::from_millis((10 * config.election_timeout_max).max(2_000))
+}
+
+/// The leader's beacons to the other voters, at most one in flight per voter.
+struct Beacons {
+    net: Network,
+    ttl: Duration,
+    quorum_limit: Duration,
+    inflight: std::collections::HashMap<NodeId, JoinHandle<()>>,
+}
+
+impl Beacons {
+    fn send(&mut self, m: &openraft::RaftMetrics<NodeId, Node>) {
+        if m.running_state.is_err() {
+            return;
+        }
+        // A new leader has no ack yet: its election was the quorum's answer.
+        let acked = m
+            .millis_since_quorum_ack
+            .is_none_or(|ms| Duration::from_millis(ms) < self.quorum_limit);
+        if !acked {
+            return;
+        }
+        let membership = m.membership_config.membership();
+        self.inflight.retain(|_, t| !t.is_finished());
+        for id in membership.voter_ids() {
+            if id == m.id || self.inflight.contains_key(&id) {
+                continue;
+            }
+            let Some(node) = membership.get_node(&id) else {
+                continue;
+            };
+            let (net, addr, term, ttl) = (
+                self.net.clone(),
+                node.addr.clone(),
+                m.current_term,
+                self.ttl,
+            );
+            let task = tokio::spawn(async move {
+                if let Err(e) = net.ping_leadership(&addr, term, ttl).await {
+                    tracing::trace!(peer = id, "leader beacon: {e}");
+                }
+            });
+            self.inflight.insert(id, task);
+        }
+    }
+}
+
+impl Drop for Beacons {
+    fn drop(&mut self) {
+        for t in self.inflight.values() {
+            t.abort();
+        }
     }
 }
 
@@ -288,7 +369,13 @@ impl Drop for ElectionDriver {
     }
 }
 
-async fn drive(raft: Raft, timers: ElectionTimers, beat: Duration, contact: LeaderContact) {
+async fn drive(
+    raft: Raft,
+    timers: ElectionTimers,
+    beat: Duration,
+    contact: LeaderContact,
+    mut beacons: Option<Beacons>,
+) {
     let metrics = raft.metrics();
     let mut schedule = Schedule::new(timers, timers.draw());
     let mut last_beat = Instant::now();
@@ -302,6 +389,9 @@ async fn drive(raft: Raft, timers: ElectionTimers, beat: Duration, contact: Lead
                 if let Err(e) = raft.trigger().heartbeat().await {
                     tracing::debug!("election driver stops: {e}");
                     return;
+                }
+                if let Some(b) = beacons.as_mut() {
+                    b.send(&metrics.borrow());
                 }
             }
             tokio::time::sleep(beat.saturating_sub(last_beat.elapsed()).min(ELECTION_POLL)).await;

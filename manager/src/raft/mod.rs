@@ -54,6 +54,11 @@ impl From<openraft::ConfigError> for RaftSetupError {
     }
 }
 
+/// Entries in one AppendEntries at most (openraft's default is 300): an entry can hold a
+/// component's command of up to ~192 KiB, and a catch-up append must arrive, be written and be
+/// answered within the append deadline on a loaded host.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
+
 /// The openraft config for the cluster's `RaftConfig` timers (zero fields take the defaults).
 pub fn raft_config(
     cluster_name: &str,
@@ -76,6 +81,7 @@ pub fn raft_config(
             DEFAULT_SNAPSHOT_INTERVAL,
         )),
         max_in_snapshot_log_to_keep: or(timers.keep_old_entries, DEFAULT_KEEP_OLD_ENTRIES),
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     };
     Ok(Arc::new(config.validate()?))

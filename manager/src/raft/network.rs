@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::v1::raft_client::RaftClient;
 use shoal_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
-use shoal_proto::v1::RaftMessage;
+use shoal_proto::v1::{LeaderPingRequest, LeaderPingResponse, RaftMessage};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
@@ -130,6 +130,27 @@ impl Network {
         }
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
+    }
+
+    /// Tells the manager at `addr` that this node leads in `term` (the election driver's
+    /// beacon, see `elect.rs`); answers the receiver's term.
+    pub async fn ping_leadership(
+        &self,
+        addr: &str,
+        term: u64,
+        ttl: Duration,
+    ) -> Result<u64, RaftNetError> {
+        let mut client = RaftClient::new(self.channel(addr)?);
+        let mut request = Request::new(LeaderPingRequest {
+            leader_id: self.self_id,
+            term,
+        });
+        request.set_timeout(ttl);
+        let resp = client
+            .leader_ping(request)
+            .await
+            .map_err(RaftNetError::Status)?;
+        Ok(resp.into_inner().term)
     }
 }
 
@@ -305,6 +326,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                     PayloadTooLarge::new_entries_hint(entries / 2).with_source_error(&e),
                 ))
             }
+            // openraft resends a timed-out append whole, so a follower that cannot take that
+            // many entries within the deadline (a loaded host) would never catch up: it gets
+            // half as many at once instead (openraft keeps the hint for its next 10 appends).
+            Err(CallError::Timeout) if entries > 1 => Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(entries / 2),
+            )),
             outcome => self.finish(Method::AppendEntries, ttl, outcome),
         }
     }
@@ -444,6 +471,25 @@ impl RaftRpc for RaftService {
             self.heard();
         }
         reply(&result)
+    }
+
+    async fn leader_ping(
+        &self,
+        req: Request<LeaderPingRequest>,
+    ) -> Result<Response<LeaderPingResponse>, Status> {
+        self.authorizer.authorize(&req, &[Role::Manager])?;
+        let ping = req.into_inner();
+        let (term, leader) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.current_term, m.current_leader)
+        };
+        // Only the leader this node knows for its term, or one of a later term it has not
+        // heard of yet, keeps its elections off; a deposed leader's beacon counts for nothing.
+        if ping.term > term || (ping.term == term && leader == Some(ping.leader_id)) {
+            self.heard();
+        }
+        Ok(Response::new(LeaderPingResponse { term }))
     }
 }
 

@@ -45,7 +45,7 @@ pub fn schedule(view: &ClusterView, now_ms: i64) -> Decision {
     let mut round_per_service: HashMap<(&str, usize), u64> = HashMap::new();
 
     let mut groups: BTreeMap<(&str, u64, &str), Vec<&Task>> = BTreeMap::new();
-    for t in view.tasks.values() {
+    for t in view.pending_tasks() {
         if state(t) != TaskState::Pending as i32 || !wants_running(t) {
             continue;
         }

@@ -15,6 +15,11 @@ use super::{
 /// deterministic order.
 type Writes = BTreeMap<(TreeId, Vec<u8>), Option<Vec<u8>>>;
 
+/// Commands (and commits) of at least this many mutations (writes) run through
+/// [`super::block_in_place`]: applying a large task batch takes tens of ms, which must not
+/// hold up Raft's heartbeats and votes on the same runtime worker.
+const BLOCKING_MUTATIONS: usize = 64;
+
 /// Commands applied in memory on top of the store, committed in one sled transaction.
 ///
 /// Each command sees the writes of the commands before it in the same batch; a refused command
@@ -41,6 +46,13 @@ impl<'a> Batch<'a> {
     /// A group command (`Mutation::Group`) applies each of its commands this way in turn and
     /// answers with their responses in `Response::each`.
     pub fn apply(&mut self, log_index: u64, cmd: &Command) -> Result<Response, StoreError> {
+        if cmd.mutations.len() >= BLOCKING_MUTATIONS {
+            return super::block_in_place(|| self.apply_inline(log_index, cmd));
+        }
+        self.apply_inline(log_index, cmd)
+    }
+
+    fn apply_inline(&mut self, log_index: u64, cmd: &Command) -> Result<Response, StoreError> {
         let [Mutation::Group(group)] = cmd.mutations.as_slice() else {
             return self.apply_one(log_index, cmd);
         };
@@ -86,6 +98,13 @@ impl<'a> Batch<'a> {
         if self.writes.is_empty() {
             return Ok(());
         }
+        if self.writes.len() >= BLOCKING_MUTATIONS {
+            return super::block_in_place(|| self.commit_inline());
+        }
+        self.commit_inline()
+    }
+
+    fn commit_inline(self) -> Result<(), StoreError> {
         {
             let _guard = self
                 .store
@@ -289,6 +308,12 @@ impl Staged<'_, '_> {
                             kind: Kind::Task,
                             reason: "service_id and node_id must hold no NUL".into(),
                         });
+                    }
+                }
+                if let Some(Object::Task(o)) = old {
+                    if o.service_id == t.service_id && o.node_id == t.node_id {
+                        // Same index entries (most updates: status reports): nothing to move.
+                        return Ok(());
                     }
                 }
                 if let Some(old) = old {

@@ -65,6 +65,20 @@ impl TreeId {
     }
 }
 
+/// Runs `f`, a long synchronous piece of work (a sled transaction of thousands of writes, a
+/// decision over 100,000 tasks), so that it does not hold up the other tasks of the runtime
+/// worker it runs on: on a multi-threaded tokio runtime through `block_in_place` (the worker's
+/// other tasks — Raft heartbeats and votes among them — move to another thread meanwhile);
+/// elsewhere (a current-thread runtime, no runtime) simply inline.
+pub fn block_in_place<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Key of an index entry: the indexed value, a NUL, the object id (ids and names hold no NUL).
 pub(crate) fn index_key(value: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(value.len() + 1 + id.len());
