@@ -264,10 +264,10 @@ impl Cluster {
     }
 
     /// Waits (up to `timeout`) until every agent that runs under another pid than in `marks`
-    /// has logged a dispatcher session start since: a manager node shows Ready as soon as its
-    /// Raft port answers (`ListNodes` reports a manager's Raft reachability as its state), so
-    /// only its agent's log tells that it has a session with the leader again. Returns the
-    /// hosts still without one.
+    /// has logged a dispatcher session start since. Before 066798f a manager node showed Ready
+    /// as soon as its Raft port answered, and only its agent's log told that it had a session
+    /// with the leader again; the check stays as a second witness. Returns the hosts still
+    /// without one.
     pub async fn wait_sessions(
         &self,
         marks: &[(Option<u32>, u64)],

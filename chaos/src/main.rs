@@ -40,6 +40,8 @@ const WARMUP: Duration = Duration::from_secs(3);
 /// Beyond the requested duration, how long setup, healing and checks may take before the
 /// watchdog brings the test bed down and exits.
 const WATCHDOG_SLACK: Duration = Duration::from_secs(600);
+/// The agents' log filter unless RUST_LOG is set.
+const AGENT_LOG_FILTER: &str = "info,openraft=info,h2=warn,tower=warn,hyper=warn";
 /// Findings listed per check at most.
 const MAX_FINDINGS: usize = 50;
 
@@ -169,6 +171,11 @@ fn run(args: Args) -> Result<bool> {
                 std::env::set_var("SHOAL_BIN", b);
             }
         }
+    }
+    // The agents inherit this environment: keep openraft's own info lines (RaftCore shutting
+    // down, sled recovery) in their logs, which the default filter of `shoal agent` drops.
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", AGENT_LOG_FILTER);
     }
     let report_dir = args
         .report_dir
