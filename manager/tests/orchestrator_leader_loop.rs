@@ -2,6 +2,9 @@
 //! proposing through `Raft::client_write`, with a simulated agent moving tasks, converging
 //! after each change within a bounded wait; a restarted `run_leader` resumes from the store.
 
+mod orchestrator_support;
+use orchestrator_support::{ready_node, replicated_service};
+
 mod no_peers;
 use no_peers::NoPeers;
 
@@ -13,9 +16,7 @@ use shoal_manager::orchestrator::run_leader;
 use shoal_manager::raft::{raft_config, Raft, Storage};
 use shoal_manager::store::{Command, Kind, Mutation, Object, Store};
 use shoal_proto::v1::{
-    service_spec::Mode, ContainerSpec, Meta, Node, NodeDescription, NodeSpec, NodeState,
-    NodeStatus, RaftConfig, ReplicatedService, Resources, Service, ServiceSpec, TaskSpec,
-    TaskState, TaskStatus,
+    service_spec::Mode, Node, NodeState, RaftConfig, ReplicatedService, TaskState, TaskStatus,
 };
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -41,51 +42,6 @@ async fn write(raft: &Raft, mutations: Vec<Mutation>) {
         .await
         .expect("raft write");
     resp.data.result.expect("store accepts");
-}
-
-fn node(id: &str) -> Node {
-    Node {
-        meta: Some(Meta {
-            id: id.into(),
-            ..Default::default()
-        }),
-        spec: Some(NodeSpec::default()),
-        description: Some(NodeDescription {
-            hostname: id.into(),
-            resources: Some(Resources {
-                nano_cpus: 4_000_000_000,
-                memory_bytes: 8 << 30,
-            }),
-            ..Default::default()
-        }),
-        status: Some(NodeStatus {
-            state: NodeState::Ready as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn service(id: &str, replicas: u64) -> Service {
-    Service {
-        meta: Some(Meta {
-            id: id.into(),
-            ..Default::default()
-        }),
-        spec: Some(ServiceSpec {
-            name: id.into(),
-            task: Some(TaskSpec {
-                container: Some(ContainerSpec {
-                    image: "busybox@sha256:00".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            mode: Some(Mode::Replicated(ReplicatedService { replicas })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// What the workers would do: start what is assigned to a ready node, stop what is not
@@ -209,11 +165,13 @@ async fn leader_loops_converge_services_through_raft() {
     let leader = start_leader(&store, &raft);
 
     for n in ["n1", "n2", "n3"] {
-        write(&raft, vec![Mutation::Create(Object::Node(node(n)))]).await;
+        write(&raft, vec![Mutation::Create(Object::Node(ready_node(n)))]).await;
     }
     write(
         &raft,
-        vec![Mutation::Create(Object::Service(service("web", 3)))],
+        vec![Mutation::Create(Object::Service(replicated_service(
+            "web", 3,
+        )))],
     )
     .await;
     wait_for("3 running, one per node", || {
@@ -258,7 +216,9 @@ async fn leader_loops_converge_services_through_raft() {
     leader.stop().await;
     write(
         &raft,
-        vec![Mutation::Create(Object::Service(service("api", 2)))],
+        vec![Mutation::Create(Object::Service(replicated_service(
+            "api", 2,
+        )))],
     )
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -5,16 +5,15 @@
 //! the caller gets an error at once. The replicated orchestrator must create each slot's task
 //! exactly once.
 
+mod orchestrator_support;
+use orchestrator_support::{ready_node, replicated_service};
+
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_manager::orchestrator::{run_leader, ProposeError, Proposer};
 use shoal_manager::store::{Command, Mutation, Object, Response, Store};
-use shoal_proto::v1::{
-    service_spec::Mode, ContainerSpec, Meta, Node, NodeDescription, NodeSpec, NodeState,
-    NodeStatus, ReplicatedService, Resources, Service, ServiceSpec, TaskSpec,
-};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How long after a proposal its entry is applied: longer than the runner's retry pause
@@ -85,51 +84,6 @@ impl Proposer for LostAnswers {
     }
 }
 
-fn node(id: &str) -> Node {
-    Node {
-        meta: Some(Meta {
-            id: id.into(),
-            ..Default::default()
-        }),
-        spec: Some(NodeSpec::default()),
-        description: Some(NodeDescription {
-            hostname: id.into(),
-            resources: Some(Resources {
-                nano_cpus: 4_000_000_000,
-                memory_bytes: 8 << 30,
-            }),
-            ..Default::default()
-        }),
-        status: Some(NodeStatus {
-            state: NodeState::Ready as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn service(id: &str, replicas: u64) -> Service {
-    Service {
-        meta: Some(Meta {
-            id: id.into(),
-            ..Default::default()
-        }),
-        spec: Some(ServiceSpec {
-            name: id.into(),
-            task: Some(TaskSpec {
-                container: Some(ContainerSpec {
-                    image: "busybox@sha256:00".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            mode: Some(Mode::Replicated(ReplicatedService { replicas })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_outcome_is_not_proposed_twice() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,8 +93,8 @@ async fn unknown_outcome_is_not_proposed_twice() {
         .unwrap();
     let store = Store::open(&db).unwrap();
     for (i, m) in [
-        Mutation::Create(Object::Node(node("n1"))),
-        Mutation::Create(Object::Service(service("web", 3))),
+        Mutation::Create(Object::Node(ready_node("n1"))),
+        Mutation::Create(Object::Service(replicated_service("web", 3))),
     ]
     .into_iter()
     .enumerate()

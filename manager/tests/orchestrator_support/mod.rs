@@ -42,6 +42,36 @@ pub fn desired(t: &Task) -> TaskState {
     TaskState::try_from(t.desired_state).unwrap()
 }
 
+/// A Ready, active worker node with 4 CPUs and 8 GiB.
+pub fn ready_node(id: &str) -> Node {
+    Node {
+        meta: meta(id),
+        spec: Some(NodeSpec::default()),
+        description: Some(NodeDescription {
+            hostname: id.into(),
+            resources: Some(Resources {
+                nano_cpus: 4_000_000_000,
+                memory_bytes: 8 << 30,
+            }),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            state: NodeState::Ready as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A replicated service `id` (named `id` too) of `replicas`.
+pub fn replicated_service(id: &str, replicas: u64) -> Service {
+    Service {
+        meta: meta(id),
+        spec: Some(spec(id, Some(replicas))),
+        ..Default::default()
+    }
+}
+
 /// A service spec with `replicas` (None = global).
 pub fn spec(name: &str, replicas: Option<u64>) -> ServiceSpec {
     ServiceSpec {
