@@ -11,7 +11,6 @@ use no_peers::NoPeers;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use openraft::{BasicNode, ServerState};
 use shoal_manager::orchestrator::run_leader;
 use shoal_manager::raft::{raft_config, Raft, Storage};
 use shoal_manager::store::{Command, Kind, Mutation, Object, Store};
@@ -153,13 +152,7 @@ async fn leader_loops_converge_services_through_raft() {
     let raft = Raft::new(1, config, NoPeers, st.log.clone(), st.state_machine.clone())
         .await
         .unwrap();
-    raft.initialize(BTreeMap::from([(1u64, BasicNode::new("127.0.0.1:1"))]))
-        .await
-        .unwrap();
-    raft.wait(Some(Duration::from_secs(10)))
-        .state(ServerState::Leader, "leader")
-        .await
-        .unwrap();
+    no_peers::initialize_alone(&raft).await;
     let store = st.store.clone();
     let agents = spawn_agents(store.clone(), raft.clone());
     let leader = start_leader(&store, &raft);

@@ -6,11 +6,11 @@
 mod no_peers;
 use no_peers::NoPeers;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use openraft::storage::RaftLogStorage;
-use openraft::{BasicNode, ServerState, Vote};
+use openraft::Vote;
 use shoal_manager::raft::{raft_config, Raft, Storage};
 use shoal_manager::store::{Command, Mutation, Object};
 use shoal_proto::v1::{Meta, Node, NodeSpec, RaftConfig};
@@ -44,13 +44,7 @@ async fn start_leader(st: &Storage) -> Raft {
     let raft = Raft::new(1, config, NoPeers, st.log.clone(), st.state_machine.clone())
         .await
         .expect("raft starts");
-    raft.initialize(BTreeMap::from([(1u64, BasicNode::new("127.0.0.1:1"))]))
-        .await
-        .expect("initialize");
-    raft.wait(Some(WAIT))
-        .state(ServerState::Leader, "leader")
-        .await
-        .expect("becomes leader");
+    no_peers::initialize_alone(&raft).await;
     raft
 }
 

@@ -12,7 +12,7 @@ use std::process::{Command as Process, Stdio};
 use std::time::Duration;
 
 use openraft::storage::RaftLogReader;
-use openraft::{BasicNode, EntryPayload, ServerState};
+use openraft::{EntryPayload, ServerState};
 use shoal_manager::raft::{raft_config, Raft, Storage};
 use shoal_manager::store::{Command, Mutation, Object};
 use shoal_proto::v1::{Meta, Node, RaftConfig};
@@ -52,13 +52,7 @@ async fn start(st: &Storage) -> Raft {
 async fn child(dir: &str) -> ! {
     let st = Storage::open(std::path::Path::new(dir)).expect("open storage");
     let raft = start(&st).await;
-    raft.initialize(BTreeMap::from([(1u64, BasicNode::new("127.0.0.1:1"))]))
-        .await
-        .expect("initialize");
-    raft.wait(Some(WAIT))
-        .state(ServerState::Leader, "leader")
-        .await
-        .expect("becomes leader");
+    no_peers::initialize_alone(&raft).await;
     for i in 0..WRITES {
         let resp = raft.client_write(node_cmd(i)).await.expect("write");
         assert!(resp.data.result.is_ok(), "{:?}", resp.data.result);

@@ -4,11 +4,10 @@
 mod no_peers;
 use no_peers::NoPeers;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use openraft::storage::RaftLogReader;
-use openraft::{BasicNode, ServerState};
+use openraft::ServerState;
 use shoal_manager::raft::{raft_config, Raft, Storage};
 use shoal_manager::store::{Command, Mutation, Object, StoreError};
 use shoal_proto::v1::{Meta, Node, RaftConfig};
@@ -50,13 +49,7 @@ async fn writes_snapshots_purge_and_restart_on_one_node() {
     {
         let st = Storage::open(&path).unwrap();
         let raft = start(&st).await;
-        raft.initialize(BTreeMap::from([(1u64, BasicNode::new("127.0.0.1:1"))]))
-            .await
-            .expect("initialize");
-        raft.wait(Some(WAIT))
-            .state(ServerState::Leader, "leader")
-            .await
-            .expect("becomes leader");
+        no_peers::initialize_alone(&raft).await;
 
         for i in 0..WRITES {
             let resp = raft.client_write(node_cmd(i)).await.expect("write");

@@ -9,6 +9,20 @@ use shoal_manager::raft::typ::rpc::{
 };
 use shoal_manager::raft::TypeConfig;
 
+/// Initializes `raft` as the only voter of its cluster and waits until it leads.
+pub async fn initialize_alone(raft: &shoal_manager::raft::Raft) {
+    raft.initialize(std::collections::BTreeMap::from([(
+        1u64,
+        BasicNode::new("127.0.0.1:1"),
+    )]))
+    .await
+    .expect("initialize");
+    raft.wait(Some(std::time::Duration::from_secs(10)))
+        .state(openraft::ServerState::Leader, "leader")
+        .await
+        .expect("becomes leader");
+}
+
 /// A one-voter cluster never sends an RPC.
 pub struct NoPeers;
 
