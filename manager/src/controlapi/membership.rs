@@ -25,7 +25,7 @@ const PROMOTION_CHECK_WAIT: Duration = Duration::from_secs(2);
 pub const NODE_WRITE_RETRIES: usize = 5;
 
 /// Whether a write failed only because the object changed since it was read.
-pub(crate) fn is_version_conflict(s: &Status) -> bool {
+fn is_version_conflict(s: &Status) -> bool {
     s.code() == tonic::Code::FailedPrecondition && s.message().starts_with("version conflict")
 }
 
@@ -139,14 +139,29 @@ impl ControlApi {
         id: &str,
         change: impl Fn(&mut pb::Node),
     ) -> Result<pb::Node, Status> {
+        self.try_change_node(id, NODE_WRITE_RETRIES, |n| {
+            change(n);
+            Ok(())
+        })
+        .await
+    }
+
+    /// [`ControlApi::change_node`] with a change that may refuse (its error is answered as
+    /// is), written at most `attempts` times.
+    pub(crate) async fn try_change_node(
+        &self,
+        id: &str,
+        attempts: usize,
+        change: impl Fn(&mut pb::Node) -> Result<(), Status>,
+    ) -> Result<pb::Node, Status> {
         let mut last = None;
-        for _ in 0..NODE_WRITE_RETRIES {
+        for _ in 0..attempts {
             let mut node = self
                 .store()
                 .get_node(id)
                 .map_err(store_status)?
                 .ok_or_else(|| Status::not_found(format!("node {id} not found")))?;
-            change(&mut node);
+            change(&mut node)?;
             match self.write_node(node).await {
                 Err(s) if is_version_conflict(&s) => last = Some(s),
                 other => return other,

@@ -120,13 +120,29 @@ impl ControlApi {
     /// a quorum, which also waits until everything committed is applied, and read again, so
     /// that a refusal never comes from a stale replica.
     pub(crate) async fn service_at(&self, key: &str, version: u64) -> Result<pb::Service, Status> {
-        if let Ok(s) = self.find_service(key) {
-            if version_of(s.meta.as_ref()) == version {
-                return Ok(s);
+        self.read_before_write(
+            |api| api.find_service(key),
+            |s| version_of(s.meta.as_ref()) == version,
+        )
+        .await
+    }
+
+    /// What a write reads before it proposes: `read` from this replica, kept when `fits` (the
+    /// write goes ahead and apply checks it again); otherwise, before the caller refuses on
+    /// it, leadership is confirmed with a quorum (which also waits until everything committed
+    /// is applied) and `read` runs again.
+    async fn read_before_write<T>(
+        &self,
+        read: impl Fn(&ControlApi) -> Result<T, Status>,
+        fits: impl Fn(&T) -> bool,
+    ) -> Result<T, Status> {
+        if let Ok(v) = read(self) {
+            if fits(&v) {
+                return Ok(v);
             }
         }
         self.linearize().await?;
-        self.find_service(key)
+        read(self)
     }
 
     pub(crate) fn find_service(&self, key: &str) -> Result<pb::Service, Status> {
@@ -299,19 +315,17 @@ impl Control for ControlService {
         validate::service_spec(&spec).map_err(invalid)?;
         update::check_configs(&spec).map_err(invalid)?;
         leader_only!(api, req, create_service, propose);
-        // The name is checked again in apply; confirm leadership (and catch up) only before
-        // refusing, as `service_at` does.
-        let mut taken = api
-            .store()
-            .service_id_by_name(&spec.name)
-            .map_err(store_status)?;
-        if taken.is_some() {
-            api.linearize().await?;
-            taken = api
-                .store()
-                .service_id_by_name(&spec.name)
-                .map_err(store_status)?;
-        }
+        // The name is checked again in apply.
+        let taken = api
+            .read_before_write(
+                |api| {
+                    api.store()
+                        .service_id_by_name(&spec.name)
+                        .map_err(store_status)
+                },
+                Option::is_none,
+            )
+            .await?;
         if let Some(id) = taken {
             return Err(Status::already_exists(format!(
                 "service name {} is already in use by service {id}",
@@ -559,6 +573,7 @@ impl Control for ControlService {
         }
         leader_only!(api, req, update_node, write);
         let r = req.get_ref();
+        let id = id_of(api.find_node(&r.node)?.meta.as_ref()).to_string();
         // A caller that named no version means "whatever is current": the dispatcher writes
         // heartbeats and status on the node too, so a conflict with those is re-read and
         // retried; a caller that named a version gets the conflict.
@@ -567,19 +582,35 @@ impl Control for ControlService {
         } else {
             1
         };
-        let mut last = None;
-        for _ in 0..attempts {
-            match update_node_once(&api, r).await {
-                Err(s) if r.version == 0 && membership::is_version_conflict(&s) => last = Some(s),
-                Err(s) => return Err(s),
-                Ok(id) => {
-                    let mut node = api.find_node(&id)?;
-                    api.manager_health().await.fill(&mut node);
-                    return Ok(Response::new(pb::NodeResponse { node: Some(node) }));
+        let mut node = api
+            .try_change_node(&id, attempts, |next| {
+                let version = version_of(next.meta.as_ref());
+                if r.version != 0 && r.version != version {
+                    return Err(Status::failed_precondition(format!(
+                        "update out of sequence: node is at version {version}, not {}",
+                        r.version
+                    )));
                 }
-            }
-        }
-        Err(last.unwrap_or_else(|| Status::aborted("node write retries exhausted")))
+                let spec = next.spec.get_or_insert_with(Default::default);
+                if let Some(a) = r.availability {
+                    spec.availability = a;
+                }
+                for k in &r.label_rm {
+                    if spec.labels.remove(k).is_none() {
+                        return Err(Status::not_found(format!(
+                            "label {k} not found on the node"
+                        )));
+                    }
+                }
+                spec.labels.extend(r.label_add.clone());
+                if spec.labels.len() > validate::MAX_LABELS {
+                    return Err(Status::invalid_argument("too many node labels"));
+                }
+                Ok(())
+            })
+            .await?;
+        api.manager_health().await.fill(&mut node);
+        Ok(Response::new(pb::NodeResponse { node: Some(node) }))
     }
 
     async fn promote_node(
@@ -835,39 +866,4 @@ pub fn watch_event(ev: Event) -> pb::WatchEvent {
         action: action as i32,
         object: Some(object),
     }
-}
-
-/// One read-modify-write of a node for `update_node`; answers the node's id.
-async fn update_node_once(api: &ControlApi, r: &pb::UpdateNodeRequest) -> Result<String, Status> {
-    let node = api.find_node(&r.node)?;
-    let version = version_of(node.meta.as_ref());
-    if r.version != 0 && r.version != version {
-        return Err(Status::failed_precondition(format!(
-            "update out of sequence: node is at version {version}, not {}",
-            r.version
-        )));
-    }
-    let mut next = node.clone();
-    let spec = next.spec.get_or_insert_with(Default::default);
-    if let Some(a) = r.availability {
-        spec.availability = a;
-    }
-    for k in &r.label_rm {
-        if spec.labels.remove(k).is_none() {
-            return Err(Status::not_found(format!(
-                "label {k} not found on the node"
-            )));
-        }
-    }
-    spec.labels.extend(r.label_add.clone());
-    if spec.labels.len() > validate::MAX_LABELS {
-        return Err(Status::invalid_argument("too many node labels"));
-    }
-    let id = id_of(node.meta.as_ref()).to_string();
-    api.propose(vec![Mutation::Update {
-        object: Object::Node(next),
-        expect_version: Some(version),
-    }])
-    .await?;
-    Ok(id)
 }

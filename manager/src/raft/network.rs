@@ -416,7 +416,7 @@ impl RaftService {
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES)
     }
 
-    fn admit(&self, req: &Request<RaftMessage>) -> Result<(), Status> {
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
         self.authorizer.authorize(req, &[Role::Manager]).map(|_| ())
     }
 }
@@ -477,7 +477,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<LeaderPingRequest>,
     ) -> Result<Response<LeaderPingResponse>, Status> {
-        self.authorizer.authorize(&req, &[Role::Manager])?;
+        self.admit(&req)?;
         let ping = req.into_inner();
         let (term, leader) = {
             let m = self.raft.metrics();
