@@ -75,19 +75,14 @@ impl Proposer for crate::raft::Raft {
     }
 
     async fn applied(&self, index: u64) {
-        let mut metrics = self.metrics();
-        loop {
-            let applied = metrics
-                .borrow_and_update()
-                .last_applied
-                .map_or(0, |l| l.index);
-            if applied >= index {
-                return;
-            }
-            if metrics.changed().await.is_err() {
-                // Raft stopped: nothing more will be applied; the leader loops end with it.
-                std::future::pending::<()>().await;
-            }
+        let applied = self
+            .wait(None)
+            // Index 0 asks for nothing (as `last_log_index` answers for an empty log).
+            .applied_index_at_least((index > 0).then_some(index), "leader loops: log applied")
+            .await;
+        if applied.is_err() {
+            // Raft stopped: nothing more will be applied; the leader loops end with it.
+            std::future::pending::<()>().await;
         }
     }
 }

@@ -252,9 +252,7 @@ async fn keep_view(
             match crate::store::block_in_place(|| ClusterView::load(&store)) {
                 Ok(fresh) => {
                     let mut v = view.write().unwrap_or_else(|p| p.into_inner());
-                    let applied = v.applied();
                     *v = fresh;
-                    v.note_applied(applied);
                     v.note_all_changed();
                 }
                 Err(e) => {

@@ -42,7 +42,6 @@ pub struct ClusterView {
     usage: HashMap<String, NodeUsage>,
     /// Ids of the tasks whose observed state is PENDING (what the scheduler looks at).
     pending: BTreeSet<String>,
-    applied: u64,
     changes: Changes,
 }
 
@@ -147,10 +146,6 @@ pub fn reservations(t: &Task) -> (i64, i64) {
         .unwrap_or((0, 0))
 }
 
-fn version_of(o: &Object) -> u64 {
-    o.version()
-}
-
 impl ClusterView {
     /// Reads every object of the store. Subscribe to `store.watch()` before calling this, then
     /// apply the events that follow: those already reflected are skipped by version.
@@ -180,16 +175,6 @@ impl ClusterView {
         view
     }
 
-    /// The highest store version (raft index) seen in the loaded objects or applied events.
-    pub fn applied(&self) -> u64 {
-        self.applied
-    }
-
-    /// Raises the applied version to at least `version` (a reload must not move it back).
-    pub fn note_applied(&mut self, version: u64) {
-        self.applied = self.applied.max(version);
-    }
-
     /// Per-kind change counters (every object put or removed counts).
     pub fn changes(&self) -> Changes {
         self.changes
@@ -207,7 +192,6 @@ impl ClusterView {
 
     /// Applies one watch event; events older than the object in the view are ignored.
     pub fn apply_event(&mut self, ev: &Event) {
-        self.applied = self.applied.max(ev.version);
         let current = self.version(&ev.object);
         match ev.action {
             Action::Create | Action::Update => {
@@ -248,7 +232,6 @@ impl ClusterView {
 
     /// Inserts or replaces an object.
     pub fn put(&mut self, o: Object) {
-        self.applied = self.applied.max(version_of(&o));
         let id = o.id().to_string();
         match o {
             Object::Node(n) => {

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use shoal_proto::v1::{Node, Task, TaskState, TaskStatus};
 
-use crate::orchestrator::view::{state, wants_running, ClusterView};
+use crate::orchestrator::view::{wants_running, ClusterView};
 use crate::orchestrator::{update, Decision};
 use filter::{dynamic_check, static_check, Load, Reasons, Requirements, Verdict};
 
@@ -46,7 +46,7 @@ pub fn schedule(view: &ClusterView, now_ms: i64) -> Decision {
 
     let mut groups: BTreeMap<(&str, u64, &str), Vec<&Task>> = BTreeMap::new();
     for t in view.pending_tasks() {
-        if state(t) != TaskState::Pending as i32 || !wants_running(t) {
+        if !wants_running(t) {
             continue;
         }
         if t.not_before_ms > now_ms {
