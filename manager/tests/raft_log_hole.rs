@@ -11,22 +11,27 @@ fn log_id(i: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(1, 1), i)
 }
 
+/// A sled database in `dir` whose log holds blank entries at `indexes`, as the log store
+/// writes them; the caller flushes.
+fn log_with(dir: &std::path::Path, indexes: impl IntoIterator<Item = u64>) -> sled::Db {
+    let db = sled::open(dir).unwrap();
+    let logs = db.open_tree(LOG_TREE).unwrap();
+    for i in indexes {
+        let e = Entry {
+            log_id: log_id(i),
+            payload: EntryPayload::Blank,
+        };
+        logs.insert(i.to_be_bytes(), bincode::serialize(&e).unwrap())
+            .unwrap();
+    }
+    db
+}
+
 #[tokio::test]
 async fn a_log_with_a_hole_is_cut_at_the_hole() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let db = sled::open(dir.path()).unwrap();
-        let logs = db.open_tree(LOG_TREE).unwrap();
-        for i in 1..=10u64 {
-            let e = Entry {
-                log_id: log_id(i),
-                payload: EntryPayload::Blank,
-            };
-            logs.insert(i.to_be_bytes(), bincode::serialize(&e).unwrap())
-                .unwrap();
-        }
-        logs.remove(5u64.to_be_bytes()).unwrap();
-        logs.remove(6u64.to_be_bytes()).unwrap();
+        let db = log_with(dir.path(), (1..=4).chain(7..=10));
         let state = db.open_tree(LOG_STATE_TREE).unwrap();
         state
             .insert(b"committed", bincode::serialize(&Some(log_id(8))).unwrap())
@@ -47,16 +52,7 @@ async fn a_log_with_a_hole_is_cut_at_the_hole() {
 async fn a_contiguous_log_is_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let db = sled::open(dir.path()).unwrap();
-        let logs = db.open_tree(LOG_TREE).unwrap();
-        for i in 3..=7u64 {
-            let e = Entry {
-                log_id: log_id(i),
-                payload: EntryPayload::Blank,
-            };
-            logs.insert(i.to_be_bytes(), bincode::serialize(&e).unwrap())
-                .unwrap();
-        }
+        let db = log_with(dir.path(), 3..=7);
         db.flush().unwrap();
     }
     let st = Storage::open(dir.path()).unwrap();
