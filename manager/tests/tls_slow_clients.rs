@@ -72,7 +72,8 @@ fn raise_fd_limit() {
 }
 
 /// Established connections to `port` this process holds the server end of (from
-/// /proc/net/tcp and /proc/self/fd).
+/// /proc/net/tcp and /proc/self/fd). A socket counts only if it is still established when the
+/// table is read after the fds were, so every one counted had an open fd at that moment.
 fn server_side(port: u16) -> usize {
     let mut mine = std::collections::HashSet::new();
     for e in std::fs::read_dir("/proc/self/fd")
@@ -88,11 +89,16 @@ fn server_side(port: u16) -> usize {
     }
     let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let local = format!(":{port:04X}");
+    // Distinct sockets, not lines: /proc/net/tcp is read in several chunks, and while
+    // connections open and close between them the kernel resumes at a shifted position and
+    // lists some sockets twice (tens of them a scan under this test's churn).
     tcp.lines()
         .skip(1)
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .filter(|f| f.len() > 9 && f[3] == "01" && f[1].ends_with(&local) && mine.contains(f[9]))
-        .count()
+        .map(|f| f[9].to_string())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 fn free_port() -> SocketAddr {
