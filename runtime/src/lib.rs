@@ -4,5 +4,6 @@ pub mod container;
 pub mod exe;
 pub mod frontdoor;
 pub mod image;
+pub mod network;
 pub mod seccomp;
 pub mod spec;

@@ -96,6 +96,7 @@ impl Node {
             data_dir: self.data.path().to_path_buf(),
             state_root: self.state_root.clone(),
             allow_unprotected_exe: true,
+            bridge: shoal_runtime::network::BridgeConfig::default(),
         })
         .unwrap()
         .with_shoal_binary(shoal_binary());

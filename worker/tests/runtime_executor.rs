@@ -76,6 +76,7 @@ impl Node {
             data_dir: data.path().to_path_buf(),
             state_root: state_root.clone(),
             allow_unprotected_exe: false,
+            bridge: shoal_runtime::network::BridgeConfig::default(),
         })
         .unwrap()
         .with_shoal_binary(shoal_binary());

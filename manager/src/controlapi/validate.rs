@@ -321,6 +321,18 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
             }
         }
     }
+    let networks = spec.task.as_ref().map_or(&[][..], |t| &t.networks[..]);
+    match networks {
+        [] => {}
+        [one] if one == "host" || one == "none" => {}
+        [one] => return Err(invalid(format!("network {one} not found"))),
+        _ => {
+            return Err(invalid(
+                "a task joins one network (host or none) until cluster networks exist",
+            ))
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
     for p in &spec.ports {
         if p.target_port == 0 || p.target_port > 65535 || p.published_port > 65535 {
             return Err(invalid(format!(
@@ -328,8 +340,39 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
                 p.published_port, p.target_port
             )));
         }
-        if !matches!(p.protocol.as_str(), "" | "tcp" | "udp" | "sctp") {
-            return Err(invalid(format!("invalid port protocol {:?}", p.protocol)));
+        if !matches!(p.protocol.as_str(), "" | "tcp" | "udp") {
+            return Err(invalid(format!(
+                "invalid port protocol {:?}: tcp or udp",
+                p.protocol
+            )));
+        }
+        match p.publish_mode.as_str() {
+            "host" => {}
+            "" | "ingress" => {
+                return Err(invalid(format!(
+                    "port {}: publish mode ingress (the routing mesh) is not implemented yet; \
+                     publish with mode=host",
+                    p.target_port
+                )))
+            }
+            other => return Err(invalid(format!("invalid publish mode {other:?}: host"))),
+        }
+        if !networks.is_empty() {
+            return Err(invalid(format!(
+                "port {}: ports are published only from the node bridge, not network {}",
+                p.target_port, networks[0]
+            )));
+        }
+        let proto = if p.protocol.is_empty() {
+            "tcp"
+        } else {
+            &p.protocol
+        };
+        if p.published_port > 0 && !seen.insert((p.published_port, proto.to_string())) {
+            return Err(invalid(format!(
+                "published port {}/{proto} is given twice",
+                p.published_port
+            )));
         }
     }
     Ok(())

@@ -227,6 +227,7 @@ pub fn new_task(service: &Service, slot: u64, node_id: &str, id: String, now_ms:
             ..Default::default()
         }),
         service_name: spec.map(|s| s.name.clone()).unwrap_or_default(),
+        ports: spec.map(|s| s.ports.clone()).unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -18,6 +18,8 @@ pub struct Requirements {
     pub max_replicas_per_node: u64,
     /// Label keys of the spread preferences, in order.
     pub spread_labels: Vec<String>,
+    /// The task publishes a fixed host port in host mode: one task of the service per node.
+    pub fixed_host_port: bool,
 }
 
 impl Requirements {
@@ -41,6 +43,10 @@ impl Requirements {
                         .collect()
                 })
                 .unwrap_or_default(),
+            fixed_host_port: task
+                .ports
+                .iter()
+                .any(|p| p.publish_mode == "host" && p.published_port > 0),
         }
     }
 }
@@ -62,6 +68,8 @@ pub enum Verdict {
     Memory,
     /// The service already runs max_replicas_per_node tasks there.
     MaxReplicas,
+    /// The service already publishes its fixed host-mode ports there.
+    HostPort,
 }
 
 /// True if the node accepts new tasks.
@@ -118,6 +126,9 @@ pub fn dynamic_check(node: &Node, load: Load, req: &Requirements) -> Verdict {
     if req.max_replicas_per_node > 0 && load.service_tasks >= req.max_replicas_per_node {
         return Verdict::MaxReplicas;
     }
+    if req.fixed_host_port && load.service_tasks > 0 {
+        return Verdict::HostPort;
+    }
     Verdict::Fits
 }
 
@@ -133,6 +144,7 @@ pub struct Reasons {
     cpu: usize,
     memory: usize,
     max_replicas: usize,
+    host_port: usize,
 }
 
 fn nodes(n: usize) -> String {
@@ -164,6 +176,7 @@ impl Reasons {
             Verdict::Cpu => self.cpu += 1,
             Verdict::Memory => self.memory += 1,
             Verdict::MaxReplicas => self.max_replicas += 1,
+            Verdict::HostPort => self.host_port += 1,
         }
     }
 
@@ -206,6 +219,12 @@ impl Reasons {
                 "{} already run max replicas per node ({})",
                 nodes(self.max_replicas),
                 req.max_replicas_per_node
+            ));
+        }
+        if self.host_port > 0 {
+            parts.push(format!(
+                "host-mode port already in use on {}",
+                nodes(self.host_port)
             ));
         }
         format!("no suitable node ({})", parts.join("; "))

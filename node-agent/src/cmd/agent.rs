@@ -54,6 +54,12 @@ pub struct AgentArgs {
     /// What runs the node's tasks
     #[arg(long, value_enum, default_value_t = ExecutorArg::Runtime, hide = true)]
     executor: ExecutorArg,
+    /// The node bridge containers are attached to
+    #[arg(long, env = "SHOAL_BRIDGE", default_value = shoal_runtime::network::DEFAULT_BRIDGE)]
+    bridge: String,
+    /// The node bridge's subnet, when the agent makes the bridge (it holds the first address)
+    #[arg(long, env = "SHOAL_BRIDGE_SUBNET", default_value = shoal_runtime::network::DEFAULT_BRIDGE_SUBNET)]
+    bridge_subnet: String,
 }
 
 pub fn run(a: AgentArgs) -> anyhow::Result<()> {
@@ -71,17 +77,26 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let data_dir = std::path::absolute(&a.data_dir)
             .with_context(|| format!("data dir {}", a.data_dir.display()))?;
+        let bridge = shoal_runtime::network::BridgeConfig::new(&a.bridge, &a.bridge_subnet)?;
         let executor: Arc<dyn Executor> = match a.executor {
             ExecutorArg::Runtime => Arc::new(
                 RuntimeExecutor::new(RuntimeExecutorConfig {
                     data_dir: data_dir.clone(),
                     state_root: data_dir.join(TASK_RUNTIME_DIR),
                     allow_unprotected_exe: false,
+                    bridge,
                 })
                 .context("opening the node's image store")?,
             ),
             ExecutorArg::Sim => Arc::new(SimExecutor::new()),
         };
+        if a.executor == ExecutorArg::Runtime {
+            // Networks of containers whose removal a crash cut short.
+            let swept = tokio::task::spawn_blocking(shoal_runtime::network::sweep).await?;
+            if swept > 0 {
+                tracing::info!(swept, "released the networks of removed containers");
+            }
+        }
         let mut cfg = DaemonConfig::new(data_dir.clone(), a.listen_addr, a.socket);
         cfg.advertise_addr = a.advertise_addr;
         cfg.hostname = a.hostname;

@@ -16,6 +16,7 @@ use shoal_runtime::frontdoor::{
     parse_cpus, parse_memory, parse_pids_limit, ContainerSummary, FrontDoor, LogFollower,
     RunOptions, RunState,
 };
+use shoal_runtime::network::{parse_publish, EtcOptions, Mode, NetRequest};
 
 use super::image::DEFAULT_DATA_DIR;
 
@@ -72,6 +73,27 @@ pub struct RunArgs {
     /// User: name|uid[:group|gid]
     #[arg(short, long)]
     user: Option<String>,
+    /// Network: bridge (the node bridge, default), host or none
+    #[arg(long = "network", alias = "net", default_value = "bridge")]
+    network: String,
+    /// Publish a port: [IP:][HOSTPORT:]CONTAINERPORT[/tcp|udp] (no HOSTPORT: a free one)
+    #[arg(short = 'p', long = "publish", value_name = "PORT")]
+    publish: Vec<String>,
+    /// A nameserver for the container's resolv.conf (replaces the host's)
+    #[arg(long)]
+    dns: Vec<String>,
+    /// A DNS search domain (replaces the host's)
+    #[arg(long)]
+    dns_search: Vec<String>,
+    /// A resolv.conf option (replaces the host's)
+    #[arg(long = "dns-option", alias = "dns-opt")]
+    dns_option: Vec<String>,
+    /// Add a line to /etc/hosts: NAME:IP
+    #[arg(long, value_name = "NAME:IP")]
+    add_host: Vec<String>,
+    /// Another name for the container on its network (user-defined networks only)
+    #[arg(long)]
+    network_alias: Vec<String>,
     /// The image, then the command and its arguments (default: the image's)
     #[arg(
         value_name = "IMAGE [COMMAND [ARG...]]",
@@ -239,7 +261,44 @@ fn run_inner(args: RunArgs) -> Result<i32> {
         workdir: args.workdir,
         user: args.user,
         auto_remove: args.rm,
+        network: NetRequest {
+            mode: Mode::parse(&args.network)?,
+            publish: args
+                .publish
+                .iter()
+                .map(|p| parse_publish(p))
+                .collect::<Result<_, _>>()?,
+        },
+        etc: EtcOptions {
+            hostname: String::new(),
+            dns: args
+                .dns
+                .iter()
+                .map(|d| {
+                    d.parse()
+                        .with_context(|| format!("invalid --dns {d:?}: not an IP address"))
+                })
+                .collect::<Result<_>>()?,
+            dns_search: args
+                .dns_search
+                .iter()
+                .map(|d| EtcOptions::check_name("--dns-search", d))
+                .collect::<Result<_, _>>()?,
+            dns_options: args.dns_option,
+            extra_hosts: args
+                .add_host
+                .iter()
+                .map(|h| EtcOptions::parse_add_host(h))
+                .collect::<Result<_, _>>()?,
+            aliases: Vec::new(),
+        },
     };
+    if !args.network_alias.is_empty() {
+        bail!(
+            "--network-alias needs a user-defined network; {} is not one",
+            opts.network.mode.name()
+        );
+    }
     protect()?;
     let mut c = fd.create(&opts)?;
     let id = c.record.id.clone();
@@ -332,12 +391,13 @@ fn command_text(args: &[String]) -> String {
 
 /// `docker ps`-style table.
 fn ps_table(list: &[ContainerSummary], now: u64) -> String {
-    let mut rows: Vec<[String; 6]> = vec![[
+    let mut rows: Vec<[String; 7]> = vec![[
         "CONTAINER ID",
         "IMAGE",
         "COMMAND",
         "CREATED",
         "STATUS",
+        "PORTS",
         "NAMES",
     ]
     .map(String::from)];
@@ -349,10 +409,14 @@ fn ps_table(list: &[ContainerSummary], now: u64) -> String {
             command_text(&r.command),
             format!("{} ago", human_duration(now.saturating_sub(r.created))),
             status_text(c.state, now),
+            c.network
+                .as_ref()
+                .map(|n| n.ports_text())
+                .unwrap_or_default(),
             r.name.clone(),
         ]);
     }
-    let mut widths = [0usize; 6];
+    let mut widths = [0usize; 7];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
@@ -512,6 +576,7 @@ fn exec_inner(args: ExecArgs) -> Result<i32> {
 mod tests {
     use super::*;
     use shoal_runtime::frontdoor::ContainerRecord;
+    use shoal_runtime::network::{Attachment, Protocol, Published};
 
     #[test]
     fn statuses_read_like_docker() {
@@ -574,6 +639,15 @@ mod tests {
                 ContainerSummary {
                     record: rec('a', "web"),
                     state: RunState::Running { started: 95 },
+                    network: Some(Attachment {
+                        ports: vec![Published {
+                            host_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                            host_port: 8080,
+                            container_port: 80,
+                            protocol: Protocol::Tcp,
+                        }],
+                        ..Attachment::default()
+                    }),
                 },
                 ContainerSummary {
                     record: rec('b', "db"),
@@ -581,6 +655,7 @@ mod tests {
                         code: 0,
                         finished: 99,
                     },
+                    network: None,
                 },
             ],
             100,
@@ -591,6 +666,12 @@ mod tests {
         assert_eq!(lines[1].find("Up 5 seconds"), Some(col));
         assert_eq!(lines[2].find("Exited (0) 1 second ago"), Some(col));
         assert!(lines[1].starts_with("aaaaaaaaaaaa   busybox:latest   \"sleep 30\""));
-        assert!(lines[1].ends_with("web"));
+        assert!(
+            lines[1].ends_with("0.0.0.0:8080->80/tcp   web"),
+            "{}",
+            lines[1]
+        );
+        let names = lines[0].find("NAMES").unwrap();
+        assert_eq!(lines[2].find("db"), Some(names));
     }
 }

@@ -214,7 +214,42 @@ fn replicas(n: i64) -> anyhow::Result<u64> {
     Ok(n as u64)
 }
 
+/// `--publish` in Docker's long form: `published=P,target=T,protocol=tcp|udp,mode=host|ingress`.
+fn long_port(s: &str) -> anyhow::Result<pb::PortConfig> {
+    let mut p = pb::PortConfig {
+        protocol: "tcp".into(),
+        publish_mode: "ingress".into(),
+        ..Default::default()
+    };
+    let num = |k: &str, v: &str| -> anyhow::Result<u32> {
+        match v.parse::<u32>() {
+            Ok(n) if (1..=65535).contains(&n) => Ok(n),
+            _ => bail!("invalid port {s:?}: {k}={v} is not a port (1-65535)"),
+        }
+    };
+    for field in s.split(',') {
+        let (k, v) = field
+            .split_once('=')
+            .with_context(|| format!("invalid port {s:?}: {field:?} is not KEY=VALUE"))?;
+        match k {
+            "published" => p.published_port = num(k, v)?,
+            "target" => p.target_port = num(k, v)?,
+            "protocol" if matches!(v, "tcp" | "udp" | "sctp") => p.protocol = v.into(),
+            "mode" if matches!(v, "host" | "ingress") => p.publish_mode = v.into(),
+            "protocol" | "mode" => bail!("invalid port {s:?}: {k}={v} is not allowed"),
+            other => bail!("invalid port {s:?}: unknown key {other:?}"),
+        }
+    }
+    if p.target_port == 0 {
+        bail!("invalid port {s:?}: no target");
+    }
+    Ok(p)
+}
+
 fn port(s: &str) -> anyhow::Result<pb::PortConfig> {
+    if s.contains('=') {
+        return long_port(s);
+    }
     let bad = || anyhow::anyhow!("invalid port {s:?}: expected [PUBLISHED:]TARGET[/tcp|udp|sctp]");
     let (ports, proto) = s.split_once('/').unwrap_or((s, "tcp"));
     let (published, target) = match ports.split_once(':') {

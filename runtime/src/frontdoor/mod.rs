@@ -32,6 +32,7 @@ use crate::container::{
     LogConfig, Overlay, Status, Stdio,
 };
 use crate::image::{ImageError, ImageStore};
+use crate::network::{self, Attachment, BridgeConfig, EtcOptions, Mode, NetError, NetRequest};
 use crate::spec::SpecError;
 
 /// Where containers live under the data dir.
@@ -93,6 +94,8 @@ pub enum FrontDoorError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Oci(#[from] oci_spec::OciSpecError),
+    #[error(transparent)]
+    Network(#[from] NetError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -138,6 +141,10 @@ pub struct RunOptions {
     pub user: Option<String>,
     /// Remove the container once it exits.
     pub auto_remove: bool,
+    /// `--network` and `-p`.
+    pub network: NetRequest,
+    /// `--dns*` and `--add-host` (the hostname is filled in by `create`).
+    pub etc: EtcOptions,
 }
 
 /// What the front door keeps about a container beside the runtime's state.
@@ -196,6 +203,8 @@ impl RunState {
 pub struct ContainerSummary {
     pub record: ContainerRecord,
     pub state: RunState,
+    /// Its network, if it was given one.
+    pub network: Option<Attachment>,
 }
 
 /// Image ids and layer chain ids that local containers use (for image rm and prune).
@@ -258,12 +267,15 @@ pub struct NewContainer {
     pub container: Container,
 }
 
-/// Removes a half-made container's directory unless disarmed.
+/// Removes a half-made container's network and directory unless disarmed.
 struct DirGuard(Option<PathBuf>);
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
         if let Some(d) = self.0.take() {
+            if let Some(id) = d.file_name().and_then(|n| n.to_str()) {
+                let _ = network::detach(id);
+            }
             let _ = std::fs::remove_dir_all(d);
         }
     }
@@ -450,7 +462,12 @@ impl FrontDoor {
                 continue;
             }
             if all || state.is_running() {
-                out.push(ContainerSummary { record, state });
+                let network = Attachment::load(&self.dir.join(&record.id));
+                out.push(ContainerSummary {
+                    record,
+                    state,
+                    network,
+                });
             }
         }
         Ok(out)
@@ -547,7 +564,21 @@ impl FrontDoor {
         let cdir = self.dir.join(&record.id);
         let mut named = opts.clone();
         named.name = Some(record.name.clone());
-        let spec = config::build_spec(
+        let bridge = BridgeConfig::from_env()?;
+        let att = network::attach(&bridge, &record.id, &cdir, &opts.network)?;
+        if att.mode == Mode::Host && named.hostname.is_none() {
+            // Docker's: a host-network container is named like its host.
+            named.hostname = nix::unistd::gethostname()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned());
+        }
+        let mut etc = opts.etc.clone();
+        etc.hostname = named
+            .hostname
+            .clone()
+            .unwrap_or_else(|| record.short_id().to_string());
+        network::write_etc_files(&cdir, &att, &etc)?;
+        let mut spec = config::build_spec(
             &record.id,
             &named,
             &config::ImageView {
@@ -556,6 +587,7 @@ impl FrontDoor {
             },
             &cdir.join("upper"),
         )?;
+        network::apply_to_spec(&mut spec, &att, &cdir)?;
         let text = serde_json::to_vec_pretty(&spec).map_err(|e| FrontDoorError::Corrupt {
             id: record.id.clone(),
             reason: e.to_string(),
@@ -677,6 +709,7 @@ impl FrontDoor {
             }
             c.delete(true)?;
         }
+        network::detach(id)?;
         std::fs::remove_dir_all(&cdir).map_err(io_err(format!("remove {}", cdir.display())))
     }
 

@@ -23,6 +23,9 @@ use serde_json::{json, Value};
 use shoal_proto::v1::Task;
 use shoal_runtime::container::{Container, ContainerError, Status};
 use shoal_runtime::image::{ImageError, ImageStore, PreparedImage};
+use shoal_runtime::network::{
+    self, Attachment, BridgeConfig, EtcOptions, Mode, NetRequest, PortSpec, Protocol,
+};
 
 use super::{ExecError, Executor, Exit, Probe, Started, StopSignal};
 
@@ -50,6 +53,8 @@ pub struct RuntimeExecutorConfig {
     /// No longer consulted: containers are created by a `shoal runtime create` subprocess,
     /// which always runs from (and re-executes itself into) an immutable copy of the binary.
     pub allow_unprotected_exe: bool,
+    /// The node bridge task containers are attached to.
+    pub bridge: BridgeConfig,
 }
 
 /// Runs tasks as containers.
@@ -277,8 +282,73 @@ fn resolve_user(user: &str, layers: &[PathBuf]) -> Result<(u32, u32), ExecError>
     Ok((uid, gid))
 }
 
-/// The OCI config of a task's container.
-fn build_spec(task: &Task, id: &str, image: &PreparedImage) -> Result<Value, ExecError> {
+/// What a task asks of the node's network: `host` or `none` when those are its networks, else
+/// the node bridge with its host-mode published ports.
+fn net_request(task: &Task) -> Result<NetRequest, ExecError> {
+    let spec = task.spec.clone().unwrap_or_default();
+    let mode = match spec.networks.as_slice() {
+        [] => Mode::Bridge,
+        [one] if one == "host" || one == "none" => {
+            Mode::parse(one).map_err(|e| ExecError::Invalid(e.to_string()))?
+        }
+        other => {
+            return Err(ExecError::Invalid(format!(
+                "network {} not found on this node",
+                other.join(", ")
+            )))
+        }
+    };
+    let mut publish = Vec::new();
+    for p in task.ports.iter().filter(|p| p.publish_mode == "host") {
+        let protocol = match p.protocol.as_str() {
+            "" | "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(ExecError::Invalid(format!(
+                    "published port protocol {other} is not supported"
+                )))
+            }
+        };
+        let port = |v: u32| u16::try_from(v).ok().filter(|v| *v > 0);
+        publish.push(PortSpec {
+            host_ip: None,
+            host_port: port(p.published_port),
+            container_port: port(p.target_port)
+                .ok_or_else(|| ExecError::Invalid(format!("invalid port {}", p.target_port)))?,
+            protocol,
+        });
+    }
+    if mode != Mode::Bridge && !publish.is_empty() {
+        return Err(ExecError::Invalid(format!(
+            "ports are published only from bridge networking, not {}",
+            mode.name()
+        )));
+    }
+    Ok(NetRequest { mode, publish })
+}
+
+/// The container's hostname: the task's, else its short id.
+fn hostname(task: &Task, id: &str) -> String {
+    let c = task
+        .spec
+        .as_ref()
+        .and_then(|s| s.container.as_ref())
+        .map_or(String::new(), |c| c.hostname.clone());
+    if c.is_empty() {
+        id.chars().take(12).collect()
+    } else {
+        c
+    }
+}
+
+/// The OCI config of a task's container, in the network `att` (its /etc files in `dir`).
+fn build_spec(
+    task: &Task,
+    id: &str,
+    image: &PreparedImage,
+    att: &Attachment,
+    dir: &Path,
+) -> Result<Value, ExecError> {
     let spec = task.spec.clone().unwrap_or_default();
     let c = spec.container.clone().unwrap_or_default();
     let cfg = image.config.config().clone().unwrap_or_default();
@@ -295,12 +365,9 @@ fn build_spec(task: &Task, id: &str, image: &PreparedImage) -> Result<Value, Exe
         ));
     }
     let env = merge_env(cfg.env().as_ref().unwrap_or(&none), &c.env);
-    let hostname = if c.hostname.is_empty() {
-        id.chars().take(12).collect()
-    } else {
-        c.hostname.clone()
-    };
-    let oci = shoal_runtime::spec::docker_default(&args, &env, &hostname).map_err(runtime_err)?;
+    let mut oci = shoal_runtime::spec::docker_default(&args, &env, &hostname(task, id))
+        .map_err(runtime_err)?;
+    network::apply_to_spec(&mut oci, att, dir).map_err(runtime_err)?;
     let mut v = serde_json::to_value(&oci).map_err(runtime_err)?;
     let user = if c.user.is_empty() {
         cfg.user().clone().unwrap_or_default()
@@ -377,7 +444,7 @@ impl Executor for RuntimeExecutor {
         let id = task_id(&task);
         let dir = self.task_dir(&id);
         let layers = {
-            let (id, dir) = (id.clone(), dir.clone());
+            let (id, dir, bridge) = (id.clone(), dir.clone(), self.cfg.bridge.clone());
             blocking(move || {
                 let image = task
                     .spec
@@ -385,11 +452,26 @@ impl Executor for RuntimeExecutor {
                     .and_then(|s| s.container.as_ref())
                     .map_or(String::new(), |c| c.image.clone());
                 let prepared = prepare_image(&images, &image)?;
-                let spec = build_spec(&task, &id, &prepared)?;
+                let req = net_request(&task)?;
                 let bundle = dir.join("bundle");
                 mkdir(&bundle.join("rootfs"))?;
                 mkdir(&dir.join("upper"))?;
                 mkdir(&dir.join("work"))?;
+                let att = network::attach(&bridge, &id, &dir, &req).map_err(runtime_err)?;
+                let etc = EtcOptions {
+                    hostname: hostname(&task, &id),
+                    ..EtcOptions::default()
+                };
+                let spec = network::write_etc_files(&dir, &att, &etc)
+                    .map_err(runtime_err)
+                    .and_then(|()| build_spec(&task, &id, &prepared, &att, &dir));
+                let spec = match spec {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = network::detach(&id);
+                        return Err(e);
+                    }
+                };
                 // So that `shoal image rm/prune` on this node keep the task's image.
                 shoal_runtime::frontdoor::record_image_use(
                     &dir,
@@ -403,7 +485,11 @@ impl Executor for RuntimeExecutor {
             })
             .await?
         };
-        self.create(&id, &dir, &layers).await?;
+        if let Err(e) = self.create(&id, &dir, &layers).await {
+            let id = id.clone();
+            let _ = blocking(move || network::detach(&id).map_err(runtime_err)).await;
+            return Err(e);
+        }
         let root = self.cfg.state_root.clone();
         blocking(move || {
             let Some(mut c) = load(&root, &id)? else {
@@ -468,6 +554,7 @@ impl Executor for RuntimeExecutor {
             if let Some(c) = load(&root, &id)? {
                 c.delete(true).map_err(runtime_err)?;
             }
+            network::detach(&id).map_err(runtime_err)?;
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
