@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 struct Node {
     dir: tempfile::TempDir,
     data: PathBuf,
+    /// Extra environment for every command (a bridge of the test's own).
+    env: Vec<(&'static str, String)>,
 }
 
 impl Node {
@@ -19,7 +21,11 @@ impl Node {
         let data = dir.path().join("data");
         let tar = dir.path().join("rootfs.tar");
         busybox_tar(&tar);
-        let n = Node { dir, data };
+        let n = Node {
+            dir,
+            data,
+            env: Vec::new(),
+        };
         ok(&n.shoal(&["image", "import", tar.to_str().unwrap(), "busybox:latest"]));
         n
     }
@@ -28,8 +34,16 @@ impl Node {
         let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
         c.args(args)
             .env("SHOAL_DATA_DIR", &self.data)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         c
+    }
+
+    /// Containers of this node go on a bridge of their own, so the test sees it come and go.
+    fn with_bridge(mut self, name: &str, subnet: &str) -> Node {
+        self.env.push(("SHOAL_BRIDGE", name.to_string()));
+        self.env.push(("SHOAL_BRIDGE_SUBNET", subnet.to_string()));
+        self
     }
 
     fn shoal(&self, args: &[&str]) -> Output {
@@ -412,5 +426,232 @@ fn bad_input_one_line_and_nothing_left() {
     one_line_error(&out, 1, "must run as root");
 
     ok(&n.shoal(&["rm", "-f", "dup"]));
+    n.assert_clean(&[&id]);
+}
+
+/// A free TCP port on this host (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The body of `GET /` at `addr`, if it answers.
+fn http_get(addr: &str) -> Option<String> {
+    use std::io::Read;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+fn links() -> String {
+    String::from_utf8(
+        Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+}
+
+fn nft_tables() -> String {
+    String::from_utf8(
+        Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+}
+
+impl Node {
+    /// The network namespaces this node's containers hold (by the owner file beside each;
+    /// other tests' containers have namespaces there too).
+    fn netns_files(&self) -> Vec<String> {
+        let data = self.data.display().to_string();
+        let mut v: Vec<String> = std::fs::read_dir("/run/shoal/netns")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(&data)))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+const WEB: &str = "echo hello-net > /tmp/index.html; exec httpd -f -p 80 -h /tmp";
+
+#[test]
+fn bridge_networking_publishes_ports_and_leaves_nothing() {
+    let (bridge, table) = ("shtfd1", "shoal_shtfd1");
+    let n = Node::new().with_bridge(bridge, "10.214.1.0/24");
+    let port = free_port().to_string();
+    let id = ok(&n.shoal(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        &format!("{port}:80"),
+        "busybox",
+        "sh",
+        "-c",
+        WEB,
+    ]))
+    .trim()
+    .to_string();
+    // From this host, through the output chain and the bridge (hairpin via 127.0.0.1).
+    let local = format!("127.0.0.1:{port}");
+    wait_for("the published port", || {
+        http_get(&local).as_deref() == Some("hello-net\n")
+    });
+    let ps = ok(&n.shoal(&["ps"]));
+    assert!(ps.contains(&format!("0.0.0.0:{port}->80/tcp")), "{ps}");
+    assert!(links().contains(bridge), "{}", links());
+
+    // Inside: lo and eth0 up, an address from the subnet, a default route, /etc files.
+    let addr = ok(&n.shoal(&["exec", "web", "ip", "-o", "-4", "addr", "show", "eth0"]));
+    let ip = addr
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap()
+        .to_string();
+    assert!(ip.starts_with("10.214.1."), "{addr}");
+    assert!(ok(&n.shoal(&["exec", "web", "ip", "link", "show", "lo"])).contains("UP"));
+    assert!(ok(&n.shoal(&["exec", "web", "ip", "route"])).contains("default via 10.214.1.1"));
+    let hosts = ok(&n.shoal(&["exec", "web", "cat", "/etc/hosts"]));
+    assert!(hosts.contains(&format!("{ip}\t{}", &id[..12])), "{hosts}");
+    assert_eq!(
+        ok(&n.shoal(&["exec", "web", "hostname"])),
+        format!("{}\n", &id[..12])
+    );
+    let resolv = ok(&n.shoal(&["exec", "web", "cat", "/etc/resolv.conf"]));
+    assert!(
+        resolv.contains("nameserver ") && !resolv.contains("nameserver 127."),
+        "{resolv}"
+    );
+
+    // Another container reaches it by address, and through the host's published port.
+    for url in [
+        format!("http://{ip}/"),
+        format!("http://10.214.1.1:{port}/"),
+    ] {
+        // (busybox-static's wget -T crashes: the timeout applet bounds it instead.)
+        let out = n.shoal(&[
+            "run", "--rm", "busybox", "timeout", "5", "wget", "-q", "-O", "-", &url,
+        ]);
+        assert_eq!(ok(&out), "hello-net\n", "{url}");
+    }
+    // The flags that shape /etc.
+    let out = ok(&n.shoal(&[
+        "run",
+        "--rm",
+        "--add-host",
+        "db:10.9.9.9",
+        "--dns",
+        "10.0.0.53",
+        "--dns-search",
+        "corp",
+        "--hostname",
+        "boat",
+        "busybox",
+        "cat",
+        "/etc/hosts",
+        "/etc/resolv.conf",
+    ]));
+    assert!(out.contains("10.9.9.9\tdb\n"), "{out}");
+    assert!(out.contains("\tboat\n"), "{out}");
+    assert!(out.contains("nameserver 10.0.0.53\nsearch corp\n"), "{out}");
+    // none: only lo, and up; host: the host's interfaces and name.
+    let out = ok(&n.shoal(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "busybox",
+        "ip",
+        "-o",
+        "link",
+    ]));
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("lo:") && out.contains("UP"), "{out}");
+    let out = ok(&n.shoal(&[
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "busybox",
+        "ip",
+        "-o",
+        "link",
+    ]));
+    assert!(out.contains(bridge), "{out}");
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let out = ok(&n.shoal(&["run", "--rm", "--network", "host", "busybox", "hostname"]));
+    assert_eq!(out.trim(), host);
+
+    // Bad input: one line, exit 125, and nothing made.
+    let before = (n.container_entries().len(), n.netns_files());
+    let busy = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["-p", &format!("{port}:80")],
+            "already allocated to container",
+        ),
+        (
+            &["-p", &format!("{busy_port}:80")],
+            "already in use on this host",
+        ),
+        (&["-p", "80/sctp"], "unknown protocol"),
+        (&["-p", "8000-8001:80"], "port ranges are not supported"),
+        (&["--network", "backend"], "network backend not found"),
+        (
+            &["--network", "host", "-p", "80"],
+            "ports are published only from bridge",
+        ),
+        (&["--add-host", "db"], "want NAME:IP"),
+        (&["--dns", "resolver"], "not an IP address"),
+        (&["--network-alias", "w"], "needs a user-defined network"),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["run", "-d"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["busybox", "true"]);
+        one_line_error(&n.shoal(&args), 125, want);
+        assert_eq!(
+            (n.container_entries().len(), n.netns_files()),
+            before,
+            "{flags:?} left something"
+        );
+    }
+    drop(busy);
+
+    // Removal takes the namespace, the veth, the port, and the bridge with its table (the
+    // last container on it).
+    ok(&n.shoal(&["rm", "-f", "web"]));
+    assert!(http_get(&local).is_none(), "the port still answers");
+    assert!(n.netns_files().is_empty(), "{:?}", n.netns_files());
+    assert!(!std::path::Path::new("/run/shoal/netns").join(&id).exists());
+    let l = links();
+    assert!(
+        !l.contains(bridge) && !l.contains(&format!("shv{}", &id[..12])),
+        "{l}"
+    );
+    assert!(!nft_tables().contains(table), "{}", nft_tables());
     n.assert_clean(&[&id]);
 }

@@ -665,3 +665,93 @@ fn down_ends_a_hosts_containers_and_removes_their_cgroups() {
     let left: Vec<_> = cgroups.iter().filter(|c| c.exists()).collect();
     assert!(left.is_empty(), "cgroups left: {left:?}");
 }
+
+/// `GET /` of `url` from `from` (bounded), its body if it answered.
+fn fetch(from: &Host, url: &str) -> Option<String> {
+    let out = from
+        .exec(&["timeout", "5", "busybox", "wget", "-q", "-O", "-", url])
+        .expect("running wget");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn fetch_eventually(from: &Host, url: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(body) = fetch(from, url) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} never answered {}",
+            from.name()
+        );
+        sleep(Duration::from_millis(200));
+    }
+}
+
+fn ok_out(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A container's published port and a service task's host-mode port answer another host
+/// through the first host's address (DNAT in the host's own namespace), and both go away with
+/// what published them.
+#[test]
+fn published_ports_answer_other_hosts() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    h1.import_busybox("busybox:latest").expect("import");
+    let web = "mkdir -p /www; echo hello-$0 > /www/index.html; exec httpd -f -p 80 -h /www";
+    let id = ok_out(
+        h1.shoal(&[
+            "run", "-d", "--name", "web", "-p", "8080:80", "busybox", "sh", "-c", web, "run",
+        ])
+        .expect("run"),
+    );
+    let url = format!("http://{}:8080/", h1.addr());
+    assert_eq!(fetch_eventually(h2, &url), "hello-run\n");
+
+    h1.spawn_agent(&[]).expect("agent h1");
+    ok_out(h1.shoal(&["cluster", "init"]).expect("init"));
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "--name",
+            "svc",
+            "--stop-grace-period",
+            "1s",
+            "--publish",
+            "published=8081,target=80,mode=host",
+            "busybox:latest",
+            "sh",
+            "-c",
+            web,
+            "task",
+        ])
+        .expect("service create"),
+    );
+    let svc = format!("http://{}:8081/", h1.addr());
+    assert_eq!(fetch_eventually(h2, &svc), "hello-task\n");
+
+    ok_out(h1.shoal(&["rm", "-f", id.trim()]).expect("rm"));
+    ok_out(h1.shoal(&["service", "rm", "svc"]).expect("service rm"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let links = ok_out(h1.exec(&["ip", "-o", "link"]).expect("ip link"));
+        let tables = ok_out(h1.exec(&["nft", "list", "tables"]).expect("nft"));
+        if !links.contains("shoal0") && !links.contains("shv") && !tables.contains("shoal_") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left in h1: {links}{tables}");
+        sleep(Duration::from_millis(200));
+    }
+    assert!(fetch(h2, &url).is_none() && fetch(h2, &svc).is_none());
+}

@@ -246,7 +246,34 @@ fn long_port(s: &str) -> anyhow::Result<pb::PortConfig> {
     Ok(p)
 }
 
+/// `--network` values: until cluster networks exist a task joins `host` or `none` (or, with
+/// none given, the node bridge).
+fn networks(names: &[String]) -> anyhow::Result<Vec<String>> {
+    match names {
+        [] => Ok(vec![]),
+        [one] if one == "host" || one == "none" => Ok(vec![one.clone()]),
+        [one] => bail!("network {one} not found"),
+        _ => bail!("a task joins one network (host or none) until cluster networks exist"),
+    }
+}
+
+/// A `--publish` value; refuses what the cluster cannot publish yet, as the server would.
 fn port(s: &str) -> anyhow::Result<pb::PortConfig> {
+    let p = parse_port(s)?;
+    if p.publish_mode != "host" {
+        bail!(
+            "port {}: publish mode ingress (the routing mesh) is not implemented yet; \
+             publish with mode=host (--publish published=P,target=T,mode=host)",
+            p.target_port
+        );
+    }
+    if p.protocol == "sctp" {
+        bail!("invalid port {s:?}: protocol sctp is not supported (tcp or udp)");
+    }
+    Ok(p)
+}
+
+fn parse_port(s: &str) -> anyhow::Result<pb::PortConfig> {
     if s.contains('=') {
         return long_port(s);
     }
@@ -323,7 +350,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (update, rollback) = a.configs.configs()?;
-    Ok(pb::ServiceSpec {
+    let spec = pb::ServiceSpec {
         name: a.name.clone().unwrap_or_else(generated_name),
         labels: output::parse_kv(&a.label)?,
         task: Some(pb::TaskSpec {
@@ -373,7 +400,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
                 preferences: prefs,
                 max_replicas_per_node: a.replicas_max_per_node,
             }),
-            networks: a.network.clone(),
+            networks: networks(&a.network)?,
             force_update: 0,
         }),
         mode: Some(mode),
@@ -386,7 +413,14 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
             .collect::<anyhow::Result<_>>()?,
         secrets: vec![],
         configs: vec![],
-    })
+    };
+    if !a.network.is_empty() && !spec.ports.is_empty() {
+        bail!(
+            "ports are published only from the node bridge, not network {}",
+            a.network[0]
+        );
+    }
+    Ok(spec)
 }
 
 pub fn run(a: ServiceArgs) -> anyhow::Result<()> {

@@ -133,9 +133,16 @@ pub(super) fn remove_netns(ns: &Path) -> Result<()> {
     }
 }
 
-/// Whether this network namespace has a link named `name`.
+/// Whether this network namespace has a link named `name` (asked of the kernel: /sys may
+/// belong to another network namespace than this process's).
 pub(super) fn link_exists(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).exists()
+    Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Whether shoal's table `table` exists in this network namespace.
@@ -149,25 +156,32 @@ pub(super) fn table_exists(table: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The first IPv4 address of link `name`, with its prefix.
-fn link_address(name: &str) -> Result<Option<Ipv4Cidr>> {
-    let out = run(
+/// The first IPv4 address of link `name`, with its prefix: `None` when there is no such
+/// link, `Some(None)` when it has no address.
+fn link_address(name: &str) -> Result<Option<Option<Ipv4Cidr>>> {
+    let out = match run(
         "read the bridge's address",
         "ip",
         &["-j", "-4", "addr", "show", "dev", name],
         "",
-    )?;
+    ) {
+        Ok(out) => out,
+        Err(NetError::Command { detail, .. }) if detail.contains("does not exist") => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     let info = v
         .get(0)
         .and_then(|l| l.get("addr_info"))
         .and_then(|a| a.get(0));
     let Some(info) = info else {
-        return Ok(None);
+        return Ok(Some(None));
     };
     let addr = info.get("local").and_then(|a| a.as_str());
     let prefix = info.get("prefixlen").and_then(|p| p.as_u64());
-    Ok(
+    Ok(Some(
         match (addr.and_then(|a| a.parse::<Ipv4Addr>().ok()), prefix) {
             (Some(addr), Some(prefix)) => Some(Ipv4Cidr {
                 addr,
@@ -175,7 +189,7 @@ fn link_address(name: &str) -> Result<Option<Ipv4Cidr>> {
             }),
             _ => None,
         },
-    )
+    ))
 }
 
 fn sysctl(key: &str, value: &str) -> Result<()> {
@@ -186,12 +200,9 @@ fn sysctl(key: &str, value: &str) -> Result<()> {
 /// The bridge and its table, made if missing; returns the subnet it serves (an existing
 /// bridge keeps its own address).
 pub(super) fn ensure_bridge(cfg: &BridgeConfig) -> Result<Ipv4Cidr> {
-    let existed = link_exists(&cfg.name);
-    let subnet = match existed
-        .then(|| link_address(&cfg.name))
-        .transpose()?
-        .flatten()
-    {
+    let found = link_address(&cfg.name)?;
+    let existed = found.is_some();
+    let subnet = match found.flatten() {
         Some(s) => s,
         None => {
             let gw = Ipv4Cidr {

@@ -89,6 +89,12 @@ const CPUS: &[&str] = &[
     "0.5", "2", "0", "-0", "nan", "inf", "1e9", "1000000", "1000001", "1e-12", "",
 ];
 const PORTS: &[&str] = &[
+    "published=8080,target=80,mode=host",
+    "target=80,mode=host",
+    "published=53,target=53,protocol=udp,mode=host",
+    "target=0,mode=host",
+    "target=80,mode=bogus",
+    "published=80,target=80,protocol=sctp,mode=host",
     "80",
     "8080:80",
     "0",
@@ -191,7 +197,7 @@ fn flag() -> BoxedStrategy<Vec<String>> {
         with("--update-max-failure-ratio", pick(RATIOS)),
         with("--stop-grace-period", pick(DURATIONS)),
         with("--publish", pick(PORTS)),
-        with("--network", pick(&["n", ""])),
+        with("--network", pick(&["n", "", "host", "none"])),
         Just(vec!["--read-only".to_string()]).boxed(),
         Just(vec!["--detach".to_string()]).boxed(),
     ]
