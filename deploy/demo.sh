@@ -2,7 +2,8 @@
 # demo.sh [up|down]: a local one-node shoal cluster with a real service on it.
 #   up (default)  build shoal, start `shoal agent` on 127.0.0.1:4242 with its data under
 #                 $SHOAL_DEMO_DIR (default /tmp/shoal-demo), init the cluster, import a busybox
-#                 image, create a 3-replica service and show its tasks and containers
+#                 image, create a web service published on port 8080 (curl answers) and a
+#                 3-replica service, and show their tasks
 #   down          remove the service, stop the agent this script started (by pid), delete the dir
 # Needs root (containers: namespaces, cgroups, overlayfs) and Debian's busybox-static.
 set -euo pipefail
@@ -13,7 +14,7 @@ export SHOAL_DATA_DIR=$dir/data SHOAL_SOCKET=$dir/shoal.sock
 
 down() {
   local tasks=$SHOAL_DATA_DIR/containers/.tasks
-  if [[ -S $SHOAL_SOCKET ]]; then "$bin" service rm web >/dev/null 2>&1 || true; fi
+  if [[ -S $SHOAL_SOCKET ]]; then "$bin" service rm web ticker >/dev/null 2>&1 || true; fi
   # The agent stops the service's containers (SIGTERM, then SIGKILL after the grace period):
   # wait for that, bounded, before the agent goes.
   for _ in $(seq 150); do
@@ -52,13 +53,24 @@ up() {
   tar -C "$dir/rootfs" -cf "$dir/busybox.tar" .
   "$bin" image import "$dir/busybox.tar" busybox:latest
 
-  "$bin" service create --name web --replicas 3 --stop-grace-period 2s busybox:latest \
-    sh -c 'while true; do echo "hello from $(hostname)"; sleep 5; done'
+  # A web server published on the node's port 8080 (host mode), and three workers.
+  "$bin" service create --name web --stop-grace-period 2s \
+    --publish published=8080,target=80,mode=host busybox:latest \
+    sh -c 'echo "hello from $(hostname)" >/tmp/index.html; exec httpd -f -p 80 -h /tmp'
+  "$bin" service create --name ticker --replicas 3 --stop-grace-period 2s busybox:latest \
+    sh -c 'while true; do echo "tick from $(hostname)"; sleep 5; done'
   "$bin" service ls
   "$bin" service ps web
   "$bin" node ls
   echo
-  echo "The cluster is up. Try: SHOAL_SOCKET=$SHOAL_SOCKET $bin service scale web=5"
+  echo "curl http://127.0.0.1:8080/ answers:"
+  for _ in $(seq 50); do
+    if command -v curl >/dev/null; then curl -fsS --max-time 2 http://127.0.0.1:8080/ && break
+    else busybox wget -q -T 2 -O - http://127.0.0.1:8080/ 2>/dev/null && break; fi
+    sleep 0.1
+  done
+  echo
+  echo "The cluster is up. Try: SHOAL_SOCKET=$SHOAL_SOCKET $bin service scale ticker=5"
   echo "Agent log: $dir/agent.log. Stop everything with: $0 down"
 }
 

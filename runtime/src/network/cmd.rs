@@ -283,48 +283,36 @@ fn allow_in_iptables_forward(bridge: &str) {
         return;
     }
     for dir in ["-i", "-o"] {
-        let _ = Command::new("iptables")
-            .args([
-                "-w",
-                "-I",
-                "FORWARD",
-                dir,
-                bridge,
-                "-m",
-                "comment",
-                "--comment",
-            ])
-            .arg(format!("{IPTABLES_TAG} {bridge}"))
-            .args(["-j", "ACCEPT"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        forward_exception(dir, bridge, "-I");
     }
+}
+
+/// `iptables -w OP FORWARD DIR BRIDGE … -j ACCEPT` of shoal's tagged exception; whether it
+/// succeeded (for `-C`: whether the rule is there).
+fn forward_exception(dir: &str, bridge: &str, op: &str) -> bool {
+    Command::new("iptables")
+        .args([
+            "-w",
+            op,
+            "FORWARD",
+            dir,
+            bridge,
+            "-m",
+            "comment",
+            "--comment",
+        ])
+        .arg(format!("{IPTABLES_TAG} {bridge}"))
+        .args(["-j", "ACCEPT"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn remove_iptables_exceptions(bridge: &str) {
     for dir in ["-i", "-o"] {
-        let rule = |op: &str| {
-            Command::new("iptables")
-                .args([
-                    "-w",
-                    op,
-                    "FORWARD",
-                    dir,
-                    bridge,
-                    "-m",
-                    "comment",
-                    "--comment",
-                ])
-                .arg(format!("{IPTABLES_TAG} {bridge}"))
-                .args(["-j", "ACCEPT"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if rule("-C") {
-            rule("-D");
+        if forward_exception(dir, bridge, "-C") {
+            forward_exception(dir, bridge, "-D");
         }
     }
 }
