@@ -133,11 +133,10 @@ pub(super) fn remove_netns(ns: &Path) -> Result<()> {
     }
 }
 
-/// Whether this network namespace has a link named `name` (asked of the kernel: /sys may
-/// belong to another network namespace than this process's).
-pub(super) fn link_exists(name: &str) -> bool {
-    Command::new("ip")
-        .args(["link", "show", "dev", name])
+/// Whether `program args…` exits 0 (its output discarded).
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -145,15 +144,15 @@ pub(super) fn link_exists(name: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether this network namespace has a link named `name` (asked of the kernel: /sys may
+/// belong to another network namespace than this process's).
+pub(super) fn link_exists(name: &str) -> bool {
+    succeeds("ip", &["link", "show", "dev", name])
+}
+
 /// Whether shoal's table `table` exists in this network namespace.
 pub(super) fn table_exists(table: &str) -> bool {
-    Command::new("nft")
-        .args(["list", "table", "ip", table])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    succeeds("nft", &["list", "table", "ip", table])
 }
 
 /// The first IPv4 address of link `name`, with its prefix: `None` when there is no such
@@ -290,8 +289,10 @@ fn allow_in_iptables_forward(bridge: &str) {
 /// `iptables -w OP FORWARD DIR BRIDGE … -j ACCEPT` of shoal's tagged exception; whether it
 /// succeeded (for `-C`: whether the rule is there).
 fn forward_exception(dir: &str, bridge: &str, op: &str) -> bool {
-    Command::new("iptables")
-        .args([
+    let tag = format!("{IPTABLES_TAG} {bridge}");
+    succeeds(
+        "iptables",
+        &[
             "-w",
             op,
             "FORWARD",
@@ -300,13 +301,11 @@ fn forward_exception(dir: &str, bridge: &str, op: &str) -> bool {
             "-m",
             "comment",
             "--comment",
-        ])
-        .arg(format!("{IPTABLES_TAG} {bridge}"))
-        .args(["-j", "ACCEPT"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+            &tag,
+            "-j",
+            "ACCEPT",
+        ],
+    )
 }
 
 fn remove_iptables_exceptions(bridge: &str) {
