@@ -677,3 +677,80 @@ fn commands_round_trip_through_serde() {
         serde_json::json!({"mutations": [{"Create": {"Node": [255, 255, 255]}}], "now_ms": 1});
     assert!(serde_json::from_value::<Command>(bad).is_err());
 }
+
+fn network(id: &str, name: &str, subnet: &str, vni: u32) -> shoal_proto::v1::Network {
+    shoal_proto::v1::Network {
+        meta: meta(id),
+        spec: Some(shoal_proto::v1::NetworkSpec {
+            name: name.to_string(),
+            driver: "overlay".into(),
+            ..Default::default()
+        }),
+        subnet: subnet.to_string(),
+        gateway: String::new(),
+        vni,
+    }
+}
+
+/// Never two networks with one name, overlapping subnets or one VNI — checked at apply, also
+/// between the commands of one batch (two leaders' allocations racing land in one batch).
+#[test]
+fn networks_never_share_a_name_a_subnet_or_a_vni() {
+    let (_dir, store) = open();
+    let net = |id, name, subnet, vni| create(Object::Network(network(id, name, subnet, vni)));
+    ok(store.apply(2, &cmd(1, vec![net("n1", "backend", "10.0.0.0/24", 4097)])));
+    for (m, want) in [
+        (net("n2", "backend", "10.0.1.0/24", 4098), "backend"),
+        (
+            net("n2", "front", "10.0.0.128/25", 4098),
+            "overlaps network backend",
+        ),
+        (
+            net("n2", "front", "10.0.0.0/16", 4098),
+            "overlaps network backend",
+        ),
+        (net("n2", "front", "10.0.1.0/24", 4097), "VNI 4097"),
+        (net("n2", "front", "10.0.1.0", 4098), "not an IPv4 CIDR"),
+        (net("n2", "front", "10.0.1.0/24", 0), "VNI 0"),
+    ] {
+        let e = refused(store.apply(3, &cmd(2, vec![m])));
+        assert!(e.to_string().contains(want), "{e}");
+    }
+    // Within one batch: the second create sees the first.
+    let mut batch = store.batch();
+    ok(batch
+        .apply(4, &cmd(3, vec![net("n2", "front", "10.0.1.0/24", 4098)]))
+        .unwrap());
+    let e = refused(
+        batch
+            .apply(5, &cmd(4, vec![net("n3", "other", "10.0.1.0/25", 4099)]))
+            .unwrap(),
+    );
+    assert!(e.to_string().contains("overlaps network front"), "{e}");
+    batch.commit().unwrap();
+    assert_eq!(store.list_networks().unwrap().len(), 2);
+    assert_eq!(
+        store
+            .get_network("front")
+            .unwrap()
+            .unwrap()
+            .meta
+            .unwrap()
+            .id,
+        "n2"
+    );
+    // Removed, its name, subnet and VNI are free again.
+    ok(store.apply(
+        6,
+        &cmd(
+            5,
+            vec![Mutation::Delete {
+                kind: Kind::Network,
+                id: "n1".into(),
+                expect_version: None,
+            }],
+        ),
+    ));
+    assert!(store.get_network("backend").unwrap().is_none());
+    ok(store.apply(7, &cmd(6, vec![net("n4", "backend", "10.0.0.0/24", 4097)])));
+}

@@ -44,6 +44,8 @@ enum Command {
     Node(cmd::node::NodeArgs),
     /// Manage the cluster's services
     Service(cmd::service::ServiceArgs),
+    /// Manage the cluster's networks
+    Network(cmd::network::NetworkArgs),
 }
 
 fn main() {
@@ -64,6 +66,7 @@ fn main() {
         Command::Cluster(c) => cmd::cluster::run(c),
         Command::Node(c) => cmd::node::run(c),
         Command::Service(c) => cmd::service::run(c),
+        Command::Network(c) => cmd::network::run(c),
     };
     if let Err(err) = result {
         // One line, as a user reads it: the outermost context first, then the causes.

@@ -263,3 +263,115 @@ fn three_manager_processes_and_a_worker() {
     m1.ok(&["service", "rm", "web"]);
     assert_eq!(m2.eventually(&["service", "ls", "-q"]).lines().count(), 1);
 }
+
+/// One line on stderr, starting `shoal:`, containing `want`.
+fn one_line(err: &str, want: &str) {
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("shoal: ") && err.contains(want),
+        "{err:?} lacks {want:?}"
+    );
+}
+
+/// Cluster networks are Raft objects: made through a follower, seen by every manager, with
+/// subnets from the pool that never overlap and clear refusals.
+#[test]
+fn networks_are_replicated_objects_with_their_own_subnets() {
+    let root = tempfile::tempdir().unwrap();
+    let m1 = Agent::start(root.path(), 5, KIND);
+    let m2 = Agent::start(root.path(), 6, KIND);
+    m1.ok(&["cluster", "init", "--advertise-addr", &m1.addr.clone()]);
+    let token = m1
+        .ok(&["cluster", "join-token", "manager", "-q"])
+        .trim()
+        .to_string();
+    m2.ok(&["cluster", "join", "--token", &token, &m1.addr.clone()]);
+
+    // Created through the follower (forwarded to the leader), read on both.
+    let id = m2
+        .eventually(&["network", "create", "backend"])
+        .trim()
+        .to_string();
+    assert_eq!(id.len(), 25, "{id}");
+    m2.ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "10.50.0.0/16",
+        "--attachable",
+        "front",
+    ]);
+    for m in [&m1, &m2] {
+        let ls = m.ok(&["network", "ls"]);
+        let lines: Vec<&str> = ls.lines().collect();
+        assert!(lines[0].starts_with("NETWORK ID"), "{ls}");
+        for want in ["bridge", "host", "none", "backend", "front"] {
+            assert!(ls.contains(want), "{want} missing: {ls}");
+        }
+        assert!(
+            ls.contains(&format!("{}   backend   overlay   swarm", &id[..12])),
+            "{ls}"
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&m1.ok(&["network", "inspect", "backend", "front"])).unwrap();
+    assert_eq!(v[0]["ID"], id.as_str());
+    assert_eq!(v[0]["IPAM"]["Config"][0]["Subnet"], "10.0.0.0/24");
+    assert_eq!(v[0]["IPAM"]["Config"][0]["Gateway"], "10.0.0.1");
+    assert_eq!(v[1]["IPAM"]["Config"][0]["Subnet"], "10.50.0.0/16");
+    assert_eq!(v[1]["Attachable"], true);
+    let vnis: Vec<&str> = (0..2)
+        .map(|i| {
+            v[i]["Options"]["com.docker.network.driver.overlay.vxlanid_list"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_ne!(vnis[0], vnis[1]);
+
+    // Refusals: one line, exit 1, nothing made.
+    for (args, want) in [
+        (
+            vec!["network", "create", "backend"],
+            "already in use by network",
+        ),
+        (
+            vec!["network", "create", "--subnet", "10.50.3.0/24", "x"],
+            "overlaps network front's 10.50.0.0/16",
+        ),
+        (
+            vec!["network", "create", "-d", "bridge", "x"],
+            "driver bridge is not supported",
+        ),
+        (
+            vec!["network", "create", "--opt", "encrypted=", "x"],
+            "option encrypted is not supported",
+        ),
+        (vec!["network", "create", "host"], "reserved"),
+        (
+            vec!["network", "create", "--subnet", "10.9.0.0/30", "x"],
+            "/8 to /29",
+        ),
+        (vec!["network", "rm", "nope"], "network nope not found"),
+        (
+            vec![
+                "service",
+                "create",
+                "--network",
+                "backend",
+                "busybox:latest",
+                "true",
+            ],
+            "services cannot join cluster networks yet",
+        ),
+    ] {
+        let out = m1.shoal(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        one_line(&String::from_utf8_lossy(&out.stderr), want);
+    }
+    assert_eq!(m1.ok(&["network", "ls", "-q"]).lines().count(), 2);
+
+    m1.ok(&["network", "rm", "front"]);
+    assert_eq!(m2.ok(&["network", "prune"]), "backend\n");
+    assert_eq!(m2.ok(&["network", "ls", "-q"]), "");
+}

@@ -7,6 +7,7 @@
 //! certificate required) and on the local root-only Unix socket.
 
 mod membership;
+pub mod network;
 mod propose;
 mod server;
 pub mod update;
@@ -70,6 +71,9 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     /// Serialises membership changes (openraft refuses overlapping ones).
     membership: tokio::sync::Mutex<()>,
+    /// Serialises network creation, so two creates do not pick the same free subnet or VNI
+    /// (apply refuses the second anyway).
+    networks: tokio::sync::Mutex<()>,
     /// The group-commit loop, started by the first proposal (which runs on a tokio runtime).
     proposer: OnceLock<Proposer>,
 }
@@ -93,6 +97,7 @@ impl ControlApi {
                 authorizer,
                 channels: Mutex::new(HashMap::new()),
                 membership: tokio::sync::Mutex::new(()),
+                networks: tokio::sync::Mutex::new(()),
                 proposer: OnceLock::new(),
             }),
         }
@@ -262,6 +267,10 @@ impl ControlApi {
 
     pub(crate) async fn membership_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.inner.membership.lock().await
+    }
+
+    pub(crate) async fn networks_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.networks.lock().await
     }
 
     /// The Raft ids of the voters and of all members (voters and learners).

@@ -9,7 +9,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{membership, new_id, store_status, update, validate, ControlApi, FORWARDED_HEADER};
+use super::{
+    membership, network, new_id, store_status, update, validate, ControlApi, FORWARDED_HEADER,
+};
 use crate::ca::{NodeIdentity, Role};
 use crate::store::{Action, Event, Kind, Mutation, Object};
 
@@ -147,26 +149,24 @@ impl ControlApi {
 
     pub(crate) fn find_service(&self, key: &str) -> Result<pb::Service, Status> {
         let store = self.store();
-        if key.is_empty() {
-            return Err(Status::invalid_argument("no service named"));
-        }
-        if let Some(s) = store.get_service(key).map_err(store_status)? {
-            return Ok(s);
-        }
-        let matches: Vec<pb::Service> = store
-            .list_services()
-            .map_err(store_status)?
-            .into_iter()
-            .filter(|s| s.meta.as_ref().is_some_and(|m| m.id.starts_with(key)))
-            .collect();
-        match matches.len() {
-            1 => Ok(matches.into_iter().next().unwrap_or_default()),
-            0 => Err(Status::not_found(format!("service {key} not found"))),
-            _ => Err(Status::invalid_argument(format!(
-                "service {key} is ambiguous ({} matches)",
-                matches.len()
-            ))),
-        }
+        find_by_key(
+            "service",
+            key,
+            |k| store.get_service(k),
+            || store.list_services(),
+            |s| s.meta.as_ref(),
+        )
+    }
+
+    pub(crate) fn find_network(&self, key: &str) -> Result<pb::Network, Status> {
+        let store = self.store();
+        find_by_key(
+            "network",
+            key,
+            |k| store.get_network(k),
+            || store.list_networks(),
+            |n| n.meta.as_ref(),
+        )
     }
 
     pub(crate) fn find_node(&self, key: &str) -> Result<pb::Node, Status> {
@@ -222,6 +222,34 @@ impl ControlApi {
             desired_tasks: desired,
             running_tasks: up,
         })
+    }
+}
+
+/// An object by full id or name (`get`), else by unique id prefix among `list`.
+fn find_by_key<T: Default>(
+    what: &str,
+    key: &str,
+    get: impl Fn(&str) -> Result<Option<T>, crate::store::StoreError>,
+    list: impl Fn() -> Result<Vec<T>, crate::store::StoreError>,
+    meta: impl Fn(&T) -> Option<&pb::Meta>,
+) -> Result<T, Status> {
+    if key.is_empty() {
+        return Err(Status::invalid_argument(format!("no {what} named")));
+    }
+    if let Some(o) = get(key).map_err(store_status)? {
+        return Ok(o);
+    }
+    let mut matches: Vec<T> = list()
+        .map_err(store_status)?
+        .into_iter()
+        .filter(|o| meta(o).is_some_and(|m| m.id.starts_with(key)))
+        .collect();
+    match matches.len() {
+        1 => Ok(matches.pop().unwrap_or_default()),
+        0 => Err(Status::not_found(format!("{what} {key} not found"))),
+        n => Err(Status::invalid_argument(format!(
+            "{what} {key} is ambiguous ({n} matches)"
+        ))),
     }
 }
 
@@ -482,6 +510,129 @@ impl Control for ControlService {
         }])
         .await?;
         Ok(Response::new(pb::RemoveServiceResponse { id }))
+    }
+
+    async fn create_network(
+        &self,
+        req: Request<pb::CreateNetworkRequest>,
+    ) -> Result<Response<pb::NetworkResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        let mut spec = req
+            .get_ref()
+            .spec
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("no spec"))?;
+        network::network_spec(&spec).map_err(invalid)?;
+        leader_only!(api, req, create_network, propose);
+        let _serial = api.networks_lock().await;
+        // Name, subnet and VNI are checked again in apply.
+        let existing = api
+            .read_before_write(
+                |api| api.store().list_networks().map_err(store_status),
+                |all| {
+                    all.iter()
+                        .all(|n| n.spec.as_ref().is_none_or(|s| s.name != spec.name))
+                },
+            )
+            .await?;
+        if let Some(n) = existing
+            .iter()
+            .find(|n| n.spec.as_ref().is_some_and(|s| s.name == spec.name))
+        {
+            return Err(Status::already_exists(format!(
+                "network name {} is already in use by network {}",
+                spec.name,
+                id_of(n.meta.as_ref())
+            )));
+        }
+        let (subnet, gateway, vni) = network::allocate(&spec, &existing).map_err(invalid)?;
+        if spec.driver.is_empty() {
+            spec.driver = "overlay".into();
+        }
+        let id = new_id();
+        let network = pb::Network {
+            meta: Some(pb::Meta {
+                id: id.clone(),
+                ..Default::default()
+            }),
+            spec: Some(spec),
+            subnet,
+            gateway,
+            vni,
+        };
+        api.propose(vec![Mutation::Create(Object::Network(network))])
+            .await?;
+        let network = api.find_network(&id)?;
+        Ok(Response::new(pb::NetworkResponse {
+            network: Some(network),
+        }))
+    }
+
+    async fn get_network(
+        &self,
+        req: Request<pb::GetNetworkRequest>,
+    ) -> Result<Response<pb::NetworkResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, get_network, read);
+        let network = api.find_network(&req.get_ref().network)?;
+        Ok(Response::new(pb::NetworkResponse {
+            network: Some(network),
+        }))
+    }
+
+    async fn list_networks(
+        &self,
+        req: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, list_networks, read);
+        let mut networks = api.store().list_networks().map_err(store_status)?;
+        networks.sort_by(|a, b| {
+            let name = |n: &pb::Network| n.spec.as_ref().map(|s| s.name.clone());
+            name(a).cmp(&name(b))
+        });
+        Ok(Response::new(pb::ListNetworksResponse { networks }))
+    }
+
+    async fn remove_network(
+        &self,
+        req: Request<pb::RemoveNetworkRequest>,
+    ) -> Result<Response<pb::RemoveNetworkResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, remove_network, write);
+        let n = api.find_network(&req.get_ref().network)?;
+        let id = id_of(n.meta.as_ref()).to_string();
+        let name = n.spec.as_ref().map_or("", |s| s.name.as_str());
+        let users: Vec<String> = api
+            .store()
+            .list_services()
+            .map_err(store_status)?
+            .into_iter()
+            .filter_map(|s| s.spec)
+            .filter(|s| {
+                s.task
+                    .as_ref()
+                    .is_some_and(|t| t.networks.iter().any(|n| *n == id || n == name))
+            })
+            .map(|s| s.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "network {name} is in use by service {}",
+                users.join(", ")
+            )));
+        }
+        api.propose(vec![Mutation::Delete {
+            kind: Kind::Network,
+            id: id.clone(),
+            expect_version: Some(version_of(n.meta.as_ref())),
+        }])
+        .await?;
+        Ok(Response::new(pb::RemoveNetworkResponse { id }))
     }
 
     async fn list_tasks(
@@ -794,6 +945,7 @@ impl Control for ControlService {
                 Ok(pb::WatchKind::Service) => Some(Kind::Service),
                 Ok(pb::WatchKind::Task) => Some(Kind::Task),
                 Ok(pb::WatchKind::Cluster) => Some(Kind::Cluster),
+                Ok(pb::WatchKind::Network) => Some(Kind::Network),
                 _ => None,
             })
             .collect();
@@ -860,6 +1012,7 @@ pub fn watch_event(ev: Event) -> pb::WatchEvent {
         Object::Service(s) => W::Service(s),
         Object::Task(t) => W::Task(t),
         Object::Cluster(c) => W::Cluster(c),
+        Object::Network(n) => W::Network(n),
     };
     pb::WatchEvent {
         version: ev.version,

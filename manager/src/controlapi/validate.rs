@@ -325,7 +325,11 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
     match networks {
         [] => {}
         [one] if one == "host" || one == "none" => {}
-        [one] => return Err(invalid(format!("network {one} not found"))),
+        [one] => {
+            return Err(invalid(format!(
+                "network {one}: services cannot join cluster networks yet (host or none only)"
+            )))
+        }
         _ => {
             return Err(invalid(
                 "a task joins one network (host or none) until cluster networks exist",

@@ -168,6 +168,7 @@ pub fn mutation_bytes(m: &Mutation) -> usize {
         Object::Service(s) => s.encoded_len(),
         Object::Task(t) => t.encoded_len(),
         Object::Cluster(c) => c.encoded_len(),
+        Object::Network(n) => n.encoded_len(),
     };
     OVERHEAD
         + match m {

@@ -227,6 +227,8 @@ impl ClusterView {
                 .as_ref()
                 .filter(|c| c.meta.as_ref().is_some_and(|m| m.id == id))
                 .map(|c| c.meta.as_ref().map_or(0, |m| m.version)),
+            // No leader component reads networks yet.
+            Object::Network(_) => None,
         }
     }
 
@@ -255,6 +257,7 @@ impl ClusterView {
                 self.index(&id, &t);
                 self.tasks.insert(id, t);
             }
+            Object::Network(_) => {}
         }
     }
 
@@ -279,6 +282,7 @@ impl ClusterView {
                     self.unindex(id, &old);
                 }
             }
+            Object::Network(_) => {}
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use shoal_proto::v1::{Service, Task, TaskState};
+use shoal_proto::v1::{Network, Service, Task, TaskState};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
@@ -269,37 +269,129 @@ impl Staged<'_, '_> {
         Ok(())
     }
 
+    /// Claims `name` in the unique-name index `names` for object `id` of `kind` (moving it
+    /// from `old_name` on a rename).
+    fn claim_name(
+        &mut self,
+        names: TreeId,
+        kind: Kind,
+        name: &str,
+        old_name: Option<&str>,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        if name.is_empty() || name.contains('\0') {
+            return Err(StoreError::Invalid {
+                kind,
+                reason: format!("{kind} name must be non-empty and hold no NUL"),
+            });
+        }
+        if let Some(holder) = self.read(names, name.as_bytes())? {
+            if holder != id.as_bytes() {
+                return Err(StoreError::NameTaken {
+                    name: name.to_string(),
+                    existing_id: String::from_utf8_lossy(&holder).into_owned(),
+                });
+            }
+        }
+        if let Some(old_name) = old_name.filter(|o| *o != name) {
+            self.del(names, old_name.as_bytes().to_vec());
+        }
+        self.put(names, name.as_bytes().to_vec(), id.as_bytes().to_vec());
+        Ok(())
+    }
+
+    /// Every network as this command sees it (the store under the batch's and this command's
+    /// writes).
+    fn networks(&self) -> Result<Vec<Network>, StoreError> {
+        let mut all: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for kv in self.batch.store.tree(TreeId::Networks).iter() {
+            let (k, v) = kv?;
+            all.insert(k.to_vec(), v.to_vec());
+        }
+        for writes in [&self.batch.writes, &self.writes] {
+            for ((t, k), v) in writes.range((TreeId::Networks, Vec::new())..) {
+                if *t != TreeId::Networks {
+                    break;
+                }
+                match v {
+                    Some(v) => all.insert(k.clone(), v.clone()),
+                    None => all.remove(k),
+                };
+            }
+        }
+        all.values()
+            .map(|v| match decode(Kind::Network, v)? {
+                Object::Network(n) => Ok(n),
+                _ => Err(StoreError::Storage(
+                    "a non-network in the networks tree".into(),
+                )),
+            })
+            .collect()
+    }
+
+    /// A network's subnet is a valid IPv4 CIDR overlapping no other network's, and its VNI is
+    /// its own.
+    fn check_network(&self, n: &Network) -> Result<(), StoreError> {
+        let invalid = |reason: String| StoreError::Invalid {
+            kind: Kind::Network,
+            reason,
+        };
+        let mine = parse_cidr(&n.subnet)
+            .ok_or_else(|| invalid(format!("subnet {:?} is not an IPv4 CIDR", n.subnet)))?;
+        if n.vni == 0 || n.vni > MAX_VNI {
+            return Err(invalid(format!("VNI {} is not 1-{MAX_VNI}", n.vni)));
+        }
+        let id = n.meta.as_ref().map_or("", |m| m.id.as_str());
+        for other in self.networks()? {
+            if other.meta.as_ref().map_or("", |m| m.id.as_str()) == id {
+                continue;
+            }
+            let name = other.spec.as_ref().map_or("", |s| s.name.as_str());
+            if parse_cidr(&other.subnet).is_some_and(|o| overlaps(mine, o)) {
+                return Err(invalid(format!(
+                    "subnet {} overlaps network {name}'s {}",
+                    n.subnet, other.subnet
+                )));
+            }
+            if other.vni == n.vni {
+                return Err(invalid(format!(
+                    "VNI {} is network {name}'s already",
+                    n.vni
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Moves the index entries of an object from `old` (none for a create) to `new`.
     fn index(&mut self, old: Option<&Object>, new: &Object) -> Result<(), StoreError> {
         match new {
             Object::Service(s) => {
-                let name = service_name(s);
-                if name.is_empty() || name.contains('\0') {
-                    return Err(StoreError::Invalid {
-                        kind: Kind::Service,
-                        reason: "service name must be non-empty and hold no NUL".into(),
-                    });
-                }
-                let id = new.id();
-                if let Some(holder) = self.read(TreeId::ServiceNames, name.as_bytes())? {
-                    if holder != id.as_bytes() {
-                        return Err(StoreError::NameTaken {
-                            name: name.to_string(),
-                            existing_id: String::from_utf8_lossy(&holder).into_owned(),
-                        });
-                    }
-                }
-                if let Some(Object::Service(o)) = old {
-                    let old_name = service_name(o);
-                    if old_name != name {
-                        self.del(TreeId::ServiceNames, old_name.as_bytes().to_vec());
-                    }
-                }
-                self.put(
+                let old_name = match old {
+                    Some(Object::Service(o)) => Some(service_name(o)),
+                    _ => None,
+                };
+                self.claim_name(
                     TreeId::ServiceNames,
-                    name.as_bytes().to_vec(),
-                    id.as_bytes().to_vec(),
-                );
+                    Kind::Service,
+                    service_name(s),
+                    old_name,
+                    new.id(),
+                )?;
+            }
+            Object::Network(n) => {
+                self.check_network(n)?;
+                let old_name = match old {
+                    Some(Object::Network(o)) => Some(network_name(o)),
+                    _ => None,
+                };
+                self.claim_name(
+                    TreeId::NetworkNames,
+                    Kind::Network,
+                    network_name(n),
+                    old_name,
+                    new.id(),
+                )?;
             }
             Object::Task(t) => {
                 for v in [&t.service_id, &t.node_id] {
@@ -343,6 +435,9 @@ impl Staged<'_, '_> {
             Object::Service(s) => {
                 self.del(TreeId::ServiceNames, service_name(s).as_bytes().to_vec());
             }
+            Object::Network(n) => {
+                self.del(TreeId::NetworkNames, network_name(n).as_bytes().to_vec());
+            }
             Object::Task(t) => {
                 let id = old.id();
                 if !t.service_id.is_empty() {
@@ -359,6 +454,33 @@ impl Staged<'_, '_> {
 
 fn service_name(s: &Service) -> &str {
     s.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("")
+}
+
+fn network_name(n: &Network) -> &str {
+    n.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("")
+}
+
+/// The largest VXLAN network identifier (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
+/// `a.b.c.d/n` as (network address, prefix), host bits cleared.
+pub fn parse_cidr(s: &str) -> Option<(u32, u8)> {
+    let (a, p) = s.split_once('/')?;
+    let addr: std::net::Ipv4Addr = a.parse().ok()?;
+    let prefix: u8 = p.parse().ok().filter(|p| *p <= 32)?;
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    Some((u32::from(addr) & mask, prefix))
+}
+
+/// Whether two subnets share an address.
+pub fn overlaps(a: (u32, u8), b: (u32, u8)) -> bool {
+    let p = a.1.min(b.1);
+    let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+    a.0 & mask == b.0 & mask
 }
 
 fn check_id(kind: Kind, id: &str) -> Result<(), StoreError> {

@@ -77,7 +77,13 @@ impl Dump {
     }
 }
 
-const OBJECT_KINDS: [Kind; 4] = [Kind::Node, Kind::Service, Kind::Task, Kind::Cluster];
+const OBJECT_KINDS: [Kind; 5] = [
+    Kind::Node,
+    Kind::Service,
+    Kind::Task,
+    Kind::Cluster,
+    Kind::Network,
+];
 
 impl Store {
     /// Reads every tree at one point between commits.

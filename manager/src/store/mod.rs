@@ -12,10 +12,10 @@ mod types;
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
-use shoal_proto::v1::{Cluster, Node, Service, Task};
+use shoal_proto::v1::{Cluster, Network, Node, Service, Task};
 use tokio::sync::broadcast;
 
-pub use apply::{check_task_forward, Batch};
+pub use apply::{check_task_forward, overlaps, parse_cidr, Batch, MAX_VNI};
 pub use dump::{Dump, DumpTree};
 pub use types::{Action, Command, Event, Kind, Mutation, Object, Response, StoreError};
 
@@ -39,10 +39,13 @@ pub(crate) enum TreeId {
     /// The state machine's own keys (last applied log id, membership), written in the same
     /// transaction as the data they describe.
     SmMeta = 7,
+    Networks = 8,
+    /// network name → network id (names are unique).
+    NetworkNames = 9,
 }
 
 /// Names of the sled trees of the store, in `TreeId` order.
-pub(crate) const TREE_NAMES: [&str; 8] = [
+pub(crate) const TREE_NAMES: [&str; 10] = [
     "store.nodes",
     "store.services",
     "store.tasks",
@@ -51,6 +54,8 @@ pub(crate) const TREE_NAMES: [&str; 8] = [
     "store.idx.tasks_by_service",
     "store.idx.tasks_by_node",
     "store.sm_meta",
+    "store.networks",
+    "store.idx.network_name",
 ];
 
 impl TreeId {
@@ -61,6 +66,7 @@ impl TreeId {
             Kind::Service => TreeId::Services,
             Kind::Task => TreeId::Tasks,
             Kind::Cluster => TreeId::Cluster,
+            Kind::Network => TreeId::Networks,
         }
     }
 }
@@ -275,6 +281,22 @@ impl Store {
     /// The tasks assigned to a node (by node id), ordered by task id.
     pub fn tasks_by_node(&self, node_id: &str) -> Result<Vec<Task>, StoreError> {
         self.by_index(TreeId::TasksByNode, TreeId::Tasks, node_id)
+    }
+
+    /// A network by id, or else by name.
+    pub fn get_network(&self, id_or_name: &str) -> Result<Option<Network>, StoreError> {
+        if let Some(n) = self.get_typed(TreeId::Networks, id_or_name)? {
+            return Ok(Some(n));
+        }
+        match self.tree(TreeId::NetworkNames).get(id_or_name.as_bytes())? {
+            Some(id) => self.get_typed(TreeId::Networks, &String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    /// All networks, ordered by id.
+    pub fn list_networks(&self) -> Result<Vec<Network>, StoreError> {
+        self.list_typed(TreeId::Networks)
     }
 
     /// The cluster object (the first by id if, wrongly, there were several).

@@ -3,7 +3,7 @@
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use shoal_proto::v1::{Cluster, Meta, Node, Service, Task};
+use shoal_proto::v1::{Cluster, Meta, Network, Node, Service, Task};
 
 /// An atomic batch of mutations proposed through Raft, checked and applied in order,
 /// all-or-nothing.
@@ -73,6 +73,8 @@ pub enum Object {
     Task(Task),
     /// The cluster object (one per cluster).
     Cluster(Cluster),
+    /// A cluster network.
+    Network(Network),
 }
 
 /// The kinds of stored objects.
@@ -86,6 +88,8 @@ pub enum Kind {
     Task,
     /// `Object::Cluster`.
     Cluster,
+    /// `Object::Network`.
+    Network,
 }
 
 impl std::fmt::Display for Kind {
@@ -95,6 +99,7 @@ impl std::fmt::Display for Kind {
             Kind::Service => "service",
             Kind::Task => "task",
             Kind::Cluster => "cluster",
+            Kind::Network => "network",
         })
     }
 }
@@ -107,6 +112,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::Task(_) => Kind::Task,
             Object::Cluster(_) => Kind::Cluster,
+            Object::Network(_) => Kind::Network,
         }
     }
 
@@ -117,6 +123,7 @@ impl Object {
             Object::Service(o) => o.meta.as_ref(),
             Object::Task(o) => o.meta.as_ref(),
             Object::Cluster(o) => o.meta.as_ref(),
+            Object::Network(o) => o.meta.as_ref(),
         }
     }
 
@@ -127,6 +134,7 @@ impl Object {
             Object::Service(o) => o.meta.get_or_insert_with(Meta::default),
             Object::Task(o) => o.meta.get_or_insert_with(Meta::default),
             Object::Cluster(o) => o.meta.get_or_insert_with(Meta::default),
+            Object::Network(o) => o.meta.get_or_insert_with(Meta::default),
         }
     }
 
@@ -147,6 +155,7 @@ impl Object {
             Object::Service(o) => o.encode_to_vec(),
             Object::Task(o) => o.encode_to_vec(),
             Object::Cluster(o) => o.encode_to_vec(),
+            Object::Network(o) => o.encode_to_vec(),
         }
     }
 
@@ -157,6 +166,7 @@ impl Object {
             Kind::Service => Object::Service(Service::decode(bytes)?),
             Kind::Task => Object::Task(Task::decode(bytes)?),
             Kind::Cluster => Object::Cluster(Cluster::decode(bytes)?),
+            Kind::Network => Object::Network(Network::decode(bytes)?),
         })
     }
 }
@@ -169,6 +179,7 @@ enum ObjectWire {
     Service(#[serde(with = "serde_bytes")] Vec<u8>),
     Task(#[serde(with = "serde_bytes")] Vec<u8>),
     Cluster(#[serde(with = "serde_bytes")] Vec<u8>),
+    Network(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 impl Serialize for Object {
@@ -179,6 +190,7 @@ impl Serialize for Object {
             Kind::Service => ObjectWire::Service(bytes),
             Kind::Task => ObjectWire::Task(bytes),
             Kind::Cluster => ObjectWire::Cluster(bytes),
+            Kind::Network => ObjectWire::Network(bytes),
         }
         .serialize(serializer)
     }
@@ -191,6 +203,7 @@ impl<'de> Deserialize<'de> for Object {
             ObjectWire::Service(b) => (Kind::Service, b),
             ObjectWire::Task(b) => (Kind::Task, b),
             ObjectWire::Cluster(b) => (Kind::Cluster, b),
+            ObjectWire::Network(b) => (Kind::Network, b),
         };
         Object::decode(kind, &bytes).map_err(serde::de::Error::custom)
     }

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cluster;
 pub mod container;
 pub mod image;
+pub mod network;
 pub mod node;
 pub mod output;
 pub mod runtime;

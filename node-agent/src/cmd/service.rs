@@ -252,7 +252,9 @@ fn networks(names: &[String]) -> anyhow::Result<Vec<String>> {
     match names {
         [] => Ok(vec![]),
         [one] if one == "host" || one == "none" => Ok(vec![one.clone()]),
-        [one] => bail!("network {one} not found"),
+        [one] => {
+            bail!("network {one}: services cannot join cluster networks yet (host or none only)")
+        }
         _ => bail!("a task joins one network (host or none) until cluster networks exist"),
     }
 }

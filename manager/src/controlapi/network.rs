@@ -1,0 +1,220 @@
+//! Cluster networks: the spec check, subnet and VNI allocation. The store refuses overlapping
+//! subnets, a VNI in use and a name taken at apply; this picks free ones so a create rarely
+//! meets a refusal.
+
+use shoal_proto::v1 as pb;
+
+use crate::store::{overlaps, parse_cidr, MAX_VNI};
+
+use super::validate::Invalid;
+
+/// The pool subnets are taken from when a create gives none (swarm's default: 10.0.0.0/8).
+pub const DEFAULT_POOL: &str = "10.0.0.0/8";
+/// The size of an allocated subnet (swarm's default).
+pub const DEFAULT_PREFIX: u8 = 24;
+/// The first VNI handed out (swarm's too: lower ones are left to the operator).
+pub const FIRST_VNI: u32 = 4097;
+/// Node-local subnets no cluster network is given by default (shoal's default node bridge).
+const RESERVED: [&str; 1] = ["10.213.0.0/16"];
+/// The drivers a cluster network can have.
+const DRIVERS: [&str; 1] = ["overlay"];
+/// Longest network name (Docker's limit for names is looser; this keeps interface names and
+/// DNS labels sane).
+const MAX_NAME: usize = 63;
+
+fn invalid(msg: impl Into<String>) -> Invalid {
+    Invalid(msg.into())
+}
+
+fn ip(a: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(a)
+}
+
+/// A network spec as `network create` sends it: a name, a known driver, a subnet and gateway
+/// that make sense together, no option shoal does not implement.
+pub fn network_spec(spec: &pb::NetworkSpec) -> Result<(), Invalid> {
+    let name = &spec.name;
+    let name_ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !name_ok {
+        return Err(invalid(format!(
+            "invalid network name {name:?}: 1-{MAX_NAME} letters, digits, '_', '-', '.', starting with a letter or digit"
+        )));
+    }
+    if matches!(name.as_str(), "bridge" | "host" | "none" | "ingress") {
+        return Err(invalid(format!(
+            "network name {name} is reserved for a predefined network"
+        )));
+    }
+    let driver = if spec.driver.is_empty() {
+        "overlay"
+    } else {
+        &spec.driver
+    };
+    if !DRIVERS.contains(&driver) {
+        return Err(invalid(format!(
+            "network driver {driver} is not supported: a cluster network is an overlay"
+        )));
+    }
+    if let Some(k) = spec.options.keys().next() {
+        return Err(invalid(format!("network option {k} is not supported")));
+    }
+    if !spec.subnet.is_empty() {
+        let (net, prefix) = parse_cidr(&spec.subnet)
+            .ok_or_else(|| invalid(format!("invalid subnet {:?}: want A.B.C.D/N", spec.subnet)))?;
+        if !(8..=29).contains(&prefix) {
+            return Err(invalid(format!(
+                "invalid subnet {}: the prefix must be /8 to /29",
+                spec.subnet
+            )));
+        }
+        if !spec.gateway.is_empty() {
+            let gw: std::net::Ipv4Addr = spec
+                .gateway
+                .parse()
+                .map_err(|_| invalid(format!("invalid gateway {:?}", spec.gateway)))?;
+            let last = net | !(u32::MAX << (32 - prefix));
+            let g = u32::from(gw);
+            if g <= net || g >= last || !overlaps((g, 32), (net, prefix)) {
+                return Err(invalid(format!(
+                    "gateway {gw} is not a host address of subnet {}",
+                    spec.subnet
+                )));
+            }
+        }
+    } else if !spec.gateway.is_empty() {
+        return Err(invalid("a gateway needs a subnet"));
+    }
+    Ok(())
+}
+
+/// The subnet, gateway and VNI of a new network beside `existing`: the given subnet, or the
+/// first free /24 of the default pool; the given gateway, or the subnet's first host; the
+/// lowest free VNI from [`FIRST_VNI`].
+pub fn allocate(
+    spec: &pb::NetworkSpec,
+    existing: &[pb::Network],
+) -> Result<(String, String, u32), Invalid> {
+    let taken: Vec<(u32, u8)> = existing
+        .iter()
+        .filter_map(|n| parse_cidr(&n.subnet))
+        .collect();
+    let (net, prefix) = if spec.subnet.is_empty() {
+        let (pool, pool_prefix) = parse_cidr(DEFAULT_POOL).ok_or_else(|| invalid("bad pool"))?;
+        let reserved: Vec<(u32, u8)> = RESERVED.iter().filter_map(|r| parse_cidr(r)).collect();
+        let count = 1u32 << (DEFAULT_PREFIX - pool_prefix);
+        let step = 1u32 << (32 - DEFAULT_PREFIX);
+        (0..count)
+            .map(|i| (pool + i * step, DEFAULT_PREFIX))
+            .find(|c| !taken.iter().chain(&reserved).any(|t| overlaps(*c, *t)))
+            .ok_or_else(|| invalid(format!("no free /{DEFAULT_PREFIX} left in {DEFAULT_POOL}")))?
+    } else {
+        let mine = parse_cidr(&spec.subnet)
+            .ok_or_else(|| invalid(format!("invalid subnet {:?}", spec.subnet)))?;
+        if let Some(n) = existing
+            .iter()
+            .find(|n| parse_cidr(&n.subnet).is_some_and(|o| overlaps(mine, o)))
+        {
+            let name = n.spec.as_ref().map_or("", |s| s.name.as_str());
+            return Err(invalid(format!(
+                "subnet {} overlaps network {name}'s {}",
+                spec.subnet, n.subnet
+            )));
+        }
+        mine
+    };
+    let gateway = if spec.gateway.is_empty() {
+        ip(net + 1).to_string()
+    } else {
+        spec.gateway.clone()
+    };
+    let vni = (FIRST_VNI..=MAX_VNI)
+        .find(|v| existing.iter().all(|n| n.vni != *v))
+        .ok_or_else(|| invalid("no free VNI left"))?;
+    Ok((format!("{}/{prefix}", ip(net)), gateway, vni))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, subnet: &str, gateway: &str) -> pb::NetworkSpec {
+        pb::NetworkSpec {
+            name: name.into(),
+            subnet: subnet.into(),
+            gateway: gateway.into(),
+            ..Default::default()
+        }
+    }
+
+    fn net(name: &str, subnet: &str, vni: u32) -> pb::Network {
+        pb::Network {
+            spec: Some(spec(name, subnet, "")),
+            subnet: subnet.into(),
+            vni,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn specs_are_checked() {
+        assert!(network_spec(&spec("backend", "", "")).is_ok());
+        assert!(network_spec(&spec("b", "10.9.0.0/16", "10.9.0.254")).is_ok());
+        for (s, want) in [
+            (spec("", "", ""), "invalid network name"),
+            (spec("-x", "", ""), "invalid network name"),
+            (spec("a b", "", ""), "invalid network name"),
+            (spec("host", "", ""), "reserved"),
+            (spec("n", "10.9.0.0", ""), "invalid subnet"),
+            (spec("n", "10.9.0.0/30", ""), "the prefix must be"),
+            (spec("n", "10.9.0.0/16", "10.10.0.1"), "not a host address"),
+            (spec("n", "10.9.0.0/16", "10.9.0.0"), "not a host address"),
+            (spec("n", "", "10.9.0.1"), "needs a subnet"),
+        ] {
+            let e = network_spec(&s).unwrap_err().0;
+            assert!(e.contains(want), "{s:?}: {e}");
+        }
+        let mut s = spec("n", "", "");
+        s.driver = "bridge".into();
+        assert!(network_spec(&s).unwrap_err().0.contains("not supported"));
+        let mut s = spec("n", "", "");
+        s.options.insert("encrypted".into(), "".into());
+        assert!(network_spec(&s).unwrap_err().0.contains("encrypted"));
+    }
+
+    #[test]
+    fn allocation_takes_the_first_free_subnet_and_vni() {
+        let existing = vec![net("a", "10.0.0.0/24", 4097), net("b", "10.0.2.0/23", 4099)];
+        let (subnet, gw, vni) = allocate(&spec("c", "", ""), &existing).unwrap();
+        assert_eq!(
+            (subnet.as_str(), gw.as_str(), vni),
+            ("10.0.1.0/24", "10.0.1.1", 4098)
+        );
+        // Given subnets are kept (host bits cleared) and refused when they overlap.
+        let (subnet, gw, _) = allocate(&spec("d", "192.168.7.9/24", ""), &existing).unwrap();
+        assert_eq!(
+            (subnet.as_str(), gw.as_str()),
+            ("192.168.7.0/24", "192.168.7.1")
+        );
+        let e = allocate(&spec("e", "10.0.3.128/25", ""), &existing).unwrap_err();
+        assert!(e.0.contains("overlaps network b's 10.0.2.0/23"), "{}", e.0);
+        // The node bridge's default subnet is never handed out.
+        let full: Vec<pb::Network> = [
+            "10.0.0.0/9",
+            "10.128.0.0/10",
+            "10.192.0.0/12",
+            "10.208.0.0/14",
+            "10.212.0.0/16",
+        ]
+        .iter()
+        .zip(FIRST_VNI..)
+        .map(|(s, v)| net("x", s, v))
+        .collect();
+        let (subnet, _, _) = allocate(&spec("f", "", ""), &full).unwrap();
+        assert_eq!(subnet, "10.214.0.0/24");
+    }
+}
