@@ -755,3 +755,162 @@ fn published_ports_answer_other_hosts() {
     }
     assert!(fetch(h2, &url).is_none() && fetch(h2, &svc).is_none());
 }
+
+/// The tasks of a service on a cluster network: one per host, each with its own address from
+/// the network's subnet; a task on one host fetches the other host's task by that address over
+/// the VXLAN overlay, and a task on another network cannot reach it.
+#[test]
+fn tasks_on_an_overlay_reach_each_other_across_hosts() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    for h in [h1, h2] {
+        h.import_busybox("busybox:latest").expect("import");
+        h.spawn_agent(&[]).expect("agent");
+    }
+    ok_out(h1.shoal(&["cluster", "init"]).expect("init"));
+    let token = ok_out(
+        h1.shoal(&["cluster", "join-token", "-q", "worker"])
+            .expect("token"),
+    );
+    ok_out(
+        h2.shoal(&[
+            "cluster",
+            "join",
+            "--token",
+            token.trim(),
+            &h1.agent_addr().to_string(),
+        ])
+        .expect("join"),
+    );
+    ok_out(
+        h1.shoal(&["network", "create", "backend"])
+            .expect("network"),
+    );
+    ok_out(h1.shoal(&["network", "create", "other"]).expect("network"));
+    let web =
+        "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; exec httpd -f -p 80 -h /www";
+    for (name, net) in [("web", "backend"), ("lonely", "other")] {
+        ok_out(
+            h1.shoal(&[
+                "service",
+                "create",
+                "--name",
+                name,
+                "--replicas",
+                if name == "web" { "2" } else { "1" },
+                "--replicas-max-per-node",
+                "1",
+                "--stop-grace-period",
+                "1s",
+                "--network",
+                net,
+                "busybox:latest",
+                "sh",
+                "-c",
+                web,
+            ])
+            .expect("service create"),
+        );
+    }
+    let tasks = |svc: &str| -> Vec<(String, String, String)> {
+        let out = ok_out(
+            h1.shoal(&["service", "ps", "--format", "json", svc])
+                .expect("ps"),
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .filter(|t| t["Status"]["State"] == "running")
+            .map(|t| {
+                (
+                    t["ID"].as_str().unwrap_or("").to_string(),
+                    t["NodeID"].as_str().unwrap_or("").to_string(),
+                    t["NetworksAttachments"][0]["Addresses"][0]
+                        .as_str()
+                        .unwrap_or("")
+                        .split('/')
+                        .next()
+                        .unwrap_or("")
+                        .to_string(),
+                )
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let web_tasks = loop {
+        let t = tasks("web");
+        if t.len() == 2 && tasks("lonely").len() == 1 {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "tasks not running: {t:?}");
+        sleep(Duration::from_millis(300));
+    };
+    assert_ne!(
+        web_tasks[0].1, web_tasks[1].1,
+        "one task per node: {web_tasks:?}"
+    );
+    for (_, _, ip) in &web_tasks {
+        assert!(ip.starts_with("10.0.0."), "{web_tasks:?}");
+    }
+    // From each task, the other one, through its host's runtime.
+    let task_exec = |task: &str, args: &[&str]| -> Option<String> {
+        for h in [h1, h2] {
+            let root = h.data_dir().join("containers/.tasks");
+            let mut argv = vec!["runtime", "--root", root.to_str().unwrap(), "exec", task];
+            argv.extend_from_slice(args);
+            let out = h.shoal(&argv).expect("runtime exec");
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("not found") || err.contains("does not exist") {
+                continue;
+            }
+            return out
+                .status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        None
+    };
+    for (from, to) in [(0, 1), (1, 0)] {
+        let url = format!("http://{}/", web_tasks[to].2);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let body = loop {
+            if let Some(b) = task_exec(
+                &web_tasks[from].0,
+                &["timeout", "5", "wget", "-q", "-O", "-", &url],
+            ) {
+                break b;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url} never answered task {}",
+                web_tasks[from].0
+            );
+            sleep(Duration::from_millis(300));
+        };
+        assert!(body.starts_with("hello-from-"), "{body}");
+    }
+    // Another network is another segment.
+    let lonely = &tasks("lonely")[0];
+    assert!(lonely.2.starts_with("10.0.1."), "{lonely:?}");
+    let url = format!("http://{}/", web_tasks[0].2);
+    assert!(task_exec(&lonely.0, &["timeout", "3", "wget", "-q", "-O", "-", &url]).is_none());
+
+    // Removing the services takes the overlay devices with the last task.
+    ok_out(h1.shoal(&["service", "rm", "web", "lonely"]).expect("rm"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for h in [h1, h2] {
+        loop {
+            let links = ok_out(h.exec(&["ip", "-o", "link"]).expect("ip link"));
+            if !links.contains("shx") && !links.contains("shb") && !links.contains(" so") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "left in {}: {links}", h.name());
+            sleep(Duration::from_millis(300));
+        }
+    }
+    ok_out(
+        h1.shoal(&["network", "rm", "backend", "other"])
+            .expect("network rm"),
+    );
+}

@@ -104,6 +104,12 @@ impl Shared {
     /// Applies an assignment message: new tasks get controllers, changed ones are updated,
     /// removed ones (and, for a full set, the ones missing from it) are stopped and forgotten.
     pub(crate) fn apply(self: &Arc<Self>, a: pb::Assignments) {
+        if let Some(p) = &a.peers {
+            let peers: Vec<std::net::Ipv4Addr> =
+                p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            // Before the tasks: a task started from this message joins its networks with them.
+            self.executor.set_peers(peers);
+        }
         let mut ctls = lock(&self.controllers);
         let mut removed: Vec<String> = a.removed;
         if a.full {

@@ -158,6 +158,19 @@ impl ControlApi {
         )
     }
 
+    /// The spec's cluster networks by id (users name them; tasks and the store hold ids).
+    fn resolve_networks(&self, spec: &mut pb::ServiceSpec) -> Result<(), Status> {
+        if let Some(task) = spec.task.as_mut() {
+            for n in task.networks.iter_mut() {
+                if n != "host" && n != "none" {
+                    let net = self.find_network(n)?;
+                    *n = id_of(net.meta.as_ref()).to_string();
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn find_network(&self, key: &str) -> Result<pb::Network, Status> {
         let store = self.store();
         find_by_key(
@@ -343,6 +356,8 @@ impl Control for ControlService {
         validate::service_spec(&spec).map_err(invalid)?;
         update::check_configs(&spec).map_err(invalid)?;
         leader_only!(api, req, create_service, propose);
+        let mut spec = spec;
+        api.resolve_networks(&mut spec)?;
         // The name is checked again in apply.
         let taken = api
             .read_before_write(
@@ -435,6 +450,8 @@ impl Control for ControlService {
         validate::service_spec(&spec).map_err(invalid)?;
         update::check_configs(&spec).map_err(invalid)?;
         leader_only!(api, req, update_service, propose);
+        let mut spec = spec;
+        api.resolve_networks(&mut spec)?;
         let current = api
             .service_at(&req.get_ref().service, req.get_ref().version)
             .await?;

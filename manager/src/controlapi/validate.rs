@@ -322,19 +322,18 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
         }
     }
     let networks = spec.task.as_ref().map_or(&[][..], |t| &t.networks[..]);
-    match networks {
-        [] => {}
-        [one] if one == "host" || one == "none" => {}
-        [one] => {
-            return Err(invalid(format!(
-                "network {one}: services cannot join cluster networks yet (host or none only)"
-            )))
-        }
-        _ => {
-            return Err(invalid(
-                "a task joins one network (host or none) until cluster networks exist",
-            ))
-        }
+    let local = networks.iter().any(|n| n == "host" || n == "none");
+    if local && networks.len() > 1 {
+        return Err(invalid(
+            "network host or none is the task's only network: it joins no other",
+        ));
+    }
+    if networks.iter().any(|n| n.is_empty()) {
+        return Err(invalid("an empty network name"));
+    }
+    let mut distinct = std::collections::HashSet::new();
+    if let Some(n) = networks.iter().find(|n| !distinct.insert(n.as_str())) {
+        return Err(invalid(format!("network {n} is given twice")));
     }
     let mut seen = std::collections::HashSet::new();
     for p in &spec.ports {
@@ -361,7 +360,7 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
             }
             other => return Err(invalid(format!("invalid publish mode {other:?}: host"))),
         }
-        if !networks.is_empty() {
+        if local {
             return Err(invalid(format!(
                 "port {}: ports are published only from the node bridge, not network {}",
                 p.target_port, networks[0]

@@ -22,6 +22,28 @@ pub(super) enum SessionEvent {
     Removed(String),
     /// The router lost events: send the full set again.
     Resync,
+    /// A node joined, left or changed: send the peer list again if it changed.
+    Peers,
+}
+
+/// The underlay addresses (IPs, no ports) of every node but `me`, sorted.
+fn peers(store: &Store, me: &str) -> Result<Vec<String>, Status> {
+    let mut out: Vec<String> = store
+        .list_nodes()
+        .map_err(|e| Status::internal(format!("reading the nodes: {e}")))?
+        .into_iter()
+        .filter(|n| n.meta.as_ref().is_some_and(|m| m.id != me))
+        .filter_map(|n| n.status.map(|s| s.addr))
+        .filter_map(|a| {
+            a.parse::<std::net::SocketAddr>()
+                .map(|s| s.ip().to_string())
+                .ok()
+                .or_else(|| a.parse::<std::net::IpAddr>().ok().map(|i| i.to_string()))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 fn task_id(t: &Task) -> &str {
@@ -73,11 +95,18 @@ pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast
                 placed.insert(id, node.clone());
                 send(&inner, &node, SessionEvent::Task(Box::new(t)));
             }
-            (Action::Delete, Object::Node(n)) => {
-                // A removed node's session ends; its certificate is refused from now on.
-                if let Some(m) = &n.meta {
-                    lock(&inner.sessions).remove(&m.id);
-                    lock(&inner.deadlines).remove(&m.id);
+            (action, Object::Node(n)) => {
+                if action == Action::Delete {
+                    // A removed node's session ends; its certificate is refused from now on.
+                    if let Some(m) = &n.meta {
+                        lock(&inner.sessions).remove(&m.id);
+                        lock(&inner.deadlines).remove(&m.id);
+                    }
+                }
+                // Every node's overlay forwarding follows the node list.
+                let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
+                for node in nodes {
+                    send(&inner, &node, SessionEvent::Peers);
                 }
             }
             _ => {}
@@ -140,6 +169,9 @@ fn full_set(
         full: true,
         tasks,
         removed: vec![],
+        peers: Some(pb::Peers {
+            addrs: peers(store, node)?,
+        }),
     })
 }
 
@@ -159,6 +191,11 @@ pub(super) async fn stream(
     }
     let mut sent: HashMap<String, Sent> = HashMap::new();
     let first = full_set(&store, &node, &mut sent);
+    let mut sent_peers = first
+        .as_ref()
+        .ok()
+        .and_then(|a| a.peers.clone())
+        .unwrap_or_default();
     let ok = first.is_ok();
     if out
         .send(first.map(|a| pb::SessionMessage {
@@ -191,6 +228,15 @@ pub(super) async fn stream(
         for ev in batch {
             match ev {
                 SessionEvent::Resync => resync = true,
+                SessionEvent::Peers => {
+                    let now = pb::Peers {
+                        addrs: peers(&store, &node).unwrap_or_else(|_| sent_peers.addrs.clone()),
+                    };
+                    if now != sent_peers {
+                        sent_peers = now.clone();
+                        changes.peers = Some(now);
+                    }
+                }
                 SessionEvent::Removed(id) => {
                     if sent.remove(&id).is_some() {
                         changes.tasks.retain(|t| task_id(t) != id);
@@ -215,13 +261,17 @@ pub(super) async fn stream(
         }
         let m = if resync {
             match full_set(&store, &node, &mut sent) {
-                Ok(a) => a,
+                Ok(a) => {
+                    sent_peers = a.peers.clone().unwrap_or_default();
+                    a
+                }
                 Err(e) => {
                     let _ = out.send(Err(e)).await;
                     return;
                 }
             }
-        } else if changes.tasks.is_empty() && changes.removed.is_empty() {
+        } else if changes.tasks.is_empty() && changes.removed.is_empty() && changes.peers.is_none()
+        {
             continue;
         } else {
             changes

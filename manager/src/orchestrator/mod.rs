@@ -229,6 +229,21 @@ pub fn new_task(service: &Service, slot: u64, node_id: &str, id: String, now_ms:
         }),
         service_name: spec.map(|s| s.name.clone()).unwrap_or_default(),
         ports: spec.map(|s| s.ports.clone()).unwrap_or_default(),
+        // Cluster networks (by id; `host` and `none` are node-local modes): apply allocates
+        // each attachment's address.
+        networks: spec
+            .and_then(|s| s.task.as_ref())
+            .map(|t| {
+                t.networks
+                    .iter()
+                    .filter(|n| *n != "host" && *n != "none")
+                    .map(|n| shoal_proto::v1::NetworkAttachment {
+                        network_id: n.clone(),
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -197,6 +197,7 @@ impl Staged<'_, '_> {
         }
         let mut object = object.clone();
         stamp_spec_version(&mut object, log_index);
+        self.attach_networks(None, &mut object)?;
         let meta = object.meta_mut();
         meta.version = log_index;
         meta.created_at_ms = now_ms;
@@ -230,6 +231,7 @@ impl Staged<'_, '_> {
         }
         let mut object = object.clone();
         stamp_spec_version(&mut object, log_index);
+        self.attach_networks(Some(&old), &mut object)?;
         let created = old.meta().map(|m| m.created_at_ms).unwrap_or(now_ms);
         let meta = object.meta_mut();
         meta.version = log_index;
@@ -260,6 +262,14 @@ impl Staged<'_, '_> {
         };
         check_version(id, expect_version, old.version())?;
         self.unindex(&old);
+        if let Object::Task(t) = &old {
+            // A task's addresses are free again once the task is gone.
+            for a in &t.networks {
+                if let Some(ip) = a.address.split('/').next().filter(|s| !s.is_empty()) {
+                    self.del(TreeId::NetworkAddrs, index_key(&a.network_id, ip));
+                }
+            }
+        }
         self.del(TreeId::of(kind), id.as_bytes().to_vec());
         self.events.push(Event {
             version: log_index,
@@ -363,6 +373,104 @@ impl Staged<'_, '_> {
         Ok(())
     }
 
+    /// Gives each network attachment of a task an address of its own and the network's facts
+    /// (VNI, gateway, name): an attachment the old task had keeps its address; a new one gets
+    /// the lowest free host address of the network's subnet. Deterministic (ordered scan of the
+    /// store), so every manager allocates the same; never two holders of one address.
+    fn attach_networks(
+        &mut self,
+        old: Option<&Object>,
+        new: &mut Object,
+    ) -> Result<(), StoreError> {
+        let Object::Task(t) = new else {
+            return Ok(());
+        };
+        let old = match old {
+            Some(Object::Task(o)) => o.networks.as_slice(),
+            _ => &[],
+        };
+        if t.networks.is_empty() || t.networks == old {
+            return Ok(());
+        }
+        let id = t.meta.as_ref().map_or(String::new(), |m| m.id.clone());
+        let invalid = |reason: String| StoreError::Invalid {
+            kind: Kind::Task,
+            reason,
+        };
+        for a in t.networks.iter_mut() {
+            if let Some(o) = old
+                .iter()
+                .find(|o| o.network_id == a.network_id && !o.address.is_empty())
+            {
+                *a = o.clone();
+                continue;
+            }
+            let Some(Object::Network(net)) = self.get_object(Kind::Network, &a.network_id)? else {
+                return Err(invalid(format!("network {} not found", a.network_id)));
+            };
+            let (base, prefix) = parse_cidr(&net.subnet)
+                .ok_or_else(|| invalid(format!("network {} has no subnet", a.network_id)))?;
+            let gateway: Option<std::net::Ipv4Addr> = net.gateway.parse().ok();
+            let wanted: Option<std::net::Ipv4Addr> = a
+                .address
+                .split('/')
+                .next()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|_| invalid(format!("invalid address {:?}", a.address)))?;
+            let last = base | !(u32::MAX << (32 - prefix));
+            let free = |s: &Self, ip: std::net::Ipv4Addr| -> Result<bool, StoreError> {
+                Ok(
+                    match s.read(
+                        TreeId::NetworkAddrs,
+                        &index_key(&a.network_id, &ip.to_string()),
+                    )? {
+                        None => true,
+                        Some(holder) => holder == id.as_bytes(),
+                    },
+                )
+            };
+            let ip = match wanted {
+                Some(ip) => {
+                    let n = u32::from(ip);
+                    if n <= base || n >= last || Some(ip) == gateway || !free(self, ip)? {
+                        return Err(invalid(format!(
+                            "address {ip} is not free in network {}",
+                            a.network_id
+                        )));
+                    }
+                    ip
+                }
+                None => {
+                    let mut found = None;
+                    for n in base + 1..last {
+                        let ip = std::net::Ipv4Addr::from(n);
+                        if Some(ip) != gateway && free(self, ip)? {
+                            found = Some(ip);
+                            break;
+                        }
+                    }
+                    found.ok_or_else(|| {
+                        invalid(format!("no free address left in network {}", a.network_id))
+                    })?
+                }
+            };
+            self.put(
+                TreeId::NetworkAddrs,
+                index_key(&a.network_id, &ip.to_string()),
+                id.as_bytes().to_vec(),
+            );
+            let spec = net.spec.clone().unwrap_or_default();
+            a.address = format!("{ip}/{prefix}");
+            a.vni = net.vni;
+            a.gateway = net.gateway.clone();
+            a.network_name = spec.name;
+            a.internal = spec.internal;
+        }
+        Ok(())
+    }
+
     /// Moves the index entries of an object from `old` (none for a create) to `new`.
     fn index(&mut self, old: Option<&Object>, new: &Object) -> Result<(), StoreError> {
         match new {
@@ -443,6 +551,7 @@ impl Staged<'_, '_> {
                 if !t.service_id.is_empty() {
                     self.del(TreeId::TasksByService, index_key(&t.service_id, id));
                 }
+
                 if !t.node_id.is_empty() {
                     self.del(TreeId::TasksByNode, index_key(&t.node_id, id));
                 }

@@ -42,10 +42,12 @@ pub(crate) enum TreeId {
     Networks = 8,
     /// network name → network id (names are unique).
     NetworkNames = 9,
+    /// "<network id>\0<address>" → the id of the task holding it.
+    NetworkAddrs = 10,
 }
 
 /// Names of the sled trees of the store, in `TreeId` order.
-pub(crate) const TREE_NAMES: [&str; 10] = [
+pub(crate) const TREE_NAMES: [&str; 11] = [
     "store.nodes",
     "store.services",
     "store.tasks",
@@ -56,6 +58,7 @@ pub(crate) const TREE_NAMES: [&str; 10] = [
     "store.sm_meta",
     "store.networks",
     "store.idx.network_name",
+    "store.idx.network_addr",
 ];
 
 impl TreeId {

@@ -268,6 +268,8 @@ fn run_inner(args: RunArgs) -> Result<i32> {
                 .iter()
                 .map(|p| parse_publish(p))
                 .collect::<Result<_, _>>()?,
+            overlays: Vec::new(),
+            peers: Vec::new(),
         },
         etc: EtcOptions {
             hostname: String::new(),

@@ -246,17 +246,21 @@ fn long_port(s: &str) -> anyhow::Result<pb::PortConfig> {
     Ok(p)
 }
 
-/// `--network` values: until cluster networks exist a task joins `host` or `none` (or, with
-/// none given, the node bridge).
+/// `--network` values: cluster networks by name or id, or `host` / `none` alone.
 fn networks(names: &[String]) -> anyhow::Result<Vec<String>> {
-    match names {
-        [] => Ok(vec![]),
-        [one] if one == "host" || one == "none" => Ok(vec![one.clone()]),
-        [one] => {
-            bail!("network {one}: services cannot join cluster networks yet (host or none only)")
-        }
-        _ => bail!("a task joins one network (host or none) until cluster networks exist"),
+    if names.len() > 1 && names.iter().any(|n| n == "host" || n == "none") {
+        bail!("network host or none is the task's only network: it joins no other");
     }
+    let mut seen = std::collections::HashSet::new();
+    for n in names {
+        if n.is_empty() {
+            bail!("an empty network name");
+        }
+        if !seen.insert(n) {
+            bail!("network {n} is given twice");
+        }
+    }
+    Ok(names.to_vec())
 }
 
 /// A `--publish` value; refuses what the cluster cannot publish yet, as the server would.
@@ -416,7 +420,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
         secrets: vec![],
         configs: vec![],
     };
-    if !a.network.is_empty() && !spec.ports.is_empty() {
+    if a.network.iter().any(|n| n == "host" || n == "none") && !spec.ports.is_empty() {
         bail!(
             "ports are published only from the node bridge, not network {}",
             a.network[0]
@@ -999,6 +1003,10 @@ fn task_json(t: &pb::Task) -> Value {
             "Err": st.err,
             "ExitCode": st.exit_code,
         },
+        "NetworksAttachments": t.networks.iter().map(|a| serde_json::json!({
+            "Network": {"ID": a.network_id, "Name": a.network_name, "VXLAN": a.vni},
+            "Addresses": [a.address],
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -67,6 +67,22 @@ pub(super) fn ip_batch(what: &str, batch: &str) -> Result<()> {
     run(what, "ip", &["-batch", "-"], batch).map(drop)
 }
 
+/// `bridge -force -batch -`: FDB changes, every line tried (one already there or gone is no
+/// reason to skip the rest); fails if any failed.
+pub(super) fn bridge_batch(what: &str, batch: &str) -> Result<()> {
+    run(what, "bridge", &["-force", "-batch", "-"], batch).map(drop)
+}
+
+/// `bridge fdb show dev DEV`.
+pub(super) fn bridge_fdb_show(dev: &str) -> Result<String> {
+    run(
+        "read the overlay's forwarding entries",
+        "bridge",
+        &["fdb", "show", "dev", dev],
+        "",
+    )
+}
+
 /// `nft -f -`: the whole script is one transaction.
 pub(super) fn nft(what: &str, script: &str) -> Result<()> {
     run(what, "nft", &["-f", "-"], script).map(drop)

@@ -22,6 +22,7 @@
 
 mod cmd;
 mod etc;
+mod overlay;
 mod ports;
 
 use std::fs::File;
@@ -33,6 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use etc::{etc_mounts, write_etc_files, EtcOptions};
+pub use overlay::{set_peers, OverlayAttach, VXLAN_PORT};
 pub use ports::{parse_publish, PortSpec, Protocol, Published};
 
 /// Where shoal keeps the machine's network state (on tmpfs: gone with a reboot, as the
@@ -47,7 +49,7 @@ pub const ATTACHMENT_FILE: &str = "network.json";
 /// The interface a bridge container sees.
 const CONTAINER_IFACE: &str = "eth0";
 /// Longest interface name the kernel takes (IFNAMSIZ - 1).
-const IFNAME_MAX: usize = 15;
+pub(super) const IFNAME_MAX: usize = 15;
 /// Smallest bridge subnet: a gateway and at least a few containers.
 const MIN_PREFIX_ROOM: u8 = 3;
 
@@ -239,6 +241,10 @@ pub struct NetRequest {
     pub mode: Mode,
     /// `-p` mappings (bridge only).
     pub publish: Vec<PortSpec>,
+    /// Cluster networks to join besides the bridge (bridge mode only).
+    pub overlays: Vec<OverlayAttach>,
+    /// The other nodes' underlay addresses, for the overlays' forwarding entries.
+    pub peers: Vec<Ipv4Addr>,
 }
 
 /// What a container got: kept in its directory as [`ATTACHMENT_FILE`].
@@ -254,6 +260,9 @@ pub struct Attachment {
     /// The host end of the veth pair.
     pub veth: Option<String>,
     pub ports: Vec<Published>,
+    /// The cluster networks it joined (`eth1`, `eth2`, … in that order).
+    #[serde(default)]
+    pub overlays: Vec<OverlayAttach>,
 }
 
 impl Attachment {
@@ -334,6 +343,9 @@ struct Owner {
     /// The bridge state dir its address and ports are in, if any.
     state: Option<PathBuf>,
     bridge: Option<String>,
+    /// The state dirs of the overlays it joined, in order.
+    #[serde(default)]
+    overlays: Vec<PathBuf>,
 }
 
 fn netns_dir() -> PathBuf {
@@ -350,7 +362,7 @@ fn owner_path(id: &str) -> PathBuf {
 }
 
 /// The state dir of `bridge` in this process's network namespace.
-fn state_dir(bridge: &str) -> Result<PathBuf> {
+pub(super) fn state_dir(bridge: &str) -> Result<PathBuf> {
     let ino = std::fs::metadata("/proc/thread-self/ns/net")
         .map_err(io_err("read this network namespace"))?
         .ino();
@@ -360,7 +372,7 @@ fn state_dir(bridge: &str) -> Result<PathBuf> {
 }
 
 /// An exclusive lock on a bridge's state dir (made if missing).
-fn lock_state(state: &Path) -> Result<nix::fcntl::Flock<File>> {
+pub(super) fn lock_state(state: &Path) -> Result<nix::fcntl::Flock<File>> {
     for d in ["ip", "ports"] {
         std::fs::create_dir_all(state.join(d))
             .map_err(io_err(format!("create {}", state.display())))?;
@@ -388,7 +400,7 @@ fn veth_name(id: &str) -> String {
 
 /// A MAC address from the IPv4 address (Docker's scheme: 02:42 then the address), so a reused
 /// address never meets a neighbour's stale ARP entry for another MAC.
-fn mac_for(a: Ipv4Addr) -> String {
+pub(super) fn mac_for(a: Ipv4Addr) -> String {
     let o = a.octets();
     format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
@@ -401,6 +413,13 @@ pub fn attach(
     container_dir: &Path,
     req: &NetRequest,
 ) -> Result<Attachment> {
+    if req.mode != Mode::Bridge && !req.overlays.is_empty() {
+        return Err(NetError::Invalid {
+            what: "cluster networks with --network",
+            value: req.mode.name().into(),
+            reason: "cluster networks are joined only beside the node bridge".into(),
+        });
+    }
     if req.mode != Mode::Bridge && !req.publish.is_empty() {
         return Err(NetError::Invalid {
             what: "--publish with --network",
@@ -421,10 +440,15 @@ pub fn attach(
         } else {
             None
         };
-        let owner = Owner {
+        let mut owner = Owner {
             container_dir: container_dir.to_path_buf(),
             state: state.clone(),
             bridge: (req.mode == Mode::Bridge).then(|| cfg.name.clone()),
+            overlays: req
+                .overlays
+                .iter()
+                .map(|o| overlay::state_dir(o.vni))
+                .collect::<Result<_>>()?,
         };
         let ns = netns_path(id);
         write_owner(id, &owner)?;
@@ -433,6 +457,11 @@ pub fn attach(
         match state {
             None => cmd::in_netns(&ns, "bring lo up", "link set lo up\n")?,
             Some(state) => attach_bridge(cfg, id, &state, &ns, req, &mut att)?,
+        }
+        if !req.overlays.is_empty() {
+            owner.overlays = overlay::join(id, &ns, &req.overlays, &req.peers)?;
+            write_owner(id, &owner)?;
+            att.overlays = req.overlays.clone();
         }
         att.save(container_dir)?;
         Ok(att.clone())
@@ -528,7 +557,7 @@ fn allocate_address(
 }
 
 /// Files in `dir` whose content names `id` first.
-fn owned_by(dir: &Path, id: &str) -> Vec<(PathBuf, String)> {
+pub(super) fn owned_by(dir: &Path, id: &str) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         if let Ok(text) = std::fs::read_to_string(e.path()) {
@@ -553,6 +582,9 @@ pub fn detach(id: &str) -> Result<()> {
             first_err.get_or_insert(e);
         }
     };
+    if let Some(o) = &owner {
+        note(overlay::leave(id, &o.overlays));
+    }
     if let Some(Owner {
         state: Some(state),
         bridge: Some(bridge),

@@ -80,4 +80,7 @@ pub trait Executor: Send + Sync + 'static {
     async fn remove(&self, task_id: &str) -> Result<(), ExecError>;
     /// What is there now of the task's container.
     async fn probe(&self, task_id: &str) -> Result<Probe, ExecError>;
+    /// The other nodes' underlay addresses changed (the cluster networks' forwarding follows
+    /// them). Executors without networks ignore it.
+    fn set_peers(&self, _peers: Vec<std::net::Ipv4Addr>) {}
 }

@@ -24,7 +24,7 @@ use shoal_proto::v1::Task;
 use shoal_runtime::container::{Container, ContainerError, Status};
 use shoal_runtime::image::{ImageError, ImageStore, PreparedImage};
 use shoal_runtime::network::{
-    self, Attachment, BridgeConfig, EtcOptions, Mode, NetRequest, PortSpec, Protocol,
+    self, Attachment, BridgeConfig, EtcOptions, Mode, NetRequest, OverlayAttach, PortSpec, Protocol,
 };
 
 use super::{ExecError, Executor, Exit, Probe, Started, StopSignal};
@@ -60,6 +60,8 @@ pub struct RuntimeExecutorConfig {
 /// Runs tasks as containers.
 pub struct RuntimeExecutor {
     cfg: RuntimeExecutorConfig,
+    /// The other nodes' underlay addresses, as the dispatcher last said.
+    peers: Arc<std::sync::Mutex<Vec<std::net::Ipv4Addr>>>,
     images: Arc<ImageStore>,
     /// The `shoal` binary whose `runtime create` makes the containers.
     shoal: PathBuf,
@@ -76,6 +78,7 @@ impl RuntimeExecutor {
         let shoal = PathBuf::from("/proc/self/exe");
         Ok(RuntimeExecutor {
             cfg,
+            peers: Arc::default(),
             images: Arc::new(images),
             shoal,
         })
@@ -283,21 +286,44 @@ fn resolve_user(user: &str, layers: &[PathBuf]) -> Result<(u32, u32), ExecError>
 }
 
 /// What a task asks of the node's network: `host` or `none` when those are its networks, else
-/// the node bridge with its host-mode published ports.
-fn net_request(task: &Task) -> Result<NetRequest, ExecError> {
+/// the node bridge with its host-mode published ports and its cluster networks.
+fn net_request(task: &Task, peers: Vec<std::net::Ipv4Addr>) -> Result<NetRequest, ExecError> {
     let spec = task.spec.clone().unwrap_or_default();
-    let mode = match spec.networks.as_slice() {
+    let local: Vec<&String> = spec
+        .networks
+        .iter()
+        .filter(|n| *n == "host" || *n == "none")
+        .collect();
+    let mode = match local.as_slice() {
         [] => Mode::Bridge,
-        [one] if one == "host" || one == "none" => {
+        [one] if spec.networks.len() == 1 => {
             Mode::parse(one).map_err(|e| ExecError::Invalid(e.to_string()))?
         }
-        other => {
-            return Err(ExecError::Invalid(format!(
-                "network {} not found on this node",
-                other.join(", ")
-            )))
+        _ => {
+            return Err(ExecError::Invalid(
+                "network host or none is the task's only network".into(),
+            ))
         }
     };
+    let mut overlays = Vec::new();
+    for a in &task.networks {
+        let (ip, prefix) = a
+            .address
+            .split_once('/')
+            .and_then(|(ip, p)| Some((ip.parse().ok()?, p.parse().ok()?)))
+            .ok_or_else(|| {
+                ExecError::Invalid(format!(
+                    "network {}: the task has no address on it",
+                    a.network_name
+                ))
+            })?;
+        overlays.push(OverlayAttach {
+            network_id: a.network_id.clone(),
+            vni: a.vni,
+            address: ip,
+            prefix,
+        });
+    }
     let mut publish = Vec::new();
     for p in task.ports.iter().filter(|p| p.publish_mode == "host") {
         let protocol = match p.protocol.as_str() {
@@ -318,13 +344,18 @@ fn net_request(task: &Task) -> Result<NetRequest, ExecError> {
             protocol,
         });
     }
-    if mode != Mode::Bridge && !publish.is_empty() {
+    if mode != Mode::Bridge && (!publish.is_empty() || !overlays.is_empty()) {
         return Err(ExecError::Invalid(format!(
-            "ports are published only from bridge networking, not {}",
+            "ports and cluster networks need the node bridge, not network {}",
             mode.name()
         )));
     }
-    Ok(NetRequest { mode, publish })
+    Ok(NetRequest {
+        mode,
+        publish,
+        overlays,
+        peers,
+    })
 }
 
 /// The container's hostname: the task's, else its short id.
@@ -445,6 +476,7 @@ impl Executor for RuntimeExecutor {
         let dir = self.task_dir(&id);
         let layers = {
             let (id, dir, bridge) = (id.clone(), dir.clone(), self.cfg.bridge.clone());
+            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
             blocking(move || {
                 let image = task
                     .spec
@@ -452,7 +484,7 @@ impl Executor for RuntimeExecutor {
                     .and_then(|s| s.container.as_ref())
                     .map_or(String::new(), |c| c.image.clone());
                 let prepared = prepare_image(&images, &image)?;
-                let req = net_request(&task)?;
+                let req = net_request(&task, peers)?;
                 let bundle = dir.join("bundle");
                 mkdir(&bundle.join("rootfs"))?;
                 mkdir(&dir.join("upper"))?;
@@ -562,6 +594,20 @@ impl Executor for RuntimeExecutor {
             }
         })
         .await
+    }
+
+    fn set_peers(&self, peers: Vec<std::net::Ipv4Addr>) {
+        let mut held = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if *held == peers {
+            return;
+        }
+        held.clone_from(&peers);
+        drop(held);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = network::set_peers(&peers) {
+                tracing::warn!("program the overlay peers: {e}");
+            }
+        });
     }
 
     async fn probe(&self, task_id: &str) -> Result<Probe, ExecError> {
