@@ -5,6 +5,7 @@ mod cluster;
 mod etcd;
 mod failure;
 mod fixture;
+mod publish;
 mod runtime;
 mod scale;
 mod services;
@@ -40,6 +41,8 @@ enum Bench {
     ServiceUpdate(update::UpdateArgs),
     /// 3 drained managers + N hollow nodes: a service of R replicas until all run.
     Scale(scale::ScaleArgs),
+    /// A published port of one busybox httpd: wrk requests/s, latency and connections/s (vs Docker).
+    Publish(publish::PublishArgs),
     /// Runs N hollow nodes (own key, certificate, session; sim executor) in this process.
     HollowNodes(scale::HollowArgs),
 }
@@ -56,6 +59,7 @@ fn main() {
         Bench::NodeFailure(a) => failure::node_failure(&a),
         Bench::ServiceUpdate(a) => update::service_update(&a),
         Bench::Scale(a) => scale::scale(&a),
+        Bench::Publish(a) => publish::publish(&a),
         Bench::HollowNodes(a) => scale::hollow_nodes(&a),
     };
     if let Err(e) = result {

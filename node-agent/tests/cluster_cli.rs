@@ -357,12 +357,27 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
             vec![
                 "service",
                 "create",
+                "-d",
+                "--network",
+                "nope",
+                "busybox:latest",
+                "true",
+            ],
+            "network nope not found",
+        ),
+        (
+            vec![
+                "service",
+                "create",
+                "-d",
+                "--network",
+                "host",
                 "--network",
                 "backend",
                 "busybox:latest",
                 "true",
             ],
-            "services cannot join cluster networks yet",
+            "network host or none is the task's only network",
         ),
     ] {
         let out = m1.shoal(&args);
@@ -371,7 +386,26 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
     }
     assert_eq!(m1.ok(&["network", "ls", "-q"]).lines().count(), 2);
 
-    m1.ok(&["network", "rm", "front"]);
+    // In use by a service: kept by rm and prune.
+    m1.ok(&[
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "user",
+        "--network",
+        "front",
+        "busybox:latest",
+        "true",
+    ]);
+    let out = m1.shoal(&["network", "rm", "front"]);
+    assert_eq!(out.status.code(), Some(1));
+    one_line(
+        &String::from_utf8_lossy(&out.stderr),
+        "in use by service user",
+    );
     assert_eq!(m2.ok(&["network", "prune"]), "backend\n");
+    m1.ok(&["service", "rm", "user"]);
+    m1.ok(&["network", "rm", "front"]);
     assert_eq!(m2.ok(&["network", "ls", "-q"]), "");
 }
