@@ -765,7 +765,8 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
     let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
     for h in [h1, h2] {
         h.import_busybox("busybox:latest").expect("import");
-        h.spawn_agent(&[]).expect("agent");
+        // Names the cluster does not know go nowhere (no traffic off the test hosts).
+        h.spawn_agent(&["--dns-upstream", "none"]).expect("agent");
     }
     ok_out(h1.shoal(&["cluster", "init"]).expect("init"));
     let token = ok_out(
@@ -890,8 +891,38 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
         };
         assert!(body.starts_with("hello-from-"), "{body}");
     }
-    // Another network is another segment.
+    // By name, through each task's embedded resolver: the service and its tasks.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body = task_exec(
+            &web_tasks[1].0,
+            &["timeout", "5", "wget", "-q", "-O", "-", "http://web/"],
+        );
+        if body
+            .as_deref()
+            .is_some_and(|b| b.starts_with("hello-from-"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "http://web/ never answered by name: {body:?}"
+        );
+        sleep(Duration::from_millis(300));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = task_exec(&web_tasks[0].0, &["nslookup", "tasks.web"]).unwrap_or_default();
+        if web_tasks.iter().all(|t| out.contains(&t.2)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tasks.web lacks a task: {out}");
+        sleep(Duration::from_millis(300));
+    }
+    // Another network is another segment, and its names are not ours.
     let lonely = &tasks("lonely")[0];
+    assert!(task_exec(&lonely.0, &["nslookup", "web"])
+        .is_none_or(|out| !web_tasks.iter().any(|t| out.contains(&t.2))));
     assert!(lonely.2.starts_with("10.0.1."), "{lonely:?}");
     let url = format!("http://{}/", web_tasks[0].2);
     assert!(task_exec(&lonely.0, &["timeout", "3", "wget", "-q", "-O", "-", &url]).is_none());

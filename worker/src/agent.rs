@@ -110,6 +110,9 @@ impl Shared {
             // Before the tasks: a task started from this message joins its networks with them.
             self.executor.set_peers(peers);
         }
+        if let Some(r) = &a.records {
+            self.executor.set_records(r.clone());
+        }
         let mut ctls = lock(&self.controllers);
         let mut removed: Vec<String> = a.removed;
         if a.full {

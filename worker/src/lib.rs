@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod controller;
 pub mod db;
+pub mod dns;
 pub mod executor;
 mod session;
 

@@ -97,6 +97,7 @@ impl Node {
             state_root: self.state_root.clone(),
             allow_unprotected_exe: true,
             bridge: shoal_runtime::network::BridgeConfig::default(),
+            dns_upstream: Vec::new(),
         })
         .unwrap()
         .with_shoal_binary(shoal_binary());

@@ -77,6 +77,7 @@ impl Node {
             state_root: state_root.clone(),
             allow_unprotected_exe: false,
             bridge: shoal_runtime::network::BridgeConfig::default(),
+            dns_upstream: Vec::new(),
         })
         .unwrap()
         .with_shoal_binary(shoal_binary());

@@ -24,6 +24,55 @@ pub(super) enum SessionEvent {
     Resync,
     /// A node joined, left or changed: send the peer list again if it changed.
     Peers,
+    /// A task on some cluster network changed: send the DNS records again if they changed.
+    Records,
+}
+
+/// The DNS records of `node`: per network its tasks are on, every service's running tasks'
+/// addresses there. O(tasks) per call; only changes of networked tasks trigger one.
+fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
+    let mine: std::collections::BTreeSet<String> = store
+        .tasks_by_node(node)
+        .map_err(|e| Status::internal(format!("reading the node's tasks: {e}")))?
+        .iter()
+        .flat_map(|t| t.networks.iter().map(|a| a.network_id.clone()))
+        .collect();
+    if mine.is_empty() {
+        return Ok(pb::ServiceRecords::default());
+    }
+    let running = TaskState::Running as i32;
+    let mut by: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
+    for t in store
+        .list_tasks()
+        .map_err(|e| Status::internal(format!("reading the tasks: {e}")))?
+    {
+        if t.networks.is_empty() {
+            continue;
+        }
+        let up =
+            t.desired_state == running && t.status.as_ref().is_some_and(|s| s.state == running);
+        for a in t.networks.iter().filter(|a| mine.contains(&a.network_id)) {
+            let entry = by
+                .entry((a.network_id.clone(), t.service_name.clone()))
+                .or_default();
+            if let (true, Some(ip)) = (up, a.address.split('/').next().filter(|s| !s.is_empty())) {
+                entry.push(ip.to_string());
+            }
+        }
+    }
+    Ok(pb::ServiceRecords {
+        services: by
+            .into_iter()
+            .map(|((network_id, service_name), mut addresses)| {
+                addresses.sort();
+                pb::ServiceRecord {
+                    network_id,
+                    service_name,
+                    addresses,
+                }
+            })
+            .collect(),
+    })
 }
 
 /// The underlay addresses (IPs, no ports) of every node but `me`, sorted.
@@ -76,11 +125,24 @@ pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast
         };
         match (ev.action, ev.object) {
             (Action::Delete, Object::Task(t)) => {
+                if !t.networks.is_empty() {
+                    let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
+                    for node in nodes {
+                        send(&inner, &node, SessionEvent::Records);
+                    }
+                }
                 let id = task_id(&t).to_string();
                 let node = placed.remove(&id).unwrap_or_else(|| t.node_id.clone());
                 send(&inner, &node, SessionEvent::Removed(id));
             }
             (_, Object::Task(t)) => {
+                if !t.networks.is_empty() {
+                    // Service discovery on its networks may have changed for every node.
+                    let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
+                    for node in nodes {
+                        send(&inner, &node, SessionEvent::Records);
+                    }
+                }
                 let id = task_id(&t).to_string();
                 if let Some(old) = placed.get(&id) {
                     if *old != t.node_id {
@@ -172,6 +234,7 @@ fn full_set(
         peers: Some(pb::Peers {
             addrs: peers(store, node)?,
         }),
+        records: Some(records(store, node)?),
     })
 }
 
@@ -195,6 +258,11 @@ pub(super) async fn stream(
         .as_ref()
         .ok()
         .and_then(|a| a.peers.clone())
+        .unwrap_or_default();
+    let mut sent_records = first
+        .as_ref()
+        .ok()
+        .and_then(|a| a.records.clone())
         .unwrap_or_default();
     let ok = first.is_ok();
     if out
@@ -225,9 +293,11 @@ pub(super) async fn stream(
         }
         let mut changes = pb::Assignments::default();
         let mut resync = false;
+        let mut records_changed = false;
         for ev in batch {
             match ev {
                 SessionEvent::Resync => resync = true,
+                SessionEvent::Records => records_changed = true,
                 SessionEvent::Peers => {
                     let now = pb::Peers {
                         addrs: peers(&store, &node).unwrap_or_else(|_| sent_peers.addrs.clone()),
@@ -259,10 +329,20 @@ pub(super) async fn stream(
                 }
             }
         }
+        if records_changed && !resync {
+            // Once per batch of events, however many tasks changed.
+            if let Ok(now) = records(&store, &node) {
+                if now != sent_records {
+                    sent_records = now.clone();
+                    changes.records = Some(now);
+                }
+            }
+        }
         let m = if resync {
             match full_set(&store, &node, &mut sent) {
                 Ok(a) => {
                     sent_peers = a.peers.clone().unwrap_or_default();
+                    sent_records = a.records.clone().unwrap_or_default();
                     a
                 }
                 Err(e) => {
@@ -270,7 +350,10 @@ pub(super) async fn stream(
                     return;
                 }
             }
-        } else if changes.tasks.is_empty() && changes.removed.is_empty() && changes.peers.is_none()
+        } else if changes.tasks.is_empty()
+            && changes.removed.is_empty()
+            && changes.peers.is_none()
+            && changes.records.is_none()
         {
             continue;
         } else {

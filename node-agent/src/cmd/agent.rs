@@ -60,6 +60,28 @@ pub struct AgentArgs {
     /// The node bridge's subnet, when the agent makes the bridge (it holds the first address)
     #[arg(long, env = "SHOAL_BRIDGE_SUBNET", default_value = shoal_runtime::network::DEFAULT_BRIDGE_SUBNET)]
     bridge_subnet: String,
+    /// Resolvers the tasks' embedded DNS forwards other names to: IP[:PORT],… or "none"
+    /// (default: the nameservers of /etc/resolv.conf)
+    #[arg(long, env = "SHOAL_DNS_UPSTREAM")]
+    dns_upstream: Option<String>,
+}
+
+/// `--dns-upstream`, else the host's resolvers.
+fn dns_upstream(given: Option<&str>) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    match given {
+        None => Ok(shoal_worker::dns::upstream_from_resolv_conf(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        )),
+        Some("none") | Some("") => Ok(Vec::new()),
+        Some(list) => list
+            .split(',')
+            .map(|a| {
+                a.parse::<std::net::SocketAddr>()
+                    .or_else(|_| a.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                    .with_context(|| format!("invalid --dns-upstream {a:?}: want IP[:PORT]"))
+            })
+            .collect(),
+    }
 }
 
 pub fn run(a: AgentArgs) -> anyhow::Result<()> {
@@ -85,6 +107,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
                     state_root: data_dir.join(TASK_RUNTIME_DIR),
                     allow_unprotected_exe: false,
                     bridge,
+                    dns_upstream: dns_upstream(a.dns_upstream.as_deref())?,
                 })
                 .context("opening the node's image store")?,
             ),

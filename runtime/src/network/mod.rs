@@ -336,6 +336,21 @@ pub fn apply_to_spec(
     Ok(())
 }
 
+/// A UDP socket bound to `addr` inside the network namespace at `ns` (the process stays where
+/// it is; the socket keeps belonging to that namespace), non-blocking, for an async runtime.
+pub fn udp_socket_in_netns(ns: &Path, addr: std::net::SocketAddr) -> Result<std::net::UdpSocket> {
+    let file = File::open(ns).map_err(io_err(format!("open {}", ns.display())))?;
+    std::thread::spawn(move || -> io::Result<std::net::UdpSocket> {
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let s = std::net::UdpSocket::bind(addr)?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    })
+    .join()
+    .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    .map_err(io_err(format!("bind {addr} in {}", ns.display())))
+}
+
 /// Who owns a network namespace file: written beside it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Owner {

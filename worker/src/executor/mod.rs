@@ -83,4 +83,7 @@ pub trait Executor: Send + Sync + 'static {
     /// The other nodes' underlay addresses changed (the cluster networks' forwarding follows
     /// them). Executors without networks ignore it.
     fn set_peers(&self, _peers: Vec<std::net::Ipv4Addr>) {}
+    /// The service records of the node's cluster networks changed (the tasks' embedded DNS
+    /// answers from them). Executors without networks ignore it.
+    fn set_records(&self, _records: shoal_proto::v1::ServiceRecords) {}
 }

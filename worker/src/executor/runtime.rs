@@ -55,6 +55,8 @@ pub struct RuntimeExecutorConfig {
     pub allow_unprotected_exe: bool,
     /// The node bridge task containers are attached to.
     pub bridge: BridgeConfig,
+    /// Where the tasks' embedded DNS forwards names that are not the cluster's (empty: none).
+    pub dns_upstream: Vec<std::net::SocketAddr>,
 }
 
 /// Runs tasks as containers.
@@ -62,6 +64,10 @@ pub struct RuntimeExecutor {
     cfg: RuntimeExecutorConfig,
     /// The other nodes' underlay addresses, as the dispatcher last said.
     peers: Arc<std::sync::Mutex<Vec<std::net::Ipv4Addr>>>,
+    /// The service records of the node's cluster networks, for the tasks' resolvers.
+    records: crate::dns::SharedRecords,
+    /// The running resolver of each task on cluster networks.
+    resolvers: std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
     images: Arc<ImageStore>,
     /// The `shoal` binary whose `runtime create` makes the containers.
     shoal: PathBuf,
@@ -79,6 +85,8 @@ impl RuntimeExecutor {
         Ok(RuntimeExecutor {
             cfg,
             peers: Arc::default(),
+            records: Arc::default(),
+            resolvers: Default::default(),
             images: Arc::new(images),
             shoal,
         })
@@ -132,6 +140,43 @@ impl RuntimeExecutor {
             return Ok(());
         }
         Err(ExecError::Runtime(create_error(&out.stderr, out.status)))
+    }
+
+    /// Starts the resolver of task `id` on `sock` (bound in its namespace).
+    fn serve_dns(
+        &self,
+        id: &str,
+        sock: std::net::UdpSocket,
+        networks: Vec<String>,
+    ) -> Result<(), ExecError> {
+        let sock = tokio::net::UdpSocket::from_std(sock).map_err(runtime_err)?;
+        let upstream = Arc::new(self.cfg.dns_upstream.clone());
+        let h = tokio::spawn(crate::dns::serve(
+            sock,
+            networks,
+            self.records.clone(),
+            upstream,
+        ));
+        if let Some(old) = self
+            .resolvers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), h)
+        {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    fn stop_dns(&self, id: &str) {
+        if let Some(h) = self
+            .resolvers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
+            h.abort();
+        }
     }
 
     fn task_dir(&self, id: &str) -> PathBuf {
@@ -490,9 +535,29 @@ impl Executor for RuntimeExecutor {
                 mkdir(&dir.join("upper"))?;
                 mkdir(&dir.join("work"))?;
                 let att = network::attach(&bridge, &id, &dir, &req).map_err(runtime_err)?;
-                let etc = EtcOptions {
+                let clustered = !req.overlays.is_empty();
+                let mut etc = EtcOptions {
                     hostname: hostname(&task, &id),
                     ..EtcOptions::default()
+                };
+                if clustered {
+                    // The embedded resolver, bound before the process can ask it.
+                    etc.dns = vec![crate::dns::RESOLVER_ADDR.ip()];
+                    etc.dns_options = vec!["ndots:0".into()];
+                }
+                let dns_sock = if clustered {
+                    match network::udp_socket_in_netns(
+                        &network::netns_path(&id),
+                        crate::dns::RESOLVER_ADDR,
+                    ) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            let _ = network::detach(&id);
+                            return Err(runtime_err(e));
+                        }
+                    }
+                } else {
+                    None
                 };
                 let spec = network::write_etc_files(&dir, &att, &etc)
                     .map_err(runtime_err)
@@ -513,11 +578,18 @@ impl Executor for RuntimeExecutor {
                 .map_err(runtime_err)?;
                 let text = serde_json::to_vec_pretty(&spec).map_err(runtime_err)?;
                 std::fs::write(bundle.join("config.json"), text).map_err(runtime_err)?;
-                Ok(prepared.layer_dirs)
+                let networks: Vec<String> =
+                    req.overlays.iter().map(|o| o.network_id.clone()).collect();
+                Ok((prepared.layer_dirs, dns_sock.map(|s| (s, networks))))
             })
             .await?
         };
+        let (layers, dns) = layers;
+        if let Some((sock, networks)) = dns {
+            self.serve_dns(&id, sock, networks)?;
+        }
         if let Err(e) = self.create(&id, &dir, &layers).await {
+            self.stop_dns(&id);
             let id = id.clone();
             let _ = blocking(move || network::detach(&id).map_err(runtime_err)).await;
             return Err(e);
@@ -579,6 +651,7 @@ impl Executor for RuntimeExecutor {
     }
 
     async fn remove(&self, task_id: &str) -> Result<(), ExecError> {
+        self.stop_dns(task_id);
         let root = self.cfg.state_root.clone();
         let id = task_id.to_string();
         let dir = self.task_dir(task_id);
@@ -594,6 +667,10 @@ impl Executor for RuntimeExecutor {
             }
         })
         .await
+    }
+
+    fn set_records(&self, records: shoal_proto::v1::ServiceRecords) {
+        *self.records.write().unwrap_or_else(|p| p.into_inner()) = records;
     }
 
     fn set_peers(&self, peers: Vec<std::net::Ipv4Addr>) {
@@ -613,6 +690,34 @@ impl Executor for RuntimeExecutor {
     async fn probe(&self, task_id: &str) -> Result<Probe, ExecError> {
         let root = self.cfg.state_root.clone();
         let id = task_id.to_string();
+        let serving = self
+            .resolvers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(task_id);
+        if !serving {
+            // A container adopted from an earlier agent: its resolver died with that agent.
+            let (dir, id) = (self.task_dir(task_id), id.clone());
+            let bound = blocking(move || {
+                let Some(att) = Attachment::load(&dir).filter(|a| !a.overlays.is_empty()) else {
+                    return Ok(None);
+                };
+                let ns = network::netns_path(&id);
+                if !ns.exists() {
+                    return Ok(None);
+                }
+                let sock = network::udp_socket_in_netns(&ns, crate::dns::RESOLVER_ADDR)
+                    .map_err(runtime_err)?;
+                Ok(Some((
+                    sock,
+                    att.overlays.iter().map(|o| o.network_id.clone()).collect(),
+                )))
+            })
+            .await;
+            if let Ok(Some((sock, networks))) = bound {
+                self.serve_dns(task_id, sock, networks)?;
+            }
+        }
         blocking(move || {
             let Some(c) = load(&root, &id)? else {
                 return Ok(Probe::Missing);
