@@ -919,6 +919,72 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
         assert!(Instant::now() < deadline, "tasks.web lacks a task: {out}");
         sleep(Duration::from_millis(300));
     }
+    // Three replicas behind the service's virtual IP: the name resolves to the VIP, and 30
+    // connections to it reach all three tasks.
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "--name",
+            "pool",
+            "--replicas",
+            "3",
+            "--stop-grace-period",
+            "1s",
+            "--network",
+            "backend",
+            "busybox:latest",
+            "sh",
+            "-c",
+            web,
+        ])
+        .expect("service create pool"),
+    );
+    let pool: Vec<String> = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = tasks("pool");
+            if t.len() == 3 {
+                break t.into_iter().map(|t| t.2).collect();
+            }
+            assert!(Instant::now() < deadline, "pool not running: {t:?}");
+            sleep(Duration::from_millis(300));
+        }
+    };
+    let lookup = task_exec(&web_tasks[0].0, &["nslookup", "pool"]).unwrap_or_default();
+    assert!(
+        !pool.iter().any(|ip| lookup.contains(ip.as_str())) && lookup.contains("10.0.0."),
+        "pool should resolve to its VIP, not a task: {lookup}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = task_exec(
+            &web_tasks[0].0,
+            &[
+                "timeout",
+                "60",
+                "sh",
+                "-c",
+                "for i in $(seq 30); do wget -q -O - http://pool/; done",
+            ],
+        )
+        .unwrap_or_default();
+        let seen: std::collections::HashSet<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("hello-from-"))
+            .collect();
+        if seen.len() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "30 connections reached {} tasks: {out}",
+            seen.len()
+        );
+        sleep(Duration::from_millis(500));
+    }
+    ok_out(h1.shoal(&["service", "rm", "pool"]).expect("rm pool"));
+
     // Another network is another segment, and its names are not ours.
     let lonely = &tasks("lonely")[0];
     assert!(task_exec(&lonely.0, &["nslookup", "web"])

@@ -27,16 +27,20 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// The records of the node's cluster networks, shared by every resolver of the node.
 pub type SharedRecords = Arc<RwLock<pb::ServiceRecords>>;
 
-/// The addresses `name` resolves to for a container on `networks`: `SERVICE` and
-/// `tasks.SERVICE` (case-insensitive, trailing dot optional) of a service on one of them.
-/// `None`: not a cluster name (forward it); `Some(empty)`: a service with no running task.
+/// The addresses `name` resolves to for a container on `networks` (case-insensitive, trailing
+/// dot optional): `SERVICE` → its virtual IP (endpoint mode vip) or its running tasks'
+/// addresses (dnsrr); `tasks.SERVICE` → its running tasks' addresses. `None`: not a cluster
+/// name (forward it); `Some(empty)`: a dnsrr service with no running task.
 pub fn resolve(
     records: &pb::ServiceRecords,
     networks: &[String],
     name: &str,
 ) -> Option<Vec<Ipv4Addr>> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    let service = name.strip_prefix("tasks.").unwrap_or(&name);
+    let (service, tasks) = match name.strip_prefix("tasks.") {
+        Some(s) => (s, true),
+        None => (name.as_str(), false),
+    };
     let mut found = false;
     let mut out = Vec::new();
     for r in records
@@ -46,13 +50,32 @@ pub fn resolve(
         .filter(|r| r.service_name.eq_ignore_ascii_case(service))
     {
         found = true;
-        out.extend(
-            r.addresses
-                .iter()
-                .filter_map(|a| a.parse::<Ipv4Addr>().ok()),
-        );
+        match (tasks, r.vip.parse::<Ipv4Addr>()) {
+            (false, Ok(vip)) => out.push(vip),
+            _ => out.extend(
+                r.addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<Ipv4Addr>().ok()),
+            ),
+        }
     }
     found.then_some(out)
+}
+
+/// The virtual IPs a container on `networks` balances, each with its running tasks.
+pub fn vips(records: &pb::ServiceRecords, networks: &[String]) -> Vec<(Ipv4Addr, Vec<Ipv4Addr>)> {
+    records
+        .services
+        .iter()
+        .filter(|r| networks.contains(&r.network_id))
+        .filter_map(|r| {
+            let vip = r.vip.parse::<Ipv4Addr>().ok()?;
+            Some((
+                vip,
+                r.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+            ))
+        })
+        .collect()
 }
 
 /// The answer to one query message, or `None` when it is to be forwarded.
@@ -173,14 +196,33 @@ mod tests {
                     network_id: "n1".into(),
                     service_name: "web".into(),
                     addresses: vec!["10.0.0.2".into(), "10.0.0.3".into()],
+                    vip: String::new(),
                 },
                 pb::ServiceRecord {
                     network_id: "n2".into(),
                     service_name: "db".into(),
                     addresses: vec![],
+                    vip: String::new(),
                 },
             ],
         }
+    }
+
+    #[test]
+    fn services_with_a_virtual_ip_resolve_to_it() {
+        let mut r = records();
+        r.services[0].vip = "10.0.0.9".into();
+        let on = vec!["n1".to_string()];
+        assert_eq!(
+            resolve(&r, &on, "web"),
+            Some(vec![Ipv4Addr::new(10, 0, 0, 9)])
+        );
+        assert_eq!(resolve(&r, &on, "tasks.web").map(|v| v.len()), Some(2));
+        let v = vips(&r, &on);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].0, Ipv4Addr::new(10, 0, 0, 9));
+        assert_eq!(v[0].1.len(), 2);
+        assert!(vips(&r, &["n2".to_string()]).is_empty());
     }
 
     #[test]

@@ -335,6 +335,12 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
     if let Some(n) = networks.iter().find(|n| !distinct.insert(n.as_str())) {
         return Err(invalid(format!("network {n} is given twice")));
     }
+    if !matches!(spec.endpoint_mode.as_str(), "" | "vip" | "dnsrr") {
+        return Err(invalid(format!(
+            "invalid endpoint mode {:?}: vip or dnsrr",
+            spec.endpoint_mode
+        )));
+    }
     let mut seen = std::collections::HashSet::new();
     for p in &spec.ports {
         if p.target_port == 0 || p.target_port > 65535 || p.published_port > 65535 {

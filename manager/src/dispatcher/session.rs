@@ -60,14 +60,33 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
             }
         }
     }
+    // Virtual IPs: services in endpoint mode vip, on the networks that matter here.
+    let mut vips: std::collections::BTreeMap<(String, String), String> = Default::default();
+    for svc in store
+        .list_services()
+        .map_err(|e| Status::internal(format!("reading the services: {e}")))?
+    {
+        let name = svc.spec.as_ref().map_or(String::new(), |s| s.name.clone());
+        for v in svc
+            .virtual_ips
+            .iter()
+            .filter(|v| mine.contains(&v.network_id))
+        {
+            if let Some(ip) = v.address.split('/').next().filter(|s| !s.is_empty()) {
+                vips.insert((v.network_id.clone(), name.clone()), ip.to_string());
+                by.entry((v.network_id.clone(), name.clone())).or_default();
+            }
+        }
+    }
     Ok(pb::ServiceRecords {
         services: by
             .into_iter()
-            .map(|((network_id, service_name), mut addresses)| {
+            .map(|(key, mut addresses)| {
                 addresses.sort();
                 pb::ServiceRecord {
-                    network_id,
-                    service_name,
+                    vip: vips.get(&key).cloned().unwrap_or_default(),
+                    network_id: key.0,
+                    service_name: key.1,
                     addresses,
                 }
             })
@@ -156,6 +175,13 @@ pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast
                 let node = t.node_id.clone();
                 placed.insert(id, node.clone());
                 send(&inner, &node, SessionEvent::Task(Box::new(t)));
+            }
+            (_, Object::Service(svc)) if !svc.virtual_ips.is_empty() => {
+                // A virtual IP came, went or moved: every node's records may follow.
+                let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
+                for node in nodes {
+                    send(&inner, &node, SessionEvent::Records);
+                }
             }
             (action, Object::Node(n)) => {
                 if action == Action::Delete {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use shoal_proto::v1::{Network, Service, Task, TaskState};
+use shoal_proto::v1::{Network, NetworkAttachment, Service, Task, TaskState};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
@@ -262,13 +262,14 @@ impl Staged<'_, '_> {
         };
         check_version(id, expect_version, old.version())?;
         self.unindex(&old);
-        if let Object::Task(t) = &old {
-            // A task's addresses are free again once the task is gone.
-            for a in &t.networks {
-                if let Some(ip) = a.address.split('/').next().filter(|s| !s.is_empty()) {
-                    self.del(TreeId::NetworkAddrs, index_key(&a.network_id, ip));
-                }
-            }
+        // A task's addresses and a service's virtual IPs are free again once it is gone.
+        let held = match &old {
+            Object::Task(t) => t.networks.clone(),
+            Object::Service(s) => s.virtual_ips.clone(),
+            _ => Vec::new(),
+        };
+        for a in &held {
+            self.free_address(a);
         }
         self.del(TreeId::of(kind), id.as_bytes().to_vec());
         self.events.push(Event {
@@ -373,36 +374,80 @@ impl Staged<'_, '_> {
         Ok(())
     }
 
-    /// Gives each network attachment of a task an address of its own and the network's facts
-    /// (VNI, gateway, name): an attachment the old task had keeps its address; a new one gets
-    /// the lowest free host address of the network's subnet. Deterministic (ordered scan of the
-    /// store), so every manager allocates the same; never two holders of one address.
+    /// Gives each network attachment of a task, and each virtual IP of a service, an address
+    /// of its own and the network's facts (VNI, gateway, name): an attachment the old object
+    /// had keeps its address; a new one gets the lowest free host address of the network's
+    /// subnet. Deterministic (ordered scan of the store), so every manager allocates the same;
+    /// never two holders of one address. A service's virtual IPs follow its spec's networks
+    /// (none in endpoint mode dnsrr); those it no longer needs are freed.
     fn attach_networks(
         &mut self,
         old: Option<&Object>,
         new: &mut Object,
     ) -> Result<(), StoreError> {
-        let Object::Task(t) = new else {
-            return Ok(());
+        let (kind, id, old, atts): (
+            Kind,
+            String,
+            Vec<NetworkAttachment>,
+            &mut Vec<NetworkAttachment>,
+        ) = match new {
+            Object::Task(t) => (
+                Kind::Task,
+                t.meta.as_ref().map_or(String::new(), |m| m.id.clone()),
+                match old {
+                    Some(Object::Task(o)) => o.networks.clone(),
+                    _ => Vec::new(),
+                },
+                &mut t.networks,
+            ),
+            Object::Service(s) => {
+                let spec = s.spec.clone().unwrap_or_default();
+                let wanted: Vec<String> = if spec.endpoint_mode == "dnsrr" {
+                    Vec::new()
+                } else {
+                    spec.task
+                        .map(|t| t.networks)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|n| n != "host" && n != "none")
+                        .collect()
+                };
+                let old = match old {
+                    Some(Object::Service(o)) => o.virtual_ips.clone(),
+                    _ => Vec::new(),
+                };
+                s.virtual_ips = wanted
+                    .into_iter()
+                    .map(|network_id| NetworkAttachment {
+                        network_id,
+                        ..Default::default()
+                    })
+                    .collect();
+                (
+                    Kind::Service,
+                    s.meta.as_ref().map_or(String::new(), |m| m.id.clone()),
+                    old,
+                    &mut s.virtual_ips,
+                )
+            }
+            _ => return Ok(()),
         };
-        let old = match old {
-            Some(Object::Task(o)) => o.networks.as_slice(),
-            _ => &[],
-        };
-        if t.networks.is_empty() || t.networks == old {
+        if atts.is_empty() && old.is_empty() {
             return Ok(());
         }
-        let id = t.meta.as_ref().map_or(String::new(), |m| m.id.clone());
-        let invalid = |reason: String| StoreError::Invalid {
-            kind: Kind::Task,
-            reason,
-        };
-        for a in t.networks.iter_mut() {
-            if let Some(o) = old
-                .iter()
+        let keep = |a: &NetworkAttachment| {
+            old.iter()
                 .find(|o| o.network_id == a.network_id && !o.address.is_empty())
-            {
-                *a = o.clone();
+                .cloned()
+        };
+        if atts.iter().all(|a| keep(a).as_ref() == Some(a)) && atts.len() == old.len() {
+            return Ok(());
+        }
+        let invalid = |reason: String| StoreError::Invalid { kind, reason };
+        let mut atts_new = std::mem::take(atts);
+        for a in atts_new.iter_mut() {
+            if let Some(o) = keep(a) {
+                *a = o;
                 continue;
             }
             let Some(Object::Network(net)) = self.get_object(Kind::Network, &a.network_id)? else {
@@ -468,7 +513,21 @@ impl Staged<'_, '_> {
             a.network_name = spec.name;
             a.internal = spec.internal;
         }
+        // Addresses of networks the object left are free again.
+        for o in old
+            .iter()
+            .filter(|o| !atts_new.iter().any(|a| a.network_id == o.network_id))
+        {
+            self.free_address(o);
+        }
+        *atts = atts_new;
         Ok(())
+    }
+
+    fn free_address(&mut self, a: &NetworkAttachment) {
+        if let Some(ip) = a.address.split('/').next().filter(|s| !s.is_empty()) {
+            self.del(TreeId::NetworkAddrs, index_key(&a.network_id, ip));
+        }
     }
 
     /// Moves the index entries of an object from `old` (none for a create) to `new`.

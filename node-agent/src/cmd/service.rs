@@ -194,6 +194,9 @@ struct CreateArgs {
     /// Networks to attach
     #[arg(long)]
     network: Vec<String>,
+    /// How the service's name resolves: vip (one balanced address) or dnsrr (the tasks')
+    #[arg(long, value_parser = ["vip", "dnsrr"], default_value = "vip")]
+    endpoint_mode: String,
     /// Mount the container's root filesystem read-only
     #[arg(long)]
     read_only: bool,
@@ -419,6 +422,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
             .collect::<anyhow::Result<_>>()?,
         secrets: vec![],
         configs: vec![],
+        endpoint_mode: a.endpoint_mode.clone(),
     };
     if a.network.iter().any(|n| n == "host" || n == "none") && !spec.ports.is_empty() {
         bail!(

@@ -91,12 +91,23 @@ pub(super) fn nft(what: &str, script: &str) -> Result<()> {
 /// Runs `ip -batch -` inside the network namespace at `ns` (from a thread that joins it, so
 /// this process stays where it is).
 pub(super) fn in_netns(ns: &Path, what: &str, batch: &str) -> Result<()> {
+    in_netns_run(ns, what, "ip", &["-batch", "-"], batch)
+}
+
+/// Runs `program args…` with `input` inside the network namespace at `ns`.
+pub(super) fn in_netns_run(
+    ns: &Path,
+    what: &str,
+    program: &'static str,
+    args: &'static [&'static str],
+    input: &str,
+) -> Result<()> {
     let file = std::fs::File::open(ns).map_err(io_err(format!("open {}", ns.display())))?;
-    let (what_t, batch) = (what.to_string(), batch.to_string());
+    let (what_t, input) = (what.to_string(), input.to_string());
     std::thread::spawn(move || {
         nix::sched::setns(file, CloneFlags::CLONE_NEWNET)
             .map_err(|e| io_err(format!("{what_t}: join the namespace"))(e.into()))?;
-        ip_batch(&what_t, &batch)
+        run(&what_t, program, args, &input).map(drop)
     })
     .join()
     .unwrap_or_else(|_| {

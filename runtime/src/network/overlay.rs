@@ -227,6 +227,50 @@ pub fn set_peers(peers: &[Ipv4Addr]) -> Result<()> {
     first_err.map_or(Ok(()), Err::<(), NetError>)
 }
 
+/// The nftables table balancing a container's connections to virtual IPs.
+const LB_TABLE: &str = "shoal_lb";
+
+/// The script that makes a container's balancing table exactly `vips` (virtual IP → the
+/// running tasks' addresses; one without tasks gets no rule).
+fn vip_script(vips: &[(Ipv4Addr, Vec<Ipv4Addr>)]) -> String {
+    let mut s = format!("table ip {LB_TABLE}\ndelete table ip {LB_TABLE}\n");
+    let rules: Vec<String> = vips
+        .iter()
+        .filter(|(_, tasks)| !tasks.is_empty())
+        .map(|(vip, tasks)| {
+            let map: Vec<String> = tasks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("{i} : {t}"))
+                .collect();
+            format!(
+                "    ip daddr {vip} dnat to numgen random mod {} map {{ {} }}\n",
+                tasks.len(),
+                map.join(", ")
+            )
+        })
+        .collect();
+    if !rules.is_empty() {
+        s.push_str(&format!(
+            "table ip {LB_TABLE} {{\n  chain output {{ type nat hook output priority -100; policy accept;\n{}  }}\n}}\n",
+            rules.concat()
+        ));
+    }
+    s
+}
+
+/// Balances connections made in the container with namespace `ns` to each virtual IP over its
+/// service's running tasks (conntrack keeps a connection on the task it was given).
+pub fn program_vips(ns: &Path, vips: &[(Ipv4Addr, Vec<Ipv4Addr>)]) -> Result<()> {
+    cmd::in_netns_run(
+        ns,
+        "program the container's virtual IPs",
+        "nft",
+        &["-f", "-"],
+        &vip_script(vips),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +284,23 @@ mod tests {
         assert_ne!(veth_name(id, 0), veth_name(id, 1));
         assert!(vxlan_name(16_777_215).len() <= IFNAME_MAX);
         assert!(overlay_mtu() >= 576);
+    }
+
+    #[test]
+    fn virtual_ips_balance_over_running_tasks_only() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let s = vip_script(&[
+            (ip("10.0.0.2"), vec![ip("10.0.0.5"), ip("10.0.0.6")]),
+            (ip("10.0.0.3"), vec![]),
+        ]);
+        assert!(
+            s.starts_with("table ip shoal_lb\ndelete table ip shoal_lb\n"),
+            "{s}"
+        );
+        assert!(s.contains(
+            "ip daddr 10.0.0.2 dnat to numgen random mod 2 map { 0 : 10.0.0.5, 1 : 10.0.0.6 }"
+        ));
+        assert!(!s.contains("10.0.0.3"));
+        assert!(!vip_script(&[]).contains("chain"));
     }
 }

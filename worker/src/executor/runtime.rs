@@ -165,7 +165,29 @@ impl RuntimeExecutor {
         {
             old.abort();
         }
+        self.balance(id);
         Ok(())
+    }
+
+    /// Programs task `id`'s virtual IPs from the current records (in the background).
+    fn balance(&self, id: &str) {
+        let (records, dir, id) = (self.records.clone(), self.task_dir(id), id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let Some(att) = Attachment::load(&dir) else {
+                return;
+            };
+            let networks: Vec<String> = att.overlays.iter().map(|o| o.network_id.clone()).collect();
+            let vips = {
+                let r = records.read().unwrap_or_else(|p| p.into_inner());
+                crate::dns::vips(&r, &networks)
+            };
+            let ns = network::netns_path(&id);
+            if ns.exists() {
+                if let Err(e) = network::program_vips(&ns, &vips) {
+                    tracing::warn!(task = %id, "program the virtual IPs: {e}");
+                }
+            }
+        });
     }
 
     fn stop_dns(&self, id: &str) {
@@ -671,6 +693,16 @@ impl Executor for RuntimeExecutor {
 
     fn set_records(&self, records: shoal_proto::v1::ServiceRecords) {
         *self.records.write().unwrap_or_else(|p| p.into_inner()) = records;
+        let ids: Vec<String> = self
+            .resolvers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            self.balance(&id);
+        }
     }
 
     fn set_peers(&self, peers: Vec<std::net::Ipv4Addr>) {
