@@ -93,15 +93,18 @@ pub fn network_spec(spec: &pb::NetworkSpec) -> Result<(), Invalid> {
 }
 
 /// The subnet, gateway and VNI of a new network beside `existing`: the given subnet, or the
-/// first free /24 of the default pool; the given gateway, or the subnet's first host; the
+/// first free /24 of the default pool that holds none of `node_ips`; the given gateway, or the subnet's first host; the
 /// lowest free VNI from [`FIRST_VNI`].
 pub fn allocate(
     spec: &pb::NetworkSpec,
     existing: &[pb::Network],
+    node_ips: &[std::net::Ipv4Addr],
 ) -> Result<(String, String, u32), Invalid> {
+    // Never a subnet holding a node's own address: its traffic would go into the overlay.
     let taken: Vec<(u32, u8)> = existing
         .iter()
         .filter_map(|n| parse_cidr(&n.subnet))
+        .chain(node_ips.iter().map(|ip| (u32::from(*ip), 32)))
         .collect();
     let (net, prefix) = if spec.subnet.is_empty() {
         let (pool, pool_prefix) = parse_cidr(DEFAULT_POOL).ok_or_else(|| invalid("bad pool"))?;
@@ -189,18 +192,18 @@ mod tests {
     #[test]
     fn allocation_takes_the_first_free_subnet_and_vni() {
         let existing = vec![net("a", "10.0.0.0/24", 4097), net("b", "10.0.2.0/23", 4099)];
-        let (subnet, gw, vni) = allocate(&spec("c", "", ""), &existing).unwrap();
+        let (subnet, gw, vni) = allocate(&spec("c", "", ""), &existing, &[]).unwrap();
         assert_eq!(
             (subnet.as_str(), gw.as_str(), vni),
             ("10.0.1.0/24", "10.0.1.1", 4098)
         );
         // Given subnets are kept (host bits cleared) and refused when they overlap.
-        let (subnet, gw, _) = allocate(&spec("d", "192.168.7.9/24", ""), &existing).unwrap();
+        let (subnet, gw, _) = allocate(&spec("d", "192.168.7.9/24", ""), &existing, &[]).unwrap();
         assert_eq!(
             (subnet.as_str(), gw.as_str()),
             ("192.168.7.0/24", "192.168.7.1")
         );
-        let e = allocate(&spec("e", "10.0.3.128/25", ""), &existing).unwrap_err();
+        let e = allocate(&spec("e", "10.0.3.128/25", ""), &existing, &[]).unwrap_err();
         assert!(e.0.contains("overlaps network b's 10.0.2.0/23"), "{}", e.0);
         // The node bridge's default subnet is never handed out.
         let full: Vec<pb::Network> = [
@@ -214,7 +217,11 @@ mod tests {
         .zip(FIRST_VNI..)
         .map(|(s, v)| net("x", s, v))
         .collect();
-        let (subnet, _, _) = allocate(&spec("f", "", ""), &full).unwrap();
+        let (subnet, _, _) = allocate(&spec("f", "", ""), &full, &[]).unwrap();
         assert_eq!(subnet, "10.214.0.0/24");
+        // The nodes' own subnets are skipped.
+        let nodes = ["10.0.1.7".parse().unwrap(), "10.0.3.1".parse().unwrap()];
+        let (subnet, _, _) = allocate(&spec("g", "", ""), &existing[..1], &nodes).unwrap();
+        assert_eq!(subnet, "10.0.2.0/24");
     }
 }

@@ -563,7 +563,26 @@ impl Control for ControlService {
                 id_of(n.meta.as_ref())
             )));
         }
-        let (subnet, gateway, vni) = network::allocate(&spec, &existing).map_err(invalid)?;
+        let node_ips: Vec<std::net::Ipv4Addr> = api
+            .store()
+            .list_nodes()
+            .map_err(store_status)?
+            .into_iter()
+            .filter_map(|n| n.status)
+            .filter_map(|st| {
+                st.addr
+                    .parse::<std::net::SocketAddr>()
+                    .map(|a| a.ip())
+                    .or_else(|_| st.addr.parse::<std::net::IpAddr>())
+                    .ok()
+            })
+            .filter_map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect();
+        let (subnet, gateway, vni) =
+            network::allocate(&spec, &existing, &node_ips).map_err(invalid)?;
         if spec.driver.is_empty() {
             spec.driver = "overlay".into();
         }
