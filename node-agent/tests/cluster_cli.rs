@@ -305,7 +305,7 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
         let ls = m.ok(&["network", "ls"]);
         let lines: Vec<&str> = ls.lines().collect();
         assert!(lines[0].starts_with("NETWORK ID"), "{ls}");
-        for want in ["bridge", "host", "none", "backend", "front"] {
+        for want in ["bridge", "host", "none", "ingress", "backend", "front"] {
             assert!(ls.contains(want), "{want} missing: {ls}");
         }
         assert!(
@@ -384,7 +384,8 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         one_line(&String::from_utf8_lossy(&out.stderr), want);
     }
-    assert_eq!(m1.ok(&["network", "ls", "-q"]).lines().count(), 2);
+    // backend, front and the routing mesh's ingress.
+    assert_eq!(m1.ok(&["network", "ls", "-q"]).lines().count(), 3);
 
     // In use by a service: kept by rm and prune.
     m1.ok(&[
@@ -407,5 +408,8 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
     assert_eq!(m2.ok(&["network", "prune"]), "backend\n");
     m1.ok(&["service", "rm", "user"]);
     m1.ok(&["network", "rm", "front"]);
-    assert_eq!(m2.ok(&["network", "ls", "-q"]), "");
+    assert_eq!(m2.ok(&["network", "ls", "-q"]), "ingress\n");
+    let out = m1.shoal(&["network", "rm", "ingress"]);
+    assert_eq!(out.status.code(), Some(1));
+    one_line(&String::from_utf8_lossy(&out.stderr), "cannot be removed");
 }

@@ -1011,3 +1011,95 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
             .expect("network rm"),
     );
 }
+
+/// The routing mesh: a port published in ingress mode answers on every node — also on one
+/// that runs no task of the service — and the mesh goes away with the service.
+#[test]
+fn an_ingress_port_answers_on_every_node() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    for h in [h1, h2] {
+        h.import_busybox("busybox:latest").expect("import");
+        h.spawn_agent(&["--dns-upstream", "none"]).expect("agent");
+    }
+    ok_out(h1.shoal(&["cluster", "init"]).expect("init"));
+    let token = ok_out(
+        h1.shoal(&["cluster", "join-token", "-q", "worker"])
+            .expect("token"),
+    );
+    ok_out(
+        h2.shoal(&[
+            "cluster",
+            "join",
+            "--token",
+            token.trim(),
+            &h1.agent_addr().to_string(),
+        ])
+        .expect("join"),
+    );
+    let web =
+        "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; exec httpd -f -p 80 -h /www";
+    let only_h1 = format!("node.hostname=={}", h1.name());
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--publish",
+            "8080:80",
+            "--constraint",
+            &only_h1,
+            "--stop-grace-period",
+            "1s",
+            "busybox:latest",
+            "sh",
+            "-c",
+            web,
+        ])
+        .expect("service create"),
+    );
+    // From h1 to h2's address (h2 runs no task) and from h2 to h1's.
+    for (from, to) in [(h1, h2), (h2, h1), (h2, h2)] {
+        let url = format!("http://{}:8080/", to.addr());
+        assert!(
+            fetch_eventually(from, &url).starts_with("hello-from-"),
+            "{url}"
+        );
+    }
+    // A second service cannot take the port the mesh gave the first.
+    let out = h1
+        .shoal(&[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "web2",
+            "-p",
+            "8080:80",
+            "busybox:latest",
+            "true",
+        ])
+        .expect("service create web2");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already published by service web"));
+
+    ok_out(h1.shoal(&["service", "rm", "web"]).expect("rm"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for h in [h1, h2] {
+        loop {
+            let links = ok_out(h.exec(&["ip", "-o", "link"]).expect("ip link"));
+            let tables = ok_out(h.exec(&["nft", "list", "tables"]).expect("nft"));
+            if !links.contains("shoal0") && !links.contains("shx") && !tables.contains("shoal_") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left in {}: {links}{tables}",
+                h.name()
+            );
+            sleep(Duration::from_millis(300));
+        }
+    }
+    assert!(fetch(h2, &format!("http://{}:8080/", h1.addr())).is_none());
+}

@@ -191,6 +191,7 @@ mod tests {
 
     fn records() -> pb::ServiceRecords {
         pb::ServiceRecords {
+            ingress: None,
             services: vec![
                 pb::ServiceRecord {
                     network_id: "n1".into(),

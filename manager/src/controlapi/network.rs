@@ -15,12 +15,36 @@ pub const DEFAULT_PREFIX: u8 = 24;
 /// The first VNI handed out (swarm's too: lower ones are left to the operator).
 pub const FIRST_VNI: u32 = 4097;
 /// Node-local subnets no cluster network is given by default (shoal's default node bridge).
-const RESERVED: [&str; 1] = ["10.213.0.0/16"];
+const RESERVED: [&str; 2] = ["10.213.0.0/16", INGRESS_SUBNET];
 /// The drivers a cluster network can have.
 const DRIVERS: [&str; 1] = ["overlay"];
 /// Longest network name (Docker's limit for names is looser; this keeps interface names and
 /// DNS labels sane).
 const MAX_NAME: usize = 63;
+
+/// The routing mesh's network: made with the cluster, its id is its name.
+pub const INGRESS: &str = crate::store::INGRESS_NETWORK;
+/// Its subnet and VXLAN id (below [`FIRST_VNI`], so never handed out).
+const INGRESS_SUBNET: &str = "10.255.0.0/16";
+const INGRESS_VNI: u32 = 4096;
+
+/// The ingress network as `cluster init` creates it.
+pub fn ingress_network() -> pb::Network {
+    pb::Network {
+        meta: Some(pb::Meta {
+            id: INGRESS.into(),
+            ..Default::default()
+        }),
+        spec: Some(pb::NetworkSpec {
+            name: INGRESS.into(),
+            driver: "overlay".into(),
+            ..Default::default()
+        }),
+        subnet: INGRESS_SUBNET.into(),
+        gateway: "10.255.0.1".into(),
+        vni: INGRESS_VNI,
+    }
+}
 
 fn invalid(msg: impl Into<String>) -> Invalid {
     Invalid(msg.into())

@@ -158,6 +158,40 @@ impl ControlApi {
         )
     }
 
+    /// Refuses a port published through the routing mesh that another service publishes
+    /// there already (every node answers on it, so it is the cluster's to give once).
+    fn check_ingress_ports(&self, spec: &pb::ServiceSpec) -> Result<(), Status> {
+        let mesh = |p: &pb::PortConfig| {
+            (p.publish_mode.is_empty() || p.publish_mode == "ingress") && p.published_port > 0
+        };
+        let proto = |p: &pb::PortConfig| {
+            if p.protocol.is_empty() {
+                "tcp".to_string()
+            } else {
+                p.protocol.clone()
+            }
+        };
+        for other in self.store().list_services().map_err(store_status)? {
+            let Some(o) = other.spec else { continue };
+            if o.name == spec.name {
+                continue;
+            }
+            for p in spec.ports.iter().filter(|p| mesh(p)) {
+                if o.ports.iter().any(|q| {
+                    mesh(q) && q.published_port == p.published_port && proto(q) == proto(p)
+                }) {
+                    return Err(Status::already_exists(format!(
+                        "port {}/{} is already published by service {}",
+                        p.published_port,
+                        proto(p),
+                        o.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The spec's cluster networks by id (users name them; tasks and the store hold ids).
     fn resolve_networks(&self, spec: &mut pb::ServiceSpec) -> Result<(), Status> {
         if let Some(task) = spec.task.as_mut() {
@@ -358,6 +392,7 @@ impl Control for ControlService {
         leader_only!(api, req, create_service, propose);
         let mut spec = spec;
         api.resolve_networks(&mut spec)?;
+        api.check_ingress_ports(&spec)?;
         // The name is checked again in apply.
         let taken = api
             .read_before_write(
@@ -452,6 +487,7 @@ impl Control for ControlService {
         leader_only!(api, req, update_service, propose);
         let mut spec = spec;
         api.resolve_networks(&mut spec)?;
+        api.check_ingress_ports(&spec)?;
         let current = api
             .service_at(&req.get_ref().service, req.get_ref().version)
             .await?;
@@ -643,6 +679,11 @@ impl Control for ControlService {
         let n = api.find_network(&req.get_ref().network)?;
         let id = id_of(n.meta.as_ref()).to_string();
         let name = n.spec.as_ref().map_or("", |s| s.name.as_str());
+        if id == network::INGRESS {
+            return Err(Status::failed_precondition(
+                "network ingress is the routing mesh's: it cannot be removed",
+            ));
+        }
         let users: Vec<String> = api
             .store()
             .list_services()

@@ -357,14 +357,18 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
         }
         match p.publish_mode.as_str() {
             "host" => {}
-            "" | "ingress" => {
+            "" | "ingress" if p.published_port == 0 => {
                 return Err(invalid(format!(
-                    "port {}: publish mode ingress (the routing mesh) is not implemented yet; \
-                     publish with mode=host",
+                    "port {}: publish mode ingress needs a published port",
                     p.target_port
                 )))
             }
-            other => return Err(invalid(format!("invalid publish mode {other:?}: host"))),
+            "" | "ingress" => {}
+            other => {
+                return Err(invalid(format!(
+                    "invalid publish mode {other:?}: ingress or host"
+                )))
+            }
         }
         if local {
             return Err(invalid(format!(

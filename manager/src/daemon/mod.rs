@@ -894,11 +894,16 @@ async fn init_cluster(
             reachable: true,
         }),
         certificate_serial: issued.serial,
+        networks: Vec::new(),
     };
     if let Err(e) = m
         .api()
         .propose(vec![
             Mutation::Create(Object::Cluster(cluster)),
+            // Before the node: it gets its address on it at apply.
+            Mutation::Create(Object::Network(
+                crate::controlapi::network::ingress_network(),
+            )),
             Mutation::Create(Object::Node(node)),
         ])
         .await

@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
 use super::{lock, Backend, Inner, MAX_CHANGES_PER_MESSAGE};
-use crate::store::{Action, Event, Object, Store};
+use crate::store::{Action, Event, Object, Store, INGRESS_NETWORK};
 
 /// What the router tells one session.
 #[derive(Debug)]
@@ -28,6 +28,85 @@ pub(super) enum SessionEvent {
     Records,
 }
 
+/// Whether a service port is published through the routing mesh.
+fn is_ingress(p: &pb::PortConfig) -> bool {
+    p.publish_mode == "ingress" && p.published_port > 0
+}
+
+/// The routing mesh as `node` serves it: its own ingress address and, per port published in
+/// ingress mode, the service's running tasks on the ingress network. `None` while no service
+/// publishes one (no node then keeps an ingress sandbox).
+fn ingress(store: &Store, node: &str) -> Result<Option<pb::Ingress>, Status> {
+    let services: Vec<pb::Service> = store
+        .list_services()
+        .map_err(|e| Status::internal(format!("reading the services: {e}")))?
+        .into_iter()
+        .filter(|s| {
+            s.spec
+                .as_ref()
+                .is_some_and(|sp| sp.ports.iter().any(is_ingress))
+        })
+        .collect();
+    if services.is_empty() {
+        return Ok(None);
+    }
+    let Some(me) = store
+        .get_node(node)
+        .map_err(|e| Status::internal(format!("reading the node: {e}")))?
+        .and_then(|n| {
+            n.networks
+                .into_iter()
+                .find(|a| a.network_id == INGRESS_NETWORK)
+        })
+        .filter(|a| !a.address.is_empty())
+    else {
+        return Ok(None);
+    };
+    let running = TaskState::Running as i32;
+    let mut ports = Vec::new();
+    for svc in &services {
+        let id = svc.meta.as_ref().map_or("", |m| m.id.as_str());
+        let mut targets: Vec<String> = store
+            .tasks_by_service(id)
+            .map_err(|e| Status::internal(format!("reading the tasks: {e}")))?
+            .into_iter()
+            .filter(|t| {
+                t.desired_state == running && t.status.as_ref().is_some_and(|s| s.state == running)
+            })
+            .filter_map(|t| {
+                t.networks
+                    .into_iter()
+                    .find(|a| a.network_id == INGRESS_NETWORK)
+                    .and_then(|a| a.address.split('/').next().map(str::to_string))
+            })
+            .collect();
+        targets.sort();
+        for p in svc
+            .spec
+            .as_ref()
+            .map_or(&[][..], |s| &s.ports[..])
+            .iter()
+            .filter(|p| is_ingress(p))
+        {
+            ports.push(pb::IngressPort {
+                published_port: p.published_port,
+                protocol: if p.protocol.is_empty() {
+                    "tcp".into()
+                } else {
+                    p.protocol.clone()
+                },
+                target_port: p.target_port,
+                targets: targets.clone(),
+            });
+        }
+    }
+    ports.sort_by_key(|p| (p.published_port, p.protocol.clone()));
+    Ok(Some(pb::Ingress {
+        node: Some(me),
+        ports,
+    }))
+}
+
 /// The DNS records of `node`: per network its tasks are on, every service's running tasks'
 /// addresses there. O(tasks) per call; only changes of networked tasks trigger one.
 fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
@@ -37,8 +116,12 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
         .iter()
         .flat_map(|t| t.networks.iter().map(|a| a.network_id.clone()))
         .collect();
+    let ingress = ingress(store, node)?;
     if mine.is_empty() {
-        return Ok(pb::ServiceRecords::default());
+        return Ok(pb::ServiceRecords {
+            services: Vec::new(),
+            ingress,
+        });
     }
     let running = TaskState::Running as i32;
     let mut by: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
@@ -79,6 +162,7 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
         }
     }
     Ok(pb::ServiceRecords {
+        ingress,
         services: by
             .into_iter()
             .map(|(key, mut addresses)| {
@@ -176,7 +260,13 @@ pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast
                 placed.insert(id, node.clone());
                 send(&inner, &node, SessionEvent::Task(Box::new(t)));
             }
-            (_, Object::Service(svc)) if !svc.virtual_ips.is_empty() => {
+            (_, Object::Service(svc))
+                if !svc.virtual_ips.is_empty()
+                    || svc
+                        .spec
+                        .as_ref()
+                        .is_some_and(|s| s.ports.iter().any(is_ingress)) =>
+            {
                 // A virtual IP came, went or moved: every node's records may follow.
                 let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
                 for node in nodes {

@@ -237,13 +237,21 @@ pub fn new_task(service: &Service, slot: u64, node_id: &str, id: String, now_ms:
                 t.networks
                     .iter()
                     .filter(|n| *n != "host" && *n != "none")
-                    .map(|n| shoal_proto::v1::NetworkAttachment {
-                        network_id: n.clone(),
-                        ..Default::default()
-                    })
-                    .collect()
+                    .cloned()
+                    .collect::<Vec<_>>()
             })
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .into_iter()
+            // A service publishing through the routing mesh: its tasks are on ingress too.
+            .chain(
+                spec.is_some_and(|s| s.ports.iter().any(|p| p.publish_mode == "ingress"))
+                    .then(|| crate::store::INGRESS_NETWORK.to_string()),
+            )
+            .map(|network_id| shoal_proto::v1::NetworkAttachment {
+                network_id,
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }

@@ -266,6 +266,7 @@ impl Staged<'_, '_> {
         let held = match &old {
             Object::Task(t) => t.networks.clone(),
             Object::Service(s) => s.virtual_ips.clone(),
+            Object::Node(n) => n.networks.clone(),
             _ => Vec::new(),
         };
         for a in &held {
@@ -428,6 +429,28 @@ impl Staged<'_, '_> {
                     s.meta.as_ref().map_or(String::new(), |m| m.id.clone()),
                     old,
                     &mut s.virtual_ips,
+                )
+            }
+            Object::Node(n) => {
+                // Every node is on the ingress network, once there is one.
+                let ingress = self
+                    .read(TreeId::Networks, INGRESS_NETWORK.as_bytes())?
+                    .is_some();
+                let old = match old {
+                    Some(Object::Node(o)) => o.networks.clone(),
+                    _ => Vec::new(),
+                };
+                if ingress && n.networks.is_empty() {
+                    n.networks = vec![NetworkAttachment {
+                        network_id: INGRESS_NETWORK.into(),
+                        ..Default::default()
+                    }];
+                }
+                (
+                    Kind::Node,
+                    n.meta.as_ref().map_or(String::new(), |m| m.id.clone()),
+                    old,
+                    &mut n.networks,
                 )
             }
             _ => return Ok(()),
@@ -627,6 +650,9 @@ fn service_name(s: &Service) -> &str {
 fn network_name(n: &Network) -> &str {
     n.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("")
 }
+
+/// The id (and name) of the routing mesh's network.
+pub const INGRESS_NETWORK: &str = "ingress";
 
 /// The largest VXLAN network identifier (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;

@@ -269,10 +269,9 @@ fn networks(names: &[String]) -> anyhow::Result<Vec<String>> {
 /// A `--publish` value; refuses what the cluster cannot publish yet, as the server would.
 fn port(s: &str) -> anyhow::Result<pb::PortConfig> {
     let p = parse_port(s)?;
-    if p.publish_mode != "host" {
+    if p.publish_mode == "ingress" && p.published_port == 0 {
         bail!(
-            "port {}: publish mode ingress (the routing mesh) is not implemented yet; \
-             publish with mode=host (--publish published=P,target=T,mode=host)",
+            "port {}: publish mode ingress needs a published port",
             p.target_port
         );
     }

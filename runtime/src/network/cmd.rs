@@ -118,6 +118,23 @@ pub(super) fn in_netns_run(
     })
 }
 
+/// Sets a network sysctl inside the namespace at `ns` (/proc/sys/net belongs to the namespace
+/// of the thread that opens it).
+pub(super) fn in_netns_sysctl(ns: &Path, key: &str, value: &str) -> Result<()> {
+    let file = std::fs::File::open(ns).map_err(io_err(format!("open {}", ns.display())))?;
+    let (p, v) = (
+        format!("/proc/sys/{}", key.replace('.', "/")),
+        value.to_string(),
+    );
+    std::thread::spawn(move || -> std::io::Result<()> {
+        nix::sched::setns(file, CloneFlags::CLONE_NEWNET)?;
+        std::fs::write(p, v)
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    .map_err(io_err(format!("set {key} in {}", ns.display())))
+}
+
 /// A new network namespace kept alive by a bind mount on the file `ns`.
 pub(super) fn create_netns(ns: &Path) -> Result<()> {
     std::fs::OpenOptions::new()

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use etc::{etc_mounts, write_etc_files, EtcOptions};
-pub use overlay::{program_vips, set_peers, OverlayAttach, VXLAN_PORT};
+pub use overlay::{program_mesh, program_vips, set_peers, MeshPort, OverlayAttach, VXLAN_PORT};
 pub use ports::{parse_publish, PortSpec, Protocol, Published};
 
 /// Where shoal keeps the machine's network state (on tmpfs: gone with a reboot, as the

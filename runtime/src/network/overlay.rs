@@ -227,6 +227,63 @@ pub fn set_peers(peers: &[Ipv4Addr]) -> Result<()> {
     first_err.map_or(Ok(()), Err::<(), NetError>)
 }
 
+/// The nftables table of the routing mesh's sandbox.
+const INGRESS_TABLE: &str = "shoal_ingress";
+
+/// One port the routing mesh forwards: published port and protocol → the service's tasks on
+/// the ingress network, at the target port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshPort {
+    pub published: u16,
+    pub protocol: super::Protocol,
+    pub target: u16,
+    pub tasks: Vec<Ipv4Addr>,
+}
+
+fn mesh_script(ports: &[MeshPort]) -> String {
+    let rules: String = ports
+        .iter()
+        .filter(|p| !p.tasks.is_empty())
+        .map(|p| {
+            let map: Vec<String> = p
+                .tasks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("{i} : {t} . {}", p.target))
+                .collect();
+            format!(
+                "    {} dport {} dnat ip to numgen random mod {} map {{ {} }}\n",
+                p.protocol,
+                p.published,
+                p.tasks.len(),
+                map.join(", ")
+            )
+        })
+        .collect();
+    format!(
+        "table ip {INGRESS_TABLE}\ndelete table ip {INGRESS_TABLE}\n\
+         table ip {INGRESS_TABLE} {{\n\
+           chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n{rules}  }}\n\
+           chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
+             oifname \"eth1\" masquerade\n  }}\n}}\n"
+    )
+}
+
+/// Programs the routing mesh's sandbox (namespace `ns`, `eth0` on the node bridge where the
+/// host's published ports arrive, `eth1` on the ingress network): each published port is
+/// forwarded to one of its service's running tasks, the source rewritten to the sandbox's
+/// ingress address so replies come back the same way.
+pub fn program_mesh(ns: &Path, ports: &[MeshPort]) -> Result<()> {
+    cmd::in_netns_sysctl(ns, "net.ipv4.ip_forward", "1")?;
+    cmd::in_netns_run(
+        ns,
+        "program the routing mesh",
+        "nft",
+        &["-f", "-"],
+        &mesh_script(ports),
+    )
+}
+
 /// The nftables table balancing a container's connections to virtual IPs.
 const LB_TABLE: &str = "shoal_lb";
 
@@ -284,6 +341,29 @@ mod tests {
         assert_ne!(veth_name(id, 0), veth_name(id, 1));
         assert!(vxlan_name(16_777_215).len() <= IFNAME_MAX);
         assert!(overlay_mtu() >= 576);
+    }
+
+    #[test]
+    fn the_mesh_forwards_each_port_to_its_tasks() {
+        let s = mesh_script(&[
+            MeshPort {
+                published: 8080,
+                protocol: super::super::Protocol::Tcp,
+                target: 80,
+                tasks: vec!["10.255.0.5".parse().unwrap(), "10.255.0.6".parse().unwrap()],
+            },
+            MeshPort {
+                published: 53,
+                protocol: super::super::Protocol::Udp,
+                target: 53,
+                tasks: vec![],
+            },
+        ]);
+        assert!(s.contains(
+            "tcp dport 8080 dnat ip to numgen random mod 2 map { 0 : 10.255.0.5 . 80, 1 : 10.255.0.6 . 80 }"
+        ), "{s}");
+        assert!(!s.contains("dport 53"));
+        assert!(s.contains("oifname \"eth1\" masquerade"));
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct RuntimeExecutor {
     peers: Arc<std::sync::Mutex<Vec<std::net::Ipv4Addr>>>,
     /// The service records of the node's cluster networks, for the tasks' resolvers.
     records: crate::dns::SharedRecords,
+    /// What the routing mesh's sandbox serves now (`None`: no sandbox).
+    mesh: Arc<std::sync::Mutex<Option<shoal_proto::v1::Ingress>>>,
     /// The running resolver of each task on cluster networks.
     resolvers: std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
     images: Arc<ImageStore>,
@@ -86,6 +88,7 @@ impl RuntimeExecutor {
             cfg,
             peers: Arc::default(),
             records: Arc::default(),
+            mesh: Arc::default(),
             resolvers: Default::default(),
             images: Arc::new(images),
             shoal,
@@ -167,6 +170,32 @@ impl RuntimeExecutor {
         }
         self.balance(id);
         Ok(())
+    }
+
+    /// Makes the routing mesh's sandbox serve `ingress` (made, changed or removed in the
+    /// background, in order: one change at a time under the lock).
+    fn serve_mesh(&self, ingress: Option<shoal_proto::v1::Ingress>) {
+        let (mesh, bridge, peers) = (
+            self.mesh.clone(),
+            self.cfg.bridge.clone(),
+            self.peers.clone(),
+        );
+        let dir = self.cfg.data_dir.join(CONTAINERS_DIR).join(MESH_DIR);
+        let id = mesh_id(&self.cfg.data_dir);
+        tokio::task::spawn_blocking(move || {
+            let mut held = mesh.lock().unwrap_or_else(|p| p.into_inner());
+            if *held == ingress {
+                return;
+            }
+            let peers = peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match mesh_sandbox(&bridge, &id, &dir, held.as_ref(), ingress.as_ref(), peers) {
+                Ok(()) => *held = ingress,
+                Err(e) => {
+                    tracing::warn!("routing mesh: {e}");
+                    *held = None;
+                }
+            }
+        });
     }
 
     /// Programs task `id`'s virtual IPs from the current records (in the background).
@@ -423,6 +452,96 @@ fn net_request(task: &Task, peers: Vec<std::net::Ipv4Addr>) -> Result<NetRequest
         overlays,
         peers,
     })
+}
+
+/// The routing mesh sandbox's dir, under the containers dir.
+const MESH_DIR: &str = ".ingress";
+
+/// The routing mesh sandbox's id: one per agent (its data dir), as test hosts share /run.
+fn mesh_id(data_dir: &Path) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data_dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("ingress-{h:016x}")
+}
+
+/// Moves the mesh sandbox from serving `old` to serving `new`: (re)made when the node's
+/// ingress address or the set of published ports changes, reprogrammed when only the tasks
+/// behind them do, removed when nothing is published through the mesh.
+fn mesh_sandbox(
+    bridge: &BridgeConfig,
+    id: &str,
+    dir: &Path,
+    old: Option<&shoal_proto::v1::Ingress>,
+    new: Option<&shoal_proto::v1::Ingress>,
+    peers: Vec<std::net::Ipv4Addr>,
+) -> Result<(), String> {
+    let shape = |i: &shoal_proto::v1::Ingress| {
+        (
+            i.node.clone(),
+            i.ports
+                .iter()
+                .map(|p| (p.published_port, p.protocol.clone()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let Some(new) = new else {
+        network::detach(id).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(dir);
+        return Ok(());
+    };
+    let protocol = |p: &str| match p {
+        "udp" => Protocol::Udp,
+        _ => Protocol::Tcp,
+    };
+    if old.map(shape) != Some(shape(new)) || !network::netns_path(id).exists() {
+        network::detach(id).map_err(|e| e.to_string())?;
+        let node = new.node.clone().unwrap_or_default();
+        let (ip, prefix) = node
+            .address
+            .split_once('/')
+            .and_then(|(ip, p)| Some((ip.parse().ok()?, p.parse().ok()?)))
+            .ok_or_else(|| format!("no ingress address for this node: {:?}", node.address))?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let req = NetRequest {
+            mode: Mode::Bridge,
+            publish: new
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    let port = u16::try_from(p.published_port).ok()?;
+                    Some(PortSpec {
+                        host_ip: None,
+                        host_port: Some(port),
+                        container_port: port,
+                        protocol: protocol(&p.protocol),
+                    })
+                })
+                .collect(),
+            overlays: vec![OverlayAttach {
+                network_id: node.network_id.clone(),
+                vni: node.vni,
+                address: ip,
+                prefix,
+            }],
+            peers,
+        };
+        network::attach(bridge, id, dir, &req).map_err(|e| e.to_string())?;
+    }
+    let ports: Vec<network::MeshPort> = new
+        .ports
+        .iter()
+        .filter_map(|p| {
+            Some(network::MeshPort {
+                published: u16::try_from(p.published_port).ok()?,
+                protocol: protocol(&p.protocol),
+                target: u16::try_from(p.target_port).ok()?,
+                tasks: p.targets.iter().filter_map(|t| t.parse().ok()).collect(),
+            })
+        })
+        .collect();
+    network::program_mesh(&network::netns_path(id), &ports).map_err(|e| e.to_string())
 }
 
 /// The container's hostname: the task's, else its short id.
@@ -692,6 +811,7 @@ impl Executor for RuntimeExecutor {
     }
 
     fn set_records(&self, records: shoal_proto::v1::ServiceRecords) {
+        self.serve_mesh(records.ingress.clone());
         *self.records.write().unwrap_or_else(|p| p.into_inner()) = records;
         let ids: Vec<String> = self
             .resolvers
