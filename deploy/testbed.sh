@@ -411,12 +411,27 @@ wait_link_gone() {
 	return 0
 }
 
+# The network namespaces shoal made for the host's containers live under /run/shoal/netns (an
+# nsfs mount and an owner file naming the container's dir): unmount and remove those of this
+# host. The rest of a container's network goes with the host's namespace.
+remove_container_netns() {
+	local dir=$1 owner ns
+	for owner in /run/shoal/netns/*.json; do
+		[[ -f $owner ]] || continue
+		grep -qF "\"$dir/" "$owner" || continue
+		ns=${owner%.json}
+		umount -l "$ns" 2>/dev/null || true
+		rm -f "$ns" "$owner"
+	done
+}
+
 host_down() {
 	local h=$1 dir
 	dir=$(host_dir "$h")
 	kill_host "$h"
 	unmount_under "$dir"
 	remove_container_cgroups "$dir"
+	remove_container_netns "$dir"
 	if netns_exists "$h"; then
 		ip netns del "$h" 2>/dev/null || {
 			umount -l "/run/netns/$h" 2>/dev/null || true

@@ -84,6 +84,17 @@ pub fn network_spec(spec: &pb::NetworkSpec) -> Result<(), Invalid> {
             "network driver {driver} is not supported: a cluster network is an overlay"
         )));
     }
+    // Stored and ignored would be worse than refused.
+    if spec.attachable {
+        return Err(invalid(
+            "--attachable is not implemented yet: standalone containers cannot join cluster networks",
+        ));
+    }
+    if spec.internal {
+        return Err(invalid(
+            "--internal is not implemented yet: a cluster network's tasks keep their egress",
+        ));
+    }
     if let Some(k) = spec.options.keys().next() {
         return Err(invalid(format!("network option {k} is not supported")));
     }
@@ -208,6 +219,12 @@ mod tests {
         let mut s = spec("n", "", "");
         s.driver = "bridge".into();
         assert!(network_spec(&s).unwrap_err().0.contains("not supported"));
+        let mut s = spec("n", "", "");
+        s.attachable = true;
+        assert!(network_spec(&s).unwrap_err().0.contains("--attachable"));
+        let mut s = spec("n", "", "");
+        s.internal = true;
+        assert!(network_spec(&s).unwrap_err().0.contains("--internal"));
         let mut s = spec("n", "", "");
         s.options.insert("encrypted".into(), "".into());
         assert!(network_spec(&s).unwrap_err().0.contains("encrypted"));

@@ -114,11 +114,15 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
             ExecutorArg::Sim => Arc::new(SimExecutor::new()),
         };
         if a.executor == ExecutorArg::Runtime {
-            // Networks of containers whose removal a crash cut short.
-            let swept = tokio::task::spawn_blocking(shoal_runtime::network::sweep).await?;
-            if swept > 0 {
-                tracing::info!(swept, "released the networks of removed containers");
-            }
+            // Networks of this node's containers whose removal a crash cut short; in the
+            // background, so a restart is not held up by it.
+            let containers = data_dir.join(shoal_runtime::frontdoor::CONTAINERS_DIR);
+            tokio::task::spawn_blocking(move || {
+                let swept = shoal_runtime::network::sweep(&containers);
+                if swept > 0 {
+                    tracing::info!(swept, "released the networks of removed containers");
+                }
+            });
         }
         let mut cfg = DaemonConfig::new(data_dir.clone(), a.listen_addr, a.socket);
         cfg.advertise_addr = a.advertise_addr;

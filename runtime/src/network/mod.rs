@@ -649,9 +649,10 @@ fn detach_bridge(id: &str, state: &Path, bridge: &str) -> Result<()> {
     Ok(())
 }
 
-/// Detach every container whose network this machine still holds although its directory is
-/// gone (whoever removed it crashed first, say). Returns how many.
-pub fn sweep() -> usize {
+/// Detach every container of `containers_dir` whose network this machine still holds although
+/// its directory is gone (whoever removed it crashed first, say). Returns how many. Other
+/// data dirs' containers are their agents' to sweep.
+pub fn sweep(containers_dir: &Path) -> usize {
     let mut n = 0;
     for e in std::fs::read_dir(netns_dir())
         .into_iter()
@@ -668,7 +669,7 @@ pub fn sweep() -> usize {
         else {
             continue;
         };
-        if !owner.container_dir.exists() {
+        if owner.container_dir.parent() == Some(containers_dir) && !owner.container_dir.exists() {
             match detach(id) {
                 Ok(()) => n += 1,
                 Err(e) => tracing::warn!(%id, "release a dead container's network: {e}"),
