@@ -433,6 +433,10 @@ host_down() {
 	remove_container_cgroups "$dir"
 	remove_container_netns "$dir"
 	if netns_exists "$h"; then
+		# shoal's bridge and overlay records of this namespace (keyed by its inode).
+		local ino
+		ino=$(stat -L -c %i "/run/netns/$h" 2>/dev/null || true)
+		[[ -n $ino ]] && rm -rf /run/shoal/net/*@"$ino"
 		ip netns del "$h" 2>/dev/null || {
 			umount -l "/run/netns/$h" 2>/dev/null || true
 			rm -f "/run/netns/$h"

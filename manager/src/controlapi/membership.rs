@@ -439,6 +439,28 @@ impl ControlApi {
     /// demoted first; a node that is not down needs `force`.
     pub async fn remove_node(&self, node: pb::Node, force: bool) -> Result<String, Status> {
         let id = node.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+        let mut node = node;
+        let mut last = None;
+        for _ in 0..NODE_WRITE_RETRIES {
+            match self.remove_node_once(&node, force).await {
+                // The node's status moved on meanwhile (a heartbeat, a session): decide again
+                // on what it is now.
+                Err(s) if is_version_conflict(&s) => {
+                    last = Some(s);
+                    node = self
+                        .store()
+                        .get_node(&id)
+                        .map_err(store_status)?
+                        .ok_or_else(|| Status::not_found(format!("node {id} not found")))?;
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::aborted("node write retries exhausted")))
+    }
+
+    async fn remove_node_once(&self, node: &pb::Node, force: bool) -> Result<String, Status> {
+        let id = node.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
         let (_, members) = self.membership();
         let in_raft = node
             .manager_status

@@ -312,9 +312,14 @@ pub fn run(args: RuntimeArgs) -> Result<()> {
         RuntimeCommand::Resume { id } => load(&id)?
             .resume()
             .with_context(|| format!("resume container {id}"))?,
-        RuntimeCommand::Delete { force, id } => load(&id)?
-            .delete(force)
-            .with_context(|| format!("delete container {id}"))?,
+        RuntimeCommand::Delete { force, id } => {
+            load(&id)?
+                .delete(force)
+                .with_context(|| format!("delete container {id}"))?;
+            // And the network shoal made for it, if any (a no-op for plain OCI containers).
+            shoal_runtime::network::detach(&id)
+                .with_context(|| format!("release the network of container {id}"))?;
+        }
         RuntimeCommand::Exec {
             env,
             cwd,

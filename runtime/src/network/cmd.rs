@@ -241,8 +241,8 @@ fn sysctl(key: &str, value: &str) -> Result<()> {
 }
 
 /// The bridge and its table, made if missing; returns the subnet it serves (an existing
-/// bridge keeps its own address).
-pub(super) fn ensure_bridge(cfg: &BridgeConfig) -> Result<Ipv4Cidr> {
+/// bridge keeps its own address) and whether it was made now.
+pub(super) fn ensure_bridge(cfg: &BridgeConfig) -> Result<(Ipv4Cidr, bool)> {
     let found = link_address(&cfg.name)?;
     let existed = found.is_some();
     let subnet = match found.flatten() {
@@ -283,7 +283,7 @@ pub(super) fn ensure_bridge(cfg: &BridgeConfig) -> Result<Ipv4Cidr> {
     if !existed || !table_exists(&cfg.table()) {
         nft("program the bridge's table", &table_script(cfg, subnet))?;
     }
-    Ok(subnet)
+    Ok((subnet, !existed))
 }
 
 /// shoal's table for a bridge: DNAT of published ports (from other hosts and from this one),

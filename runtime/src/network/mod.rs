@@ -505,7 +505,12 @@ fn attach_bridge(
     att: &mut Attachment,
 ) -> Result<()> {
     let _lock = lock_state(state)?;
-    let subnet = cmd::ensure_bridge(cfg)?;
+    let (subnet, made) = cmd::ensure_bridge(cfg)?;
+    if made {
+        // No container of this namespace can be on a bridge that did not exist: what the
+        // state dir still lists is left from a namespace that had this inode before.
+        purge(state)?;
+    }
     let address = allocate_address(cfg, state, subnet, id)?;
     let veth = veth_name(id);
     att.bridge = Some(cfg.name.clone());
@@ -569,6 +574,21 @@ fn allocate_address(
         bridge: cfg.name.clone(),
         subnet: subnet.to_string(),
     })
+}
+
+/// Forgets every address and port reservation of a state dir (its lock held).
+pub(super) fn purge(state: &Path) -> Result<()> {
+    for d in ["ip", "ports"] {
+        for e in std::fs::read_dir(state.join(d))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            std::fs::remove_file(e.path())
+                .map_err(io_err(format!("remove {}", e.path().display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Files in `dir` whose content names `id` first.

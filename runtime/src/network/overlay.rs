@@ -133,6 +133,11 @@ pub(super) fn join(
     for (i, o) in overlays.iter().enumerate() {
         let state = state_dir(o.vni)?;
         let _lock = lock_state(&state)?;
+        if !cmd::link_exists(&vxlan_name(o.vni)) {
+            // Members listed for an overlay this namespace does not have are left from a
+            // namespace that had this inode before.
+            super::purge(&state)?;
+        }
         let mtu = ensure(o.vni, peers)?;
         let member = state.join("ip").join(o.address.to_string());
         std::fs::write(&member, id).map_err(io_err(format!("write {}", member.display())))?;
