@@ -53,9 +53,9 @@ up() {
   tar -C "$dir/rootfs" -cf "$dir/busybox.tar" .
   "$bin" image import "$dir/busybox.tar" busybox:latest
 
-  # A web server published on the node's port 8080 (host mode), and three workers.
+  # A web server published on port 8080 through the routing mesh, and three workers.
   "$bin" service create --name web --stop-grace-period 2s \
-    --publish published=8080,target=80,mode=host busybox:latest \
+    --publish 8080:80 busybox:latest \
     sh -c 'echo "hello from $(hostname)" >/tmp/index.html; exec httpd -f -p 80 -h /tmp'
   "$bin" service create --name ticker --replicas 3 --stop-grace-period 2s busybox:latest \
     sh -c 'while true; do echo "tick from $(hostname)"; sleep 5; done'
