@@ -63,6 +63,8 @@ impl Drop for Cleanup {
             if let Ok(c) = Container::load(&self.0, &s.id) {
                 let _ = c.delete(true);
             }
+            // And the network the executor gave it (the agent is gone by now).
+            let _ = shoal_runtime::network::detach(&s.id);
         }
     }
 }

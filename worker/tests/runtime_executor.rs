@@ -95,6 +95,8 @@ impl Drop for Node {
             if let Ok(c) = Container::load(&self.state_root, &s.id) {
                 let _ = c.delete(true);
             }
+            // And the network the executor gave it (the agent is gone by now).
+            let _ = shoal_runtime::network::detach(&s.id);
         }
     }
 }
@@ -217,4 +219,11 @@ async fn a_failed_create_reports_the_runtime_error() {
     );
     assert!(!msg.contains('\n'), "one line: {msg:?}");
     assert!(blocker.path().is_file(), "the create made nothing there");
+    // Nor is the network it was given kept.
+    let ns = shoal_runtime::network::netns_path(&id);
+    assert!(!ns.exists(), "{} left behind", ns.display());
+    assert!(
+        !ns.with_extension("json").exists(),
+        "the namespace's owner file left behind"
+    );
 }
