@@ -248,6 +248,8 @@ impl Drop for Cluster {
         }
         for n in &self.nodes {
             n.remove_containers();
+            // Networks of containers a killed agent was still making.
+            shoal_runtime::network::release_all(&n.data().join("containers"));
         }
     }
 }

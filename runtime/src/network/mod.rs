@@ -673,6 +673,16 @@ fn detach_bridge(id: &str, state: &Path, bridge: &str) -> Result<()> {
 /// its directory is gone (whoever removed it crashed first, say). Returns how many. Other
 /// data dirs' containers are their agents' to sweep.
 pub fn sweep(containers_dir: &Path) -> usize {
+    release(containers_dir, true)
+}
+
+/// Detach every container of `containers_dir` that has a network, gone or not (a node torn
+/// down: its agent killed, its containers deleted). Returns how many.
+pub fn release_all(containers_dir: &Path) -> usize {
+    release(containers_dir, false)
+}
+
+fn release(containers_dir: &Path, only_gone: bool) -> usize {
     let mut n = 0;
     for e in std::fs::read_dir(netns_dir())
         .into_iter()
@@ -689,7 +699,9 @@ pub fn sweep(containers_dir: &Path) -> usize {
         else {
             continue;
         };
-        if owner.container_dir.parent() == Some(containers_dir) && !owner.container_dir.exists() {
+        if owner.container_dir.parent() == Some(containers_dir)
+            && !(only_gone && owner.container_dir.exists())
+        {
             match detach(id) {
                 Ok(()) => n += 1,
                 Err(e) => tracing::warn!(%id, "release a dead container's network: {e}"),
