@@ -756,16 +756,11 @@ fn published_ports_answer_other_hosts() {
     assert!(fetch(h2, &url).is_none() && fetch(h2, &svc).is_none());
 }
 
-/// The tasks of a service on a cluster network: one per host, each with its own address from
-/// the network's subnet; a task on one host fetches the other host's task by that address over
-/// the VXLAN overlay, and a task on another network cannot reach it.
-#[test]
-fn tasks_on_an_overlay_reach_each_other_across_hosts() {
-    let tb = up(2);
-    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+/// A cluster of two test hosts: h1 its manager, h2 a worker, busybox imported on both. Names
+/// the cluster does not know resolve nowhere (no DNS traffic off the test hosts).
+fn two_node_cluster(h1: &Host, h2: &Host) {
     for h in [h1, h2] {
         h.import_busybox("busybox:latest").expect("import");
-        // Names the cluster does not know go nowhere (no traffic off the test hosts).
         h.spawn_agent(&["--dns-upstream", "none"]).expect("agent");
     }
     ok_out(h1.shoal(&["cluster", "init"]).expect("init"));
@@ -773,16 +768,21 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
         h1.shoal(&["cluster", "join-token", "-q", "worker"])
             .expect("token"),
     );
+    let manager = h1.agent_addr().to_string();
     ok_out(
-        h2.shoal(&[
-            "cluster",
-            "join",
-            "--token",
-            token.trim(),
-            &h1.agent_addr().to_string(),
-        ])
-        .expect("join"),
+        h2.shoal(&["cluster", "join", "--token", token.trim(), &manager])
+            .expect("join"),
     );
+}
+
+/// The tasks of a service on a cluster network: one per host, each with its own address from
+/// the network's subnet; a task on one host fetches the other host's task by that address over
+/// the VXLAN overlay, and a task on another network cannot reach it.
+#[test]
+fn tasks_on_an_overlay_reach_each_other_across_hosts() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    two_node_cluster(h1, h2);
     ok_out(
         h1.shoal(&["network", "create", "backend"])
             .expect("network"),
@@ -1018,25 +1018,7 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
 fn an_ingress_port_answers_on_every_node() {
     let tb = up(2);
     let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
-    for h in [h1, h2] {
-        h.import_busybox("busybox:latest").expect("import");
-        h.spawn_agent(&["--dns-upstream", "none"]).expect("agent");
-    }
-    ok_out(h1.shoal(&["cluster", "init"]).expect("init"));
-    let token = ok_out(
-        h1.shoal(&["cluster", "join-token", "-q", "worker"])
-            .expect("token"),
-    );
-    ok_out(
-        h2.shoal(&[
-            "cluster",
-            "join",
-            "--token",
-            token.trim(),
-            &h1.agent_addr().to_string(),
-        ])
-        .expect("join"),
-    );
+    two_node_cluster(h1, h2);
     let web =
         "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; exec httpd -f -p 80 -h /www";
     let only_h1 = format!("node.hostname=={}", h1.name());
