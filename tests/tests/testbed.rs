@@ -956,33 +956,35 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
         !pool.iter().any(|ip| lookup.contains(ip.as_str())) && lookup.contains("10.0.0."),
         "pool should resolve to its VIP, not a task: {lookup}"
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = task_exec(
-            &web_tasks[0].0,
-            &[
-                "timeout",
-                "60",
-                "sh",
-                "-c",
-                "for i in $(seq 30); do wget -q -O - http://pool/; done",
-            ],
-        )
-        .unwrap_or_default();
-        let seen: std::collections::HashSet<&str> = out
-            .lines()
-            .filter(|l| l.starts_with("hello-from-"))
-            .collect();
-        if seen.len() == 3 {
-            break;
+    // `n` connections through the VIP, until they reach `want` distinct tasks.
+    let reaches = |n: usize, want: usize| {
+        let script = format!("for i in $(seq {n}); do wget -q -O - http://pool/; done");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = task_exec(&web_tasks[0].0, &["timeout", "60", "sh", "-c", &script])
+                .unwrap_or_default();
+            let seen: std::collections::HashSet<&str> = out
+                .lines()
+                .filter(|l| l.starts_with("hello-from-"))
+                .collect();
+            if seen.len() == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} connections reached {} tasks, not {want}: {out}",
+                seen.len()
+            );
+            sleep(Duration::from_millis(500));
         }
-        assert!(
-            Instant::now() < deadline,
-            "30 connections reached {} tasks: {out}",
-            seen.len()
-        );
-        sleep(Duration::from_millis(500));
-    }
+    };
+    reaches(30, 3);
+    // Scaled up, the new task gets connections too.
+    ok_out(
+        h1.shoal(&["service", "scale", "pool=4"])
+            .expect("scale pool"),
+    );
+    reaches(40, 4);
     ok_out(h1.shoal(&["service", "rm", "pool"]).expect("rm pool"));
 
     // Another network is another segment, and its names are not ours.
