@@ -1087,3 +1087,106 @@ fn an_ingress_port_answers_on_every_node() {
     }
     assert!(fetch(h2, &format!("http://{}:8080/", h1.addr())).is_none());
 }
+
+/// A node cut off from the cluster: once it is seen down, connections to the service's VIP
+/// go only to the tasks on the nodes that are left (a task whose node is lost is no endpoint).
+#[test]
+fn a_lost_node_s_tasks_leave_the_virtual_ip() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    two_node_cluster(h1, h2);
+    ok_out(
+        h1.shoal(&["network", "create", "backend"])
+            .expect("network"),
+    );
+    let web =
+        "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; exec httpd -f -p 80 -h /www";
+    let on_h1 = format!("node.hostname=={}", h1.name());
+    for (name, replicas, extra) in [
+        ("pool", "2", vec!["--replicas-max-per-node", "1"]),
+        ("client", "1", vec!["--constraint", on_h1.as_str()]),
+    ] {
+        let mut args = vec![
+            "service",
+            "create",
+            "--name",
+            name,
+            "--replicas",
+            replicas,
+            "--network",
+            "backend",
+            "--stop-grace-period",
+            "1s",
+        ];
+        args.extend(extra);
+        args.extend(["busybox:latest", "sh", "-c", web]);
+        ok_out(h1.shoal(&args).expect("service create"));
+    }
+    let running = |svc: &str| -> Vec<(String, String)> {
+        let out = ok_out(
+            h1.shoal(&["service", "ps", "--format", "json", svc])
+                .expect("ps"),
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .filter(|t| t["Status"]["State"] == "running" && t["DesiredState"] == "running")
+            .map(|t| {
+                (
+                    t["ID"].as_str().unwrap_or("").to_string(),
+                    t["NodeID"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running("pool").len() < 2 || running("client").len() < 1 {
+        assert!(Instant::now() < deadline, "services did not start");
+        sleep(Duration::from_millis(300));
+    }
+    let client = running("client")[0].0.clone();
+    let client_node = running("client")[0].1.clone();
+    let local: Vec<String> = running("pool")
+        .into_iter()
+        .filter(|(_, n)| *n == client_node)
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(local.len(), 1, "one pool task on the client's node");
+    let hello_local = format!("hello-from-{}", &local[0][..12]);
+    let root = h1.data_dir().join("containers/.tasks");
+    let ten = |expect_only: Option<&str>| -> bool {
+        let out = h1
+            .shoal(&[
+                "runtime",
+                "--root",
+                root.to_str().unwrap(),
+                "exec",
+                &client,
+                "timeout",
+                "30",
+                "sh",
+                "-c",
+                "for i in $(seq 10); do timeout 2 wget -q -O - http://pool/ || echo failed; done",
+            ])
+            .expect("exec");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines.len() == 10
+            && lines
+                .iter()
+                .all(|l| expect_only.map_or(l.starts_with("hello-from-"), |e| l.trim() == e))
+    };
+    assert!(ten(None), "the pool does not answer before the cut");
+    // h2 is cut off: its agent and its task are unreachable from h1.
+    tb.partition(&[&[1], &[2]]).expect("partition");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ten(Some(&hello_local)) {
+        assert!(
+            Instant::now() < deadline,
+            "connections still go to the lost node's task"
+        );
+        sleep(Duration::from_millis(500));
+    }
+    tb.heal().expect("heal");
+}
