@@ -1141,7 +1141,7 @@ fn a_lost_node_s_tasks_leave_the_virtual_ip() {
             .collect()
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while running("pool").len() < 2 || running("client").len() < 1 {
+    while running("pool").len() < 2 || running("client").is_empty() {
         assert!(Instant::now() < deadline, "services did not start");
         sleep(Duration::from_millis(300));
     }
