@@ -700,6 +700,58 @@ fn ok_out(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// What a service task is: `WEB` serves its own hostname (the task's short id).
+const WEB: &str =
+    "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; exec httpd -f -p 80 -h /www";
+
+/// Waits (bounded) until none of the links, namespaces' devices or nftables tables shoal makes
+/// for containers, cluster networks and the mesh is left in `hosts`.
+fn assert_no_shoal_network(hosts: &[&Host]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for h in hosts {
+        loop {
+            let links = ok_out(h.exec(&["ip", "-o", "link"]).expect("ip link"));
+            let tables = ok_out(h.exec(&["nft", "list", "tables"]).expect("nft"));
+            let left = ["shoal0", "shv", "shx", "shb", ": so"]
+                .iter()
+                .any(|l| links.contains(l))
+                || tables.contains("shoal_");
+            if !left {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left in {}: {links}{tables}",
+                h.name()
+            );
+            sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+/// The running tasks of `svc` (desired and observed), as (id, node id, first cluster address).
+fn running_tasks(h: &Host, svc: &str) -> Vec<(String, String, String)> {
+    let out = ok_out(
+        h.shoal(&["service", "ps", "--format", "json", svc])
+            .expect("ps"),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .filter(|t| t["Status"]["State"] == "running" && t["DesiredState"] == "running")
+        .map(|t| {
+            let field = |f: &serde_json::Value| f.as_str().unwrap_or("").to_string();
+            let addr = field(&t["NetworksAttachments"][0]["Addresses"][0]);
+            (
+                field(&t["ID"]),
+                field(&t["NodeID"]),
+                addr.split('/').next().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
 /// A container's published port and a service task's host-mode port answer another host
 /// through the first host's address (DNAT in the host's own namespace), and both go away with
 /// what published them.
@@ -743,16 +795,7 @@ fn published_ports_answer_other_hosts() {
 
     ok_out(h1.shoal(&["rm", "-f", id.trim()]).expect("rm"));
     ok_out(h1.shoal(&["service", "rm", "svc"]).expect("service rm"));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let links = ok_out(h1.exec(&["ip", "-o", "link"]).expect("ip link"));
-        let tables = ok_out(h1.exec(&["nft", "list", "tables"]).expect("nft"));
-        if !links.contains("shoal0") && !links.contains("shv") && !tables.contains("shoal_") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "left in h1: {links}{tables}");
-        sleep(Duration::from_millis(200));
-    }
+    assert_no_shoal_network(&[h1]);
     assert!(fetch(h2, &url).is_none() && fetch(h2, &svc).is_none());
 }
 
@@ -788,8 +831,7 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
             .expect("network"),
     );
     ok_out(h1.shoal(&["network", "create", "other"]).expect("network"));
-    let web =
-        "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; exec httpd -f -p 80 -h /www";
+    let web = WEB;
     for (name, net) in [("web", "backend"), ("lonely", "other")] {
         ok_out(
             h1.shoal(&[
@@ -813,31 +855,7 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
             .expect("service create"),
         );
     }
-    let tasks = |svc: &str| -> Vec<(String, String, String)> {
-        let out = ok_out(
-            h1.shoal(&["service", "ps", "--format", "json", svc])
-                .expect("ps"),
-        );
-        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-        v.as_array()
-            .expect("array")
-            .iter()
-            .filter(|t| t["Status"]["State"] == "running")
-            .map(|t| {
-                (
-                    t["ID"].as_str().unwrap_or("").to_string(),
-                    t["NodeID"].as_str().unwrap_or("").to_string(),
-                    t["NetworksAttachments"][0]["Addresses"][0]
-                        .as_str()
-                        .unwrap_or("")
-                        .split('/')
-                        .next()
-                        .unwrap_or("")
-                        .to_string(),
-                )
-            })
-            .collect()
-    };
+    let tasks = |svc: &str| running_tasks(h1, svc);
     let deadline = Instant::now() + Duration::from_secs(30);
     let web_tasks = loop {
         let t = tasks("web");
@@ -997,17 +1015,7 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
 
     // Removing the services takes the overlay devices with the last task.
     ok_out(h1.shoal(&["service", "rm", "web", "lonely"]).expect("rm"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for h in [h1, h2] {
-        loop {
-            let links = ok_out(h.exec(&["ip", "-o", "link"]).expect("ip link"));
-            if !links.contains("shx") && !links.contains("shb") && !links.contains(" so") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "left in {}: {links}", h.name());
-            sleep(Duration::from_millis(300));
-        }
-    }
+    assert_no_shoal_network(&[h1, h2]);
     ok_out(
         h1.shoal(&["network", "rm", "backend", "other"])
             .expect("network rm"),
@@ -1021,8 +1029,7 @@ fn an_ingress_port_answers_on_every_node() {
     let tb = up(2);
     let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
     two_node_cluster(h1, h2);
-    let web =
-        "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; exec httpd -f -p 80 -h /www";
+    let web = WEB;
     let only_h1 = format!("node.hostname=={}", h1.name());
     ok_out(
         h1.shoal(&[
@@ -1069,22 +1076,7 @@ fn an_ingress_port_answers_on_every_node() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already published by service web"));
 
     ok_out(h1.shoal(&["service", "rm", "web"]).expect("rm"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for h in [h1, h2] {
-        loop {
-            let links = ok_out(h.exec(&["ip", "-o", "link"]).expect("ip link"));
-            let tables = ok_out(h.exec(&["nft", "list", "tables"]).expect("nft"));
-            if !links.contains("shoal0") && !links.contains("shx") && !tables.contains("shoal_") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "left in {}: {links}{tables}",
-                h.name()
-            );
-            sleep(Duration::from_millis(300));
-        }
-    }
+    assert_no_shoal_network(&[h1, h2]);
     assert!(fetch(h2, &format!("http://{}:8080/", h1.addr())).is_none());
 }
 
@@ -1099,8 +1091,7 @@ fn a_lost_node_s_tasks_leave_the_virtual_ip() {
         h1.shoal(&["network", "create", "backend"])
             .expect("network"),
     );
-    let web =
-        "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; exec httpd -f -p 80 -h /www";
+    let web = WEB;
     let on_h1 = format!("node.hostname=={}", h1.name());
     for (name, replicas, extra) in [
         ("pool", "2", vec!["--replicas-max-per-node", "1"]),
@@ -1122,24 +1113,7 @@ fn a_lost_node_s_tasks_leave_the_virtual_ip() {
         args.extend(["busybox:latest", "sh", "-c", web]);
         ok_out(h1.shoal(&args).expect("service create"));
     }
-    let running = |svc: &str| -> Vec<(String, String)> {
-        let out = ok_out(
-            h1.shoal(&["service", "ps", "--format", "json", svc])
-                .expect("ps"),
-        );
-        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-        v.as_array()
-            .expect("array")
-            .iter()
-            .filter(|t| t["Status"]["State"] == "running" && t["DesiredState"] == "running")
-            .map(|t| {
-                (
-                    t["ID"].as_str().unwrap_or("").to_string(),
-                    t["NodeID"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect()
-    };
+    let running = |svc: &str| running_tasks(h1, svc);
     let deadline = Instant::now() + Duration::from_secs(30);
     while running("pool").len() < 2 || running("client").is_empty() {
         assert!(Instant::now() < deadline, "services did not start");
@@ -1149,8 +1123,8 @@ fn a_lost_node_s_tasks_leave_the_virtual_ip() {
     let client_node = running("client")[0].1.clone();
     let local: Vec<String> = running("pool")
         .into_iter()
-        .filter(|(_, n)| *n == client_node)
-        .map(|(id, _)| id)
+        .filter(|(_, n, _)| *n == client_node)
+        .map(|(id, _, _)| id)
         .collect();
     assert_eq!(local.len(), 1, "one pool task on the client's node");
     let hello_local = format!("hello-from-{}", &local[0][..12]);

@@ -605,13 +605,7 @@ impl Control for ControlService {
             .map_err(store_status)?
             .into_iter()
             .filter_map(|n| n.status)
-            .filter_map(|st| {
-                st.addr
-                    .parse::<std::net::SocketAddr>()
-                    .map(|a| a.ip())
-                    .or_else(|_| st.addr.parse::<std::net::IpAddr>())
-                    .ok()
-            })
+            .filter_map(|st| crate::dispatcher::node_ip(&st.addr))
             .filter_map(|ip| match ip {
                 std::net::IpAddr::V4(v4) => Some(v4),
                 std::net::IpAddr::V6(_) => None,

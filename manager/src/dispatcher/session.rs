@@ -36,11 +36,13 @@ fn is_ingress(p: &pb::PortConfig) -> bool {
 /// The routing mesh as `node` serves it: its own ingress address and, per port published in
 /// ingress mode, the service's running tasks on the ingress network. `None` while no service
 /// publishes one (no node then keeps an ingress sandbox).
-fn ingress(store: &Store, node: &str) -> Result<Option<pb::Ingress>, Status> {
-    let services: Vec<pb::Service> = store
-        .list_services()
-        .map_err(|e| Status::internal(format!("reading the services: {e}")))?
-        .into_iter()
+fn ingress(
+    store: &Store,
+    node: &str,
+    services: &[pb::Service],
+) -> Result<Option<pb::Ingress>, Status> {
+    let services: Vec<&pb::Service> = services
+        .iter()
         .filter(|s| {
             s.spec
                 .as_ref()
@@ -116,7 +118,11 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
         .iter()
         .flat_map(|t| t.networks.iter().map(|a| a.network_id.clone()))
         .collect();
-    let ingress = ingress(store, node)?;
+    // Read once: the mesh and the virtual IPs both come from the services.
+    let services = store
+        .list_services()
+        .map_err(|e| Status::internal(format!("reading the services: {e}")))?;
+    let ingress = ingress(store, node, &services)?;
     if mine.is_empty() {
         return Ok(pb::ServiceRecords {
             services: Vec::new(),
@@ -145,10 +151,7 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
     }
     // Virtual IPs: services in endpoint mode vip, on the networks that matter here.
     let mut vips: std::collections::BTreeMap<(String, String), String> = Default::default();
-    for svc in store
-        .list_services()
-        .map_err(|e| Status::internal(format!("reading the services: {e}")))?
-    {
+    for svc in &services {
         let name = svc.spec.as_ref().map_or(String::new(), |s| s.name.clone());
         for v in svc
             .virtual_ips
@@ -178,6 +181,22 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
     })
 }
 
+/// The IP of a node's recorded address (`NodeStatus.addr`: an IP, or IP:port).
+pub(crate) fn node_ip(addr: &str) -> Option<std::net::IpAddr> {
+    addr.parse::<std::net::SocketAddr>()
+        .map(|s| s.ip())
+        .or_else(|_| addr.parse::<std::net::IpAddr>())
+        .ok()
+}
+
+/// Hands `event()` to every session.
+fn send_all<B: Backend>(inner: &Inner<B>, event: impl Fn() -> SessionEvent) {
+    let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
+    for node in nodes {
+        send(inner, &node, event());
+    }
+}
+
 /// The underlay addresses (IPs, no ports) of every node but `me`, sorted.
 fn peers(store: &Store, me: &str) -> Result<Vec<String>, Status> {
     let mut out: Vec<String> = store
@@ -185,13 +204,8 @@ fn peers(store: &Store, me: &str) -> Result<Vec<String>, Status> {
         .map_err(|e| Status::internal(format!("reading the nodes: {e}")))?
         .into_iter()
         .filter(|n| n.meta.as_ref().is_some_and(|m| m.id != me))
-        .filter_map(|n| n.status.map(|s| s.addr))
-        .filter_map(|a| {
-            a.parse::<std::net::SocketAddr>()
-                .map(|s| s.ip().to_string())
-                .ok()
-                .or_else(|| a.parse::<std::net::IpAddr>().ok().map(|i| i.to_string()))
-        })
+        .filter_map(|n| n.status.and_then(|s| node_ip(&s.addr)))
+        .map(|ip| ip.to_string())
         .collect();
     out.sort();
     out.dedup();
@@ -229,10 +243,8 @@ pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast
         match (ev.action, ev.object) {
             (Action::Delete, Object::Task(t)) => {
                 if !t.networks.is_empty() {
-                    let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
-                    for node in nodes {
-                        send(&inner, &node, SessionEvent::Records);
-                    }
+                    // Service discovery on its networks may have changed for every node.
+                    send_all(&inner, || SessionEvent::Records);
                 }
                 let id = task_id(&t).to_string();
                 let node = placed.remove(&id).unwrap_or_else(|| t.node_id.clone());
@@ -241,10 +253,7 @@ pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast
             (_, Object::Task(t)) => {
                 if !t.networks.is_empty() {
                     // Service discovery on its networks may have changed for every node.
-                    let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
-                    for node in nodes {
-                        send(&inner, &node, SessionEvent::Records);
-                    }
+                    send_all(&inner, || SessionEvent::Records);
                 }
                 let id = task_id(&t).to_string();
                 if let Some(old) = placed.get(&id) {
@@ -268,10 +277,7 @@ pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast
                         .is_some_and(|s| s.ports.iter().any(is_ingress)) =>
             {
                 // A virtual IP came, went or moved: every node's records may follow.
-                let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
-                for node in nodes {
-                    send(&inner, &node, SessionEvent::Records);
-                }
+                send_all(&inner, || SessionEvent::Records);
             }
             (action, Object::Node(n)) => {
                 if action == Action::Delete {
@@ -282,10 +288,7 @@ pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast
                     }
                 }
                 // Every node's overlay forwarding follows the node list.
-                let nodes: Vec<String> = lock(&inner.sessions).keys().cloned().collect();
-                for node in nodes {
-                    send(&inner, &node, SessionEvent::Peers);
-                }
+                send_all(&inner, || SessionEvent::Peers);
             }
             _ => {}
         }

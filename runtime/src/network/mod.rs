@@ -378,12 +378,16 @@ fn owner_path(id: &str) -> PathBuf {
 
 /// The state dir of `bridge` in this process's network namespace.
 pub(super) fn state_dir(bridge: &str) -> Result<PathBuf> {
-    let ino = std::fs::metadata("/proc/thread-self/ns/net")
-        .map_err(io_err("read this network namespace"))?
-        .ino();
     Ok(Path::new(RUN_DIR)
         .join("net")
-        .join(format!("{bridge}@{ino}")))
+        .join(format!("{bridge}@{}", netns_ino()?)))
+}
+
+/// The inode of this thread's network namespace: what keys its state dirs.
+pub(super) fn netns_ino() -> Result<u64> {
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(io_err("read this network namespace"))?
+        .ino())
 }
 
 /// An exclusive lock on a bridge's state dir (made if missing).

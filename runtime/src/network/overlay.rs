@@ -49,8 +49,7 @@ fn veth_name(id: &str, index: usize) -> String {
 
 /// The state dir of overlay `vni` in this network namespace (members under `ip/`).
 pub(super) fn state_dir(vni: u32) -> Result<PathBuf> {
-    let base = super::state_dir(&format!("ov{vni}"))?;
-    Ok(base)
+    super::state_dir(&format!("ov{vni}"))
 }
 
 /// The MTU of the overlay: the underlay's less VXLAN's overhead.
@@ -207,11 +206,7 @@ pub(super) fn leave(id: &str, states: &[PathBuf]) -> Result<()> {
 /// Programs `peers` on every overlay this node's namespace has (the dispatcher's list changed).
 pub fn set_peers(peers: &[Ipv4Addr]) -> Result<()> {
     let dir = Path::new(super::RUN_DIR).join("net");
-    let ino_suffix = super::state_dir("x")?
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.split_once('@').map(|(_, i)| format!("@{i}")))
-        .unwrap_or_default();
+    let ino_suffix = format!("@{}", super::netns_ino()?);
     let mut first_err = None;
     for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
