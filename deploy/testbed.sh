@@ -357,7 +357,11 @@ host_pids() {
 			done
 		done
 	} | sort -un | while read -r pid; do
-		[[ $pid != "$$" && $pid != "$BASHPID" ]] && alive "$pid" && echo "$pid"
+		# An `if`, not `&&`: a last pid that is not alive (a zombie) must not make the loop,
+		# and so this function, fail (under set -e the caller would stop without a word).
+		if [[ $pid != "$$" && $pid != "$BASHPID" ]] && alive "$pid"; then
+			echo "$pid"
+		fi
 	done
 }
 
