@@ -18,6 +18,9 @@ use shoal_proto::v1::control_client::ControlClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Status};
 
+use shoal_tests::cluster::{shoal_at, ClusterBuilder, Launch, Member};
+use shoal_tests::testbed::TestbedError;
+
 use crate::etcd::Etcd;
 use crate::stats::{ms, percentile};
 
@@ -169,6 +172,14 @@ impl Proc {
         })
     }
 
+    /// Takes charge of a started `child`.
+    pub fn adopt(child: Child, what: &str) -> Proc {
+        Proc {
+            child,
+            what: what.to_string(),
+        }
+    }
+
     /// Its pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -303,11 +314,30 @@ pub(crate) trait Side {
 
 /// One `shoal agent` process and where it keeps things.
 struct Agent {
+    bin: PathBuf,
     host: String,
     addr: String,
     dir: PathBuf,
     socket: PathBuf,
     proc: Option<Proc>,
+}
+
+impl Member for Agent {
+    fn label(&self) -> String {
+        self.host.clone()
+    }
+
+    fn join_addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    fn advertise(&self) -> Option<String> {
+        Some(self.addr.clone())
+    }
+
+    fn shoal(&self, args: &[&str]) -> Result<std::process::Output, TestbedError> {
+        shoal_at(&self.bin, &self.socket, args)
+    }
 }
 
 /// Three `shoal agent` managers on 127.0.0.1.
@@ -372,6 +402,7 @@ impl Shoal {
             let dir = root.join(format!("shoal{i}"));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             s.agents.push(Agent {
+                bin: bin.to_path_buf(),
                 host: format!("bench-m{i}"),
                 addr: format!("127.0.0.1:{}", free_port()?),
                 socket: dir.join("shoal.sock"),
@@ -382,13 +413,11 @@ impl Shoal {
         for i in 0..MEMBERS {
             s.spawn(i).await?;
         }
-        let first = s.agents[0].addr.clone();
-        s.cli(0, &["cluster", "init", "--advertise-addr", &first])?;
-        let token = s.cli(0, &["cluster", "join-token", "manager", "-q"])?;
-        let token = token.trim().to_string();
-        for i in 1..MEMBERS {
-            s.cli(i, &["cluster", "join", "--token", &token, &first])?;
-        }
+        let members: Vec<&dyn Member> = s.agents.iter().map(|a| a as &dyn Member).collect();
+        ClusterBuilder::new()
+            .managers(MEMBERS)
+            .form(&members)
+            .context("forming the shoal cluster")?;
         s.wait_healthy(STARTUP_TIMEOUT)
             .await
             .context("the shoal managers did not come up")?;
@@ -426,37 +455,15 @@ impl Shoal {
 
     async fn spawn(&mut self, i: usize) -> Result<()> {
         let a = &self.agents[i];
-        let log_path = a.dir.join("agent.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(["agent", "--listen-addr", &a.addr, "--hostname", &a.host])
-            .arg("--data-dir")
-            .arg(a.dir.join("data"))
-            .arg("--socket")
-            .arg(&a.socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let what = format!("shoal agent {}", a.host);
-        let socket = a.socket.clone();
-        let mut proc = Proc::spawn(&mut cmd, &what)?;
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        // A socket file left by a killed agent stays until the new one replaces it: wait for
-        // one that accepts.
-        while tokio::net::UnixStream::connect(&socket).await.is_err() {
-            if let Some(why) = proc.exited() {
-                bail!("{why} (see {})", log_path.display());
-            }
-            if Instant::now() >= deadline {
-                bail!("{what} did not open its socket in {STARTUP_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let child = Launch {
+            bin: &self.bin,
+            hostname: &a.host,
+            listen: &a.addr,
+            dir: &a.dir,
+            args: &[],
         }
-        self.agents[i].proc = Some(proc);
+        .spawn()?;
+        self.agents[i].proc = Some(Proc::adopt(child, &format!("shoal agent {}", a.host)));
         Ok(())
     }
 

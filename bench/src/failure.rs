@@ -14,8 +14,10 @@ use crate::cluster::{free_port, Proc};
 use crate::services::{run, shoal_bin};
 use crate::stats::percentile;
 use anyhow::{bail, Context, Result};
+use shoal_tests::cluster::{self, ClusterBuilder, Launch};
+use shoal_tests::testbed::TestbedError;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// How often the manager is polled (each poll is one CLI process and one RPC).
@@ -65,6 +67,30 @@ impl Node {
 
     fn runtime_root(&self) -> PathBuf {
         self.data().join(TASK_RUNTIME_DIR)
+    }
+}
+
+/// A node as the cluster builder sees it.
+struct Member<'a> {
+    bin: &'a Path,
+    n: &'a Node,
+}
+
+impl cluster::Member for Member<'_> {
+    fn label(&self) -> String {
+        self.n.host.clone()
+    }
+
+    fn join_addr(&self) -> String {
+        self.n.addr.clone()
+    }
+
+    fn advertise(&self) -> Option<String> {
+        Some(self.n.addr.clone())
+    }
+
+    fn shoal(&self, args: &[&str]) -> Result<std::process::Output, TestbedError> {
+        cluster::shoal_at(self.bin, &self.n.socket, args)
     }
 }
 
@@ -124,67 +150,27 @@ impl Cluster {
         for i in 0..c.nodes.len() {
             c.spawn(i)?;
         }
-        let first = c.nodes[MANAGER].addr.clone();
-        c.cli(MANAGER, &["cluster", "init", "--advertise-addr", &first])?;
-        let token = c.cli(MANAGER, &["cluster", "join-token", "worker", "-q"])?;
-        let token = token.trim().to_string();
-        for i in 1..c.nodes.len() {
-            let addr = c.nodes[i].addr.clone();
-            c.cli(
-                i,
-                &[
-                    "cluster",
-                    "join",
-                    "--token",
-                    &token,
-                    "--advertise-addr",
-                    &addr,
-                    &first,
-                ],
-            )?;
-        }
-        let t = Instant::now();
-        while !c.all_ready()? {
-            if t.elapsed() > STARTUP_TIMEOUT {
-                bail!("the 3 nodes are not Ready after {STARTUP_TIMEOUT:?}");
-            }
-            std::thread::sleep(POLL);
-        }
+        let members: Vec<Member<'_>> = c.nodes.iter().map(|n| Member { bin, n }).collect();
+        let members: Vec<&dyn cluster::Member> =
+            members.iter().map(|m| m as &dyn cluster::Member).collect();
+        ClusterBuilder::new()
+            .wait_ready(STARTUP_TIMEOUT)
+            .form(&members)
+            .context("forming the cluster")?;
         Ok(c)
     }
 
     fn spawn(&mut self, i: usize) -> Result<()> {
         let n = &self.nodes[i];
-        let log_path = n.dir.join("agent.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(["agent", "--listen-addr", &n.addr, "--hostname", &n.host])
-            .arg("--data-dir")
-            .arg(n.data())
-            .arg("--socket")
-            .arg(&n.socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let what = format!("shoal agent {}", n.host);
-        let mut proc = Proc::spawn(&mut cmd, &what)?;
-        let t = Instant::now();
-        // A killed agent's socket file stays until the new agent replaces it: wait for one that
-        // accepts.
-        while std::os::unix::net::UnixStream::connect(&n.socket).is_err() {
-            if let Some(why) = proc.exited() {
-                bail!("{why} (see {})", log_path.display());
-            }
-            if t.elapsed() > STARTUP_TIMEOUT {
-                bail!("{what} did not open its socket in {STARTUP_TIMEOUT:?}");
-            }
-            std::thread::sleep(POLL);
+        let child = Launch {
+            bin: &self.bin,
+            hostname: &n.host,
+            listen: &n.addr,
+            dir: &n.dir,
+            args: &[],
         }
-        self.nodes[i].proc = Some(proc);
+        .spawn()?;
+        self.nodes[i].proc = Some(Proc::adopt(child, &format!("shoal agent {}", n.host)));
         Ok(())
     }
 
@@ -213,11 +199,6 @@ impl Cluster {
                     .collect()
             })
             .unwrap_or_default())
-    }
-
-    fn all_ready(&self) -> Result<bool> {
-        let s = self.node_states()?;
-        Ok(s.len() == self.nodes.len() && s.iter().all(|(_, st)| st == "ready"))
     }
 
     fn state_of(&self, i: usize) -> Result<String> {

@@ -8,6 +8,8 @@
 use crate::cluster::{free_port, Proc};
 use crate::stats::percentile;
 use anyhow::{bail, Context, Result};
+use shoal_tests::cluster::{shoal_at, ClusterBuilder, Launch, Member};
+use shoal_tests::testbed::TestbedError;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -102,6 +104,7 @@ struct Round {
 
 /// One agent, a one-node cluster; its task containers are deleted and the agent killed on drop.
 pub(crate) struct ShoalNode {
+    addr: String,
     bin: PathBuf,
     dir: PathBuf,
     socket: PathBuf,
@@ -114,6 +117,7 @@ impl ShoalNode {
         let data = dir.join("data");
         std::fs::create_dir_all(&data)?;
         let mut node = ShoalNode {
+            addr,
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
             socket: dir.join("shoal.sock"),
@@ -135,42 +139,19 @@ impl ShoalNode {
             .arg("import")
             .arg(&tar)
             .arg("bb:latest"))?;
-        let log_path = dir.join("agent.log");
-        let log = std::fs::File::create(&log_path)?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["agent", "--listen-addr", &addr, "--hostname", "bench-svc"])
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--socket")
-            .arg(&node.socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let mut proc = Proc::spawn(&mut cmd, "shoal agent")?;
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&node.socket).is_err() {
-            if let Some(why) = proc.exited() {
-                bail!("{why} (see {})", log_path.display());
-            }
-            if t.elapsed() > STARTUP_TIMEOUT {
-                bail!("shoal agent did not open its socket in {STARTUP_TIMEOUT:?}");
-            }
-            std::thread::sleep(POLL);
+        let child = Launch {
+            bin,
+            hostname: "bench-svc",
+            listen: &node.addr,
+            dir,
+            args: &[],
         }
-        node.agent = Some(proc);
-        node.cli(&["cluster", "init", "--advertise-addr", &addr])?;
+        .spawn()?;
+        node.agent = Some(Proc::adopt(child, "shoal agent"));
         // The node must be ready to take tasks before the first round is timed.
-        let t = Instant::now();
-        loop {
-            let out = node.cli(&["node", "ls"]);
-            if matches!(&out, Ok(s) if s.contains("Ready")) {
-                break;
-            }
-            if t.elapsed() > STARTUP_TIMEOUT {
-                bail!("the node is not Ready after {STARTUP_TIMEOUT:?}: {out:?}");
-            }
-            std::thread::sleep(POLL);
-        }
+        ClusterBuilder::new()
+            .wait_ready(STARTUP_TIMEOUT)
+            .form(&[&node])?;
         Ok(node)
     }
 
@@ -270,6 +251,24 @@ impl ShoalNode {
                 .arg(&root)
                 .args(["delete", "-f", id]));
         }
+    }
+}
+
+impl Member for ShoalNode {
+    fn label(&self) -> String {
+        "bench-svc".to_string()
+    }
+
+    fn join_addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    fn advertise(&self) -> Option<String> {
+        Some(self.addr.clone())
+    }
+
+    fn shoal(&self, args: &[&str]) -> Result<std::process::Output, TestbedError> {
+        shoal_at(&self.bin, &self.socket, args)
     }
 }
 

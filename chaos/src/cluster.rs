@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::control_client::ControlClient;
+use shoal_tests::cluster::{ClusterBuilder, Member};
 use shoal_tests::testbed::{Host, Signal, Testbed};
 use tonic::transport::Channel;
 
@@ -24,7 +25,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(12);
 /// How long bootstrapping may wait for every node to be Ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// Tries at joining one node.
-const JOIN_ATTEMPTS: usize = 3;
+const JOIN_ATTEMPTS: u32 = 3;
 /// Where a host's worker agent keeps its task containers (under its data dir).
 const TASK_RUNTIME_DIR: &str = "containers/.tasks";
 /// Rounds of force-deleting a host's containers (a create in flight may still finish).
@@ -88,17 +89,12 @@ impl Cluster {
             h.spawn_agent(&[])
                 .with_context(|| format!("starting the agent in {}", h.name()))?;
         }
-        let h1 = c.host(1)?;
-        shoal_ok(h1, &["cluster", "init"])?;
-        let mtok = shoal_ok(h1, &["cluster", "join-token", "-q", "manager"])?;
-        let wtok = shoal_ok(h1, &["cluster", "join-token", "-q", "worker"])?;
-        let addr = h1.agent_addr().to_string();
-        for &i in c.managers.iter().skip(1) {
-            join(c.host(i)?, mtok.trim(), &addr, log)?;
-        }
-        for &i in &c.workers {
-            join(c.host(i)?, wtok.trim(), &addr, log)?;
-        }
+        let hosts: Vec<&dyn Member> = c.tb.hosts().iter().map(|h| h as &dyn Member).collect();
+        ClusterBuilder::new()
+            .managers(managers)
+            .join_attempts(JOIN_ATTEMPTS)
+            .form_logged(&hosts, log)
+            .context("forming the cluster")?;
         log("cluster formed; waiting for every node to be Ready");
         Ok(c)
     }
@@ -306,37 +302,6 @@ impl Cluster {
             })
             .collect()
     }
-}
-
-/// Joins `h` to the cluster, trying again (up to [`JOIN_ATTEMPTS`] times) when the join is
-/// refused for a passing reason (a busy machine: the new manager did not catch up in time).
-fn join(h: &Host, token: &str, addr: &str, log: &dyn Fn(&str)) -> Result<()> {
-    let mut last = None;
-    for _ in 0..JOIN_ATTEMPTS {
-        match shoal_ok(h, &["cluster", "join", "--token", token, addr]) {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                log(&format!("{e:#}; trying again"));
-                last = Some(e);
-                std::thread::sleep(Duration::from_secs(2));
-            }
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("joining {}", h.name())))
-}
-
-/// Runs the shoal CLI in `h`; it must succeed. Returns stdout.
-pub fn shoal_ok(h: &Host, args: &[&str]) -> Result<String> {
-    let out = h.shoal(args)?;
-    if !out.status.success() {
-        bail!(
-            "shoal {} in {} failed: {}",
-            args.join(" "),
-            h.name(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Whether a container (by id) has live processes: its cgroup `shoal/<id>` in any hierarchy

@@ -2,6 +2,7 @@
 
 mod support;
 
+use shoal_tests::cluster::{ClusterBuilder, Member};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::{manager_statuses, Agent, AgentKind, SHOAL};
@@ -280,12 +281,10 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
     let root = tempfile::tempdir().unwrap();
     let m1 = Agent::start(root.path(), 5, KIND);
     let m2 = Agent::start(root.path(), 6, KIND);
-    m1.ok(&["cluster", "init", "--advertise-addr", &m1.addr.clone()]);
-    let token = m1
-        .ok(&["cluster", "join-token", "manager", "-q"])
-        .trim()
-        .to_string();
-    m2.ok(&["cluster", "join", "--token", &token, &m1.addr.clone()]);
+    ClusterBuilder::new()
+        .managers(2)
+        .form(&[&m1 as &dyn Member, &m2])
+        .unwrap();
 
     // Created through the follower (forwarded to the leader), read on both.
     let id = m2

@@ -11,6 +11,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use shoal_tests::cluster::{ClusterBuilder, Member};
 use support::{Agent, AgentKind};
 
 const KIND: AgentKind = AgentKind {
@@ -128,23 +129,12 @@ fn every_node_is_back_after_managers_are_killed_and_restarted() {
     let mut agents: Vec<Agent> = (1..=5)
         .map(|n| Agent::start(root.path(), n, KIND))
         .collect();
-    let first = &agents[0];
-    first.ok(&["cluster", "init", "--advertise-addr", &first.addr.clone()]);
-    first.ok(&[
-        "cluster",
-        "update",
-        "--dispatcher-heartbeat",
-        "1s",
-        "--missed-heartbeats",
-        "3",
-    ]);
-    let mtok = first.ok(&["cluster", "join-token", "manager", "-q"]);
-    let wtok = first.ok(&["cluster", "join-token", "worker", "-q"]);
-    let addr1 = first.addr.clone();
-    for (i, a) in agents.iter().enumerate().skip(1) {
-        let tok = if i < 3 { mtok.trim() } else { wtok.trim() };
-        a.ok(&["cluster", "join", "--token", tok, &addr1]);
-    }
+    let members: Vec<&dyn Member> = agents.iter().map(|a| a as &dyn Member).collect();
+    ClusterBuilder::new()
+        .managers(3)
+        .heartbeat("1s", 3)
+        .form(&members)
+        .unwrap();
     let all_ready = |rows: &[NodeRow]| {
         rows.len() == 5 && rows.iter().all(|r| r.state == "ready") && leader_host(rows).is_some()
     };

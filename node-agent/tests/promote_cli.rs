@@ -4,6 +4,7 @@
 
 mod support;
 
+use shoal_tests::cluster::{ClusterBuilder, Member};
 use std::time::{Duration, Instant};
 use support::{manager_statuses, Agent, AgentKind};
 
@@ -137,17 +138,10 @@ fn a_worker_whose_join_manager_is_gone_is_promoted_through_the_others() {
     let m1 = Agent::start(root.path(), 11, KIND);
     let m2 = Agent::start(root.path(), 12, KIND);
     let w3 = Agent::start(root.path(), 13, KIND);
-    m1.ok(&["cluster", "init", "--advertise-addr", &m1.addr.clone()]);
-    let manager_token = m1
-        .ok(&["cluster", "join-token", "manager", "-q"])
-        .trim()
-        .to_string();
-    let worker_token = m1
-        .ok(&["cluster", "join-token", "worker", "-q"])
-        .trim()
-        .to_string();
-    m2.ok(&["cluster", "join", "--token", &manager_token, &m1.addr]);
-    w3.ok(&["cluster", "join", "--token", &worker_token, &m1.addr]);
+    ClusterBuilder::new()
+        .managers(2)
+        .form(&[&m1 as &dyn Member, &m2, &w3])
+        .unwrap();
     wait_status(&m2, "phost13", "");
 
     // The manager the worker joined through stops being one (its port closes).

@@ -1,4 +1,6 @@
-//! Helpers for shoal's integration tests: [`testbed`] brings test hosts (network namespaces
-//! made by `deploy/testbed.sh`) up and down and runs commands and agents in them.
+//! Helpers for shoal's integration tests, benchmarks and chaos suite: [`testbed`] brings test
+//! hosts (network namespaces made by `deploy/testbed.sh`) up and down and runs commands and
+//! agents in them; [`cluster`] starts agents and forms clusters of them.
 
+pub mod cluster;
 pub mod testbed;

@@ -118,7 +118,7 @@ pub fn shoal_bin() -> Result<PathBuf, TestbedError> {
     Err(TestbedError::NoShoalBin(tried.join(", ")))
 }
 
-fn describe(cmd: &Command) -> String {
+pub(crate) fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
         s.push(' ');
@@ -127,7 +127,7 @@ fn describe(cmd: &Command) -> String {
     s
 }
 
-fn tail(bytes: &[u8]) -> String {
+pub(crate) fn tail(bytes: &[u8]) -> String {
     let start = bytes.len().saturating_sub(ERR_TAIL_BYTES);
     String::from_utf8_lossy(&bytes[start..]).trim().to_string()
 }

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use shoal_tests::cluster::{ClusterBuilder, Member};
 use shoal_tests::testbed::{
     pid_alive, pid_stopped, script_path, Host, Signal, Testbed, STATE_ROOT,
 };
@@ -806,16 +807,9 @@ fn two_node_cluster(h1: &Host, h2: &Host) {
         h.import_busybox("busybox:latest").expect("import");
         h.spawn_agent(&["--dns-upstream", "none"]).expect("agent");
     }
-    ok_out(h1.shoal(&["cluster", "init"]).expect("init"));
-    let token = ok_out(
-        h1.shoal(&["cluster", "join-token", "-q", "worker"])
-            .expect("token"),
-    );
-    let manager = h1.agent_addr().to_string();
-    ok_out(
-        h2.shoal(&["cluster", "join", "--token", token.trim(), &manager])
-            .expect("join"),
-    );
+    ClusterBuilder::new()
+        .form(&[h1 as &dyn Member, h2])
+        .expect("cluster");
 }
 
 /// The tasks of a service on a cluster network: one per host, each with its own address from

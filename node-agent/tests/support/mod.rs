@@ -4,12 +4,13 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
+use shoal_tests::cluster::{free_port, shoal_at, Launch, Member};
+use shoal_tests::testbed::TestbedError;
+
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
-/// How long an agent may take to open its socket.
-const SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// How long `eventually` retries (an election may be under way).
 const EVENTUALLY_WAIT: Duration = Duration::from_secs(15);
 
@@ -35,15 +36,10 @@ pub struct Agent {
     child: Option<Child>,
 }
 
-fn free_port(ip: &str) -> u16 {
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    l.local_addr().unwrap().port()
-}
-
 impl Agent {
     pub fn start(root: &Path, n: u8, kind: AgentKind) -> Agent {
         let ip = format!("{}.{n}", kind.net);
-        let addr = format!("{ip}:{}", free_port(&ip));
+        let addr = format!("{ip}:{}", free_port(&ip).unwrap());
         let dir = root.join(format!("node{n}"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut a = Agent {
@@ -63,44 +59,23 @@ impl Agent {
 
     /// Starts (or restarts) the agent on its data dir; the log is appended to across restarts.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .unwrap();
-        let mut cmd = Command::new(SHOAL);
-        cmd.args([
-            "agent",
-            "--listen-addr",
-            &self.addr,
-            "--hostname",
-            &self.host,
-        ]);
+        let mut args = Vec::new();
         if self.kind.hollow {
-            cmd.args(["--executor", "sim"]);
+            args.extend(["--executor", "sim"]);
         }
         if self.kind.advertise {
-            cmd.args(["--advertise-addr", &self.addr]);
+            args.extend(["--advertise-addr", &self.addr]);
         }
-        let child = cmd
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--socket")
-            .arg(self.socket())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = Launch {
+            bin: Path::new(SHOAL),
+            hostname: &self.host,
+            listen: &self.addr,
+            dir: &self.dir,
+            args: &args,
+        }
+        .spawn()
+        .unwrap_or_else(|e| panic!("agent {}: {e}", self.host));
         self.child = Some(child);
-        let deadline = Instant::now() + SOCKET_WAIT;
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "agent {} did not open its socket",
-                self.host
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     pub fn kill(&mut self) {
@@ -111,11 +86,7 @@ impl Agent {
     }
 
     pub fn shoal(&self, args: &[&str]) -> Output {
-        Command::new(SHOAL)
-            .args(args)
-            .env("SHOAL_SOCKET", self.socket())
-            .output()
-            .unwrap()
+        shoal_at(Path::new(SHOAL), &self.socket(), args).unwrap()
     }
 
     /// Runs a command that must succeed; returns its stdout.
@@ -168,6 +139,24 @@ impl Agent {
         let raw = std::fs::read(self.dir.join("data/node.json")).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
         v["role"].as_str().unwrap().to_string()
+    }
+}
+
+impl Member for Agent {
+    fn label(&self) -> String {
+        self.host.clone()
+    }
+
+    fn join_addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    fn advertise(&self) -> Option<String> {
+        Some(self.addr.clone())
+    }
+
+    fn shoal(&self, args: &[&str]) -> Result<Output, TestbedError> {
+        shoal_at(Path::new(SHOAL), &self.socket(), args)
     }
 }
 

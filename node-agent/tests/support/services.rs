@@ -6,8 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
+
+use shoal_tests::cluster::{free_port, shoal_at, ClusterBuilder, Launch, Member};
+use shoal_tests::testbed::TestbedError;
 
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 pub const IMAGE: &str = "busybox:latest";
@@ -20,11 +23,6 @@ pub const FAST_HEARTBEAT: (&str, u32) = ("500ms", 4);
 pub const PATIENT_HEARTBEAT: (&str, u32) = ("1s", 10);
 /// How long a test waits for the cluster to reach a state.
 pub const CONVERGE: Duration = Duration::from_secs(20);
-
-pub fn free_port(ip: &str) -> u16 {
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    l.local_addr().unwrap().port()
-}
 
 /// A root filesystem tar of the host's static busybox: bin/busybox, applet links, passwd.
 pub fn busybox_tar(path: &Path) {
@@ -76,7 +74,7 @@ impl Node {
         let ip = format!("127.0.0.{n}");
         let node = Node {
             dir: root.join(format!("node{n}")),
-            addr: format!("{ip}:{}", free_port(&ip)),
+            addr: format!("{ip}:{}", free_port(&ip).unwrap()),
             host: format!("host{n}"),
             child: None,
             hollow: false,
@@ -107,43 +105,21 @@ impl Node {
     }
 
     pub fn spawn(&mut self) {
-        let _ = std::fs::remove_file(self.socket());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .unwrap();
-        let child = Command::new(SHOAL)
-            .args([
-                "agent",
-                "--listen-addr",
-                &self.addr,
-                "--hostname",
-                &self.host,
-            ])
-            .arg("--data-dir")
-            .arg(self.data())
-            .arg("--socket")
-            .arg(self.socket())
-            .args(if self.hollow {
-                &["--executor", "sim"][..]
-            } else {
-                &[][..]
-            })
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "{} did not open its socket",
-                self.host
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let args: &[&str] = if self.hollow {
+            &["--executor", "sim"]
+        } else {
+            &[]
+        };
+        let child = Launch {
+            bin: Path::new(SHOAL),
+            hostname: &self.host,
+            listen: &self.addr,
+            dir: &self.dir,
+            args,
         }
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", self.host));
+        self.child = Some(child);
     }
 
     /// SIGKILL to the agent only: its containers keep running.
@@ -205,11 +181,7 @@ impl Node {
     }
 
     pub fn shoal(&self, args: &[&str]) -> Output {
-        Command::new(SHOAL)
-            .args(args)
-            .env("SHOAL_SOCKET", self.socket())
-            .output()
-            .unwrap()
+        shoal_at(Path::new(SHOAL), &self.socket(), args).unwrap()
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
@@ -221,6 +193,24 @@ impl Node {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Member for Node {
+    fn label(&self) -> String {
+        self.host.clone()
+    }
+
+    fn join_addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    fn advertise(&self) -> Option<String> {
+        Some(self.addr.clone())
+    }
+
+    fn shoal(&self, args: &[&str]) -> Result<Output, TestbedError> {
+        shoal_at(Path::new(SHOAL), &self.socket(), args)
     }
 }
 
@@ -297,28 +287,23 @@ impl Cluster {
         for n in &mut c.nodes {
             n.spawn();
         }
-        let first = &c.nodes[0];
-        first.ok(&["cluster", "init", "--advertise-addr", &first.addr]);
-        first.ok(&[
-            "cluster",
-            "update",
-            "--dispatcher-heartbeat",
-            heartbeat.0,
-            "--missed-heartbeats",
-            &heartbeat.1.to_string(),
-        ]);
-        for i in 1..size as usize {
-            c.join(i, i < managers as usize);
-        }
-        c.wait_ready(size as usize);
+        let members: Vec<&dyn Member> = c.nodes[..size as usize]
+            .iter()
+            .map(|n| n as &dyn Member)
+            .collect();
+        ClusterBuilder::new()
+            .managers(managers as usize)
+            .heartbeat(heartbeat.0, heartbeat.1)
+            .wait_ready(CONVERGE)
+            .form(&members)
+            .unwrap();
         c
     }
 
     pub fn join(&self, i: usize, manager: bool) {
-        let first = &self.nodes[0];
-        let role = if manager { "manager" } else { "worker" };
-        let token = first.ok(&["cluster", "join-token", role, "-q"]);
-        self.nodes[i].ok(&["cluster", "join", "--token", token.trim(), &first.addr]);
+        ClusterBuilder::new()
+            .join(&self.nodes[0], &self.nodes[i], manager, &|_| {})
+            .unwrap();
     }
 
     /// Some node whose daemon answers cluster calls (the first one still running).
