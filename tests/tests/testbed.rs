@@ -730,6 +730,26 @@ fn assert_no_shoal_network(hosts: &[&Host]) {
     }
 }
 
+/// Runs `args` in task container `task` on whichever of `hosts` holds it; its stdout if it
+/// exited 0.
+fn task_exec(hosts: &[&Host], task: &str, args: &[&str]) -> Option<String> {
+    for h in hosts {
+        let root = h.data_dir().join("containers/.tasks");
+        let mut argv = vec!["runtime", "--root", root.to_str().unwrap(), "exec", task];
+        argv.extend_from_slice(args);
+        let out = h.shoal(&argv).expect("runtime exec");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("not found") || err.contains("does not exist") {
+            continue;
+        }
+        return out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    None
+}
+
 /// The running tasks of `svc` (desired and observed), as (id, node id, first cluster address).
 fn running_tasks(h: &Host, svc: &str) -> Vec<(String, String, String)> {
     let out = ok_out(
@@ -867,23 +887,7 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
         assert!(ip.starts_with("10.0.0."), "{web_tasks:?}");
     }
     // From each task, the other one, through its host's runtime.
-    let task_exec = |task: &str, args: &[&str]| -> Option<String> {
-        for h in [h1, h2] {
-            let root = h.data_dir().join("containers/.tasks");
-            let mut argv = vec!["runtime", "--root", root.to_str().unwrap(), "exec", task];
-            argv.extend_from_slice(args);
-            let out = h.shoal(&argv).expect("runtime exec");
-            let err = String::from_utf8_lossy(&out.stderr);
-            if err.contains("not found") || err.contains("does not exist") {
-                continue;
-            }
-            return out
-                .status
-                .success()
-                .then(|| String::from_utf8_lossy(&out.stdout).into_owned());
-        }
-        None
-    };
+    let task_exec = |task: &str, args: &[&str]| task_exec(&[h1, h2], task, args);
     for (from, to) in [(0, 1), (1, 0)] {
         let url = format!("http://{}/", web_tasks[to].2);
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -1012,6 +1016,134 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
     assert_no_shoal_network(&[h1, h2]);
     ok_out(
         h1.shoal(&["network", "rm", "backend", "other"])
+            .expect("network rm"),
+    );
+}
+
+/// An `--internal` network: its tasks reach each other across hosts, by address and by name,
+/// but nothing outside (no node bridge, no default route), while a task on an ordinary network
+/// reaches the same outside server; a host-mode port on it is refused.
+#[test]
+fn an_internal_network_has_no_way_out() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    two_node_cluster(h1, h2);
+    // The outside: a one-line HTTP server in host 2's namespace, on its test bed address.
+    let listener = h2
+        .in_netns(|| TcpListener::bind((h2.addr(), 0)))
+        .expect("netns")
+        .expect("bind");
+    let outside = format!("http://{}/", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().take(50).flatten() {
+            let mut buf = [0u8; 512];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\noutside\n");
+        }
+    });
+    ok_out(
+        h1.shoal(&["network", "create", "--internal", "vault"])
+            .expect("network"),
+    );
+    let inspect = ok_out(
+        h1.shoal(&["network", "inspect", "--format", "json", "vault"])
+            .expect("inspect"),
+    );
+    assert!(inspect.contains("\"Internal\": true"), "{inspect}");
+    ok_out(h1.shoal(&["network", "create", "open"]).expect("network"));
+    let err = h1
+        .shoal(&[
+            "service",
+            "create",
+            "--name",
+            "leaky",
+            "--network",
+            "vault",
+            "--publish",
+            "published=8089,target=80,mode=host",
+            "busybox:latest",
+            "sleep",
+            "60",
+        ])
+        .expect("service create");
+    assert!(!err.status.success());
+    let msg = String::from_utf8_lossy(&err.stderr);
+    assert!(msg.contains("internal"), "{msg}");
+    for (name, net, replicas) in [("closed", "vault", "2"), ("free", "open", "1")] {
+        ok_out(
+            h1.shoal(&[
+                "service",
+                "create",
+                "--name",
+                name,
+                "--replicas",
+                replicas,
+                "--replicas-max-per-node",
+                "1",
+                "--stop-grace-period",
+                "1s",
+                "--network",
+                net,
+                "busybox:latest",
+                "sh",
+                "-c",
+                WEB,
+            ])
+            .expect("service create"),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (closed, free) = loop {
+        let (c, f) = (running_tasks(h1, "closed"), running_tasks(h1, "free"));
+        if c.len() == 2 && f.len() == 1 {
+            break (c, f);
+        }
+        assert!(Instant::now() < deadline, "tasks not running: {c:?} {f:?}");
+        sleep(Duration::from_millis(300));
+    };
+    let exec = |task: &str, args: &[&str]| task_exec(&[h1, h2], task, args);
+    let wget = |url: &str| ["timeout", "5", "wget", "-q", "-O", "-", url].map(String::from);
+    let run = |task: &str, url: &str| {
+        let argv = wget(url);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        exec(task, &argv)
+    };
+    // The ordinary network's task gets out.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while run(&free[0].0, &outside).as_deref() != Some("outside\n") {
+        assert!(Instant::now() < deadline, "{outside} never answered free");
+        sleep(Duration::from_millis(300));
+    }
+    // The internal tasks reach each other, across hosts, by address and by name.
+    let peer = format!("http://{}/", closed[1].2);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !run(&closed[0].0, &peer).is_some_and(|b| b.starts_with("hello-from-")) {
+        assert!(Instant::now() < deadline, "{peer} never answered");
+        sleep(Duration::from_millis(300));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !run(&closed[1].0, "http://closed/").is_some_and(|b| b.starts_with("hello-from-")) {
+        assert!(Instant::now() < deadline, "http://closed/ never answered");
+        sleep(Duration::from_millis(300));
+    }
+    // ... and nothing outside: no default route, no node bridge interface.
+    for (task, _, _) in &closed {
+        assert_eq!(run(task, &outside), None, "an internal task got out");
+        let routes = exec(task, &["cat", "/proc/net/route"]).expect("routes");
+        assert!(
+            !routes
+                .lines()
+                .skip(1)
+                .any(|l| l.split_whitespace().nth(1) == Some("00000000")),
+            "{routes}"
+        );
+        let links = exec(task, &["ip", "-o", "link"]).expect("links");
+        assert!(!links.contains("eth0"), "{links}");
+    }
+    ok_out(h1.shoal(&["service", "rm", "closed", "free"]).expect("rm"));
+    assert_no_shoal_network(&[h1, h2]);
+    ok_out(
+        h1.shoal(&["network", "rm", "vault", "open"])
             .expect("network rm"),
     );
 }

@@ -90,11 +90,6 @@ pub fn network_spec(spec: &pb::NetworkSpec) -> Result<(), Invalid> {
             "--attachable is not implemented yet: standalone containers cannot join cluster networks",
         ));
     }
-    if spec.internal {
-        return Err(invalid(
-            "--internal is not implemented yet: a cluster network's tasks keep their egress",
-        ));
-    }
     if let Some(k) = spec.options.keys().next() {
         return Err(invalid(format!("network option {k} is not supported")));
     }
@@ -224,7 +219,7 @@ mod tests {
         assert!(network_spec(&s).unwrap_err().0.contains("--attachable"));
         let mut s = spec("n", "", "");
         s.internal = true;
-        assert!(network_spec(&s).unwrap_err().0.contains("--internal"));
+        assert!(network_spec(&s).is_ok());
         let mut s = spec("n", "", "");
         s.options.insert("encrypted".into(), "".into());
         assert!(network_spec(&s).unwrap_err().0.contains("encrypted"));

@@ -193,14 +193,30 @@ impl ControlApi {
     }
 
     /// The spec's cluster networks by id (users name them; tasks and the store hold ids).
+    /// Host-mode ports need the node bridge, which a task only on internal networks lacks.
     fn resolve_networks(&self, spec: &mut pb::ServiceSpec) -> Result<(), Status> {
+        let mut internal = Vec::new();
         if let Some(task) = spec.task.as_mut() {
             for n in task.networks.iter_mut() {
                 if n != "host" && n != "none" {
                     let net = self.find_network(n)?;
+                    let s = net.spec.unwrap_or_default();
+                    internal.push(s.internal.then_some(s.name));
                     *n = id_of(net.meta.as_ref()).to_string();
                 }
             }
+        }
+        let host_port = spec.ports.iter().find(|p| p.publish_mode == "host");
+        if let (Some(p), false, true) = (
+            host_port,
+            internal.is_empty(),
+            internal.iter().all(Option::is_some),
+        ) {
+            return Err(Status::invalid_argument(format!(
+                "port {} is published in host mode, but network {} is internal (no node bridge, no way in or out)",
+                p.target_port,
+                internal[0].as_deref().unwrap_or_default()
+            )));
         }
         Ok(())
     }

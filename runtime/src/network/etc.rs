@@ -157,7 +157,11 @@ fn hosts_file(att: &Attachment, o: &EtcOptions, host_hosts: &str) -> String {
     for (name, ip) in &o.extra_hosts {
         out.push_str(&format!("{ip}\t{name}\n"));
     }
-    if let Some(a) = att.address {
+    // Without the node bridge (only internal cluster networks), the first cluster address.
+    let own = att
+        .address
+        .or_else(|| att.overlays.first().map(|o| o.address));
+    if let Some(a) = own {
         let mut names = vec![o.hostname.clone()];
         names.extend(o.aliases.iter().filter(|n| **n != o.hostname).cloned());
         out.push_str(&format!("{a}\t{}\n", names.join(" ")));

@@ -432,11 +432,11 @@ pub fn attach(
     container_dir: &Path,
     req: &NetRequest,
 ) -> Result<Attachment> {
-    if req.mode != Mode::Bridge && !req.overlays.is_empty() {
+    if req.mode == Mode::Host && !req.overlays.is_empty() {
         return Err(NetError::Invalid {
             what: "cluster networks with --network",
             value: req.mode.name().into(),
-            reason: "cluster networks are joined only beside the node bridge".into(),
+            reason: "cluster networks are joined from the container's own namespace".into(),
         });
     }
     if req.mode != Mode::Bridge && !req.publish.is_empty() {

@@ -446,6 +446,19 @@ fn net_request(task: &Task, peers: Vec<std::net::Ipv4Addr>) -> Result<NetRequest
             mode.name()
         )));
     }
+    // Only internal cluster networks: no node bridge, so no route out (docker: no gwbridge).
+    let internal_only = !task.networks.is_empty() && task.networks.iter().all(|a| a.internal);
+    let mode = if internal_only {
+        if let Some(p) = publish.first() {
+            return Err(ExecError::Invalid(format!(
+                "port {} is published on the node, but every network of the task is internal",
+                p.container_port
+            )));
+        }
+        Mode::None
+    } else {
+        mode
+    };
     Ok(NetRequest {
         mode,
         publish,
