@@ -343,10 +343,6 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
             vec!["network", "create", "--attachable", "x"],
             "--attachable is not implemented yet",
         ),
-        (
-            vec!["network", "create", "--internal", "x"],
-            "--internal is not implemented yet",
-        ),
         (vec!["network", "create", "host"], "reserved"),
         (
             vec!["network", "create", "--subnet", "10.9.0.0/30", "x"],
@@ -405,6 +401,84 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
         &String::from_utf8_lossy(&out.stderr),
         "in use by service user",
     );
+    // Moved from network to network by `service update`: the spec names it, and the service
+    // has a virtual IP on each network it is on and on no other.
+    let net_id = |name: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(&m1.ok(&["network", "inspect", name])).unwrap();
+        v[0]["ID"].as_str().unwrap().to_string()
+    };
+    let (front_id, backend_id) = (net_id("front"), net_id("backend"));
+    let on = |svc: &str| -> (Vec<String>, Vec<String>) {
+        let v: serde_json::Value =
+            serde_json::from_str(&m1.ok(&["service", "inspect", svc])).unwrap();
+        let strs = |a: &serde_json::Value, f: &str| -> Vec<String> {
+            let mut out: Vec<String> = a
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x[f].as_str().unwrap().to_string())
+                .collect();
+            out.sort();
+            out
+        };
+        (
+            strs(&v[0]["Spec"]["TaskTemplate"]["Networks"], "Target"),
+            strs(&v[0]["Endpoint"]["VirtualIPs"], "NetworkID"),
+        )
+    };
+    m1.ok(&[
+        "service",
+        "update",
+        "-d",
+        "--network-add",
+        "backend",
+        "user",
+    ]);
+    let mut both = vec![front_id.clone(), backend_id.clone()];
+    both.sort();
+    assert_eq!(on("user"), (both.clone(), both));
+    for (args, want) in [
+        (
+            vec![
+                "service",
+                "update",
+                "-d",
+                "--network-add",
+                "backend",
+                "user",
+            ],
+            "already attached to network",
+        ),
+        (
+            vec!["service", "update", "-d", "--network-rm", "nope", "user"],
+            "network nope not found",
+        ),
+        (
+            vec!["service", "update", "-d", "--network-add", "host", "user"],
+            "only cluster networks",
+        ),
+    ] {
+        let out = m1.shoal(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        one_line(&String::from_utf8_lossy(&out.stderr), want);
+    }
+    m1.ok(&["service", "update", "-d", "--network-rm", "front", "user"]);
+    let backend = vec![backend_id.clone()];
+    assert_eq!(on("user"), (backend.clone(), backend));
+    // Off front, the service no longer holds it.
+    m1.ok(&["network", "rm", "front"]);
+    m1.ok(&["network", "create", "--subnet", "10.50.0.0/16", "front"]);
+    m1.ok(&[
+        "service",
+        "update",
+        "-d",
+        "--network-rm",
+        "backend",
+        "--network-add",
+        "front",
+        "user",
+    ]);
     assert_eq!(m2.ok(&["network", "prune"]), "backend\n");
     m1.ok(&["service", "rm", "user"]);
     m1.ok(&["network", "rm", "front"]);

@@ -362,7 +362,7 @@ pub fn service_spec_json(s: &pb::ServiceSpec) -> Value {
                 "Preferences": placement.preferences.iter().map(|p| json!({"Spread": p.spread_descriptor})).collect::<Vec<_>>(),
                 "MaxReplicas": placement.max_replicas_per_node,
             },
-            "Networks": task.networks,
+            "Networks": task.networks.iter().map(|n| json!({"Target": n})).collect::<Vec<_>>(),
             "ForceUpdate": task.force_update,
         },
         "Mode": mode,
@@ -386,6 +386,9 @@ pub fn service_json(s: &pb::Service) -> Value {
         "Spec": service_spec_json(&s.spec.clone().unwrap_or_default()),
         "PreviousSpec": s.previous_spec.as_ref().map(service_spec_json),
         "SpecVersion": s.spec_version,
+        "Endpoint": {
+            "VirtualIPs": s.virtual_ips.iter().map(|v| json!({"NetworkID": v.network_id, "Addr": v.address})).collect::<Vec<_>>(),
+        },
         "UpdateStatus": us.map(|u| json!({
             "State": enum_name(u.state().as_str_name(), "UPDATE_STATE_"),
             "StartedAtMs": u.started_at_ms, "CompletedAtMs": u.completed_at_ms, "Message": u.message})),

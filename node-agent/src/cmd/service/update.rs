@@ -149,6 +149,12 @@ pub struct UpdateArgs {
     /// Remove service labels (KEY)
     #[arg(long)]
     label_rm: Vec<String>,
+    /// Attach the service to a cluster network (name or id)
+    #[arg(long)]
+    network_add: Vec<String>,
+    /// Detach the service from a cluster network (name or id)
+    #[arg(long)]
+    network_rm: Vec<String>,
     /// CPU limit (e.g. 0.5; 0 = none)
     #[arg(long)]
     limit_cpu: Option<String>,
@@ -231,6 +237,7 @@ pub struct UpdateArgs {
 }
 
 /// The flags of `service update`, checked and parsed before the daemon is asked anything.
+#[derive(Clone)]
 pub struct Edit {
     replicas: Option<u64>,
     image: Option<String>,
@@ -241,6 +248,9 @@ pub struct Edit {
     constraint_rm: Vec<String>,
     label_add: Vec<(String, String)>,
     label_rm: Vec<String>,
+    /// Cluster networks, by name or id as given until [`Edit::resolve_networks`] makes them ids.
+    network_add: Vec<String>,
+    network_rm: Vec<String>,
     limit_cpu: Option<i64>,
     limit_memory: Option<i64>,
     limit_pids: Option<i64>,
@@ -260,7 +270,7 @@ pub struct Edit {
     pub detach: bool,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct ConfigEdit {
     parallelism: Option<u64>,
     delay_ms: Option<u64>,
@@ -327,6 +337,8 @@ impl UpdateArgs {
                 || !self.env_rm.is_empty()
                 || !self.constraint_add.is_empty()
                 || !self.constraint_rm.is_empty()
+                || !self.network_add.is_empty()
+                || !self.network_rm.is_empty()
                 || self.force;
             if edits {
                 bail!("--rollback cannot be combined with flags that change the spec");
@@ -384,6 +396,8 @@ impl UpdateArgs {
             constraint_rm: self.constraint_rm.clone(),
             label_add,
             label_rm: self.label_rm.clone(),
+            network_add: checked_networks("--network-add", &self.network_add)?,
+            network_rm: checked_networks("--network-rm", &self.network_rm)?,
             limit_cpu: cpu("--limit-cpu", &self.limit_cpu)?,
             limit_memory: mem("--limit-memory", &self.limit_memory)?,
             limit_pids: self.limit_pids,
@@ -410,7 +424,68 @@ impl UpdateArgs {
     }
 }
 
+/// `--network-add/--network-rm` values: cluster networks, each once, in no other flag's way.
+fn checked_networks(flag: &str, given: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for n in given {
+        if n.is_empty() {
+            bail!("invalid {flag}: an empty network name");
+        }
+        if matches!(n.as_str(), "host" | "none" | "bridge" | "ingress") {
+            bail!("invalid {flag} {n}: only cluster networks are added or removed");
+        }
+        if out.contains(n) {
+            bail!("invalid {flag}: network {n} is given twice");
+        }
+        out.push(n.clone());
+    }
+    Ok(out)
+}
+
 impl Edit {
+    /// The edit with `--network-add/--network-rm` named by network id, as the spec holds them
+    /// (an unknown network, or removing one the service is not on, is an error later).
+    pub async fn resolve_networks(&self, c: &mut ControlClient<Channel>) -> anyhow::Result<Edit> {
+        if self.network_add.is_empty() && self.network_rm.is_empty() {
+            return Ok(self.clone());
+        }
+        let networks = rpc(c.list_networks(pb::ListNetworksRequest {}).await)?.networks;
+        let resolve = |key: &String| -> anyhow::Result<String> {
+            let id = |n: &pb::Network| n.meta.as_ref().map_or(String::new(), |m| m.id.clone());
+            let name =
+                |n: &pb::Network| n.spec.as_ref().map_or("", |s| s.name.as_str()).to_string();
+            let hits: Vec<&pb::Network> = networks
+                .iter()
+                .filter(|n| name(n) == *key || id(n) == *key)
+                .collect();
+            let hits = if hits.is_empty() {
+                networks
+                    .iter()
+                    .filter(|n| id(n).starts_with(key.as_str()))
+                    .collect()
+            } else {
+                hits
+            };
+            match hits.as_slice() {
+                [one] => Ok(id(one)),
+                [] => bail!("network {key} not found"),
+                _ => bail!("network {key} is ambiguous"),
+            }
+        };
+        let mut e = self.clone();
+        e.network_add = self
+            .network_add
+            .iter()
+            .map(resolve)
+            .collect::<anyhow::Result<_>>()?;
+        e.network_rm = self
+            .network_rm
+            .iter()
+            .map(resolve)
+            .collect::<anyhow::Result<_>>()?;
+        Ok(e)
+    }
+
     /// The spec with these edits applied.
     pub fn apply(&self, mut spec: pb::ServiceSpec) -> anyhow::Result<pb::ServiceSpec> {
         if let Some(n) = self.replicas {
@@ -448,6 +523,18 @@ impl Edit {
         }
         if let Some(w) = &self.workdir {
             c.dir = w.clone();
+        }
+        for id in &self.network_rm {
+            if !task.networks.contains(id) {
+                bail!("service is not attached to network {id}");
+            }
+            task.networks.retain(|n| n != id);
+        }
+        for id in &self.network_add {
+            if task.networks.contains(id) {
+                bail!("service is already attached to network {id}");
+            }
+            task.networks.push(id.clone());
         }
         if let Some(u) = &self.user {
             c.user = u.clone();
@@ -531,6 +618,7 @@ pub async fn update(
     if edit.rollback {
         return rollback(c, service, edit.detach).await;
     }
+    let edit = &edit.resolve_networks(c).await?;
     let mut attempt = 0;
     let sid = loop {
         let cur = rpc(c
@@ -687,6 +775,26 @@ mod tests {
         assert!(err(&["--env-add", "=x"]).contains("NAME=VALUE"));
         assert!(err(&["--replicas", "-1"]).contains("must not be negative"));
         assert!(err(&["--rollback", "--image", "x"]).contains("cannot be combined"));
+        assert!(err(&["--network-add", ""]).contains("empty network name"));
+        assert!(err(&["--network-rm", "a", "--network-rm", "a"]).contains("given twice"));
+        assert!(err(&["--network-add", "none"]).contains("only cluster networks"));
+        assert!(err(&["--rollback", "--network-add", "x"]).contains("cannot be combined"));
+        // Applied by id: a network the service is not on cannot be removed, nor one it is on
+        // added again.
+        let on = |ids: &[&str]| {
+            let mut s = base();
+            s.task.as_mut().unwrap().networks = ids.iter().map(|i| i.to_string()).collect();
+            s
+        };
+        let e = edit(&["--network-rm", "n2"]).unwrap().apply(on(&["n1"]));
+        assert!(format!("{:#}", e.unwrap_err()).contains("not attached to network n2"));
+        let e = edit(&["--network-add", "n1"]).unwrap().apply(on(&["n1"]));
+        assert!(format!("{:#}", e.unwrap_err()).contains("already attached"));
+        let s = edit(&["--network-add", "n2", "--network-rm", "n1"])
+            .unwrap()
+            .apply(on(&["n1", "n3"]))
+            .unwrap();
+        assert_eq!(s.task.unwrap().networks, vec!["n3", "n2"]);
         // A rollback's failure action cannot be rollback.
         assert!(edit(&["--rollback-failure-action", "rollback"]).is_err());
         let global = pb::ServiceSpec {
