@@ -846,7 +846,7 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
     );
     ok_out(h1.shoal(&["network", "create", "other"]).expect("network"));
     let web = WEB;
-    for (name, net) in [("web", "backend"), ("lonely", "other")] {
+    for (name, net) in [("web", "name=backend,alias=www"), ("lonely", "other")] {
         ok_out(
             h1.shoal(&[
                 "service",
@@ -935,6 +935,33 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
         assert!(Instant::now() < deadline, "tasks.web lacks a task: {out}");
         sleep(Duration::from_millis(300));
     }
+    // A network alias answers as the service does (its VIP), and each task answers to its
+    // task name, SERVICE.SLOT.ID.
+    let ps: serde_json::Value = serde_json::from_str(&ok_out(
+        h1.shoal(&["service", "ps", "--format", "json", "web"])
+            .expect("ps"),
+    ))
+    .expect("json");
+    let vip_of = |name: &str| {
+        let out = task_exec(&web_tasks[0].0, &["nslookup", name]).unwrap_or_default();
+        out.lines()
+            .skip_while(|l| !l.starts_with("Name:"))
+            .find_map(|l| l.strip_prefix("Address:").map(|a| a.trim().to_string()))
+    };
+    let vip = vip_of("web").expect("web resolves");
+    assert_eq!(vip_of("www").as_deref(), Some(vip.as_str()));
+    for (id, _, addr) in &web_tasks {
+        let slot = ps
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|t| t["ID"] == id.as_str())
+            .map(|t| t["Slot"].clone())
+            .expect("task in ps");
+        let name = format!("web.{slot}.{id}");
+        let out = task_exec(&web_tasks[1].0, &["nslookup", &name]).unwrap_or_default();
+        assert!(out.contains(addr.as_str()), "{name}: {out}");
+    }
     // Three replicas behind the service's virtual IP: the name resolves to the VIP, and 30
     // connections to it reach all three tasks.
     ok_out(
@@ -1007,6 +1034,7 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
     let lonely = &tasks("lonely")[0];
     assert!(task_exec(&lonely.0, &["nslookup", "web"])
         .is_none_or(|out| !web_tasks.iter().any(|t| out.contains(&t.2))));
+    assert!(task_exec(&lonely.0, &["nslookup", "www"]).is_none_or(|out| !out.contains(&vip)));
     assert!(lonely.2.starts_with("10.0.1."), "{lonely:?}");
     let url = format!("http://{}/", web_tasks[0].2);
     assert!(task_exec(&lonely.0, &["timeout", "3", "wget", "-q", "-O", "-", &url]).is_none());

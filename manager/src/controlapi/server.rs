@@ -197,6 +197,7 @@ impl ControlApi {
     fn resolve_networks(&self, spec: &mut pb::ServiceSpec) -> Result<(), Status> {
         let mut internal = Vec::new();
         if let Some(task) = spec.task.as_mut() {
+            let given = task.networks.clone();
             for n in task.networks.iter_mut() {
                 if n != "host" && n != "none" {
                     let net = self.find_network(n)?;
@@ -204,6 +205,20 @@ impl ControlApi {
                     internal.push(s.internal.then_some(s.name));
                     *n = id_of(net.meta.as_ref()).to_string();
                 }
+            }
+            // Aliases name their network as the networks list does (by name, or already by id).
+            for a in task.network_aliases.iter_mut() {
+                let at = given
+                    .iter()
+                    .position(|g| *g == a.network)
+                    .or_else(|| task.networks.iter().position(|id| *id == a.network))
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "aliases for network {}, which the service is not on",
+                            a.network
+                        ))
+                    })?;
+                a.network = task.networks[at].clone();
             }
         }
         let host_port = spec.ports.iter().find(|p| p.publish_mode == "host");

@@ -12,6 +12,8 @@ pub const MAX_IMAGE_REF_LEN: usize = 255;
 pub const MAX_TAG_LEN: usize = 128;
 /// Most constraints one service may carry.
 pub const MAX_CONSTRAINTS: usize = 64;
+/// Most aliases a service may have on one network.
+pub const MAX_ALIASES: usize = 32;
 /// Most labels one object may carry.
 pub const MAX_LABELS: usize = 256;
 /// Longest label key or value.
@@ -335,6 +337,28 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
     if let Some(n) = networks.iter().find(|n| !distinct.insert(n.as_str())) {
         return Err(invalid(format!("network {n} is given twice")));
     }
+    let aliases = spec
+        .task
+        .as_ref()
+        .map_or(&[][..], |t| &t.network_aliases[..]);
+    for a in aliases {
+        if !networks.contains(&a.network) {
+            return Err(invalid(format!(
+                "aliases for network {}, which the service is not on",
+                a.network
+            )));
+        }
+        if a.aliases.len() > MAX_ALIASES {
+            return Err(invalid(format!(
+                "more than {MAX_ALIASES} aliases on network {}",
+                a.network
+            )));
+        }
+        for alias in &a.aliases {
+            service_name(alias)
+                .map_err(|e| invalid(e.0.replace("service name", "network alias")))?;
+        }
+    }
     if !matches!(spec.endpoint_mode.as_str(), "" | "vip" | "dnsrr") {
         return Err(invalid(format!(
             "invalid endpoint mode {:?}: vip or dnsrr",
@@ -561,5 +585,21 @@ mod tests {
             p.constraints.push("node.rol==x".into());
         }
         assert!(service_spec(&bad_c).unwrap_err().0.contains("constraint"));
+        let aliased = |net: &str, alias: &str| {
+            let mut s = good.clone();
+            let t = s.task.as_mut().unwrap();
+            t.networks = vec!["backend".into()];
+            t.network_aliases = vec![shoal_proto::v1::NetworkAliases {
+                network: net.into(),
+                aliases: vec![alias.into()],
+            }];
+            service_spec(&s)
+        };
+        assert_eq!(aliased("backend", "db"), Ok(()));
+        assert!(aliased("front", "db").unwrap_err().0.contains("not on"));
+        assert!(aliased("backend", "d b")
+            .unwrap_err()
+            .0
+            .contains("invalid network alias"));
     }
 }

@@ -140,12 +140,23 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
         }
         let up =
             t.desired_state == running && t.status.as_ref().is_some_and(|s| s.state == running);
+        // The task's own name, as docker's DNS answers it: SERVICE.SLOT.ID (global: the node).
+        let task_name = {
+            let id = t.meta.as_ref().map_or("", |m| m.id.as_str());
+            match t.slot {
+                0 => format!("{}.{}.{}", t.service_name, t.node_id, id),
+                slot => format!("{}.{slot}.{id}", t.service_name),
+            }
+        };
         for a in t.networks.iter().filter(|a| mine.contains(&a.network_id)) {
             let entry = by
                 .entry((a.network_id.clone(), t.service_name.clone()))
                 .or_default();
             if let (true, Some(ip)) = (up, a.address.split('/').next().filter(|s| !s.is_empty())) {
                 entry.push(ip.to_string());
+                by.entry((a.network_id.clone(), task_name.clone()))
+                    .or_default()
+                    .push(ip.to_string());
             }
         }
     }
@@ -161,6 +172,30 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
             if let Some(ip) = v.address.split('/').next().filter(|s| !s.is_empty()) {
                 vips.insert((v.network_id.clone(), name.clone()), ip.to_string());
                 by.entry((v.network_id.clone(), name.clone())).or_default();
+            }
+        }
+    }
+    // Network aliases answer as their service does, on that network only.
+    for svc in &services {
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        let aliases = spec
+            .task
+            .as_ref()
+            .map_or(&[][..], |t| &t.network_aliases[..]);
+        for a in aliases.iter().filter(|a| mine.contains(&a.network)) {
+            let key = (a.network.clone(), spec.name.clone());
+            let addresses = by.get(&key).cloned().unwrap_or_default();
+            let vip = vips.get(&key).cloned();
+            for alias in a.aliases.iter().filter(|al| **al != spec.name) {
+                let k = (a.network.clone(), alias.clone());
+                by.entry(k.clone())
+                    .or_default()
+                    .extend(addresses.iter().cloned());
+                if let Some(v) = &vip {
+                    vips.insert(k, v.clone());
+                }
             }
         }
     }

@@ -362,7 +362,10 @@ pub fn service_spec_json(s: &pb::ServiceSpec) -> Value {
                 "Preferences": placement.preferences.iter().map(|p| json!({"Spread": p.spread_descriptor})).collect::<Vec<_>>(),
                 "MaxReplicas": placement.max_replicas_per_node,
             },
-            "Networks": task.networks.iter().map(|n| json!({"Target": n})).collect::<Vec<_>>(),
+            "Networks": task.networks.iter().map(|n| json!({
+                "Target": n,
+                "Aliases": task.network_aliases.iter().filter(|a| a.network == *n).flat_map(|a| a.aliases.clone()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
             "ForceUpdate": task.force_update,
         },
         "Mode": mode,

@@ -249,21 +249,52 @@ fn long_port(s: &str) -> anyhow::Result<pb::PortConfig> {
     Ok(p)
 }
 
-/// `--network` values: cluster networks by name or id, or `host` / `none` alone.
-fn networks(names: &[String]) -> anyhow::Result<Vec<String>> {
+/// `--network` values: cluster networks by name or id (`NAME` or `name=NAME,alias=A,...`), or
+/// `host` / `none` alone; the networks and the aliases given on them.
+fn networks(given: &[String]) -> anyhow::Result<(Vec<String>, Vec<pb::NetworkAliases>)> {
+    let mut names = Vec::new();
+    let mut aliases = Vec::new();
+    for g in given {
+        let (name, alias) = if g.contains('=') {
+            let mut name = None;
+            let mut alias = Vec::new();
+            for kv in g.split(',') {
+                match kv.split_once('=') {
+                    Some(("name" | "target", v)) if name.is_none() => name = Some(v.to_string()),
+                    Some(("alias", v)) if !v.is_empty() => alias.push(v.to_string()),
+                    _ => bail!(
+                        "invalid --network {g:?}: expected NAME or name=NAME[,alias=ALIAS...]"
+                    ),
+                }
+            }
+            let Some(name) = name else {
+                bail!("invalid --network {g:?}: no name=");
+            };
+            (name, alias)
+        } else {
+            (g.clone(), Vec::new())
+        };
+        if name.is_empty() {
+            bail!("an empty network name");
+        }
+        if names.contains(&name) {
+            bail!("network {name} is given twice");
+        }
+        if !alias.is_empty() {
+            if name == "host" || name == "none" {
+                bail!("network {name} takes no aliases");
+            }
+            aliases.push(pb::NetworkAliases {
+                network: name.clone(),
+                aliases: alias,
+            });
+        }
+        names.push(name);
+    }
     if names.len() > 1 && names.iter().any(|n| n == "host" || n == "none") {
         bail!("network host or none is the task's only network: it joins no other");
     }
-    let mut seen = std::collections::HashSet::new();
-    for n in names {
-        if n.is_empty() {
-            bail!("an empty network name");
-        }
-        if !seen.insert(n) {
-            bail!("network {n} is given twice");
-        }
-    }
-    Ok(names.to_vec())
+    Ok((names, aliases))
 }
 
 /// A `--publish` value; refuses what the cluster cannot publish yet, as the server would.
@@ -358,6 +389,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (update, rollback) = a.configs.configs()?;
+    let (nets, network_aliases) = networks(&a.network)?;
     let spec = pb::ServiceSpec {
         name: a.name.clone().unwrap_or_else(generated_name),
         labels: output::parse_kv(&a.label)?,
@@ -408,8 +440,9 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
                 preferences: prefs,
                 max_replicas_per_node: a.replicas_max_per_node,
             }),
-            networks: networks(&a.network)?,
+            networks: nets,
             force_update: 0,
+            network_aliases,
         }),
         mode: Some(mode),
         update: Some(update),
@@ -423,11 +456,13 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
         configs: vec![],
         endpoint_mode: a.endpoint_mode.clone(),
     };
-    if a.network.iter().any(|n| n == "host" || n == "none") && !spec.ports.is_empty() {
-        bail!(
-            "ports are published only from the node bridge, not network {}",
-            a.network[0]
-        );
+    if let Some(n) = spec
+        .task
+        .as_ref()
+        .and_then(|t| t.networks.iter().find(|n| *n == "host" || *n == "none"))
+        .filter(|_| !spec.ports.is_empty())
+    {
+        bail!("ports are published only from the node bridge, not network {n}");
     }
     Ok(spec)
 }

@@ -335,3 +335,28 @@ fn unit_parsers_refuse_what_does_not_fit_and_keep_what_does() {
     )
     .unwrap();
 }
+
+#[test]
+fn network_flags_take_names_and_aliases() {
+    use super::networks;
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (names, aliases) = networks(&s(&["a", "name=b,alias=db,alias=x"])).unwrap();
+    assert_eq!(names, vec!["a", "b"]);
+    assert_eq!(aliases.len(), 1);
+    assert_eq!(
+        (aliases[0].network.as_str(), &aliases[0].aliases[..]),
+        ("b", &s(&["db", "x"])[..])
+    );
+    for (bad, want) in [
+        (&["name=a,alias="][..], "expected NAME"),
+        (&["alias=x"], "no name="),
+        (&["name=a,colour=red"], "expected NAME"),
+        (&["a", "name=a"], "given twice"),
+        (&["name=host,alias=x"], "takes no aliases"),
+        (&["host", "a"], "only network"),
+        (&[""], "empty network name"),
+    ] {
+        let e = networks(&s(bad)).unwrap_err().to_string();
+        assert!(e.contains(want), "{bad:?}: {e}");
+    }
+}

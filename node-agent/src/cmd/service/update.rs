@@ -529,6 +529,7 @@ impl Edit {
                 bail!("service is not attached to network {id}");
             }
             task.networks.retain(|n| n != id);
+            task.network_aliases.retain(|a| a.network != *id);
         }
         for id in &self.network_add {
             if task.networks.contains(id) {
