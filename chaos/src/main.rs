@@ -1,12 +1,14 @@
 //! `shoal-chaos`: brings up a test bed of real `shoal agent`s (3 managers, 2 workers by
 //! default), runs concurrent clients against it while injecting faults, heals, and checks:
 //! linearizable service specs, no lost acknowledged write, convergence within 15 s, never two
-//! tasks in one slot, no panic, and a manager whose disk fills up refusing clearly and
+//! tasks in one slot, never two tasks with one network address, a routing mesh that answers
+//! outside faults, no panic, and a manager whose disk fills up refusing clearly and
 //! recovering. Writes a JSON report and a summary; exits 0 only when every check passes.
 //! Always bounded, and the test bed is brought down on every exit path (Ctrl-C included).
 
 mod cluster;
 mod faults;
+mod mesh;
 mod observe;
 mod report;
 mod workload;
@@ -223,13 +225,26 @@ fn run(args: Args) -> Result<bool> {
         .context("bootstrapping")?;
     logf(&format!("every node Ready ({:.1} s)", d.as_secs_f64()));
 
+    let (mesh_targets, network) = mesh::setup(&cluster).context("the mesh service")?;
+    logf(&format!(
+        "network {} made; {} answers through every node's port {}",
+        mesh::NETWORK,
+        mesh::SERVICE,
+        mesh::PORT
+    ));
     let managers = cluster.sockets(&cluster.managers);
-    let shared = Arc::new(Shared::new(run_id.clone(), managers.clone()));
+    let shared = Arc::new(Shared::new(run_id.clone(), managers.clone(), network));
     let tag = Arc::new(Mutex::new(FaultTag::default()));
     let stop_sampler = Arc::new(AtomicBool::new(false));
     let sampler = rt.spawn(observe::sample(
         shared.clone(),
         managers.clone(),
+        tag.clone(),
+        stop_sampler.clone(),
+    ));
+    let mesh_client = rt.spawn(mesh::client(
+        mesh_targets,
+        shared.clone(),
         tag.clone(),
         stop_sampler.clone(),
     ));
@@ -296,6 +311,11 @@ fn run(args: Args) -> Result<bool> {
         .ok()
         .and_then(Result::ok)
         .unwrap_or_default();
+    let mesh_stats = rt
+        .block_on(async { tokio::time::timeout(CALL_TIMEOUT * 2, mesh_client).await })
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
 
     let calls = shared
         .calls
@@ -309,6 +329,8 @@ fn run(args: Args) -> Result<bool> {
         converge,
     ];
     checks.extend(check_slots(&observations));
+    checks.push(check_addresses(&observations));
+    checks.push(check_mesh(&mesh_stats));
     checks.push(check_panics(&cluster));
     checks.push(check_disk(&disk, &records));
     let passed = checks.iter().all(|c| c.passed);
@@ -337,6 +359,7 @@ fn run(args: Args) -> Result<bool> {
         disk_full: disk,
         operations: report::op_stats(&calls),
         observations,
+        mesh: mesh_stats,
         checks,
         passed,
     };
@@ -605,6 +628,43 @@ fn check_slots(o: &Observations) -> Vec<Check> {
         findings: bounded(outside.iter().chain(during.iter()).map(|v| fmt(v)).collect()),
     };
     vec![store, live]
+}
+
+fn check_addresses(o: &Observations) -> Check {
+    Check {
+        name: "never two tasks with one network address (store)".into(),
+        passed: o.address_conflict_count == 0 && o.attachments_seen > 0,
+        summary: format!(
+            "{} samples, {} task attachments seen, {} conflicts",
+            o.samples, o.attachments_seen, o.address_conflict_count
+        ),
+        findings: bounded(o.address_conflicts.clone()),
+    }
+}
+
+fn check_mesh(m: &mesh::MeshStats) -> Check {
+    let per_fault: Vec<String> = m
+        .per_fault
+        .iter()
+        .filter(|(f, _)| !f.is_empty())
+        .map(|(f, t)| format!("{f}: {}/{} failed", t.failed, t.requests))
+        .collect();
+    Check {
+        name: "the routing mesh answers outside faults".into(),
+        passed: m.outside_count == 0 && m.requests > 0,
+        summary: format!(
+            "{} requests through every node, {} failed: {} outside faults; during faults {}",
+            m.requests,
+            m.failed,
+            m.outside_count,
+            if per_fault.is_empty() {
+                "none".to_string()
+            } else {
+                per_fault.join(", ")
+            }
+        ),
+        findings: bounded(m.outside.clone()),
+    }
 }
 
 fn check_panics(cluster: &Cluster) -> Check {

@@ -45,6 +45,11 @@ pub struct Observations {
     /// Slots with two live task containers at once.
     pub live_overlaps: Vec<Overlap>,
     pub live_overlap_count: u64,
+    /// Cluster network addresses held by two tasks in one store state.
+    pub address_conflicts: Vec<String>,
+    pub address_conflict_count: u64,
+    /// Task attachments seen (over all samples).
+    pub attachments_seen: u64,
 }
 
 /// The fault the harness has in progress, for tagging what the sampler sees.
@@ -60,6 +65,17 @@ pub struct FaultTag {
 pub const HEAL_GRACE_MS: u64 = 15_000;
 
 impl FaultTag {
+    /// The fault in progress or healed within the grace period, by name alone.
+    pub fn fault(&self, now_ms: u64) -> Option<String> {
+        if let Some(c) = &self.current {
+            return Some(c.clone());
+        }
+        match &self.healed {
+            Some((f, at)) if now_ms.saturating_sub(*at) <= HEAL_GRACE_MS => Some(f.clone()),
+            _ => None,
+        }
+    }
+
     fn tag(&self, now_ms: u64) -> Option<String> {
         if let Some(c) = &self.current {
             return Some(c.clone());
@@ -116,6 +132,25 @@ pub async fn sample(
         obs.samples += 1;
         let now_ms = shared.now_us() / 1000;
         let fault = tag.lock().unwrap_or_else(|e| e.into_inner()).tag(now_ms);
+        // Never two holders of one address on one network (IPAM at apply, across leaders).
+        let mut holders: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for t in &tasks {
+            for a in t.networks.iter().filter(|a| !a.address.is_empty()) {
+                obs.attachments_seen += 1;
+                let id = t.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+                holders
+                    .entry((a.network_name.clone(), a.address.clone()))
+                    .or_default()
+                    .push(id);
+            }
+        }
+        for ((net, addr), ids) in holders.into_iter().filter(|(_, v)| v.len() > 1) {
+            obs.address_conflict_count += 1;
+            if obs.address_conflicts.len() < MAX_RECORDED {
+                obs.address_conflicts
+                    .push(format!("t={now_ms} ms {net} {addr}: tasks {ids:?}"));
+            }
+        }
         let mut store: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
         let mut live: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
         for t in &tasks {

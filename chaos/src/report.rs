@@ -71,6 +71,7 @@ pub struct Report {
     pub disk_full: Vec<DiskFullReport>,
     pub operations: OpStats,
     pub observations: Observations,
+    pub mesh: crate::mesh::MeshStats,
     pub checks: Vec<Check>,
     pub passed: bool,
 }

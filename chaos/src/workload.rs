@@ -45,10 +45,12 @@ pub struct Shared {
     next_name: AtomicU64,
     /// Sockets of the managers' hosts (name, path).
     pub managers: Vec<(String, PathBuf)>,
+    /// The cluster network every service joins (its id).
+    pub network: String,
 }
 
 impl Shared {
-    pub fn new(run_id: String, managers: Vec<(String, PathBuf)>) -> Shared {
+    pub fn new(run_id: String, managers: Vec<(String, PathBuf)>, network: String) -> Shared {
         Shared {
             epoch: Instant::now(),
             run_id,
@@ -60,6 +62,7 @@ impl Shared {
             next_call: AtomicU64::new(1),
             next_name: AtomicU64::new(1),
             managers,
+            network,
         }
     }
 
@@ -94,7 +97,7 @@ pub fn value_of(s: &pb::Service) -> Option<SpecValue> {
     Some(SpecValue { token, replicas })
 }
 
-fn new_spec(name: &str, v: SpecValue) -> pb::ServiceSpec {
+fn new_spec(name: &str, v: SpecValue, network: &str) -> pb::ServiceSpec {
     pb::ServiceSpec {
         name: name.to_string(),
         labels: HashMap::from([(TOKEN_LABEL.to_string(), v.token.to_string())]),
@@ -111,6 +114,7 @@ fn new_spec(name: &str, v: SpecValue) -> pb::ServiceSpec {
                 max_attempts: 0,
                 window_ms: 0,
             }),
+            networks: vec![network.to_string()],
             ..Default::default()
         }),
         mode: Some(Mode::Replicated(pb::ReplicatedService {
@@ -220,7 +224,7 @@ impl Client {
         let (host, sock) = self.via();
         let mut c = self.begin(&name, Kind::Create, &host);
         c.value = Some(v);
-        let spec = new_spec(&name, v);
+        let spec = new_spec(&name, v, &self.shared.network);
         let out = match call(Kind::Create, &sock, |mut cl| async move {
             cl.create_service(pb::CreateServiceRequest { spec: Some(spec) })
                 .await
