@@ -1228,8 +1228,50 @@ fn an_ingress_port_answers_on_every_node() {
         .expect("service create web2");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already published by service web"));
+    // A port published without a published port gets one from 30000-32767, kept by updates,
+    // and answers there on every node too.
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "--name",
+            "auto",
+            "--publish",
+            "target=80",
+            "--stop-grace-period",
+            "1s",
+            "busybox:latest",
+            "sh",
+            "-c",
+            web,
+        ])
+        .expect("service create auto"),
+    );
+    let published = || {
+        let v: serde_json::Value = serde_json::from_str(&ok_out(
+            h1.shoal(&["service", "inspect", "auto"]).expect("inspect"),
+        ))
+        .expect("json");
+        v[0]["Spec"]["EndpointSpec"]["Ports"][0]["PublishedPort"]
+            .as_u64()
+            .expect("a published port")
+    };
+    let port = published();
+    assert!((30000..=32767).contains(&port), "{port}");
+    ok_out(
+        h1.shoal(&["service", "update", "-d", "--label-add", "x=1", "auto"])
+            .expect("update"),
+    );
+    assert_eq!(published(), port);
+    for to in [h1, h2] {
+        let url = format!("http://{}:{port}/", to.addr());
+        assert!(
+            fetch_eventually(h2, &url).starts_with("hello-from-"),
+            "{url}"
+        );
+    }
 
-    ok_out(h1.shoal(&["service", "rm", "web"]).expect("rm"));
+    ok_out(h1.shoal(&["service", "rm", "web", "auto"]).expect("rm"));
     assert_no_shoal_network(&[h1, h2]);
     assert!(fetch(h2, &format!("http://{}:8080/", h1.addr())).is_none());
 }

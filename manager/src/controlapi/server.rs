@@ -159,11 +159,11 @@ impl ControlApi {
     }
 
     /// Refuses a port published through the routing mesh that another service publishes
-    /// there already (every node answers on it, so it is the cluster's to give once).
-    fn check_ingress_ports(&self, spec: &pb::ServiceSpec) -> Result<(), Status> {
-        let mesh = |p: &pb::PortConfig| {
-            (p.publish_mode.is_empty() || p.publish_mode == "ingress") && p.published_port > 0
-        };
+    /// there already (every node answers on it, so it is the cluster's to give once), and gives
+    /// each mesh port without a published port the lowest free one of [`AUTO_INGRESS_PORTS`]
+    /// (swarm's range), kept in the spec so that updates keep it.
+    fn check_ingress_ports(&self, spec: &mut pb::ServiceSpec) -> Result<(), Status> {
+        let mesh = |p: &pb::PortConfig| p.publish_mode.is_empty() || p.publish_mode == "ingress";
         let proto = |p: &pb::PortConfig| {
             if p.protocol.is_empty() {
                 "tcp".to_string()
@@ -171,15 +171,21 @@ impl ControlApi {
                 p.protocol.clone()
             }
         };
+        let mut taken = std::collections::BTreeSet::new();
         for other in self.store().list_services().map_err(store_status)? {
             let Some(o) = other.spec else { continue };
             if o.name == spec.name {
                 continue;
             }
-            for p in spec.ports.iter().filter(|p| mesh(p)) {
-                if o.ports.iter().any(|q| {
-                    mesh(q) && q.published_port == p.published_port && proto(q) == proto(p)
-                }) {
+            for q in o.ports.iter().filter(|q| mesh(q) && q.published_port > 0) {
+                taken.insert((q.published_port, proto(q)));
+            }
+            for p in spec
+                .ports
+                .iter()
+                .filter(|p| mesh(p) && p.published_port > 0)
+            {
+                if taken.contains(&(p.published_port, proto(p))) {
                     return Err(Status::already_exists(format!(
                         "port {}/{} is already published by service {}",
                         p.published_port,
@@ -189,10 +195,35 @@ impl ControlApi {
                 }
             }
         }
+        for p in spec
+            .ports
+            .iter()
+            .filter(|p| mesh(p) && p.published_port > 0)
+        {
+            taken.insert((p.published_port, proto(p)));
+        }
+        for p in spec
+            .ports
+            .iter_mut()
+            .filter(|p| mesh(p) && p.published_port == 0)
+        {
+            let free = AUTO_INGRESS_PORTS
+                .clone()
+                .find(|port| !taken.contains(&(*port, proto(p))))
+                .ok_or_else(|| {
+                    Status::resource_exhausted(format!(
+                        "port {}: no free port left in {}-{} to publish it on",
+                        p.target_port,
+                        AUTO_INGRESS_PORTS.start(),
+                        AUTO_INGRESS_PORTS.end()
+                    ))
+                })?;
+            p.published_port = free;
+            taken.insert((free, proto(p)));
+        }
         Ok(())
     }
 
-    /// The spec's cluster networks by id (users name them; tasks and the store hold ids).
     /// Host-mode ports need the node bridge, which a task only on internal networks lacks.
     fn resolve_networks(&self, spec: &mut pb::ServiceSpec) -> Result<(), Status> {
         let mut internal = Vec::new();
@@ -405,6 +436,9 @@ macro_rules! leader_only {
     };
 }
 
+/// Where a port published through the routing mesh without a published port lands (swarm's).
+const AUTO_INGRESS_PORTS: std::ops::RangeInclusive<u32> = 30000..=32767;
+
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn create_service(
@@ -423,7 +457,7 @@ impl Control for ControlService {
         leader_only!(api, req, create_service, propose);
         let mut spec = spec;
         api.resolve_networks(&mut spec)?;
-        api.check_ingress_ports(&spec)?;
+        api.check_ingress_ports(&mut spec)?;
         // The name is checked again in apply.
         let taken = api
             .read_before_write(
@@ -518,7 +552,7 @@ impl Control for ControlService {
         leader_only!(api, req, update_service, propose);
         let mut spec = spec;
         api.resolve_networks(&mut spec)?;
-        api.check_ingress_ports(&spec)?;
+        api.check_ingress_ports(&mut spec)?;
         let current = api
             .service_at(&req.get_ref().service, req.get_ref().version)
             .await?;

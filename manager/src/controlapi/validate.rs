@@ -380,14 +380,8 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
             )));
         }
         match p.publish_mode.as_str() {
-            "host" => {}
-            "" | "ingress" if p.published_port == 0 => {
-                return Err(invalid(format!(
-                    "port {}: publish mode ingress needs a published port",
-                    p.target_port
-                )))
-            }
-            "" | "ingress" => {}
+            // An ingress port without a published one gets one from the control API.
+            "host" | "" | "ingress" => {}
             other => {
                 return Err(invalid(format!(
                     "invalid publish mode {other:?}: ingress or host"

@@ -300,12 +300,6 @@ fn networks(given: &[String]) -> anyhow::Result<(Vec<String>, Vec<pb::NetworkAli
 /// A `--publish` value; refuses what the cluster cannot publish yet, as the server would.
 fn port(s: &str) -> anyhow::Result<pb::PortConfig> {
     let p = parse_port(s)?;
-    if p.publish_mode == "ingress" && p.published_port == 0 {
-        bail!(
-            "port {}: publish mode ingress needs a published port",
-            p.target_port
-        );
-    }
     if p.protocol == "sctp" {
         bail!("invalid port {s:?}: protocol sctp is not supported (tcp or udp)");
     }
