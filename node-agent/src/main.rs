@@ -25,7 +25,7 @@ enum Command {
     /// Node-local images: import, load, ls, inspect, rm, prune
     Image(cmd::image::ImageArgs),
     /// Run a container from a local image
-    Run(cmd::container::RunArgs),
+    Run(Box<cmd::container::RunArgs>),
     /// List containers
     Ps(cmd::container::PsArgs),
     /// Stop containers (SIGTERM, then SIGKILL after the grace period)
@@ -56,7 +56,7 @@ fn main() {
     let result = match cli.command {
         Command::Runtime(c) => cmd::runtime::run(c),
         Command::Image(c) => cmd::image::run(c),
-        Command::Run(c) => cmd::container::run(c),
+        Command::Run(c) => cmd::container::run(*c),
         Command::Ps(c) => cmd::container::ps(c),
         Command::Stop(c) => cmd::container::stop(c),
         Command::Rm(c) => cmd::container::rm(c),

@@ -339,10 +339,6 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
             vec!["network", "create", "--opt", "encrypted=", "x"],
             "option encrypted is not supported",
         ),
-        (
-            vec!["network", "create", "--attachable", "x"],
-            "--attachable is not implemented yet",
-        ),
         (vec!["network", "create", "host"], "reserved"),
         (
             vec!["network", "create", "--subnet", "10.9.0.0/30", "x"],

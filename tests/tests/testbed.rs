@@ -1176,6 +1176,154 @@ fn an_internal_network_has_no_way_out() {
     );
 }
 
+/// `shoal run --network NAME` on an attachable overlay: the standalone container gets an
+/// address from the cluster, reaches the services on the network by name, is found by its own
+/// name and aliases, and gives its address back when removed; networks that are not attachable,
+/// unknown or the mesh's are refused.
+#[test]
+fn a_standalone_container_joins_an_attachable_network() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    two_node_cluster(h1, h2);
+    ok_out(
+        h1.shoal(&["network", "create", "--attachable", "app"])
+            .expect("network"),
+    );
+    ok_out(h1.shoal(&["network", "create", "plain"]).expect("network"));
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--replicas-max-per-node",
+            "1",
+            "--stop-grace-period",
+            "1s",
+            "--network",
+            "app",
+            "busybox:latest",
+            "sh",
+            "-c",
+            WEB,
+        ])
+        .expect("service create"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let web = loop {
+        let t = running_tasks(h1, "web");
+        if t.len() == 2 {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "web not running: {t:?}");
+        sleep(Duration::from_millis(300));
+    };
+    // Refusals, each on one line, nothing made.
+    for (net, extra, want) in [
+        ("plain", &[][..], "not attachable"),
+        ("nope", &[], "network nope not found"),
+        ("ingress", &[], "routing mesh"),
+        ("app", &["-p", "8080:80"], "publish from a service"),
+    ] {
+        let mut argv = vec!["run", "-d", "--network", net];
+        argv.extend_from_slice(extra);
+        argv.extend_from_slice(&["busybox:latest", "true"]);
+        let out = h2.shoal(&argv).expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{argv:?}");
+        assert!(
+            err.contains(want) && err.trim().lines().count() == 1,
+            "{argv:?}: {err}"
+        );
+    }
+    assert!(ok_out(h2.shoal(&["ps", "-a", "-q"]).expect("ps")).is_empty());
+    // A container on host 2 in the network: the services by name, across hosts.
+    ok_out(
+        h2.shoal(&[
+            "run",
+            "-d",
+            "--name",
+            "client",
+            "--network",
+            "app",
+            "--network-alias",
+            "cli",
+            "busybox:latest",
+            "sleep",
+            "300",
+        ])
+        .expect("run"),
+    );
+    let exec = |args: &[&str]| {
+        let mut argv = vec!["exec", "client"];
+        argv.extend_from_slice(args);
+        let out = h2.shoal(&argv).expect("exec");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let resolv = exec(&["cat", "/etc/resolv.conf"]).expect("resolv.conf");
+    assert!(resolv.contains("nameserver 127.0.0.11"), "{resolv}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = HashSet::new();
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "http://web/ did not reach both tasks: {seen:?}"
+        );
+        if let Some(b) = exec(&["timeout", "5", "wget", "-q", "-O", "-", "http://web/"]) {
+            seen.insert(b);
+        }
+    }
+    let tasks = exec(&["nslookup", "tasks.web"]).expect("nslookup tasks.web");
+    assert!(web.iter().all(|t| tasks.contains(&t.2)), "{tasks}");
+    // The container is found by its name and its alias, from a task on the other host.
+    let addr_of = |out: &str| {
+        out.lines()
+            .skip_while(|l| !l.starts_with("Name:"))
+            .find_map(|l| l.strip_prefix("Address:").map(|a| a.trim().to_string()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let by_name = loop {
+        let out = task_exec(&[h1, h2], &web[0].0, &["nslookup", "client"]).unwrap_or_default();
+        if let Some(a) = addr_of(&out) {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "client never resolved: {out}");
+        sleep(Duration::from_millis(300));
+    };
+    assert!(by_name.starts_with("10.0.0."), "{by_name}");
+    let by_alias = task_exec(&[h1, h2], &web[0].0, &["nslookup", "cli"]).unwrap_or_default();
+    assert_eq!(addr_of(&by_alias).as_deref(), Some(by_name.as_str()));
+    // In use: the network stays.
+    let out = h1.shoal(&["network", "rm", "app"]).expect("network rm");
+    assert!(!out.status.success());
+    // A foreground run with --rm gives its address back when it ends.
+    let out = ok_out(
+        h2.shoal(&[
+            "run",
+            "--rm",
+            "--network",
+            "app",
+            "busybox:latest",
+            "nslookup",
+            "web",
+        ])
+        .expect("run --rm"),
+    );
+    assert!(out.contains("Address"), "{out}");
+    ok_out(h2.shoal(&["rm", "-f", "client"]).expect("rm"));
+    ok_out(h1.shoal(&["service", "rm", "web"]).expect("service rm"));
+    assert_no_shoal_network(&[h1, h2]);
+    // Nothing holds the network any more: no attachment was left behind.
+    ok_out(
+        h1.shoal(&["network", "rm", "app", "plain"])
+            .expect("network rm"),
+    );
+}
+
 /// The routing mesh: a port published in ingress mode answers on every node — also on one
 /// that runs no task of the service — and the mesh goes away with the service.
 #[test]

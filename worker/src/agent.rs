@@ -83,6 +83,9 @@ pub(crate) struct Shared {
     executor: Arc<dyn Executor>,
     db: Option<TaskDb>,
     controllers: Mutex<HashMap<String, Ctl>>,
+    /// Standalone containers' network attachments on this node, by id: no controller, the
+    /// executor serves their DNS and virtual IPs.
+    attachments: Mutex<BTreeMap<String, Task>>,
     /// Latest status of every task the agent holds.
     statuses: Mutex<HashMap<String, TaskStatus>>,
     /// Reports not yet acknowledged by a dispatcher, latest per task.
@@ -113,10 +116,29 @@ impl Shared {
         if let Some(r) = &a.records {
             self.executor.set_records(r.clone());
         }
+        let (attachments, tasks): (Vec<Task>, Vec<Task>) =
+            a.tasks.into_iter().partition(|t| t.network_attachment);
+        {
+            let mut held = lock(&self.attachments);
+            let before = held.clone();
+            if a.full {
+                held.clear();
+            }
+            for id in &a.removed {
+                held.remove(id);
+            }
+            for t in attachments {
+                held.insert(task_id(&t).to_string(), t);
+            }
+            if *held != before {
+                self.executor
+                    .set_attachments(held.values().cloned().collect());
+            }
+        }
         let mut ctls = lock(&self.controllers);
         let mut removed: Vec<String> = a.removed;
         if a.full {
-            let keep: HashSet<&str> = a.tasks.iter().map(task_id).collect();
+            let keep: HashSet<&str> = tasks.iter().map(task_id).collect();
             removed.extend(
                 ctls.keys()
                     .filter(|id| !keep.contains(id.as_str()))
@@ -148,7 +170,7 @@ impl Shared {
                 });
             }
         }
-        for t in a.tasks {
+        for t in tasks {
             let id = task_id(&t).to_string();
             if id.is_empty() {
                 continue;
@@ -358,6 +380,7 @@ impl Agent {
             executor: cfg.executor,
             db,
             controllers: Mutex::new(HashMap::new()),
+            attachments: Mutex::new(BTreeMap::new()),
             statuses: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             pending_added: Notify::new(),

@@ -84,12 +84,6 @@ pub fn network_spec(spec: &pb::NetworkSpec) -> Result<(), Invalid> {
             "network driver {driver} is not supported: a cluster network is an overlay"
         )));
     }
-    // Stored and ignored would be worse than refused.
-    if spec.attachable {
-        return Err(invalid(
-            "--attachable is not implemented yet: standalone containers cannot join cluster networks",
-        ));
-    }
     if let Some(k) = spec.options.keys().next() {
         return Err(invalid(format!("network option {k} is not supported")));
     }
@@ -216,7 +210,7 @@ mod tests {
         assert!(network_spec(&s).unwrap_err().0.contains("not supported"));
         let mut s = spec("n", "", "");
         s.attachable = true;
-        assert!(network_spec(&s).unwrap_err().0.contains("--attachable"));
+        assert!(network_spec(&s).is_ok());
         let mut s = spec("n", "", "");
         s.internal = true;
         assert!(network_spec(&s).is_ok());

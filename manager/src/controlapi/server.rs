@@ -46,6 +46,9 @@ pub struct ControlService {
     api: ApiSlot,
     /// Served on the root-only Unix socket: the caller is the local administrator.
     local: bool,
+    /// The local socket's: this node's membership, so that a worker can still ask a manager
+    /// for its standalone containers' network attachments (with its own certificate).
+    membership: Option<tokio::sync::watch::Receiver<Option<crate::daemon::Membership>>>,
 }
 
 impl ControlService {
@@ -54,12 +57,76 @@ impl ControlService {
         ControlService {
             api: ApiSlot::with(api),
             local: false,
+            membership: None,
         }
     }
 
     /// The service for the local Unix socket (whose mode already restricts it to root).
     pub fn local(api: ApiSlot) -> Self {
-        ControlService { api, local: true }
+        ControlService {
+            api,
+            local: true,
+            membership: None,
+        }
+    }
+
+    /// Lets the local socket of a worker forward network attachments to a manager.
+    pub fn with_membership(
+        mut self,
+        m: tokio::sync::watch::Receiver<Option<crate::daemon::Membership>>,
+    ) -> Self {
+        self.membership = Some(m);
+        self
+    }
+
+    /// On a node that is no manager: `call` on the first manager that answers, over mutual
+    /// TLS with this node's certificate (the manager acts for this node only).
+    async fn as_worker<T, R, F, Fut>(&self, req: T, call: F) -> Result<Response<R>, Status>
+    where
+        T: Clone,
+        F: Fn(pb::control_client::ControlClient<tonic::transport::Channel>, T) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let m = self
+            .membership
+            .as_ref()
+            .and_then(|m| m.borrow().clone())
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "this node is in no cluster: only a cluster member can join cluster networks",
+                )
+            })?;
+        let mut last = Status::unavailable("no manager to ask");
+        for addr in &m.managers {
+            let ch = match m.tls.channel(addr) {
+                Ok(ch) => ch,
+                Err(e) => {
+                    last = Status::unavailable(format!("manager {addr}: {e}"));
+                    continue;
+                }
+            };
+            match call(pb::control_client::ControlClient::new(ch), req.clone()).await {
+                Err(e) if e.code() == tonic::Code::Unavailable => last = e,
+                r => return r,
+            }
+        }
+        Err(last)
+    }
+
+    /// Who asks for a network attachment: `None` for the local socket; over TLS any node of
+    /// this cluster (a worker for itself, a manager forwarding for any).
+    fn authorize_node<T>(
+        &self,
+        api: &ControlApi,
+        req: &Request<T>,
+    ) -> Result<Option<NodeIdentity>, Status> {
+        if self.local {
+            return Ok(None);
+        }
+        Ok(Some(
+            api.authorizer()
+                .authorize(req, &[Role::Manager, Role::Worker])?,
+        ))
     }
 
     fn api(&self) -> Result<ControlApi, Status> {
@@ -762,6 +829,20 @@ impl Control for ControlService {
                 users.join(", ")
             )));
         }
+        let containers: Vec<String> = api
+            .store()
+            .list_tasks()
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|t| t.network_attachment && t.networks.iter().any(|a| a.network_id == id))
+            .map(|t| t.service_name)
+            .collect();
+        if !containers.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "network {name} is in use by container {}",
+                containers.join(", ")
+            )));
+        }
         api.propose(vec![Mutation::Delete {
             kind: Kind::Network,
             id: id.clone(),
@@ -769,6 +850,162 @@ impl Control for ControlService {
         }])
         .await?;
         Ok(Response::new(pb::RemoveNetworkResponse { id }))
+    }
+
+    async fn attach_network(
+        &self,
+        mut req: Request<pb::AttachNetworkRequest>,
+    ) -> Result<Response<pb::AttachNetworkResponse>, Status> {
+        let api = match self.api() {
+            Ok(api) => api,
+            Err(_) if self.local => {
+                let mut r = req.into_inner();
+                r.node.clear();
+                return self
+                    .as_worker(r, |mut c, r| async move { c.attach_network(r).await })
+                    .await;
+            }
+            Err(e) => return Err(e),
+        };
+        match self.authorize_node(&api, &req)? {
+            // A worker attaches containers on itself only.
+            Some(id) if id.role == Role::Worker || req.get_ref().node.is_empty() => {
+                req.get_mut().node = id.node_id;
+            }
+            Some(_) => {}
+            // The node whose agent was asked: fixed before the request is forwarded.
+            None if req.get_ref().node.is_empty() => {
+                req.get_mut().node = api.node_id().to_string();
+            }
+            None => {}
+        }
+        let r = req.get_ref().clone();
+        validate::service_name(&r.container_name).map_err(|e| {
+            invalid(validate::Invalid(
+                e.0.replace("service name", "container name"),
+            ))
+        })?;
+        for a in &r.aliases {
+            validate::service_name(a).map_err(|e| {
+                invalid(validate::Invalid(
+                    e.0.replace("service name", "network alias"),
+                ))
+            })?;
+        }
+        if r.aliases.len() > validate::MAX_ALIASES {
+            return Err(Status::invalid_argument(format!(
+                "more than {} network aliases",
+                validate::MAX_ALIASES
+            )));
+        }
+        leader_only!(api, req, attach_network, propose);
+        let net = api.find_network(&r.network)?;
+        let spec = net.spec.clone().unwrap_or_default();
+        let net_id = id_of(net.meta.as_ref()).to_string();
+        if net_id == network::INGRESS {
+            return Err(Status::failed_precondition(
+                "network ingress is the routing mesh's: containers cannot join it",
+            ));
+        }
+        if !spec.attachable {
+            return Err(Status::failed_precondition(format!(
+                "network {} is not attachable: create it with --attachable to run containers on it",
+                spec.name
+            )));
+        }
+        let node = api.find_node(&r.node)?;
+        let node_id = id_of(node.meta.as_ref()).to_string();
+        let id = new_id();
+        let task = pb::Task {
+            meta: Some(pb::Meta {
+                id: id.clone(),
+                ..Default::default()
+            }),
+            node_id: node_id.clone(),
+            service_name: r.container_name.clone(),
+            desired_state: pb::TaskState::Running as i32,
+            status: Some(pb::TaskStatus {
+                state: pb::TaskState::Running as i32,
+                timestamp_ms: super::now_ms(),
+                message: "attached".into(),
+                ..Default::default()
+            }),
+            spec: Some(pb::TaskSpec {
+                network_aliases: if r.aliases.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![pb::NetworkAliases {
+                        network: net_id.clone(),
+                        aliases: r.aliases.clone(),
+                    }]
+                },
+                ..Default::default()
+            }),
+            networks: vec![pb::NetworkAttachment {
+                network_id: net_id,
+                ..Default::default()
+            }],
+            network_attachment: true,
+            ..Default::default()
+        };
+        // The address is given at apply, like a task's.
+        api.propose(vec![Mutation::Create(Object::Task(task))])
+            .await?;
+        let stored = api
+            .store()
+            .get_task(&id)
+            .map_err(store_status)?
+            .ok_or_else(|| {
+                Status::internal("the attachment is not in the store after its write")
+            })?;
+        let peers = crate::dispatcher::peers(api.store(), &node_id)?;
+        Ok(Response::new(pb::AttachNetworkResponse {
+            id,
+            attachment: stored.networks.into_iter().next(),
+            peers,
+        }))
+    }
+
+    async fn detach_network(
+        &self,
+        req: Request<pb::DetachNetworkRequest>,
+    ) -> Result<Response<pb::DetachNetworkResponse>, Status> {
+        let api = match self.api() {
+            Ok(api) => api,
+            Err(_) if self.local => {
+                return self
+                    .as_worker(req.into_inner(), |mut c, r| async move {
+                        c.detach_network(r).await
+                    })
+                    .await;
+            }
+            Err(e) => return Err(e),
+        };
+        let caller = self.authorize_node(&api, &req)?;
+        leader_only!(api, req, detach_network, write);
+        let id = req.get_ref().id.clone();
+        let Some(t) = api.store().get_task(&id).map_err(store_status)? else {
+            return Ok(Response::new(pb::DetachNetworkResponse {}));
+        };
+        if !t.network_attachment {
+            return Err(Status::invalid_argument(format!(
+                "{id} is a service's task, not a network attachment"
+            )));
+        }
+        if let Some(c) = caller.filter(|c| c.role == Role::Worker) {
+            if c.node_id != t.node_id {
+                return Err(Status::permission_denied(format!(
+                    "attachment {id} belongs to another node"
+                )));
+            }
+        }
+        api.propose(vec![Mutation::Delete {
+            kind: Kind::Task,
+            id,
+            expect_version: None,
+        }])
+        .await?;
+        Ok(Response::new(pb::DetachNetworkResponse {}))
     }
 
     async fn list_tasks(

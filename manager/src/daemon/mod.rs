@@ -618,7 +618,9 @@ async fn serve_socket(
     let listener = tokio::net::UnixListener::bind(&path).map_err(io)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let control = ControlService::local(shared.slot.clone()).into_server();
+    let control = ControlService::local(shared.slot.clone())
+        .with_membership(shared.membership.subscribe())
+        .into_server();
     let daemon = DaemonServer::new(DaemonService { shared });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {

@@ -34,7 +34,7 @@ use crate::store::{Command, Response, Store};
 use crate::tls::Authorizer;
 
 pub use server::DispatcherService;
-pub(crate) use session::node_ip;
+pub(crate) use session::{node_ip, peers};
 
 /// Heartbeat period when the cluster object sets none.
 pub const DEFAULT_HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);

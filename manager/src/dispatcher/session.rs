@@ -154,9 +154,24 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
                 .or_default();
             if let (true, Some(ip)) = (up, a.address.split('/').next().filter(|s| !s.is_empty())) {
                 entry.push(ip.to_string());
-                by.entry((a.network_id.clone(), task_name.clone()))
-                    .or_default()
-                    .push(ip.to_string());
+                // A standalone container answers to its name (its "service") and its aliases.
+                let names: Vec<String> = if t.network_attachment {
+                    t.spec
+                        .as_ref()
+                        .map(|s| &s.network_aliases[..])
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|al| al.network == a.network_id)
+                        .flat_map(|al| al.aliases.iter().cloned())
+                        .collect()
+                } else {
+                    vec![task_name.clone()]
+                };
+                for n in names {
+                    by.entry((a.network_id.clone(), n))
+                        .or_default()
+                        .push(ip.to_string());
+                }
             }
         }
     }
@@ -233,7 +248,7 @@ fn send_all<B: Backend>(inner: &Inner<B>, event: impl Fn() -> SessionEvent) {
 }
 
 /// The underlay addresses (IPs, no ports) of every node but `me`, sorted.
-fn peers(store: &Store, me: &str) -> Result<Vec<String>, Status> {
+pub(crate) fn peers(store: &Store, me: &str) -> Result<Vec<String>, Status> {
     let mut out: Vec<String> = store
         .list_nodes()
         .map_err(|e| Status::internal(format!("reading the nodes: {e}")))?

@@ -24,7 +24,8 @@ pub fn reap(view: &ClusterView, now_ms: i64) -> Decision {
     let mut touched: HashSet<&str> = HashSet::new();
 
     for service_id in view.service_ids_with_tasks() {
-        if view.services.contains_key(service_id) {
+        // No service: standalone containers' network attachments, theirs to give back.
+        if view.services.contains_key(service_id) || service_id.is_empty() {
             continue;
         }
         for t in view.tasks_of_service(service_id) {
@@ -41,6 +42,14 @@ pub fn reap(view: &ClusterView, now_ms: i64) -> Decision {
         }
         let node = (!t.node_id.is_empty()).then(|| view.nodes.get(&t.node_id));
         let node_gone = matches!(node, Some(None));
+        if t.network_attachment {
+            // Given back by its container's removal, or with its node.
+            if node_gone {
+                touched.insert(task_id(t));
+                d.push(delete(t));
+            }
+            continue;
+        }
         let never_assigned = state(t) < assigned;
         if t.desired_state >= TaskState::Remove as i32
             && (is_terminal(t) || never_assigned || node_gone)

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use shoal_proto::v1::control_client::ControlClient;
 use shoal_runtime::container::{is_root, ExecOptions, Status};
 use shoal_runtime::frontdoor::{
     parse_cpus, parse_memory, parse_pids_limit, ContainerSummary, FrontDoor, LogFollower,
@@ -19,7 +20,10 @@ use shoal_runtime::frontdoor::{
 use shoal_runtime::network::{parse_publish, EtcOptions, Mode, NetRequest};
 
 use super::image::DEFAULT_DATA_DIR;
+use super::output::SocketArg;
 
+/// How long `run --network NAME` waits for the agent to serve the container's DNS.
+const RESOLVER_WAIT: Duration = Duration::from_secs(5);
 /// Exit code of `run`/`exec` when shoal itself fails (Docker's).
 const EXIT_SHOAL_FAILED: i32 = 125;
 /// How often a follower of a log looks for new output.
@@ -73,9 +77,11 @@ pub struct RunArgs {
     /// User: name|uid[:group|gid]
     #[arg(short, long)]
     user: Option<String>,
-    /// Network: bridge (the node bridge, default), host or none
+    /// Network: bridge (the node bridge, default), host, none, or an attachable cluster network
     #[arg(long = "network", alias = "net", default_value = "bridge")]
     network: String,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Publish a port: [IP:][HOSTPORT:]CONTAINERPORT[/tcp|udp] (no HOSTPORT: a free one)
     #[arg(short = 'p', long = "publish", value_name = "PORT")]
     publish: Vec<String>,
@@ -135,6 +141,8 @@ pub struct StopArgs {
 pub struct RmArgs {
     #[command(flatten)]
     data: DataDir,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Kill a running container first
     #[arg(short, long)]
     force: bool,
@@ -239,14 +247,178 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 }
 
-fn run_inner(args: RunArgs) -> Result<i32> {
+/// Whether `--network` names a cluster network rather than bridge, host or none.
+fn is_cluster_network(name: &str) -> bool {
+    !matches!(name, "bridge" | "host" | "none")
+}
+
+/// A standalone container's attachment to a cluster network, as the manager gave it.
+struct ClusterAttachment {
+    id: String,
+    overlay: shoal_runtime::network::OverlayAttach,
+    internal: bool,
+    peers: Vec<std::net::Ipv4Addr>,
+}
+
+/// Runs one control API call on a runtime of its own (the front door stays single-threaded).
+fn call<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
+
+/// Asks the cluster for an address on `network` for container `name` on this node.
+fn attach_cluster_network(
+    socket: &SocketArg,
+    network: &str,
+    name: &str,
+    aliases: &[String],
+) -> Result<ClusterAttachment> {
+    use shoal_proto::v1 as pb;
+    let r = call(async {
+        let ch = socket.channel().await.map_err(|_| {
+            anyhow::anyhow!(
+                "network {network} not found: it is not bridge, host or none, and no shoal agent answers at {} to look for a cluster network",
+                socket.socket.display()
+            )
+        })?;
+        let mut c = ControlClient::new(ch);
+        c.attach_network(pb::AttachNetworkRequest {
+            network: network.to_string(),
+            node: String::new(),
+            container_name: name.to_string(),
+            aliases: aliases.to_vec(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))
+    })?;
+    let a = r.attachment.unwrap_or_default();
+    let (ip, prefix) = a
+        .address
+        .split_once('/')
+        .and_then(|(ip, p)| Some((ip.parse().ok()?, p.parse().ok()?)))
+        .with_context(|| format!("network {network}: the cluster gave no address"))?;
+    Ok(ClusterAttachment {
+        overlay: shoal_runtime::network::OverlayAttach {
+            network_id: a.network_id,
+            vni: a.vni,
+            address: ip,
+            prefix,
+            attachment: r.id.clone(),
+        },
+        id: r.id,
+        internal: a.internal,
+        peers: r.peers.iter().filter_map(|p| p.parse().ok()).collect(),
+    })
+}
+
+/// Gives attachments back to the cluster.
+fn detach_cluster_networks(socket: &SocketArg, ids: &[String]) -> Result<()> {
+    use shoal_proto::v1 as pb;
+    if ids.is_empty() {
+        return Ok(());
+    }
+    call(async {
+        let mut c = ControlClient::new(socket.channel().await?);
+        for id in ids {
+            c.detach_network(pb::DetachNetworkRequest { id: id.clone() })
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        }
+        Ok(())
+    })
+}
+
+/// The cluster attachments a container holds (from its network record).
+fn cluster_attachments(fd: &FrontDoor, id: &str) -> Vec<String> {
+    shoal_runtime::network::Attachment::load(&fd.container_dir(id))
+        .map(|n| {
+            n.overlays
+                .iter()
+                .map(|o| o.attachment.clone())
+                .filter(|a| !a.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (bounded) until this node's agent serves the embedded DNS in the container's
+/// namespace, so that the process finds it from its first query.
+fn wait_for_resolver(id: &str) {
+    let ns = shoal_runtime::network::netns_path(id);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 11], 53));
+    let deadline = std::time::Instant::now() + RESOLVER_WAIT;
+    while std::time::Instant::now() < deadline {
+        match shoal_runtime::network::udp_socket_in_netns(&ns, addr) {
+            // Nobody holds it yet: give it back at once and look again.
+            Ok(sock) => drop(sock),
+            Err(_) => return,
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("shoal: warning: the agent serves no DNS in container {id} yet; names may not resolve at first");
+}
+
+fn run_inner(mut args: RunArgs) -> Result<i32> {
     let fd = open(&args.data)?;
-    let mut it = args.image_and_command.into_iter();
+    let mut it = std::mem::take(&mut args.image_and_command).into_iter();
     let image = it.next().context("give an image to run")?;
+    let cluster = is_cluster_network(&args.network);
+    // Before anything is asked of the cluster: this re-executes the process.
+    protect()?;
+    if cluster && args.detach && args.rm {
+        bail!("--rm with -d is not supported on cluster network {} yet: remove the container with shoal rm", args.network);
+    }
+    let name = match (&args.name, cluster) {
+        (None, true) => Some(shoal_runtime::frontdoor::generated_name(0)?),
+        (n, _) => n.clone(),
+    };
+    let attached = if cluster {
+        if !args.publish.is_empty() {
+            bail!(
+                "--publish with cluster network {}: publish from a service instead",
+                args.network
+            );
+        }
+        Some(attach_cluster_network(
+            &args.socket,
+            &args.network,
+            name.as_deref().unwrap_or_default(),
+            &args.network_alias,
+        )?)
+    } else {
+        None
+    };
+    let socket = SocketArg {
+        socket: args.socket.socket.clone(),
+    };
+    let r = run_attached(&fd, args, it.collect(), image, name, attached.as_ref());
+    if r.is_err() {
+        if let Some(a) = &attached {
+            // Nothing holds the address: give it back (the container was not made).
+            if let Err(e) = detach_cluster_networks(&socket, std::slice::from_ref(&a.id)) {
+                eprintln!("shoal: warning: giving back attachment {}: {e:#}", a.id);
+            }
+        }
+    }
+    r
+}
+
+fn run_attached(
+    fd: &FrontDoor,
+    args: RunArgs,
+    command: Vec<String>,
+    image: String,
+    name: Option<String>,
+    attached: Option<&ClusterAttachment>,
+) -> Result<i32> {
     let opts = RunOptions {
         image,
-        name: args.name,
-        command: it.collect(),
+        name,
+        command,
         env: args.env,
         hostname: args.hostname,
         memory: args.memory.as_deref().map(parse_memory).transpose()?,
@@ -261,15 +433,24 @@ fn run_inner(args: RunArgs) -> Result<i32> {
         workdir: args.workdir,
         user: args.user,
         auto_remove: args.rm,
-        network: NetRequest {
-            mode: Mode::parse(&args.network)?,
-            publish: args
-                .publish
-                .iter()
-                .map(|p| parse_publish(p))
-                .collect::<Result<_, _>>()?,
-            overlays: Vec::new(),
-            peers: Vec::new(),
+        network: match attached {
+            // Only internal: no node bridge, no way out.
+            Some(a) => NetRequest {
+                mode: if a.internal { Mode::None } else { Mode::Bridge },
+                publish: Vec::new(),
+                overlays: vec![a.overlay.clone()],
+                peers: a.peers.clone(),
+            },
+            None => NetRequest {
+                mode: Mode::parse(&args.network)?,
+                publish: args
+                    .publish
+                    .iter()
+                    .map(|p| parse_publish(p))
+                    .collect::<Result<_, _>>()?,
+                overlays: Vec::new(),
+                peers: Vec::new(),
+            },
         },
         etc: EtcOptions {
             hostname: String::new(),
@@ -292,18 +473,25 @@ fn run_inner(args: RunArgs) -> Result<i32> {
                 .iter()
                 .map(|h| EtcOptions::parse_add_host(h))
                 .collect::<Result<_, _>>()?,
-            aliases: Vec::new(),
+            aliases: args.network_alias.clone(),
         },
     };
-    if !args.network_alias.is_empty() {
+    let mut opts = opts;
+    if attached.is_some() {
+        // The embedded DNS of the cluster's networks (its upstream is the agent's).
+        opts.etc.dns = vec![std::net::IpAddr::from([127, 0, 0, 11])];
+        opts.etc.dns_options = vec!["ndots:0".into()];
+    } else if !args.network_alias.is_empty() {
         bail!(
             "--network-alias needs a user-defined network; {} is not one",
             opts.network.mode.name()
         );
     }
-    protect()?;
     let mut c = fd.create(&opts)?;
     let id = c.record.id.clone();
+    if attached.is_some() {
+        wait_for_resolver(&id);
+    }
     if args.detach {
         fd.start(&mut c)?;
         if args.rm {
@@ -330,6 +518,10 @@ fn run_inner(args: RunArgs) -> Result<i32> {
     drop(out);
     if args.rm {
         fd.remove(&id, true).context("remove the container")?;
+        if let Some(a) = attached {
+            detach_cluster_networks(&args.socket, std::slice::from_ref(&a.id))
+                .with_context(|| format!("giving back network attachment {}", a.id))?;
+        }
     }
     Ok(status.shell_code())
 }
@@ -503,7 +695,11 @@ pub fn stop(args: StopArgs) -> Result<()> {
 pub fn rm(args: RmArgs) -> Result<()> {
     let fd = open(&args.data)?;
     each(&fd, &args.containers, "rm", |id| {
-        Ok(fd.remove(id, args.force)?)
+        let held = cluster_attachments(&fd, id);
+        fd.remove(id, args.force)?;
+        // The container is gone; its addresses on cluster networks go back to the cluster.
+        detach_cluster_networks(&args.socket, &held)
+            .context("container removed, but its cluster network addresses were not given back")
     })
 }
 

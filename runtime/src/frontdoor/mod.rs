@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{parse_cpus, parse_memory, parse_pids_limit, resolve_user, ResolvedUser};
 pub use logs::{files_oldest_first, LogFollower};
-pub use names::{check_name, is_full_id};
+pub use names::{check_name, generated_name, is_full_id};
 
 use crate::container::{
     self, state, Container, ContainerError, CreateOptions, ExecOptions, ExecProcess, ExitStatus,

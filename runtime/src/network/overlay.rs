@@ -27,6 +27,10 @@ pub struct OverlayAttach {
     /// The container's address on it.
     pub address: Ipv4Addr,
     pub prefix: u8,
+    /// A standalone container's attachment (its id in the cluster, given back when the
+    /// container is removed); empty for a task's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub attachment: String,
 }
 
 fn bridge_name(vni: u32) -> String {

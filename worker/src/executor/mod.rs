@@ -86,4 +86,8 @@ pub trait Executor: Send + Sync + 'static {
     /// The service records of the node's cluster networks changed (the tasks' embedded DNS
     /// answers from them). Executors without networks ignore it.
     fn set_records(&self, _records: shoal_proto::v1::ServiceRecords) {}
+    /// The network attachments of standalone containers on this node (`shoal run --network
+    /// NAME`), the whole set each time: their embedded DNS and virtual IPs are the agent's.
+    /// Executors without networks ignore it.
+    fn set_attachments(&self, _attachments: Vec<shoal_proto::v1::Task>) {}
 }

@@ -68,8 +68,10 @@ pub struct RuntimeExecutor {
     records: crate::dns::SharedRecords,
     /// What the routing mesh's sandbox serves now (`None`: no sandbox).
     mesh: Arc<std::sync::Mutex<Option<shoal_proto::v1::Ingress>>>,
-    /// The running resolver of each task on cluster networks.
-    resolvers: std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// The resolvers of the tasks (and standalone containers) on cluster networks.
+    dns: Resolvers,
+    /// The network attachments of standalone containers on this node (dispatcher's).
+    attachments: Arc<std::sync::Mutex<Vec<Task>>>,
     images: Arc<ImageStore>,
     /// The `shoal` binary whose `runtime create` makes the containers.
     shoal: PathBuf,
@@ -84,14 +86,21 @@ impl RuntimeExecutor {
         // Through /proc: the running binary even when its file has been replaced or removed
         // since (a newer build replacing its protected copy).
         let shoal = PathBuf::from("/proc/self/exe");
+        let records: crate::dns::SharedRecords = Arc::default();
         Ok(RuntimeExecutor {
-            cfg,
             peers: Arc::default(),
-            records: Arc::default(),
+            records: records.clone(),
             mesh: Arc::default(),
-            resolvers: Default::default(),
+            dns: Resolvers {
+                running: Arc::default(),
+                records: records.clone(),
+                upstream: Arc::new(cfg.dns_upstream.clone()),
+                containers: cfg.data_dir.join(CONTAINERS_DIR),
+            },
+            attachments: Arc::default(),
             images: Arc::new(images),
             shoal,
+            cfg,
         })
     }
 
@@ -152,24 +161,7 @@ impl RuntimeExecutor {
         sock: std::net::UdpSocket,
         networks: Vec<String>,
     ) -> Result<(), ExecError> {
-        let sock = tokio::net::UdpSocket::from_std(sock).map_err(runtime_err)?;
-        let upstream = Arc::new(self.cfg.dns_upstream.clone());
-        let h = tokio::spawn(crate::dns::serve(
-            sock,
-            networks,
-            self.records.clone(),
-            upstream,
-        ));
-        if let Some(old) = self
-            .resolvers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), h)
-        {
-            old.abort();
-        }
-        self.balance(id);
-        Ok(())
+        self.dns.serve(id, sock, networks)
     }
 
     /// Makes the routing mesh's sandbox serve `ingress` (made, changed or removed in the
@@ -200,7 +192,70 @@ impl RuntimeExecutor {
 
     /// Programs task `id`'s virtual IPs from the current records (in the background).
     fn balance(&self, id: &str) {
-        let (records, dir, id) = (self.records.clone(), self.task_dir(id), id.to_string());
+        self.dns.balance(id);
+    }
+
+    fn stop_dns(&self, id: &str) {
+        self.dns.stop(id);
+    }
+
+    fn task_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join(CONTAINERS_DIR).join(id)
+    }
+}
+
+/// The embedded DNS resolvers this agent runs, one per container on cluster networks (tasks
+/// and standalone containers alike: both live in `<data>/containers/<id>` with a namespace at
+/// `network::netns_path(id)`), and the virtual IPs programmed in those containers.
+#[derive(Clone)]
+struct Resolvers {
+    running: Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>>,
+    records: crate::dns::SharedRecords,
+    upstream: Arc<Vec<std::net::SocketAddr>>,
+    /// `<data>/containers`.
+    containers: PathBuf,
+}
+
+/// How long a standalone container's attachment is looked for before it is given up (the
+/// attachment is made before the container: `shoal run` creates it right after).
+const ATTACHMENT_WAIT: Duration = Duration::from_secs(30);
+/// Pause between two looks.
+const ATTACHMENT_POLL: Duration = Duration::from_millis(50);
+
+impl Resolvers {
+    /// Starts the resolver of container `id` on `sock` (bound in its namespace).
+    fn serve(
+        &self,
+        id: &str,
+        sock: std::net::UdpSocket,
+        networks: Vec<String>,
+    ) -> Result<(), ExecError> {
+        let sock = tokio::net::UdpSocket::from_std(sock).map_err(runtime_err)?;
+        let h = tokio::spawn(crate::dns::serve(
+            sock,
+            networks,
+            self.records.clone(),
+            self.upstream.clone(),
+        ));
+        if let Some(old) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), h)
+        {
+            old.abort();
+        }
+        self.balance(id);
+        Ok(())
+    }
+
+    /// Programs container `id`'s virtual IPs from the current records (in the background).
+    fn balance(&self, id: &str) {
+        let (records, dir, id) = (
+            self.records.clone(),
+            self.containers.join(id),
+            id.to_string(),
+        );
         tokio::task::spawn_blocking(move || {
             let Some(att) = Attachment::load(&dir) else {
                 return;
@@ -213,15 +268,15 @@ impl RuntimeExecutor {
             let ns = network::netns_path(&id);
             if ns.exists() {
                 if let Err(e) = network::program_vips(&ns, &vips) {
-                    tracing::warn!(task = %id, "program the virtual IPs: {e}");
+                    tracing::warn!(container = %id, "program the virtual IPs: {e}");
                 }
             }
         });
     }
 
-    fn stop_dns(&self, id: &str) {
+    fn stop(&self, id: &str) {
         if let Some(h) = self
-            .resolvers
+            .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)
@@ -230,9 +285,104 @@ impl RuntimeExecutor {
         }
     }
 
-    fn task_dir(&self, id: &str) -> PathBuf {
-        self.cfg.data_dir.join(CONTAINERS_DIR).join(id)
+    /// Serves the standalone containers that `wanted` (the node's attachment tasks) name, and
+    /// stops serving the ones it no longer names. A container is found by its attachment:
+    /// the network and address the manager gave it. Looks again until every attachment's
+    /// container is found or [`ATTACHMENT_WAIT`] has passed (it may not be made yet).
+    async fn follow_attachments(self, wanted: Arc<std::sync::Mutex<Vec<Task>>>) {
+        let start = std::time::Instant::now();
+        loop {
+            let want: Vec<(String, std::net::Ipv4Addr)> = wanted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .flat_map(|t| t.networks.iter())
+                .filter_map(|a| {
+                    let ip = a.address.split('/').next()?.parse().ok()?;
+                    Some((a.network_id.clone(), ip))
+                })
+                .collect();
+            let dir = self.containers.clone();
+            let found = blocking(move || Ok(standalone_attachments(&dir))).await;
+            let found = found.unwrap_or_default();
+            let mut missing = 0;
+            let mut serve: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for (net, ip) in &want {
+                match found.iter().find(|(_, a)| {
+                    a.overlays
+                        .iter()
+                        .any(|o| o.network_id == *net && o.address == *ip)
+                }) {
+                    Some((id, a)) => {
+                        serve.insert(
+                            id.clone(),
+                            a.overlays.iter().map(|o| o.network_id.clone()).collect(),
+                        );
+                    }
+                    None => missing += 1,
+                }
+            }
+            for (id, networks) in &serve {
+                let serving = self
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(id);
+                if serving {
+                    continue;
+                }
+                let ns = network::netns_path(id);
+                let addr = crate::dns::RESOLVER_ADDR;
+                match blocking(move || network::udp_socket_in_netns(&ns, addr).map_err(runtime_err))
+                    .await
+                {
+                    Ok(sock) => {
+                        if let Err(e) = self.serve(id, sock, networks.clone()) {
+                            tracing::warn!(container = %id, "embedded DNS: {e}");
+                            missing += 1;
+                        }
+                    }
+                    // Its namespace is still being made (or `run` is looking whether it is
+                    // served yet): again at the next look.
+                    Err(e) => {
+                        tracing::debug!(container = %id, "embedded DNS: {e}");
+                        missing += 1;
+                    }
+                }
+            }
+            // Standalone containers no attachment names any more: their resolvers stop.
+            for (id, _) in found.iter().filter(|(id, _)| !serve.contains_key(id)) {
+                self.stop(id);
+            }
+            if missing == 0 || start.elapsed() > ATTACHMENT_WAIT {
+                return;
+            }
+            tokio::time::sleep(ATTACHMENT_POLL).await;
+        }
     }
+}
+
+/// The standalone containers (not tasks) under `containers` on cluster networks, with their
+/// attachments.
+fn standalone_attachments(containers: &Path) -> Vec<(String, Attachment)> {
+    let Ok(rd) = std::fs::read_dir(containers) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if id.starts_with('.')
+                || !e
+                    .path()
+                    .join(shoal_runtime::frontdoor::RECORD_FILE)
+                    .exists()
+            {
+                return None;
+            }
+            let a = Attachment::load(&e.path()).filter(|a| !a.overlays.is_empty())?;
+            Some((id, a))
+        })
+        .collect()
 }
 
 /// The task's error for a failed `shoal runtime create`: its message without the program name,
@@ -418,6 +568,7 @@ fn net_request(task: &Task, peers: Vec<std::net::Ipv4Addr>) -> Result<NetRequest
             vni: a.vni,
             address: ip,
             prefix,
+            attachment: String::new(),
         });
     }
     let mut publish = Vec::new();
@@ -537,6 +688,7 @@ fn mesh_sandbox(
                 vni: node.vni,
                 address: ip,
                 prefix,
+                attachment: String::new(),
             }],
             peers,
         };
@@ -827,7 +979,8 @@ impl Executor for RuntimeExecutor {
         self.serve_mesh(records.ingress.clone());
         *self.records.write().unwrap_or_else(|p| p.into_inner()) = records;
         let ids: Vec<String> = self
-            .resolvers
+            .dns
+            .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
@@ -836,6 +989,12 @@ impl Executor for RuntimeExecutor {
         for id in ids {
             self.balance(&id);
         }
+    }
+
+    fn set_attachments(&self, attachments: Vec<Task>) {
+        *self.attachments.lock().unwrap_or_else(|p| p.into_inner()) = attachments;
+        let (dns, wanted) = (self.dns.clone(), self.attachments.clone());
+        tokio::spawn(async move { dns.follow_attachments(wanted).await });
     }
 
     fn set_peers(&self, peers: Vec<std::net::Ipv4Addr>) {
@@ -856,7 +1015,8 @@ impl Executor for RuntimeExecutor {
         let root = self.cfg.state_root.clone();
         let id = task_id.to_string();
         let serving = self
-            .resolvers
+            .dns
+            .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(task_id);
