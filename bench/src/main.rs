@@ -1,13 +1,17 @@
 //! shoal's benchmarks, each run side by side with its peer in the same run, reporting medians
 //! and ratios. Not timed tests: run them by hand (see BENCHMARKS.md) on a quiet machine.
 
+mod bed;
 mod cluster;
 mod etcd;
 mod failure;
 mod fixture;
+mod mesh;
+mod overlay;
 mod publish;
 mod runtime;
 mod scale;
+mod scale_answer;
 mod services;
 mod stats;
 mod update;
@@ -43,6 +47,21 @@ enum Bench {
     Scale(scale::ScaleArgs),
     /// A published port of one busybox httpd: wrk requests/s, latency and connections/s (vs Docker).
     Publish(publish::PublishArgs),
+    /// Test bed, 2 hosts: TCP throughput (iperf3) and round trips between two tasks over a
+    /// cluster network (VXLAN) vs the hosts' own underlay path.
+    Overlay(overlay::OverlayArgs),
+    /// Test bed: an ingress-published httpd task, wrk connections/s and p99 through the mesh
+    /// (a node without the task) vs straight to the task.
+    Mesh(mesh::MeshArgs),
+    /// Test bed, 2 hosts: time from `service scale web=N+1` until the new task answers on the
+    /// service's VIP.
+    ScaleAnswer(scale_answer::ScaleAnswerArgs),
+    /// (internal to `overlay`) serves one round-trip client.
+    #[command(hide = true)]
+    RrServer(overlay::RrServerArgs),
+    /// (internal to `overlay`) times 1-byte round trips to an rr-server.
+    #[command(hide = true)]
+    RrClient(overlay::RrClientArgs),
     /// Runs N hollow nodes (own key, certificate, session; sim executor) in this process.
     HollowNodes(scale::HollowArgs),
 }
@@ -60,6 +79,11 @@ fn main() {
         Bench::ServiceUpdate(a) => update::service_update(&a),
         Bench::Scale(a) => scale::scale(&a),
         Bench::Publish(a) => publish::publish(&a),
+        Bench::Overlay(a) => overlay::overlay(&a),
+        Bench::Mesh(a) => mesh::mesh(&a),
+        Bench::ScaleAnswer(a) => scale_answer::scale_answer(&a),
+        Bench::RrServer(a) => overlay::rr_server(&a),
+        Bench::RrClient(a) => overlay::rr_client(&a),
         Bench::HollowNodes(a) => scale::hollow_nodes(&a),
     };
     if let Err(e) = result {

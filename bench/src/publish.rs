@@ -74,13 +74,13 @@ pub struct PublishArgs {
 
 /// What one wrk run reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Wrk {
-    requests_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    requests: u64,
-    socket_errors: u64,
-    non_2xx: u64,
+pub(crate) struct Wrk {
+    pub(crate) requests_per_s: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) requests: u64,
+    pub(crate) socket_errors: u64,
+    pub(crate) non_2xx: u64,
 }
 
 /// wrk's time figures ("530.00us", "1.23ms", "2.00s", "1.00m") in milliseconds.
@@ -102,7 +102,7 @@ fn parse_time(s: &str) -> Option<f64> {
 }
 
 /// The figures of `wrk --latency` output.
-fn parse_wrk(out: &str) -> Result<Wrk> {
+pub(crate) fn parse_wrk(out: &str) -> Result<Wrk> {
     let mut w = Wrk::default();
     let (mut rps, mut p50, mut p99, mut reqs) = (false, false, false, false);
     for line in out.lines() {
@@ -144,7 +144,7 @@ fn parse_wrk(out: &str) -> Result<Wrk> {
 }
 
 /// The median by nearest rank (the lower middle for an even count), as stats::percentile.
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {
