@@ -200,7 +200,16 @@ fn a_failing_image_pauses_the_update_and_a_rollback_restores_every_task() {
     create(&c, "web", "6", &["--restart-delay", "30s"]);
     let before: Vec<String> = c.running("web").into_keys().collect();
 
-    let (out, err) = fails(m, &["service", "update", "--image", "busybox:nope", "web"]);
+    let (out, err) = fails(
+        m,
+        &[
+            "service",
+            "update",
+            "--image",
+            "127.0.0.1:9/busybox:nope",
+            "web",
+        ],
+    );
     assert!(
         err.contains(
             "service update paused: update paused due to failure or early termination of task"
@@ -224,7 +233,7 @@ fn a_failing_image_pauses_the_update_and_a_rollback_restores_every_task() {
     assert!(untouched >= 4, "{h:#?}");
     assert!(h
         .iter()
-        .any(|t| t.image == "busybox:nope" && t.state == "rejected"));
+        .any(|t| t.image == "127.0.0.1:9/busybox:nope" && t.state == "rejected"));
 
     let out = m.ok(&["service", "rollback", "web"]);
     assert!(
@@ -257,7 +266,7 @@ fn a_failing_image_pauses_the_update_and_a_rollback_restores_every_task() {
     let spec = c.inspect("web");
     assert_eq!(
         spec["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Image"],
-        "busybox:nope"
+        "127.0.0.1:9/busybox:nope"
     );
 }
 
@@ -276,7 +285,16 @@ fn failure_action_rollback_rolls_the_update_back_by_itself() {
             "30s",
         ],
     );
-    let (out, err) = fails(m, &["service", "update", "--image", "busybox:nope", "web"]);
+    let (out, err) = fails(
+        m,
+        &[
+            "service",
+            "update",
+            "--image",
+            "127.0.0.1:9/busybox:nope",
+            "web",
+        ],
+    );
     assert!(
         out.contains("rollback: update rolled back due to failure or early termination of task"),
         "{out}\n{err}"
@@ -296,7 +314,7 @@ fn failure_action_rollback_rolls_the_update_back_by_itself() {
             .all(|t| t.image == IMAGE && t.state == "running"),
         "{h:#?}"
     );
-    let is_new = |t: &Hist| t.image == "busybox:nope";
+    let is_new = |t: &Hist| t.image == "127.0.0.1:9/busybox:nope";
     assert!(max_down(&h, |t| !is_new(t) && t.desired == "running") <= 2);
 }
 
@@ -310,7 +328,7 @@ fn max_failure_ratio_lets_some_failures_pass() {
         1,
         0,
         FAST_HEARTBEAT,
-        &[(0, "busybox:v2"), (1, "busybox:v2")],
+        &[(0, "127.0.0.1:9/busybox:v2"), (1, "127.0.0.1:9/busybox:v2")],
     );
     let m = &c.nodes[0];
     create(
@@ -328,7 +346,14 @@ fn max_failure_ratio_lets_some_failures_pass() {
         c.per_node("web").values().copied().collect::<Vec<_>>(),
         vec![2, 2, 2]
     );
-    m.ok(&["service", "update", "-d", "--image", "busybox:v2", "web"]);
+    m.ok(&[
+        "service",
+        "update",
+        "-d",
+        "--image",
+        "127.0.0.1:9/busybox:v2",
+        "web",
+    ]);
     wait_state(&c, "web", "completed");
     let h = history(&c, "web");
     let host3 = c
@@ -338,13 +363,13 @@ fn max_failure_ratio_lets_some_failures_pass() {
         .map(|(id, _)| h.iter().find(|t| t.id == id).unwrap().node.clone());
     let rejected: Vec<&Hist> = h
         .iter()
-        .filter(|t| t.image == "busybox:v2" && t.state == "rejected")
+        .filter(|t| t.image == "127.0.0.1:9/busybox:v2" && t.state == "rejected")
         .collect();
     assert!(!rejected.is_empty(), "{h:#?}");
     assert!(
         rejected
             .iter()
-            .all(|t| t.err.contains("image busybox:v2 not found")),
+            .all(|t| t.err.starts_with("pull 127.0.0.1:9/busybox:v2: ")),
         "{h:#?}"
     );
     // Every rejection was on one node (host3), and nothing of v2 runs there.
@@ -354,7 +379,7 @@ fn max_failure_ratio_lets_some_failures_pass() {
     assert!(host3.is_none(), "a v2 task runs on host3: {h:#?}");
     let running = h
         .iter()
-        .filter(|t| t.image == "busybox:v2" && t.state == "running")
+        .filter(|t| t.image == "127.0.0.1:9/busybox:v2" && t.state == "running")
         .count();
     assert!(running >= 1, "{h:#?}");
     assert!(m.ok(&["service", "ls"]).contains("completed"));

@@ -1,6 +1,8 @@
 //! Helpers for shoal's integration tests, benchmarks and chaos suite: [`testbed`] brings test
 //! hosts (network namespaces made by `deploy/testbed.sh`) up and down and runs commands and
-//! agents in them; [`cluster`] starts agents and forms clusters of them.
+//! agents in them; [`cluster`] starts agents and forms clusters of them; [`registry`] runs a
+//! real registry and fills it.
 
 pub mod cluster;
+pub mod registry;
 pub mod testbed;

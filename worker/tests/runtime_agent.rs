@@ -100,6 +100,7 @@ impl Node {
             allow_unprotected_exe: true,
             bridge: shoal_runtime::network::BridgeConfig::default(),
             dns_upstream: Vec::new(),
+            insecure_registries: Vec::new(),
         })
         .unwrap()
         .with_shoal_binary(shoal_binary());
@@ -156,7 +157,12 @@ async fn real_containers_run_fail_stop_and_reject() {
             &["sh", "-c", "echo hello from $HOSTNAME; exit 3"],
         ))),
         Mutation::Create(Object::Task(sleeper_task)),
-        Mutation::Create(Object::Task(task(&missing, "w1", "nope:1", &["true"]))),
+        Mutation::Create(Object::Task(task(
+            &missing,
+            "w1",
+            "127.0.0.1:9/nope:1",
+            &["true"],
+        ))),
     ]);
 
     let s = c.wait_task(&failing, TaskState::Failed, 20).await;
@@ -173,10 +179,8 @@ async fn real_containers_run_fail_stop_and_reject() {
     assert!(log.starts_with("hello from "), "output captured: {log:?}");
 
     let s = c.wait_task(&missing, TaskState::Rejected, 20).await;
-    assert_eq!(
-        s.err,
-        "image nope:1 not found on node (no cluster registry yet)"
-    );
+    // Not on the node: pulled from its registry, which is not there (loopback port 9).
+    assert!(s.err.starts_with("pull 127.0.0.1:9/nope:1: "), "{}", s.err);
 
     let s = c.wait_task(&sleeper, TaskState::Running, 20).await;
     assert!(s.pid > 0);

@@ -78,6 +78,7 @@ impl Node {
             allow_unprotected_exe: false,
             bridge: shoal_runtime::network::BridgeConfig::default(),
             dns_upstream: Vec::new(),
+            insecure_registries: Vec::new(),
         })
         .unwrap()
         .with_shoal_binary(shoal_binary());

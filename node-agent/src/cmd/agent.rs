@@ -64,6 +64,13 @@ pub struct AgentArgs {
     /// (default: the nameservers of /etc/resolv.conf)
     #[arg(long, env = "SHOAL_DNS_UPSTREAM")]
     dns_upstream: Option<String>,
+    /// Registries (host[:port]) the node pulls from over plain HTTP (loopback ones always)
+    #[arg(
+        long = "insecure-registry",
+        env = "SHOAL_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
 }
 
 /// `--dns-upstream`, else the host's resolvers.
@@ -108,6 +115,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
                     allow_unprotected_exe: false,
                     bridge,
                     dns_upstream: dns_upstream(a.dns_upstream.as_deref())?,
+                    insecure_registries: a.insecure_registries.clone(),
                 })
                 .context("opening the node's image store")?,
             ),

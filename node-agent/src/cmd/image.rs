@@ -1,4 +1,4 @@
-//! `shoal image …`: the node-local image store (import, load, ls, inspect, rm, prune).
+//! `shoal image …`: the node-local image store (pull, import, load, ls, inspect, rm, prune).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +20,21 @@ pub struct ImageArgs {
 
 #[derive(Subcommand)]
 enum ImageCommand {
+    /// Pull an image from a registry (`busybox`, `registry:5000/app:1.4`, `app@sha256:…`)
+    Pull {
+        /// Print only the image id
+        #[arg(short, long)]
+        quiet: bool,
+        /// A registry (host[:port]) to reach over plain HTTP (loopback ones always are)
+        #[arg(
+            long = "insecure-registry",
+            env = "SHOAL_INSECURE_REGISTRIES",
+            value_delimiter = ','
+        )]
+        insecure: Vec<String>,
+        /// The image
+        reference: String,
+    },
     /// Import a root filesystem tar (plain or gzip) as a one-layer image
     Import {
         /// The rootfs tar
@@ -70,6 +85,46 @@ enum Format {
 pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     let store = open(&args.data_dir)?;
     match args.command {
+        ImageCommand::Pull {
+            quiet,
+            insecure,
+            reference,
+        } => {
+            let opts = shoal_worker::pull::PullOptions {
+                insecure,
+                credentials: None,
+            };
+            let store = std::sync::Arc::new(store);
+            let progress = |layer: &str, _done: u64, size: u64| {
+                if !quiet {
+                    let short = layer.trim_start_matches("sha256:");
+                    println!(
+                        "{}: Pull complete ({size} bytes)",
+                        &short[..short.len().min(12)]
+                    );
+                }
+            };
+            let info = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(shoal_worker::pull::pull(
+                    store,
+                    &args.data_dir,
+                    &reference,
+                    &opts,
+                    &progress,
+                ))?;
+            if quiet {
+                println!("{}", info.id);
+            } else {
+                println!("Digest: {}", info.manifest_digest);
+                println!(
+                    "Status: Downloaded image for {}",
+                    info.repo_tags.first().cloned().unwrap_or(reference)
+                );
+            }
+        }
         ImageCommand::Import { tar, reference } => {
             let info = store
                 .import_rootfs_tar(&tar, &reference)

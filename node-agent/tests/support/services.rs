@@ -80,7 +80,7 @@ impl Node {
             hollow: false,
         };
         std::fs::create_dir_all(node.data()).unwrap();
-        // The image must be in each node's own store: there is no cluster registry yet.
+        // In each node's own store: the tests pull from no registry.
         let out = Command::new(SHOAL)
             .args(["image", "import", "--data-dir"])
             .arg(node.data())

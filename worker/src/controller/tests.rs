@@ -194,10 +194,7 @@ async fn a_missing_image_rejects_the_task() {
     let fake = Fake::with(|f| f.prepare = Err(ExecError::ImageNotFound("nope:1".into())));
     let mut r = spawn(fake.clone(), task(0), TaskState::Assigned);
     let s = r.until(TaskState::Rejected).await.pop().unwrap();
-    assert_eq!(
-        s.err,
-        "image nope:1 not found on node (no cluster registry yet)"
-    );
+    assert_eq!(s.err, "image nope:1 not found on node");
     assert_eq!(fake.calls(), vec!["prepare"]);
 }
 

@@ -14,8 +14,11 @@ pub use sim::SimExecutor;
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ExecError {
     /// The task's image is not in the local image store.
-    #[error("image {0} not found on node (no cluster registry yet)")]
+    #[error("image {0} not found on node")]
     ImageNotFound(String),
+    /// The task's image could not be pulled from its registry.
+    #[error("pull {0}")]
+    Pull(String),
     /// The task's spec cannot be run (bad user, bad image reference...).
     #[error("invalid task: {0}")]
     Invalid(String),

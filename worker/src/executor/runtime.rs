@@ -57,6 +57,8 @@ pub struct RuntimeExecutorConfig {
     pub bridge: BridgeConfig,
     /// Where the tasks' embedded DNS forwards names that are not the cluster's (empty: none).
     pub dns_upstream: Vec<std::net::SocketAddr>,
+    /// Registries pulled from over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
 }
 
 /// Runs tasks as containers.
@@ -75,6 +77,8 @@ pub struct RuntimeExecutor {
     images: Arc<ImageStore>,
     /// The `shoal` binary whose `runtime create` makes the containers.
     shoal: PathBuf,
+    /// One pull at a time per image reference (the tasks of one service start together).
+    pulls: Arc<tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl RuntimeExecutor {
@@ -100,6 +104,7 @@ impl RuntimeExecutor {
             attachments: Arc::default(),
             images: Arc::new(images),
             shoal,
+            pulls: Arc::default(),
             cfg,
         })
     }
@@ -817,6 +822,41 @@ impl Executor for RuntimeExecutor {
             .as_ref()
             .and_then(|s| s.container.as_ref())
             .map_or(String::new(), |c| c.image.clone());
+        let (im, name) = (images.clone(), image.clone());
+        match blocking(move || prepare_image(&im, &name).map(|_| ())).await {
+            Err(ExecError::ImageNotFound(_)) => {}
+            other => return other,
+        }
+        // Not on this node: from its registry, once per image however many tasks want it.
+        let gate = self
+            .pulls
+            .lock()
+            .await
+            .entry(image.clone())
+            .or_default()
+            .clone();
+        let _one = gate.lock().await;
+        let (im, name) = (images.clone(), image.clone());
+        if blocking(move || prepare_image(&im, &name).map(|_| ()))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let opts = crate::pull::PullOptions {
+            insecure: self.cfg.insecure_registries.clone(),
+            credentials: None,
+        };
+        tracing::info!(%image, "pulling");
+        crate::pull::pull(
+            images.clone(),
+            &self.cfg.data_dir,
+            &image,
+            &opts,
+            &|_, _, _| {},
+        )
+        .await
+        .map_err(|e| ExecError::Pull(e.to_string()))?;
         blocking(move || prepare_image(&images, &image).map(|_| ())).await
     }
 

@@ -1,0 +1,159 @@
+//! `shoal image pull` against a real registry: Debian's `docker-registry` (the distribution
+//! project's registry) started here on a loopback port, filled with `skopeo copy` from OCI
+//! layouts this test writes (a single-platform image and a two-platform index).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use shoal_tests::registry::{digest, oci_arch, Layout, Registry};
+
+fn shoal(data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .env("SHOAL_DATA_DIR", data)
+        .env_remove("SHOAL_INSECURE_REGISTRIES")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Exit 1 and exactly one line on stderr starting with `shoal:` and containing `want`.
+fn one_line_error(out: &Output, want: &str) {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("shoal: "), "{err}");
+    assert!(err.contains(want), "{err:?} lacks {want:?}");
+}
+
+/// A layer: busybox, `cat` and `sh`, and `/etc/motd` = `motd`.
+fn layer(motd: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(busybox.len() as u64);
+    b.append_data(&mut h, "bin/busybox", busybox.as_slice())
+        .unwrap();
+    for applet in ["cat", "sh"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(motd.len() as u64);
+    b.append_data(&mut h, "etc/motd", motd.as_bytes()).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// Nothing half-pulled is left under the data dir's download area.
+fn no_downloads_left(data: &Path) {
+    let left: Vec<PathBuf> = std::fs::read_dir(data.join("pulls"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn images_are_pulled_by_tag_digest_and_platform_and_bad_pulls_leave_nothing() {
+    let reg = Registry::start("127.0.0.1").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let cat = ["cat", "/etc/motd"];
+    // A single-platform image.
+    let one = Layout {
+        dir: &work.path().join("one"),
+    };
+    let img = one.image(&layer("hello from the registry\n"), oci_arch(), &cat);
+    one.finish(&img, false);
+    reg.push(one.dir, "app:1.4").unwrap();
+    // A two-platform index: this node's platform and another one.
+    let multi = Layout {
+        dir: &work.path().join("multi"),
+    };
+    let other_arch = if oci_arch() == "s390x" {
+        "arm64"
+    } else {
+        "s390x"
+    };
+    let mine = multi.image(&layer("this platform\n"), oci_arch(), &cat);
+    let other = multi.image(&layer("the other platform\n"), other_arch, &cat);
+    let index = multi.index(&[(&other, other_arch), (&mine, oci_arch())]);
+    multi.finish(&index, true);
+    reg.push(multi.dir, "multi:latest").unwrap();
+
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    // By tag: stored under the name given, and it runs.
+    let name = format!("{}/app:1.4", reg.addr());
+    let out = ok(&shoal(d, &["image", "pull", &name]));
+    assert!(out.contains(&format!("Digest: {}", digest(&img))), "{out}");
+    let ls = ok(&shoal(d, &["image", "ls"]));
+    assert!(
+        ls.contains(&format!("{}/app", reg.addr())) && ls.contains("1.4"),
+        "{ls}"
+    );
+    let run = ok(&shoal(d, &["run", "--rm", "--network", "none", &name]));
+    assert_eq!(run, "hello from the registry\n");
+    // By digest: the same image, found without a tag.
+    let by_digest = format!("{}/app@{}", reg.addr(), digest(&img));
+    let id = ok(&shoal(d, &["image", "pull", "-q", &by_digest]));
+    assert!(id.trim().starts_with("sha256:"), "{id}");
+    // An index: this node's platform only.
+    let multi_name = format!("{}/multi", reg.addr());
+    let out = ok(&shoal(d, &["image", "pull", &multi_name]));
+    assert!(out.contains(&digest(&mine)), "{out}");
+    let run = ok(&shoal(
+        d,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &format!("{multi_name}:latest"),
+        ],
+    ));
+    assert_eq!(run, "this platform\n");
+    no_downloads_left(d);
+
+    // Bad pulls: one line each, nothing stored.
+    let before = ok(&shoal(d, &["image", "ls", "-q"]));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("{}/app:1", closed.local_addr().unwrap());
+    drop(closed);
+    let wrong_digest = format!("{}/app@sha256:{}", reg.addr(), "0".repeat(64));
+    for (reference, want) in [
+        (format!("{}/app:nope", reg.addr()), "manifest unknown"),
+        (format!("{}/nothing:1", reg.addr()), "unknown"),
+        (wrong_digest, "manifest unknown"),
+        (down, "error sending request"),
+        ("Bad//Ref".to_string(), "invalid reference"),
+    ] {
+        one_line_error(&shoal(d, &["image", "pull", &reference]), want);
+    }
+    assert_eq!(ok(&shoal(d, &["image", "ls", "-q"])), before);
+    no_downloads_left(d);
+
+    // The registry's bytes: what it serves for the tag is what was pushed.
+    let mut body = String::new();
+    let mut s = std::net::TcpStream::connect(reg.addr()).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /v2/app/manifests/1.4 HTTP/1.0\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n\r\n",
+    )
+    .unwrap();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains(&digest(&img)), "{body}");
+}

@@ -1,0 +1,216 @@
+//! A real registry for tests and benchmarks: Debian's `docker-registry` (the distribution
+//! project's registry) on an address the caller picks (loopback, or a test bed bridge address
+//! that test hosts reach), filled with `skopeo copy` from OCI layouts written here.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::testbed::{describe, tail, TestbedError};
+
+/// The registry binary (Debian's docker-registry).
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+/// skopeo (Debian's).
+pub const SKOPEO_BIN: &str = "/usr/bin/skopeo";
+/// How long the registry may take to listen.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `sha256:<hex>` of `b`.
+pub fn digest(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// This machine's platform architecture, in OCI's words.
+pub fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// A running registry on `addr`, its storage in a temp dir; killed (by pid) when dropped.
+pub struct Registry {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry listening on `ip` (a free port) and waits until it accepts.
+    pub fn start(ip: &str) -> Result<Registry, TestbedError> {
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| TestbedError::Io { what, source }
+        };
+        let dir = tempfile::tempdir().map_err(io("a registry dir"))?;
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(io("a free port for the registry"))?
+            .port();
+        let addr = format!("{ip}:{port}");
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .map_err(io("the registry config"))?;
+        let mut cmd = Command::new(REGISTRY_BIN);
+        cmd.arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().map_err(|source| TestbedError::Spawn {
+            cmd: describe(&cmd),
+            source,
+        })?;
+        let mut r = Registry {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        while std::net::TcpStream::connect(&r.addr).is_err() {
+            if Instant::now() >= deadline || !matches!(r.child.try_wait(), Ok(None)) {
+                return Err(TestbedError::Timeout {
+                    what: format!("docker-registry to listen on {}", r.addr),
+                    secs: LISTEN_TIMEOUT.as_secs(),
+                });
+            }
+            sleep(Duration::from_millis(50));
+        }
+        Ok(r)
+    }
+
+    /// Its `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// `skopeo copy --all --preserve-digests` of an OCI layout's `latest` to `name` here.
+    pub fn push(&self, layout: &Path, name: &str) -> Result<(), TestbedError> {
+        let mut cmd = Command::new(SKOPEO_BIN);
+        cmd.args([
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:latest", layout.display()))
+        .arg(format!("docker://{}/{name}", self.addr))
+        .stdin(Stdio::null());
+        let out = cmd.output().map_err(|source| TestbedError::Spawn {
+            cmd: describe(&cmd),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(TestbedError::Failed {
+                cmd: describe(&cmd),
+                status: out.status.to_string(),
+                stderr: tail(&out.stderr),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds OCI layouts: blobs, single-platform images and indexes.
+pub struct Layout<'a> {
+    pub dir: &'a Path,
+}
+
+impl Layout<'_> {
+    /// Stores `bytes` as a blob; its digest.
+    pub fn blob(&self, bytes: &[u8]) -> String {
+        let d = digest(bytes);
+        let dir = self.dir.join("blobs/sha256");
+        fs::create_dir_all(&dir).expect("layout dir");
+        fs::write(dir.join(d.trim_start_matches("sha256:")), bytes).expect("blob");
+        d
+    }
+
+    /// An image of one uncompressed layer (a tar) for linux/`arch` running `cmd`; its
+    /// manifest's bytes.
+    pub fn image(&self, layer: &[u8], arch: &str, cmd: &[&str]) -> Vec<u8> {
+        let layer_digest = self.blob(layer);
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": arch, "os": "linux",
+            "config": {"Cmd": cmd},
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        }))
+        .expect("config");
+        let config_digest = self.blob(&config);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer_digest, "size": layer.len()}],
+        }))
+        .expect("manifest");
+        self.blob(&manifest);
+        manifest
+    }
+
+    /// An index of `(manifest, arch)` entries; its bytes.
+    pub fn index(&self, entries: &[(&[u8], &str)]) -> Vec<u8> {
+        let manifests: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(m, arch)| {
+                serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": digest(m), "size": m.len(),
+                    "platform": {"os": "linux", "architecture": arch},
+                })
+            })
+            .collect();
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        }))
+        .expect("index");
+        self.blob(&index);
+        index
+    }
+
+    /// Names `top` (a manifest, or an index with `is_index`) `latest` in `index.json`.
+    pub fn finish(&self, top: &[u8], is_index: bool) {
+        let media_type = if is_index {
+            "application/vnd.oci.image.index.v1+json"
+        } else {
+            "application/vnd.oci.image.manifest.v1+json"
+        };
+        fs::write(
+            self.dir.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .expect("oci-layout");
+        fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "manifests": [{"mediaType": media_type, "digest": digest(top), "size": top.len(),
+                               "annotations": {"org.opencontainers.image.ref.name": "latest"}}],
+            }))
+            .expect("index.json"),
+        )
+        .expect("index.json");
+    }
+}

@@ -1,0 +1,377 @@
+//! Images from registries (OCI distribution spec / Docker registry API v2) into the node's
+//! image store, with `oci-client` speaking the protocol (bearer-token challenges, basic auth,
+//! redirects, digests checked as blobs stream in).
+//!
+//! A pull resolves the reference to one manifest (from an image index or Docker manifest list:
+//! the node's platform), downloads its config and layers concurrently into an OCI layout
+//! directory under the data dir, and hands that to [`ImageStore::load`], which verifies every
+//! digest and size again, unpacks the layers it does not hold yet and tags the image. A failure
+//! anywhere leaves nothing in the store; the download directory is removed either way.
+//!
+//! Plain HTTP is used only for loopback registries and the ones listed as insecure (Docker's
+//! rule); everything else is HTTPS with the system's roots.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::Reference;
+use shoal_runtime::image::{sha256_digest, ImageInfo, ImageStore};
+
+/// Where pulls stage their downloads, under the data dir.
+pub const PULL_DIR: &str = "pulls";
+/// Largest manifest or index accepted (Docker's limit is 4 MiB).
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// Most layers one image may have.
+pub const MAX_LAYERS: usize = 256;
+/// Layers downloaded at once.
+const CONCURRENT_LAYERS: usize = 4;
+/// Connecting to a registry may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A read from a registry may stall this long.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// What can go wrong pulling, as the user reads it.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("invalid reference {reference:?}: {reason}")]
+    Reference { reference: String, reason: String },
+    #[error("{reference}: {reason}")]
+    Registry { reference: String, reason: String },
+    #[error("{0}")]
+    Store(#[from] shoal_runtime::image::ImageError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// How to reach registries.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Registries (`host[:port]`) reached over plain HTTP besides loopback ones.
+    pub insecure: Vec<String>,
+    /// Basic-auth credentials (user, password); anonymous (with bearer tokens the registry
+    /// hands out) when none.
+    pub credentials: Option<(String, String)>,
+}
+
+/// The platform this node runs, in OCI's words.
+fn node_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "powerpc64" => "ppc64le",
+        "s390x" => "s390x",
+        "riscv64" => "riscv64",
+        other => other,
+    }
+}
+
+/// True for a registry host on the loopback (`localhost`, 127.0.0.0/8, ::1), with or without a
+/// port.
+fn is_loopback(registry: &str) -> bool {
+    let host = if let Some(rest) = registry.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        registry.rsplit_once(':').map_or(registry, |(h, _)| h)
+    };
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Removes the staging directory on every path.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The name the store tags a pulled image with: the reference as given (`busybox`,
+/// `127.0.0.1:5000/app:1.4`), or none for a pull by digest.
+fn store_name(given: &str) -> Option<String> {
+    if given.contains('@') {
+        return None;
+    }
+    shoal_runtime::image::Reference::parse(given)
+        .ok()
+        .map(|r| r.to_string())
+}
+
+/// Pulls `reference` into `store` (kept under `data_dir`); returns the stored image. Each
+/// layer's progress is reported to `progress` (layer digest, bytes so far, size).
+pub async fn pull(
+    store: Arc<ImageStore>,
+    data_dir: &Path,
+    reference: &str,
+    opts: &PullOptions,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<ImageInfo, PullError> {
+    // reqwest's rustls without a provider of its own: the one shoal uses everywhere.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r: Reference = reference.parse().map_err(|e| PullError::Reference {
+        reference: reference.to_string(),
+        reason: format!("{e}"),
+    })?;
+    let registry = r.resolve_registry().to_string();
+    let mut plain: Vec<String> = opts.insecure.clone();
+    if is_loopback(&registry) {
+        plain.push(registry.clone());
+    }
+    let client = oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(plain),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        read_timeout: Some(READ_TIMEOUT),
+        max_concurrent_download: CONCURRENT_LAYERS,
+        ..Default::default()
+    });
+    let auth = match &opts.credentials {
+        Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    let fail = |reason: String| PullError::Registry {
+        reference: reference.to_string(),
+        reason,
+    };
+    let accept = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+    let (mut bytes, mut digest) = client
+        .pull_manifest_raw(&r, &auth, &accept)
+        .await
+        .map_err(|e| fail(format!("{e}")))?;
+    check_manifest(&bytes, &digest, r.digest()).map_err(&fail)?;
+    let mut manifest_ref = r.clone();
+    // An index: the node's platform's manifest, by digest.
+    if let Some(platform_digest) = pick_platform(&bytes).map_err(&fail)? {
+        manifest_ref = Reference::with_digest(
+            r.registry().to_string(),
+            r.repository().to_string(),
+            platform_digest.clone(),
+        );
+        (bytes, digest) = client
+            .pull_manifest_raw(&manifest_ref, &auth, &accept)
+            .await
+            .map_err(|e| fail(format!("{e}")))?;
+        check_manifest(&bytes, &digest, Some(&platform_digest)).map_err(&fail)?;
+        if pick_platform(&bytes).map_err(&fail)?.is_some() {
+            return Err(fail("an image index points at another index".into()));
+        }
+    }
+    let digest = sha256_digest(&bytes);
+    let m: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| fail(format!("manifest: {e}")))?;
+    let media_type = m["mediaType"].as_str().unwrap_or(OCI_MANIFEST).to_string();
+    let mut blobs: Vec<(String, u64)> = Vec::new();
+    let desc = |d: &serde_json::Value| -> Result<(String, u64), PullError> {
+        let digest = d["digest"].as_str().unwrap_or_default().to_string();
+        let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(fail(format!("manifest: bad blob digest {digest:?}")));
+        }
+        Ok((digest, d["size"].as_u64().unwrap_or(0)))
+    };
+    blobs.push(desc(&m["config"])?);
+    let layers = m["layers"].as_array().cloned().unwrap_or_default();
+    if layers.len() > MAX_LAYERS {
+        return Err(fail(format!(
+            "{} layers, more than {MAX_LAYERS}",
+            layers.len()
+        )));
+    }
+    for l in &layers {
+        blobs.push(desc(l)?);
+    }
+
+    // The OCI layout the store loads from.
+    let dir = data_dir
+        .join(PULL_DIR)
+        .join(digest.trim_start_matches("sha256:"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let staging = Staging(dir.clone());
+    let blob_dir = dir.join("blobs/sha256");
+    let io = |what: String| move |source| PullError::Io { what, source };
+    std::fs::create_dir_all(&blob_dir).map_err(io(format!("create {}", blob_dir.display())))?;
+    let hex_of = |d: &str| d.trim_start_matches("sha256:").to_string();
+    std::fs::write(blob_dir.join(hex_of(&digest)), &bytes).map_err(io("write manifest".into()))?;
+    let mut downloads = tokio::task::JoinSet::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LAYERS));
+    for (blob, size) in blobs {
+        let path = blob_dir.join(hex_of(&blob));
+        if path.exists() {
+            continue;
+        }
+        let (client, mref, sem) = (client.clone(), manifest_ref.clone(), sem.clone());
+        downloads.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let file = tokio::fs::File::create(&path)
+                .await
+                .map_err(|e| (blob.clone(), e.to_string()))?;
+            let mut out = tokio::io::BufWriter::new(file);
+            client
+                .pull_blob(&mref, blob.as_str(), &mut out)
+                .await
+                .map_err(|e| (blob.clone(), e.to_string()))?;
+            tokio::io::AsyncWriteExt::flush(&mut out)
+                .await
+                .map_err(|e| (blob.clone(), e.to_string()))?;
+            Ok::<_, (String, String)>((blob, size))
+        });
+    }
+    while let Some(done) = downloads.join_next().await {
+        match done {
+            Ok(Ok((blob, size))) => progress(&blob, size, size),
+            Ok(Err((blob, why))) => return Err(fail(format!("blob {blob}: {why}"))),
+            Err(e) => return Err(fail(format!("a download stopped: {e}"))),
+        }
+    }
+    let name = store_name(reference);
+    let mut entry = serde_json::json!({
+        "mediaType": media_type,
+        "digest": digest,
+        "size": bytes.len(),
+    });
+    if let Some(n) = &name {
+        entry["annotations"] = serde_json::json!({ "org.opencontainers.image.ref.name": n });
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [entry],
+    });
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .map_err(io("write oci-layout".into()))?;
+    std::fs::write(dir.join("index.json"), index.to_string())
+        .map_err(io("write index.json".into()))?;
+    let loaded = tokio::task::spawn_blocking(move || store.load(&dir))
+        .await
+        .map_err(|e| fail(format!("loading: {e}")))??;
+    drop(staging);
+    loaded
+        .into_iter()
+        .next()
+        .ok_or_else(|| fail("the registry's image held nothing to store".into()))
+}
+
+/// Refuses a manifest that is too large or whose bytes are not what was asked for.
+fn check_manifest(bytes: &[u8], _header_digest: &str, wanted: Option<&str>) -> Result<(), String> {
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "manifest of {} bytes, more than {MAX_MANIFEST_BYTES}",
+            bytes.len()
+        ));
+    }
+    if let Some(w) = wanted {
+        let got = sha256_digest(bytes);
+        if got != w {
+            return Err(format!(
+                "manifest digest mismatch: asked for {w}, got {got}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// For an image index or manifest list: the digest of the linux manifest for this node's
+/// architecture. `None` for a plain manifest.
+fn pick_platform(bytes: &[u8]) -> Result<Option<String>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("manifest: {e}"))?;
+    let mt = v["mediaType"].as_str().unwrap_or_default();
+    let Some(list) = v["manifests"].as_array() else {
+        if mt == OCI_INDEX || mt == DOCKER_LIST {
+            return Err("an image index without manifests".into());
+        }
+        return Ok(None);
+    };
+    let arch = node_arch();
+    list.iter()
+        .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch)
+        .and_then(|m| m["digest"].as_str())
+        .map(|d| Some(d.to_string()))
+        .ok_or_else(|| format!("no linux/{arch} image in the index"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries_are_recognised() {
+        for yes in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.3.4.5",
+            "[::1]:5000",
+            "localhost",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in [
+            "registry.example.com",
+            "10.77.1.1:5000",
+            "index.docker.io",
+            "[2001:db8::1]:5000",
+        ] {
+            assert!(!is_loopback(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn an_index_gives_the_node_s_platform() {
+        let arch = node_arch();
+        let idx = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [
+                {"digest": "sha256:aa", "platform": {"os": "linux", "architecture": "s390x-not-this"}},
+                {"digest": "sha256:bb", "platform": {"os": "linux", "architecture": arch}},
+            ]
+        });
+        let bytes = serde_json::to_vec(&idx).unwrap();
+        assert_eq!(pick_platform(&bytes).unwrap().as_deref(), Some("sha256:bb"));
+        let none = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"digest": "sha256:aa", "platform": {"os": "windows", "architecture": arch}}]});
+        assert!(pick_platform(&serde_json::to_vec(&none).unwrap())
+            .unwrap_err()
+            .contains("no linux/"));
+        let plain =
+            serde_json::json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []});
+        assert_eq!(
+            pick_platform(&serde_json::to_vec(&plain).unwrap()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn manifests_are_checked_by_size_and_digest() {
+        let b = b"{}";
+        assert!(check_manifest(b, "", Some(&sha256_digest(b))).is_ok());
+        assert!(check_manifest(b, "", Some("sha256:00"))
+            .unwrap_err()
+            .contains("mismatch"));
+        assert!(
+            check_manifest(&vec![b' '; MAX_MANIFEST_BYTES + 1], "", None)
+                .unwrap_err()
+                .contains("more than")
+        );
+    }
+
+    #[test]
+    fn store_names_keep_what_was_asked() {
+        assert_eq!(store_name("busybox").as_deref(), Some("busybox:latest"));
+        assert_eq!(
+            store_name("127.0.0.1:5000/app:1.4").as_deref(),
+            Some("127.0.0.1:5000/app:1.4")
+        );
+        assert_eq!(store_name("app@sha256:abcd"), None);
+    }
+}
