@@ -13,8 +13,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use shoal_tests::cluster::{ClusterBuilder, Member};
+use shoal_tests::registry::{oci_arch, Layout, Registry};
 use shoal_tests::testbed::{
-    pid_alive, pid_stopped, script_path, Host, Signal, Testbed, STATE_ROOT,
+    busybox_rootfs_tar, pid_alive, pid_stopped, script_path, Host, Signal, Testbed, STATE_ROOT,
 };
 
 fn up(n: usize) -> Testbed {
@@ -1322,6 +1323,104 @@ fn a_standalone_container_joins_an_attachable_network() {
         h1.shoal(&["network", "rm", "app", "plain"])
             .expect("network rm"),
     );
+}
+
+/// A service whose image only a registry has: every node pulls it while preparing the task
+/// (the registry listens on the test bed bridge, in the root namespace, over plain HTTP as an
+/// `--insecure-registry`); a tag the registry lacks rejects the tasks with its reason.
+#[test]
+fn a_service_runs_an_image_only_a_registry_has() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    let reg = Registry::start(&tb.bridge_addr().to_string()).expect("registry");
+    let work = tempfile::tempdir().expect("tempdir");
+    let tar = work.path().join("rootfs.tar");
+    busybox_rootfs_tar(&tar).expect("rootfs");
+    let layout = Layout {
+        dir: &work.path().join("layout"),
+    };
+    let manifest = layout.image(&fs::read(&tar).expect("tar"), oci_arch(), &["sh"]);
+    layout.finish(&manifest, false);
+    reg.push(layout.dir, "web:1").expect("push");
+    for h in [h1, h2] {
+        h.spawn_agent(&["--dns-upstream", "none", "--insecure-registry", reg.addr()])
+            .expect("agent");
+    }
+    ClusterBuilder::new()
+        .form(&[h1 as &dyn Member, h2])
+        .expect("cluster");
+    let image = format!("{}/web:1", reg.addr());
+    for h in [h1, h2] {
+        let ls = ok_out(h.shoal(&["image", "ls", "-q"]).expect("image ls"));
+        assert!(
+            ls.trim().is_empty(),
+            "{} has images already: {ls}",
+            h.name()
+        );
+    }
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--replicas-max-per-node",
+            "1",
+            "--stop-grace-period",
+            "1s",
+            &image,
+            "sh",
+            "-c",
+            WEB,
+        ])
+        .expect("service create"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while running_tasks(h1, "web").len() < 2 {
+        assert!(Instant::now() < deadline, "web did not run on both nodes");
+        sleep(Duration::from_millis(300));
+    }
+    for h in [h1, h2] {
+        let ls = ok_out(h.shoal(&["image", "ls"]).expect("image ls"));
+        assert!(ls.contains(&format!("{}/web", reg.addr())), "{ls}");
+    }
+    // A tag the registry does not have: rejected, with the registry's word for it.
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "ghost",
+            "--restart-condition",
+            "none",
+            &format!("{}/web:nope", reg.addr()),
+        ])
+        .expect("service create ghost"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ok_out(
+            h1.shoal(&["service", "ps", "--format", "json", "ghost"])
+                .expect("ps"),
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let rejected = v.as_array().expect("array").iter().find(|t| {
+            t["Status"]["State"] == "rejected"
+                && t["Status"]["Err"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("manifest unknown"))
+        });
+        if rejected.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ghost was not rejected: {out}");
+        sleep(Duration::from_millis(300));
+    }
+    ok_out(h1.shoal(&["service", "rm", "web", "ghost"]).expect("rm"));
+    assert_no_shoal_network(&[h1, h2]);
 }
 
 /// The routing mesh: a port published in ingress mode answers on every node — also on one
