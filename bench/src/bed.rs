@@ -1,9 +1,9 @@
-//! What the networking benchmarks (`overlay`, `mesh`, `scale-answer`) share: a test bed of
-//! network namespaces (deploy/testbed.sh, driven by `shoal_tests::testbed`), a cluster of its
-//! first hosts formed by `shoal_tests::cluster::ClusterBuilder` (the one place clusters are
-//! formed), the tasks of a service as `service ps` reports them, and child processes run in a
-//! network namespace (`nsenter --net=…`), bounded in time and killed by pid when they overrun
-//! or when their handle is dropped.
+//! What the networking benchmarks (`overlay`, `mesh`, `scale-answer`, `node-loss`) share: a
+//! test bed of network namespaces (deploy/testbed.sh, driven by `shoal_tests::testbed`), a
+//! cluster of its first hosts formed by `shoal_tests::cluster::ClusterBuilder` (the one place
+//! clusters are formed), the tasks of a service as `service ps` reports them, partitions of the
+//! test bed, and child processes run in a network namespace (`nsenter --net=…`), bounded in
+//! time and killed by pid when they overrun or when their handle is dropped.
 //!
 //! Dropping the [`Bed`] brings the whole test bed down (`testbed.sh down`: agents, task
 //! containers, namespaces, links), so an error anywhere tears everything down.
@@ -106,6 +106,17 @@ impl Bed {
     /// Host `i`, from 1.
     pub fn host(&self, i: usize) -> Result<&Host> {
         Ok(self.tb.host(i)?)
+    }
+
+    /// Cuts the test bed into `groups` of hosts (numbers from 1): traffic between groups is
+    /// dropped both ways (`testbed.sh partition`), within a group it still flows.
+    pub fn partition(&self, groups: &[&[usize]]) -> Result<()> {
+        Ok(self.tb.partition(groups)?)
+    }
+
+    /// Removes every partition rule (`testbed.sh heal`).
+    pub fn heal(&self) -> Result<()> {
+        Ok(self.tb.heal()?)
     }
 
     /// The test bed's subnet, 10.77.<slot>.0/24: with the tasks' own overlay addresses, the only

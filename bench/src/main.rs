@@ -7,6 +7,7 @@ mod etcd;
 mod failure;
 mod fixture;
 mod mesh;
+mod node_loss;
 mod overlay;
 mod publish;
 mod runtime;
@@ -56,6 +57,9 @@ enum Bench {
     /// Test bed, 2 hosts: time from `service scale web=N+1` until the new task answers on the
     /// service's VIP.
     ScaleAnswer(scale_answer::ScaleAnswerArgs),
+    /// Test bed, 2 hosts: time from cutting a node off until no connection to the service's
+    /// VIP goes to its task.
+    NodeLoss(node_loss::NodeLossArgs),
     /// (internal to `overlay`) serves one round-trip client.
     #[command(hide = true)]
     RrServer(overlay::RrServerArgs),
@@ -82,6 +86,7 @@ fn main() {
         Bench::Overlay(a) => overlay::overlay(&a),
         Bench::Mesh(a) => mesh::mesh(&a),
         Bench::ScaleAnswer(a) => scale_answer::scale_answer(&a),
+        Bench::NodeLoss(a) => node_loss::node_loss(&a),
         Bench::RrServer(a) => overlay::rr_server(&a),
         Bench::RrClient(a) => overlay::rr_client(&a),
         Bench::HollowNodes(a) => scale::hollow_nodes(&a),

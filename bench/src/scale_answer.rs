@@ -173,7 +173,7 @@ impl Drop for Probe {
 }
 
 /// The first IPv4 address after the `Name:` line of busybox `nslookup` output.
-fn parse_nslookup(out: &str) -> Option<Ipv4Addr> {
+pub(crate) fn parse_nslookup(out: &str) -> Option<Ipv4Addr> {
     let mut named = false;
     for line in out.lines() {
         if line.starts_with("Name:") {
