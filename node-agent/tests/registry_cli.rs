@@ -146,6 +146,58 @@ fn images_are_pulled_by_tag_digest_and_platform_and_bad_pulls_leave_nothing() {
     assert_eq!(ok(&shoal(d, &["image", "ls", "-q"])), before);
     no_downloads_left(d);
 
+    // Push: an imported image, tagged with the registry's name, goes up and comes back
+    // byte-identical (same manifest digest) into another node's store.
+    let tar = work.path().join("rootfs.tar");
+    std::fs::write(&tar, layer("pushed\n")).unwrap();
+    ok(&shoal(
+        d,
+        &["image", "import", tar.to_str().unwrap(), "local:1"],
+    ));
+    let pushed = format!("{}/pushed:1", reg.addr());
+    ok(&shoal(d, &["image", "tag", "local:1", &pushed]));
+    let local: serde_json::Value =
+        serde_json::from_str(&ok(&shoal(d, &["image", "inspect", &pushed]))).unwrap();
+    let local_digest = local["manifest_digest"].as_str().unwrap().to_string();
+    let out = ok(&shoal(d, &["image", "push", "-q", &pushed]));
+    assert_eq!(out.trim(), local_digest);
+    let other = tempfile::tempdir().unwrap();
+    let out = ok(&shoal(other.path(), &["image", "pull", &pushed]));
+    assert!(out.contains(&local_digest), "{out}");
+    let run = ok(&shoal(
+        other.path(),
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &pushed,
+            "cat",
+            "/etc/motd",
+        ],
+    ));
+    assert_eq!(run, "pushed\n");
+    // Pushing again sends no blob twice and keeps the digest.
+    assert_eq!(
+        ok(&shoal(d, &["image", "push", "-q", &pushed])).trim(),
+        local_digest
+    );
+    one_line_error(
+        &shoal(d, &["image", "tag", "nothere:1", "x:1"]),
+        "no such image",
+    );
+    one_line_error(
+        &shoal(d, &["image", "tag", "local:1", "Bad//Ref"]),
+        "invalid reference",
+    );
+    one_line_error(
+        &shoal(
+            d,
+            &["image", "push", &format!("{}/notstored:1", reg.addr())],
+        ),
+        "no such image",
+    );
+
     // The registry's bytes: what it serves for the tag is what was pushed.
     let mut body = String::new();
     let mut s = std::net::TcpStream::connect(reg.addr()).unwrap();

@@ -7,7 +7,7 @@ pub mod controller;
 pub mod db;
 pub mod dns;
 pub mod executor;
-pub mod pull;
+pub mod registry;
 mod session;
 
 pub use agent::{Agent, AgentConfig, DesiredRoleHook, WorkerError};

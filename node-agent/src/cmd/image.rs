@@ -35,6 +35,28 @@ enum ImageCommand {
         /// The image
         reference: String,
     },
+    /// Push a stored image to its registry (tag it with the registry's name first)
+    Push {
+        /// Print only the manifest digest
+        #[arg(short, long)]
+        quiet: bool,
+        /// A registry (host[:port]) to reach over plain HTTP (loopback ones always are)
+        #[arg(
+            long = "insecure-registry",
+            env = "SHOAL_INSECURE_REGISTRIES",
+            value_delimiter = ','
+        )]
+        insecure: Vec<String>,
+        /// The image, by the name it has in the registry (`registry:5000/app:1.4`)
+        reference: String,
+    },
+    /// Give an image another name (`shoal image tag busybox registry:5000/tools/busybox:1`)
+    Tag {
+        /// NAME[:TAG], image id (prefix) or sha256 digest
+        source: String,
+        /// NAME[:TAG] to add
+        target: String,
+    },
     /// Import a root filesystem tar (plain or gzip) as a one-layer image
     Import {
         /// The rootfs tar
@@ -90,7 +112,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             insecure,
             reference,
         } => {
-            let opts = shoal_worker::pull::PullOptions {
+            let opts = shoal_worker::registry::PullOptions {
                 insecure,
                 credentials: None,
             };
@@ -108,7 +130,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(shoal_worker::pull::pull(
+                .block_on(shoal_worker::registry::pull(
                     store,
                     &args.data_dir,
                     &reference,
@@ -124,6 +146,42 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
                     info.repo_tags.first().cloned().unwrap_or(reference)
                 );
             }
+        }
+        ImageCommand::Push {
+            quiet,
+            insecure,
+            reference,
+        } => {
+            let opts = shoal_worker::registry::PullOptions {
+                insecure,
+                credentials: None,
+            };
+            let progress = |blob: &str, _done: u64, size: u64| {
+                if !quiet {
+                    let short = blob.trim_start_matches("sha256:");
+                    println!("{}: Pushed ({size} bytes)", &short[..short.len().min(12)]);
+                }
+            };
+            let digest = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(shoal_worker::registry::push(
+                    std::sync::Arc::new(store),
+                    &reference,
+                    &opts,
+                    &progress,
+                ))?;
+            if quiet {
+                println!("{digest}");
+            } else {
+                println!("{reference}: digest: {digest}");
+            }
+        }
+        ImageCommand::Tag { source, target } => {
+            store
+                .tag(&source, &target)
+                .with_context(|| format!("tag {source} {target}"))?;
         }
         ImageCommand::Import { tar, reference } => {
             let info = store

@@ -298,6 +298,19 @@ impl Drop for TempDir {
     }
 }
 
+/// An image as a registry push needs it (see [`ImageStore::push_parts`]).
+#[derive(Debug, Clone)]
+pub struct PushParts {
+    pub manifest: Vec<u8>,
+    pub media_type: String,
+    /// (digest, size, file), the config first.
+    pub blobs: Vec<(String, u64, PathBuf)>,
+}
+
+fn read_bounded_file(path: &Path, what: &str) -> Result<Vec<u8>, ImageError> {
+    source::read_bounded(path, what)
+}
+
 /// A blob verified and staged for commit.
 #[derive(Debug, Clone)]
 struct StagedBlob {
@@ -727,6 +740,55 @@ impl ImageStore {
     pub fn inspect(&self, reference: &str) -> Result<ImageInfo, ImageError> {
         let (s, _) = self.resolve(reference, self.stored()?)?;
         Ok(Self::info(&s))
+    }
+
+    /// Gives the image `source` names the tag `target` too (moving `target` off any other
+    /// image, as Docker does).
+    pub fn tag(&self, source: &str, target: &str) -> Result<ImageInfo, ImageError> {
+        let _store = self.lock_store_shared()?;
+        let (s, _) = self.resolve(source, self.stored()?)?;
+        let tag = Reference::parse(target)?.to_string();
+        let path = self.blob_path(&s.manifest_digest)?;
+        let size = std::fs::metadata(&path)
+            .map_err(|e| ImageError::io(format!("stat {}", path.display()), e))?
+            .len();
+        let manifest = StagedBlob {
+            digest: s.manifest_digest.clone(),
+            size,
+            path,
+        };
+        self.add_to_index(&[(manifest, vec![tag.clone()])])?;
+        self.inspect(&tag)
+    }
+
+    /// What a push of the image `reference` names sends: its manifest's bytes and media type,
+    /// then its config and layer blobs as (digest, size, file), config first.
+    pub fn push_parts(&self, reference: &str) -> Result<PushParts, ImageError> {
+        let (s, _) = self.resolve(reference, self.stored()?)?;
+        let manifest_path = self.blob_path(&s.manifest_digest)?;
+        let manifest = read_bounded_file(&manifest_path, "manifest")?;
+        let mut blobs = vec![(
+            s.config_digest.clone(),
+            s.manifest.config().size(),
+            self.blob_path(&s.config_digest)?,
+        )];
+        for l in s.manifest.layers() {
+            blobs.push((
+                l.digest().to_string(),
+                l.size(),
+                self.blob_path(l.digest().as_ref())?,
+            ));
+        }
+        let media_type = s
+            .manifest
+            .media_type()
+            .as_ref()
+            .map_or(MediaType::ImageManifest.to_string(), |m| m.to_string());
+        Ok(PushParts {
+            manifest,
+            media_type,
+            blobs,
+        })
     }
 
     /// The image config of one image (what `inspect` shows under `config`).

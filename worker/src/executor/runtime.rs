@@ -843,12 +843,12 @@ impl Executor for RuntimeExecutor {
         {
             return Ok(());
         }
-        let opts = crate::pull::PullOptions {
+        let opts = crate::registry::PullOptions {
             insecure: self.cfg.insecure_registries.clone(),
             credentials: None,
         };
         tracing::info!(%image, "pulling");
-        crate::pull::pull(
+        crate::registry::pull(
             images.clone(),
             &self.cfg.data_dir,
             &image,

@@ -109,15 +109,12 @@ fn store_name(given: &str) -> Option<String> {
         .map(|r| r.to_string())
 }
 
-/// Pulls `reference` into `store` (kept under `data_dir`); returns the stored image. Each
-/// layer's progress is reported to `progress` (layer digest, bytes so far, size).
-pub async fn pull(
-    store: Arc<ImageStore>,
-    data_dir: &Path,
+/// The parsed reference, a client for its registry (plain HTTP only where allowed) and the
+/// credentials to use.
+fn connect(
     reference: &str,
     opts: &PullOptions,
-    progress: &(dyn Fn(&str, u64, u64) + Sync),
-) -> Result<ImageInfo, PullError> {
+) -> Result<(Reference, oci_client::Client, RegistryAuth), PullError> {
     // reqwest's rustls without a provider of its own: the one shoal uses everywhere.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let r: Reference = reference.parse().map_err(|e| PullError::Reference {
@@ -134,12 +131,76 @@ pub async fn pull(
         connect_timeout: Some(CONNECT_TIMEOUT),
         read_timeout: Some(READ_TIMEOUT),
         max_concurrent_download: CONCURRENT_LAYERS,
+        max_concurrent_upload: CONCURRENT_LAYERS,
         ..Default::default()
     });
     let auth = match &opts.credentials {
         Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
         None => RegistryAuth::Anonymous,
     };
+    Ok((r, client, auth))
+}
+
+/// Pushes the stored image `reference` names to its registry: the blobs the registry lacks,
+/// then the manifest, byte for byte as stored (so its digest does not change). Returns the
+/// manifest's digest. Each blob is read into memory whole before it is sent.
+pub async fn push(
+    store: Arc<ImageStore>,
+    reference: &str,
+    opts: &PullOptions,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<String, PullError> {
+    let (r, client, auth) = connect(reference, opts)?;
+    let fail = |reason: String| PullError::Registry {
+        reference: reference.to_string(),
+        reason,
+    };
+    let local = store_name(reference).unwrap_or_else(|| reference.to_string());
+    let parts = tokio::task::spawn_blocking(move || store.push_parts(&local))
+        .await
+        .map_err(|e| fail(format!("reading the image: {e}")))??;
+    client
+        .auth(&r, &auth, oci_client::RegistryOperation::Push)
+        .await
+        .map_err(|e| fail(format!("{e}")))?;
+    for (digest, size, path) in &parts.blobs {
+        if client.blob_exists(&r, digest).await.unwrap_or(false) {
+            progress(digest, *size, *size);
+            continue;
+        }
+        let data = tokio::fs::read(path)
+            .await
+            .map_err(|source| PullError::Io {
+                what: format!("read blob {digest}"),
+                source,
+            })?;
+        client
+            .push_blob(&r, data, digest)
+            .await
+            .map_err(|e| fail(format!("blob {digest}: {e}")))?;
+        progress(digest, *size, *size);
+    }
+    let content_type = parts
+        .media_type
+        .parse()
+        .map_err(|_| fail(format!("media type {:?}", parts.media_type)))?;
+    client
+        .push_manifest_raw(&r, parts.manifest.clone(), content_type)
+        .await
+        .map_err(|e| fail(format!("manifest: {e}")))?;
+    Ok(sha256_digest(&parts.manifest))
+}
+
+/// Pulls `reference` into `store` (kept under `data_dir`); returns the stored image. Each
+/// layer's progress is reported to `progress` (layer digest, bytes so far, size).
+pub async fn pull(
+    store: Arc<ImageStore>,
+    data_dir: &Path,
+    reference: &str,
+    opts: &PullOptions,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<ImageInfo, PullError> {
+    let (r, client, auth) = connect(reference, opts)?;
     let fail = |reason: String| PullError::Registry {
         reference: reference.to_string(),
         reason,
