@@ -209,3 +209,134 @@ fn images_are_pulled_by_tag_digest_and_platform_and_bad_pulls_leave_nothing() {
     s.read_to_string(&mut body).unwrap();
     assert!(body.contains(&digest(&img)), "{body}");
 }
+
+/// A registry that lies, on 127.0.0.1: each request answered by `route` (path → raw HTTP
+/// response bytes), one connection at a time, until the test ends (bounded by a count).
+fn lying_registry(route: impl Fn(&str) -> Vec<u8> + Send + 'static) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().take(500).flatten() {
+            let mut buf = Vec::new();
+            let mut b = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf).into_owned();
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let _ = std::io::Write::write_all(&mut c, &route(&path));
+        }
+    });
+    addr
+}
+
+fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+#[test]
+fn a_lying_registry_is_refused_on_one_line_and_nothing_is_stored() {
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": oci_arch(), "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [digest(b"layer")]},
+    }))
+    .unwrap();
+    let manifest = |layer: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": digest(&config), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer, "size": 100}],
+        }))
+        .unwrap()
+    };
+    let layer_digest = digest(&[7u8; 100]);
+    let good = manifest(&layer_digest);
+    let other = manifest(&digest(b"something else"));
+    let (config_c, good_c, other_c, ld) = (
+        config.clone(),
+        good.clone(),
+        other.clone(),
+        layer_digest.clone(),
+    );
+    let addr = lying_registry(move |path| {
+        let json = |b: &[u8]| {
+            http(
+                "200 OK",
+                &[
+                    (
+                        "Content-Type",
+                        "application/vnd.oci.image.manifest.v1+json".into(),
+                    ),
+                    ("Content-Length", b.len().to_string()),
+                ],
+                b,
+            )
+        };
+        let blob = |b: &[u8]| http("200 OK", &[("Content-Length", b.len().to_string())], b);
+        let repo = path.split('/').nth(2).unwrap_or("");
+        if path == "/v2/" {
+            return http("200 OK", &[("Content-Length", "0".into())], b"");
+        }
+        if path.contains("/manifests/") {
+            return match repo {
+                "huge" => json(&vec![b' '; 5 << 20]),
+                // Asked by digest for one manifest, it serves another.
+                "swapped" => json(&other_c),
+                _ => json(&good_c),
+            };
+        }
+        if path.ends_with(&digest(&config_c)) {
+            return blob(&config_c);
+        }
+        if path.ends_with(&ld) {
+            return match repo {
+                // Other bytes than the digest says.
+                "badblob" => blob(&[8u8; 100]),
+                // Half of what it announces, then the connection closes.
+                "truncated" => http("200 OK", &[("Content-Length", "100".into())], &[7u8; 50]),
+                // A redirect to itself, forever.
+                "loop" => http(
+                    "307 Temporary Redirect",
+                    &[
+                        ("Location", path.to_string()),
+                        ("Content-Length", "0".into()),
+                    ],
+                    b"",
+                ),
+                _ => blob(&[7u8; 100]),
+            };
+        }
+        http("404 Not Found", &[("Content-Length", "0".into())], b"")
+    });
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let before = ok(&shoal(d, &["image", "ls", "-q"]));
+    for (reference, want) in [
+        (format!("{addr}/badblob:1"), "digest"),
+        (format!("{addr}/truncated:1"), "blob"),
+        (format!("{addr}/huge:1"), "more than"),
+        (format!("{addr}/loop:1"), "redirect"),
+        (
+            format!("{addr}/swapped@{}", digest(&good)),
+            "digest mismatch",
+        ),
+    ] {
+        let out = shoal(d, &["image", "pull", &reference]);
+        one_line_error(&out, want);
+        assert_eq!(ok(&shoal(d, &["image", "ls", "-q"])), before, "{reference}");
+        no_downloads_left(d);
+    }
+}
