@@ -331,7 +331,7 @@ fn a_lying_registry_is_refused_on_one_line_and_nothing_is_stored() {
         (format!("{addr}/loop:1"), "redirect"),
         (
             format!("{addr}/swapped@{}", digest(&good)),
-            "digest mismatch",
+            "Invalid digest",
         ),
     ] {
         let out = shoal(d, &["image", "pull", &reference]);
