@@ -54,6 +54,8 @@ pub const RAFT_RESTART_DELAY: Duration = Duration::from_secs(2);
 /// How long a manager whose Raft stopped may take to stop serving before the agent goes on
 /// without a clean stop.
 pub const RAFT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A Raft core that answers nothing for this long is taken as stopped (see `watch_raft`).
+pub const RAFT_STUCK_AFTER: Duration = Duration::from_secs(10);
 /// Free space the data dir needs before such a manager's agent starts afresh.
 pub const RAFT_RESTART_FREE_BYTES: u64 = 16 << 20;
 /// Exit status when [`reexec`] cannot replace the process (a supervisor restarts it).
@@ -378,8 +380,17 @@ async fn watch_raft(shared: std::sync::Weak<Shared>) {
         let Some(api) = shared.slot.get() else {
             continue;
         };
-        let fatal = match &api.raft().metrics().borrow().running_state {
+        let state = api.raft().metrics().borrow().running_state.clone();
+        let fatal = match state {
             Err(e) => e.to_string(),
+            // Not stopped, but wedged: a core that answers nothing (seen after an apply failed
+            // on a full disk) keeps its last metrics and would keep this manager looking alive.
+            Ok(()) if !crate::raft::elect::core_answers(api.raft(), RAFT_STUCK_AFTER).await => {
+                format!(
+                    "the raft core has not answered for {} s",
+                    RAFT_STUCK_AFTER.as_secs()
+                )
+            }
             Ok(()) => continue,
         };
         tracing::error!("raft stopped: {fatal}; this manager stops serving");

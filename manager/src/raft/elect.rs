@@ -27,8 +27,11 @@
 //! at scale: elections in a loop). So the leader's driver also sends a beacon
 //! (`LeaderPing`, [`Network::ping_leadership`]) to every other voter at the heartbeat rate, on
 //! its own gRPC stream, and a follower counts a beacon from its leader as contact. A leader
-//! vouches for itself only while a quorum acknowledged it within [`beacon_quorum_limit`]:
-//! one that stopped replicating (a stuck core, a lost majority) falls silent and is replaced.
+//! vouches for itself only while a quorum acknowledged it within [`beacon_quorum_limit`] and
+//! while its Raft core answers ([`core_answers`] within the election timeout): one that stopped
+//! replicating (a lost majority) or whose core is wedged (an apply that failed on a full disk
+//! left openraft's core waiting, with its last metrics — a fresh quorum ack among them —
+//! frozen) falls silent and is replaced.
 //!
 //! Voters still refuse any vote within the lease of the last leader message they processed
 //! (openraft's `handle_vote_req`), so a node that lost contact alone (a partitioned minority)
@@ -310,6 +313,30 @@ pub fn beacon_quorum_limit(config: &openraft::Config) -> Duration {
     Duration::from_millis((10 * config.election_timeout_max).max(2_000))
 }
 
+/// Whether the Raft core itself answers within `wait`: a call that runs on the core's own
+/// loop. Metrics and triggers cannot tell: the metrics keep their last value when the core
+/// stops, and a trigger only queues a message for it.
+pub async fn core_answers(raft: &Raft, wait: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(wait, raft.with_raft_state(|_| ())).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Whether a leader may vouch for itself: its core answered within `stale` (and it has a
+/// quorum's ack recent enough, or none yet: its election was the quorum's answer).
+pub fn may_beacon(
+    m: &openraft::RaftMetrics<NodeId, Node>,
+    core_answered: Duration,
+    stale: Duration,
+    quorum_limit: Duration,
+) -> bool {
+    m.running_state.is_ok()
+        && core_answered < stale
+        && m.millis_since_quorum_ack
+            .is_none_or(|ms| Duration::from_millis(ms) < quorum_limit)
+}
+
 /// The leader's beacons to the other voters, at most one in flight per voter.
 struct Beacons {
     net: Network,
@@ -319,15 +346,13 @@ struct Beacons {
 }
 
 impl Beacons {
-    fn send(&mut self, m: &openraft::RaftMetrics<NodeId, Node>) {
-        if m.running_state.is_err() {
-            return;
-        }
-        // A new leader has no ack yet: its election was the quorum's answer.
-        let acked = m
-            .millis_since_quorum_ack
-            .is_none_or(|ms| Duration::from_millis(ms) < self.quorum_limit);
-        if !acked {
+    fn send(
+        &mut self,
+        m: &openraft::RaftMetrics<NodeId, Node>,
+        core_answered: Duration,
+        stale: Duration,
+    ) {
+        if !may_beacon(m, core_answered, stale, self.quorum_limit) {
             return;
         }
         let membership = m.membership_config.membership();
@@ -369,6 +394,17 @@ impl Drop for ElectionDriver {
     }
 }
 
+/// The driver's probe of its core (see [`drive`]), aborted with the driver.
+struct Probe(Option<JoinHandle<()>>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
 async fn drive(
     raft: Raft,
     timers: ElectionTimers,
@@ -379,10 +415,21 @@ async fn drive(
     let metrics = raft.metrics();
     let mut schedule = Schedule::new(timers, timers.draw());
     let mut last_beat = Instant::now();
+    // When the core last answered a probe; one probe in flight at a time, so a slow core
+    // delays nothing here and a wedged one holds a single task.
+    let answered = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let mut probe = Probe(None);
+    let mut wedged_told = false;
+    let mut leading = false;
     loop {
         let Some(role) = Role::of(&metrics.borrow()) else {
             return;
         };
+        if role == Role::Leader && !leading {
+            // Just elected: the election was the core's own doing, so it answered just now.
+            *answered.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+        leading = role == Role::Leader;
         if role == Role::Leader {
             if last_beat.elapsed() >= beat {
                 last_beat = Instant::now();
@@ -390,8 +437,26 @@ async fn drive(
                     tracing::debug!("election driver stops: {e}");
                     return;
                 }
+                if probe.0.as_ref().is_none_or(|p| p.is_finished()) {
+                    let (r, a) = (raft.clone(), answered.clone());
+                    probe.0 = Some(tokio::spawn(async move {
+                        if r.with_raft_state(|_| ()).await.is_ok() {
+                            *a.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                        }
+                    }));
+                }
+                let since = answered.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+                let stale = timers.lease * 2;
+                if since < stale {
+                    wedged_told = false;
+                } else if !wedged_told {
+                    wedged_told = true;
+                    tracing::error!(
+                        "this leader's raft core has not answered for {since:?}: no more beacons, the others elect"
+                    );
+                }
                 if let Some(b) = beacons.as_mut() {
-                    b.send(&metrics.borrow());
+                    b.send(&metrics.borrow(), since, stale);
                 }
             }
             tokio::time::sleep(beat.saturating_sub(last_beat.elapsed()).min(ELECTION_POLL)).await;
@@ -610,6 +675,21 @@ mod tests {
             ),
             Step::Wait(ELECTION_POLL)
         );
+    }
+
+    #[test]
+    fn a_leader_whose_core_stops_answering_sends_no_beacons() {
+        let mut m = openraft::RaftMetrics::<NodeId, Node>::new_initial(1);
+        m.millis_since_quorum_ack = Some(10);
+        let (stale, quorum) = (Duration::from_millis(800), Duration::from_secs(4));
+        assert!(may_beacon(&m, Duration::from_millis(100), stale, quorum));
+        // A wedged core leaves its metrics as they were, a fresh quorum ack among them: its
+        // silence alone must stop the beacons.
+        assert!(!may_beacon(&m, Duration::from_millis(900), stale, quorum));
+        m.millis_since_quorum_ack = Some(5_000);
+        assert!(!may_beacon(&m, Duration::ZERO, stale, quorum));
+        m.millis_since_quorum_ack = None;
+        assert!(may_beacon(&m, Duration::ZERO, stale, quorum));
     }
 
     #[test]
