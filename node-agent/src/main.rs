@@ -24,6 +24,10 @@ enum Command {
     Runtime(cmd::runtime::RuntimeArgs),
     /// Node-local images: import, load, ls, inspect, rm, prune
     Image(cmd::image::ImageArgs),
+    /// Keep credentials for a registry (pulls and pushes of this node use them)
+    Login(cmd::image::LoginArgs),
+    /// Forget a registry's credentials
+    Logout(cmd::image::LogoutArgs),
     /// Run a container from a local image
     Run(Box<cmd::container::RunArgs>),
     /// List containers
@@ -56,6 +60,8 @@ fn main() {
     let result = match cli.command {
         Command::Runtime(c) => cmd::runtime::run(c),
         Command::Image(c) => cmd::image::run(c),
+        Command::Login(c) => cmd::image::login(c),
+        Command::Logout(c) => cmd::image::logout(c),
         Command::Run(c) => cmd::container::run(*c),
         Command::Ps(c) => cmd::container::ps(c),
         Command::Stop(c) => cmd::container::stop(c),

@@ -340,3 +340,85 @@ fn a_lying_registry_is_refused_on_one_line_and_nothing_is_stored() {
         no_downloads_left(d);
     }
 }
+
+#[test]
+fn login_keeps_credentials_that_pulls_and_pushes_use_and_logout_forgets_them() {
+    let reg = Registry::start_with_login("127.0.0.1", "alice", "s3cret").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let tar = work.path().join("rootfs.tar");
+    std::fs::write(&tar, layer("private\n")).unwrap();
+    ok(&shoal(
+        d,
+        &["image", "import", tar.to_str().unwrap(), "local:1"],
+    ));
+    let name = format!("{}/private:1", reg.addr());
+    ok(&shoal(d, &["image", "tag", "local:1", &name]));
+    // Without credentials the registry refuses.
+    one_line_error(
+        &shoal(d, &["image", "push", &name]),
+        &format!("unauthorized (shoal login {} first)", reg.addr()),
+    );
+    // A wrong password is refused and nothing is kept.
+    one_line_error(
+        &shoal(d, &["login", "-u", "alice", "-p", "wrong", reg.addr()]),
+        "login refused: unauthorized",
+    );
+    assert!(!d.join("auth.json").exists());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["login", "-u", "alice", "--password-stdin", reg.addr()])
+        .env("SHOAL_DATA_DIR", d)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(ok(&out), "Login Succeeded\n");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(d.join("auth.json"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("auth.json")).unwrap()).unwrap();
+    assert!(kept["auths"][reg.addr()]["auth"].is_string(), "{kept}");
+    // Logged in: push, then pull into another node's store once it logs in too.
+    ok(&shoal(d, &["image", "push", "-q", &name]));
+    let other = tempfile::tempdir().unwrap();
+    one_line_error(
+        &shoal(other.path(), &["image", "pull", &name]),
+        "unauthorized (shoal login",
+    );
+    ok(&shoal(
+        other.path(),
+        &["login", "-u", "alice", "-p", "s3cret", reg.addr()],
+    ));
+    ok(&shoal(other.path(), &["image", "pull", &name]));
+    let run = ok(&shoal(
+        other.path(),
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &name,
+            "cat",
+            "/etc/motd",
+        ],
+    ));
+    assert_eq!(run, "private\n");
+    // Logged out: refused again.
+    assert_eq!(
+        ok(&shoal(other.path(), &["logout", reg.addr()])),
+        format!("Removing login credentials for {}\n", reg.addr())
+    );
+    ok(&shoal(other.path(), &["image", "rm", &name]));
+    one_line_error(
+        &shoal(other.path(), &["image", "pull", &name]),
+        "unauthorized (shoal login",
+    );
+}

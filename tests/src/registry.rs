@@ -43,6 +43,20 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry listening on `ip` (a free port) and waits until it accepts.
     pub fn start(ip: &str) -> Result<Registry, TestbedError> {
+        Self::start_with(ip, None)
+    }
+
+    /// [`Registry::start`] with basic auth: only `user`/`password` (an htpasswd file made with
+    /// Debian's apache2-utils) may read or write.
+    pub fn start_with_login(
+        ip: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<Registry, TestbedError> {
+        Self::start_with(ip, Some((user, password)))
+    }
+
+    fn start_with(ip: &str, login: Option<(&str, &str)>) -> Result<Registry, TestbedError> {
         let io = |what: &str| {
             let what = what.to_string();
             move |source| TestbedError::Io { what, source }
@@ -54,14 +68,25 @@ impl Registry {
             .port();
         let addr = format!("{ip}:{port}");
         let config = dir.path().join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .map_err(io("the registry config"))?;
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = login {
+            let mut cmd = Command::new("htpasswd");
+            cmd.args(["-Bbn", user, password]).stdin(Stdio::null());
+            let out = cmd.output().map_err(|source| TestbedError::Spawn {
+                cmd: describe(&cmd),
+                source,
+            })?;
+            let file = dir.path().join("htpasswd");
+            fs::write(&file, &out.stdout).map_err(io("the htpasswd file"))?;
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        fs::write(&config, text).map_err(io("the registry config"))?;
         let mut cmd = Command::new(REGISTRY_BIN);
         cmd.arg("serve")
             .arg(&config)

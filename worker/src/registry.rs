@@ -44,7 +44,8 @@ const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+j
 pub enum PullError {
     #[error("invalid reference {reference:?}: {reason}")]
     Reference { reference: String, reason: String },
-    #[error("{reference}: {reason}")]
+    // Registries end their error bodies with a newline: one line, always.
+    #[error("{reference}: {}", reason.split_whitespace().collect::<Vec<_>>().join(" "))]
     Registry { reference: String, reason: String },
     #[error("{0}")]
     Store(#[from] shoal_runtime::image::ImageError),
@@ -63,6 +64,188 @@ pub struct PullOptions {
     /// Basic-auth credentials (user, password); anonymous (with bearer tokens the registry
     /// hands out) when none.
     pub credentials: Option<(String, String)>,
+}
+
+/// Registry credentials of one node (`shoal login`), in Docker's `config.json` format
+/// (`{"auths": {"HOST[:PORT]": {"auth": base64("USER:PASSWORD")}}}`), at `<data>/auth.json`,
+/// readable by root only. The CLI and the node's agent both pull with them.
+pub struct AuthFile {
+    path: PathBuf,
+}
+
+/// Docker Hub's key in config.json.
+const DOCKER_HUB_KEY: &str = "https://index.docker.io/v1/";
+
+impl AuthFile {
+    /// The file of the node whose data dir is `data_dir`.
+    pub fn of(data_dir: &Path) -> AuthFile {
+        AuthFile {
+            path: data_dir.join("auth.json"),
+        }
+    }
+
+    /// The key a registry has in the file (Docker Hub's is its v1 URL, as docker writes it).
+    pub fn key(registry: &str) -> String {
+        match registry {
+            "docker.io" | "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB_KEY.into(),
+            r => r.to_string(),
+        }
+    }
+
+    fn read(&self) -> Result<serde_json::Value, PullError> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| PullError::Io {
+                what: format!("{}", self.path.display()),
+                source: std::io::Error::other(e),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(serde_json::json!({"auths": {}}))
+            }
+            Err(source) => Err(PullError::Io {
+                what: format!("read {}", self.path.display()),
+                source,
+            }),
+        }
+    }
+
+    fn write(&self, v: &serde_json::Value) -> Result<(), PullError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |what: &str| {
+            let what = format!("{what} {}", self.path.display());
+            move |source| PullError::Io { what, source }
+        };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(io("create the dir of"))?;
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("write"))?;
+        f.write_all(v.to_string().as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(io("write"))?;
+        std::fs::rename(&tmp, &self.path).map_err(io("replace"))
+    }
+
+    /// The user and password kept for `registry`.
+    pub fn get(&self, registry: &str) -> Option<(String, String)> {
+        use base64::Engine;
+        let v = self.read().ok()?;
+        let auth = v["auths"][Self::key(registry)]["auth"].as_str()?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(auth)
+            .ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (u, p) = text.split_once(':')?;
+        Some((u.to_string(), p.to_string()))
+    }
+
+    /// Keeps `user`/`password` for `registry` (replacing what was kept).
+    pub fn set(&self, registry: &str, user: &str, password: &str) -> Result<(), PullError> {
+        use base64::Engine;
+        let mut v = self.read()?;
+        if !v["auths"].is_object() {
+            v["auths"] = serde_json::json!({});
+        }
+        v["auths"][Self::key(registry)] = serde_json::json!({
+            "auth": base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")),
+        });
+        self.write(&v)
+    }
+
+    /// Forgets `registry`'s credentials; whether there were any.
+    pub fn remove(&self, registry: &str) -> Result<bool, PullError> {
+        let mut v = self.read()?;
+        let had = v["auths"]
+            .as_object_mut()
+            .and_then(|m| m.remove(&Self::key(registry)))
+            .is_some();
+        if had {
+            self.write(&v)?;
+        }
+        Ok(had)
+    }
+}
+
+/// Checks `user`/`password` against `registry` (`host[:port]`): a read the registry must
+/// authorise. A registry that refuses them answers 401; any other answer (the test repository
+/// does not exist) means they were accepted.
+pub async fn check_login(
+    registry: &str,
+    user: &str,
+    password: &str,
+    insecure: &[String],
+) -> Result<(), PullError> {
+    let probe = format!("{registry}/shoal-login-check/probe:latest");
+    let opts = PullOptions {
+        insecure: insecure.to_vec(),
+        credentials: Some((user.to_string(), password.to_string())),
+    };
+    let (r, client, auth) = connect(&probe, &opts)?;
+    match client
+        .pull_manifest_raw(&r, &auth, &[OCI_MANIFEST, DOCKER_MANIFEST])
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let text = e.to_string();
+            if REFUSED.iter().any(|w| text.contains(w)) {
+                Err(PullError::Registry {
+                    reference: registry.to_string(),
+                    reason: "login refused: unauthorized (wrong user or password)".into(),
+                })
+            } else if text.contains("error sending request") {
+                Err(PullError::Registry {
+                    reference: registry.to_string(),
+                    reason: text,
+                })
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+impl PullOptions {
+    /// These options with the node's kept credentials (`shoal login`) for `reference`'s
+    /// registry, unless some were given.
+    pub fn with_login(mut self, data_dir: &Path, reference: &str) -> PullOptions {
+        if self.credentials.is_none() {
+            if let Ok(r) = reference.parse::<Reference>() {
+                let file = AuthFile::of(data_dir);
+                self.credentials = file
+                    .get(r.registry())
+                    .or_else(|| file.get(r.resolve_registry()));
+            }
+        }
+        self
+    }
+}
+
+/// Words registries and oci-client use when credentials are missing or wrong.
+const REFUSED: [&str; 6] = [
+    "401",
+    "UNAUTHORIZED",
+    "unauthorized",
+    "Not authorized",
+    "Authentication failure",
+    "authentication required",
+];
+
+/// A registry's error as the user reads it: a refusal for want of credentials says so and
+/// what to do.
+fn explain(registry: &str, e: impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    if REFUSED.iter().any(|w| text.contains(w)) {
+        format!("unauthorized (shoal login {registry} first): {text}")
+    } else {
+        text
+    }
 }
 
 /// The platform this node runs, in OCI's words.
@@ -162,7 +345,7 @@ pub async fn push(
     client
         .auth(&r, &auth, oci_client::RegistryOperation::Push)
         .await
-        .map_err(|e| fail(format!("{e}")))?;
+        .map_err(|e| fail(explain(r.registry(), e)))?;
     for (digest, size, path) in &parts.blobs {
         if client.blob_exists(&r, digest).await.unwrap_or(false) {
             progress(digest, *size, *size);
@@ -177,7 +360,7 @@ pub async fn push(
         client
             .push_blob(&r, data, digest)
             .await
-            .map_err(|e| fail(format!("blob {digest}: {e}")))?;
+            .map_err(|e| fail(format!("blob {digest}: {}", explain(r.registry(), e))))?;
         progress(digest, *size, *size);
     }
     let content_type = parts
@@ -187,7 +370,7 @@ pub async fn push(
     client
         .push_manifest_raw(&r, parts.manifest.clone(), content_type)
         .await
-        .map_err(|e| fail(format!("manifest: {e}")))?;
+        .map_err(|e| fail(format!("manifest: {}", explain(r.registry(), e))))?;
     Ok(sha256_digest(&parts.manifest))
 }
 
@@ -209,7 +392,7 @@ pub async fn pull(
     let (mut bytes, mut digest) = client
         .pull_manifest_raw(&r, &auth, &accept)
         .await
-        .map_err(|e| fail(format!("{e}")))?;
+        .map_err(|e| fail(explain(r.registry(), e)))?;
     check_manifest(&bytes, &digest, r.digest()).map_err(&fail)?;
     let mut manifest_ref = r.clone();
     // An index: the node's platform's manifest, by digest.
@@ -222,7 +405,7 @@ pub async fn pull(
         (bytes, digest) = client
             .pull_manifest_raw(&manifest_ref, &auth, &accept)
             .await
-            .map_err(|e| fail(format!("{e}")))?;
+            .map_err(|e| fail(explain(r.registry(), e)))?;
         check_manifest(&bytes, &digest, Some(&platform_digest)).map_err(&fail)?;
         if pick_platform(&bytes).map_err(&fail)?.is_some() {
             return Err(fail("an image index points at another index".into()));

@@ -115,7 +115,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             let opts = shoal_worker::registry::PullOptions {
                 insecure,
                 credentials: None,
-            };
+            }
+            .with_login(&args.data_dir, &reference);
             let store = std::sync::Arc::new(store);
             let progress = |layer: &str, _done: u64, size: u64| {
                 if !quiet {
@@ -155,7 +156,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             let opts = shoal_worker::registry::PullOptions {
                 insecure,
                 credentials: None,
-            };
+            }
+            .with_login(&args.data_dir, &reference);
             let progress = |blob: &str, _done: u64, size: u64| {
                 if !quiet {
                     let short = blob.trim_start_matches("sha256:");
@@ -444,4 +446,95 @@ mod tests {
         assert!(lines[1].ends_with("3 days ago   4.26MB"), "{}", lines[1]);
         assert!(lines[2].contains("aaaaaaaaaaaa"));
     }
+}
+
+/// `shoal login`.
+#[derive(Args)]
+pub struct LoginArgs {
+    /// Data directory (the credentials are kept in <DIR>/auth.json, root only)
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// User name
+    #[arg(short, long)]
+    username: String,
+    /// Password (prefer --password-stdin)
+    #[arg(short, long)]
+    password: Option<String>,
+    /// Read the password from standard input
+    #[arg(long)]
+    password_stdin: bool,
+    /// A registry reached over plain HTTP (loopback ones always are)
+    #[arg(
+        long = "insecure-registry",
+        env = "SHOAL_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure: Vec<String>,
+    /// The registry (host[:port]; default Docker Hub)
+    server: Option<String>,
+}
+
+/// `shoal logout`.
+#[derive(Args)]
+pub struct LogoutArgs {
+    /// Data directory
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// The registry (host[:port]; default Docker Hub)
+    server: Option<String>,
+}
+
+/// The registry a login names: `host[:port]`, a URL's host, or Docker Hub.
+fn login_server(given: Option<&str>) -> anyhow::Result<String> {
+    let s = given.unwrap_or("docker.io");
+    let s = s
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let host = s.split('/').next().unwrap_or("");
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        anyhow::bail!("invalid registry {s:?}: expected HOST[:PORT]");
+    }
+    Ok(host.to_string())
+}
+
+pub fn login(a: LoginArgs) -> anyhow::Result<()> {
+    let server = login_server(a.server.as_deref())?;
+    let password = match (a.password, a.password_stdin) {
+        (Some(_), true) => anyhow::bail!("--password and --password-stdin are exclusive"),
+        (Some(p), false) => p,
+        (None, true) => {
+            let mut p = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut p)
+                .context("reading the password from standard input")?;
+            p.trim_end_matches(['\n', '\r']).to_string()
+        }
+        (None, false) => anyhow::bail!("give the password with --password-stdin (or -p)"),
+    };
+    if a.username.is_empty() || password.is_empty() {
+        anyhow::bail!("the user name and the password must not be empty");
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(shoal_worker::registry::check_login(
+            &server,
+            &a.username,
+            &password,
+            &a.insecure,
+        ))?;
+    shoal_worker::registry::AuthFile::of(&a.data_dir).set(&server, &a.username, &password)?;
+    println!("Login Succeeded");
+    Ok(())
+}
+
+pub fn logout(a: LogoutArgs) -> anyhow::Result<()> {
+    let server = login_server(a.server.as_deref())?;
+    if shoal_worker::registry::AuthFile::of(&a.data_dir).remove(&server)? {
+        println!("Removing login credentials for {server}");
+    } else {
+        println!("Not logged in to {server}");
+    }
+    Ok(())
 }

@@ -846,7 +846,8 @@ impl Executor for RuntimeExecutor {
         let opts = crate::registry::PullOptions {
             insecure: self.cfg.insecure_registries.clone(),
             credentials: None,
-        };
+        }
+        .with_login(&self.cfg.data_dir, &image);
         tracing::info!(%image, "pulling");
         crate::registry::pull(
             images.clone(),
