@@ -81,7 +81,8 @@ fn main() {
     }
 }
 
-/// Help and version as clap prints them; a usage error as one line (exit 2).
+/// Help and version as clap prints them; a usage error as clap words it — what is wrong,
+/// the missing arguments, a "did you mean", the usage line — after `shoal: ` (exit 2).
 fn usage_error(e: clap::Error) -> ! {
     use clap::error::ErrorKind;
     if matches!(
@@ -93,7 +94,6 @@ fn usage_error(e: clap::Error) -> ! {
         e.exit()
     }
     let text = e.to_string();
-    let first = text.lines().next().unwrap_or("invalid arguments");
-    eprintln!("shoal: {}", first.trim_start_matches("error: "));
+    eprint!("shoal: {}", text.strip_prefix("error: ").unwrap_or(&text));
     std::process::exit(2)
 }

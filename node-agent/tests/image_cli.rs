@@ -255,3 +255,33 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         0
     );
 }
+
+/// Usage errors keep clap's whole message: what is missing, a "did you mean", the usage line.
+#[test]
+fn usage_errors_say_what_is_wrong_and_how_to_use() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(args)
+            .env("SHOAL_SOCKET", "/nonexistent/shoal.sock")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let err = run(&["service", "create"]);
+    assert!(
+        err.starts_with("shoal: the following required arguments were not provided:"),
+        "{err}"
+    );
+    assert!(
+        err.contains("<IMAGE>") && err.contains("Usage: shoal service create"),
+        "{err}"
+    );
+    let err = run(&["servce", "ls"]);
+    assert!(
+        err.contains("'service'") && err.contains("similar"),
+        "{err}"
+    );
+    let err = run(&["service", "ls", "--formt", "json"]);
+    assert!(err.contains("--format"), "{err}");
+}

@@ -469,3 +469,84 @@ mod tests {
         assert_eq!(t.render(), "ID    NAME\nabc   web\na     longer\n");
     }
 }
+
+/// Splits `s` into words as a POSIX shell does (Docker parses `--args` so): blanks separate
+/// words; single quotes keep everything literally; double quotes keep everything but `\\`
+/// before `"`, `\\`, `$` or a backtick; a backslash outside quotes keeps the next character.
+pub fn shell_words(s: &str) -> anyhow::Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => cur.push(c),
+                        None => anyhow::bail!("unterminated single quote in {s:?}"),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => cur.push(c),
+                            Some(c) => {
+                                cur.push('\\');
+                                cur.push(c);
+                            }
+                            None => anyhow::bail!("unterminated double quote in {s:?}"),
+                        },
+                        Some(c) => cur.push(c),
+                        None => anyhow::bail!("unterminated double quote in {s:?}"),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                match chars.next() {
+                    Some(c) => cur.push(c),
+                    None => anyhow::bail!("a trailing backslash in {s:?}"),
+                }
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Ok(words)
+}
+
+#[cfg(test)]
+mod shell_words_tests {
+    use super::shell_words;
+
+    #[test]
+    fn words_split_like_a_shell() {
+        let w = |s: &str| shell_words(s).unwrap();
+        assert_eq!(w("sh -c 'exit 3'"), ["sh", "-c", "exit 3"]);
+        assert_eq!(w(r#"echo "a b" c\ d ''"#), ["echo", "a b", "c d", ""]);
+        assert_eq!(w(r#""say \"hi\" \$x \n""#), [r#"say "hi" $x \n"#]);
+        assert_eq!(w("  a   b  "), ["a", "b"]);
+        assert!(w("").is_empty());
+        for bad in ["'open", "\"open", "end\\"] {
+            assert!(shell_words(bad).is_err(), "{bad}");
+        }
+    }
+}

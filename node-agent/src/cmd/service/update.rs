@@ -128,7 +128,7 @@ pub struct UpdateArgs {
     /// Image reference
     #[arg(long)]
     image: Option<String>,
-    /// Command arguments (replaces them; split on whitespace)
+    /// Command arguments (replaces them; split into words as a shell does: quotes, escapes)
     #[arg(long, allow_hyphen_values = true)]
     args: Option<String>,
     /// Add or replace environment variables (NAME=VALUE)
@@ -384,8 +384,10 @@ impl UpdateArgs {
             image: self.image.clone(),
             args: self
                 .args
-                .as_ref()
-                .map(|a| a.split_whitespace().map(str::to_string).collect()),
+                .as_deref()
+                .map(output::shell_words)
+                .transpose()
+                .context("--args")?,
             env_add: self
                 .env_add
                 .iter()
@@ -760,6 +762,17 @@ mod tests {
             pb::FailureAction::Continue as i32
         );
         assert!(matches!(s.mode, Some(Mode::Replicated(r)) if r.replicas == 2));
+
+        // Docker's way: shell words, quotes kept together.
+        let quoted = edit(&["--args", "sh -c 'exit 3'"])
+            .unwrap()
+            .apply(base())
+            .unwrap();
+        assert_eq!(
+            quoted.task.unwrap().container.unwrap().args,
+            vec!["sh", "-c", "exit 3"]
+        );
+        assert!(edit(&["--args", "sh -c 'open"]).is_err());
 
         let forced = edit(&["--force"]).unwrap().apply(base()).unwrap();
         assert_eq!(forced.task.unwrap().force_update, 1);
