@@ -510,3 +510,29 @@ fn a_hollow_node_is_marked_and_runs_tasks_without_containers() {
     );
     assert!(c.nodes.iter().all(|n| n.containers().is_empty()));
 }
+
+/// A service whose tasks are meant to finish converges once they have: `service create`
+/// returns when the task is complete, and nothing restarts it.
+#[test]
+fn a_service_of_tasks_that_finish_converges_when_they_complete() {
+    let c = Cluster::new(1, 1);
+    let m = &c.nodes[0];
+    let out = m.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "job",
+        "--restart-condition",
+        "none",
+        IMAGE,
+        "true",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ps = c.ps("job");
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    assert_eq!(ps[0].current, "Complete", "{ps:?}");
+}

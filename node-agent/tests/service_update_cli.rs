@@ -217,8 +217,16 @@ fn a_failing_image_pauses_the_update_and_a_rollback_restores_every_task() {
         "{out}\n{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
+    // The reason is the failed task's own, with its node.
+    assert!(
+        err.contains(": pull 127.0.0.1:9/busybox:nope: ") && err.contains(" (on host"),
+        "{err}"
+    );
     assert_eq!(update_state(&c, "web"), "paused");
-    assert!(m.ok(&["service", "ls"]).contains("paused"));
+    let ls = m.ok(&["service", "ls"]);
+    assert!(ls.contains("paused"), "{ls}");
+    // As docker counts: the replicas wanted, not every task meant to run.
+    assert!(ls.contains("/6 "), "{ls}");
     let pretty = m.ok(&["service", "inspect", "--pretty", "web"]);
     assert!(
         pretty.contains("State:") && pretty.contains("paused"),

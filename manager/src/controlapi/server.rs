@@ -389,8 +389,11 @@ impl ControlApi {
             .filter(|t| t.desired_state == running)
             .filter(|t| t.status.as_ref().is_some_and(|st| st.state == running))
             .count() as u64;
+        // Docker's count: a replicated service wants its replicas (not every task meant to
+        // run: a paused update leaves failed new tasks among them), a global one a task per
+        // node it runs on.
         let desired = match &s.spec.as_ref().and_then(|sp| sp.mode) {
-            Some(Mode::Replicated(r)) if desired == 0 => r.replicas,
+            Some(Mode::Replicated(r)) => r.replicas,
             _ => desired,
         };
         Ok(pb::ServiceSummary {

@@ -170,13 +170,24 @@ pub fn snapshot(
         }
     }
     let current = spec.task.as_ref();
+    // A task meant to finish (restart condition none, or on-failure and it succeeded) is done
+    // once complete: the orchestrator starts no other for its slot.
+    let condition = current
+        .and_then(|t| t.restart.as_ref())
+        .map_or(pb::RestartCondition::Any as i32, |r| r.condition);
+    let finished = |t: &pb::Task| {
+        state(t) == TaskState::Complete as i32
+            && condition != pb::RestartCondition::Any as i32
+            && t.spec.as_ref() == current
+    };
     let running = wanted
         .iter()
         .filter(|(_, t)| {
             t.is_some_and(|t| {
-                state(t) == TaskState::Running as i32
+                (state(t) == TaskState::Running as i32
                     && t.desired_state <= TaskState::Running as i32
-                    && t.spec.as_ref() == current
+                    && t.spec.as_ref() == current)
+                    || finished(t)
             })
         })
         .count();
@@ -342,6 +353,50 @@ async fn follow(c: &mut ControlClient<Channel>, service_id: &str) -> anyhow::Res
     }
 }
 
+/// What went wrong with the task an update status names (its last word is the task id): its
+/// error and its node, as `: ERROR (on NODE)`; empty when the task is not found.
+async fn failed_task_detail(
+    c: &mut ControlClient<Channel>,
+    message: &str,
+    tasks: &[pb::Task],
+) -> String {
+    let Some(id) = message.split_whitespace().last() else {
+        return String::new();
+    };
+    let Some(t) = tasks.iter().find(|t| {
+        t.meta
+            .as_ref()
+            .is_some_and(|m| !id.is_empty() && m.id.starts_with(id.trim_end_matches('…')))
+    }) else {
+        return String::new();
+    };
+    let st = t.status.clone().unwrap_or_default();
+    let why = if st.err.is_empty() {
+        st.message
+    } else {
+        st.err
+    };
+    let node = match c
+        .get_node(pb::GetNodeRequest {
+            node: t.node_id.clone(),
+        })
+        .await
+    {
+        Ok(r) => r
+            .into_inner()
+            .node
+            .and_then(|n| n.description)
+            .map(|d| d.hostname)
+            .unwrap_or_else(|| t.node_id.clone()),
+        Err(_) => t.node_id.clone(),
+    };
+    if why.is_empty() {
+        format!(" (on {node})")
+    } else {
+        format!(": {why} (on {node})")
+    }
+}
+
 /// Follows an update (or, with `manual_rollback`, a rollback) until it completes and the
 /// service converges. A paused update or rollback, or an update that was rolled back, is an
 /// error with the service's message, as docker reports them.
@@ -408,7 +463,11 @@ async fn follow_update(
             }
             UpdateState::Paused => {
                 display.draw(&s).context("writing progress")?;
-                anyhow::bail!("service update paused: {}", status.message)
+                anyhow::bail!(
+                    "service update paused: {}{}",
+                    status.message,
+                    failed_task_detail(c, &status.message, &tasks).await
+                )
             }
             UpdateState::RollbackPaused => {
                 display.draw(&s).context("writing progress")?;
