@@ -24,6 +24,8 @@ enum Command {
     Runtime(cmd::runtime::RuntimeArgs),
     /// Node-local images: import, load, ls, inspect, rm, prune
     Image(cmd::image::ImageArgs),
+    /// Show the client's and the agent's versions
+    Version,
     /// Keep credentials for a registry (pulls and pushes of this node use them)
     Login(cmd::image::LoginArgs),
     /// Forget a registry's credentials
@@ -60,6 +62,7 @@ fn main() {
     let result = match cli.command {
         Command::Runtime(c) => cmd::runtime::run(c),
         Command::Image(c) => cmd::image::run(c),
+        Command::Version => cmd::output::version(),
         Command::Login(c) => cmd::image::login(c),
         Command::Logout(c) => cmd::image::logout(c),
         Command::Run(c) => cmd::container::run(*c),

@@ -535,4 +535,25 @@ fn a_service_of_tasks_that_finish_converges_when_they_complete() {
     let ps = c.ps("job");
     assert_eq!(ps.len(), 1, "{ps:?}");
     assert_eq!(ps[0].current, "Complete", "{ps:?}");
+
+    // One place for a node's state: with only the agent's socket set, node-local commands
+    // work on that agent's data dir (its image store holds the busybox the harness imported).
+    let only_socket = |args: &[&str]| {
+        let out = Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_SOCKET", m.socket())
+            .env_remove("SHOAL_DATA_DIR")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let ls = only_socket(&["image", "ls"]);
+    assert!(ls.contains("busybox"), "{ls}");
+    let v = only_socket(&["version"]);
+    assert!(v.contains(&m.data().display().to_string()), "{v}");
 }

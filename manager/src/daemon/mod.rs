@@ -687,6 +687,7 @@ impl DaemonRpc for DaemonService {
             cluster_id: st.cluster_id,
             advertise_addr: st.advertise_addr,
             data_dir: self.shared.cfg.data_dir.display().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
         }))
     }
 

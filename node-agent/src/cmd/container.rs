@@ -19,7 +19,6 @@ use shoal_runtime::frontdoor::{
 };
 use shoal_runtime::network::{parse_publish, EtcOptions, Mode, NetRequest};
 
-use super::image::DEFAULT_DATA_DIR;
 use super::output::SocketArg;
 
 /// How long `run --network NAME` waits for the agent to serve the container's DNS.
@@ -34,9 +33,10 @@ const PS_COMMAND_WIDTH: usize = 20;
 /// The data dir option every front-door command takes.
 #[derive(Args)]
 pub struct DataDir {
-    /// Data directory (images, layers, containers)
-    #[arg(long, env = "SHOAL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
+    /// Data directory (images, layers, containers); default: the one of the agent on
+    /// SHOAL_SOCKET, else /var/lib/shoal
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 /// `shoal run`.
@@ -191,8 +191,8 @@ fn open(data: &DataDir) -> Result<FrontDoor> {
     if !is_root() {
         bail!("must run as root");
     }
-    FrontDoor::open(&data.data_dir)
-        .with_context(|| format!("open data dir {}", data.data_dir.display()))
+    let dir = super::output::data_dir(data.data_dir.clone());
+    FrontDoor::open(&dir).with_context(|| format!("open data dir {}", dir.display()))
 }
 
 /// Run from the immutable copy of this binary before touching a container (CVE-2019-5736).

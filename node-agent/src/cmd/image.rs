@@ -11,9 +11,10 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
 
 #[derive(Args)]
 pub struct ImageArgs {
-    /// Data directory (images in <DIR>/images, unpacked layers in <DIR>/layers)
-    #[arg(long, global = true, env = "SHOAL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
+    /// Data directory (images in <DIR>/images, unpacked layers in <DIR>/layers); default: the
+    /// one of the agent on SHOAL_SOCKET, else /var/lib/shoal
+    #[arg(long, global = true, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: ImageCommand,
 }
@@ -104,8 +105,9 @@ enum Format {
     Json,
 }
 
-pub fn run(args: ImageArgs) -> anyhow::Result<()> {
-    let store = open(&args.data_dir)?;
+pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
+    let data_dir = super::output::data_dir(args.data_dir.take());
+    let store = open(&data_dir)?;
     match args.command {
         ImageCommand::Pull {
             quiet,
@@ -116,7 +118,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
                 insecure,
                 credentials: None,
             }
-            .with_login(&args.data_dir, &reference);
+            .with_login(&data_dir, &reference);
             let store = std::sync::Arc::new(store);
             let progress = |layer: &str, _done: u64, size: u64| {
                 if !quiet {
@@ -132,11 +134,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?
                 .block_on(shoal_worker::registry::pull(
-                    store,
-                    &args.data_dir,
-                    &reference,
-                    &opts,
-                    &progress,
+                    store, &data_dir, &reference, &opts, &progress,
                 ))?;
             if quiet {
                 println!("{}", info.id);
@@ -157,7 +155,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
                 insecure,
                 credentials: None,
             }
-            .with_login(&args.data_dir, &reference);
+            .with_login(&data_dir, &reference);
             let progress = |blob: &str, _done: u64, size: u64| {
                 if !quiet {
                     let short = blob.trim_start_matches("sha256:");
@@ -243,7 +241,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         ImageCommand::Rm { references } => {
             // Images and layers of local containers (running or not) stay; gc also keeps
             // every layer an overlay mount on this host uses.
-            let used = in_use(&args.data_dir)?;
+            let used = in_use(&data_dir)?;
             for r in &references {
                 let info = store.inspect(r).with_context(|| format!("rm {r}"))?;
                 store
@@ -259,7 +257,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
                 .context("garbage-collect images")?;
         }
         ImageCommand::Prune => {
-            let used = in_use(&args.data_dir)?;
+            let used = in_use(&data_dir)?;
             let report = store
                 .prune(&used.image_ids, &used.chain_ids)
                 .context("prune images")?;
@@ -451,9 +449,10 @@ mod tests {
 /// `shoal login`.
 #[derive(Args)]
 pub struct LoginArgs {
-    /// Data directory (the credentials are kept in <DIR>/auth.json, root only)
-    #[arg(long, env = "SHOAL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
+    /// Data directory (the credentials are kept in <DIR>/auth.json, root only); default: the
+    /// one of the agent on SHOAL_SOCKET, else /var/lib/shoal
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// User name
     #[arg(short, long)]
     username: String,
@@ -477,9 +476,9 @@ pub struct LoginArgs {
 /// `shoal logout`.
 #[derive(Args)]
 pub struct LogoutArgs {
-    /// Data directory
-    #[arg(long, env = "SHOAL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
+    /// Data directory; default: the one of the agent on SHOAL_SOCKET, else /var/lib/shoal
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// The registry (host[:port]; default Docker Hub)
     server: Option<String>,
 }
@@ -524,14 +523,18 @@ pub fn login(a: LoginArgs) -> anyhow::Result<()> {
             &password,
             &a.insecure,
         ))?;
-    shoal_worker::registry::AuthFile::of(&a.data_dir).set(&server, &a.username, &password)?;
+    shoal_worker::registry::AuthFile::of(&super::output::data_dir(a.data_dir)).set(
+        &server,
+        &a.username,
+        &password,
+    )?;
     println!("Login Succeeded");
     Ok(())
 }
 
 pub fn logout(a: LogoutArgs) -> anyhow::Result<()> {
     let server = login_server(a.server.as_deref())?;
-    if shoal_worker::registry::AuthFile::of(&a.data_dir).remove(&server)? {
+    if shoal_worker::registry::AuthFile::of(&super::output::data_dir(a.data_dir)).remove(&server)? {
         println!("Removing login credentials for {server}");
     } else {
         println!("Not logged in to {server}");

@@ -550,3 +550,79 @@ mod shell_words_tests {
         }
     }
 }
+
+/// The data directory a node-local command works on: the one given (`--data-dir`,
+/// `SHOAL_DATA_DIR`), else the one of the agent answering on `SHOAL_SOCKET` (so that setting
+/// the socket alone points every command at that node), else the default.
+pub fn data_dir(given: Option<std::path::PathBuf>) -> std::path::PathBuf {
+    if let Some(d) = given {
+        return d;
+    }
+    let socket = std::env::var_os("SHOAL_SOCKET")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into());
+    let asked = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()
+        .and_then(|rt| {
+            rt.block_on(async {
+                let ch = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    shoal_manager::daemon::connect_local(&socket),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                let info = shoal_proto::v1::daemon_client::DaemonClient::new(ch)
+                    .info(shoal_proto::v1::InfoRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                (!info.data_dir.is_empty()).then(|| std::path::PathBuf::from(info.data_dir))
+            })
+        });
+    asked.unwrap_or_else(|| super::image::DEFAULT_DATA_DIR.into())
+}
+
+/// `shoal version`: this binary's version, and the agent's on SHOAL_SOCKET when one answers.
+pub fn version() -> anyhow::Result<()> {
+    println!("Client:\n Version:  {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        " OS/Arch:  {}/{}",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
+    let socket = std::env::var_os("SHOAL_SOCKET")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into());
+    let info = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let ch = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                shoal_manager::daemon::connect_local(&socket),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            shoal_proto::v1::daemon_client::DaemonClient::new(ch)
+                .info(shoal_proto::v1::InfoRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        });
+    match info {
+        Some(i) => {
+            println!("Server (agent on {}):", socket.display());
+            println!(" Version:  {}", i.version);
+            println!(" Data dir: {}", i.data_dir);
+            if !i.node_id.is_empty() {
+                println!(" Node:     {}", i.node_id);
+            }
+        }
+        None => println!("Server: no agent answers on {}", socket.display()),
+    }
+    Ok(())
+}
