@@ -378,7 +378,14 @@ fn images_in_use_are_kept() {
 #[test]
 fn bad_input_one_line_and_nothing_left() {
     let n = Node::new();
-    one_line_error(&n.shoal(&["run", "--bogus", "busybox"]), 2, "--bogus");
+    // A usage error: clap's whole message (what is wrong, the usage line), exit 2.
+    let out = n.shoal(&["run", "--bogus", "busybox"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("shoal: unexpected argument '--bogus'") && err.contains("Usage: shoal run"),
+        "{err}"
+    );
     one_line_error(&n.shoal(&["run", "nothere", "true"]), 125, "no such image");
     one_line_error(
         &n.shoal(&["run", "--memory", "lots", "busybox", "true"]),
