@@ -1056,7 +1056,41 @@ fn tasks_on_an_overlay_reach_each_other_across_hosts() {
 fn an_internal_network_has_no_way_out() {
     let tb = up(2);
     let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
-    two_node_cluster(h1, h2);
+    // The outside's DNS: a resolver in host 2's namespace that answers every A question with
+    // 10.9.8.7; the agents forward the names that are not the cluster's to it.
+    let dns = h2
+        .in_netns(|| UdpSocket::bind((h2.addr(), 0)))
+        .expect("netns")
+        .expect("bind udp");
+    let upstream = dns.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..200 {
+            let Ok((n, from)) = dns.recv_from(&mut buf) else {
+                return;
+            };
+            let q = &buf[..n];
+            // The question: labels up to the empty one, then type and class.
+            let mut end = 12;
+            while end < q.len() && q[end] != 0 {
+                end += 1 + q[end] as usize;
+            }
+            let end = (end + 5).min(q.len());
+            let mut r = q[..2].to_vec();
+            r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
+            r.extend_from_slice(&q[12..end]);
+            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 9, 8, 7]);
+            let _ = dns.send_to(&r, from);
+        }
+    });
+    for h in [h1, h2] {
+        h.import_busybox("busybox:latest").expect("import");
+        h.spawn_agent(&["--dns-upstream", &upstream])
+            .expect("agent");
+    }
+    ClusterBuilder::new()
+        .form(&[h1 as &dyn Member, h2])
+        .expect("cluster");
     // The outside: a one-line HTTP server in host 2's namespace, on its test bed address.
     let listener = h2
         .in_netns(|| TcpListener::bind((h2.addr(), 0)))
@@ -1168,7 +1202,13 @@ fn an_internal_network_has_no_way_out() {
         );
         let links = exec(task, &["ip", "-o", "link"]).expect("links");
         assert!(!links.contains("eth0"), "{links}");
+        // Not even names: the embedded DNS forwards nothing for an internal-only task.
+        let out = exec(task, &["nslookup", "outside.test"]).unwrap_or_default();
+        assert!(!out.contains("10.9.8.7"), "{out}");
     }
+    // While a task with a way out gets the outside's names.
+    let out = exec(&free[0].0, &["nslookup", "outside.test"]).unwrap_or_default();
+    assert!(out.contains("10.9.8.7"), "{out}");
     ok_out(h1.shoal(&["service", "rm", "closed", "free"]).expect("rm"));
     assert_no_shoal_network(&[h1, h2]);
     ok_out(

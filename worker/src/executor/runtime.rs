@@ -236,11 +236,19 @@ impl Resolvers {
         networks: Vec<String>,
     ) -> Result<(), ExecError> {
         let sock = tokio::net::UdpSocket::from_std(sock).map_err(runtime_err)?;
+        // Only internal networks (no node bridge): no way out, not even for names.
+        let forward =
+            Attachment::load(&self.containers.join(id)).is_none_or(|a| a.mode != Mode::None);
+        let upstream = if forward {
+            self.upstream.clone()
+        } else {
+            Arc::new(Vec::new())
+        };
         let h = tokio::spawn(crate::dns::serve(
             sock,
             networks,
             self.records.clone(),
-            self.upstream.clone(),
+            upstream,
         ));
         if let Some(old) = self
             .running
