@@ -6,6 +6,7 @@ mod cluster;
 mod etcd;
 mod failure;
 mod fixture;
+mod image_pull;
 mod mesh;
 mod node_loss;
 mod overlay;
@@ -48,6 +49,9 @@ enum Bench {
     Scale(scale::ScaleArgs),
     /// A published port of one busybox httpd: wrk requests/s, latency and connections/s (vs Docker).
     Publish(publish::PublishArgs),
+    /// A ~200 MiB image of 5 gzip layers from a local registry: `shoal image pull` vs
+    /// `skopeo copy` and `docker pull` (if dockerd runs), interleaved, each into an empty place.
+    ImagePull(image_pull::ImagePullArgs),
     /// Test bed, 2 hosts: TCP throughput (iperf3) and round trips between two tasks over a
     /// cluster network (VXLAN) vs the hosts' own underlay path.
     Overlay(overlay::OverlayArgs),
@@ -83,6 +87,7 @@ fn main() {
         Bench::ServiceUpdate(a) => update::service_update(&a),
         Bench::Scale(a) => scale::scale(&a),
         Bench::Publish(a) => publish::publish(&a),
+        Bench::ImagePull(a) => image_pull::image_pull(&a),
         Bench::Overlay(a) => overlay::overlay(&a),
         Bench::Mesh(a) => mesh::mesh(&a),
         Bench::ScaleAnswer(a) => scale_answer::scale_answer(&a),
