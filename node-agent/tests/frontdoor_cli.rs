@@ -220,6 +220,17 @@ fn run_streams_output_and_returns_the_exit_code() {
         "{ps}"
     );
     assert_eq!(ok(&n.shoal(&["ps"])).lines().count(), 1, "only the header");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&n.shoal(&["ps", "-a", "--format", "json"]))).unwrap();
+    assert_eq!(json[0]["Names"], "seven", "{json}");
+    assert!(
+        json[0]["Status"]
+            .as_str()
+            .unwrap()
+            .starts_with("Exited (7)"),
+        "{json}"
+    );
+    assert_eq!(json[0]["ID"].as_str().unwrap().len(), 64, "{json}");
     assert_eq!(ok(&n.shoal(&["logs", "seven"])), "hello world from boat\n");
     let id = ok(&n.shoal(&["ps", "-aq"])).trim().to_string();
     assert_eq!(id.len(), 12);

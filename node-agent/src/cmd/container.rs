@@ -121,6 +121,9 @@ pub struct PsArgs {
     /// Only ids
     #[arg(short, long)]
     quiet: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = super::output::Format::Table)]
+    format: super::output::Format,
 }
 
 /// `shoal stop`.
@@ -642,6 +645,25 @@ pub fn ps(args: PsArgs) -> Result<()> {
         for c in &list {
             println!("{}", c.record.short_id());
         }
+    } else if args.format == super::output::Format::Json {
+        let now = unix_now();
+        let rows: Vec<serde_json::Value> = list
+            .iter()
+            .map(|c| {
+                let r = &c.record;
+                serde_json::json!({
+                    "ID": r.id,
+                    "Names": r.name,
+                    "Image": r.image,
+                    "Command": r.command.join(" "),
+                    "Created": r.created,
+                    "Status": status_text(c.state, now),
+                    "Ports": c.network.as_ref().map(|n| n.ports_text()).unwrap_or_default(),
+                    "Networks": c.network.as_ref().map(|n| n.mode.name()).unwrap_or("none"),
+                })
+            })
+            .collect();
+        super::output::print_json(&serde_json::Value::Array(rows))?;
     } else {
         print!("{}", ps_table(&list, unix_now()));
     }
