@@ -18,8 +18,7 @@ use shoal_proto::v1::control_client::ControlClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Status};
 
-use shoal_tests::cluster::{shoal_at, ClusterBuilder, Launch, Member};
-use shoal_tests::testbed::TestbedError;
+use shoal_tests::cluster::{ClusterBuilder, Launch, Loopback, Member};
 
 use crate::etcd::Etcd;
 use crate::stats::{ms, percentile};
@@ -322,24 +321,6 @@ struct Agent {
     proc: Option<Proc>,
 }
 
-impl Member for Agent {
-    fn label(&self) -> String {
-        self.host.clone()
-    }
-
-    fn join_addr(&self) -> String {
-        self.addr.clone()
-    }
-
-    fn advertise(&self) -> Option<String> {
-        Some(self.addr.clone())
-    }
-
-    fn shoal(&self, args: &[&str]) -> Result<std::process::Output, TestbedError> {
-        shoal_at(&self.bin, &self.socket, args)
-    }
-}
-
 /// Three `shoal agent` managers on 127.0.0.1.
 pub struct Shoal {
     bin: PathBuf,
@@ -413,7 +394,17 @@ impl Shoal {
         for i in 0..MEMBERS {
             s.spawn(i).await?;
         }
-        let members: Vec<&dyn Member> = s.agents.iter().map(|a| a as &dyn Member).collect();
+        let members: Vec<Loopback> = s
+            .agents
+            .iter()
+            .map(|a| Loopback {
+                bin: a.bin.clone(),
+                host: a.host.clone(),
+                addr: a.addr.clone(),
+                socket: a.socket.clone(),
+            })
+            .collect();
+        let members: Vec<&dyn Member> = members.iter().map(|m| m as &dyn Member).collect();
         ClusterBuilder::new()
             .managers(MEMBERS)
             .form(&members)

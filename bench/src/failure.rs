@@ -14,8 +14,7 @@ use crate::cluster::{free_port, Proc};
 use crate::services::{run, shoal_bin};
 use crate::stats::percentile;
 use anyhow::{bail, Context, Result};
-use shoal_tests::cluster::{self, ClusterBuilder, Launch};
-use shoal_tests::testbed::TestbedError;
+use shoal_tests::cluster::{ClusterBuilder, Launch, Loopback, Member};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -67,30 +66,6 @@ impl Node {
 
     fn runtime_root(&self) -> PathBuf {
         self.data().join(TASK_RUNTIME_DIR)
-    }
-}
-
-/// A node as the cluster builder sees it.
-struct Member<'a> {
-    bin: &'a Path,
-    n: &'a Node,
-}
-
-impl cluster::Member for Member<'_> {
-    fn label(&self) -> String {
-        self.n.host.clone()
-    }
-
-    fn join_addr(&self) -> String {
-        self.n.addr.clone()
-    }
-
-    fn advertise(&self) -> Option<String> {
-        Some(self.n.addr.clone())
-    }
-
-    fn shoal(&self, args: &[&str]) -> Result<std::process::Output, TestbedError> {
-        cluster::shoal_at(self.bin, &self.n.socket, args)
     }
 }
 
@@ -150,9 +125,17 @@ impl Cluster {
         for i in 0..c.nodes.len() {
             c.spawn(i)?;
         }
-        let members: Vec<Member<'_>> = c.nodes.iter().map(|n| Member { bin, n }).collect();
-        let members: Vec<&dyn cluster::Member> =
-            members.iter().map(|m| m as &dyn cluster::Member).collect();
+        let members: Vec<Loopback> = c
+            .nodes
+            .iter()
+            .map(|n| Loopback {
+                bin: bin.to_path_buf(),
+                host: n.host.clone(),
+                addr: n.addr.clone(),
+                socket: n.socket.clone(),
+            })
+            .collect();
+        let members: Vec<&dyn Member> = members.iter().map(|m| m as &dyn Member).collect();
         ClusterBuilder::new()
             .wait_ready(STARTUP_TIMEOUT)
             .form(&members)

@@ -8,8 +8,7 @@
 use crate::cluster::{free_port, Proc};
 use crate::stats::percentile;
 use anyhow::{bail, Context, Result};
-use shoal_tests::cluster::{shoal_at, ClusterBuilder, Launch, Member};
-use shoal_tests::testbed::TestbedError;
+use shoal_tests::cluster::{ClusterBuilder, Launch, Loopback};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -149,9 +148,15 @@ impl ShoalNode {
         .spawn()?;
         node.agent = Some(Proc::adopt(child, "shoal agent"));
         // The node must be ready to take tasks before the first round is timed.
+        let member = Loopback {
+            bin: node.bin.clone(),
+            host: "bench-svc".into(),
+            addr: node.addr.clone(),
+            socket: node.socket.clone(),
+        };
         ClusterBuilder::new()
             .wait_ready(STARTUP_TIMEOUT)
-            .form(&[&node])?;
+            .form(&[&member])?;
         Ok(node)
     }
 
@@ -251,24 +256,6 @@ impl ShoalNode {
                 .arg(&root)
                 .args(["delete", "-f", id]));
         }
-    }
-}
-
-impl Member for ShoalNode {
-    fn label(&self) -> String {
-        "bench-svc".to_string()
-    }
-
-    fn join_addr(&self) -> String {
-        self.addr.clone()
-    }
-
-    fn advertise(&self) -> Option<String> {
-        Some(self.addr.clone())
-    }
-
-    fn shoal(&self, args: &[&str]) -> Result<std::process::Output, TestbedError> {
-        shoal_at(&self.bin, &self.socket, args)
     }
 }
 

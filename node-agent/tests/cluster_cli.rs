@@ -283,7 +283,7 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
     let m2 = Agent::start(root.path(), 6, KIND);
     ClusterBuilder::new()
         .managers(2)
-        .form(&[&m1 as &dyn Member, &m2])
+        .form(&[&m1.member() as &dyn Member, &m2.member()])
         .unwrap();
 
     // Created through the follower (forwarded to the leader), read on both.

@@ -129,7 +129,8 @@ fn every_node_is_back_after_managers_are_killed_and_restarted() {
     let mut agents: Vec<Agent> = (1..=5)
         .map(|n| Agent::start(root.path(), n, KIND))
         .collect();
-    let members: Vec<&dyn Member> = agents.iter().map(|a| a as &dyn Member).collect();
+    let members: Vec<_> = agents.iter().map(Agent::member).collect();
+    let members: Vec<&dyn Member> = members.iter().map(|m| m as &dyn Member).collect();
     ClusterBuilder::new()
         .managers(3)
         .heartbeat("1s", 3)

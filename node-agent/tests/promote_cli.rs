@@ -140,7 +140,7 @@ fn a_worker_whose_join_manager_is_gone_is_promoted_through_the_others() {
     let w3 = Agent::start(root.path(), 13, KIND);
     ClusterBuilder::new()
         .managers(2)
-        .form(&[&m1 as &dyn Member, &m2, &w3])
+        .form(&[&m1.member() as &dyn Member, &m2.member(), &w3.member()])
         .unwrap();
     wait_status(&m2, "phost13", "");
 

@@ -152,6 +152,34 @@ pub trait Member {
     }
 }
 
+/// An agent on a loopback address as a [`Member`]: the CLI `bin` run against its control
+/// `socket`; it listens, advertises and is joined on `addr`.
+#[derive(Debug, Clone)]
+pub struct Loopback {
+    pub bin: PathBuf,
+    pub host: String,
+    pub addr: String,
+    pub socket: PathBuf,
+}
+
+impl Member for Loopback {
+    fn label(&self) -> String {
+        self.host.clone()
+    }
+
+    fn join_addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    fn advertise(&self) -> Option<String> {
+        Some(self.addr.clone())
+    }
+
+    fn shoal(&self, args: &[&str]) -> Result<Output, TestbedError> {
+        shoal_at(&self.bin, &self.socket, args)
+    }
+}
+
 impl Member for Host {
     fn label(&self) -> String {
         self.name().to_string()

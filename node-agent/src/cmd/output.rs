@@ -551,17 +551,13 @@ mod shell_words_tests {
     }
 }
 
-/// The data directory a node-local command works on: the one given (`--data-dir`,
-/// `SHOAL_DATA_DIR`), else the one of the agent answering on `SHOAL_SOCKET` (so that setting
-/// the socket alone points every command at that node), else the default.
-pub fn data_dir(given: Option<std::path::PathBuf>) -> std::path::PathBuf {
-    if let Some(d) = given {
-        return d;
-    }
+/// What the agent on SHOAL_SOCKET (or the default socket) says of itself, if one answers
+/// within 2 s; and the socket asked.
+fn agent_info() -> (std::path::PathBuf, Option<shoal_proto::v1::InfoResponse>) {
     let socket = std::env::var_os("SHOAL_SOCKET")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into());
-    let asked = tokio::runtime::Builder::new_current_thread()
+    let info = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .ok()
@@ -574,15 +570,29 @@ pub fn data_dir(given: Option<std::path::PathBuf>) -> std::path::PathBuf {
                 .await
                 .ok()?
                 .ok()?;
-                let info = shoal_proto::v1::daemon_client::DaemonClient::new(ch)
+                shoal_proto::v1::daemon_client::DaemonClient::new(ch)
                     .info(shoal_proto::v1::InfoRequest {})
                     .await
-                    .ok()?
-                    .into_inner();
-                (!info.data_dir.is_empty()).then(|| std::path::PathBuf::from(info.data_dir))
+                    .ok()
+                    .map(|r| r.into_inner())
             })
         });
-    asked.unwrap_or_else(|| super::image::DEFAULT_DATA_DIR.into())
+    (socket, info)
+}
+
+/// The data directory a node-local command works on: the one given (`--data-dir`,
+/// `SHOAL_DATA_DIR`), else the one of the agent answering on `SHOAL_SOCKET` (so that setting
+/// the socket alone points every command at that node), else the default.
+pub fn data_dir(given: Option<std::path::PathBuf>) -> std::path::PathBuf {
+    if let Some(d) = given {
+        return d;
+    }
+    agent_info()
+        .1
+        .map(|i| i.data_dir)
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| super::image::DEFAULT_DATA_DIR.into())
 }
 
 /// `shoal version`: this binary's version, and the agent's on SHOAL_SOCKET when one answers.
@@ -593,28 +603,8 @@ pub fn version() -> anyhow::Result<()> {
         std::env::consts::OS,
         std::env::consts::ARCH
     );
-    let socket = std::env::var_os("SHOAL_SOCKET")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into());
-    let info = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(async {
-            let ch = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                shoal_manager::daemon::connect_local(&socket),
-            )
-            .await
-            .ok()?
-            .ok()?;
-            shoal_proto::v1::daemon_client::DaemonClient::new(ch)
-                .info(shoal_proto::v1::InfoRequest {})
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-        });
-    match info {
-        Some(i) => {
+    match agent_info() {
+        (socket, Some(i)) => {
             println!("Server (agent on {}):", socket.display());
             println!(" Version:  {}", i.version);
             println!(" Data dir: {}", i.data_dir);
@@ -622,7 +612,7 @@ pub fn version() -> anyhow::Result<()> {
                 println!(" Node:     {}", i.node_id);
             }
         }
-        None => println!("Server: no agent answers on {}", socket.display()),
+        (socket, None) => println!("Server: no agent answers on {}", socket.display()),
     }
     Ok(())
 }

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
-use shoal_tests::cluster::{free_port, shoal_at, Launch, Member};
-use shoal_tests::testbed::TestbedError;
+use shoal_tests::cluster::{free_port, shoal_at, Launch, Loopback};
 
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 /// How long `eventually` retries (an election may be under way).
@@ -85,6 +84,16 @@ impl Agent {
         }
     }
 
+    /// This agent as the cluster builder sees it.
+    pub fn member(&self) -> Loopback {
+        Loopback {
+            bin: SHOAL.into(),
+            host: self.host.clone(),
+            addr: self.addr.clone(),
+            socket: self.socket(),
+        }
+    }
+
     pub fn shoal(&self, args: &[&str]) -> Output {
         shoal_at(Path::new(SHOAL), &self.socket(), args).unwrap()
     }
@@ -139,24 +148,6 @@ impl Agent {
         let raw = std::fs::read(self.dir.join("data/node.json")).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
         v["role"].as_str().unwrap().to_string()
-    }
-}
-
-impl Member for Agent {
-    fn label(&self) -> String {
-        self.host.clone()
-    }
-
-    fn join_addr(&self) -> String {
-        self.addr.clone()
-    }
-
-    fn advertise(&self) -> Option<String> {
-        Some(self.addr.clone())
-    }
-
-    fn shoal(&self, args: &[&str]) -> Result<Output, TestbedError> {
-        shoal_at(Path::new(SHOAL), &self.socket(), args)
     }
 }
 

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use shoal_tests::cluster::{free_port, shoal_at, ClusterBuilder, Launch, Member};
-use shoal_tests::testbed::TestbedError;
+use shoal_tests::cluster::{free_port, shoal_at, ClusterBuilder, Launch, Loopback, Member};
 
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 pub const IMAGE: &str = "busybox:latest";
@@ -180,6 +179,16 @@ impl Node {
         }
     }
 
+    /// This node as the cluster builder sees it.
+    pub fn member(&self) -> Loopback {
+        Loopback {
+            bin: SHOAL.into(),
+            host: self.host.clone(),
+            addr: self.addr.clone(),
+            socket: self.socket(),
+        }
+    }
+
     pub fn shoal(&self, args: &[&str]) -> Output {
         shoal_at(Path::new(SHOAL), &self.socket(), args).unwrap()
     }
@@ -193,24 +202,6 @@ impl Node {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Member for Node {
-    fn label(&self) -> String {
-        self.host.clone()
-    }
-
-    fn join_addr(&self) -> String {
-        self.addr.clone()
-    }
-
-    fn advertise(&self) -> Option<String> {
-        Some(self.addr.clone())
-    }
-
-    fn shoal(&self, args: &[&str]) -> Result<Output, TestbedError> {
-        shoal_at(Path::new(SHOAL), &self.socket(), args)
     }
 }
 
@@ -287,10 +278,8 @@ impl Cluster {
         for n in &mut c.nodes {
             n.spawn();
         }
-        let members: Vec<&dyn Member> = c.nodes[..size as usize]
-            .iter()
-            .map(|n| n as &dyn Member)
-            .collect();
+        let members: Vec<Loopback> = c.nodes[..size as usize].iter().map(Node::member).collect();
+        let members: Vec<&dyn Member> = members.iter().map(|m| m as &dyn Member).collect();
         ClusterBuilder::new()
             .managers(managers as usize)
             .heartbeat(heartbeat.0, heartbeat.1)
@@ -302,7 +291,12 @@ impl Cluster {
 
     pub fn join(&self, i: usize, manager: bool) {
         ClusterBuilder::new()
-            .join(&self.nodes[0], &self.nodes[i], manager, &|_| {})
+            .join(
+                &self.nodes[0].member(),
+                &self.nodes[i].member(),
+                manager,
+                &|_| {},
+            )
             .unwrap();
     }
 
