@@ -59,6 +59,18 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => usage_error(e),
     };
+    // A listing piped into `head` ends quietly, as with any Unix tool: the default SIGPIPE
+    // action, except for the daemon, the runtime (its monitors) and the commands that keep a
+    // container going whatever happens to their stdout.
+    if !matches!(
+        cli.command,
+        Command::Agent(_) | Command::Runtime(_) | Command::Run(_) | Command::Exec(_)
+    ) {
+        // SAFETY: called before any thread is started; restores the default disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Runtime(c) => cmd::runtime::run(c),
         Command::Image(c) => cmd::image::run(c),

@@ -284,4 +284,16 @@ fn usage_errors_say_what_is_wrong_and_how_to_use() {
     );
     let err = run(&["service", "ls", "--formt", "json"]);
     assert!(err.contains("--format"), "{err}");
+    // Output piped into a reader that stops early ends quietly (no panic on a broken pipe).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "for i in 1 2 3; do {} version; done | head -c 1",
+            env!("CARGO_BIN_EXE_shoal")
+        ))
+        .env("SHOAL_SOCKET", "/nonexistent/shoal.sock")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
 }
