@@ -496,7 +496,7 @@ pub async fn pull(
         .map_err(io("write oci-layout".into()))?;
     std::fs::write(dir.join("index.json"), index.to_string())
         .map_err(io("write index.json".into()))?;
-    let loaded = tokio::task::spawn_blocking(move || store.load(&dir))
+    let loaded = tokio::task::spawn_blocking(move || store.load_consuming(&dir))
         .await
         .map_err(|e| fail(format!("loading: {e}")))??;
     drop(staging);

@@ -326,6 +326,9 @@ struct Txn<'a> {
     blobs: BTreeMap<String, StagedBlob>,
     layers: BTreeMap<String, TempDir>,
     counter: u64,
+    /// The source directory's files are the store's to take (a pull's download): blobs are
+    /// hashed in place and renamed into staging instead of copied.
+    consume: bool,
 }
 
 impl<'a> Txn<'a> {
@@ -337,6 +340,7 @@ impl<'a> Txn<'a> {
             blobs: BTreeMap::new(),
             layers: BTreeMap::new(),
             counter: 0,
+            consume: false,
         })
     }
 
@@ -390,6 +394,29 @@ impl<'a> Txn<'a> {
             // Archive members were hashed while staged in this transaction's directory.
             Some(d) if src.path.starts_with(&self.staging.path) => {
                 (d.clone(), src.size, src.path.clone())
+            }
+            // A download of our own: read once to hash, then moved, not copied.
+            None if self.consume => {
+                let path = self.next_path("blob");
+                let mut input = File::open(&src.path)
+                    .map_err(|e| ImageError::io(format!("open {}", src.path.display()), e))?;
+                let mut hashing = unpack::HashingReader::new(&mut input);
+                io::copy(&mut hashing, &mut io::sink())
+                    .map_err(|e| ImageError::io(format!("read {}", src.path.display()), e))?;
+                let (digest, size) = hashing
+                    .finish()
+                    .map_err(|e| ImageError::io(format!("read {}", src.path.display()), e))?;
+                let moved = match fs::rename(&src.path, &path) {
+                    // Another file system: copied after all.
+                    Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                        fs::copy(&src.path, &path).map(drop)
+                    }
+                    r => r,
+                };
+                moved
+                    .and_then(|()| File::open(&path)?.sync_all())
+                    .map_err(|e| ImageError::io(format!("move {}", src.path.display()), e))?;
+                (digest, size, path)
             }
             _ => {
                 let path = self.next_path("blob");
@@ -1177,8 +1204,20 @@ impl ImageStore {
 
     /// Load every image from an OCI layout directory or archive, or a `docker save` archive.
     pub fn load(&self, path: &Path) -> Result<Vec<ImageInfo>, ImageError> {
+        self.load_with(path, false)
+    }
+
+    /// [`ImageStore::load`] of an OCI layout directory the store may take its blobs from (a
+    /// pull's download, on the data dir's file system): they are moved in, not copied, so the
+    /// directory is left without them.
+    pub fn load_consuming(&self, dir: &Path) -> Result<Vec<ImageInfo>, ImageError> {
+        self.load_with(dir, true)
+    }
+
+    fn load_with(&self, path: &Path, consume: bool) -> Result<Vec<ImageInfo>, ImageError> {
         let _store = self.lock_store_shared()?;
         let mut txn = Txn::new(self)?;
+        txn.consume = consume && path.is_dir();
         let src = source::Source::open(path, &txn.staging.path)?;
         let candidates = Self::candidates(&src)?;
         if candidates.is_empty() {
