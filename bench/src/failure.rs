@@ -374,6 +374,10 @@ impl Cluster {
                     .args(["delete", "-f", id]));
             }
         }
+        // Networks of containers a killed agent was still taking down.
+        for n in &self.nodes {
+            shoal_runtime::network::release_all(&n.data().join("containers"));
+        }
     }
 }
 

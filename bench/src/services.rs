@@ -256,6 +256,9 @@ impl ShoalNode {
                 .arg(&root)
                 .args(["delete", "-f", id]));
         }
+        // Networks of containers the killed agent was still taking down (its data dir goes
+        // with the run, and with it the next start's sweep).
+        shoal_runtime::network::release_all(&self.dir.join("data").join("containers"));
     }
 }
 
