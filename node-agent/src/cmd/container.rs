@@ -263,15 +263,6 @@ struct ClusterAttachment {
     peers: Vec<std::net::Ipv4Addr>,
 }
 
-/// Runs one control API call on a runtime of its own (the front door stays single-threaded).
-fn call<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(f)
-}
-
 /// Asks the cluster for an address on `network` for container `name` on this node.
 fn attach_cluster_network(
     socket: &SocketArg,
@@ -280,7 +271,7 @@ fn attach_cluster_network(
     aliases: &[String],
 ) -> Result<ClusterAttachment> {
     use shoal_proto::v1 as pb;
-    let r = call(async {
+    let r = super::output::block_on(async {
         let ch = socket.channel().await.map_err(|_| {
             anyhow::anyhow!(
                 "network {network} not found: it is not bridge, host or none, and no shoal agent answers at {} to look for a cluster network",
@@ -324,7 +315,7 @@ fn detach_cluster_networks(socket: &SocketArg, ids: &[String]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    call(async {
+    super::output::block_on(async {
         let mut c = ControlClient::new(socket.channel().await?);
         for id in ids {
             c.detach_network(pb::DetachNetworkRequest { id: id.clone() })

@@ -33,8 +33,9 @@ pub enum Format {
     Json,
 }
 
-/// A blocking entry point for an async command (the CLI makes one call at a time).
-pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+/// A blocking entry point for an async command (the CLI makes one call at a time, on a
+/// runtime of its own that starts no thread: the front door stays single-threaded).
+pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -557,26 +558,18 @@ fn agent_info() -> (std::path::PathBuf, Option<shoal_proto::v1::InfoResponse>) {
     let socket = std::env::var_os("SHOAL_SOCKET")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into());
-    let info = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .ok()
-        .and_then(|rt| {
-            rt.block_on(async {
-                let ch = tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    shoal_manager::daemon::connect_local(&socket),
-                )
-                .await
-                .ok()?
-                .ok()?;
-                shoal_proto::v1::daemon_client::DaemonClient::new(ch)
-                    .info(shoal_proto::v1::InfoRequest {})
-                    .await
-                    .ok()
-                    .map(|r| r.into_inner())
-            })
-        });
+    let info = block_on(async {
+        let ch = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            shoal_manager::daemon::connect_local(&socket),
+        )
+        .await??;
+        Ok(shoal_proto::v1::daemon_client::DaemonClient::new(ch)
+            .info(shoal_proto::v1::InfoRequest {})
+            .await?
+            .into_inner())
+    })
+    .ok();
     (socket, info)
 }
 
