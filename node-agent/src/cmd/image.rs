@@ -19,6 +19,29 @@ pub struct ImageArgs {
     command: ImageCommand,
 }
 
+/// How the registry commands reach registries.
+#[derive(Args)]
+struct Registry {
+    /// A registry (host[:port]) to reach over plain HTTP (loopback ones always are)
+    #[arg(
+        long = "insecure-registry",
+        env = "SHOAL_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure: Vec<String>,
+}
+
+impl Registry {
+    /// The options for `reference`, with this node's kept credentials for its registry.
+    fn options(self, data_dir: &Path, reference: &str) -> shoal_worker::registry::PullOptions {
+        shoal_worker::registry::PullOptions {
+            insecure: self.insecure,
+            credentials: None,
+        }
+        .with_login(data_dir, reference)
+    }
+}
+
 #[derive(Subcommand)]
 enum ImageCommand {
     /// Pull an image from a registry (`busybox`, `registry:5000/app:1.4`, `app@sha256:…`)
@@ -26,13 +49,8 @@ enum ImageCommand {
         /// Print only the image id
         #[arg(short, long)]
         quiet: bool,
-        /// A registry (host[:port]) to reach over plain HTTP (loopback ones always are)
-        #[arg(
-            long = "insecure-registry",
-            env = "SHOAL_INSECURE_REGISTRIES",
-            value_delimiter = ','
-        )]
-        insecure: Vec<String>,
+        #[command(flatten)]
+        registry: Registry,
         /// The image
         reference: String,
     },
@@ -41,13 +59,8 @@ enum ImageCommand {
         /// Print only the manifest digest
         #[arg(short, long)]
         quiet: bool,
-        /// A registry (host[:port]) to reach over plain HTTP (loopback ones always are)
-        #[arg(
-            long = "insecure-registry",
-            env = "SHOAL_INSECURE_REGISTRIES",
-            value_delimiter = ','
-        )]
-        insecure: Vec<String>,
+        #[command(flatten)]
+        registry: Registry,
         /// The image, by the name it has in the registry (`registry:5000/app:1.4`)
         reference: String,
     },
@@ -111,14 +124,10 @@ pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
     match args.command {
         ImageCommand::Pull {
             quiet,
-            insecure,
+            registry,
             reference,
         } => {
-            let opts = shoal_worker::registry::PullOptions {
-                insecure,
-                credentials: None,
-            }
-            .with_login(&data_dir, &reference);
+            let opts = registry.options(&data_dir, &reference);
             let store = std::sync::Arc::new(store);
             let progress = |layer: &str, _done: u64, size: u64| {
                 if !quiet {
@@ -129,13 +138,12 @@ pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
                     );
                 }
             };
-            let info = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?
-                .block_on(shoal_worker::registry::pull(
-                    store, &data_dir, &reference, &opts, &progress,
-                ))?;
+            let info = super::output::block_on(async {
+                Ok(
+                    shoal_worker::registry::pull(store, &data_dir, &reference, &opts, &progress)
+                        .await?,
+                )
+            })?;
             if quiet {
                 println!("{}", info.id);
             } else {
@@ -148,30 +156,25 @@ pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
         }
         ImageCommand::Push {
             quiet,
-            insecure,
+            registry,
             reference,
         } => {
-            let opts = shoal_worker::registry::PullOptions {
-                insecure,
-                credentials: None,
-            }
-            .with_login(&data_dir, &reference);
+            let opts = registry.options(&data_dir, &reference);
             let progress = |blob: &str, _done: u64, size: u64| {
                 if !quiet {
                     let short = blob.trim_start_matches("sha256:");
                     println!("{}: Pushed ({size} bytes)", &short[..short.len().min(12)]);
                 }
             };
-            let digest = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?
-                .block_on(shoal_worker::registry::push(
+            let digest = super::output::block_on(async {
+                Ok(shoal_worker::registry::push(
                     std::sync::Arc::new(store),
                     &reference,
                     &opts,
                     &progress,
-                ))?;
+                )
+                .await?)
+            })?;
             if quiet {
                 println!("{digest}");
             } else {
@@ -462,13 +465,8 @@ pub struct LoginArgs {
     /// Read the password from standard input
     #[arg(long)]
     password_stdin: bool,
-    /// A registry reached over plain HTTP (loopback ones always are)
-    #[arg(
-        long = "insecure-registry",
-        env = "SHOAL_INSECURE_REGISTRIES",
-        value_delimiter = ','
-    )]
-    insecure: Vec<String>,
+    #[command(flatten)]
+    registry: Registry,
     /// The registry (host[:port]; default Docker Hub)
     server: Option<String>,
 }
@@ -513,16 +511,15 @@ pub fn login(a: LoginArgs) -> anyhow::Result<()> {
     if a.username.is_empty() || password.is_empty() {
         anyhow::bail!("the user name and the password must not be empty");
     }
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(shoal_worker::registry::check_login(
+    super::output::block_on(async {
+        Ok(shoal_worker::registry::check_login(
             &server,
             &a.username,
             &password,
-            &a.insecure,
-        ))?;
+            &a.registry.insecure,
+        )
+        .await?)
+    })?;
     shoal_worker::registry::AuthFile::of(&super::output::data_dir(a.data_dir)).set(
         &server,
         &a.username,
