@@ -389,11 +389,11 @@ pub async fn pull(
         reason,
     };
     let accept = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
-    let (mut bytes, mut digest) = client
+    let (mut bytes, _) = client
         .pull_manifest_raw(&r, &auth, &accept)
         .await
         .map_err(|e| fail(explain(r.registry(), e)))?;
-    check_manifest(&bytes, &digest, r.digest()).map_err(&fail)?;
+    check_manifest(&bytes, r.digest()).map_err(&fail)?;
     let mut manifest_ref = r.clone();
     // An index: the node's platform's manifest, by digest.
     if let Some(platform_digest) = pick_platform(&bytes).map_err(&fail)? {
@@ -402,11 +402,11 @@ pub async fn pull(
             r.repository().to_string(),
             platform_digest.clone(),
         );
-        (bytes, digest) = client
+        (bytes, _) = client
             .pull_manifest_raw(&manifest_ref, &auth, &accept)
             .await
             .map_err(|e| fail(explain(r.registry(), e)))?;
-        check_manifest(&bytes, &digest, Some(&platform_digest)).map_err(&fail)?;
+        check_manifest(&bytes, Some(&platform_digest)).map_err(&fail)?;
         if pick_platform(&bytes).map_err(&fail)?.is_some() {
             return Err(fail("an image index points at another index".into()));
         }
@@ -507,7 +507,7 @@ pub async fn pull(
 }
 
 /// Refuses a manifest that is too large or whose bytes are not what was asked for.
-fn check_manifest(bytes: &[u8], _header_digest: &str, wanted: Option<&str>) -> Result<(), String> {
+fn check_manifest(bytes: &[u8], wanted: Option<&str>) -> Result<(), String> {
     if bytes.len() > MAX_MANIFEST_BYTES {
         return Err(format!(
             "manifest of {} bytes, more than {MAX_MANIFEST_BYTES}",
@@ -598,15 +598,13 @@ mod tests {
     #[test]
     fn manifests_are_checked_by_size_and_digest() {
         let b = b"{}";
-        assert!(check_manifest(b, "", Some(&sha256_digest(b))).is_ok());
-        assert!(check_manifest(b, "", Some("sha256:00"))
+        assert!(check_manifest(b, Some(&sha256_digest(b))).is_ok());
+        assert!(check_manifest(b, Some("sha256:00"))
             .unwrap_err()
             .contains("mismatch"));
-        assert!(
-            check_manifest(&vec![b' '; MAX_MANIFEST_BYTES + 1], "", None)
-                .unwrap_err()
-                .contains("more than")
-        );
+        assert!(check_manifest(&vec![b' '; MAX_MANIFEST_BYTES + 1], None)
+            .unwrap_err()
+            .contains("more than"));
     }
 
     #[test]
