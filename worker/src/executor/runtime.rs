@@ -74,6 +74,8 @@ pub struct RuntimeExecutor {
     dns: Resolvers,
     /// The network attachments of standalone containers on this node (dispatcher's).
     attachments: Arc<std::sync::Mutex<Vec<Task>>>,
+    /// The task looking for their containers: one at a time, the newest set's.
+    following: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     images: Arc<ImageStore>,
     /// The `shoal` binary whose `runtime create` makes the containers.
     shoal: PathBuf,
@@ -102,6 +104,7 @@ impl RuntimeExecutor {
                 containers: cfg.data_dir.join(CONTAINERS_DIR),
             },
             attachments: Arc::default(),
+            following: Default::default(),
             images: Arc::new(images),
             shoal,
             pulls: Arc::default(),
@@ -1043,7 +1046,15 @@ impl Executor for RuntimeExecutor {
     fn set_attachments(&self, attachments: Vec<Task>) {
         *self.attachments.lock().unwrap_or_else(|p| p.into_inner()) = attachments;
         let (dns, wanted) = (self.dns.clone(), self.attachments.clone());
-        tokio::spawn(async move { dns.follow_attachments(wanted).await });
+        let follower = tokio::spawn(async move { dns.follow_attachments(wanted).await });
+        if let Some(old) = self
+            .following
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(follower)
+        {
+            old.abort();
+        }
     }
 
     fn set_peers(&self, peers: Vec<std::net::Ipv4Addr>) {
