@@ -338,3 +338,23 @@ pub fn load1() -> f64 {
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(f64::NAN)
 }
+
+/// One `GET /` over HTTP/1.0 to `vip`:80 (`host` in the Host header, `connect` to connect,
+/// `io` per read or write): the hostname of the task that answered, from WEB's
+/// `hello-from-<hostname>` body.
+pub fn hello_from(vip: Ipv4Addr, host: &str, connect: Duration, io: Duration) -> Result<String> {
+    use std::io::Write;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&std::net::SocketAddr::from((vip, 80)), connect)?;
+    s.set_read_timeout(Some(io))?;
+    s.set_write_timeout(Some(io))?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())?;
+    let mut buf = Vec::new();
+    s.take(64 * 1024).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    match body.strip_prefix("hello-from-") {
+        Some(h) if text.starts_with("HTTP/1.") && text.contains(" 200 ") => Ok(h.to_string()),
+        _ => bail!("unexpected answer {:?}", text.lines().next().unwrap_or("")),
+    }
+}

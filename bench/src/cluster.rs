@@ -313,7 +313,6 @@ pub(crate) trait Side {
 
 /// One `shoal agent` process and where it keeps things.
 struct Agent {
-    bin: PathBuf,
     host: String,
     addr: String,
     dir: PathBuf,
@@ -383,7 +382,6 @@ impl Shoal {
             let dir = root.join(format!("shoal{i}"));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             s.agents.push(Agent {
-                bin: bin.to_path_buf(),
                 host: format!("bench-m{i}"),
                 addr: format!("127.0.0.1:{}", free_port()?),
                 socket: dir.join("shoal.sock"),
@@ -398,7 +396,7 @@ impl Shoal {
             .agents
             .iter()
             .map(|a| Loopback {
-                bin: a.bin.clone(),
+                bin: s.bin.clone(),
                 host: a.host.clone(),
                 addr: a.addr.clone(),
                 socket: a.socket.clone(),

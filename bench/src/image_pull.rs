@@ -26,6 +26,7 @@
 
 use crate::publish::median;
 use crate::services::{run, shoal_bin};
+use crate::stats::round3;
 use anyhow::{bail, Context, Result};
 use shoal_tests::registry::{digest, oci_arch, Layout, Registry, SKOPEO_BIN};
 use std::fs::File;
@@ -328,10 +329,6 @@ impl Side {
             Side::Docker => "docker",
         }
     }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1e3).round() / 1e3
 }
 
 /// One side's figures for the report and the JSON line: (median s, MiB/s, JSON).

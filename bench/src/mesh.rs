@@ -20,6 +20,7 @@
 
 use crate::bed::{host_netns, in_netns, load1, run_bounded, Bed, IMAGE, WEB};
 use crate::publish::{median, parse_wrk, Wrk};
+use crate::stats::{round2, round3};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -84,14 +85,6 @@ fn wrk(a: &MeshArgs, client_ns: &std::path::Path, url: &str, secs: u64) -> Resul
         Duration::from_secs(secs) + WRK_GRACE,
     )?;
     parse_wrk(&out)
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1e3).round() / 1e3
 }
 
 /// `mesh`: the test bed, the service, then interleaved rounds of wrk, medians and ratios.

@@ -38,8 +38,7 @@
 use crate::bed::{load1, Bed, Task, IMAGE, WEB};
 use crate::scale_answer::parse_nslookup;
 use anyhow::{bail, Context, Result};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,22 +89,6 @@ struct Probe {
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
-/// One GET / over HTTP/1.0 to `vip`:80; the body's `hello-from-<hostname>` hostname.
-fn get(vip: Ipv4Addr, connect: Duration) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from((vip, 80)), connect)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: pool\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.take(64 * 1024).read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim();
-    match body.strip_prefix("hello-from-") {
-        Some(h) if text.starts_with("HTTP/1.") && text.contains(" 200 ") => Ok(h.to_string()),
-        _ => bail!("unexpected answer {:?}", text.lines().next().unwrap_or("")),
-    }
-}
-
 impl Probe {
     fn start(
         netns: PathBuf,
@@ -124,7 +107,7 @@ impl Probe {
             drop(ns);
             while !stop2.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let h = get(vip, connect).ok();
+                let h = crate::bed::hello_from(vip, "pool", connect, IO_TIMEOUT).ok();
                 log2.lock().unwrap_or_else(|p| p.into_inner()).push((t, h));
                 std::thread::sleep(interval);
             }

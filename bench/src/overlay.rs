@@ -21,6 +21,7 @@
 
 use crate::bed::{host_netns, in_netns, load1, run_bounded, Background, Bed, IMAGE};
 use crate::publish::median;
+use crate::stats::{round1, round3};
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -158,14 +159,6 @@ fn round_trips(a: &OverlayArgs, p: &Path) -> Result<(f64, f64)> {
         v["p50_us"].as_f64().context("p50_us")?,
         v["p99_us"].as_f64().context("p99_us")?,
     ))
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1e3).round() / 1e3
 }
 
 /// `overlay`: the test bed and the two tasks, then interleaved rounds, medians and ratios.

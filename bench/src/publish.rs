@@ -12,6 +12,7 @@
 
 use crate::cluster::free_port;
 use crate::services::{run, shoal_bin};
+use crate::stats::{round2, round3};
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -423,14 +424,6 @@ struct Samples {
 fn medians(v: &[Wrk]) -> (f64, f64, f64) {
     let f = |g: fn(&Wrk) -> f64| median(&v.iter().map(g).collect::<Vec<_>>());
     (f(|w| w.requests_per_s), f(|w| w.p50_ms), f(|w| w.p99_ms))
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1e3).round() / 1e3
 }
 
 fn mode_json(v: &[Wrk]) -> serde_json::Value {

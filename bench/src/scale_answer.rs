@@ -19,8 +19,7 @@
 use crate::bed::{load1, Bed, IMAGE, WEB};
 use anyhow::{bail, Context, Result};
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,22 +71,6 @@ struct Probe {
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
-/// One GET / over HTTP/1.0 to `vip`:80; the body's `hello-from-<hostname>` hostname.
-fn get(vip: Ipv4Addr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from((vip, 80)), PROBE_TIMEOUT)?;
-    s.set_read_timeout(Some(PROBE_TIMEOUT))?;
-    s.set_write_timeout(Some(PROBE_TIMEOUT))?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.take(64 * 1024).read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim();
-    match body.strip_prefix("hello-from-") {
-        Some(h) if text.starts_with("HTTP/1.") && text.contains(" 200 ") => Ok(h.to_string()),
-        _ => bail!("unexpected answer {:?}", text.lines().next().unwrap_or("")),
-    }
-}
-
 impl Probe {
     fn start(netns: PathBuf, vip: Ipv4Addr, interval: Duration) -> Result<Probe> {
         let ns =
@@ -101,7 +84,7 @@ impl Probe {
             drop(ns);
             while !stop2.load(Ordering::Relaxed) {
                 seen2.requests.fetch_add(1, Ordering::Relaxed);
-                match get(vip) {
+                match crate::bed::hello_from(vip, "web", PROBE_TIMEOUT, PROBE_TIMEOUT) {
                     Ok(h) => {
                         let now = Instant::now();
                         seen2
