@@ -554,6 +554,8 @@ impl Side for Shoal {
             Err(s) if s.code() == Code::NotFound => {
                 c.create_service(timed(Request::new(pb::CreateServiceRequest {
                     spec: Some(service_spec(&name, value(value_bytes, 0))),
+                    // The image is never run: no registry lookup either.
+                    no_resolve_image: true,
                 })))
                 .await
                 .map_err(|s| anyhow::anyhow!("creating service {name}: {}", s.message()))?
@@ -634,6 +636,8 @@ impl Side for Shoal {
         let r = ControlClient::new(ch)
             .create_service(timed(Request::new(pb::CreateServiceRequest {
                 spec: Some(spec),
+                // The image is never run: no registry lookup either.
+                no_resolve_image: true,
             })))
             .await;
         match r {
@@ -674,6 +678,8 @@ impl Writer for ShoalWriter {
                         service: self.id.clone(),
                         version: self.version,
                         spec: Some(self.spec.clone()),
+                        // The image is never run: no registry lookup either.
+                        no_resolve_image: true,
                     }),
                     self.timeout,
                 ))

@@ -485,6 +485,8 @@ async fn run(a: &ScaleArgs, timers: Option<Timers>, bin: &Path, root: &Path) -> 
             "service",
             "create",
             "--detach",
+            // The sim executor pulls nothing; no registry is asked for a digest either.
+            "--no-resolve-image",
             "--name",
             SERVICE,
             "--replicas",

@@ -618,7 +618,10 @@ impl Injector<'_> {
                 .map_err(|e| format!("not sent: {e:#}"))?;
             match tokio::time::timeout(
                 OP_TIMEOUT,
-                cl.create_service(pb::CreateServiceRequest { spec: Some(spec) }),
+                cl.create_service(pb::CreateServiceRequest {
+                    spec: Some(spec),
+                    ..Default::default()
+                }),
             )
             .await
             {

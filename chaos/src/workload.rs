@@ -226,8 +226,11 @@ impl Client {
         c.value = Some(v);
         let spec = new_spec(&name, v, &self.shared.network);
         let out = match call(Kind::Create, &sock, |mut cl| async move {
-            cl.create_service(pb::CreateServiceRequest { spec: Some(spec) })
-                .await
+            cl.create_service(pb::CreateServiceRequest {
+                spec: Some(spec),
+                ..Default::default()
+            })
+            .await
         })
         .await
         {
@@ -297,6 +300,7 @@ impl Client {
             service: name.to_string(),
             version: meta.version,
             spec: Some(with_value(spec, new)),
+            ..Default::default()
         };
         let out = match call(
             kind,

@@ -146,6 +146,7 @@ async fn create(node: &TestNode, name: &str) -> Result<pb::Service, tonic::Statu
         .await
         .create_service(pb::CreateServiceRequest {
             spec: Some(spec(name, 1)),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().service.unwrap())
@@ -218,6 +219,7 @@ async fn one_manager_serves_services_and_survives_a_restart() {
             service: "web".into(),
             version: v,
             spec: Some(spec("web", 3)),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -230,6 +232,7 @@ async fn one_manager_serves_services_and_survives_a_restart() {
             service: "web".into(),
             version: v,
             spec: Some(spec("web", 4)),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -235,14 +235,17 @@ async fn control_refuses_bad_and_oversized_requests() {
         ),
     ] {
         let e = c
-            .create_service(pb::CreateServiceRequest { spec: Some(s) })
+            .create_service(pb::CreateServiceRequest {
+                spec: Some(s),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e}");
         assert!(e.message().contains(want), "{e} should mention {want}");
     }
     let e = c
-        .create_service(pb::CreateServiceRequest { spec: None })
+        .create_service(pb::CreateServiceRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -251,7 +254,10 @@ async fn control_refuses_bad_and_oversized_requests() {
     let mut big = spec("big", "busybox", 1, "node.role==worker");
     big.labels.insert("x".into(), "y".repeat(5 << 20));
     let e = c
-        .create_service(pb::CreateServiceRequest { spec: Some(big) })
+        .create_service(pb::CreateServiceRequest {
+            spec: Some(big),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert!(

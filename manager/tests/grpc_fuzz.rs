@@ -388,6 +388,7 @@ fn whole_control_requests_on_a_one_manager_cluster() {
         control
             .create_service(pb::CreateServiceRequest {
                 spec: Some(web_spec()),
+                ..Default::default()
             })
             .await
             .expect("create web");

@@ -149,6 +149,7 @@ async fn create(node: &TestNode, name: &str) -> Result<(), tonic::Status> {
                 })),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .map(|_| ())

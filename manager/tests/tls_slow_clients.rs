@@ -307,6 +307,7 @@ fn anonymous_requests_beyond_the_ca_are_refused_before_decoding() {
                 name: "x".repeat(3 << 20),
                 ..Default::default()
             }),
+            ..Default::default()
         };
         let err = ControlClient::new(ch.clone())
             .max_encoding_message_size(8 << 20)

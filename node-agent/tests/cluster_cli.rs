@@ -113,6 +113,7 @@ fn three_manager_processes_and_a_worker() {
     let id = m2.ok(&[
         "service",
         "create",
+        "--no-resolve-image",
         "--detach",
         "--name",
         "web",
@@ -123,13 +124,28 @@ fn three_manager_processes_and_a_worker() {
         "60",
     ]);
     assert_eq!(id.trim().len(), 25);
-    let err = m3.fails(&["service", "create", "--name", "web", "busybox"]);
+    let err = m3.fails(&[
+        "service",
+        "create",
+        "--no-resolve-image",
+        "--name",
+        "web",
+        "busybox",
+    ]);
     assert!(err.contains("already in use"), "{err}");
-    let err = m3.fails(&["service", "create", "--name", "bad name", "busybox"]);
+    let err = m3.fails(&[
+        "service",
+        "create",
+        "--no-resolve-image",
+        "--name",
+        "bad name",
+        "busybox",
+    ]);
     assert!(err.contains("invalid service name"), "{err}");
     let err = m3.fails(&[
         "service",
         "create",
+        "--no-resolve-image",
         "--name",
         "c",
         "--constraint",
@@ -158,6 +174,7 @@ fn three_manager_processes_and_a_worker() {
     m2.eventually(&[
         "service",
         "create",
+        "--no-resolve-image",
         "--detach",
         "--name",
         "after-kill",
@@ -349,6 +366,7 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
             vec![
                 "service",
                 "create",
+                "--no-resolve-image",
                 "-d",
                 "--network",
                 "nope",
@@ -361,6 +379,7 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
             vec![
                 "service",
                 "create",
+                "--no-resolve-image",
                 "-d",
                 "--network",
                 "host",
@@ -383,6 +402,7 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
     m1.ok(&[
         "service",
         "create",
+        "--no-resolve-image",
         "-d",
         "--name",
         "user",

@@ -85,7 +85,14 @@ fn a_promoted_worker_becomes_a_voting_manager() {
     // The promoted node serves the control API and its writes reach the leader.
     let ls = w2.ok(&["node", "ls"]);
     assert_eq!(status_of(&ls, "phost2"), "Reachable", "{ls}");
-    w2.ok(&["service", "create", "--name", "via-promoted", "busybox"]);
+    w2.ok(&[
+        "service",
+        "create",
+        "--no-resolve-image",
+        "--name",
+        "via-promoted",
+        "busybox",
+    ]);
     assert!(m1.ok(&["service", "ls"]).contains("via-promoted"));
 
     // Quorum guard: with one of the two managers down, demoting it is refused.
@@ -103,7 +110,14 @@ fn a_promoted_worker_becomes_a_voting_manager() {
     assert!(w2.ok(&["node", "demote", "phost1"]).contains("demoted"));
     let ls = wait_status(&w2, "phost2", "Leader");
     assert_eq!(status_of(&ls, "phost1"), "", "{ls}");
-    w2.ok(&["service", "create", "--name", "after-demote", "busybox"]);
+    w2.ok(&[
+        "service",
+        "create",
+        "--no-resolve-image",
+        "--name",
+        "after-demote",
+        "busybox",
+    ]);
     let deadline = Instant::now() + PROMOTION_WAIT;
     loop {
         // The demoted first manager notices by itself and runs on as a worker.
@@ -160,6 +174,13 @@ fn a_worker_whose_join_manager_is_gone_is_promoted_through_the_others() {
     let ls = wait_status(&m2, "phost13", "Reachable");
     assert_eq!(status_of(&ls, "phost12"), "Leader", "{ls}");
     assert_eq!(w3.recorded_role(), "manager");
-    w3.ok(&["service", "create", "--name", "via-w3", "busybox"]);
+    w3.ok(&[
+        "service",
+        "create",
+        "--no-resolve-image",
+        "--name",
+        "via-w3",
+        "busybox",
+    ]);
     assert!(m2.ok(&["service", "ls"]).contains("via-w3"));
 }

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use shoal_tests::registry::{digest, oci_arch, Layout, Registry};
+use shoal_tests::registry::{busybox_layer as layer, digest, oci_arch, Layout, Registry};
 
 fn shoal(data: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_shoal"))
@@ -33,30 +33,6 @@ fn one_line_error(out: &Output, want: &str) {
     assert_eq!(err.lines().count(), 1, "not one line: {err}");
     assert!(err.starts_with("shoal: "), "{err}");
     assert!(err.contains(want), "{err:?} lacks {want:?}");
-}
-
-/// A layer: busybox, `cat` and `sh`, and `/etc/motd` = `motd`.
-fn layer(motd: &str) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let busybox = std::fs::read("/bin/busybox").unwrap();
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o755);
-    h.set_size(busybox.len() as u64);
-    b.append_data(&mut h, "bin/busybox", busybox.as_slice())
-        .unwrap();
-    for applet in ["cat", "sh"] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_size(0);
-        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
-            .unwrap();
-    }
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o644);
-    h.set_size(motd.len() as u64);
-    b.append_data(&mut h, "etc/motd", motd.as_bytes()).unwrap();
-    b.into_inner().unwrap()
 }
 
 /// Nothing half-pulled is left under the data dir's download area.

@@ -19,6 +19,31 @@ pub const SKOPEO_BIN: &str = "/usr/bin/skopeo";
 /// How long the registry may take to listen.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// An uncompressed layer: /bin/busybox with `cat` and `sh`, and `/etc/motd` = `motd`.
+pub fn busybox_layer(motd: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(busybox.len() as u64);
+    b.append_data(&mut h, "bin/busybox", busybox.as_slice())
+        .expect("tar");
+    for applet in ["cat", "sh", "sleep"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .expect("tar");
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(motd.len() as u64);
+    b.append_data(&mut h, "etc/motd", motd.as_bytes())
+        .expect("tar");
+    b.into_inner().expect("tar")
+}
+
 /// `sha256:<hex>` of `b`.
 pub fn digest(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
@@ -37,6 +62,8 @@ pub fn oci_arch() -> &'static str {
 pub struct Registry {
     child: Child,
     addr: String,
+    /// `user:password` when it asks for a login.
+    login: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -100,6 +127,7 @@ impl Registry {
         let mut r = Registry {
             child,
             addr,
+            login: login.map(|(u, p)| format!("{u}:{p}")),
             _dir: dir,
         };
         let deadline = Instant::now() + LISTEN_TIMEOUT;
@@ -129,9 +157,12 @@ impl Registry {
             "--preserve-digests",
             "--dest-tls-verify=false",
         ])
-        .arg(format!("oci:{}:latest", layout.display()))
-        .arg(format!("docker://{}/{name}", self.addr))
         .stdin(Stdio::null());
+        if let Some(creds) = &self.login {
+            cmd.arg(format!("--dest-creds={creds}"));
+        }
+        cmd.arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{}/{name}", self.addr));
         let out = cmd.output().map_err(|source| TestbedError::Spawn {
             cmd: describe(&cmd),
             source,

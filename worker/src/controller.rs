@@ -226,7 +226,17 @@ impl Controller {
                 }
                 Phase::Prepare => {
                     self.report(TaskState::Preparing, "preparing", "").await;
-                    match self.exec.prepare(&a.task).await {
+                    let note = {
+                        let (reports, id) = (self.reports.clone(), self.id.clone());
+                        let status = self.status.clone();
+                        move |what: &str| {
+                            let mut s = status.clone();
+                            s.message = what.to_string();
+                            // Best effort: a full queue only loses the note.
+                            let _ = reports.try_send((id.clone(), s));
+                        }
+                    };
+                    match self.exec.prepare(&a.task, &note).await {
                         Ok(()) => {
                             self.report(TaskState::Ready, "prepared", "").await;
                             phase = Phase::Start;

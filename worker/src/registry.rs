@@ -19,6 +19,7 @@ use std::time::Duration;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
+use shoal_manager::controlapi::images::{ImageResolver, Resolution};
 use shoal_runtime::image::{sha256_digest, ImageInfo, ImageStore};
 
 /// Where pulls stage their downloads, under the data dir.
@@ -29,6 +30,8 @@ pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 pub const MAX_LAYERS: usize = 256;
 /// Layers downloaded at once.
 const CONCURRENT_LAYERS: usize = 4;
+/// Attempts at one blob's transfer (the later ones resume where the last broke off).
+const DOWNLOAD_ATTEMPTS: usize = 4;
 /// Connecting to a registry may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read from a registry may stall this long.
@@ -209,6 +212,17 @@ pub async fn check_login(
             }
         }
     }
+}
+
+/// The registry (`host[:port]`) `reference` names and the credentials this node keeps for it
+/// (`shoal login`), if any.
+pub fn login_for(data_dir: &Path, reference: &str) -> Option<(String, String, String)> {
+    let r: Reference = reference.parse().ok()?;
+    let file = AuthFile::of(data_dir);
+    let (user, password) = file
+        .get(r.registry())
+        .or_else(|| file.get(r.resolve_registry()))?;
+    Some((r.registry().to_string(), user, password))
 }
 
 impl PullOptions {
@@ -394,6 +408,9 @@ pub async fn pull(
         .await
         .map_err(|e| fail(explain(r.registry(), e)))?;
     check_manifest(&bytes, r.digest()).map_err(&fail)?;
+    // What the registry calls the image: the digest of what the reference named (an index's,
+    // for a multi-platform image).
+    let registry_digest = sha256_digest(&bytes);
     let mut manifest_ref = r.clone();
     // An index: the node's platform's manifest, by digest.
     if let Some(platform_digest) = pick_platform(&bytes).map_err(&fail)? {
@@ -447,6 +464,7 @@ pub async fn pull(
     std::fs::create_dir_all(&blob_dir).map_err(io(format!("create {}", blob_dir.display())))?;
     let hex_of = |d: &str| d.trim_start_matches("sha256:").to_string();
     std::fs::write(blob_dir.join(hex_of(&digest)), &bytes).map_err(io("write manifest".into()))?;
+    let (tick, mut ticks) = tokio::sync::mpsc::unbounded_channel::<(String, u64, u64)>();
     let mut downloads = tokio::task::JoinSet::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LAYERS));
     for (blob, size) in blobs {
@@ -454,28 +472,31 @@ pub async fn pull(
         if path.exists() {
             continue;
         }
-        let (client, mref, sem) = (client.clone(), manifest_ref.clone(), sem.clone());
+        let (client, mref, sem, tick) = (
+            client.clone(),
+            manifest_ref.clone(),
+            sem.clone(),
+            tick.clone(),
+        );
         downloads.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let file = tokio::fs::File::create(&path)
-                .await
-                .map_err(|e| (blob.clone(), e.to_string()))?;
-            let mut out = tokio::io::BufWriter::new(file);
-            client
-                .pull_blob(&mref, blob.as_str(), &mut out)
-                .await
-                .map_err(|e| (blob.clone(), e.to_string()))?;
-            tokio::io::AsyncWriteExt::flush(&mut out)
-                .await
-                .map_err(|e| (blob.clone(), e.to_string()))?;
-            Ok::<_, (String, String)>((blob, size))
+            download(&client, &mref, &blob, size, &path, &|n| {
+                let _ = tick.send((blob.clone(), n, size));
+            })
+            .await
+            .map_err(|why| (blob.clone(), why))
         });
     }
-    while let Some(done) = downloads.join_next().await {
-        match done {
-            Ok(Ok((blob, size))) => progress(&blob, size, size),
-            Ok(Err((blob, why))) => return Err(fail(format!("blob {blob}: {why}"))),
-            Err(e) => return Err(fail(format!("a download stopped: {e}"))),
+    drop(tick);
+    loop {
+        tokio::select! {
+            Some((blob, n, size)) = ticks.recv() => progress(&blob, n, size),
+            done = downloads.join_next() => match done {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err((blob, why)))) => return Err(fail(format!("blob {blob}: {why}"))),
+                Some(Err(e)) => return Err(fail(format!("a download stopped: {e}"))),
+            },
         }
     }
     let name = store_name(reference);
@@ -496,14 +517,207 @@ pub async fn pull(
         .map_err(io("write oci-layout".into()))?;
     std::fs::write(dir.join("index.json"), index.to_string())
         .map_err(io("write index.json".into()))?;
-    let loaded = tokio::task::spawn_blocking(move || store.load_consuming(&dir))
-        .await
-        .map_err(|e| fail(format!("loading: {e}")))??;
+    let repository = repository_of(reference);
+    let loaded = tokio::task::spawn_blocking(move || {
+        let loaded = store.load_consuming(&dir)?;
+        let Some(mut image) = loaded.into_iter().next() else {
+            return Ok(None);
+        };
+        if let Some(repo) = repository {
+            store.record_repo_digest(&repo, &registry_digest, &image.manifest_digest)?;
+            image.repo_digests.push(format!("{repo}@{registry_digest}"));
+        }
+        Ok::<_, shoal_runtime::image::ImageError>(Some(image))
+    })
+    .await
+    .map_err(|e| fail(format!("loading: {e}")))??;
     drop(staging);
-    loaded
-        .into_iter()
-        .next()
-        .ok_or_else(|| fail("the registry's image held nothing to store".into()))
+    loaded.ok_or_else(|| fail("the registry's image held nothing to store".into()))
+}
+
+/// Downloads one blob of `size` bytes into `path`, checking its digest; a broken transfer
+/// resumes where it stopped (a ranged request), up to [`DOWNLOAD_ATTEMPTS`] times. More bytes
+/// than the manifest says are refused as they arrive. `got` hears the bytes so far.
+async fn download(
+    client: &oci_client::Client,
+    image: &Reference,
+    digest: &str,
+    size: u64,
+    path: &Path,
+    got: &(dyn Fn(u64) + Sync),
+) -> Result<(), String> {
+    use futures::StreamExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = tokio::io::BufWriter::new(file);
+    let mut hasher = sha2::Sha256::new();
+    let mut have = 0u64;
+    let desc = oci_client::manifest::OciDescriptor {
+        digest: digest.to_string(),
+        size: size as i64,
+        ..Default::default()
+    };
+    let mut last = String::new();
+    for _ in 0..DOWNLOAD_ATTEMPTS {
+        let resp = if have == 0 {
+            client
+                .pull_blob_stream(image, &desc)
+                .await
+                .map(|s| (s, false))
+        } else {
+            client
+                .pull_blob_stream_partial(image, &desc, have, None)
+                .await
+                .map(|r| match r {
+                    oci_client::client::BlobResponse::Full(s) => (s, true),
+                    oci_client::client::BlobResponse::Partial(s) => (s, false),
+                })
+        };
+        let mut stream = match resp {
+            Ok((stream, restart)) => {
+                if restart {
+                    // The registry sent the whole blob again: start over.
+                    out.flush().await.map_err(|e| e.to_string())?;
+                    out.get_mut().set_len(0).await.map_err(|e| e.to_string())?;
+                    tokio::io::AsyncSeekExt::rewind(out.get_mut())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    hasher = sha2::Sha256::new();
+                    have = 0;
+                }
+                stream.stream
+            }
+            Err(e) => {
+                let text = e.to_string();
+                // A registry's refusal is final; only a broken transfer is resumed.
+                if !text.contains("error sending request") && !text.contains("error decoding") {
+                    return Err(text);
+                }
+                last = text;
+                continue;
+            }
+        };
+        let mut broken = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    have += bytes.len() as u64;
+                    if have > size {
+                        return Err(format!("more than the {size} bytes the manifest says"));
+                    }
+                    hasher.update(&bytes);
+                    out.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                    got(have);
+                }
+                Err(e) => {
+                    broken = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        match broken {
+            // A stream that verifies its digest says so when the bytes end: not resumable.
+            Some(e) if e.contains("digest") => return Err(e),
+            Some(e) => last = e,
+            None if have < size => {
+                last = format!("the transfer ended after {have} of {size} bytes")
+            }
+            None => break,
+        }
+    }
+    if have != size {
+        return Err(format!("{last} (after {DOWNLOAD_ATTEMPTS} attempts)"));
+    }
+    out.flush().await.map_err(|e| e.to_string())?;
+    let actual = format!("sha256:{}", hex_lower(&hasher.finalize()));
+    if actual != digest {
+        return Err(format!("digest mismatch: the bytes hash to {actual}"));
+    }
+    Ok(())
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The repository a reference names, as given (`busybox`, `registry:5000/app`); `None` for
+/// one that does not parse.
+fn repository_of(given: &str) -> Option<String> {
+    let base = given.split('@').next().unwrap_or(given);
+    shoal_runtime::image::Reference::parse(base)
+        .ok()
+        .map(|r| r.name)
+}
+
+/// The digest `reference`'s registry gives what it names now (an image index's for a
+/// multi-platform image): what a service spec is pinned to.
+pub async fn resolve(reference: &str, opts: &PullOptions) -> Result<String, PullError> {
+    let (r, client, auth) = connect(reference, opts)?;
+    let (bytes, _) = client
+        .pull_manifest_raw(
+            &r,
+            &auth,
+            &[OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST],
+        )
+        .await
+        .map_err(|e| PullError::Registry {
+            reference: reference.to_string(),
+            reason: explain(r.registry(), e),
+        })?;
+    check_manifest(&bytes, r.digest()).map_err(|reason| PullError::Registry {
+        reference: reference.to_string(),
+        reason,
+    })?;
+    Ok(sha256_digest(&bytes))
+}
+
+/// A registry that does not answer a digest lookup in this long leaves the tag unpinned.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The control API's image resolver on this node: its registry access (`shoal login`,
+/// insecure registries) and its image store, where an image that came from no registry
+/// (imported, loaded) is never looked up.
+pub struct NodeResolver {
+    /// The node's data dir (image store, `auth.json`).
+    pub data_dir: PathBuf,
+    /// Registries reached over plain HTTP besides loopback ones.
+    pub insecure: Vec<String>,
+}
+
+#[tonic::async_trait]
+impl ImageResolver for NodeResolver {
+    async fn resolve(
+        &self,
+        image: &str,
+        credentials: Option<&shoal_proto::v1::RegistryCredentials>,
+    ) -> Result<Resolution, String> {
+        let (data, name) = (self.data_dir.clone(), image.to_string());
+        let held = tokio::task::spawn_blocking(move || {
+            ImageStore::open(&data).and_then(|s| s.inspect(&name)).ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        if held.is_some_and(|i| i.repo_digests.is_empty()) {
+            return Ok(Resolution::LocalOnly);
+        }
+        let opts = PullOptions {
+            insecure: self.insecure.clone(),
+            credentials: credentials.map(|c| (c.username.clone(), c.password.clone())),
+        }
+        .with_login(&self.data_dir, image);
+        match tokio::time::timeout(RESOLVE_TIMEOUT, resolve(image, &opts)).await {
+            Ok(Ok(d)) => Ok(Resolution::Digest(d)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "the registry did not answer in {} s",
+                RESOLVE_TIMEOUT.as_secs()
+            )),
+        }
+    }
 }
 
 /// Refuses a manifest that is too large or whose bytes are not what was asked for.

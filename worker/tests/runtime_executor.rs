@@ -126,7 +126,7 @@ async fn a_task_container_has_a_small_monitor_forked_from_the_shoal_binary() {
     let node = Node::new(None);
     let id = format!("small{}", std::process::id());
     let t = task(&id, "w1", IMAGE, &["sleep", "1000"]);
-    node.exec.prepare(&t).await.unwrap();
+    node.exec.prepare(&t, &|_| {}).await.unwrap();
     let ballast = std::hint::black_box(vec![1u8; BALLAST_BYTES]);
     let started = node.exec.start(&t).await.unwrap();
     assert_eq!(started.container_id, id);

@@ -6,6 +6,7 @@
 //! forwards them too. The same service is served on the manager's TLS port (manager
 //! certificate required) and on the local root-only Unix socket.
 
+pub mod images;
 mod membership;
 pub mod network;
 mod propose;
@@ -76,6 +77,8 @@ struct Inner {
     networks: tokio::sync::Mutex<()>,
     /// The group-commit loop, started by the first proposal (which runs on a tokio runtime).
     proposer: OnceLock<Proposer>,
+    /// Looks service images up in their registries (the agent's); none: specs keep tags.
+    resolver: Option<images::Resolver>,
 }
 
 impl ControlApi {
@@ -86,6 +89,7 @@ impl ControlApi {
         raft_id: u64,
         tls: NodeTls,
         authorizer: Authorizer,
+        resolver: Option<images::Resolver>,
     ) -> Self {
         ControlApi {
             inner: Arc::new(Inner {
@@ -99,8 +103,14 @@ impl ControlApi {
                 membership: tokio::sync::Mutex::new(()),
                 networks: tokio::sync::Mutex::new(()),
                 proposer: OnceLock::new(),
+                resolver,
             }),
         }
+    }
+
+    /// The agent's image resolver, if it gave one.
+    pub fn image_resolver(&self) -> Option<&images::Resolver> {
+        self.inner.resolver.as_ref()
     }
 
     /// The Raft handle.

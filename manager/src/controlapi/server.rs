@@ -10,7 +10,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{
-    membership, network, new_id, store_status, update, validate, ControlApi, FORWARDED_HEADER,
+    images, membership, network, new_id, store_status, update, validate, ControlApi,
+    FORWARDED_HEADER,
 };
 use crate::ca::{NodeIdentity, Role};
 use crate::store::{Action, Event, Kind, Mutation, Object};
@@ -397,7 +398,7 @@ impl ControlApi {
             _ => desired,
         };
         Ok(pb::ServiceSummary {
-            service: Some(s),
+            service: Some(images::redact_service(s)),
             desired_tasks: desired,
             running_tasks: up,
         })
@@ -517,15 +518,28 @@ impl Control for ControlService {
     ) -> Result<Response<pb::ServiceResponse>, Status> {
         let api = self.api()?;
         self.authorize(&api, &req)?;
+        let mut req = req;
         let spec = req
-            .get_ref()
+            .get_mut()
             .spec
-            .clone()
+            .as_mut()
             .ok_or_else(|| Status::invalid_argument("no spec"))?;
-        validate::service_spec(&spec).map_err(invalid)?;
-        update::check_configs(&spec).map_err(invalid)?;
-        leader_only!(api, req, create_service, propose);
-        let mut spec = spec;
+        validate::service_spec(spec).map_err(invalid)?;
+        update::check_configs(spec).map_err(invalid)?;
+        // Pinned where the request arrived (with this node's registry access), once.
+        let warnings = if req.get_ref().no_resolve_image {
+            Vec::new()
+        } else {
+            let spec = req.get_mut().spec.as_mut().expect("checked above");
+            images::pin(api.image_resolver(), spec).await
+        };
+        req.get_mut().no_resolve_image = true;
+        if let Some(mut c) = api.leader_client(&req).await? {
+            let mut resp = c.create_service(forwarded(req)).await?;
+            resp.get_mut().warnings.extend(warnings);
+            return Ok(resp);
+        }
+        let mut spec = req.into_inner().spec.unwrap_or_default();
         api.resolve_networks(&mut spec)?;
         api.check_ingress_ports(&mut spec)?;
         // The name is checked again in apply.
@@ -560,7 +574,8 @@ impl Control for ControlService {
             .await?;
         let service = api.find_service(&id)?;
         Ok(Response::new(pb::ServiceResponse {
-            service: Some(service),
+            service: Some(images::redact_service(service)),
+            warnings,
         }))
     }
 
@@ -573,7 +588,8 @@ impl Control for ControlService {
         leader_only!(api, req, get_service, read);
         let service = api.find_service(&req.get_ref().service)?;
         Ok(Response::new(pb::ServiceResponse {
-            service: Some(service),
+            service: Some(images::redact_service(service)),
+            warnings: Vec::new(),
         }))
     }
 
@@ -612,15 +628,41 @@ impl Control for ControlService {
     ) -> Result<Response<pb::ServiceResponse>, Status> {
         let api = self.api()?;
         self.authorize(&api, &req)?;
+        let mut req = req;
         let spec = req
-            .get_ref()
+            .get_mut()
             .spec
-            .clone()
+            .as_mut()
             .ok_or_else(|| Status::invalid_argument("no spec"))?;
-        validate::service_spec(&spec).map_err(invalid)?;
-        update::check_configs(&spec).map_err(invalid)?;
-        leader_only!(api, req, update_service, propose);
-        let mut spec = spec;
+        validate::service_spec(spec).map_err(invalid)?;
+        update::check_configs(spec).map_err(invalid)?;
+        let warnings = if req.get_ref().no_resolve_image {
+            Vec::new()
+        } else {
+            // Looked up only when the image changed (a scale keeps the pinned one); this
+            // node's copy of the service tells, and lends its credentials to the lookup.
+            let r = req.get_mut();
+            let old = api.find_service(&r.service).ok().and_then(|s| s.spec);
+            let spec = r.spec.as_mut().expect("checked above");
+            match old {
+                Some(old) if images::same_image(&old, spec) => Vec::new(),
+                Some(old) => {
+                    let mut lookup = spec.clone();
+                    images::keep_credentials(&old, &mut lookup);
+                    let w = images::pin(api.image_resolver(), &mut lookup).await;
+                    images::take_image(spec, &lookup);
+                    w
+                }
+                None => images::pin(api.image_resolver(), spec).await,
+            }
+        };
+        req.get_mut().no_resolve_image = true;
+        if let Some(mut c) = api.leader_client(&req).await? {
+            let mut resp = c.update_service(forwarded(req)).await?;
+            resp.get_mut().warnings.extend(warnings);
+            return Ok(resp);
+        }
+        let mut spec = req.get_ref().spec.clone().unwrap_or_default();
         api.resolve_networks(&mut spec)?;
         api.check_ingress_ports(&mut spec)?;
         let current = api
@@ -640,6 +682,7 @@ impl Control for ControlService {
                 req.get_ref().version
             )));
         }
+        images::keep_credentials(&old_spec, &mut spec);
         let spec = with_defaults(spec);
         let mut next = current.clone();
         if !same_but_replicas(&old_spec, &spec) {
@@ -655,7 +698,8 @@ impl Control for ControlService {
         update::on_update(&current, &mut next, super::now_ms());
         let service = api.write_service(next, version).await?;
         Ok(Response::new(pb::ServiceResponse {
-            service: Some(service),
+            service: Some(images::redact_service(service)),
+            warnings,
         }))
     }
 
@@ -678,7 +722,8 @@ impl Control for ControlService {
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let service = api.write_service(next, version).await?;
         Ok(Response::new(pb::ServiceResponse {
-            service: Some(service),
+            service: Some(images::redact_service(service)),
+            warnings: Vec::new(),
         }))
     }
 
@@ -1038,6 +1083,7 @@ impl Control for ControlService {
             let nid = id_of(n.meta.as_ref()).to_string();
             tasks.retain(|t| t.node_id == nid);
         }
+        let tasks = tasks.into_iter().map(images::redact_task).collect();
         Ok(Response::new(pb::ListTasksResponse { tasks }))
     }
 
@@ -1385,8 +1431,8 @@ pub fn watch_event(ev: Event) -> pb::WatchEvent {
     };
     let object = match ev.object {
         Object::Node(n) => W::Node(n),
-        Object::Service(s) => W::Service(s),
-        Object::Task(t) => W::Task(t),
+        Object::Service(s) => W::Service(images::redact_service(s)),
+        Object::Task(t) => W::Task(images::redact_task(t)),
         Object::Cluster(c) => W::Cluster(c),
         Object::Network(n) => W::Network(n),
     };

@@ -70,6 +70,7 @@ impl Manager {
         raft_id: u64,
         timers: &pb::RaftConfig,
         renew_from: Vec<String>,
+        resolver: Option<crate::controlapi::images::Resolver>,
     ) -> Result<Manager, DaemonError> {
         let pki = data_dir.join(PKI_DIR);
         let root_ca = Arc::new(RootCa::load(&pki)?);
@@ -98,6 +99,7 @@ impl Manager {
             raft_id,
             tls.clone(),
             authorizer.clone(),
+            resolver,
         );
 
         let backend = Arc::new(ManagerCaBackend(api.clone()));

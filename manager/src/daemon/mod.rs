@@ -126,6 +126,9 @@ pub struct DaemonConfig {
     pub hostname: Option<String>,
     /// Raft timers for a new cluster (`None` = DESIGN.md's defaults); tests shrink them.
     pub raft_timers: Option<pb::RaftConfig>,
+    /// How the control API pins service images to registry digests (the agent's registry
+    /// client); `None` keeps tags as given.
+    pub image_resolver: Option<crate::controlapi::images::Resolver>,
 }
 
 impl DaemonConfig {
@@ -142,6 +145,7 @@ impl DaemonConfig {
             socket: socket.into(),
             hostname: None,
             raft_timers: None,
+            image_resolver: None,
         }
     }
 
@@ -582,6 +586,7 @@ async fn resume(shared: &Shared, st: &LocalState) -> Result<Role_, DaemonError> 
             st.raft_id,
             &cfg.timers(),
             vec![st.advertise_addr.clone()],
+            cfg.image_resolver.clone(),
         )
         .await?;
         shared.slot.set(Some(m.api().clone()));
@@ -863,6 +868,7 @@ async fn init_cluster(
         raft_id,
         &cfg.timers(),
         vec![addr.to_string()],
+        cfg.image_resolver.clone(),
     )
     .await?;
     if let Err(e) = m.initialize(addr).await {
@@ -1008,6 +1014,7 @@ async fn join_cluster(
         st.raft_id,
         &cfg.timers(),
         vec![addr.to_string()],
+        cfg.image_resolver.clone(),
     )
     .await?;
     if let Err(e) = join_raft(&tls, manager_addr, &st).await {
@@ -1122,6 +1129,7 @@ async fn promote_self(shared: &Shared) -> Result<(), DaemonError> {
         st.raft_id,
         &cfg.timers(),
         vec![st.advertise_addr.clone()],
+        cfg.image_resolver.clone(),
     )
     .await?;
     let mut joined = Err(DaemonError::Ca(ca::CaError::NoManager));

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use shoal_proto::v1::{Task, TaskStatus};
+use shoal_proto::v1::{Task, TaskState, TaskStatus};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Status;
@@ -89,13 +89,20 @@ pub(super) fn forward_updates(
 }
 
 /// `task` with the report applied, if the report is from the task's node and moves its state
-/// forward; `None` for stale, duplicate or misdirected reports.
+/// forward, or tells what a PREPARING task is doing now ("pulling …"); `None` for stale,
+/// duplicate or misdirected reports.
 pub fn apply_report(task: &Task, node_id: &str, status: &TaskStatus) -> Option<Task> {
     if task.node_id != node_id {
         return None;
     }
-    let current = task.status.as_ref().map_or(0, |s| s.state);
-    if status.state <= current {
+    let (current, message) = task
+        .status
+        .as_ref()
+        .map_or((0, ""), |s| (s.state, s.message.as_str()));
+    let note = status.state == current
+        && current == TaskState::Preparing as i32
+        && status.message != message;
+    if status.state < current || (status.state == current && !note) {
         return None;
     }
     let mut t = task.clone();
@@ -136,4 +143,45 @@ async fn write<B: Backend>(inner: &Inner<B>, batch: &[StatusRequest]) -> Result<
     Err(Status::unavailable(format!(
         "status write kept conflicting: {last}"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: TaskState, message: &str) -> Task {
+        Task {
+            node_id: "n1".into(),
+            status: Some(TaskStatus {
+                state: state as i32,
+                message: message.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn report(state: TaskState, message: &str) -> TaskStatus {
+        TaskStatus {
+            state: state as i32,
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reports_move_forward_and_a_preparing_task_may_say_what_it_does() {
+        let t = task(TaskState::Preparing, "preparing");
+        let pulled = apply_report(&t, "n1", &report(TaskState::Preparing, "pulling app:1"))
+            .expect("a note while preparing");
+        assert_eq!(pulled.status.unwrap().message, "pulling app:1");
+        // The same note again, an older state, another node, a note in another state: no.
+        let t = task(TaskState::Preparing, "pulling app:1");
+        assert!(apply_report(&t, "n1", &report(TaskState::Preparing, "pulling app:1")).is_none());
+        assert!(apply_report(&t, "n1", &report(TaskState::Accepted, "accepted")).is_none());
+        assert!(apply_report(&t, "n2", &report(TaskState::Ready, "prepared")).is_none());
+        let r = task(TaskState::Running, "started");
+        assert!(apply_report(&r, "n1", &report(TaskState::Running, "other")).is_none());
+        assert!(apply_report(&t, "n1", &report(TaskState::Ready, "prepared")).is_some());
+    }
 }

@@ -135,6 +135,12 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
         let mut cfg = DaemonConfig::new(data_dir.clone(), a.listen_addr, a.socket);
         cfg.advertise_addr = a.advertise_addr;
         cfg.hostname = a.hostname;
+        cfg.image_resolver = Some(shoal_manager::controlapi::images::Resolver(Arc::new(
+            shoal_worker::registry::NodeResolver {
+                data_dir: data_dir.clone(),
+                insecure: a.insecure_registries.clone(),
+            },
+        )));
         let daemon = Daemon::start(cfg)
             .await
             .context("starting the shoal daemon")?;

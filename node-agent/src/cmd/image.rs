@@ -428,6 +428,7 @@ mod tests {
             os: "linux".into(),
             layers: vec![],
             diff_ids: vec![],
+            repo_digests: vec![],
             chain_ids: vec![],
         };
         let now = shoal_runtime::image::parse_rfc3339("2024-01-04T00:00:00Z").unwrap();

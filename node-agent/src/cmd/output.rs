@@ -554,23 +554,35 @@ mod shell_words_tests {
 
 /// What the agent on SHOAL_SOCKET (or the default socket) says of itself, if one answers
 /// within 2 s; and the socket asked.
-fn agent_info() -> (std::path::PathBuf, Option<shoal_proto::v1::InfoResponse>) {
+async fn agent_info_async() -> (std::path::PathBuf, Option<shoal_proto::v1::InfoResponse>) {
     let socket = std::env::var_os("SHOAL_SOCKET")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into());
-    let info = block_on(async {
+    let info = async {
         let ch = tokio::time::timeout(
             std::time::Duration::from_secs(2),
             shoal_manager::daemon::connect_local(&socket),
         )
         .await??;
-        Ok(shoal_proto::v1::daemon_client::DaemonClient::new(ch)
-            .info(shoal_proto::v1::InfoRequest {})
-            .await?
-            .into_inner())
-    })
+        anyhow::Ok(
+            shoal_proto::v1::daemon_client::DaemonClient::new(ch)
+                .info(shoal_proto::v1::InfoRequest {})
+                .await?
+                .into_inner(),
+        )
+    }
+    .await
     .ok();
     (socket, info)
+}
+
+fn agent_info() -> (std::path::PathBuf, Option<shoal_proto::v1::InfoResponse>) {
+    block_on(async { Ok(agent_info_async().await) }).unwrap_or_else(|_| {
+        let socket = std::env::var_os("SHOAL_SOCKET")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into());
+        (socket, None)
+    })
 }
 
 /// The data directory a node-local command works on: the one given (`--data-dir`,
@@ -580,9 +592,20 @@ pub fn data_dir(given: Option<std::path::PathBuf>) -> std::path::PathBuf {
     if let Some(d) = given {
         return d;
     }
-    agent_info()
-        .1
-        .map(|i| i.data_dir)
+    pick_data_dir(agent_info().1)
+}
+
+/// [`data_dir`] from inside an async command (no `--data-dir` flag: `SHOAL_DATA_DIR` or the
+/// agent's).
+pub async fn data_dir_async() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("SHOAL_DATA_DIR") {
+        return d.into();
+    }
+    pick_data_dir(agent_info_async().await.1)
+}
+
+fn pick_data_dir(info: Option<shoal_proto::v1::InfoResponse>) -> std::path::PathBuf {
+    info.map(|i| i.data_dir)
         .filter(|d| !d.is_empty())
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| super::image::DEFAULT_DATA_DIR.into())

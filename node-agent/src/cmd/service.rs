@@ -203,6 +203,8 @@ struct CreateArgs {
     /// Return at once instead of waiting for the service to converge
     #[arg(short, long)]
     detach: bool,
+    #[command(flatten)]
+    registry: update::RegistryFlags,
     /// Image reference: NAME[:TAG][@sha256:DIGEST]
     image: String,
     /// Command and arguments
@@ -403,6 +405,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
                 mounts: vec![],
                 read_only: a.read_only,
                 pids_limit: a.limit_pids,
+                registry_auth: None,
             }),
             resources: Some(pb::ResourceRequirements {
                 limits: Some(pb::Resources {
@@ -486,9 +489,18 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
     let mut c = ControlClient::new(a.socket.channel().await?);
     match a.command {
         ServiceCommand::Create(args) => {
-            let s = rpc(c.create_service(pb::CreateServiceRequest { spec }).await)?
-                .service
-                .unwrap_or_default();
+            let mut spec = spec;
+            if let Some(s) = spec.as_mut() {
+                args.registry.apply(s).await;
+            }
+            let r = rpc(c
+                .create_service(pb::CreateServiceRequest {
+                    spec,
+                    no_resolve_image: args.registry.no_resolve_image,
+                })
+                .await)?;
+            update::warn(&r.warnings);
+            let s = r.service.unwrap_or_default();
             let sid = id(&s);
             println!("{sid}");
             if !args.detach {
@@ -681,12 +693,18 @@ fn mode_name(s: &pb::ServiceSpec) -> String {
     }
 }
 
+/// The service's image as `service ls` shows it: without the digest it is pinned to.
 fn image(s: &pb::ServiceSpec) -> String {
     s.task
         .as_ref()
         .and_then(|t| t.container.as_ref())
-        .map(|c| c.image.clone())
+        .map(|c| unpinned(&c.image).to_string())
         .unwrap_or_default()
+}
+
+/// `name:tag` of a pinned `name:tag@sha256:…` (docker's lists show it so).
+fn unpinned(image: &str) -> &str {
+    image.split('@').next().unwrap_or(image)
 }
 
 /// A service name when the user gives none: `adjective_noun`, as docker makes them.
@@ -733,6 +751,7 @@ async fn scale(c: &mut ControlClient<Channel>, name: &str, n: u64) -> anyhow::Re
                 service: id(&cur),
                 version,
                 spec: Some(spec),
+                ..Default::default()
             })
             .await
         {
@@ -968,20 +987,30 @@ async fn ps(
                 let cut: String = err.chars().take(PS_ERROR_WIDTH - 1).collect();
                 format!("\"{cut}…\"")
             };
-            let when = if status.timestamp_ms > 0 {
-                format!(
-                    "{} {} ago",
-                    state_title(status.state),
-                    human_duration(now - status.timestamp_ms)
-                )
+            // A preparing task says what it does ("Preparing (pulling app:1) 3 seconds ago").
+            let title = if status.state == pb::TaskState::Preparing as i32
+                && status.message.starts_with("pulling")
+            {
+                format!("{} (pulling)", state_title(status.state))
             } else {
                 state_title(status.state)
+            };
+            let when = if status.timestamp_ms > 0 {
+                format!("{title} {} ago", human_duration(now - status.timestamp_ms))
+            } else {
+                title
             };
             let img = task
                 .spec
                 .as_ref()
                 .and_then(|s| s.container.as_ref())
-                .map(|c| c.image.clone())
+                .map(|c| {
+                    if no_trunc {
+                        c.image.clone()
+                    } else {
+                        unpinned(&c.image).to_string()
+                    }
+                })
                 .unwrap_or_default();
             t.row(vec![
                 if no_trunc {

@@ -143,6 +143,11 @@ pub struct ImageInfo {
     pub diff_ids: Vec<String>,
     /// Chain ids, lowest first; `layers/<hex>` holds each unpacked layer.
     pub chain_ids: Vec<String>,
+    /// `repository@sha256:…` for each digest a registry knows the image by (its manifest's,
+    /// or the image index's it was picked from); empty for an image that came from no
+    /// registry (imported, loaded, built here).
+    #[serde(default)]
+    pub repo_digests: Vec<String>,
 }
 
 impl ImageInfo {
@@ -525,7 +530,23 @@ struct Stored {
     config_digest: String,
     config: ImageConfiguration,
     tags: Vec<String>,
+    /// `repository@digest` (see [`ImageInfo::repo_digests`]).
+    repo_digests: Vec<String>,
 }
+
+/// One digest a registry knows a stored image by (`images/.shoal/repo-digests.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RepoDigest {
+    /// The repository as the pull named it (`busybox`, `registry:5000/app`).
+    repository: String,
+    /// The registry's digest: the manifest's, or the index's the manifest was picked from.
+    digest: String,
+    /// The stored manifest it stands for.
+    manifest: String,
+}
+
+/// Most repo digests kept (the oldest go first).
+const MAX_REPO_DIGESTS: usize = 4096;
 
 impl ImageStore {
     /// Open (creating if needed) the store under `data_dir`.
@@ -560,6 +581,46 @@ impl ImageStore {
             }
         }
         Ok(store)
+    }
+
+    fn read_repo_digests(&self) -> Vec<RepoDigest> {
+        // A missing or unreadable record only loses what registries call the images.
+        source::read_bounded(&self.meta.join("repo-digests.json"), "repo-digests.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records that the registry knows the stored manifest `manifest` as
+    /// `repository@digest` (a pull's): lookups by that digest find it, and the image counts
+    /// as one from a registry. Records of images no longer stored are dropped.
+    pub fn record_repo_digest(
+        &self,
+        repository: &str,
+        digest: &str,
+        manifest: &str,
+    ) -> Result<(), ImageError> {
+        sha256_hex(digest)?;
+        let _lock = self.lock_index()?;
+        let stored: std::collections::HashSet<String> = self
+            .read_index()?
+            .iter()
+            .map(|d| d.digest().to_string())
+            .collect();
+        let mut all = self.read_repo_digests();
+        all.retain(|r| {
+            stored.contains(&r.manifest) && !(r.repository == repository && r.digest == digest)
+        });
+        all.push(RepoDigest {
+            repository: repository.to_string(),
+            digest: digest.to_string(),
+            manifest: manifest.to_string(),
+        });
+        if all.len() > MAX_REPO_DIGESTS {
+            all.drain(..all.len() - MAX_REPO_DIGESTS);
+        }
+        let bytes = serde_json::to_vec(&all).map_err(|e| json_err("repo digests", e))?;
+        atomic_write(&self.meta.join("repo-digests.json"), &bytes)
     }
 
     /// The data dir's `layers/` directory.
@@ -661,6 +722,7 @@ impl ImageStore {
                 entry.push(name.clone());
             }
         }
+        let repo_digests = self.read_repo_digests();
         let mut out = Vec::with_capacity(order.len());
         for digest in order {
             let manifest: ImageManifest =
@@ -672,11 +734,16 @@ impl ImageStore {
             t.sort();
             t.dedup();
             out.push(Stored {
-                manifest_digest: digest,
                 manifest,
                 config_digest,
                 config,
                 tags: t,
+                repo_digests: repo_digests
+                    .iter()
+                    .filter(|r| r.manifest == digest)
+                    .map(|r| format!("{}@{}", r.repository, r.digest))
+                    .collect(),
+                manifest_digest: digest,
             });
         }
         Ok(out)
@@ -701,6 +768,7 @@ impl ImageStore {
                 .collect(),
             chain_ids: chain_ids(&diff_ids),
             diff_ids,
+            repo_digests: s.repo_digests.clone(),
         }
     }
 
@@ -740,7 +808,12 @@ impl ImageStore {
         let mut matches: Vec<Stored> = images
             .into_iter()
             .filter(|s| {
-                s.config_digest.starts_with(&full) || (hex.len() == 64 && s.manifest_digest == full)
+                s.config_digest.starts_with(&full)
+                    || (hex.len() == 64
+                        && (s.manifest_digest == full
+                            || s.repo_digests
+                                .iter()
+                                .any(|r| r.ends_with(&format!("@{full}")))))
             })
             .collect();
         // Manifests that share a config (one image stored with gzip and with plain layers,

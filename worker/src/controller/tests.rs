@@ -43,7 +43,7 @@ impl Fake {
 
 #[tonic::async_trait]
 impl Executor for Fake {
-    async fn prepare(&self, _task: &Task) -> Result<(), ExecError> {
+    async fn prepare(&self, _task: &Task, _note: &crate::executor::Note) -> Result<(), ExecError> {
         self.call("prepare");
         self.prepare.clone()
     }

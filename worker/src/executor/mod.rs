@@ -69,10 +69,14 @@ pub struct Started {
 
 /// Runs tasks. Every method is keyed by the task id, so a restarted agent can reach the
 /// containers an earlier one started.
+/// How an executor tells a task's status what a long step is doing.
+pub type Note = dyn Fn(&str) + Send + Sync;
+
 #[tonic::async_trait]
 pub trait Executor: Send + Sync + 'static {
-    /// Makes what the task needs available locally (its image's layers).
-    async fn prepare(&self, task: &Task) -> Result<(), ExecError>;
+    /// Makes what the task needs available locally (its image's layers); `note` tells the
+    /// task's status what it is doing meanwhile ("pulling …").
+    async fn prepare(&self, task: &Task, note: &Note) -> Result<(), ExecError>;
     /// Creates and starts the task's container.
     async fn start(&self, task: &Task) -> Result<Started, ExecError>;
     /// Waits until the task's process exits. Cancel-safe.

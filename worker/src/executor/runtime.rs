@@ -826,7 +826,7 @@ fn load(root: &Path, id: &str) -> Result<Option<Container>, ExecError> {
 
 #[tonic::async_trait]
 impl Executor for RuntimeExecutor {
-    async fn prepare(&self, task: &Task) -> Result<(), ExecError> {
+    async fn prepare(&self, task: &Task, note: &super::Note) -> Result<(), ExecError> {
         let images = self.images.clone();
         let image = task
             .spec
@@ -854,12 +854,20 @@ impl Executor for RuntimeExecutor {
         {
             return Ok(());
         }
+        // The credentials the service was given (`--with-registry-auth`), else this node's.
+        let given = task
+            .spec
+            .as_ref()
+            .and_then(|s| s.container.as_ref())
+            .and_then(|c| c.registry_auth.as_ref())
+            .map(|a| (a.username.clone(), a.password.clone()));
         let opts = crate::registry::PullOptions {
             insecure: self.cfg.insecure_registries.clone(),
-            credentials: None,
+            credentials: given,
         }
         .with_login(&self.cfg.data_dir, &image);
         tracing::info!(%image, "pulling");
+        note(&format!("pulling {image}"));
         crate::registry::pull(
             images.clone(),
             &self.cfg.data_dir,

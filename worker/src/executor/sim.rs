@@ -46,7 +46,7 @@ impl SimExecutor {
 
 #[tonic::async_trait]
 impl Executor for SimExecutor {
-    async fn prepare(&self, _task: &Task) -> Result<(), ExecError> {
+    async fn prepare(&self, _task: &Task, _note: &super::Note) -> Result<(), ExecError> {
         Ok(())
     }
 

@@ -119,6 +119,47 @@ impl CreateConfigArgs {
     }
 }
 
+/// How a service's image meets its registry (create and update).
+#[derive(Args, Clone, Default)]
+pub struct RegistryFlags {
+    /// Keep the image's tag as given instead of pinning it to the registry's digest
+    #[arg(long)]
+    pub no_resolve_image: bool,
+    /// Send this node's registry login (`shoal login`) to the nodes that run the tasks
+    #[arg(long)]
+    pub with_registry_auth: bool,
+}
+
+impl RegistryFlags {
+    /// Gives `spec` this node's credentials for its image's registry, with
+    /// `--with-registry-auth` (none kept: none sent, as docker does).
+    pub async fn apply(&self, spec: &mut pb::ServiceSpec) {
+        if !self.with_registry_auth {
+            return;
+        }
+        let Some(c) = spec.task.as_mut().and_then(|t| t.container.as_mut()) else {
+            return;
+        };
+        let data = output::data_dir_async().await;
+        if let Some((server, username, password)) =
+            shoal_worker::registry::login_for(&data, &c.image)
+        {
+            c.registry_auth = Some(pb::RegistryCredentials {
+                server,
+                username,
+                password,
+            });
+        }
+    }
+}
+
+/// Prints what the manager warned about on stderr, as docker does.
+pub fn warn(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
 /// `service update` flags: each one given changes that part of the spec.
 #[derive(Args)]
 pub struct UpdateArgs {
@@ -233,6 +274,8 @@ pub struct UpdateArgs {
     /// Return at once instead of following the update
     #[arg(short, long)]
     detach: bool,
+    #[command(flatten)]
+    registry: RegistryFlags,
     pub service: String,
 }
 
@@ -268,6 +311,7 @@ pub struct Edit {
     /// Roll back instead of editing.
     pub rollback: bool,
     pub detach: bool,
+    registry: RegistryFlags,
 }
 
 #[derive(Default, Clone)]
@@ -422,6 +466,7 @@ impl UpdateArgs {
             force: self.force,
             rollback: self.rollback,
             detach: self.detach,
+            registry: self.registry.clone(),
         })
     }
 }
@@ -631,17 +676,22 @@ pub async fn update(
             .await)?
         .service
         .unwrap_or_default();
-        let spec = edit.apply(cur.spec.clone().unwrap_or_default())?;
+        let mut spec = edit.apply(cur.spec.clone().unwrap_or_default())?;
+        edit.registry.apply(&mut spec).await;
         let version = cur.meta.as_ref().map_or(0, |m| m.version);
         match c
             .update_service(pb::UpdateServiceRequest {
                 service: id(&cur),
                 version,
                 spec: Some(spec),
+                no_resolve_image: edit.registry.no_resolve_image,
             })
             .await
         {
-            Ok(_) => break id(&cur),
+            Ok(r) => {
+                warn(&r.into_inner().warnings);
+                break id(&cur);
+            }
             Err(e) if retryable(&e) && attempt < UPDATE_RETRIES => attempt += 1,
             Err(e) => bail!("{}", e.message()),
         }
