@@ -6,7 +6,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use shoal_tests::registry::{busybox_layer as layer, digest, oci_arch, Layout, Registry};
+use shoal_tests::registry::{
+    busybox_layer as layer, digest, http, oci_arch, scripted_registry, Layout, Registry,
+};
 
 fn shoal(data: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_shoal"))
@@ -186,40 +188,6 @@ fn images_are_pulled_by_tag_digest_and_platform_and_bad_pulls_leave_nothing() {
     assert!(body.contains(&digest(&img)), "{body}");
 }
 
-/// A registry that lies, on 127.0.0.1: each request answered by `route` (path → raw HTTP
-/// response bytes), one connection at a time, until the test ends (bounded by a count).
-fn lying_registry(route: impl Fn(&str) -> Vec<u8> + Send + 'static) -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for mut c in l.incoming().take(500).flatten() {
-            let mut buf = Vec::new();
-            let mut b = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match c.read(&mut b) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&b[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&buf).into_owned();
-            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let _ = std::io::Write::write_all(&mut c, &route(&path));
-        }
-    });
-    addr
-}
-
-fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
-    let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        out.push_str(&format!("{k}: {v}\r\n"));
-    }
-    out.push_str("\r\n");
-    let mut out = out.into_bytes();
-    out.extend_from_slice(body);
-    out
-}
-
 #[test]
 fn a_lying_registry_is_refused_on_one_line_and_nothing_is_stored() {
     let config = serde_json::to_vec(&serde_json::json!({
@@ -247,7 +215,7 @@ fn a_lying_registry_is_refused_on_one_line_and_nothing_is_stored() {
         other.clone(),
         layer_digest.clone(),
     );
-    let addr = lying_registry(move |path| {
+    let addr = scripted_registry(move |path, _| {
         let json = |b: &[u8]| {
             http(
                 "200 OK",
@@ -397,4 +365,118 @@ fn login_keeps_credentials_that_pulls_and_pushes_use_and_logout_forgets_them() {
         &shoal(other.path(), &["image", "pull", &name]),
         "unauthorized (shoal login",
     );
+}
+
+/// A layer whose transfer breaks off halfway is resumed with a ranged request, and the image
+/// it makes runs.
+#[test]
+fn a_broken_transfer_resumes_where_it_stopped() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let layer_bytes = layer("resumed\n");
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": oci_arch(), "os": "linux",
+        "config": {"Cmd": ["cat", "/etc/motd"]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(&layer_bytes)]},
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest(&layer_bytes), "size": layer_bytes.len()}],
+    }))
+    .unwrap();
+    let ranged = Arc::new(AtomicUsize::new(0));
+    let (counted, ld, cd) = (ranged.clone(), digest(&layer_bytes), digest(&config));
+    let addr = scripted_registry(move |path, head| {
+        let ok = |b: &[u8]| http("200 OK", &[("Content-Length", b.len().to_string())], b);
+        if path == "/v2/" {
+            return ok(b"");
+        }
+        if path.contains("/manifests/") {
+            return http(
+                "200 OK",
+                &[
+                    (
+                        "Content-Type",
+                        "application/vnd.oci.image.manifest.v1+json".into(),
+                    ),
+                    ("Content-Length", manifest.len().to_string()),
+                ],
+                &manifest,
+            );
+        }
+        if path.ends_with(&cd) {
+            return ok(&config);
+        }
+        if path.ends_with(&ld) {
+            let len = layer_bytes.len();
+            let from = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                let v = v.trim().strip_prefix("bytes=")?;
+                (k.eq_ignore_ascii_case("range"))
+                    .then(|| v.trim_end_matches('-').parse::<usize>().ok())?
+            });
+            return match from {
+                // The rest, as asked.
+                Some(from) if from < len => {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    http(
+                        "206 Partial Content",
+                        &[
+                            ("Content-Length", (len - from).to_string()),
+                            ("Content-Range", format!("bytes {from}-{}/{len}", len - 1)),
+                        ],
+                        &layer_bytes[from..],
+                    )
+                }
+                // The whole blob announced, half of it sent, then the connection closes.
+                _ => http(
+                    "200 OK",
+                    &[("Content-Length", len.to_string())],
+                    &layer_bytes[..len / 2],
+                ),
+            };
+        }
+        http("404 Not Found", &[("Content-Length", "0".into())], b"")
+    });
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let name = format!("{addr}/flaky:1");
+    ok(&shoal(d, &["image", "pull", "-q", &name]));
+    assert_eq!(ranged.load(Ordering::SeqCst), 1, "one ranged request");
+    let run = ok(&shoal(d, &["run", "--rm", "--network", "none", &name]));
+    assert_eq!(run, "resumed\n");
+    no_downloads_left(d);
+}
+
+/// A registry whose certificate a CA of its own issued: reached over HTTPS once the node
+/// keeps that CA in `certs.d/HOST:PORT/` (loopback or not), refused with another CA.
+#[test]
+fn a_registry_with_its_own_ca_is_trusted_through_certs_d() {
+    let reg = Registry::start_tls("127.0.0.1").unwrap();
+    let stranger = Registry::start_tls("127.0.0.1").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let l = Layout {
+        dir: &work.path().join("secure"),
+    };
+    let img = l.image(&layer("over tls\n"), oci_arch(), &["cat", "/etc/motd"]);
+    l.finish(&img, false);
+    reg.push(l.dir, "secure:1").unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let name = format!("{}/secure:1", reg.addr());
+    let certs = d.join("certs.d").join(reg.addr());
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(certs.join("ca.crt"), stranger.ca_pem().unwrap()).unwrap();
+    one_line_error(&shoal(d, &["image", "pull", &name]), "certificate");
+    no_downloads_left(d);
+    std::fs::write(certs.join("ca.crt"), reg.ca_pem().unwrap()).unwrap();
+    let out = ok(&shoal(d, &["image", "pull", &name]));
+    assert!(out.contains(&digest(&img)), "{out}");
+    let run = ok(&shoal(d, &["run", "--rm", "--network", "none", &name]));
+    assert_eq!(run, "over tls\n");
 }

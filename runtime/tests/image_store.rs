@@ -6,7 +6,9 @@ mod image_support;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use image_support::{busybox_rootfs_tar, docker_save, gzip, oci_layout, sha, tar, tar_dir, E};
+use image_support::{
+    busybox_rootfs_tar, docker_save, gzip, oci_layout, sha, tar, tar_dir, zstd, E,
+};
 use shoal_runtime::image::{ImageError, ImageStore};
 
 fn store() -> (tempfile::TempDir, PathBuf, ImageStore) {
@@ -422,4 +424,53 @@ fn gc_keeps_layers_an_overlay_mount_uses() {
     assert!(still_there);
     assert_eq!(store.gc(&[]).unwrap().layers_removed, 1);
     assert_eq!(count(&data.join("layers")), 0);
+}
+
+/// zstd layers (OCI's `tar+zstd`) make the same image as gzip ones; a layer that inflates
+/// beyond any real one (a decompression bomb) is refused before it fills the disk, and leaves
+/// nothing.
+#[test]
+fn zstd_layers_load_and_a_decompression_bomb_is_refused() {
+    let (base, data, store) = store();
+    let gz = oci_layout(
+        &base.path().join("gz"),
+        &three_layers(),
+        "app:gz",
+        |_, _| {},
+    );
+    let zs: Vec<(Vec<u8>, Vec<u8>)> = three_layers()
+        .into_iter()
+        .map(|(u, _)| {
+            let z = zstd(&u);
+            (u, z)
+        })
+        .collect();
+    let zd = oci_layout(&base.path().join("zstd"), &zs, "app:zstd", |_, _| {});
+    let from_gz = store.load(&gz).unwrap();
+    let from_zstd = store.load(&zd).unwrap();
+    assert_eq!(
+        from_zstd[0].id, from_gz[0].id,
+        "one image, by its uncompressed layers"
+    );
+    assert_eq!(store.prepare("app:zstd").unwrap().layer_dirs.len(), 3);
+
+    // 300 MiB of zeros in a few KiB of zstd.
+    let zeros = vec![0u8; 300 << 20];
+    let bomb = tar(&[E::File("zeros", &zeros, 0o644)]);
+    let packed = zstd(&bomb);
+    assert!(packed.len() < 1 << 20);
+    let layers_before = count(&data.join("layers"));
+    let bd = oci_layout(
+        &base.path().join("bomb"),
+        &[(bomb, packed)],
+        "bomb:1",
+        |_, _| {},
+    );
+    let err = store.load(&bd).unwrap_err().to_string();
+    assert!(err.contains("decompression bomb"), "{err}");
+    assert!(matches!(
+        store.inspect("bomb:1"),
+        Err(ImageError::NotFound(_))
+    ));
+    assert_eq!(count(&data.join("layers")), layers_before);
 }

@@ -64,13 +64,26 @@ pub struct Registry {
     addr: String,
     /// `user:password` when it asks for a login.
     login: Option<String>,
+    /// PEM of the CA its TLS certificate was issued by, when it serves HTTPS.
+    ca_pem: Option<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Registry {
     /// Starts a registry listening on `ip` (a free port) and waits until it accepts.
     pub fn start(ip: &str) -> Result<Registry, TestbedError> {
-        Self::start_with(ip, None)
+        Self::start_with(ip, None, false)
+    }
+
+    /// [`Registry::start`] over HTTPS only, with a certificate for `ip` issued by a CA made
+    /// here ([`Registry::ca_pem`]).
+    pub fn start_tls(ip: &str) -> Result<Registry, TestbedError> {
+        Self::start_with(ip, None, true)
+    }
+
+    /// The CA's certificate (PEM) of a registry started with [`Registry::start_tls`].
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// [`Registry::start`] with basic auth: only `user`/`password` (an htpasswd file made with
@@ -80,10 +93,14 @@ impl Registry {
         user: &str,
         password: &str,
     ) -> Result<Registry, TestbedError> {
-        Self::start_with(ip, Some((user, password)))
+        Self::start_with(ip, Some((user, password)), false)
     }
 
-    fn start_with(ip: &str, login: Option<(&str, &str)>) -> Result<Registry, TestbedError> {
+    fn start_with(
+        ip: &str,
+        login: Option<(&str, &str)>,
+        tls: bool,
+    ) -> Result<Registry, TestbedError> {
         let io = |what: &str| {
             let what = what.to_string();
             move |source| TestbedError::Io { what, source }
@@ -99,6 +116,24 @@ impl Registry {
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             dir.path().join("data").display()
         );
+        // Under `http:`, before any other section.
+        let ca_pem = if tls {
+            let (ca, cert, key) = tls_material(ip).map_err(|e| TestbedError::Io {
+                what: "the registry's TLS certificate".into(),
+                source: std::io::Error::other(e),
+            })?;
+            let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+            fs::write(&cert_file, cert).map_err(io("the TLS certificate"))?;
+            fs::write(&key_file, key).map_err(io("the TLS key"))?;
+            text.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert_file.display(),
+                key_file.display()
+            ));
+            Some(ca)
+        } else {
+            None
+        };
         if let Some((user, password)) = login {
             let mut cmd = Command::new("htpasswd");
             cmd.args(["-Bbn", user, password]).stdin(Stdio::null());
@@ -128,6 +163,7 @@ impl Registry {
             child,
             addr,
             login: login.map(|(u, p)| format!("{u}:{p}")),
+            ca_pem,
             _dir: dir,
         };
         let deadline = Instant::now() + LISTEN_TIMEOUT;
@@ -269,4 +305,60 @@ impl Layout<'_> {
         )
         .expect("index.json");
     }
+}
+
+/// A registry scripted by the test, on 127.0.0.1: each request answered by `route` (its path
+/// and its whole head, headers included → raw HTTP response bytes), one connection at a time,
+/// for at most 500 connections or until the test process ends. For registries that lie,
+/// break off or stall, which a real one does not do on request.
+pub fn scripted_registry(route: impl Fn(&str, &str) -> Vec<u8> + Send + 'static) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let addr = l.local_addr().expect("local address").to_string();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().take(500).flatten() {
+            let mut buf = Vec::new();
+            let mut b = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf).into_owned();
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let _ = c.write_all(&route(&path, &head));
+        }
+    });
+    addr
+}
+
+/// A raw HTTP/1.1 response that closes its connection.
+pub fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A CA and a server certificate (and key) for `ip` it issued, all PEM.
+fn tls_material(ip: &str) -> Result<(String, String, String), rcgen::Error> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::IpAddress(
+        ip.parse()
+            .map_err(|_| rcgen::Error::InvalidIpAddressOctetLength(0))?,
+    )];
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((ca.pem(), cert.pem(), key.serialize_pem()))
 }

@@ -67,6 +67,28 @@ pub struct PullOptions {
     /// Basic-auth credentials (user, password); anonymous (with bearer tokens the registry
     /// hands out) when none.
     pub credentials: Option<(String, String)>,
+    /// CA certificates (PEM) trusted for this registry besides the system's: the node's
+    /// `certs.d/HOST[:PORT]/*.crt`. A registry that has them is always reached over HTTPS.
+    pub roots: Vec<Vec<u8>>,
+}
+
+/// Where a node keeps per-registry CA certificates: `<data>/certs.d/HOST[:PORT]/*.crt`, as
+/// Docker's `/etc/docker/certs.d`.
+pub const CERTS_DIR: &str = "certs.d";
+
+/// The CA certificates (PEM files ending `.crt`) the node keeps for `registry`.
+fn registry_roots(data_dir: &Path, registry: &str) -> Vec<Vec<u8>> {
+    let dir = data_dir.join(CERTS_DIR).join(registry);
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+        .collect();
+    files.sort();
+    files.iter().filter_map(|p| std::fs::read(p).ok()).collect()
 }
 
 /// Registry credentials of one node (`shoal login`), in Docker's `config.json` format
@@ -183,12 +205,15 @@ pub async fn check_login(
     user: &str,
     password: &str,
     insecure: &[String],
+    data_dir: &Path,
 ) -> Result<(), PullError> {
     let probe = format!("{registry}/shoal-login-check/probe:latest");
     let opts = PullOptions {
         insecure: insecure.to_vec(),
         credentials: Some((user.to_string(), password.to_string())),
-    };
+        roots: Vec::new(),
+    }
+    .with_node(data_dir, &probe);
     let (r, client, auth) = connect(&probe, &opts)?;
     match client
         .pull_manifest_raw(&r, &auth, &[OCI_MANIFEST, DOCKER_MANIFEST])
@@ -226,17 +251,19 @@ pub fn login_for(data_dir: &Path, reference: &str) -> Option<(String, String, St
 }
 
 impl PullOptions {
-    /// These options with the node's kept credentials (`shoal login`) for `reference`'s
-    /// registry, unless some were given.
-    pub fn with_login(mut self, data_dir: &Path, reference: &str) -> PullOptions {
+    /// These options with what the node keeps for `reference`'s registry: its login
+    /// (`shoal login`), unless credentials were given, and its CA certificates (`certs.d`).
+    pub fn with_node(mut self, data_dir: &Path, reference: &str) -> PullOptions {
+        let Ok(r) = reference.parse::<Reference>() else {
+            return self;
+        };
         if self.credentials.is_none() {
-            if let Ok(r) = reference.parse::<Reference>() {
-                let file = AuthFile::of(data_dir);
-                self.credentials = file
-                    .get(r.registry())
-                    .or_else(|| file.get(r.resolve_registry()));
-            }
+            let file = AuthFile::of(data_dir);
+            self.credentials = file
+                .get(r.registry())
+                .or_else(|| file.get(r.resolve_registry()));
         }
+        self.roots = registry_roots(data_dir, r.resolve_registry());
         self
     }
 }
@@ -253,13 +280,29 @@ const REFUSED: [&str; 6] = [
 
 /// A registry's error as the user reads it: a refusal for want of credentials says so and
 /// what to do.
-fn explain(registry: &str, e: impl std::fmt::Display) -> String {
-    let text = e.to_string();
+fn explain(registry: &str, e: impl std::error::Error) -> String {
+    let text = causes(&e);
     if REFUSED.iter().any(|w| text.contains(w)) {
         format!("unauthorized (shoal login {registry} first): {text}")
     } else {
         text
     }
+}
+
+/// An error with the causes beneath it (`error sending request …: invalid peer certificate:
+/// UnknownIssuer`), each said once.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// The platform this node runs, in OCI's words.
@@ -323,8 +366,20 @@ fn connect(
     if is_loopback(&registry) {
         plain.push(registry.clone());
     }
+    if !opts.roots.is_empty() {
+        // A registry the node keeps a CA for speaks TLS, loopback or listed as insecure.
+        plain.retain(|p| p != &registry);
+    }
     let client = oci_client::Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(plain),
+        extra_root_certificates: opts
+            .roots
+            .iter()
+            .map(|pem| oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data: pem.clone(),
+            })
+            .collect(),
         connect_timeout: Some(CONNECT_TIMEOUT),
         read_timeout: Some(READ_TIMEOUT),
         max_concurrent_download: CONCURRENT_LAYERS,
@@ -591,7 +646,7 @@ async fn download(
                 stream.stream
             }
             Err(e) => {
-                let text = e.to_string();
+                let text = causes(&e);
                 // A registry's refusal is final; only a broken transfer is resumed.
                 if !text.contains("error sending request") && !text.contains("error decoding") {
                     return Err(text);
@@ -707,8 +762,9 @@ impl ImageResolver for NodeResolver {
         let opts = PullOptions {
             insecure: self.insecure.clone(),
             credentials: credentials.map(|c| (c.username.clone(), c.password.clone())),
+            roots: Vec::new(),
         }
-        .with_login(&self.data_dir, image);
+        .with_node(&self.data_dir, image);
         match tokio::time::timeout(RESOLVE_TIMEOUT, resolve(image, &opts)).await {
             Ok(Ok(d)) => Ok(Resolution::Digest(d)),
             Ok(Err(e)) => Err(e.to_string()),

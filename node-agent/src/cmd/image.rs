@@ -22,7 +22,8 @@ pub struct ImageArgs {
 /// How the registry commands reach registries.
 #[derive(Args)]
 struct Registry {
-    /// A registry (host[:port]) to reach over plain HTTP (loopback ones always are)
+    /// A registry (host[:port]) to reach over plain HTTP (loopback ones are, unless the node
+    /// keeps a CA for them in <data dir>/certs.d/HOST:PORT/)
     #[arg(
         long = "insecure-registry",
         env = "SHOAL_INSECURE_REGISTRIES",
@@ -37,8 +38,9 @@ impl Registry {
         shoal_worker::registry::PullOptions {
             insecure: self.insecure,
             credentials: None,
+            roots: Vec::new(),
         }
-        .with_login(data_dir, reference)
+        .with_node(data_dir, reference)
     }
 }
 
@@ -118,6 +120,85 @@ enum Format {
     Json,
 }
 
+/// Docker's per-layer progress: on a terminal one line per blob, redrawn in place
+/// (`Downloading [=====>     ]  1.2MB/3.4MB`, then `done`); elsewhere one line per blob as it
+/// completes.
+struct Bars {
+    done: &'static str,
+    tty: bool,
+    state: std::sync::Mutex<BarState>,
+}
+
+#[derive(Default)]
+struct BarState {
+    /// (short id, bytes so far, size, completion printed), in the order first heard of.
+    rows: Vec<(String, u64, u64, bool)>,
+    drawn: usize,
+    last: Option<std::time::Instant>,
+}
+
+/// How often a terminal's progress lines are redrawn at most.
+const REDRAW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Bars {
+    fn new(done: &'static str) -> Bars {
+        Bars {
+            done,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            state: Default::default(),
+        }
+    }
+
+    fn update(&self, blob: &str, so_far: u64, size: u64) {
+        let hex = blob.trim_start_matches("sha256:");
+        let short = hex[..hex.len().min(12)].to_string();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let i = match st.rows.iter().position(|r| r.0 == short) {
+            Some(i) => i,
+            None => {
+                st.rows.push((short.clone(), 0, size, false));
+                st.rows.len() - 1
+            }
+        };
+        st.rows[i].1 = so_far;
+        let complete = so_far >= size;
+        if !self.tty {
+            if complete && !st.rows[i].3 {
+                st.rows[i].3 = true;
+                println!("{short}: {}", self.done);
+            }
+            return;
+        }
+        if !complete && st.last.is_some_and(|t| t.elapsed() < REDRAW_EVERY) {
+            return;
+        }
+        st.last = Some(std::time::Instant::now());
+        let mut out = String::new();
+        if st.drawn > 0 {
+            out.push_str(&format!("\x1b[{}A", st.drawn));
+        }
+        for (id, n, size, _) in &st.rows {
+            let line = if n >= size {
+                self.done.to_string()
+            } else {
+                let width = 50usize;
+                let filled = (*n as f64 / (*size).max(1) as f64 * width as f64) as usize;
+                format!(
+                    "Downloading [{}>{}] {}/{}",
+                    "=".repeat(filled.min(width - 1)),
+                    " ".repeat(width - 1 - filled.min(width - 1)),
+                    human_size(*n),
+                    human_size(*size)
+                )
+            };
+            out.push_str(&format!("\x1b[2K{id}: {line}\n"));
+        }
+        st.drawn = st.rows.len();
+        print!("{out}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
+}
+
 pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
     let data_dir = super::output::data_dir(args.data_dir.take());
     let store = open(&data_dir)?;
@@ -129,13 +210,10 @@ pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
         } => {
             let opts = registry.options(&data_dir, &reference);
             let store = std::sync::Arc::new(store);
-            let progress = |layer: &str, _done: u64, size: u64| {
+            let bars = Bars::new("Pull complete");
+            let progress = |layer: &str, done: u64, size: u64| {
                 if !quiet {
-                    let short = layer.trim_start_matches("sha256:");
-                    println!(
-                        "{}: Pull complete ({size} bytes)",
-                        &short[..short.len().min(12)]
-                    );
+                    bars.update(layer, done, size);
                 }
             };
             let info = super::output::block_on(async {
@@ -160,10 +238,10 @@ pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
             reference,
         } => {
             let opts = registry.options(&data_dir, &reference);
-            let progress = |blob: &str, _done: u64, size: u64| {
+            let bars = Bars::new("Pushed");
+            let progress = |blob: &str, done: u64, size: u64| {
                 if !quiet {
-                    let short = blob.trim_start_matches("sha256:");
-                    println!("{}: Pushed ({size} bytes)", &short[..short.len().min(12)]);
+                    bars.update(blob, done, size);
                 }
             };
             let digest = super::output::block_on(async {
@@ -512,20 +590,18 @@ pub fn login(a: LoginArgs) -> anyhow::Result<()> {
     if a.username.is_empty() || password.is_empty() {
         anyhow::bail!("the user name and the password must not be empty");
     }
+    let data_dir = super::output::data_dir(a.data_dir);
     super::output::block_on(async {
         Ok(shoal_worker::registry::check_login(
             &server,
             &a.username,
             &password,
             &a.registry.insecure,
+            &data_dir,
         )
         .await?)
     })?;
-    shoal_worker::registry::AuthFile::of(&super::output::data_dir(a.data_dir)).set(
-        &server,
-        &a.username,
-        &password,
-    )?;
+    shoal_worker::registry::AuthFile::of(&data_dir).set(&server, &a.username, &password)?;
     println!("Login Succeeded");
     Ok(())
 }

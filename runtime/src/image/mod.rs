@@ -1212,9 +1212,7 @@ impl ImageStore {
         let media = match compression {
             unpack::Compression::Gzip => MediaType::ImageLayerGzip,
             unpack::Compression::None => MediaType::ImageLayer,
-            unpack::Compression::Zstd => {
-                return Err(ImageError::Unsupported("zstd-compressed rootfs tar".into()))
-            }
+            unpack::Compression::Zstd => MediaType::ImageLayerZstd,
         };
         // The diff id is only known after unpacking, so unpack to temp and read it back.
         let (tmp, diff_id) = self.unpack_to_temp(&layer.path, None, &layer.digest)?;
@@ -1497,12 +1495,6 @@ impl ImageStore {
         let diff_ids = Self::check_layers(&config, manifest.layers().len())?;
         let chains = chain_ids(&diff_ids);
         for (i, l) in manifest.layers().iter().enumerate() {
-            if l.media_type().to_string().contains("zstd") {
-                return Err(ImageError::Unsupported(format!(
-                    "layer {} is zstd-compressed",
-                    l.digest()
-                )));
-            }
             let hex = sha256_hex(l.digest().as_ref())?;
             let what = format!("layer {}", &hex[..12]);
             let file = src.get(&format!("blobs/sha256/{hex}"))?.ok_or_else(|| {

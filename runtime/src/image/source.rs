@@ -68,11 +68,7 @@ impl Source {
         let reader: Box<dyn Read> = match detect_compression(&mut buffered).map_err(corrupt)? {
             Compression::None => Box::new(buffered),
             Compression::Gzip => Box::new(flate2::bufread::GzDecoder::new(buffered)),
-            Compression::Zstd => {
-                return Err(ImageError::Unsupported(
-                    "zstd-compressed image archives".into(),
-                ))
-            }
+            Compression::Zstd => Box::new(super::unpack::zstd_reader(buffered).map_err(corrupt)?),
         };
         let mut archive = tar::Archive::new(reader);
         let mut files: HashMap<String, SourceFile> = HashMap::new();

@@ -32,6 +32,12 @@ use super::ImageError;
 
 /// Most entries one layer may hold (bounds memory for deferred directory times too).
 pub const MAX_LAYER_ENTRIES: u64 = 1 << 20;
+/// A compressed layer may expand to this many bytes whatever its size...
+pub const EXPANSION_FLOOR: u64 = 256 << 20;
+/// ...and past that to this many times the compressed bytes read so far: a decompression
+/// bomb (a few MiB of gzip that inflate to the whole disk) stops here. Real layers expand
+/// 2–10 times.
+pub const EXPANSION_RATIO: u64 = 100;
 /// Longest entry path accepted (Linux PATH_MAX).
 const MAX_PATH_BYTES: usize = 4096;
 /// Longest single path component (NAME_MAX).
@@ -110,7 +116,7 @@ pub enum Compression {
     None,
     /// gzip (`1f 8b`).
     Gzip,
-    /// zstd (`28 b5 2f fd`), recognised only to be refused clearly.
+    /// zstd (`28 b5 2f fd`).
     Zstd,
 }
 
@@ -126,22 +132,81 @@ pub fn detect_compression<R: BufRead>(r: &mut R) -> io::Result<Compression> {
     })
 }
 
-/// Unpack `blob` (plain or gzip tar) into `dest`, an existing empty directory. `layer` names the
+/// Counts the bytes read through it into a shared cell.
+struct Counted<R> {
+    inner: R,
+    count: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Counted<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+    fn consume(&mut self, n: usize) {
+        self.count.set(self.count.get() + n as u64);
+        self.inner.consume(n);
+    }
+}
+
+/// A decompressed stream that fails once it has given more than
+/// `max(EXPANSION_FLOOR, EXPANSION_RATIO × compressed bytes read)`.
+struct Expansion<R> {
+    inner: R,
+    compressed: std::rc::Rc<std::cell::Cell<u64>>,
+    out: u64,
+}
+
+impl<R: Read> Read for Expansion<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out += n as u64;
+        let allowed = EXPANSION_FLOOR.max(self.compressed.get().saturating_mul(EXPANSION_RATIO));
+        if self.out > allowed {
+            return Err(io::Error::other(format!(
+                "it expands to more than {allowed} bytes from {} compressed ones (a decompression bomb?)",
+                self.compressed.get()
+            )));
+        }
+        Ok(n)
+    }
+}
+
+/// A zstd stream's decoder over `r`.
+pub fn zstd_reader<R: BufRead>(r: R) -> io::Result<zstd::stream::read::Decoder<'static, R>> {
+    zstd::stream::read::Decoder::with_buffer(r)
+}
+
+/// Unpack `blob` (plain, gzip or zstd tar) into `dest`, an existing empty directory. `layer` names the
 /// layer in errors. On error `dest` holds a partial tree that the caller removes.
 pub fn unpack_layer(blob: impl Read, dest: &Path, layer: &str) -> Result<Unpacked, ImageError> {
-    let mut buffered = BufReader::new(blob);
+    let compressed = std::rc::Rc::new(std::cell::Cell::new(0));
+    let mut buffered = Counted {
+        inner: BufReader::new(blob),
+        count: compressed.clone(),
+    };
     let io_err = |e: io::Error| ImageError::CorruptLayer {
         layer: layer.to_string(),
         reason: e.to_string(),
     };
+    let bounded = |r: Box<dyn Read>| -> Box<dyn Read> {
+        Box::new(Expansion {
+            inner: r,
+            compressed: compressed.clone(),
+            out: 0,
+        })
+    };
     let decompressed: Box<dyn Read> = match detect_compression(&mut buffered).map_err(io_err)? {
         Compression::None => Box::new(buffered),
-        Compression::Gzip => Box::new(flate2::bufread::GzDecoder::new(buffered)),
-        Compression::Zstd => {
-            return Err(ImageError::Unsupported(format!(
-                "layer {layer}: zstd compression"
-            )));
-        }
+        Compression::Gzip => bounded(Box::new(flate2::bufread::GzDecoder::new(buffered))),
+        Compression::Zstd => bounded(Box::new(zstd_reader(buffered).map_err(io_err)?)),
     };
     let mut archive = tar::Archive::new(HashingReader::new(decompressed));
     let root =

@@ -78,6 +78,11 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
     enc.finish().unwrap()
 }
 
+/// zstd `data` (level 3).
+pub fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::stream::encode_all(data, 3).unwrap()
+}
+
 pub fn sha(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
@@ -142,6 +147,8 @@ pub fn oci_layout(
     for (u, stored) in layers {
         let mt = if stored == u {
             "application/vnd.oci.image.layer.v1.tar"
+        } else if stored.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            "application/vnd.oci.image.layer.v1.tar+zstd"
         } else {
             "application/vnd.oci.image.layer.v1.tar+gzip"
         };

@@ -864,8 +864,9 @@ impl Executor for RuntimeExecutor {
         let opts = crate::registry::PullOptions {
             insecure: self.cfg.insecure_registries.clone(),
             credentials: given,
+            roots: Vec::new(),
         }
-        .with_login(&self.cfg.data_dir, &image);
+        .with_node(&self.cfg.data_dir, &image);
         tracing::info!(%image, "pulling");
         note(&format!("pulling {image}"));
         crate::registry::pull(
