@@ -99,6 +99,14 @@ pub enum TlsError {
     Save(String),
 }
 
+/// How far from now a registry token's time may be.
+pub const REGISTRY_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+
+/// What a registry token signs.
+fn token_message(cluster_id: &str, unix_secs: u64) -> String {
+    format!("shoal-registry-token\n{cluster_id}\n{unix_secs}")
+}
+
 fn material(what: &'static str, reason: impl fmt::Display) -> TlsError {
     TlsError::Material {
         what,
@@ -238,6 +246,76 @@ impl NodeTls {
         self.current().info.serial.clone()
     }
 
+    /// A registry token of this node: proof, for the cluster registry's HTTP Basic auth, that
+    /// the caller holds this node's key now (its certificate, the time, and the node key's
+    /// signature over both; good for [`REGISTRY_TOKEN_LIFETIME`] either side of now).
+    pub fn registry_token(&self) -> Result<String, TlsError> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.registry_token_at(now)
+    }
+
+    fn registry_token_at(&self, now: u64) -> Result<String, TlsError> {
+        use base64::Engine;
+        let cur = self.current();
+        let msg = token_message(&cur.info.identity.cluster_id, now);
+        let signer = cur
+            .certified
+            .key
+            .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+            .ok_or_else(|| material("registry token", "the node key is not ECDSA P-256"))?;
+        let sig = signer
+            .sign(msg.as_bytes())
+            .map_err(|e| material("registry token", e))?;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let cert = cur
+            .certified
+            .cert
+            .first()
+            .ok_or_else(|| material("registry token", "no node certificate"))?;
+        Ok(format!("{}.{now}.{}", b64.encode(cert), b64.encode(sig)))
+    }
+
+    /// The node a registry token (see [`NodeTls::registry_token`]) stands for: its certificate
+    /// chains to this cluster's CA, the time is within [`REGISTRY_TOKEN_LIFETIME`] of now, and
+    /// the signature is the certificate key's. The caller still checks the node is a member.
+    pub fn verify_registry_token(&self, token: &str) -> Result<(NodeIdentity, Vec<u8>), String> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts = token.trim().splitn(3, '.');
+        let (Some(cert), Some(when), Some(sig)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err("not a shoal registry token".into());
+        };
+        let der = b64.decode(cert).map_err(|_| "not a shoal registry token")?;
+        let sig = b64.decode(sig).map_err(|_| "not a shoal registry token")?;
+        let when: u64 = when.parse().map_err(|_| "not a shoal registry token")?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if now.abs_diff(when) > REGISTRY_TOKEN_LIFETIME.as_secs() {
+            return Err("the registry token has expired".into());
+        }
+        let cert = CertificateDer::from(der.clone());
+        WebPkiClientVerifier::builder_with_provider(self.inner.roots.clone(), provider())
+            .build()
+            .map_err(|e| e.to_string())?
+            .verify_client_cert(&cert, &[], UnixTime::now())
+            .map_err(|e| format!("the token's certificate: {e}"))?;
+        let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&der)
+            .map_err(|e| format!("the token's certificate: {e}"))?;
+        let info = ca::cert_info(&der).map_err(|e| format!("the token's certificate: {e}"))?;
+        let msg = token_message(&info.identity.cluster_id, when);
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            parsed.public_key().subject_public_key.data.as_ref(),
+        )
+        .verify(msg.as_bytes(), &sig)
+        .map_err(|_| "the registry token's signature is not its certificate's".to_string())?;
+        Ok((info.identity, der))
+    }
+
     /// The cluster CA certificate, PEM.
     pub fn ca_pem(&self) -> &str {
         &self.inner.ca_pem
@@ -252,6 +330,12 @@ impl NodeTls {
     /// client certificate against the cluster CA when one is offered, and lets clients
     /// without one connect (joining nodes); [`Authorizer`] decides per method.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_for(&[ALPN_H2])
+    }
+
+    /// [`NodeTls::server_config`] offering the ALPN protocols `alpn` (an HTTPS server that
+    /// speaks HTTP/1.1 too, say).
+    pub fn server_config_for(&self, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = provider();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(self.inner.roots.clone(), provider.clone())
@@ -262,7 +346,7 @@ impl NodeTls {
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(CurrentCert(self.clone())));
-        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
 
@@ -875,7 +959,9 @@ impl Authorizer {
         Ok(identity)
     }
 
-    fn check_cert(&self, der: &[u8]) -> Result<NodeIdentity, Status> {
+    /// Who a client certificate (DER, already verified against the cluster CA) belongs to, if
+    /// that node is a member of this cluster now.
+    pub fn check_cert(&self, der: &[u8]) -> Result<NodeIdentity, Status> {
         let info = ca::cert_info(der)
             .map_err(|e| Status::permission_denied(format!("client certificate: {e}")))?;
         let id = info.identity;
@@ -909,4 +995,49 @@ fn is_unix_socket<T>(req: &Request<T>) -> bool {
 #[cfg(not(unix))]
 fn is_unix_socket<T>(_req: &Request<T>) -> bool {
     false
+}
+
+#[cfg(test)]
+mod registry_token_tests {
+    use super::*;
+    use crate::ca::RootCa;
+
+    fn node(ca: &RootCa, id: &str) -> NodeTls {
+        let (key, csr) = ca::make_csr(None).unwrap();
+        let cert = ca
+            .issue(&csr, id, Role::Worker, &[], ca::DEFAULT_NODE_CERT_LIFETIME)
+            .unwrap();
+        NodeTls::from_pem(ca.cert_pem(), &cert.cert_pem, &key).unwrap()
+    }
+
+    #[test]
+    fn registry_tokens_prove_a_node_key_of_this_cluster_and_expire() {
+        let ca = RootCa::create("c1").unwrap();
+        let (n1, n2) = (node(&ca, "n1"), node(&ca, "n2"));
+        let t = n1.registry_token().unwrap();
+        assert_eq!(n2.verify_registry_token(&t).unwrap().0.node_id, "n1");
+        // Another cluster's node: its certificate does not chain to this CA.
+        let stranger = node(&RootCa::create("c2").unwrap(), "n9");
+        let err = n1
+            .verify_registry_token(&stranger.registry_token().unwrap())
+            .unwrap_err();
+        assert!(err.contains("certificate"), "{err}");
+        // n1's certificate with n2's signature: forged.
+        let t2 = n2.registry_token().unwrap();
+        let (c1, rest1) = t.split_once('.').unwrap();
+        let (_, rest2) = t2.split_once('.').unwrap();
+        let (when2, sig2) = rest2.split_once('.').unwrap();
+        let _ = rest1;
+        let forged = format!("{c1}.{when2}.{sig2}");
+        assert!(n2
+            .verify_registry_token(&forged)
+            .unwrap_err()
+            .contains("signature"));
+        // Too old, and garbage.
+        let old = n1
+            .registry_token_at(1_000_000)
+            .unwrap();
+        assert!(n2.verify_registry_token(&old).unwrap_err().contains("expired"));
+        assert!(n2.verify_registry_token("x.y").is_err());
+    }
 }

@@ -8,6 +8,7 @@ pub mod db;
 pub mod dns;
 pub mod executor;
 pub mod registry;
+pub mod registry_server;
 mod session;
 
 pub use agent::{Agent, AgentConfig, DesiredRoleHook, WorkerError};

@@ -76,6 +76,32 @@ pub struct PullOptions {
 /// Docker's `/etc/docker/certs.d`.
 pub const CERTS_DIR: &str = "certs.d";
 
+/// When `registry` is this node's cluster registry — its host is one of the managers this node
+/// knows (`node.json`) — this node's id, a fresh registry token (the cluster registry's Basic
+/// auth) and the cluster CA it serves with. A registry the node keeps a login or a CA for is
+/// never taken for it.
+fn cluster_registry(data_dir: &Path, registry: &str) -> Option<(String, String, String)> {
+    let state = shoal_manager::daemon::LocalState::load(data_dir).ok()??;
+    let host = |a: &str| -> String {
+        match a.strip_prefix('[') {
+            Some(rest) => rest.split(']').next().unwrap_or("").to_string(),
+            None => a.rsplit_once(':').map_or(a, |(h, _)| h).to_string(),
+        }
+    };
+    let wanted = host(registry);
+    let known = state
+        .managers
+        .iter()
+        .chain(std::iter::once(&state.advertise_addr).filter(|_| state.role == "manager"))
+        .any(|m| host(m) == wanted);
+    if !known {
+        return None;
+    }
+    let tls = shoal_manager::tls::NodeTls::load(&data_dir.join(shoal_manager::ca::PKI_DIR)).ok()?;
+    let token = tls.registry_token().ok()?;
+    Some((state.node_id, token, tls.ca_pem().to_string()))
+}
+
 /// The CA certificates (PEM files ending `.crt`) the node keeps for `registry`.
 fn registry_roots(data_dir: &Path, registry: &str) -> Vec<Vec<u8>> {
     let dir = data_dir.join(CERTS_DIR).join(registry);
@@ -264,6 +290,12 @@ impl PullOptions {
                 .or_else(|| file.get(r.resolve_registry()));
         }
         self.roots = registry_roots(data_dir, r.resolve_registry());
+        if self.credentials.is_none() && self.roots.is_empty() {
+            if let Some((node, token, ca)) = cluster_registry(data_dir, r.resolve_registry()) {
+                self.credentials = Some((node, token));
+                self.roots = vec![ca.into_bytes()];
+            }
+        }
         self
     }
 }
@@ -408,7 +440,8 @@ pub async fn push(
         reason,
     };
     let local = store_name(reference).unwrap_or_else(|| reference.to_string());
-    let parts = tokio::task::spawn_blocking(move || store.push_parts(&local))
+    let reader = store.clone();
+    let parts = tokio::task::spawn_blocking(move || reader.push_parts(&local))
         .await
         .map_err(|e| fail(format!("reading the image: {e}")))??;
     client
@@ -440,7 +473,14 @@ pub async fn push(
         .push_manifest_raw(&r, parts.manifest.clone(), content_type)
         .await
         .map_err(|e| fail(format!("manifest: {}", explain(r.registry(), e))))?;
-    Ok(sha256_digest(&parts.manifest))
+    let digest = sha256_digest(&parts.manifest);
+    // The registry knows it now: as Docker's RepoDigests, and so a service made from it is
+    // pinned to this digest.
+    if let Some(repo) = repository_of(reference) {
+        let d = digest.clone();
+        let _ = tokio::task::spawn_blocking(move || store.record_repo_digest(&repo, &d, &d)).await;
+    }
+    Ok(digest)
 }
 
 /// Pulls `reference` into `store` (kept under `data_dir`); returns the stored image. Each

@@ -303,6 +303,11 @@ impl Daemon {
         self.shared.slot.get()
     }
 
+    /// Where this node's control API is while it is a manager, as it changes.
+    pub fn control_slot(&self) -> crate::controlapi::ApiSlot {
+        self.shared.slot.clone()
+    }
+
     /// This node's membership now and as it changes, for the worker agent.
     pub fn membership(&self) -> tokio::sync::watch::Receiver<Option<Membership>> {
         self.shared.membership.subscribe()

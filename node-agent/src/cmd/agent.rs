@@ -71,6 +71,11 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     insecure_registries: Vec<String>,
+    /// While this node is a manager, serve the cluster registry (the OCI distribution API
+    /// from the node's image store, HTTPS with the cluster CA) on this port of the listen
+    /// address; 0: not served
+    #[arg(long, env = "SHOAL_REGISTRY_PORT", default_value_t = 0)]
+    registry_port: u16,
 }
 
 /// `--dns-upstream`, else the host's resolvers.
@@ -145,6 +150,15 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
             .await
             .context("starting the shoal daemon")?;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let registry = (a.registry_port != 0).then(|| {
+            tokio::spawn(serve_cluster_registry(
+                daemon.membership(),
+                daemon.control_slot(),
+                data_dir.clone(),
+                SocketAddr::new(a.listen_addr.ip(), a.registry_port),
+                stop_rx.clone(),
+            ))
+        });
         let worker = tokio::spawn(keep_worker(
             daemon.membership(),
             stop_rx,
@@ -162,9 +176,67 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
         if let Err(e) = worker.await {
             tracing::error!("worker agent: {e}");
         }
+        if let Some(r) = registry {
+            let _ = r.await;
+        }
         daemon.shutdown().await;
         Ok(())
     })
+}
+
+/// The cluster registry, served while this node is a manager (started when it becomes one,
+/// stopped when it stops being one or the agent stops).
+async fn serve_cluster_registry(
+    mut membership: watch::Receiver<Option<Membership>>,
+    slot: shoal_manager::controlapi::ApiSlot,
+    data_dir: PathBuf,
+    addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    use shoal_worker::registry_server::{run, RegistryServer};
+    let mut running: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)> = None;
+    loop {
+        let m = membership
+            .borrow_and_update()
+            .clone()
+            .filter(|m| m.role == "manager");
+        match (m, running.is_some()) {
+            (Some(m), false) => match shoal_runtime::image::ImageStore::open(&data_dir) {
+                Ok(store) => {
+                    let slot = slot.clone();
+                    let server = RegistryServer {
+                        tls: m.tls.clone(),
+                        store: Arc::new(store),
+                        data_dir: data_dir.clone(),
+                        member: Arc::new(move |der: &[u8]| {
+                            let api = slot.get().ok_or("this node is no longer a manager")?;
+                            api.authorizer()
+                                .check_cert(der)
+                                .map_err(|s| s.message().to_string())
+                        }),
+                    };
+                    let (tx, rx) = watch::channel(false);
+                    running = Some((tx, tokio::spawn(run(server, addr, rx))));
+                }
+                Err(e) => tracing::error!("cluster registry: the image store: {e}"),
+            },
+            (None, true) => {
+                if let Some((tx, h)) = running.take() {
+                    let _ = tx.send(true);
+                    let _ = h.await;
+                }
+            }
+            _ => {}
+        }
+        tokio::select! {
+            r = membership.changed() => if r.is_err() { break },
+            _ = stop.changed() => break,
+        }
+    }
+    if let Some((tx, h)) = running.take() {
+        let _ = tx.send(true);
+        let _ = h.await;
+    }
 }
 
 /// What every incarnation of the node's worker agent shares.

@@ -66,6 +66,8 @@ pub struct Node {
     pub child: Option<Child>,
     /// Runs the sim executor (a hollow node: no containers).
     pub hollow: bool,
+    /// More agent flags.
+    pub args: Vec<String>,
 }
 
 impl Node {
@@ -77,6 +79,7 @@ impl Node {
             host: format!("host{n}"),
             child: None,
             hollow: false,
+            args: Vec::new(),
         };
         std::fs::create_dir_all(node.data()).unwrap();
         // In each node's own store: the tests pull from no registry.
@@ -104,11 +107,11 @@ impl Node {
     }
 
     pub fn spawn(&mut self) {
-        let args: &[&str] = if self.hollow {
-            &["--executor", "sim"]
-        } else {
-            &[]
-        };
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        if self.hollow {
+            args.extend(["--executor", "sim"]);
+        }
+        let args = args.as_slice();
         let child = Launch {
             bin: Path::new(SHOAL),
             hostname: &self.host,
@@ -252,6 +255,11 @@ impl Cluster {
         Self::build_with_images(size, managers, spare, heartbeat, &[])
     }
 
+    /// Like [`Cluster::new`], every agent started with the flags `args` too.
+    pub fn with_agent_args(size: u8, managers: u8, args: &[&str]) -> Cluster {
+        Self::build_full(size, managers, 0, FAST_HEARTBEAT, &[], args)
+    }
+
     /// Like [`Cluster::build`], with the busybox tar also imported as `(node index, name)`
     /// before the agents start (a running agent reads its image store's index once).
     pub fn build_with_images(
@@ -260,6 +268,17 @@ impl Cluster {
         spare: u8,
         heartbeat: (&str, u32),
         images: &[(usize, &str)],
+    ) -> Cluster {
+        Self::build_full(size, managers, spare, heartbeat, images, &[])
+    }
+
+    fn build_full(
+        size: u8,
+        managers: u8,
+        spare: u8,
+        heartbeat: (&str, u32),
+        images: &[(usize, &str)],
+        args: &[&str],
     ) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("shoal-svc-")
@@ -276,6 +295,7 @@ impl Cluster {
             c.import(*i, name);
         }
         for n in &mut c.nodes {
+            n.args = args.iter().map(|a| a.to_string()).collect();
             n.spawn();
         }
         let members: Vec<Loopback> = c.nodes[..size as usize].iter().map(Node::member).collect();
