@@ -284,8 +284,7 @@ impl NodeTls {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let mut parts = token.trim().splitn(3, '.');
-        let (Some(cert), Some(when), Some(sig)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(cert), Some(when), Some(sig)) = (parts.next(), parts.next(), parts.next()) else {
             return Err("not a shoal registry token".into());
         };
         let der = b64.decode(cert).map_err(|_| "not a shoal registry token")?;
@@ -1034,10 +1033,11 @@ mod registry_token_tests {
             .unwrap_err()
             .contains("signature"));
         // Too old, and garbage.
-        let old = n1
-            .registry_token_at(1_000_000)
-            .unwrap();
-        assert!(n2.verify_registry_token(&old).unwrap_err().contains("expired"));
+        let old = n1.registry_token_at(1_000_000).unwrap();
+        assert!(n2
+            .verify_registry_token(&old)
+            .unwrap_err()
+            .contains("expired"));
         assert!(n2.verify_registry_token("x.y").is_err());
     }
 }

@@ -120,19 +120,22 @@ fn managers_serve_their_stores_to_members_and_take_pushes_from_managers_only() {
         &format!("oci:{}:x", back.display()),
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(layout_digest(&back), digest(&img), "byte-identical round trip");
+    assert_eq!(
+        layout_digest(&back),
+        digest(&img),
+        "byte-identical round trip"
+    );
 
     // No certificate: refused. A worker's: it may pull, not push.
     let anon = work.path().join("anon");
     cert_dir(m1, &anon, true);
-    let out = skopeo(&[
-        "inspect",
-        "--cert-dir",
-        anon.to_str().unwrap(),
-        &into,
-    ]);
+    let out = skopeo(&["inspect", "--cert-dir", anon.to_str().unwrap(), &into]);
     assert!(!out.status.success());
-    assert!(text(&out).to_lowercase().contains("unauthorized"), "{}", text(&out));
+    assert!(
+        text(&out).to_lowercase().contains("unauthorized"),
+        "{}",
+        text(&out)
+    );
     let w_certs = work.path().join("w-certs");
     cert_dir(w, &w_certs, false);
     let w_certs_s = w_certs.to_str().unwrap();

@@ -207,9 +207,12 @@ impl RegistryServer {
     /// manifest.
     fn blob_path(&self, digest: &str) -> Option<PathBuf> {
         let hex = digest_hex(digest)?;
-        [self.blobs().join(hex), self.staging().join("blobs").join(hex)]
-            .into_iter()
-            .find(|p| p.is_file())
+        [
+            self.blobs().join(hex),
+            self.staging().join("blobs").join(hex),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
     }
 
     async fn get_manifest(
@@ -457,7 +460,10 @@ impl RegistryServer {
                 "the cluster registry keeps single-platform images: push one platform's manifest",
             ));
         }
-        let mut wanted = vec![m["config"]["digest"].as_str().unwrap_or_default().to_string()];
+        let mut wanted = vec![m["config"]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()];
         for l in m["layers"].as_array().into_iter().flatten() {
             wanted.push(l["digest"].as_str().unwrap_or_default().to_string());
         }
@@ -492,8 +498,7 @@ impl RegistryServer {
             "size": bytes.len(),
         });
         if digest_hex(reference).is_none() {
-            entry["annotations"] =
-                serde_json::json!({"org.opencontainers.image.ref.name": format!("{name}:{reference}")});
+            entry["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": format!("{name}:{reference}")});
         }
         let index = serde_json::json!({"schemaVersion": 2, "manifests": [entry]});
         std::fs::write(layout.join("index.json"), index.to_string())
@@ -571,8 +576,11 @@ impl Route {
 /// The hex of a `sha256:` digest, if it is one.
 fn digest_hex(d: &str) -> Option<&str> {
     let hex = d.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-        .then_some(hex)
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
 }
 
 fn hash_file(path: &Path) -> std::io::Result<String> {
@@ -636,13 +644,8 @@ async fn write_body(
 async fn read_limited(mut body: Incoming, limit: usize) -> Result<Vec<u8>, Response<Body>> {
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "MANIFEST_INVALID",
-                &e.to_string(),
-            )
-        })?;
+        let frame = frame
+            .map_err(|e| error(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", &e.to_string()))?;
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > limit {
                 return Err(error(
@@ -734,7 +737,11 @@ fn created(name: &str, digest: &str) -> Response<Body> {
 }
 
 /// Serves the cluster registry on `addr` while `stop` is false; logs and returns on error.
-pub async fn run(server: RegistryServer, addr: SocketAddr, stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(
+    server: RegistryServer,
+    addr: SocketAddr,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
     match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => {
             tracing::info!(%addr, "cluster registry serving");
