@@ -1370,8 +1370,13 @@ fn a_standalone_container_joins_an_attachable_network() {
 /// `--insecure-registry`); a tag the registry lacks rejects the tasks with its reason.
 #[test]
 fn a_service_runs_an_image_only_a_registry_has() {
-    let tb = up(2);
-    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    let tb = up(3);
+    let hosts = [
+        tb.host(1).expect("h1"),
+        tb.host(2).expect("h2"),
+        tb.host(3).expect("h3"),
+    ];
+    let h1 = hosts[0];
     let reg = Registry::start(&tb.bridge_addr().to_string()).expect("registry");
     let work = tempfile::tempdir().expect("tempdir");
     let tar = work.path().join("rootfs.tar");
@@ -1382,15 +1387,15 @@ fn a_service_runs_an_image_only_a_registry_has() {
     let manifest = layout.image(&fs::read(&tar).expect("tar"), oci_arch(), &["sh"]);
     layout.finish(&manifest, false);
     reg.push(layout.dir, "web:1").expect("push");
-    for h in [h1, h2] {
+    for h in hosts {
         h.spawn_agent(&["--dns-upstream", "none", "--insecure-registry", reg.addr()])
             .expect("agent");
     }
     ClusterBuilder::new()
-        .form(&[h1 as &dyn Member, h2])
+        .form(&[hosts[0] as &dyn Member, hosts[1], hosts[2]])
         .expect("cluster");
     let image = format!("{}/web:1", reg.addr());
-    for h in [h1, h2] {
+    for h in hosts {
         let ls = ok_out(h.shoal(&["image", "ls", "-q"]).expect("image ls"));
         assert!(
             ls.trim().is_empty(),
@@ -1405,7 +1410,7 @@ fn a_service_runs_an_image_only_a_registry_has() {
             "--name",
             "web",
             "--replicas",
-            "2",
+            "3",
             "--replicas-max-per-node",
             "1",
             "--stop-grace-period",
@@ -1418,13 +1423,19 @@ fn a_service_runs_an_image_only_a_registry_has() {
         .expect("service create"),
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while running_tasks(h1, "web").len() < 2 {
-        assert!(Instant::now() < deadline, "web did not run on both nodes");
+    while running_tasks(h1, "web").len() < 3 {
+        assert!(Instant::now() < deadline, "web did not run on all three nodes");
         sleep(Duration::from_millis(300));
     }
-    for h in [h1, h2] {
-        let ls = ok_out(h.shoal(&["image", "ls"]).expect("image ls"));
-        assert!(ls.contains(&format!("{}/web", reg.addr())), "{ls}");
+    // The manager pinned the tag to the registry's digest; every node pulled those bytes.
+    let pinned = format!("{image}@{}", shoal_tests::registry::digest(&manifest));
+    let inspect = ok_out(h1.shoal(&["service", "inspect", "web"]).expect("inspect"));
+    assert!(inspect.contains(&pinned), "{inspect}");
+    for h in hosts {
+        ok_out(
+            h.shoal(&["image", "inspect", &shoal_tests::registry::digest(&manifest)])
+                .expect("image inspect"),
+        );
     }
     // A tag the registry does not have: rejected, with the registry's word for it.
     ok_out(
@@ -1460,7 +1471,7 @@ fn a_service_runs_an_image_only_a_registry_has() {
         sleep(Duration::from_millis(300));
     }
     ok_out(h1.shoal(&["service", "rm", "web", "ghost"]).expect("rm"));
-    assert_no_shoal_network(&[h1, h2]);
+    assert_no_shoal_network(&hosts);
 }
 
 /// The routing mesh: a port published in ingress mode answers on every node — also on one
