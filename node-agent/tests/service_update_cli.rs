@@ -205,6 +205,7 @@ fn a_failing_image_pauses_the_update_and_a_rollback_restores_every_task() {
         &[
             "service",
             "update",
+            "--no-resolve-image",
             "--image",
             "127.0.0.1:9/busybox:nope",
             "web",
@@ -298,6 +299,7 @@ fn failure_action_rollback_rolls_the_update_back_by_itself() {
         &[
             "service",
             "update",
+            "--no-resolve-image",
             "--image",
             "127.0.0.1:9/busybox:nope",
             "web",
@@ -358,6 +360,7 @@ fn max_failure_ratio_lets_some_failures_pass() {
         "service",
         "update",
         "-d",
+        "--no-resolve-image",
         "--image",
         "127.0.0.1:9/busybox:v2",
         "web",

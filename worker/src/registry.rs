@@ -76,11 +76,33 @@ pub struct PullOptions {
 /// Docker's `/etc/docker/certs.d`.
 pub const CERTS_DIR: &str = "certs.d";
 
+/// The file in the data dir naming the cluster registry's port (`shoal agent --registry-port`,
+/// the same on every node of a cluster).
+pub const REGISTRY_PORT_FILE: &str = "registry-port";
+
+/// Records (or, with 0, forgets) the cluster registry's port for this node's pulls and pushes.
+pub fn set_cluster_registry_port(data_dir: &Path, port: u16) -> std::io::Result<()> {
+    let path = data_dir.join(REGISTRY_PORT_FILE);
+    if port == 0 {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::write(path, port.to_string())
+}
+
 /// When `registry` is this node's cluster registry — its host is one of the managers this node
-/// knows (`node.json`) — this node's id, a fresh registry token (the cluster registry's Basic
-/// auth) and the cluster CA it serves with. A registry the node keeps a login or a CA for is
-/// never taken for it.
+/// knows (`node.json`) and its port the cluster registry's (`registry-port`) — this node's id,
+/// a fresh registry token (the cluster registry's Basic auth) and the cluster CA it serves
+/// with. A registry the node keeps a login or a CA for is never taken for it.
 fn cluster_registry(data_dir: &Path, registry: &str) -> Option<(String, String, String)> {
+    let port: u16 = std::fs::read_to_string(data_dir.join(REGISTRY_PORT_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let state = shoal_manager::daemon::LocalState::load(data_dir).ok()??;
     let host = |a: &str| -> String {
         match a.strip_prefix('[') {
@@ -88,6 +110,9 @@ fn cluster_registry(data_dir: &Path, registry: &str) -> Option<(String, String, 
             None => a.rsplit_once(':').map_or(a, |(h, _)| h).to_string(),
         }
     };
+    if !registry.ends_with(&format!(":{port}")) {
+        return None;
+    }
     let wanted = host(registry);
     let known = state
         .managers

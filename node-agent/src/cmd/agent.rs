@@ -71,9 +71,10 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     insecure_registries: Vec<String>,
-    /// While this node is a manager, serve the cluster registry (the OCI distribution API
-    /// from the node's image store, HTTPS with the cluster CA) on this port of the listen
-    /// address; 0: not served
+    /// The cluster registry's port (the same on every node): while this node is a manager it
+    /// serves the OCI distribution API from its image store there (HTTPS with the cluster CA,
+    /// on the listen address), and every node pulls from a manager's address on it as from the
+    /// cluster registry; 0: none
     #[arg(long, env = "SHOAL_REGISTRY_PORT", default_value_t = 0)]
     registry_port: u16,
 }
@@ -137,6 +138,8 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
                 }
             });
         }
+        shoal_worker::registry::set_cluster_registry_port(&data_dir, a.registry_port)
+            .context("recording the cluster registry's port")?;
         let mut cfg = DaemonConfig::new(data_dir.clone(), a.listen_addr, a.socket);
         cfg.advertise_addr = a.advertise_addr;
         cfg.hostname = a.hostname;
