@@ -30,6 +30,10 @@ use tokio::io::AsyncWriteExt;
 const MAX_MANIFEST: usize = 4 << 20;
 /// Largest blob one upload may carry.
 const MAX_BLOB: u64 = 64 << 30;
+/// A pushed blob no manifest named within this long is removed.
+const PUSHED_BLOB_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// How often pushed blobs are looked over.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Where pushes stage their blobs and layouts, under the data dir.
 pub const REGISTRY_DIR: &str = "registry";
 
@@ -81,6 +85,17 @@ impl RegistryServer {
             std::fs::create_dir_all(&d)?;
         }
         let me = Arc::new(self);
+        let sweeper = {
+            let blobs = me.staging().join("blobs");
+            tokio::spawn(async move {
+                loop {
+                    let dir = blobs.clone();
+                    let _ = tokio::task::spawn_blocking(move || sweep(&dir, PUSHED_BLOB_TTL)).await;
+                    tokio::time::sleep(SWEEP_EVERY).await;
+                }
+            })
+        };
+        let _stop_sweeper = AbortOnDrop(sweeper);
         loop {
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => r?,
@@ -660,6 +675,34 @@ async fn read_limited(mut body: Incoming, limit: usize) -> Result<Vec<u8>, Respo
     Ok(out)
 }
 
+/// Removes the files in `dir` older than `ttl`; how many.
+fn sweep(dir: &Path, ttl: std::time::Duration) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > ttl);
+        if old && std::fs::remove_file(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
@@ -756,6 +799,22 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pushed_blobs_no_manifest_named_are_swept_when_old() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("old"), b"x").unwrap();
+        std::fs::write(d.path().join("new"), b"y").unwrap();
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(d.path().join("old"))
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        assert_eq!(sweep(d.path(), std::time::Duration::from_secs(3600)), 1);
+        assert!(!d.path().join("old").exists() && d.path().join("new").exists());
+    }
 
     #[test]
     fn registry_paths_are_parsed() {

@@ -228,3 +228,80 @@ async fn a_failed_create_reports_the_runtime_error() {
         "the namespace's owner file left behind"
     );
 }
+
+/// An image of busybox plus `/etc/which` = `which`, imported and then left untagged (as a
+/// service's image pulled by digest is); its id.
+fn dangling_image(store: &ImageStore, dir: &Path, which: &str) -> String {
+    let tar = dir.join(format!("{which}.tar"));
+    busybox_tar(&tar);
+    let mut bytes = std::fs::read(&tar).unwrap();
+    // A second archive after the first one's end-of-archive blocks would be ignored:
+    // rebuild with the extra file instead.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut a = tar::Archive::new(bytes.as_slice());
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut h = e.header().clone();
+        let path = e.path().unwrap().into_owned();
+        if h.entry_type() == tar::EntryType::Symlink {
+            let target = e.link_name().unwrap().unwrap().into_owned();
+            b.append_link(&mut h, &path, &target).unwrap();
+        } else {
+            b.append_data(&mut h, &path, &mut e).unwrap();
+        }
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(which.len() as u64);
+    b.append_data(&mut h, "etc/which", which.as_bytes())
+        .unwrap();
+    bytes = b.into_inner().unwrap();
+    std::fs::write(&tar, bytes).unwrap();
+    let id = store.import_rootfs_tar(&tar, "gc-test:moving").unwrap().id;
+    // Another image takes the tag: this one is dangling now.
+    store.tag(IMAGE, "gc-test:moving").unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_collection_keeps_what_tasks_use_and_recent_preparations() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let node = Node::new(None);
+    let store = ImageStore::open(node.data.path()).unwrap();
+    let used = dangling_image(&store, node.data.path(), "used");
+    let prepared = dangling_image(&store, node.data.path(), "prepared");
+    let idle = dangling_image(&store, node.data.path(), "idle");
+    let id = format!("gc{}", std::process::id());
+    let t = task(&id, "w1", &used, &["sleep", "1000"]);
+    node.exec.prepare(&t, &|_| {}).await.unwrap();
+    node.exec.start(&t).await.unwrap();
+    let p = task("gc-prepared", "w1", &prepared, &["true"]);
+    node.exec.prepare(&p, &|_| {}).await.unwrap();
+    let held = |id: &str| store.inspect(id).is_ok();
+
+    // Within the grace period: only the image nothing touched goes.
+    let r = node
+        .exec
+        .collect_images(Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(r.images_removed, 1, "{r:?}");
+    assert!(!held(&idle) && held(&prepared) && held(&used) && held(IMAGE));
+    assert!(r.blobs_removed > 0 && r.layers_removed > 0, "{r:?}");
+    // After it: the prepared image goes too; the running task's stays, and the tagged one.
+    let r = node.exec.collect_images(Duration::ZERO).await.unwrap();
+    assert_eq!(r.images_removed, 1, "{r:?}");
+    assert!(!held(&prepared) && held(&used) && held(IMAGE));
+    // Its container gone, the task's image goes as well.
+    node.exec.signal(&id, StopSignal::Kill).await.unwrap();
+    node.exec.remove(&id).await.unwrap();
+    let r = node.exec.collect_images(Duration::ZERO).await.unwrap();
+    assert_eq!(r.images_removed, 1, "{r:?}");
+    assert!(!held(&used) && held(IMAGE));
+    // What is left still runs.
+    let again = task("gc-again", "w1", IMAGE, &["true"]);
+    node.exec.prepare(&again, &|_| {}).await.unwrap();
+}

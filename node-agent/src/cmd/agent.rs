@@ -114,17 +114,21 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
             .with_context(|| format!("data dir {}", a.data_dir.display()))?;
         let bridge = shoal_runtime::network::BridgeConfig::new(&a.bridge, &a.bridge_subnet)?;
         let executor: Arc<dyn Executor> = match a.executor {
-            ExecutorArg::Runtime => Arc::new(
-                RuntimeExecutor::new(RuntimeExecutorConfig {
-                    data_dir: data_dir.clone(),
-                    state_root: data_dir.join(TASK_RUNTIME_DIR),
-                    allow_unprotected_exe: false,
-                    bridge,
-                    dns_upstream: dns_upstream(a.dns_upstream.as_deref())?,
-                    insecure_registries: a.insecure_registries.clone(),
-                })
-                .context("opening the node's image store")?,
-            ),
+            ExecutorArg::Runtime => {
+                let exec = Arc::new(
+                    RuntimeExecutor::new(RuntimeExecutorConfig {
+                        data_dir: data_dir.clone(),
+                        state_root: data_dir.join(TASK_RUNTIME_DIR),
+                        allow_unprotected_exe: false,
+                        bridge,
+                        dns_upstream: dns_upstream(a.dns_upstream.as_deref())?,
+                        insecure_registries: a.insecure_registries.clone(),
+                    })
+                    .context("opening the node's image store")?,
+                );
+                exec.spawn_image_gc();
+                exec
+            }
             ExecutorArg::Sim => Arc::new(SimExecutor::new()),
         };
         if a.executor == ExecutorArg::Runtime {

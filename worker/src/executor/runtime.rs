@@ -81,7 +81,15 @@ pub struct RuntimeExecutor {
     shoal: PathBuf,
     /// One pull at a time per image reference (the tasks of one service start together).
     pulls: Arc<tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Images (by id) tasks were prepared with, and when: kept by image collection for a
+    /// while even before their container exists.
+    prepared: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
 }
+
+/// How often a node collects images no container uses.
+pub const IMAGE_GC_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// An image a task was prepared with is kept at least this long.
+pub const IMAGE_GC_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl RuntimeExecutor {
     /// An executor over the image store in `cfg.data_dir`, creating containers with the
@@ -108,8 +116,69 @@ impl RuntimeExecutor {
             images: Arc::new(images),
             shoal,
             pulls: Arc::default(),
+            prepared: Arc::default(),
             cfg,
         })
+    }
+
+    /// Removes the untagged images (service images are pulled by digest, untagged) that no
+    /// container on this node uses and no task was prepared with in the last `grace`, then
+    /// the blobs and layers only they held. Tagged images stay: they are the user's.
+    pub async fn collect_images(
+        &self,
+        grace: std::time::Duration,
+    ) -> Result<shoal_runtime::image::GcReport, ExecError> {
+        let keep: Vec<String> = {
+            let mut p = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+            p.retain(|_, at| at.elapsed() < grace);
+            p.keys().cloned().collect()
+        };
+        // Gates of pulls nobody waits on any more.
+        self.pulls
+            .lock()
+            .await
+            .retain(|_, gate| Arc::strong_count(gate) > 1);
+        let (images, data) = (self.images.clone(), self.cfg.data_dir.clone());
+        blocking(move || {
+            let used = shoal_runtime::frontdoor::FrontDoor::open(&data)
+                .and_then(|f| f.images_in_use())
+                .map_err(runtime_err)?;
+            let mut ids = used.image_ids;
+            ids.extend(keep);
+            images.prune(&ids, &used.chain_ids).map_err(runtime_err)
+        })
+        .await
+    }
+
+    /// Collects images every [`IMAGE_GC_EVERY`] (see [`RuntimeExecutor::collect_images`]).
+    pub fn spawn_image_gc(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IMAGE_GC_EVERY).await;
+                let Some(me) = me.upgrade() else { return };
+                match me.collect_images(IMAGE_GC_GRACE).await {
+                    Ok(r) if r.images_removed + r.blobs_removed + r.layers_removed > 0 => {
+                        tracing::info!(
+                            images = r.images_removed,
+                            blobs = r.blobs_removed,
+                            layers = r.layers_removed,
+                            bytes = r.blob_bytes_freed,
+                            "collected unused images"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("collecting unused images: {e}"),
+                }
+            }
+        })
+    }
+
+    fn prepared_with(&self, image_id: &str) {
+        self.prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(image_id.to_string(), std::time::Instant::now());
     }
 
     /// Create containers with this `shoal` binary instead of the running one (for programs
@@ -834,9 +903,13 @@ impl Executor for RuntimeExecutor {
             .and_then(|s| s.container.as_ref())
             .map_or(String::new(), |c| c.image.clone());
         let (im, name) = (images.clone(), image.clone());
-        match blocking(move || prepare_image(&im, &name).map(|_| ())).await {
+        match blocking(move || prepare_image(&im, &name)).await {
             Err(ExecError::ImageNotFound(_)) => {}
-            other => return other,
+            Ok(p) => {
+                self.prepared_with(&p.info.id);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
         // Not on this node: from its registry, once per image however many tasks want it.
         let gate = self
@@ -848,10 +921,8 @@ impl Executor for RuntimeExecutor {
             .clone();
         let _one = gate.lock().await;
         let (im, name) = (images.clone(), image.clone());
-        if blocking(move || prepare_image(&im, &name).map(|_| ()))
-            .await
-            .is_ok()
-        {
+        if let Ok(p) = blocking(move || prepare_image(&im, &name)).await {
+            self.prepared_with(&p.info.id);
             return Ok(());
         }
         // The credentials the service was given (`--with-registry-auth`), else this node's.
@@ -878,7 +949,9 @@ impl Executor for RuntimeExecutor {
         )
         .await
         .map_err(|e| ExecError::Pull(e.to_string()))?;
-        blocking(move || prepare_image(&images, &image).map(|_| ())).await
+        let p = blocking(move || prepare_image(&images, &image)).await?;
+        self.prepared_with(&p.info.id);
+        Ok(())
     }
 
     async fn start(&self, task: &Task) -> Result<Started, ExecError> {
