@@ -68,6 +68,17 @@ impl Bed {
     /// Brings up `hosts` test bed hosts; the first `members` import busybox, run an agent
     /// (`--dns-upstream none`: no DNS traffic leaves the test bed) and form a cluster.
     pub fn up(shoal: &Option<PathBuf>, hosts: usize, members: usize) -> Result<Bed> {
+        Self::up_with(shoal, hosts, members, |_| Ok(Vec::new()))
+    }
+
+    /// [`Bed::up`], the agents given the flags `extra` returns (called once the test bed is up,
+    /// before any agent starts: a registry on the bridge, say).
+    pub fn up_with(
+        shoal: &Option<PathBuf>,
+        hosts: usize,
+        members: usize,
+        extra: impl FnOnce(&Testbed) -> Result<Vec<String>>,
+    ) -> Result<Bed> {
         if !nix::unistd::Uid::effective().is_root() {
             bail!("run as root (the test bed is network namespaces)");
         }
@@ -80,10 +91,13 @@ impl Bed {
         std::env::set_var("SHOAL_BIN", &bin);
         let tb = Testbed::up_with_hint("shoal-bench", hosts)?;
         let bed = Bed { tb };
+        let extra = extra(&bed.tb)?;
+        let mut args: Vec<&str> = vec!["--dns-upstream", "none"];
+        args.extend(extra.iter().map(String::as_str));
         let members_of: Vec<&Host> = bed.tb.hosts().iter().take(members).collect();
         for h in &members_of {
             h.import_busybox(IMAGE)?;
-            h.spawn_agent(&["--dns-upstream", "none"])?;
+            h.spawn_agent(&args)?;
         }
         let m: Vec<&dyn Member> = members_of.iter().map(|h| *h as &dyn Member).collect();
         ClusterBuilder::new()
@@ -101,6 +115,11 @@ impl Bed {
                 .join(", ")
         );
         Ok(bed)
+    }
+
+    /// The test bed itself.
+    pub fn testbed(&self) -> &Testbed {
+        &self.tb
     }
 
     /// Host `i`, from 1.

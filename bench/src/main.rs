@@ -10,6 +10,7 @@ mod image_pull;
 mod mesh;
 mod node_loss;
 mod overlay;
+mod p2p;
 mod publish;
 mod runtime;
 mod scale;
@@ -64,6 +65,9 @@ enum Bench {
     /// Test bed, 2 hosts: time from cutting a node off until no connection to the service's
     /// VIP goes to its task.
     NodeLoss(node_loss::NodeLossArgs),
+    /// Test bed, 3 nodes, the registry's bandwidth limited: a new image to every node,
+    /// peer-to-peer layers vs every node pulling from the registry.
+    P2pPull(p2p::P2pArgs),
     /// (internal to `overlay`) serves one round-trip client.
     #[command(hide = true)]
     RrServer(overlay::RrServerArgs),
@@ -92,6 +96,7 @@ fn main() {
         Bench::Mesh(a) => mesh::mesh(&a),
         Bench::ScaleAnswer(a) => scale_answer::scale_answer(&a),
         Bench::NodeLoss(a) => node_loss::node_loss(&a),
+        Bench::P2pPull(a) => p2p::p2p(&a),
         Bench::RrServer(a) => overlay::rr_server(&a),
         Bench::RrClient(a) => overlay::rr_client(&a),
         Bench::HollowNodes(a) => scale::hollow_nodes(&a),

@@ -113,7 +113,7 @@ impl Registry {
         let addr = format!("{ip}:{port}");
         let config = dir.path().join("config.yml");
         let mut text = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             dir.path().join("data").display()
         );
         // Under `http:`, before any other section.
@@ -154,7 +154,10 @@ impl Registry {
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(
+                fs::File::create(dir.path().join("registry.log"))
+                    .map_err(io("the registry's log"))?,
+            );
         let child = cmd.spawn().map_err(|source| TestbedError::Spawn {
             cmd: describe(&cmd),
             source,
@@ -182,6 +185,21 @@ impl Registry {
     /// Its `host:port`.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// How many times it served the blob `digest` (GETs answered 200 or 206, from its log).
+    pub fn blob_served(&self, digest: &str) -> usize {
+        let log = fs::read_to_string(self._dir.path().join("registry.log")).unwrap_or_default();
+        let uri = format!("/blobs/{digest}");
+        log.lines()
+            .filter(|l| {
+                l.contains("response completed")
+                    && l.contains("http.request.method=GET")
+                    && l.contains(&uri)
+                    && (l.contains("http.response.status=200")
+                        || l.contains("http.response.status=206"))
+            })
+            .count()
     }
 
     /// `skopeo copy --all --preserve-digests` of an OCI layout's `latest` to `name` here.

@@ -70,6 +70,9 @@ pub struct PullOptions {
     /// CA certificates (PEM) trusted for this registry besides the system's: the node's
     /// `certs.d/HOST[:PORT]/*.crt`. A registry that has them is always reached over HTTPS.
     pub roots: Vec<Vec<u8>>,
+    /// Peer registries (`host:port`, cluster registry servers of nodes that hold the image)
+    /// asked for each blob before the origin ([`crate::peers`]).
+    pub peers: Vec<String>,
 }
 
 /// Where a node keeps per-registry CA certificates: `<data>/certs.d/HOST[:PORT]/*.crt`, as
@@ -122,9 +125,26 @@ fn cluster_registry(data_dir: &Path, registry: &str) -> Option<(String, String, 
     if !known {
         return None;
     }
+    member_credentials(data_dir)
+}
+
+/// This node's id, a fresh registry token and the cluster CA (PEM), if it is in a cluster.
+fn member_credentials(data_dir: &Path) -> Option<(String, String, String)> {
+    let state = shoal_manager::daemon::LocalState::load(data_dir).ok()??;
     let tls = shoal_manager::tls::NodeTls::load(&data_dir.join(shoal_manager::ca::PKI_DIR)).ok()?;
     let token = tls.registry_token().ok()?;
     Some((state.node_id, token, tls.ca_pem().to_string()))
+}
+
+/// How to fetch from a peer's registry (another node's, [`crate::peers`]): HTTPS with the
+/// cluster CA and this node's registry token. `None` outside a cluster.
+pub fn peer_options(data_dir: &Path) -> Option<PullOptions> {
+    let (node, token, ca) = member_credentials(data_dir)?;
+    Some(PullOptions {
+        credentials: Some((node, token)),
+        roots: vec![ca.into_bytes()],
+        ..Default::default()
+    })
 }
 
 /// The CA certificates (PEM files ending `.crt`) the node keeps for `registry`.
@@ -262,7 +282,7 @@ pub async fn check_login(
     let opts = PullOptions {
         insecure: insecure.to_vec(),
         credentials: Some((user.to_string(), password.to_string())),
-        roots: Vec::new(),
+        ..Default::default()
     }
     .with_node(data_dir, &probe);
     let (r, client, auth) = connect(&probe, &opts)?;
@@ -827,7 +847,7 @@ impl ImageResolver for NodeResolver {
         let opts = PullOptions {
             insecure: self.insecure.clone(),
             credentials: credentials.map(|c| (c.username.clone(), c.password.clone())),
-            roots: Vec::new(),
+            ..Default::default()
         }
         .with_node(&self.data_dir, image);
         match tokio::time::timeout(RESOLVE_TIMEOUT, resolve(image, &opts)).await {

@@ -42,6 +42,15 @@ type Body = BoxBody<Bytes, std::io::Error>;
 /// Decides whether the node a verified certificate (DER) names is a member now.
 pub type Membership = Arc<dyn Fn(&[u8]) -> Result<NodeIdentity, String> + Send + Sync>;
 
+/// On a manager: the peer registries (`host:port`) of the nodes that hold the image pinned to
+/// a digest (their tasks of it got past PREPARING), leaving out the node asking (by id).
+/// `None` on a node that is no manager now.
+pub type Holders = Arc<dyn Fn(&str, &str) -> Option<Vec<String>> + Send + Sync>;
+
+/// How long a node that set out to pull an image from its origin registry is waited for by
+/// the others before they pull it from the origin too.
+pub const CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// What the cluster registry serves from.
 #[derive(Clone)]
 pub struct RegistryServer {
@@ -53,6 +62,13 @@ pub struct RegistryServer {
     pub data_dir: PathBuf,
     /// Whether a certificate's node is a member now (the manager's authorizer).
     pub member: Membership,
+    /// Whether this node is a manager now (pushes and peer lookups are a manager's).
+    pub is_manager: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Who holds an image (see [`Holders`]).
+    pub holders: Holders,
+    /// Images a node set out to pull from their origin, and when: the others wait for it.
+    pub claims:
+        Arc<std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>>,
 }
 
 impl RegistryServer {
@@ -176,7 +192,17 @@ impl RegistryServer {
         if rest.is_empty() {
             return json(StatusCode::OK, b"{}".to_vec());
         }
+        if let Some(digest) = rest.strip_prefix("_shoal/peers/") {
+            return self.peers(&who, digest);
+        }
         let push = !matches!(*req.method(), Method::GET | Method::HEAD);
+        if push && !(self.is_manager)() {
+            return error(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                "this node is no manager: its registry only serves what it holds to its peers",
+            );
+        }
         if push && who.role != Role::Manager {
             return error(
                 StatusCode::FORBIDDEN,
@@ -216,6 +242,44 @@ impl RegistryServer {
             )),
         };
         r.unwrap_or_else(|e| e)
+    }
+
+    /// `_shoal/peers/DIGEST` (a manager's): where the caller may fetch the layers of the image
+    /// pinned to DIGEST. `{"peers": [...]}` — nodes that hold it; `{"wait": true}` — another
+    /// node is pulling it from its origin now; `{"peers": []}` — pull it from the origin (the
+    /// caller is then the one the others wait for, for at most [`CLAIM_TTL`]).
+    fn peers(&self, who: &NodeIdentity, digest: &str) -> Response<Body> {
+        if digest_hex(digest).is_none() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "DIGEST_INVALID",
+                "not a sha256 digest",
+            );
+        }
+        let Some(holders) = (self.holders)(digest, &who.node_id) else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "this node is no manager now",
+            );
+        };
+        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        claims.retain(|_, (_, at)| at.elapsed() < CLAIM_TTL);
+        let body = if !holders.is_empty() {
+            serde_json::json!({ "peers": holders })
+        } else {
+            match claims.get(digest) {
+                Some((node, _)) if node != &who.node_id => serde_json::json!({"wait": true}),
+                _ => {
+                    claims.insert(
+                        digest.to_string(),
+                        (who.node_id.clone(), std::time::Instant::now()),
+                    );
+                    serde_json::json!({ "peers": [] })
+                }
+            }
+        };
+        json(StatusCode::OK, body.to_string().into_bytes())
     }
 
     /// Where a blob the registry holds is: the store's, or a pushed one waiting for its

@@ -191,8 +191,10 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The cluster registry, served while this node is a manager (started when it becomes one,
-/// stopped when it stops being one or the agent stops).
+/// The node's registry on the cluster registry's port, while the node is in a cluster: on a
+/// manager the cluster registry (pull, push, peer lookups); on any node the layers it holds,
+/// for peers that need them. Restarted when the node's membership changes, stopped with the
+/// agent.
 async fn serve_cluster_registry(
     mut membership: watch::Receiver<Option<Membership>>,
     slot: shoal_manager::controlapi::ApiSlot,
@@ -202,38 +204,49 @@ async fn serve_cluster_registry(
 ) {
     use shoal_worker::registry_server::{run, RegistryServer};
     let mut running: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)> = None;
+    let claims = Arc::default();
     loop {
-        let m = membership
-            .borrow_and_update()
-            .clone()
-            .filter(|m| m.role == "manager");
-        match (m, running.is_some()) {
-            (Some(m), false) => match shoal_runtime::image::ImageStore::open(&data_dir) {
+        let m = membership.borrow_and_update().clone();
+        if let Some((tx, h)) = running.take() {
+            let _ = tx.send(true);
+            let _ = h.await;
+        }
+        if let Some(m) = m {
+            match shoal_runtime::image::ImageStore::open(&data_dir) {
                 Ok(store) => {
-                    let slot = slot.clone();
+                    let cluster = m.tls.identity().cluster_id;
+                    let (s1, s2, s3) = (slot.clone(), slot.clone(), slot.clone());
                     let server = RegistryServer {
                         tls: m.tls.clone(),
                         store: Arc::new(store),
                         data_dir: data_dir.clone(),
-                        member: Arc::new(move |der: &[u8]| {
-                            let api = slot.get().ok_or("this node is no longer a manager")?;
-                            api.authorizer()
+                        member: Arc::new(move |der: &[u8]| match s1.get() {
+                            Some(api) => api
+                                .authorizer()
                                 .check_cert(der)
-                                .map_err(|s| s.message().to_string())
+                                .map_err(|s| s.message().to_string()),
+                            // A worker has no store to ask: a certificate of this cluster.
+                            None => shoal_manager::ca::cert_info(der)
+                                .map_err(|e| e.to_string())
+                                .and_then(|i| {
+                                    if i.identity.cluster_id == cluster {
+                                        Ok(i.identity)
+                                    } else {
+                                        Err("a certificate of another cluster".into())
+                                    }
+                                }),
                         }),
+                        is_manager: Arc::new(move || s2.get().is_some()),
+                        holders: Arc::new(move |digest: &str, asker: &str| {
+                            holders(&s3.get()?, digest, asker, addr.port())
+                        }),
+                        claims: Arc::clone(&claims),
                     };
                     let (tx, rx) = watch::channel(false);
                     running = Some((tx, tokio::spawn(run(server, addr, rx))));
                 }
                 Err(e) => tracing::error!("cluster registry: the image store: {e}"),
-            },
-            (None, true) => {
-                if let Some((tx, h)) = running.take() {
-                    let _ = tx.send(true);
-                    let _ = h.await;
-                }
             }
-            _ => {}
         }
         tokio::select! {
             r = membership.changed() => if r.is_err() { break },
@@ -244,6 +257,58 @@ async fn serve_cluster_registry(
         let _ = tx.send(true);
         let _ = h.await;
     }
+}
+
+/// The peer registries (`host:port`) of the Ready nodes, other than `asker`, whose tasks of
+/// the image pinned to `digest` are past PREPARING and not yet stopped: they hold it.
+fn holders(
+    api: &shoal_manager::controlapi::ControlApi,
+    digest: &str,
+    asker: &str,
+    port: u16,
+) -> Option<Vec<String>> {
+    let store = api.store();
+    let suffix = format!("@{digest}");
+    let holding: std::collections::HashSet<String> = store
+        .list_tasks()
+        .ok()?
+        .into_iter()
+        .filter(|t| {
+            let state = t.status.as_ref().map_or(0, |s| s.state);
+            t.node_id != asker
+                && (pb::TaskState::Ready as i32..=pb::TaskState::Running as i32).contains(&state)
+                && t.spec
+                    .as_ref()
+                    .and_then(|s| s.container.as_ref())
+                    .is_some_and(|c| c.image.ends_with(&suffix))
+        })
+        .map(|t| t.node_id)
+        .collect();
+    let mut out: Vec<String> = store
+        .list_nodes()
+        .ok()?
+        .into_iter()
+        .filter(|n| {
+            n.meta.as_ref().is_some_and(|m| holding.contains(&m.id))
+                && n.status
+                    .as_ref()
+                    .is_some_and(|s| s.state == pb::NodeState::Ready as i32 && !s.addr.is_empty())
+        })
+        .filter_map(|n| {
+            let a = n.status?.addr;
+            let host = a
+                .parse::<SocketAddr>()
+                .map(|s| s.ip().to_string())
+                .unwrap_or(a);
+            Some(match host.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+                _ => format!("{host}:{port}"),
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    Some(out)
 }
 
 /// What every incarnation of the node's worker agent shares.

@@ -37,8 +37,7 @@ impl Registry {
     fn options(self, data_dir: &Path, reference: &str) -> shoal_worker::registry::PullOptions {
         shoal_worker::registry::PullOptions {
             insecure: self.insecure,
-            credentials: None,
-            roots: Vec::new(),
+            ..Default::default()
         }
         .with_node(data_dir, reference)
     }

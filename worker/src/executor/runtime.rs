@@ -932,13 +932,30 @@ impl Executor for RuntimeExecutor {
             .and_then(|s| s.container.as_ref())
             .and_then(|c| c.registry_auth.as_ref())
             .map(|a| (a.username.clone(), a.password.clone()));
-        let opts = crate::registry::PullOptions {
+        // A pinned image may be on peers already (or about to be: then wait for it).
+        let peers = match image.rsplit_once('@') {
+            Some((_, digest)) => {
+                match crate::peers::locate(
+                    &self.cfg.data_dir,
+                    digest,
+                    crate::registry_server::CLAIM_TTL,
+                )
+                .await
+                {
+                    crate::peers::Located::Peers(p) => p,
+                    crate::peers::Located::Origin => Vec::new(),
+                }
+            }
+            None => Vec::new(),
+        };
+        let mut opts = crate::registry::PullOptions {
             insecure: self.cfg.insecure_registries.clone(),
             credentials: given,
-            roots: Vec::new(),
+            ..Default::default()
         }
         .with_node(&self.cfg.data_dir, &image);
-        tracing::info!(%image, "pulling");
+        opts.peers = peers;
+        tracing::info!(%image, peers = opts.peers.len(), "pulling");
         note(&format!("pulling {image}"));
         crate::registry::pull(
             images.clone(),
