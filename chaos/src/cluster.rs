@@ -1,6 +1,8 @@
 //! The cluster under test: a test bed of hosts, each running a real `shoal agent`; the first
-//! `managers` hosts are managers, the rest workers. One manager's data dir is a small tmpfs
-//! (the disk-full fault). Control calls go over each host's local socket (gRPC).
+//! `managers` hosts are managers, the rest workers. The last manager's data dir is a small
+//! tmpfs (the disk-full fault), the one before it ext4 on a loop device (disk full on a real
+//! file system, and a stuck disk: the file system frozen). Control calls go over each host's
+//! local socket (gRPC).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::control_client::ControlClient;
 use shoal_tests::cluster::{ClusterBuilder, Member};
+use shoal_tests::disk::LoopFs;
 use shoal_tests::testbed::{Host, Signal, Testbed};
 use tonic::transport::Channel;
 
@@ -18,6 +21,8 @@ pub const IMAGE: &str = "busybox:latest";
 /// Size of the tmpfs the disk-full manager keeps its data dir on: room for sled's growth
 /// over a long run (tens of MiB) plus the space the manager needs free to start again.
 pub const TMPFS_SIZE: &str = "160m";
+/// Size of the ext4 file system (on a loop device) of the other disk-fault manager.
+pub const EXT4_MIB: u64 = 160;
 /// How long connecting to a host's socket may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a control call made by the harness itself (not the recorded workload) may take.
@@ -33,11 +38,19 @@ const CONTAINER_KILL_ROUNDS: usize = 10;
 
 /// The test bed with its agents.
 pub struct Cluster {
+    /// The ext4 data dir of [`Cluster::ext4_host`], if it could be made. Declared before the
+    /// test bed, so that it is thawed before the test bed goes down (a frozen file system
+    /// that is unmounted lazily could never be thawed).
+    pub ext4: Option<LoopFs>,
+    /// Why there is no ext4 data dir, when there is none.
+    pub ext4_missing: Option<String>,
     pub tb: Testbed,
     pub managers: Vec<usize>,
     pub workers: Vec<usize>,
     /// The manager whose data dir is a tmpfs.
     pub disk_host: usize,
+    /// The manager whose data dir is ext4 on a loop device (another than `disk_host`).
+    pub ext4_host: usize,
 }
 
 /// What one `ListNodes` says about the cluster.
@@ -68,11 +81,14 @@ impl Cluster {
     pub fn start(managers: usize, workers: usize, log: &dyn Fn(&str)) -> Result<Cluster> {
         let n = managers + workers;
         let tb = Testbed::up_with_hint("shoal-chaos", n).context("bringing the test bed up")?;
-        let c = Cluster {
+        let mut c = Cluster {
+            ext4: None,
+            ext4_missing: None,
             tb,
             managers: (1..=managers).collect(),
             workers: (managers + 1..=n).collect(),
             disk_host: managers,
+            ext4_host: managers - 1,
         };
         log(&format!(
             "test bed {} up: {} hosts on 10.77.{}.0/24",
@@ -83,6 +99,24 @@ impl Cluster {
         let disk = c.host(c.disk_host)?.name().to_string();
         c.tb.script(&["tmpfs", &disk, TMPFS_SIZE])
             .context("mounting the disk-full manager's tmpfs")?;
+        let ext4_dir = c.host(c.ext4_host)?.data_dir();
+        match LoopFs::mount(&ext4_dir, EXT4_MIB) {
+            Ok(fs) => {
+                log(&format!(
+                    "{} keeps its data on ext4 ({} MiB, {})",
+                    c.host(c.ext4_host)?.name(),
+                    fs.size_mib(),
+                    fs.device()
+                ));
+                c.ext4 = Some(fs);
+            }
+            Err(e) => {
+                log(&format!(
+                    "no ext4 data dir ({e}): the ext4 disk faults are skipped"
+                ));
+                c.ext4_missing = Some(e.to_string());
+            }
+        }
         for h in c.tb.hosts() {
             h.import_busybox(IMAGE)
                 .with_context(|| format!("importing {IMAGE} into {}", h.name()))?;

@@ -1,9 +1,10 @@
 //! Fault injectors over the test bed. Each fault is injected, held for a bounded time and
 //! healed (healing is attempted whatever happened), then the cluster is given
-//! [`RECOVERY_TIMEOUT`] to be well again (a leader, every manager reachable, every node Ready).
+//! [`RECOVERY_TIMEOUT`] to be well again (a leader, every manager reachable, every node Ready)
+//! and must stay well for [`STABLE_FOR`]: a fault whose cluster falls ill again in that window
+//! (or at the check before the next fault) has not recovered. Some faults carry a second one
+//! (an overlap, [`CARRIERS`] and [`SECONDARY`]) injected during their hold.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,8 @@ use serde::Serialize;
 use shoal_chaos::history::{Call, Kind, Outcome};
 use shoal_chaos::lincheck::SpecValue;
 use shoal_proto::v1 as pb;
+use shoal_tests::cluster::Member;
+use shoal_tests::disk::fill;
 use shoal_tests::testbed::{pid_stopped, Signal};
 
 use crate::cluster::{control, Cluster, CALL_TIMEOUT};
@@ -24,17 +27,38 @@ use crate::workload::{Shared, OP_TIMEOUT, TOKEN_LABEL};
 
 /// How long the cluster may take to be well again after a fault is healed.
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once well, the cluster must stay well this long (health polled every [`STABLE_POLL`]) for
+/// the fault to count as recovered.
+pub const STABLE_FOR: Duration = Duration::from_secs(3);
+const STABLE_POLL: Duration = Duration::from_millis(250);
+/// Times a recovered cluster may fall ill again (and be awaited again) within one recovery.
+const MAX_RELAPSES: u32 = 5;
+/// A disk fault on the leader must see another manager elected this soon (two leases of
+/// silence before its beacons stop, an election, and slack for a loaded machine; the daemon's
+/// own bound for a silent Raft core is 10 s).
+pub const NEW_LEADER_BOUND: Duration = Duration::from_secs(8);
+/// While a new leader is awaited, each manager's `ListNodes` is bounded by this (a follower
+/// that still takes the failed leader for its leader forwards the call to it).
+const LEADER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// When a carrier fault (see [`CARRIERS`]) carries a second one in a long run: one in this many.
+const OVERLAP_ONE_IN: u32 = 3;
+/// The second fault of an overlap starts this long into the first one's hold (at most), and
+/// is held this long (at least / at most).
+const OVERLAP_DELAY_MAX: Duration = Duration::from_secs(3);
+const OVERLAP_HOLD: (u64, u64) = (3, 6);
+/// A rolling update of the mesh service: one task at a time, this far apart.
+const ROLLING_DELAY: &str = "1s";
+/// How long a rolling update may take to complete once its fault is healed.
+const ROLLING_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a known leader is waited for before a fault that needs one.
 const LEADER_WAIT: Duration = Duration::from_secs(20);
-/// The disk-full filler is written in chunks of this size, up to [`MAX_FILL`].
-const FILL_CHUNK: usize = 1 << 20;
-const MAX_FILL: u64 = 1 << 30;
 /// Name of the filler file in the disk-full manager's data dir.
 const FILLER: &str = "chaos-filler";
 /// How long writes through the disk-full manager are retried once space is back.
 const DISK_RECOVERY_TIMEOUT: Duration = Duration::from_secs(45);
-/// Attempts at moving leadership to the disk-full manager (stopping the leader each time).
-const LEAD_ATTEMPTS: usize = 3;
+/// Attempts at moving leadership to the disk-fault manager (stopping the leader each time),
+/// besides one per manager: the more managers, the less often the one wanted wins.
+const LEAD_ATTEMPTS: usize = 1;
 /// How long a stopped leader's successor is waited for.
 const SUCCESSOR_WAIT: Duration = Duration::from_secs(8);
 /// Big writes made while the disk is full, and the label bytes each carries.
@@ -64,9 +88,12 @@ pub enum Fault {
     RestartAllManagers,
     AgentRestart,
     DiskFull,
+    DiskFullExt4,
+    DiskStuck,
+    RollingUpdate,
 }
 
-pub const ALL: [Fault; 11] = [
+pub const ALL: [Fault; 14] = [
     Fault::KillLeader,
     Fault::KillManager,
     Fault::KillWorker,
@@ -78,7 +105,50 @@ pub const ALL: [Fault; 11] = [
     Fault::RestartAllManagers,
     Fault::AgentRestart,
     Fault::DiskFull,
+    Fault::DiskFullExt4,
+    Fault::DiskStuck,
+    Fault::RollingUpdate,
 ];
+
+/// Faults that can carry a second one during their hold (none of them a partition: healing a
+/// partition removes every rule).
+pub const CARRIERS: [Fault; 4] = [
+    Fault::DiskFull,
+    Fault::DiskFullExt4,
+    Fault::DiskStuck,
+    Fault::RollingUpdate,
+];
+
+/// Faults that can be the second one of an overlap.
+pub const SECONDARY: [Fault; 5] = [
+    Fault::KillLeader,
+    Fault::KillManager,
+    Fault::PauseLeader,
+    Fault::PartitionMinority,
+    Fault::IsolateLeader,
+];
+
+/// Which data dir a disk fault hits, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskKind {
+    /// The tmpfs manager's data dir filled.
+    TmpfsFull,
+    /// The ext4 manager's data dir filled.
+    Ext4Full,
+    /// The ext4 manager's file system frozen: every write and fsync blocks.
+    Ext4Stuck,
+}
+
+impl DiskKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            DiskKind::TmpfsFull => "tmpfs full",
+            DiskKind::Ext4Full => "ext4 full",
+            DiskKind::Ext4Stuck => "ext4 stuck",
+        }
+    }
+}
 
 impl Fault {
     pub fn name(self) -> &'static str {
@@ -94,6 +164,73 @@ impl Fault {
             Fault::RestartAllManagers => "restart-all-managers",
             Fault::AgentRestart => "agent-restart-with-running-containers",
             Fault::DiskFull => "disk-full-manager",
+            Fault::DiskFullExt4 => "disk-full-ext4-manager",
+            Fault::DiskStuck => "disk-stuck-manager",
+            Fault::RollingUpdate => "rolling-update",
+        }
+    }
+
+    /// The fault named `n`.
+    pub fn by_name(n: &str) -> Option<Fault> {
+        ALL.iter().copied().find(|f| f.name() == n)
+    }
+
+    /// Whether it is a disk fault (judged by the disk check).
+    pub fn is_disk(self) -> bool {
+        matches!(
+            self,
+            Fault::DiskFull | Fault::DiskFullExt4 | Fault::DiskStuck
+        )
+    }
+}
+
+/// A fault as a run schedules it: one, or one carrying a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planned {
+    pub fault: Fault,
+    pub overlap: Option<Fault>,
+}
+
+impl Planned {
+    pub fn one(fault: Fault) -> Planned {
+        Planned {
+            fault,
+            overlap: None,
+        }
+    }
+
+    /// `a` or `a+b` (b carried by a: a must be one of [`CARRIERS`], b of [`SECONDARY`]).
+    pub fn parse(s: &str) -> Result<Planned, String> {
+        let names = || ALL.map(|f| f.name()).join(", ");
+        let (a, b) = match s.split_once('+') {
+            Some((a, b)) => (a, Some(b)),
+            None => (s, None),
+        };
+        let fault = Fault::by_name(a)
+            .ok_or_else(|| format!("unknown fault '{a}' (one of: {})", names()))?;
+        let overlap = match b {
+            None => None,
+            Some(b) => {
+                let g = Fault::by_name(b)
+                    .ok_or_else(|| format!("unknown fault '{b}' (one of: {})", names()))?;
+                if !CARRIERS.contains(&fault) || !SECONDARY.contains(&g) {
+                    return Err(format!(
+                        "'{s}': only {} can carry a second fault, and only {} can be one",
+                        CARRIERS.map(|f| f.name()).join(", "),
+                        SECONDARY.map(|f| f.name()).join(", ")
+                    ));
+                }
+                Some(g)
+            }
+        };
+        Ok(Planned { fault, overlap })
+    }
+
+    /// `a` or `a+b`.
+    pub fn name(&self) -> String {
+        match self.overlap {
+            Some(g) => format!("{}+{}", self.fault.name(), g.name()),
+            None => self.fault.name().to_string(),
         }
     }
 }
@@ -102,23 +239,35 @@ impl Fault {
 #[derive(Debug, Clone, Serialize)]
 pub struct FaultRecord {
     pub fault: Fault,
+    /// The second fault it carried, if any.
+    pub overlap: Option<Fault>,
+    /// `fault` or `fault+overlap`: the kind its recovery is counted under.
     pub name: String,
     pub detail: String,
     pub start_ms: u64,
     pub healed_ms: u64,
-    /// Seconds from healing until the cluster was well again.
+    /// Seconds from healing until the cluster was first seen well (a leader, every manager
+    /// reachable, every node Ready, every restarted agent in session).
+    pub first_well_s: Option<f64>,
+    /// Seconds from healing until the cluster was well and stayed well for [`STABLE_FOR`]:
+    /// the fault's recovery. `None`: not recovered.
     pub recovery_s: Option<f64>,
+    /// Times the cluster fell ill again after it was first seen well.
+    pub relapses: u32,
     /// Injection, healing or recovery that failed.
     pub errors: Vec<String>,
     pub notes: Vec<String>,
 }
 
-/// What the disk-full fault found.
-#[derive(Debug, Clone, Default, Serialize)]
+/// What a disk fault found.
+#[derive(Debug, Clone, Serialize)]
 pub struct DiskFullReport {
+    pub kind: DiskKind,
     pub host: String,
     pub role: String,
     pub filled_bytes: u64,
+    /// When the disk failed under the leader: seconds until another manager was seen leading.
+    pub new_leader_after_s: Option<f64>,
     /// Writes made while the disk was full: (through which host, outcome).
     pub writes_while_full: Vec<(String, String)>,
     pub agent_survived: bool,
@@ -137,6 +286,9 @@ pub struct Injector<'a> {
     pub rng: rand::rngs::StdRng,
     pub log: &'a dyn Fn(&str),
     pub disk: Vec<DiskFullReport>,
+    /// The second fault of the fault in progress, its delay into the hold and its own hold
+    /// (taken by [`Injector::hold_overlapped`]).
+    pub overlap: Option<(Fault, Duration, Duration)>,
 }
 
 impl Injector<'_> {
@@ -161,13 +313,22 @@ impl Injector<'_> {
             .unwrap_or_else(|_| format!("h{i}"))
     }
 
-    /// Undoes every fault: partitions, stopped agents, dead agents, the filler file.
+    /// Undoes every fault: a frozen disk, partitions, stopped agents, dead agents, the
+    /// filler files.
     pub fn heal_all(&self) -> Vec<String> {
         let mut errors = Vec::new();
+        // First: an agent blocked on a frozen disk can neither stop nor be killed.
+        if let Some(fs) = &self.cluster.ext4 {
+            if let Err(e) = fs.thaw() {
+                errors.push(format!("thawing the ext4 data dir: {e}"));
+            }
+        }
         if let Err(e) = self.cluster.tb.heal() {
             errors.push(format!("heal: {e}"));
         }
-        let _ = std::fs::remove_file(self.filler());
+        for k in [DiskKind::TmpfsFull, DiskKind::Ext4Full] {
+            let _ = std::fs::remove_file(self.filler(k));
+        }
         for h in self.cluster.tb.hosts() {
             if let Some(pid) = h.agent_pid() {
                 if pid_stopped(pid) {
@@ -183,78 +344,112 @@ impl Injector<'_> {
         errors
     }
 
-    fn filler(&self) -> PathBuf {
+    /// The manager a disk fault of `kind` hits.
+    fn disk_host(&self, kind: DiskKind) -> usize {
+        match kind {
+            DiskKind::TmpfsFull => self.cluster.disk_host,
+            DiskKind::Ext4Full | DiskKind::Ext4Stuck => self.cluster.ext4_host,
+        }
+    }
+
+    fn filler(&self, kind: DiskKind) -> PathBuf {
         self.cluster
-            .host(self.cluster.disk_host)
+            .host(self.disk_host(kind))
             .map(|h| h.data_dir().join(FILLER))
             .unwrap_or_else(|_| PathBuf::from("/nonexistent"))
     }
 
-    /// Injects `f`, holds it for `hold`, heals, and waits for recovery.
-    pub fn run(&mut self, f: Fault, hold: Duration) -> FaultRecord {
+    /// Whether the cluster is unwell now, and how (for the check before the next fault: a
+    /// fault whose cluster falls ill again has not recovered).
+    pub fn unwell_now(&self) -> Option<String> {
+        match self.rt.block_on(self.cluster.health()) {
+            None => Some("no manager answers".into()),
+            Some(h) if !self.cluster.all_well(&h) => Some(format!(
+                "leader {:?}, {} of {} managers reachable, {} of {} nodes Ready: {}",
+                h.leader.map(|l| self.name(l)),
+                h.reachable_managers,
+                self.cluster.managers.len(),
+                h.ready,
+                self.cluster.tb.hosts().len(),
+                h.unwell.join(", ")
+            )),
+            Some(_) => None,
+        }
+    }
+
+    /// Picks what to inject next in a long run: `f`, carrying a second fault one time in
+    /// [`OVERLAP_ONE_IN`] when it can.
+    pub fn plan(&mut self, f: Fault) -> Planned {
+        let overlap = (CARRIERS.contains(&f) && self.rng.gen_ratio(1, OVERLAP_ONE_IN)).then(|| {
+            *SECONDARY
+                .choose(&mut self.rng)
+                .unwrap_or(&Fault::KillLeader)
+        });
+        Planned { fault: f, overlap }
+    }
+
+    /// Injects `p`, holds it for `hold`, heals, and waits for a lasting recovery.
+    pub fn run(&mut self, p: Planned, hold: Duration) -> FaultRecord {
+        let f = p.fault;
         let start_ms = self.shared.now_us() / 1000;
         {
             let mut t = self.tag.lock().unwrap_or_else(|e| e.into_inner());
-            t.current = Some(f.name().to_string());
+            t.current = Some(p.name());
         }
         (self.log)(&format!(
             "fault {}: injecting (hold {} s)",
-            f.name(),
+            p.name(),
             hold.as_secs()
         ));
         let mut rec = FaultRecord {
             fault: f,
-            name: f.name().to_string(),
+            overlap: p.overlap,
+            name: p.name(),
             detail: String::new(),
             start_ms,
             healed_ms: 0,
+            first_well_s: None,
             recovery_s: None,
+            relapses: 0,
             errors: Vec::new(),
             notes: Vec::new(),
         };
         let marks = self.cluster.agent_marks();
+        self.overlap = p.overlap.map(|g| {
+            let delay =
+                Duration::from_millis(self.rng.gen_range(0..=OVERLAP_DELAY_MAX.as_millis() as u64));
+            let sub = Duration::from_secs(self.rng.gen_range(OVERLAP_HOLD.0..=OVERLAP_HOLD.1));
+            (g, delay, sub)
+        });
         if let Err(e) = self.inject(f, hold, &mut rec) {
             rec.errors.push(format!("{e:#}"));
+        }
+        // A carrier whose hold never came (it failed first) still runs its second fault.
+        if self.overlap.is_some() {
+            self.hold_overlapped(Duration::ZERO, &mut rec);
         }
         rec.errors.extend(self.heal_all());
         rec.healed_ms = self.shared.now_us() / 1000;
         {
             let mut t = self.tag.lock().unwrap_or_else(|e| e.into_inner());
             t.current = None;
-            t.healed = Some((f.name().to_string(), rec.healed_ms));
+            t.healed = Some((p.name(), rec.healed_ms));
         }
         let healed = Instant::now();
-        let well = self.rt.block_on(async {
-            let (d, h) = self.cluster.wait_well(RECOVERY_TIMEOUT).await?;
-            let left = RECOVERY_TIMEOUT.saturating_sub(healed.elapsed());
-            let missing = self.cluster.wait_sessions(&marks, left).await;
-            if !missing.is_empty() {
-                bail!(
-                    "restarted agents without a dispatcher session {} s after the heal: {}",
-                    RECOVERY_TIMEOUT.as_secs(),
-                    missing.join(", ")
-                );
-            }
-            Ok((d.max(healed.elapsed()), h))
-        });
-        match well {
-            Ok((d, h)) => {
-                rec.recovery_s = Some(d.as_secs_f64());
-                rec.notes.push(format!(
-                    "well as seen through {}, every restarted agent in session",
-                    h.via
-                ));
-            }
-            Err(e) => {
+        if f == Fault::RollingUpdate {
+            if let Err(e) = self.wait_rolled(healed + ROLLING_TIMEOUT) {
                 rec.errors.push(format!("{e:#}"));
-                // One more chance: an agent may have died while we waited.
-                rec.errors.extend(self.heal_all());
             }
         }
+        self.await_recovery(healed, &marks, &mut rec);
         (self.log)(&format!(
-            "fault {}: {} healed, recovered in {}{}",
-            f.name(),
+            "fault {}: {} healed, well after {}, recovered (well for {} s) in {}{}",
+            p.name(),
             rec.detail,
+            rec.first_well_s
+                .map(|s| format!("{s:.1} s"))
+                .unwrap_or_else(|| "—".into()),
+            STABLE_FOR.as_secs(),
             rec.recovery_s
                 .map(|s| format!("{s:.1} s"))
                 .unwrap_or_else(|| "— (not recovered)".into()),
@@ -265,6 +460,215 @@ impl Injector<'_> {
             }
         ));
         rec
+    }
+
+    /// Waits until the cluster is well (and every agent restarted since `marks` is in session
+    /// again), then until it has stayed well for [`STABLE_FOR`]; a relapse starts the wait
+    /// again (at most [`MAX_RELAPSES`] times), all within [`RECOVERY_TIMEOUT`] of `healed`.
+    fn await_recovery(
+        &mut self,
+        healed: Instant,
+        marks: &[(Option<u32>, u64)],
+        rec: &mut FaultRecord,
+    ) {
+        let deadline = healed + RECOVERY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let well = self.rt.block_on(async {
+                let (_, h) = self.cluster.wait_well(left).await?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                let missing = self.cluster.wait_sessions(marks, left).await;
+                if !missing.is_empty() {
+                    bail!(
+                        "restarted agents without a dispatcher session {} s after the heal: {}",
+                        RECOVERY_TIMEOUT.as_secs(),
+                        missing.join(", ")
+                    );
+                }
+                Ok(h)
+            });
+            let h = match well {
+                Ok(h) => h,
+                Err(e) => {
+                    rec.errors.push(format!("{e:#}"));
+                    // One more chance: an agent may have died while we waited.
+                    rec.errors.extend(self.heal_all());
+                    return;
+                }
+            };
+            let well_at = healed.elapsed().as_secs_f64();
+            rec.first_well_s.get_or_insert(well_at);
+            // Stays well? Every health sample in the window must say so.
+            let since = Instant::now();
+            let mut relapse = None;
+            while since.elapsed() < STABLE_FOR && !self.interrupted.load(Ordering::Relaxed) {
+                std::thread::sleep(STABLE_POLL);
+                if let Some(why) = self.unwell_now() {
+                    relapse = Some(why);
+                    break;
+                }
+            }
+            match relapse {
+                None => {
+                    rec.recovery_s = Some(well_at);
+                    rec.notes.push(format!(
+                        "well as seen through {}, every restarted agent in session, and still well {} s later",
+                        h.via,
+                        STABLE_FOR.as_secs()
+                    ));
+                    return;
+                }
+                Some(why) => {
+                    rec.relapses += 1;
+                    rec.notes.push(format!(
+                        "well {well_at:.1} s after the heal, then unwell again: {why}"
+                    ));
+                    if rec.relapses > MAX_RELAPSES || Instant::now() >= deadline {
+                        rec.errors.push(format!(
+                            "never stayed well for {} s within {} s of the heal ({} relapses; last: {why})",
+                            STABLE_FOR.as_secs(),
+                            RECOVERY_TIMEOUT.as_secs(),
+                            rec.relapses
+                        ));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds a fault for `d`; when a second fault is pending ([`Injector::overlap`]), injects
+    /// it into the hold (after its delay), holds it, heals it, and holds the rest.
+    fn hold_overlapped(&mut self, d: Duration, rec: &mut FaultRecord) {
+        let Some((g, delay, sub)) = self.overlap.take() else {
+            self.hold(d);
+            return;
+        };
+        let end = Instant::now() + d;
+        self.hold(delay.min(d));
+        match self.inject_secondary(g, sub) {
+            Ok(detail) => rec.detail.push_str(&format!(" + {} ({detail})", g.name())),
+            Err(e) => rec.errors.push(format!("second fault {}: {e:#}", g.name())),
+        }
+        self.hold(end.saturating_duration_since(Instant::now()));
+    }
+
+    /// Injects `g` (one of [`SECONDARY`]), holds it for `hold` and heals it; returns what it
+    /// did.
+    fn inject_secondary(&mut self, g: Fault, hold: Duration) -> Result<String> {
+        let c = self.cluster;
+        (self.log)(&format!(
+            "  second fault {}: injecting (hold {} s)",
+            g.name(),
+            hold.as_secs()
+        ));
+        let detail = match g {
+            Fault::KillLeader | Fault::KillManager => {
+                let m = if g == Fault::KillLeader {
+                    self.leader()?
+                } else {
+                    *c.managers.choose(&mut self.rng).context("no managers")?
+                };
+                c.kill_agent(m, Signal::Kill)?;
+                self.hold(hold);
+                c.ensure_agent(m)?;
+                format!("agent of {} killed", self.name(m))
+            }
+            Fault::PauseLeader => {
+                let l = self.leader()?;
+                c.kill_agent(l, Signal::Stop)?;
+                self.hold(hold);
+                c.kill_agent(l, Signal::Cont)?;
+                format!("agent of {} (leader) stopped", self.name(l))
+            }
+            Fault::PartitionMinority | Fault::IsolateLeader => {
+                let l = self.leader()?;
+                let cut = if g == Fault::IsolateLeader {
+                    l
+                } else {
+                    let followers: Vec<usize> =
+                        c.managers.iter().copied().filter(|&m| m != l).collect();
+                    *followers.choose(&mut self.rng).context("no follower")?
+                };
+                let rest: Vec<usize> = (1..=c.tb.hosts().len()).filter(|&i| i != cut).collect();
+                c.tb.partition(&[&[cut], &rest])?;
+                self.hold(hold);
+                c.tb.heal()?;
+                format!(
+                    "{}{} cut off from the rest",
+                    if cut == l { "leader " } else { "" },
+                    self.name(cut)
+                )
+            }
+            other => bail!("{} cannot be a second fault", other.name()),
+        };
+        Ok(detail)
+    }
+
+    /// Starts a rolling update of the mesh service (a new environment variable: every task
+    /// replaced, one at a time).
+    fn start_rolling(&mut self) -> Result<String> {
+        let gen = self.rng.gen::<u32>();
+        let l = self.leader()?;
+        let h = self.cluster.host(l)?;
+        let env = format!("CHAOS_GEN={gen}");
+        h.shoal_ok(&[
+            "service",
+            "update",
+            "--detach",
+            "--env-add",
+            &env,
+            "--update-parallelism",
+            "1",
+            "--update-delay",
+            ROLLING_DELAY,
+            crate::mesh::SERVICE,
+        ])
+        .context("starting a rolling update of the mesh service")?;
+        Ok(env)
+    }
+
+    /// Waits until the mesh service's update has completed and its replicas run.
+    fn wait_rolled(&self, deadline: Instant) -> Result<()> {
+        let mut last = String::new();
+        while Instant::now() < deadline && !self.interrupted.load(Ordering::Relaxed) {
+            for &m in &self.cluster.managers {
+                let Ok(h) = self.cluster.host(m) else {
+                    continue;
+                };
+                let Ok(out) = h.shoal_ok(&["service", "inspect", crate::mesh::SERVICE]) else {
+                    continue;
+                };
+                let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                let state = v[0]["UpdateStatus"]["State"].as_str().unwrap_or("none");
+                last = format!("update {state}: {}", v[0]["UpdateStatus"]["Message"]);
+                if state.eq_ignore_ascii_case("completed") {
+                    let ls = h
+                        .shoal_ok(&["service", "ls", "--format", "json"])
+                        .unwrap_or_default();
+                    let v: serde_json::Value = serde_json::from_str(&ls).unwrap_or_default();
+                    let mesh = v.as_array().and_then(|a| {
+                        a.iter()
+                            .find(|s| s["Spec"]["Name"] == crate::mesh::SERVICE)
+                            .cloned()
+                    });
+                    let st = mesh.map(|s| s["ServiceStatus"].clone()).unwrap_or_default();
+                    if st["RunningTasks"].as_u64().is_some()
+                        && st["RunningTasks"] == st["DesiredTasks"]
+                    {
+                        return Ok(());
+                    }
+                    last = format!("update completed, tasks {st}");
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        bail!(
+            "the rolling update of {} did not complete within {} s of the heal ({last})",
+            crate::mesh::SERVICE,
+            ROLLING_TIMEOUT.as_secs()
+        )
     }
 
     fn inject(&mut self, f: Fault, hold: Duration, rec: &mut FaultRecord) -> Result<()> {
@@ -363,18 +767,39 @@ impl Injector<'_> {
                 self.hold(Duration::from_secs(2));
                 c.ensure_agent(w)?;
             }
-            Fault::DiskFull => {
-                let r = self.disk_full(hold, rec);
+            Fault::DiskFull | Fault::DiskFullExt4 | Fault::DiskStuck => {
+                let kind = match f {
+                    Fault::DiskFull => DiskKind::TmpfsFull,
+                    Fault::DiskFullExt4 => DiskKind::Ext4Full,
+                    _ => DiskKind::Ext4Stuck,
+                };
+                if kind != DiskKind::TmpfsFull && c.ext4.is_none() {
+                    rec.detail = format!(
+                        "skipped: no ext4 data dir here ({})",
+                        c.ext4_missing.as_deref().unwrap_or("unknown")
+                    );
+                    rec.notes.push(rec.detail.clone());
+                    return Ok(());
+                }
+                let r = self.disk_fault(kind, hold, rec);
                 self.disk.push(r);
+            }
+            Fault::RollingUpdate => {
+                let env = self.start_rolling()?;
+                rec.detail = format!(
+                    "{} updated ({env}), one task at a time, {ROLLING_DELAY} apart",
+                    crate::mesh::SERVICE
+                );
+                self.hold_overlapped(hold, rec);
             }
         }
         Ok(())
     }
 
     /// Makes host `d` the leader by stopping the leader until another is elected (at most
-    /// [`LEAD_ATTEMPTS`] times); returns whether `d` leads.
+    /// [`LEAD_ATTEMPTS`] + one per manager times); returns whether `d` leads.
     fn make_leader(&self, d: usize) -> bool {
-        for _ in 0..LEAD_ATTEMPTS {
+        for _ in 0..LEAD_ATTEMPTS + self.cluster.managers.len() {
             let Ok(l) = self.leader() else { return false };
             if l == d {
                 return true;
@@ -399,15 +824,32 @@ impl Injector<'_> {
         self.leader().ok() == Some(d)
     }
 
-    /// Fills the tmpfs of one manager's data dir (as the leader on odd runs, a follower on
-    /// even ones), makes the cluster's state grow while it is full, writes through it, frees
-    /// the space and checks that it applies and takes writes again.
-    fn disk_full(&mut self, hold: Duration, rec: &mut FaultRecord) -> DiskFullReport {
+    /// A disk fault on one manager's data dir (`kind`): filled to ENOSPC (the tmpfs or the
+    /// ext4 one) or frozen (ext4: every write and fsync blocks), as the leader on every other
+    /// fault of the run, a follower otherwise. The cluster's state grows meanwhile (big writes
+    /// through another manager). When the disk failed under the leader, another manager must
+    /// be seen leading within [`NEW_LEADER_BOUND`]. Then the disk works again, and the manager
+    /// must take writes and apply them in its own store.
+    fn disk_fault(
+        &mut self,
+        kind: DiskKind,
+        hold: Duration,
+        rec: &mut FaultRecord,
+    ) -> DiskFullReport {
         let c = self.cluster;
-        let d = c.disk_host;
+        let d = self.disk_host(kind);
         let mut r = DiskFullReport {
+            kind,
             host: self.name(d),
-            ..Default::default()
+            role: String::new(),
+            filled_bytes: 0,
+            new_leader_after_s: None,
+            writes_while_full: Vec::new(),
+            agent_survived: false,
+            log_lines: Vec::new(),
+            write_after_free: None,
+            recovered_after_s: None,
+            problems: Vec::new(),
         };
         let want_leader = self.disk.len().is_multiple_of(2);
         if want_leader && !self.make_leader(d) {
@@ -426,16 +868,41 @@ impl Injector<'_> {
             .and_then(|h| std::fs::metadata(h.agent_log()).ok())
             .map(|m| m.len())
             .unwrap_or(0);
-        match fill(&self.filler()) {
-            Ok(n) => r.filled_bytes = n,
-            Err(e) => r.problems.push(format!("filling the disk: {e:#}")),
+        // Who leads while the disk has failed, as the other managers see it.
+        let others: Vec<(String, PathBuf)> = c
+            .sockets(&c.managers)
+            .into_iter()
+            .filter(|(n, _)| *n != r.host)
+            .collect();
+        let t0 = Instant::now();
+        let watcher = (r.role == "leader")
+            .then(|| self.rt.spawn(watch_new_leader(others, r.host.clone(), t0)));
+        match kind {
+            DiskKind::TmpfsFull | DiskKind::Ext4Full => match fill(&self.filler(kind)) {
+                Ok(n) => r.filled_bytes = n,
+                Err(e) => r.problems.push(format!("filling the disk: {e}")),
+            },
+            DiskKind::Ext4Stuck => {
+                if let Some(Err(e)) = c.ext4.as_ref().map(|fs| fs.freeze()) {
+                    r.problems.push(format!("freezing the disk: {e}"));
+                }
+            }
         }
-        rec.detail = format!(
-            "data dir of {} ({}) filled ({} MiB)",
-            r.host,
-            r.role,
-            r.filled_bytes >> 20
-        );
+        rec.detail = if kind == DiskKind::Ext4Stuck {
+            format!("data dir of {} ({}) on ext4 frozen", r.host, r.role)
+        } else {
+            format!(
+                "data dir of {} ({}) on {} filled ({} MiB)",
+                r.host,
+                r.role,
+                if kind == DiskKind::TmpfsFull {
+                    "tmpfs"
+                } else {
+                    "ext4"
+                },
+                r.filled_bytes >> 20
+            )
+        };
         // The state grows while the disk is full: big specs through another manager, then
         // one through the full one.
         let other = c.managers.iter().copied().find(|&m| m != d).unwrap_or(1);
@@ -449,7 +916,22 @@ impl Injector<'_> {
         }
         let o = self.probe_write(d, 0);
         r.writes_while_full.push((self.name(d), o));
-        self.hold(end.saturating_duration_since(Instant::now()));
+        self.hold_overlapped(end.saturating_duration_since(Instant::now()), rec);
+        if let Some(w) = watcher {
+            w.abort();
+            r.new_leader_after_s = self.rt.block_on(w).ok().flatten().map(|d| d.as_secs_f64());
+            match r.new_leader_after_s {
+                Some(s) if s <= NEW_LEADER_BOUND.as_secs_f64() => {}
+                Some(s) => r.problems.push(format!(
+                    "another manager led only {s:.1} s after the leader's disk failed (bound {} s)",
+                    NEW_LEADER_BOUND.as_secs()
+                )),
+                None => r.problems.push(format!(
+                    "no other manager led while the leader's disk had failed ({:.0} s)",
+                    t0.elapsed().as_secs_f64()
+                )),
+            }
+        }
         r.agent_survived = c.host(d).ok().and_then(|h| h.agent_pid()).is_some();
         if let Ok(h) = c.host(d) {
             if let Ok(text) = std::fs::read(h.agent_log()) {
@@ -466,6 +948,7 @@ impl Injector<'_> {
                             || l.contains("fatal")
                             || l.contains("os error 28")
                             || l.contains("raft stopped")
+                            || l.contains("has not answered")
                             || l.contains("afresh")
                             || l.contains("manager restarted")
                     })
@@ -475,8 +958,12 @@ impl Injector<'_> {
             }
         }
         // Through the full manager a write succeeds or is refused naming the cause; through
-        // the others it succeeds or is refused — never left without an answer.
+        // the others it succeeds or is refused — never left without an answer. A stuck disk
+        // names no cause and may hold the one write in flight to it: not judged.
         for (h, o) in &r.writes_while_full {
+            if kind == DiskKind::Ext4Stuck {
+                break;
+            }
             let l = o.to_ascii_lowercase();
             let clear = l.contains("space") || l.contains("disk") || l.contains("full");
             if *h == r.host && o != "ok" && !clear {
@@ -490,11 +977,20 @@ impl Injector<'_> {
                 ));
             }
         }
-        // Free the space (and restart the agent if the full disk ended it).
-        let _ = std::fs::remove_file(self.filler());
+        // The disk works again (and the agent is restarted if the fault ended it).
+        match kind {
+            DiskKind::Ext4Stuck => {
+                if let Some(Err(e)) = c.ext4.as_ref().map(|fs| fs.thaw()) {
+                    r.problems.push(format!("thawing the disk: {e}"));
+                }
+            }
+            _ => {
+                let _ = std::fs::remove_file(self.filler(kind));
+            }
+        }
         if !r.agent_survived {
             r.problems.push(format!(
-                "the agent of {} exited while its disk was full",
+                "the agent of {} exited while its disk had failed",
                 r.host
             ));
             if let Err(e) = c.ensure_agent(d) {
@@ -512,7 +1008,7 @@ impl Injector<'_> {
             }
             if start.elapsed() > DISK_RECOVERY_TIMEOUT || self.interrupted.load(Ordering::Relaxed) {
                 r.problems.push(format!(
-                    "{} s after space returned, {} still does not take and apply writes (last write through it: {o})",
+                    "{} s after the disk worked again, {} still does not take and apply writes (last write through it: {o})",
                     DISK_RECOVERY_TIMEOUT.as_secs(),
                     r.host,
                 ));
@@ -664,31 +1160,65 @@ impl Injector<'_> {
     }
 }
 
-/// Writes zeros to `path` until the file system is full; returns the bytes written.
-fn fill(path: &std::path::Path) -> Result<u64> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    let chunk = vec![0u8; FILL_CHUNK];
-    let mut n = 0u64;
-    while n < MAX_FILL {
-        match f.write(&chunk) {
-            Ok(0) => break,
-            Ok(k) => n += k as u64,
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
-            Err(e) => bail!("writing {}: {e}", path.display()),
+/// Polls the managers in `others` (each call bounded by [`LEADER_PROBE_TIMEOUT`]) until one
+/// names a leader other than `old`; returns the time since `t0`. Runs until aborted.
+async fn watch_new_leader(
+    others: Vec<(String, PathBuf)>,
+    old: String,
+    t0: Instant,
+) -> Option<Duration> {
+    loop {
+        let mut probes = Vec::new();
+        for (_, sock) in &others {
+            let sock = sock.clone();
+            probes.push(tokio::spawn(async move {
+                let mut c = control(&sock).await.ok()?;
+                let r = tokio::time::timeout(
+                    LEADER_PROBE_TIMEOUT,
+                    c.list_nodes(pb::ListNodesRequest {}),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                r.into_inner().nodes.into_iter().find_map(|n| {
+                    n.manager_status
+                        .filter(|m| m.leader)
+                        .and(n.description.map(|d| d.hostname))
+                })
+            }));
+        }
+        for p in probes {
+            if let Ok(Some(l)) = p.await {
+                if l != old {
+                    return Some(t0.elapsed());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overlap_names_a_carrier_and_a_second_fault() {
+        let p = Planned::parse("disk-full-manager+partition-minority").unwrap();
+        assert_eq!(p.fault, Fault::DiskFull);
+        assert_eq!(p.overlap, Some(Fault::PartitionMinority));
+        assert_eq!(p.name(), "disk-full-manager+partition-minority");
+        assert_eq!(
+            Planned::parse("kill-9-leader").unwrap(),
+            Planned::one(Fault::KillLeader)
+        );
+        // A partition cannot carry one (healing it heals every partition); a disk fault
+        // cannot be a second fault.
+        assert!(Planned::parse("partition-minority+kill-9-leader").is_err());
+        assert!(Planned::parse("rolling-update+disk-full-manager").is_err());
+        assert!(Planned::parse("no-such-fault").is_err());
+        for f in ALL {
+            assert_eq!(Fault::by_name(f.name()), Some(f));
         }
     }
-    // The last partial blocks.
-    let small = [0u8; 512];
-    while let Ok(k) = f.write(&small) {
-        if k == 0 {
-            break;
-        }
-        n += k as u64;
-    }
-    Ok(n)
 }

@@ -394,9 +394,10 @@ async fn watch_raft(shared: std::sync::Weak<Shared>) {
             Err(e) => e.to_string(),
             // Not stopped, but wedged: a core that answers nothing (seen after an apply failed
             // on a full disk) keeps its last metrics and would keep this manager looking alive.
+            // Or a storage that refuses writes (core_answers logs which).
             Ok(()) if !crate::raft::elect::core_answers(api.raft(), RAFT_STUCK_AFTER).await => {
                 format!(
-                    "the raft core has not answered for {} s",
+                    "the raft core or its storage has not answered within {} s",
                     RAFT_STUCK_AFTER.as_secs()
                 )
             }

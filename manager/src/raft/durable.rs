@@ -23,7 +23,8 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 /// sled's log file inside its directory.
 const SLED_LOG_FILE: &str = "db";
@@ -51,6 +52,44 @@ struct Inner {
     synced_blobs: Mutex<HashMap<OsString, u64>>,
     syncs: AtomicU64,
     blob_syncs: AtomicU64,
+}
+
+/// Every database a [`Durable`] took over in this process, for [`storage_answers`].
+static OPEN: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
+
+/// Whether the Raft storage of this process still works: every open database is flushed
+/// (`sled::Db::flush`, on the blocking pool), within `wait`; `Err` names the first that
+/// failed. sled keeps the first I/O error it meets — a write it could not make on a full
+/// disk, even one of its own background flushes — and refuses every write after it, while
+/// reads of what it holds go on. A leader whose Raft had nothing to append then looked well
+/// for good: its core answered, its heartbeats and beacons went on, and every write was
+/// refused by the store before it reached Raft (issue 18, seen in the disk-fault test).
+pub async fn storage_answers(wait: Duration) -> Result<(), String> {
+    let open: Vec<Arc<Inner>> = {
+        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|w| w.strong_count() > 0);
+        open.iter().filter_map(Weak::upgrade).collect()
+    };
+    if open.is_empty() {
+        return Ok(());
+    }
+    let flushed = tokio::task::spawn_blocking(move || {
+        for inner in &open {
+            inner
+                .db
+                .flush()
+                .map_err(|e| format!("{}: {e}", inner.blobs_dir.display()))?;
+        }
+        Ok::<(), String>(())
+    });
+    match tokio::time::timeout(wait, flushed).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(format!("the storage check failed: {e}")),
+        Err(_) => Err(format!(
+            "flushing the database did not finish in {} s",
+            wait.as_secs()
+        )),
+    }
 }
 
 fn sled_io(e: sled::Error) -> io::Error {
@@ -98,6 +137,9 @@ impl Durable {
             }),
         };
         durable.sync_blocking()?;
+        OPEN.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&durable.inner));
         fsync_dir(dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             fsync_dir(parent)?;

@@ -313,14 +313,26 @@ pub fn beacon_quorum_limit(config: &openraft::Config) -> Duration {
     Duration::from_millis((10 * config.election_timeout_max).max(2_000))
 }
 
-/// Whether the Raft core itself answers within `wait`: a call that runs on the core's own
-/// loop. Metrics and triggers cannot tell: the metrics keep their last value when the core
-/// stops, and a trigger only queues a message for it.
+/// Whether the Raft core itself answers within `wait` — a call that runs on the core's own
+/// loop (metrics and triggers cannot tell: the metrics keep their last value when the core
+/// stops, and a trigger only queues a message for it) — and its storage still takes writes
+/// ([`super::durable::storage_answers`]: a database that failed an I/O refuses every write
+/// for good, while a core with nothing to append goes on answering).
 pub async fn core_answers(raft: &Raft, wait: Duration) -> bool {
-    matches!(
+    let core = matches!(
         tokio::time::timeout(wait, raft.with_raft_state(|_| ())).await,
         Ok(Ok(()))
-    )
+    );
+    if !core {
+        return false;
+    }
+    match super::durable::storage_answers(wait).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!("raft storage refuses writes: {e}");
+            false
+        }
+    }
 }
 
 /// Whether a leader may vouch for itself: its core answered within `stale` (and it has a
