@@ -13,13 +13,17 @@
 //! - skopeo: `skopeo copy --src-tls-verify=false docker://REF oci:DIR:big` (download into an
 //!   OCI layout: blobs only, nothing unpacked);
 //! - docker: `docker pull REF` (download, unpack into its layer store), then `docker rmi REF`
-//!   untimed; only if a Docker daemon already answers `docker info` (127.0.0.0/8 registries are
-//!   insecure to Docker by default). Nothing here starts or configures dockerd.
+//!   untimed (127.0.0.0/8 registries are insecure to Docker by default). Either the Docker
+//!   daemon that already answers `docker info`, or with `--start-dockerd` one this run starts:
+//!   its data root, exec root, pid file, config file and socket (`-H unix://…`) in the run's
+//!   temp dir, `--iptables=false --bridge=none` (nothing changed on the host), killed by pid
+//!   when the run ends, on error too.
 //!
 //! Each destination is removed and `sync` run, untimed, before the next pull, so no side pays
-//! for another's writeback. To see where shoal's time goes, `shoal image load` of skopeo's
-//! layout (the same blobs, no network) is timed as many times at the end: the store's part of
-//! a pull (copy and re-hash of the blobs, unpacking, fsyncs); the rest is the download.
+//! for another's writeback. For reference, `shoal image load` of skopeo's layout (the same
+//! blobs, no network: copied and hashed, then unpacked, synced) is timed as many times at the
+//! end. A pull unpacks its layers while they download, so the pull's time minus the load's is
+//! not the download's share.
 //!
 //! Everything lives in a tempdir under `--workdir`; the registry is killed (by pid) and the
 //! image removed from Docker when the run ends, on error too. Traffic goes to 127.0.0.1 only.
@@ -39,6 +43,10 @@ use std::time::{Duration, Instant};
 const PULL_DEADLINE: Duration = Duration::from_secs(600);
 /// Longest `docker info` may take to say whether dockerd runs.
 const DOCKER_INFO_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest a dockerd this run starts may take to answer `docker info`.
+const DOCKERD_START_DEADLINE: Duration = Duration::from_secs(60);
+/// Longest a dockerd this run started may take to exit after SIGTERM before it gets SIGKILL.
+const DOCKERD_STOP_DEADLINE: Duration = Duration::from_secs(20);
 /// Pause between checks on a running child.
 const POLL: Duration = Duration::from_millis(10);
 /// Bounds on the arguments.
@@ -64,9 +72,14 @@ pub struct ImagePullArgs {
     #[arg(long)]
     shoal: Option<PathBuf>,
     /// Leave Docker out even if its daemon runs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "start_dockerd")]
     no_docker: bool,
-    /// Skip timing `shoal image load` of skopeo's layout (the store's share of a pull).
+    /// Start a dockerd of this run's own (data and exec root in the run's temp dir, its own
+    /// socket, no iptables rules, no bridge), killed by pid at the end; without it Docker is
+    /// measured only if a daemon already answers `docker info`.
+    #[arg(long)]
+    start_dockerd: bool,
+    /// Skip timing `shoal image load` of skopeo's layout (the same blobs from disk).
     #[arg(long)]
     no_breakdown: bool,
     /// Parent of the run's temporary directory (image build, pull destinations).
@@ -260,9 +273,18 @@ fn timed(cmd: &mut Command, logs: &Path, deadline: Duration) -> Result<(Duration
     Ok((took, out))
 }
 
+/// `docker` talking to `host` (`unix://…`), or to the default daemon.
+fn docker(host: Option<&str>) -> Command {
+    let mut c = Command::new("docker");
+    if let Some(h) = host {
+        c.args(["-H", h]);
+    }
+    c
+}
+
 /// Whether `docker info` succeeds within DOCKER_INFO_DEADLINE (dockerd runs and answers).
-fn docker_running() -> bool {
-    let Ok(mut child) = Command::new("docker")
+fn docker_running(host: Option<&str>) -> bool {
+    let Ok(mut child) = docker(host)
         .arg("info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -294,14 +316,128 @@ fn load1() -> f64 {
 }
 
 /// An image Docker holds because of this run, removed (`docker rmi`) when dropped.
-struct DockerImage(Option<String>);
+struct DockerImage {
+    reference: Option<String>,
+    host: Option<String>,
+}
 
 impl DockerImage {
     fn remove(&mut self) -> Result<()> {
-        if let Some(r) = self.0.take() {
-            run(Command::new("docker").args(["rmi", &r]))?;
+        if let Some(r) = self.reference.take() {
+            run(docker(self.host.as_deref()).args(["rmi", &r]))?;
         }
         Ok(())
+    }
+}
+
+/// A dockerd this run started, everything of it under `dir`; stopped by pid when dropped
+/// (SIGTERM, then SIGKILL), with the containerd it started and any mount left under `dir`.
+struct OwnDockerd {
+    child: std::process::Child,
+    dir: PathBuf,
+    /// `unix://DIR/docker.sock`.
+    host: String,
+}
+
+impl OwnDockerd {
+    fn start(dir: &Path) -> Result<OwnDockerd> {
+        let data = dir.join("data");
+        let exec = dir.join("exec");
+        std::fs::create_dir_all(&data)?;
+        std::fs::create_dir_all(&exec)?;
+        // An empty config file: nothing from /etc/docker/daemon.json.
+        let config = dir.join("daemon.json");
+        std::fs::write(&config, "{}")?;
+        let host = format!("unix://{}", dir.join("docker.sock").display());
+        let log = File::create(dir.join("dockerd.log"))?;
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--data-root")
+            .arg(&data)
+            .arg("--exec-root")
+            .arg(&exec)
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .args(["-H", &host, "--iptables=false", "--bridge=none"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dockerd (apt-get install docker.io)")?;
+        let mut d = OwnDockerd {
+            child,
+            dir: dir.to_path_buf(),
+            host,
+        };
+        let t = Instant::now();
+        loop {
+            if let Some(st) = d.child.try_wait()? {
+                let log = std::fs::read_to_string(d.dir.join("dockerd.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                bail!(
+                    "dockerd exited ({st}): {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                );
+            }
+            if docker_running(Some(&d.host)) {
+                return Ok(d);
+            }
+            if t.elapsed() > DOCKERD_START_DEADLINE {
+                bail!("dockerd did not answer within {DOCKERD_START_DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The containerd this dockerd started (its pid file under the exec root), if it runs.
+    fn containerd_pid(&self) -> Option<nix::unistd::Pid> {
+        let s = std::fs::read_to_string(self.dir.join("exec/containerd/containerd.pid")).ok()?;
+        let pid = nix::unistd::Pid::from_raw(s.trim().parse().ok()?);
+        nix::sys::signal::kill(pid, None).ok().map(|()| pid)
+    }
+}
+
+impl Drop for OwnDockerd {
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        let containerd = self.containerd_pid();
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let t = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if t.elapsed() < DOCKERD_STOP_DEADLINE => std::thread::sleep(POLL),
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        // dockerd stops the containerd it started; make sure of it (by its pid).
+        if let Some(c) = containerd {
+            let t = Instant::now();
+            while kill(c, None).is_ok() && t.elapsed() < DOCKERD_STOP_DEADLINE {
+                std::thread::sleep(POLL);
+            }
+            if kill(c, None).is_ok() {
+                let _ = kill(c, Signal::SIGKILL);
+            }
+        }
+        // Mounts dockerd left under its directories (none expected without containers).
+        let prefix = format!("{}/", self.dir.display());
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut left: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in left {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
@@ -358,25 +494,43 @@ pub fn image_pull(a: &ImagePullArgs) -> Result<()> {
         .context("skopeo not runnable: apt-get install skopeo")?
         .trim()
         .to_string();
-    let docker_version = if a.no_docker {
-        eprintln!("  docker: left out (--no-docker)");
-        None
-    } else if !docker_running() {
-        eprintln!("  docker: SKIPPED — `docker info` fails: no Docker daemon is running (this benchmark does not start one)");
-        None
-    } else {
-        Some(
-            run(Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]))?
-                .trim()
-                .to_string(),
-        )
-    };
-
     std::fs::create_dir_all(&a.workdir)?;
     let tmp = tempfile::Builder::new()
         .prefix("shoal-image-pull-")
         .tempdir_in(&a.workdir)
         .with_context(|| format!("a tempdir in {}", a.workdir.display()))?;
+    // Declared after `tmp`: stopped before it is removed.
+    let own_dockerd = if a.start_dockerd {
+        let t = Instant::now();
+        let d = OwnDockerd::start(&tmp.path().join("dockerd"))?;
+        eprintln!(
+            "  started dockerd (pid {}) on {} in {:.1} s",
+            d.child.id(),
+            d.host,
+            t.elapsed().as_secs_f64()
+        );
+        Some(d)
+    } else {
+        None
+    };
+    let docker_host = own_dockerd.as_ref().map(|d| d.host.clone());
+    let docker_version = if a.no_docker {
+        eprintln!("  docker: left out (--no-docker)");
+        None
+    } else if !docker_running(docker_host.as_deref()) {
+        eprintln!("  docker: SKIPPED — `docker info` fails: no Docker daemon is running (--start-dockerd starts one)");
+        None
+    } else {
+        Some(
+            run(docker(docker_host.as_deref()).args([
+                "version",
+                "--format",
+                "{{.Server.Version}}",
+            ]))?
+            .trim()
+            .to_string(),
+        )
+    };
     let t = Instant::now();
     let layout_dir = tmp.path().join("layout");
     let scratch = tmp.path().join("scratch");
@@ -404,8 +558,11 @@ pub fn image_pull(a: &ImagePullArgs) -> Result<()> {
     if docker_version.is_some() {
         sides.push(Side::Docker);
     }
-    // Declared after `tmp` and `reg`: dropped first.
-    let mut docker_image = DockerImage(None);
+    // Declared after `tmp`, the dockerd and `reg`: dropped first.
+    let mut docker_image = DockerImage {
+        reference: None,
+        host: docker_host.clone(),
+    };
     let mut secs: Vec<(Side, Vec<f64>)> = sides.iter().map(|&s| (s, Vec::new())).collect();
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -437,9 +594,9 @@ pub fn image_pull(a: &ImagePullArgs) -> Result<()> {
                     PULL_DEADLINE,
                 )?,
                 Side::Docker => {
-                    docker_image.0 = Some(reference.clone());
+                    docker_image.reference = Some(reference.clone());
                     timed(
-                        Command::new("docker").args(["pull", &reference]),
+                        docker(docker_host.as_deref()).args(["pull", &reference]),
                         &logs,
                         PULL_DEADLINE,
                     )?
@@ -486,7 +643,7 @@ pub fn image_pull(a: &ImagePullArgs) -> Result<()> {
         }
     }
 
-    // The store's share of shoal's pull: the same blobs loaded from disk, no network.
+    // For reference: the same blobs loaded from disk, no network.
     let mut loads = Vec::new();
     if !a.no_breakdown {
         for round in 0..a.rounds {
@@ -561,7 +718,7 @@ pub fn image_pull(a: &ImagePullArgs) -> Result<()> {
             if a.no_docker {
                 "--no-docker"
             } else {
-                "no Docker daemon running"
+                "no Docker daemon running; --start-dockerd starts one"
             }
         );
         json["docker"] = serde_json::Value::Null;
@@ -569,9 +726,8 @@ pub fn image_pull(a: &ImagePullArgs) -> Result<()> {
     if !loads.is_empty() {
         let lm = median(&loads);
         println!(
-            "  breakdown: `shoal image load` of the same blobs from disk median {lm:.2} s ({:.0} % of the pull); download and staging ≈ {:.2} s",
+            "  for reference: `shoal image load` of the same blobs from disk median {lm:.2} s ({:.0} % of the pull, which unpacks while it downloads)",
             100.0 * lm / shoal_m,
-            shoal_m - lm
         );
         json["shoal_load"] = serde_json::json!({
             "secs": loads.iter().map(|&s| round3(s)).collect::<Vec<_>>(),
@@ -582,6 +738,7 @@ pub fn image_pull(a: &ImagePullArgs) -> Result<()> {
     println!("{json}");
     drop(docker_image);
     drop(reg);
+    drop(own_dockerd);
     drop(tmp);
     Ok(())
 }

@@ -1424,7 +1424,10 @@ fn a_service_runs_an_image_only_a_registry_has() {
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     while running_tasks(h1, "web").len() < 3 {
-        assert!(Instant::now() < deadline, "web did not run on all three nodes");
+        assert!(
+            Instant::now() < deadline,
+            "web did not run on all three nodes"
+        );
         sleep(Duration::from_millis(300));
     }
     // The manager pinned the tag to the registry's digest; every node pulled those bytes.
@@ -1433,8 +1436,12 @@ fn a_service_runs_an_image_only_a_registry_has() {
     assert!(inspect.contains(&pinned), "{inspect}");
     for h in hosts {
         ok_out(
-            h.shoal(&["image", "inspect", &shoal_tests::registry::digest(&manifest)])
-                .expect("image inspect"),
+            h.shoal(&[
+                "image",
+                "inspect",
+                &shoal_tests::registry::digest(&manifest),
+            ])
+            .expect("image inspect"),
         );
     }
     // A tag the registry does not have: rejected, with the registry's word for it.
@@ -1471,6 +1478,91 @@ fn a_service_runs_an_image_only_a_registry_has() {
         sleep(Duration::from_millis(300));
     }
     ok_out(h1.shoal(&["service", "rm", "web", "ghost"]).expect("rm"));
+    assert_no_shoal_network(&hosts);
+}
+
+/// Peer-to-peer layers: three nodes start one service image that only the origin registry
+/// has; one node pulls it from there, the others from that node (the managers say who holds
+/// it), so the origin serves each blob once — and every node holds the pinned bytes.
+#[test]
+fn the_origin_serves_each_layer_once_and_peers_the_rest() {
+    let tb = up(3);
+    let hosts = [
+        tb.host(1).expect("h1"),
+        tb.host(2).expect("h2"),
+        tb.host(3).expect("h3"),
+    ];
+    let h1 = hosts[0];
+    let reg = Registry::start(&tb.bridge_addr().to_string()).expect("registry");
+    let work = tempfile::tempdir().expect("tempdir");
+    let tar = work.path().join("rootfs.tar");
+    busybox_rootfs_tar(&tar).expect("rootfs");
+    let layer = fs::read(&tar).expect("tar");
+    let layout = Layout {
+        dir: &work.path().join("layout"),
+    };
+    let manifest = layout.image(&layer, oci_arch(), &["sh"]);
+    layout.finish(&manifest, false);
+    reg.push(layout.dir, "peered:1").expect("push");
+    for h in hosts {
+        h.spawn_agent(&[
+            "--dns-upstream",
+            "none",
+            "--insecure-registry",
+            reg.addr(),
+            "--registry-port",
+            "5000",
+        ])
+        .expect("agent");
+    }
+    ClusterBuilder::new()
+        .form(&[hosts[0] as &dyn Member, hosts[1], hosts[2]])
+        .expect("cluster");
+    let image = format!("{}/peered:1", reg.addr());
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "--name",
+            "peered",
+            "--replicas",
+            "3",
+            "--replicas-max-per-node",
+            "1",
+            "--stop-grace-period",
+            "1s",
+            &image,
+            "sh",
+            "-c",
+            WEB,
+        ])
+        .expect("service create"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while running_tasks(h1, "peered").len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "peered did not run on all three nodes"
+        );
+        sleep(Duration::from_millis(300));
+    }
+    let layer_digest = shoal_tests::registry::digest(&layer);
+    for h in hosts {
+        ok_out(
+            h.shoal(&[
+                "image",
+                "inspect",
+                &shoal_tests::registry::digest(&manifest),
+            ])
+            .expect("image inspect"),
+        );
+    }
+    assert_eq!(
+        reg.blob_served(&layer_digest),
+        1,
+        "the origin served the layer more than once"
+    );
+    ok_out(h1.shoal(&["service", "rm", "peered"]).expect("rm"));
     assert_no_shoal_network(&hosts);
 }
 

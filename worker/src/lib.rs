@@ -7,8 +7,8 @@ pub mod controller;
 pub mod db;
 pub mod dns;
 pub mod executor;
-pub mod registry;
 pub mod peers;
+pub mod registry;
 pub mod registry_server;
 mod session;
 

@@ -3,10 +3,11 @@
 //! redirects, digests checked as blobs stream in).
 //!
 //! A pull resolves the reference to one manifest (from an image index or Docker manifest list:
-//! the node's platform), downloads its config and layers concurrently into an OCI layout
-//! directory under the data dir, and hands that to [`ImageStore::load`], which verifies every
-//! digest and size again, unpacks the layers it does not hold yet and tags the image. A failure
-//! anywhere leaves nothing in the store; the download directory is removed either way.
+//! the node's platform), downloads its config, then its layers concurrently, straight into the
+//! store's staging ([`ImageStore::ingest`]: each blob hashed as it is written, each layer
+//! unpacked while it downloads), and has the store load that layout
+//! ([`ImageStore::load_ingest`]: the checks of `image load`, every layer's diff id against the
+//! config), which tags the image. A failure anywhere leaves nothing in the store.
 //!
 //! Plain HTTP is used only for loopback registries and the ones listed as insecure (Docker's
 //! rule); everything else is HTTPS with the system's roots.
@@ -20,7 +21,9 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 use shoal_manager::controlapi::images::{ImageResolver, Resolution};
-use shoal_runtime::image::{sha256_digest, ImageInfo, ImageStore};
+use shoal_runtime::image::{
+    sha256_digest, BlobWriter, ImageError, ImageInfo, ImageStore, IngestHandle,
+};
 
 /// Where pulls stage their downloads, under the data dir.
 pub const PULL_DIR: &str = "pulls";
@@ -406,15 +409,6 @@ fn is_loopback(registry: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Removes the staging directory on every path.
-struct Staging(PathBuf);
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The name the store tags a pulled image with: the reference as given (`busybox`,
 /// `127.0.0.1:5000/app:1.4`), or none for a pull by digest.
 fn store_name(given: &str) -> Option<String> {
@@ -593,38 +587,115 @@ pub async fn pull(
         blobs.push(desc(l)?);
     }
 
-    // The OCI layout the store loads from.
-    let dir = data_dir
-        .join(PULL_DIR)
-        .join(digest.trim_start_matches("sha256:"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let staging = Staging(dir.clone());
-    let blob_dir = dir.join("blobs/sha256");
-    let io = |what: String| move |source| PullError::Io { what, source };
-    std::fs::create_dir_all(&blob_dir).map_err(io(format!("create {}", blob_dir.display())))?;
+    // The blobs go straight into the store's staging, each hashed as it arrives (the one
+    // check of its digest), and the layers are unpacked while they download.
     let hex_of = |d: &str| d.trim_start_matches("sha256:").to_string();
-    std::fs::write(blob_dir.join(hex_of(&digest)), &bytes).map_err(io("write manifest".into()))?;
+    // What an older shoal that stopped mid-pull may have left.
+    let _ = std::fs::remove_dir_all(data_dir.join(PULL_DIR).join(hex_of(&digest)));
+    let ingest = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.ingest())
+            .await
+            .map_err(|e| fail(format!("staging: {e}")))??
+    };
+    let handle = ingest.handle();
+    handle.add_file(&format!("blobs/sha256/{}", hex_of(&digest)), &bytes)?;
+    // The config first (it is small): its diff ids tell which layers the store already holds
+    // unpacked, which are then not unpacked again while they download.
+    let (config_digest, config_size) = blobs.remove(0);
+    if config_size > shoal_runtime::image::MAX_JSON_BYTES {
+        return Err(fail(format!(
+            "config: {config_size} bytes, more than {}",
+            shoal_runtime::image::MAX_JSON_BYTES
+        )));
+    }
+    let config = download(
+        &client,
+        &manifest_ref,
+        &config_digest,
+        config_size,
+        (handle.clone(), None),
+        true,
+        &|n| progress(&config_digest, n, config_size),
+    )
+    .await
+    .map_err(|why| fail(format!("blob {config_digest}: {why}")))?;
+    let diff_ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&config)
+        .ok()
+        .and_then(|c| {
+            c["rootfs"]["diff_ids"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    // Only hints: the store checks every layer against the config itself.
+    let chains = if diff_ids.len() == blobs.len() {
+        shoal_runtime::image::chain_ids(&diff_ids)
+    } else {
+        Vec::new()
+    };
+    // Peers that hold the image first (each blob still checked against its digest), the
+    // origin last.
+    let mut sources: Vec<(oci_client::Client, Reference)> = Vec::new();
+    if let Some(popts) = (!opts.peers.is_empty())
+        .then(|| peer_options(data_dir))
+        .flatten()
+    {
+        for p in &opts.peers {
+            let at = format!("{p}/{}@{digest}", manifest_ref.repository());
+            if let Ok((r, c, _)) = connect(&at, &popts) {
+                let auth = popts
+                    .credentials
+                    .as_ref()
+                    .map(|(u, t)| RegistryAuth::Basic(u.clone(), t.clone()))
+                    .unwrap_or(RegistryAuth::Anonymous);
+                // The token goes with every request to that peer.
+                let _ = c.auth(&r, &auth, oci_client::RegistryOperation::Pull).await;
+                sources.push((c, r));
+            }
+        }
+    }
+    sources.push((client.clone(), manifest_ref.clone()));
+    let sources = Arc::new(sources);
     let (tick, mut ticks) = tokio::sync::mpsc::unbounded_channel::<(String, u64, u64)>();
     let mut downloads = tokio::task::JoinSet::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LAYERS));
-    for (blob, size) in blobs {
-        let path = blob_dir.join(hex_of(&blob));
-        if path.exists() {
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(config_digest.clone());
+    for (i, (blob, size)) in blobs.into_iter().enumerate() {
+        if !seen.insert(blob.clone()) {
             continue;
         }
-        let (client, mref, sem, tick) = (
-            client.clone(),
-            manifest_ref.clone(),
-            sem.clone(),
-            tick.clone(),
-        );
+        let (sources, sem, tick, handle) =
+            (sources.clone(), sem.clone(), tick.clone(), handle.clone());
+        let chain = chains.get(i).cloned();
         downloads.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            download(&client, &mref, &blob, size, &path, &|n| {
-                let _ = tick.send((blob.clone(), n, size));
-            })
-            .await
-            .map_err(|why| (blob.clone(), why))
+            let mut last = String::new();
+            for (client, from) in sources.iter() {
+                let got = download(
+                    client,
+                    from,
+                    &blob,
+                    size,
+                    (handle.clone(), chain.clone()),
+                    false,
+                    &|n| {
+                        let _ = tick.send((blob.clone(), n, size));
+                    },
+                )
+                .await;
+                match got {
+                    Ok(_) => return Ok(()),
+                    Err(why) => {
+                        tracing::debug!(%blob, from = %from.registry(), "blob not fetched: {why}");
+                        last = why;
+                    }
+                }
+            }
+            Err((blob.clone(), last))
         });
     }
     drop(tick);
@@ -653,13 +724,12 @@ pub async fn pull(
         "mediaType": OCI_INDEX,
         "manifests": [entry],
     });
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
-        .map_err(io("write oci-layout".into()))?;
-    std::fs::write(dir.join("index.json"), index.to_string())
-        .map_err(io("write index.json".into()))?;
+    handle.add_file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    handle.add_file("index.json", index.to_string().as_bytes())?;
+    drop(handle);
     let repository = repository_of(reference);
     let loaded = tokio::task::spawn_blocking(move || {
-        let loaded = store.load_consuming(&dir)?;
+        let loaded = store.load_ingest(ingest)?;
         let Some(mut image) = loaded.into_iter().next() else {
             return Ok(None);
         };
@@ -671,29 +741,66 @@ pub async fn pull(
     })
     .await
     .map_err(|e| fail(format!("loading: {e}")))??;
-    drop(staging);
     loaded.ok_or_else(|| fail("the registry's image held nothing to store".into()))
 }
 
-/// Downloads one blob of `size` bytes into `path`, checking its digest; a broken transfer
-/// resumes where it stopped (a ranged request), up to [`DOWNLOAD_ATTEMPTS`] times. More bytes
-/// than the manifest says are refused as they arrive. `got` hears the bytes so far.
+/// Downloads one blob of `size` bytes into the pull's ingest (`to`: its handle, and for a
+/// layer the chain id the config gives it, so that it is unpacked as it arrives), which
+/// checks its size and digest; a broken transfer resumes where it stopped (a ranged request),
+/// up to [`DOWNLOAD_ATTEMPTS`] times. More bytes than the manifest says are refused as they
+/// arrive. `got` hears the bytes so far. With `keep`, the blob's bytes are returned too.
 async fn download(
     client: &oci_client::Client,
     image: &Reference,
     digest: &str,
     size: u64,
-    path: &Path,
+    to: (IngestHandle, Option<String>),
+    keep: bool,
     got: &(dyn Fn(u64) + Sync),
-) -> Result<(), String> {
+) -> Result<Vec<u8>, String> {
     use futures::StreamExt;
-    use sha2::Digest;
-    use tokio::io::AsyncWriteExt;
-    let file = tokio::fs::File::create(path)
-        .await
+    /// Bytes gathered before they are handed to the writer (on a blocking thread).
+    const BATCH: usize = 1 << 20;
+    type Written = (BlobWriter, Result<(), ImageError>, Vec<u8>);
+    let (ingest, chain) = to;
+    let writer = ingest
+        .blob(digest, size, chain.as_deref())
         .map_err(|e| e.to_string())?;
-    let mut out = tokio::io::BufWriter::new(file);
-    let mut hasher = sha2::Sha256::new();
+    // The writer and a spare buffer, or the write under way that gives them back.
+    let mut idle = Some((writer, Vec::with_capacity(BATCH)));
+    let mut busy: Option<tokio::task::JoinHandle<Written>> = None;
+    let mut buf: Vec<u8> = Vec::with_capacity(BATCH);
+    let mut kept = Vec::new();
+    // Waits for the write under way; a failed write ends the download.
+    async fn settle(
+        idle: &mut Option<(BlobWriter, Vec<u8>)>,
+        busy: &mut Option<tokio::task::JoinHandle<Written>>,
+    ) -> Result<(), String> {
+        if let Some(h) = busy.take() {
+            let (w, r, mut spare) = h.await.map_err(|e| e.to_string())?;
+            spare.clear();
+            *idle = Some((w, spare));
+            r.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+    // Hands `buf` to the writer on a blocking thread, receiving meanwhile into the spare.
+    async fn hand_over(
+        buf: &mut Vec<u8>,
+        idle: &mut Option<(BlobWriter, Vec<u8>)>,
+        busy: &mut Option<tokio::task::JoinHandle<Written>>,
+    ) -> Result<(), String> {
+        settle(idle, busy).await?;
+        let Some((mut w, spare)) = idle.take() else {
+            return Err("the blob's writer is gone".into());
+        };
+        let data = std::mem::replace(buf, spare);
+        *busy = Some(tokio::task::spawn_blocking(move || {
+            let r = w.write(&data);
+            (w, r, data)
+        }));
+        Ok(())
+    }
     let mut have = 0u64;
     let desc = oci_client::manifest::OciDescriptor {
         digest: digest.to_string(),
@@ -702,11 +809,21 @@ async fn download(
     };
     let mut last = String::new();
     for _ in 0..DOWNLOAD_ATTEMPTS {
-        let resp = if have == 0 {
+        let resp = if have == 0 && size == 0 {
             client
                 .pull_blob_stream(image, &desc)
                 .await
                 .map(|s| (s, false))
+        } else if have == 0 {
+            // The whole blob as a range: oci-client then leaves the digest to the writer,
+            // which checks it anyway (a registry that answers 200 gets it checked twice).
+            client
+                .pull_blob_stream_partial(image, &desc, 0, Some(size))
+                .await
+                .map(|r| match r {
+                    oci_client::client::BlobResponse::Full(s) => (s, false),
+                    oci_client::client::BlobResponse::Partial(s) => (s, false),
+                })
         } else {
             client
                 .pull_blob_stream_partial(image, &desc, have, None)
@@ -720,12 +837,12 @@ async fn download(
             Ok((stream, restart)) => {
                 if restart {
                     // The registry sent the whole blob again: start over.
-                    out.flush().await.map_err(|e| e.to_string())?;
-                    out.get_mut().set_len(0).await.map_err(|e| e.to_string())?;
-                    tokio::io::AsyncSeekExt::rewind(out.get_mut())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    hasher = sha2::Sha256::new();
+                    settle(&mut idle, &mut busy).await?;
+                    if let Some((w, _)) = idle.as_mut() {
+                        w.restart().map_err(|e| e.to_string())?;
+                    }
+                    buf.clear();
+                    kept.clear();
                     have = 0;
                 }
                 stream.stream
@@ -748,8 +865,13 @@ async fn download(
                     if have > size {
                         return Err(format!("more than the {size} bytes the manifest says"));
                     }
-                    hasher.update(&bytes);
-                    out.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                    buf.extend_from_slice(&bytes);
+                    if keep {
+                        kept.extend_from_slice(&bytes);
+                    }
+                    if buf.len() >= BATCH {
+                        hand_over(&mut buf, &mut idle, &mut busy).await?;
+                    }
                     got(have);
                 }
                 Err(e) => {
@@ -771,16 +893,20 @@ async fn download(
     if have != size {
         return Err(format!("{last} (after {DOWNLOAD_ATTEMPTS} attempts)"));
     }
-    out.flush().await.map_err(|e| e.to_string())?;
-    let actual = format!("sha256:{}", hex_lower(&hasher.finalize()));
-    if actual != digest {
-        return Err(format!("digest mismatch: the bytes hash to {actual}"));
+    if !buf.is_empty() {
+        hand_over(&mut buf, &mut idle, &mut busy).await?;
     }
-    Ok(())
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    settle(&mut idle, &mut busy).await?;
+    let Some((w, _)) = idle else {
+        return Err("the blob's writer is gone".into());
+    };
+    match w.finish() {
+        Ok(()) => Ok(kept),
+        Err(ImageError::DigestMismatch { actual, .. }) => {
+            Err(format!("digest mismatch: the bytes hash to {actual}"))
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The repository a reference names, as given (`busybox`, `registry:5000/app`); `None` for

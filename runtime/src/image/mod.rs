@@ -3,13 +3,14 @@
 //! chain id, under `<data_dir>/layers/<chain-id-hex>/rootfs` in overlayfs form.
 //!
 //! Crash and concurrency rules:
-//! - blobs and layers are staged in temp files/dirs on the same filesystem, fsynced, then
-//!   renamed into place; a layer directory is used only when its `complete` marker (written
-//!   last, after syncfs) exists;
+//! - blobs and layers are staged in temp files/dirs on the same filesystem, made durable by
+//!   one `syncfs` of everything a load or pull staged, then renamed into place; a layer
+//!   directory is used only when its `complete` marker (written after that syncfs) exists;
 //! - `index.json` is rewritten with temp + fsync + rename under an exclusive flock
 //!   (`images/.shoal/index.lock`), so concurrent `shoal` processes never lose each other's tags;
-//! - writers (import, load, prepare) hold `images/.shoal/store.lock` shared for their whole
-//!   run and `gc` holds it exclusive, so gc never deletes what a writer is about to reference.
+//! - writers (import, load, prepare, a pull's ingest) hold `images/.shoal/store.lock` shared
+//!   for their whole run and `gc` holds it exclusive, so gc never deletes what a writer is
+//!   about to reference.
 
 pub mod reference;
 mod source;
@@ -21,7 +22,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use oci_spec::image::{
     Arch, ConfigBuilder, Descriptor, Digest, HistoryBuilder, ImageConfiguration,
@@ -324,12 +326,32 @@ struct StagedBlob {
     path: PathBuf,
 }
 
+/// A layer unpacked into a temp dir under `layers/`, its diff id checked (or, for a layer a
+/// pull unpacked while it downloaded, to be checked): not yet synced, no marker yet.
+struct UnpackedLayer {
+    tmp: TempDir,
+    got: unpack::Unpacked,
+}
+
+/// A layer to unpack from a staged blob before the transaction commits.
+struct LayerJob {
+    blob: PathBuf,
+    digest: String,
+    diff_id: String,
+    chain_hex: String,
+}
+
 /// One load/import in progress: staged blobs and unpacked layers, committed together.
 struct Txn<'a> {
     store: &'a ImageStore,
     staging: TempDir,
     blobs: BTreeMap<String, StagedBlob>,
-    layers: BTreeMap<String, TempDir>,
+    layers: BTreeMap<String, UnpackedLayer>,
+    /// Layers still to unpack (in parallel, at commit), lowest first.
+    pending: Vec<LayerJob>,
+    /// Layers a pull unpacked while they downloaded, by blob digest (their diff ids are
+    /// checked against the config when the manifest names them).
+    streamed: HashMap<String, UnpackedLayer>,
     counter: u64,
     /// The source directory's files are the store's to take (a pull's download): blobs are
     /// hashed in place and renamed into staging instead of copied.
@@ -339,14 +361,20 @@ struct Txn<'a> {
 impl<'a> Txn<'a> {
     fn new(store: &'a ImageStore) -> Result<Txn<'a>, ImageError> {
         let staging = TempDir::new(store.tmp.join(format!("txn-{}", unique())))?;
-        Ok(Txn {
+        Ok(Txn::with_staging(store, staging))
+    }
+
+    fn with_staging(store: &'a ImageStore, staging: TempDir) -> Txn<'a> {
+        Txn {
             store,
             staging,
             blobs: BTreeMap::new(),
             layers: BTreeMap::new(),
+            pending: Vec::new(),
+            streamed: HashMap::new(),
             counter: 0,
             consume: false,
-        })
+        }
     }
 
     fn next_path(&mut self, prefix: &str) -> PathBuf {
@@ -363,8 +391,8 @@ impl<'a> Txn<'a> {
         let path = self.next_path("blob");
         let mut f = File::create(&path)
             .map_err(|e| ImageError::io(format!("create {}", path.display()), e))?;
+        // Made durable with everything else the transaction staged, at commit.
         f.write_all(bytes)
-            .and_then(|()| f.sync_all())
             .map_err(|e| ImageError::io(format!("write {}", path.display()), e))?;
         let b = StagedBlob {
             digest: digest.clone(),
@@ -418,9 +446,7 @@ impl<'a> Txn<'a> {
                     }
                     r => r,
                 };
-                moved
-                    .and_then(|()| File::open(&path)?.sync_all())
-                    .map_err(|e| ImageError::io(format!("move {}", src.path.display()), e))?;
+                moved.map_err(|e| ImageError::io(format!("move {}", src.path.display()), e))?;
                 (digest, size, path)
             }
             _ => {
@@ -432,11 +458,10 @@ impl<'a> Txn<'a> {
                 let mut hashing = unpack::HashingReader::new(&mut input);
                 io::copy(&mut hashing, &mut out)
                     .map_err(|e| ImageError::io(format!("copy {}", src.path.display()), e))?;
+                unpack::start_writeback(&out);
                 let (digest, size) = hashing
                     .finish()
                     .map_err(|e| ImageError::io(format!("read {}", src.path.display()), e))?;
-                out.sync_all()
-                    .map_err(|e| ImageError::io(format!("sync {}", path.display()), e))?;
                 (digest, size, path)
             }
         };
@@ -465,7 +490,9 @@ impl<'a> Txn<'a> {
         Ok(b)
     }
 
-    /// Unpack a staged layer blob unless its chain is already unpacked; check its diff id.
+    /// Have a staged layer blob unpacked unless its chain is already unpacked (or about to
+    /// be); its diff id is checked. A layer the pull already unpacked from these very bytes
+    /// is taken if its diff id is the one asked for; the others are unpacked at commit.
     fn add_layer(
         &mut self,
         blob: &StagedBlob,
@@ -473,18 +500,35 @@ impl<'a> Txn<'a> {
         chain_id: &str,
     ) -> Result<(), ImageError> {
         let chain_hex = sha256_hex(chain_id)?.to_string();
-        if self.layers.contains_key(&chain_hex) || self.store.layer_complete(&chain_hex) {
+        if self.layers.contains_key(&chain_hex)
+            || self.pending.iter().any(|j| j.chain_hex == chain_hex)
+            || self.store.layer_complete(&chain_hex)
+        {
             return Ok(());
         }
-        let (tmp, _) = self
-            .store
-            .unpack_to_temp(&blob.path, Some(diff_id), &blob.digest)?;
-        self.layers.insert(chain_hex, tmp);
+        if let Some(l) = self.streamed.remove(&blob.digest) {
+            check_diff_id(&blob.digest, Some(diff_id), &l.got)?;
+            self.layers.insert(chain_hex, l);
+            return Ok(());
+        }
+        self.pending.push(LayerJob {
+            blob: blob.path.clone(),
+            digest: blob.digest.clone(),
+            diff_id: diff_id.to_string(),
+            chain_hex,
+        });
         Ok(())
     }
 
-    /// Move everything into the store: blobs, then layers; the index is the caller's last step.
+    /// Move everything into the store: layers unpacked (several at once), one sync of all that
+    /// was staged, then blobs and layers renamed in; the index is the caller's last step.
     fn commit(mut self) -> Result<(), ImageError> {
+        let jobs = std::mem::take(&mut self.pending);
+        for (chain_hex, l) in self.store.unpack_all(jobs)? {
+            self.layers.insert(chain_hex, l);
+        }
+        // Nothing is renamed into the store before its data is durable.
+        self.store.sync_staged(&self.staging.path)?;
         for b in self.blobs.values() {
             let dst = self.store.blob_path(&b.digest)?;
             if dst.exists() {
@@ -494,11 +538,56 @@ impl<'a> Txn<'a> {
                 .map_err(|e| ImageError::io(format!("store blob {}", b.digest), e))?;
         }
         fsync_dir(&self.store.blobs)?;
-        for (chain_hex, tmp) in std::mem::take(&mut self.layers) {
-            self.store.commit_layer(tmp, &chain_hex)?;
-        }
+        let layers = std::mem::take(&mut self.layers);
+        self.store
+            .store_layers(layers.into_iter().collect(), true)?;
         Ok(())
     }
+}
+
+/// `got`'s diff id against the one the image names (none for an import, which takes it).
+fn check_diff_id(
+    label: &str,
+    diff_id: Option<&str>,
+    got: &unpack::Unpacked,
+) -> Result<(), ImageError> {
+    match diff_id {
+        Some(expected) if expected != got.diff_id => Err(ImageError::DigestMismatch {
+            what: format!(
+                "layer {} uncompressed content (diff id)",
+                short_label(label)
+            ),
+            expected: expected.to_string(),
+            actual: got.diff_id.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The first 12 hex digits of a `sha256:` digest (a layer's name in errors).
+fn short_label(label: &str) -> &str {
+    label
+        .strip_prefix("sha256:")
+        .map_or(label, |h| &h[..h.len().min(12)])
+}
+
+/// Layers unpacked at once: a few per core (unequal layers then share the cores instead of
+/// the last one unpacking alone while the other cores idle), at most 16.
+fn unpack_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .saturating_mul(4)
+        .clamp(2, 16)
+}
+
+/// Unpack `r` (a layer blob, plain or compressed) into a fresh temp dir under `layers`.
+fn unpack_into(layers: &Path, r: impl io::Read, label: &str) -> Result<UnpackedLayer, ImageError> {
+    let tmp = TempDir::new(layers.join(format!(".tmp-{}", unique())))?;
+    let rootfs = tmp.path.join("rootfs");
+    fs::create_dir(&rootfs)
+        .map_err(|e| ImageError::io(format!("create {}", rootfs.display()), e))?;
+    let got = unpack::unpack_layer(r, &rootfs, short_label(label))?;
+    Ok(UnpackedLayer { tmp, got })
 }
 
 /// An image found in a source, ready to stage.
@@ -1072,44 +1161,113 @@ impl ImageStore {
     }
 
     /// Unpack a layer blob into a fresh temp dir under `layers/` and check its diff id.
-    /// With `diff_id` None (an import) whatever the content hashes to is accepted.
+    /// With `diff_id` None (an import) whatever the content hashes to is accepted. Nothing is
+    /// synced: [`ImageStore::store_layers`] does that for all the layers of a load at once.
     fn unpack_to_temp(
         &self,
         blob: &Path,
         diff_id: Option<&str>,
         label: &str,
-    ) -> Result<(TempDir, String), ImageError> {
-        let tmp = TempDir::new(self.layers.join(format!(".tmp-{}", unique())))?;
-        let rootfs = tmp.path.join("rootfs");
-        fs::create_dir(&rootfs)
-            .map_err(|e| ImageError::io(format!("create {}", rootfs.display()), e))?;
+    ) -> Result<UnpackedLayer, ImageError> {
         let f =
             File::open(blob).map_err(|e| ImageError::io(format!("open {}", blob.display()), e))?;
-        let short = label
-            .strip_prefix("sha256:")
-            .map_or(label, |h| &h[..h.len().min(12)]);
-        let got = unpack::unpack_layer(f, &rootfs, short)?;
-        if let Some(expected) = diff_id.filter(|d| *d != got.diff_id) {
-            return Err(ImageError::DigestMismatch {
-                what: format!("layer {short} uncompressed content (diff id)"),
-                expected: expected.to_string(),
-                actual: got.diff_id,
-            });
+        let l = unpack_into(&self.layers, f, label)?;
+        check_diff_id(label, diff_id, &l.got)?;
+        Ok(l)
+    }
+
+    /// Unpack `jobs` (layers with their blobs and diff ids), as many at once as there are
+    /// cores; (chain hex, layer) for each. On failure the lowest failed layer's error (what
+    /// unpacking them in order would have reported), and nothing left behind.
+    fn unpack_all(&self, jobs: Vec<LayerJob>) -> Result<Vec<(String, UnpackedLayer)>, ImageError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
         }
-        let marker = serde_json::json!({ "diff_id": got.diff_id, "size": got.size, "skipped_devices": got.skipped_devices });
-        // Durable contents first, then the marker: a layer with a marker is whole.
-        let dir = File::open(&tmp.path)
-            .map_err(|e| ImageError::io(format!("open {}", tmp.path.display()), e))?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
-            .map_err(|e| ImageError::io(format!("syncfs {}", tmp.path.display()), e.into()))?;
-        atomic_write(
-            &tmp.path.join(LAYER_COMPLETE_MARKER),
-            marker.to_string().as_bytes(),
-        )?;
-        Ok((tmp, got.diff_id))
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let work = || {
+            let mut done = Vec::new();
+            // Jobs are taken in order, so every job below a failed one was taken and finishes.
+            while !failed.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(j) = jobs.get(i) else { break };
+                let r = self.unpack_to_temp(&j.blob, Some(&j.diff_id), &j.digest);
+                failed.fetch_or(r.is_err(), Ordering::Relaxed);
+                done.push((i, r));
+            }
+            done
+        };
+        let threads = unpack_threads().min(jobs.len());
+        let mut results: Vec<(usize, Result<UnpackedLayer, ImageError>)> = if threads == 1 {
+            work()
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        results.sort_by_key(|(i, _)| *i);
+        let mut out = Vec::with_capacity(results.len());
+        for (i, r) in results {
+            out.push((jobs[i].chain_hex.clone(), r?));
+        }
+        Ok(out)
+    }
+
+    /// One `syncfs` of the file system holding `staging` (blobs staged, archive members) and,
+    /// if it is another one, of the one holding `layers/` (layers unpacked).
+    fn sync_staged(&self, staging: &Path) -> Result<(), ImageError> {
+        let mut devices = Vec::new();
+        for dir in [staging, self.layers.as_path()] {
+            let f = File::open(dir)
+                .map_err(|e| ImageError::io(format!("open {}", dir.display()), e))?;
+            let dev = std::os::unix::fs::MetadataExt::dev(
+                &f.metadata()
+                    .map_err(|e| ImageError::io(format!("stat {}", dir.display()), e))?,
+            );
+            if devices.contains(&dev) {
+                continue;
+            }
+            devices.push(dev);
+            nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f))
+                .map_err(|e| ImageError::io(format!("syncfs {}", dir.display()), e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Mark unpacked layers whole and rename them to `layers/<chain hex>`: their contents are
+    /// made durable first (one syncfs for all, unless `synced` says the caller just did),
+    /// then each gets its marker, so a layer with a marker is whole; `layers/` is synced last.
+    fn store_layers(
+        &self,
+        layers: Vec<(String, UnpackedLayer)>,
+        synced: bool,
+    ) -> Result<Vec<PathBuf>, ImageError> {
+        if layers.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !synced {
+            self.sync_staged(&self.layers)?;
+        }
+        let mut out = Vec::with_capacity(layers.len());
+        for (chain_hex, l) in layers {
+            let marker = serde_json::json!({ "diff_id": l.got.diff_id, "size": l.got.size, "skipped_devices": l.got.skipped_devices });
+            let path = l.tmp.path.join(LAYER_COMPLETE_MARKER);
+            // Durability of the marker itself is not needed: without it a layer is unpacked
+            // again from its blob (the contents it vouches for are already on disk).
+            fs::write(&path, marker.to_string())
+                .map_err(|e| ImageError::io(format!("write {}", path.display()), e))?;
+            out.push(self.commit_layer(l.tmp, &chain_hex)?);
+        }
+        fsync_dir(&self.layers)?;
+        Ok(out)
     }
 
     /// Rename an unpacked temp layer to `layers/<chain_hex>`; a concurrent twin wins quietly.
+    /// The caller syncs `layers/`.
     fn commit_layer(&self, mut tmp: TempDir, chain_hex: &str) -> Result<PathBuf, ImageError> {
         let dst = self.layers.join(chain_hex);
         if dst.exists() && !self.layer_complete(chain_hex) {
@@ -1122,7 +1280,6 @@ impl ImageStore {
             Err(_) if self.layer_complete(chain_hex) => {}
             Err(e) => return Err(ImageError::io(format!("store layer {chain_hex}"), e)),
         }
-        fsync_dir(&self.layers)?;
         Ok(dst.join("rootfs"))
     }
 
@@ -1215,10 +1372,11 @@ impl ImageStore {
             unpack::Compression::Zstd => MediaType::ImageLayerZstd,
         };
         // The diff id is only known after unpacking, so unpack to temp and read it back.
-        let (tmp, diff_id) = self.unpack_to_temp(&layer.path, None, &layer.digest)?;
+        let unpacked = self.unpack_to_temp(&layer.path, None, &layer.digest)?;
+        let diff_id = unpacked.got.diff_id.clone();
         let chain_hex = sha256_hex(&diff_id)?.to_string();
         if !self.layer_complete(&chain_hex) {
-            txn.layers.insert(chain_hex, tmp);
+            txn.layers.insert(chain_hex, unpacked);
         }
         let created = timefmt::now_rfc3339();
         let build = |e: oci_spec::OciSpecError| json_err("build image config", e);
@@ -1290,7 +1448,77 @@ impl ImageStore {
         let mut txn = Txn::new(self)?;
         txn.consume = consume && path.is_dir();
         let src = source::Source::open(path, &txn.staging.path)?;
-        let candidates = Self::candidates(&src)?;
+        self.load_source(txn, &src)
+    }
+
+    /// A pull's way in: blobs written straight into the store's staging through
+    /// [`BlobWriter`]s (each hashed as it is written: the one check of its digest), layers
+    /// unpacked while they download. [`ImageStore::load_ingest`] stores the image; dropped
+    /// without that, nothing is left behind. Holds the store lock (shared) until then.
+    pub fn ingest(&self) -> Result<Ingest, ImageError> {
+        let lock = self.lock_store_shared()?;
+        let staging = TempDir::new(self.tmp.join(format!("ingest-{}", unique())))?;
+        Ok(Ingest {
+            shared: Arc::new(IngestShared {
+                staging: staging.path.clone(),
+                layers: self.layers.clone(),
+                counter: AtomicU64::new(0),
+                members: Mutex::new(HashMap::new()),
+                unpacks: Mutex::new((false, Vec::new())),
+                slots: Slots::new(unpack_threads()),
+            }),
+            staging: Some(staging),
+            _lock: lock,
+        })
+    }
+
+    /// [`ImageStore::load`] of what `ingest` received (an OCI layout: `oci-layout`,
+    /// `index.json`, `blobs/sha256/…`): the same checks of manifests, configs, sizes and
+    /// diff ids; blobs are not hashed again (their writers did, in the store's own staging),
+    /// and layers unpacked during the download are taken if their diff ids match.
+    pub fn load_ingest(&self, mut ingest: Ingest) -> Result<Vec<ImageInfo>, ImageError> {
+        let staging = match ingest.staging.take() {
+            Some(st) if st.path.starts_with(&self.tmp) => st,
+            other => {
+                ingest.staging = other;
+                return Err(ImageError::Invalid(
+                    "an ingest of another image store".into(),
+                ));
+            }
+        };
+        let streamed = ingest.shared.close();
+        let members = std::mem::take(
+            &mut *ingest
+                .shared
+                .members
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut txn = Txn::with_staging(self, staging);
+        // Only layers unpacked from blobs whose digest checked out.
+        txn.streamed = streamed
+            .into_iter()
+            .filter(|(d, _)| {
+                sha256_hex(d).is_ok_and(|h| {
+                    members
+                        .get(&format!("blobs/sha256/{h}"))
+                        .is_some_and(|f| f.digest.as_deref() == Some(d.as_str()))
+                })
+            })
+            .collect();
+        let src = source::Source::Archive(members);
+        let out = self.load_source(txn, &src);
+        drop(ingest);
+        out
+    }
+
+    /// Stage every image `src` holds into `txn`, commit, record them in the index.
+    fn load_source(
+        &self,
+        mut txn: Txn<'_>,
+        src: &source::Source,
+    ) -> Result<Vec<ImageInfo>, ImageError> {
+        let candidates = Self::candidates(src)?;
         if candidates.is_empty() {
             return Err(ImageError::Invalid("the archive holds no image".into()));
         }
@@ -1304,10 +1532,10 @@ impl ImageStore {
         for c in candidates {
             let manifest_blob = match c.manifest {
                 ManifestSource::Oci { digest, size } => {
-                    self.stage_oci(&mut txn, &src, &digest, size)?
+                    self.stage_oci(&mut txn, src, &digest, size)?
                 }
                 ManifestSource::DockerLegacy { config, layers } => {
-                    self.stage_docker(&mut txn, &src, &config, &layers)?
+                    self.stage_docker(&mut txn, src, &config, &layers)?
                 }
             };
             additions.push((manifest_blob, c.tags));
@@ -1590,25 +1818,353 @@ impl ImageStore {
         let info = Self::info(&s);
         let diff_ids = Self::check_layers(&s.config, s.manifest.layers().len())?;
         let mut layer_dirs = Vec::with_capacity(diff_ids.len());
+        let mut jobs = Vec::new();
         for (i, chain) in info.chain_ids.iter().enumerate() {
             let hex = sha256_hex(chain)?;
-            if self.layer_complete(hex) {
-                layer_dirs.push(self.layers.join(hex).join("rootfs"));
+            layer_dirs.push(self.layers.join(hex).join("rootfs"));
+            if self.layer_complete(hex) || jobs.iter().any(|j: &LayerJob| j.chain_hex == hex) {
                 continue;
             }
             // Unpacked layers are disposable (gc, a crash before the marker): redo from the blob.
             let layer = &s.manifest.layers()[i];
-            let blob = self.blob_path(layer.digest().as_ref())?;
-            let (tmp, _) =
-                self.unpack_to_temp(&blob, Some(&diff_ids[i]), layer.digest().as_ref())?;
-            layer_dirs.push(self.commit_layer(tmp, hex)?);
+            jobs.push(LayerJob {
+                blob: self.blob_path(layer.digest().as_ref())?,
+                digest: layer.digest().to_string(),
+                diff_id: diff_ids[i].clone(),
+                chain_hex: hex.to_string(),
+            });
         }
+        let unpacked = self.unpack_all(jobs)?;
+        self.store_layers(unpacked, false)?;
         Ok(PreparedImage {
             chain_ids: info.chain_ids.clone(),
             info,
             layer_dirs,
             config: s.config,
         })
+    }
+}
+
+/// A pull in progress (see [`ImageStore::ingest`]).
+pub struct Ingest {
+    shared: Arc<IngestShared>,
+    staging: Option<TempDir>,
+    _lock: File,
+}
+
+/// What the writers of one [`Ingest`] share; cloned into download tasks.
+#[derive(Clone)]
+pub struct IngestHandle(Arc<IngestShared>);
+
+struct IngestShared {
+    staging: PathBuf,
+    layers: PathBuf,
+    counter: AtomicU64,
+    /// The layout as received, by member name: small files, and blobs whose digest and size
+    /// their writer checked.
+    members: Mutex<HashMap<String, source::SourceFile>>,
+    /// (closed, streaming unpacks): once closed, no writer may start another.
+    unpacks: Mutex<(bool, Vec<StreamedUnpack>)>,
+    slots: Slots,
+}
+
+/// A layer being unpacked by its own thread as its blob arrives.
+struct StreamedUnpack {
+    digest: String,
+    tail: Arc<unpack::Tail>,
+    thread: std::thread::JoinHandle<Result<UnpackedLayer, ImageError>>,
+}
+
+impl IngestShared {
+    /// No more unpacks: waits for the running ones (those of blobs not finished are stopped);
+    /// the layers of those that succeeded, by blob digest.
+    fn close(&self) -> HashMap<String, UnpackedLayer> {
+        let all = {
+            let mut u = self.unpacks.lock().unwrap_or_else(|e| e.into_inner());
+            u.0 = true;
+            std::mem::take(&mut u.1)
+        };
+        for u in &all {
+            u.tail.stop_unless_done();
+        }
+        let mut out = HashMap::new();
+        for u in all {
+            if let Ok(Ok(l)) = u.thread.join() {
+                out.entry(u.digest).or_insert(l);
+            }
+        }
+        out
+    }
+
+    /// Stops every streaming unpack and waits for them (their temp dirs go with them).
+    fn abort(&self) {
+        let all = {
+            let mut u = self.unpacks.lock().unwrap_or_else(|e| e.into_inner());
+            u.0 = true;
+            std::mem::take(&mut u.1)
+        };
+        for u in &all {
+            u.tail.stop();
+        }
+        for u in all {
+            let _ = u.thread.join();
+        }
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        self.shared.abort();
+    }
+}
+
+impl Ingest {
+    /// A handle for the download tasks (writers made from it after [`ImageStore::load_ingest`]
+    /// or a drop fail).
+    pub fn handle(&self) -> IngestHandle {
+        IngestHandle(self.shared.clone())
+    }
+}
+
+impl IngestHandle {
+    /// A new file in the staging dir; its prefixes (`pulled-…`) are never those of the
+    /// transaction's own files (`blob-N`), which share the directory later.
+    fn next_path(&self, prefix: &str) -> PathBuf {
+        let n = self.0.counter.fetch_add(1, Ordering::Relaxed);
+        self.0.staging.join(format!("{prefix}-{n}"))
+    }
+
+    /// Adds a small file of the layout (`oci-layout`, `index.json`, a manifest as
+    /// `blobs/sha256/<hex>`), hashed here.
+    pub fn add_file(&self, name: &str, bytes: &[u8]) -> Result<(), ImageError> {
+        let path = self.next_path("pulled-file");
+        fs::write(&path, bytes)
+            .map_err(|e| ImageError::io(format!("write {}", path.display()), e))?;
+        let f = source::SourceFile {
+            path,
+            digest: Some(sha256_digest(bytes)),
+            size: bytes.len() as u64,
+        };
+        self.0
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), f);
+        Ok(())
+    }
+
+    /// A writer for the blob `digest` of `size` bytes. For a layer, `chain_id` (what the
+    /// image's config says it is; only a hint) has it unpacked while it arrives, as soon as a
+    /// core is free, unless the store already holds that layer unpacked.
+    pub fn blob(
+        &self,
+        digest: &str,
+        size: u64,
+        chain_id: Option<&str>,
+    ) -> Result<BlobWriter, ImageError> {
+        sha256_hex(digest)?;
+        let path = self.next_path("pulled-blob");
+        let file = File::create(&path)
+            .map_err(|e| ImageError::io(format!("create {}", path.display()), e))?;
+        let mut w = BlobWriter {
+            file,
+            path,
+            digest: digest.to_string(),
+            size,
+            hasher: Sha256::new(),
+            written: 0,
+            kicked: 0,
+            tail: None,
+            finished: false,
+            shared: self.0.clone(),
+        };
+        let wanted = chain_id
+            .and_then(|c| sha256_hex(c).ok())
+            .is_some_and(|h| !self.0.layers.join(h).join(LAYER_COMPLETE_MARKER).is_file());
+        if !wanted {
+            return Ok(w);
+        }
+        let mut unpacks = self.0.unpacks.lock().unwrap_or_else(|e| e.into_inner());
+        if unpacks.0 {
+            return Err(ImageError::Invalid("the pull is over".into()));
+        }
+        let input = File::open(&w.path)
+            .map_err(|e| ImageError::io(format!("open {}", w.path.display()), e))?;
+        let tail = Arc::new(unpack::Tail::default());
+        let (shared, reader_tail, label) = (self.0.clone(), tail.clone(), digest.to_string());
+        let thread = std::thread::Builder::new()
+            .name("layer-unpack".into())
+            .spawn(move || {
+                let _slot = shared.slots.take();
+                unpack_into(
+                    &shared.layers,
+                    unpack::TailReader::new(input, reader_tail),
+                    &label,
+                )
+            })
+            .map_err(|e| ImageError::io("start an unpacking thread", e))?;
+        unpacks.1.push(StreamedUnpack {
+            digest: digest.to_string(),
+            tail: tail.clone(),
+            thread,
+        });
+        w.tail = Some(tail);
+        Ok(w)
+    }
+}
+
+/// Writes one blob of a pull into the store's staging, hashing it; a layer's unpacking
+/// follows the bytes written. Dropped unfinished, the blob is not part of the pull.
+pub struct BlobWriter {
+    file: File,
+    path: PathBuf,
+    digest: String,
+    size: u64,
+    hasher: Sha256,
+    written: u64,
+    /// `written` when writeback was last started.
+    kicked: u64,
+    tail: Option<Arc<unpack::Tail>>,
+    finished: bool,
+    shared: Arc<IngestShared>,
+}
+
+/// A blob being written has its writeback started every this many bytes.
+const BLOB_WRITEBACK_EVERY: u64 = 8 << 20;
+
+impl BlobWriter {
+    /// Appends `bytes`; refuses to go past the size the manifest gave.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
+        if self.written + bytes.len() as u64 > self.size {
+            return Err(ImageError::TooLarge {
+                what: format!("blob {}", self.digest),
+                limit: self.size,
+            });
+        }
+        self.file
+            .write_all(bytes)
+            .map_err(|e| ImageError::io(format!("write {}", self.path.display()), e))?;
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        if let Some(t) = &self.tail {
+            t.wrote(self.written);
+        }
+        if self.written - self.kicked >= BLOB_WRITEBACK_EVERY {
+            unpack::start_writeback(&self.file);
+            self.kicked = self.written;
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Starts the blob over (the registry sent all of it again); a layer is then unpacked
+    /// from the finished blob instead of while it arrives.
+    pub fn restart(&mut self) -> Result<(), ImageError> {
+        if let Some(t) = self.tail.take() {
+            t.stop();
+        }
+        self.file
+            .set_len(0)
+            .and_then(|()| io::Seek::rewind(&mut self.file))
+            .map_err(|e| ImageError::io(format!("truncate {}", self.path.display()), e))?;
+        self.hasher = Sha256::new();
+        self.written = 0;
+        self.kicked = 0;
+        Ok(())
+    }
+
+    /// The blob is complete: its size and digest are checked, and only then is it part of the
+    /// pull (and a layer unpacked from it usable).
+    pub fn finish(mut self) -> Result<(), ImageError> {
+        if self.written != self.size {
+            return Err(ImageError::SizeMismatch {
+                what: format!("blob {}", self.digest),
+                expected: self.size,
+                actual: self.written,
+            });
+        }
+        let actual = format!(
+            "sha256:{}",
+            hex::encode(std::mem::take(&mut self.hasher).finalize())
+        );
+        if actual != self.digest {
+            return Err(ImageError::DigestMismatch {
+                what: format!("blob {}", self.digest),
+                expected: self.digest.clone(),
+                actual,
+            });
+        }
+        if let Some(t) = &self.tail {
+            t.done();
+        }
+        self.finished = true;
+        let hex = sha256_hex(&self.digest)?.to_string();
+        let f = source::SourceFile {
+            path: self.path.clone(),
+            digest: Some(self.digest.clone()),
+            size: self.size,
+        };
+        self.shared
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(format!("blobs/sha256/{hex}"), f);
+        Ok(())
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Some(t) = &self.tail {
+                t.stop();
+            }
+        }
+    }
+}
+
+/// Turns for streaming unpacks, first come first served, so that no more run at once than
+/// there are cores.
+struct Slots {
+    /// (free, next ticket to admit, next ticket to hand out).
+    state: Mutex<(usize, u64, u64)>,
+    changed: Condvar,
+}
+
+/// A turn taken; given back when dropped.
+struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    fn new(n: usize) -> Slots {
+        Slots {
+            state: Mutex::new((n, 0, 0)),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn take(&self) -> Slot<'_> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let ticket = st.2;
+        st.2 += 1;
+        while !(st.1 == ticket && st.0 > 0) {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.1 += 1;
+        st.0 -= 1;
+        self.changed.notify_all();
+        Slot(self)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 += 1;
+        self.0.changed.notify_all();
     }
 }
 
@@ -1629,6 +2185,176 @@ mod tests {
         let c = chain_ids(&[a.clone(), b.clone()]);
         assert_eq!(c[0], a);
         assert_eq!(c[1], sha256_digest(format!("{a} {b}").as_bytes()));
+    }
+
+    /// A gzip layer holding `etc/motd` with `text`: (blob, diff id).
+    fn gzip_layer(text: &str) -> (Vec<u8>, String) {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(text.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "etc/motd", text.as_bytes()).unwrap();
+        // Something large and incompressible, so the layer arrives in many writes.
+        let mut big = vec![0u8; 3 << 20];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for c in big.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_size(big.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "data/big", &big[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        (gz.finish().unwrap(), sha256_digest(&tar))
+    }
+
+    /// Manifest and config of a one-layer image.
+    fn one_layer_image(layer: &[u8], diff_id: &str) -> (Vec<u8>, Vec<u8>) {
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": Arch::default().to_string(), "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": sha256_digest(&config), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": sha256_digest(layer), "size": layer.len()}],
+        }))
+        .unwrap();
+        (manifest, config)
+    }
+
+    /// Writes `bytes` through a writer of `h`, in pieces of `piece` bytes.
+    fn write_blob(
+        h: &IngestHandle,
+        bytes: &[u8],
+        chain: Option<&str>,
+        piece: usize,
+    ) -> Result<(), ImageError> {
+        let mut w = h.blob(&sha256_digest(bytes), bytes.len() as u64, chain)?;
+        for c in bytes.chunks(piece) {
+            w.write(c)?;
+        }
+        w.finish()
+    }
+
+    fn leftovers(data: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for dir in [data.join("layers"), data.join("images/.shoal/tmp")] {
+            for e in fs::read_dir(&dir).unwrap().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') || dir.ends_with("tmp") {
+                    out.push(name);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_pull_s_ingest_unpacks_layers_as_they_arrive_and_loads_the_image() {
+        let data = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(data.path()).unwrap();
+        let (layer, diff_id) = gzip_layer("streamed\n");
+        let (manifest, config) = one_layer_image(&layer, &diff_id);
+        let ingest = store.ingest().unwrap();
+        let h = ingest.handle();
+        let md = sha256_digest(&manifest);
+        h.add_file(&format!("blobs/sha256/{}", &md[7..]), &manifest)
+            .unwrap();
+        write_blob(&h, &config, None, 1 << 20).unwrap();
+        // Small writes: the unpacking thread keeps waiting for more.
+        write_blob(&h, &layer, Some(&diff_id), 1000).unwrap();
+        h.add_file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .unwrap();
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md,
+            "size": manifest.len(),
+            "annotations": {REF_NAME_ANNOTATION: "streamed:1"}}]});
+        h.add_file("index.json", index.to_string().as_bytes())
+            .unwrap();
+        let got = store.load_ingest(ingest).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].repo_tags, vec!["streamed:1".to_string()]);
+        let p = store.prepare("streamed:1").unwrap();
+        assert_eq!(
+            fs::read_to_string(p.layer_dirs[0].join("etc/motd")).unwrap(),
+            "streamed\n"
+        );
+        assert!(
+            leftovers(data.path()).is_empty(),
+            "{:?}",
+            leftovers(data.path())
+        );
+        // After the load the handle takes nothing more.
+        let elsewhere = sha256_digest(b"another chain");
+        assert!(h.blob(&sha256_digest(b"x"), 1, Some(&elsewhere)).is_err());
+    }
+
+    #[test]
+    fn a_pull_s_bad_or_unfinished_blobs_leave_nothing() {
+        let data = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(data.path()).unwrap();
+        let (layer, diff_id) = gzip_layer("bad\n");
+        // Other bytes than the digest names: refused when finished.
+        let ingest = store.ingest().unwrap();
+        let h = ingest.handle();
+        let mut w = h
+            .blob(&sha256_digest(b"other"), layer.len() as u64, Some(&diff_id))
+            .unwrap();
+        w.write(&layer).unwrap();
+        assert!(matches!(w.finish(), Err(ImageError::DigestMismatch { .. })));
+        // More than the size given: refused as it arrives.
+        let mut w = h.blob(&sha256_digest(&layer), 10, Some(&diff_id)).unwrap();
+        assert!(w.write(&layer).is_err());
+        // Half a layer, then the pull gives up.
+        let mut w = h
+            .blob(&sha256_digest(&layer), layer.len() as u64, Some(&diff_id))
+            .unwrap();
+        w.write(&layer[..layer.len() / 2]).unwrap();
+        drop(ingest);
+        drop(w);
+        assert!(
+            leftovers(data.path()).is_empty(),
+            "{:?}",
+            leftovers(data.path())
+        );
+        // A layer whose content is not the config's diff id: the load fails, nothing stays.
+        let (manifest, config) = one_layer_image(&layer, &sha256_digest(b"not it"));
+        let ingest = store.ingest().unwrap();
+        let h = ingest.handle();
+        let md = sha256_digest(&manifest);
+        h.add_file(&format!("blobs/sha256/{}", &md[7..]), &manifest)
+            .unwrap();
+        write_blob(&h, &config, None, 1 << 20).unwrap();
+        write_blob(&h, &layer, Some(&diff_id), 1 << 20).unwrap();
+        h.add_file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .unwrap();
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md,
+            "size": manifest.len()}]});
+        h.add_file("index.json", index.to_string().as_bytes())
+            .unwrap();
+        assert!(matches!(
+            store.load_ingest(ingest),
+            Err(ImageError::DigestMismatch { .. })
+        ));
+        assert!(store.list().unwrap().is_empty());
+        assert!(
+            leftovers(data.path()).is_empty(),
+            "{:?}",
+            leftovers(data.path())
+        );
     }
 
     #[test]

@@ -97,8 +97,7 @@ impl Source {
                     let mut hashing = HashingReader::new(&mut entry);
                     io::copy(&mut hashing, &mut out).map_err(corrupt)?;
                     let (digest, size) = hashing.finish().map_err(corrupt)?;
-                    out.sync_all()
-                        .map_err(|e| ImageError::io(format!("sync {}", staged.display()), e))?;
+                    // Made durable by the load's one syncfs before anything is committed.
                     out.flush()
                         .map_err(|e| ImageError::io(format!("write {}", staged.display()), e))?;
                     aliases.remove(&name);

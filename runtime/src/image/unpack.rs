@@ -38,6 +38,11 @@ pub const EXPANSION_FLOOR: u64 = 256 << 20;
 /// bomb (a few MiB of gzip that inflate to the whole disk) stops here. Real layers expand
 /// 2–10 times.
 pub const EXPANSION_RATIO: u64 = 100;
+/// Reads from a layer's stream and writes of its files go through buffers this large.
+const COPY_BUFFER: usize = 256 << 10;
+/// A file at least this large has its writeback started as soon as it is written, so that the
+/// one sync before the layer is committed finds little left to write.
+pub const WRITEBACK_FROM: u64 = 1 << 20;
 /// Longest entry path accepted (Linux PATH_MAX).
 const MAX_PATH_BYTES: usize = 4096;
 /// Longest single path component (NAME_MAX).
@@ -105,6 +110,102 @@ impl<R: Read> Read for HashingReader<R> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Bytes a [`TailReader`] waits for before it returns a read (unless the blob ends first).
+const MIN_TAIL_READ: u64 = 4096;
+
+/// What a blob being written has so far, for a reader that follows it ([`TailReader`]).
+#[derive(Default)]
+pub struct Tail {
+    state: std::sync::Mutex<TailState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct TailState {
+    /// Bytes in the file so far.
+    written: u64,
+    /// The writer is done: `written` is the whole blob.
+    done: bool,
+    /// The writer gave up (or started over): readers fail.
+    stopped: bool,
+}
+
+impl Tail {
+    fn update(&self, f: impl FnOnce(&mut TailState)) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+        self.changed.notify_all();
+    }
+    /// The file now holds `total` bytes.
+    pub fn wrote(&self, total: u64) {
+        self.update(|st| st.written = total);
+    }
+    /// The blob is whole.
+    pub fn done(&self) {
+        self.update(|st| st.done = true);
+    }
+    /// The blob will not be finished: readers get an error.
+    pub fn stop(&self) {
+        self.update(|st| st.stopped = true);
+    }
+    /// As [`Tail::stop`], unless the blob is whole already.
+    pub fn stop_unless_done(&self) {
+        self.update(|st| st.stopped |= !st.done);
+    }
+}
+
+/// Reads a file while it is being written: waits for bytes the writer has not yet announced
+/// through the [`Tail`], ends where the writer ended, fails once the writer gave up.
+pub struct TailReader {
+    file: File,
+    pos: u64,
+    tail: std::sync::Arc<Tail>,
+}
+
+impl TailReader {
+    /// Follow `file` (opened for reading, at its start) as `tail` announces its bytes.
+    pub fn new(file: File, tail: std::sync::Arc<Tail>) -> TailReader {
+        TailReader { file, pos: 0, tail }
+    }
+}
+
+impl Read for TailReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let ready = {
+            let mut st = self.tail.state.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if st.stopped {
+                    return Err(io::Error::other("the blob's transfer stopped"));
+                }
+                // Whole reads (the first one must show the compression's magic bytes), or
+                // what is left.
+                let ready = st.written - self.pos;
+                if ready >= (buf.len() as u64).min(MIN_TAIL_READ) || (st.done && ready > 0) {
+                    break ready;
+                }
+                if st.done {
+                    return Ok(0);
+                }
+                st = self
+                    .tail
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let want = buf.len().min(usize::try_from(ready).unwrap_or(usize::MAX));
+        let n = self.file.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::other("the blob file is shorter than written"));
+        }
+        self.pos += n as u64;
         Ok(n)
     }
 }
@@ -189,7 +290,7 @@ pub fn zstd_reader<R: BufRead>(r: R) -> io::Result<zstd::stream::read::Decoder<'
 pub fn unpack_layer(blob: impl Read, dest: &Path, layer: &str) -> Result<Unpacked, ImageError> {
     let compressed = std::rc::Rc::new(std::cell::Cell::new(0));
     let mut buffered = Counted {
-        inner: BufReader::new(blob),
+        inner: BufReader::with_capacity(COPY_BUFFER, blob),
         count: compressed.clone(),
     };
     let io_err = |e: io::Error| ImageError::CorruptLayer {
@@ -217,6 +318,7 @@ pub fn unpack_layer(blob: impl Read, dest: &Path, layer: &str) -> Result<Unpacke
         layer,
         dir_times: Vec::new(),
         skipped_devices: 0,
+        buf: vec![0; COPY_BUFFER],
     };
     let mut count = 0u64;
     for entry in archive.entries().map_err(io_err)? {
@@ -245,6 +347,8 @@ struct Unpacker<'a> {
     layer: &'a str,
     dir_times: Vec<(Vec<OsString>, u64)>,
     skipped_devices: u64,
+    /// Where file contents pass from the tar stream to their files.
+    buf: Vec<u8>,
 }
 
 /// Split an entry name into safe components: leading `/` and `.` dropped, `..` refused.
@@ -319,6 +423,21 @@ fn fsetxattr(fd: &OwnedFd, name: &str, value: &[u8]) -> io::Result<()> {
 }
 
 impl Unpacker<'_> {
+    /// `entry`'s contents into `file` in large reads and writes; the bytes copied.
+    fn copy(&mut self, entry: &mut impl Read, file: &mut File) -> io::Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            io::Write::write_all(file, &self.buf[..n])?;
+            total += n as u64;
+        }
+    }
+
     fn refuse(&self, entry: &[u8], reason: impl Into<String>) -> ImageError {
         ImageError::UnsafeEntry {
             layer: self.layer.to_string(),
@@ -455,7 +574,12 @@ impl Unpacker<'_> {
                 .map_err(|e| self.fail(&raw, "create", e))?;
                 // SAFETY: `openat` just returned this fd and nothing else owns it.
                 let mut file = unsafe { File::from_raw_fd(fd) };
-                io::copy(entry, &mut file).map_err(|e| self.fail(&raw, "write", e))?;
+                let written = self
+                    .copy(entry, &mut file)
+                    .map_err(|e| self.fail(&raw, "write", e))?;
+                if written >= WRITEBACK_FROM {
+                    start_writeback(&file);
+                }
                 let fd = OwnedFd::from(file);
                 self.set_meta_fd(&raw, &fd, uid, gid, mode, &xattrs)?;
                 set_times_at(&parent, &name, mtime);
@@ -763,6 +887,15 @@ fn ids(uid: u64, gid: u64) -> Option<(nix::unistd::Uid, nix::unistd::Gid)> {
     let u = u32::try_from(uid).ok()?;
     let g = u32::try_from(gid).ok()?;
     Some((nix::unistd::Uid::from_raw(u), nix::unistd::Gid::from_raw(g)))
+}
+
+/// Starts writing `file`'s dirty pages to disk without waiting for them (the durability that
+/// counts comes from the syncfs before a commit; this only gets the disk busy earlier).
+pub fn start_writeback(file: &File) {
+    // SAFETY: a valid fd; offset 0 and length 0 mean the whole file.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 /// Best effort: a wrong mtime never makes a layer unsafe.

@@ -932,6 +932,7 @@ impl Executor for RuntimeExecutor {
             .and_then(|s| s.container.as_ref())
             .and_then(|c| c.registry_auth.as_ref())
             .map(|a| (a.username.clone(), a.password.clone()));
+        note(&format!("pulling {image}"));
         // A pinned image may be on peers already (or about to be: then wait for it).
         let peers = match image.rsplit_once('@') {
             Some((_, digest)) => {
@@ -956,7 +957,6 @@ impl Executor for RuntimeExecutor {
         .with_node(&self.cfg.data_dir, &image);
         opts.peers = peers;
         tracing::info!(%image, peers = opts.peers.len(), "pulling");
-        note(&format!("pulling {image}"));
         crate::registry::pull(
             images.clone(),
             &self.cfg.data_dir,
