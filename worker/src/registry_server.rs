@@ -54,6 +54,16 @@ pub type Holders = Arc<dyn Fn(&str, &str) -> Option<Vec<String>> + Send + Sync>;
 /// How long a node that set out to pull an image from its origin registry is waited for by
 /// the others before they pull it from the origin too.
 pub const CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+/// Nodes one holder is given to serve at once: the others wait for more holders, so a new
+/// image spreads as a tree (1, 3, 9, … holders) instead of every node fetching from the first.
+pub const PER_HOLDER: usize = 2;
+/// How long a node sent to a holder counts against it (or until it asks again).
+pub const FETCH_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Which holder each node was sent to, per image: (node, holder, when).
+pub type Fetching = Arc<
+    std::sync::Mutex<std::collections::HashMap<String, Vec<(String, String, std::time::Instant)>>>,
+>;
 
 /// What the cluster registry serves from.
 #[derive(Clone)]
@@ -73,6 +83,8 @@ pub struct RegistryServer {
     /// Images a node set out to pull from their origin, and when: the others wait for it.
     pub claims:
         Arc<std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>>,
+    /// The nodes sent to each holder (see [`PER_HOLDER`]).
+    pub fetching: Fetching,
 }
 
 impl RegistryServer {
@@ -270,7 +282,19 @@ impl RegistryServer {
         let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
         claims.retain(|_, (_, at)| at.elapsed() < CLAIM_TTL);
         let body = if !holders.is_empty() {
-            serde_json::json!({ "peers": holders })
+            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            fetching.retain(|_, v| {
+                v.retain(|(_, _, at)| at.elapsed() < FETCH_TTL);
+                !v.is_empty()
+            });
+            match spread(
+                fetching.entry(digest.to_string()).or_default(),
+                &holders,
+                &who.node_id,
+            ) {
+                Some(order) => serde_json::json!({ "peers": order }),
+                None => serde_json::json!({"wait": true}),
+            }
         } else {
             match claims.get(digest) {
                 Some((node, _)) if node != &who.node_id => serde_json::json!({"wait": true}),
@@ -618,6 +642,27 @@ impl RegistryServer {
     }
 }
 
+/// The holders for `asker` to fetch from, the one it is sent to first (the least busy of those
+/// serving fewer than [`PER_HOLDER`] nodes), the others after it as fallbacks; `None` when
+/// every holder is busy (wait for more). `sent` is who was sent where for this image.
+fn spread(
+    sent: &mut Vec<(String, String, std::time::Instant)>,
+    holders: &[String],
+    asker: &str,
+) -> Option<Vec<String>> {
+    sent.retain(|(n, _, _)| n != asker);
+    let load = |h: &String| sent.iter().filter(|(_, x, _)| x == h).count();
+    let first = holders
+        .iter()
+        .filter(|h| load(h) < PER_HOLDER)
+        .min_by_key(|h| load(h))?
+        .clone();
+    sent.push((asker.to_string(), first.clone(), std::time::Instant::now()));
+    let mut order = vec![first.clone()];
+    order.extend(holders.iter().filter(|h| **h != first).cloned());
+    Some(order)
+}
+
 /// What a `/v2/…` path asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
@@ -867,6 +912,28 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_spreads_as_a_tree_over_its_holders() {
+        let mut sent = Vec::new();
+        let one = vec!["h1".to_string()];
+        assert_eq!(spread(&mut sent, &one, "a").unwrap(), ["h1"]);
+        assert_eq!(spread(&mut sent, &one, "b").unwrap(), ["h1"]);
+        // h1 serves two already: wait for more holders.
+        assert_eq!(spread(&mut sent, &one, "c"), None);
+        // Asking again does not count twice.
+        assert_eq!(spread(&mut sent, &one, "a").unwrap(), ["h1"]);
+        // a and b hold it now: c goes to one of them, h1 next as a fallback.
+        let three = vec!["h1".to_string(), "a".to_string(), "b".to_string()];
+        let order = spread(&mut sent, &three, "c").unwrap();
+        assert_eq!(order.len(), 3);
+        assert_eq!(order[0], "a");
+        // The least busy next: b, then a (one each), then a full h1 is left out.
+        assert_eq!(spread(&mut sent, &three, "d").unwrap()[0], "b");
+        assert_eq!(spread(&mut sent, &three, "e").unwrap()[0], "a");
+        assert_eq!(spread(&mut sent, &three, "f").unwrap()[0], "b");
+        assert_eq!(spread(&mut sent, &three, "g"), None);
+    }
 
     #[test]
     fn pushed_blobs_no_manifest_named_are_swept_when_old() {

@@ -205,6 +205,7 @@ async fn serve_cluster_registry(
     use shoal_worker::registry_server::{run, RegistryServer};
     let mut running: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)> = None;
     let claims = Arc::default();
+    let fetching: shoal_worker::registry_server::Fetching = Arc::default();
     loop {
         let m = membership.borrow_and_update().clone();
         if let Some((tx, h)) = running.take() {
@@ -241,6 +242,7 @@ async fn serve_cluster_registry(
                             holders(&s3.get()?, digest, asker, addr.port())
                         }),
                         claims: Arc::clone(&claims),
+                        fetching: Arc::clone(&fetching),
                     };
                     let (tx, rx) = watch::channel(false);
                     running = Some((tx, tokio::spawn(run(server, addr, rx))));
