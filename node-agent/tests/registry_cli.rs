@@ -480,3 +480,100 @@ fn a_registry_with_its_own_ca_is_trusted_through_certs_d() {
     let run = ok(&shoal(d, &["run", "--rm", "--network", "none", &name]));
     assert_eq!(run, "over tls\n");
 }
+
+/// A registry that hands out bearer tokens (Docker Hub's way): every request without the
+/// token is answered 401 with a `WWW-Authenticate: Bearer realm=…` challenge, and the realm
+/// gives the token only for the right basic credentials. `shoal login` then pulls work.
+#[test]
+fn bearer_token_challenges_are_answered_with_the_login() {
+    use base64::Engine;
+    let layer_bytes = layer("behind a token\n");
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": oci_arch(), "os": "linux",
+        "config": {"Cmd": ["cat", "/etc/motd"]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(&layer_bytes)]},
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest(&layer_bytes), "size": layer_bytes.len()}],
+    }))
+    .unwrap();
+    let good = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("carol:t0ken-pw")
+    );
+    let (ld, cd) = (digest(&layer_bytes), digest(&config));
+    let addr = scripted_registry(move |path, head| {
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        let ok = |ct: &str, b: &[u8]| {
+            http(
+                "200 OK",
+                &[
+                    ("Content-Type", ct.to_string()),
+                    ("Content-Length", b.len().to_string()),
+                ],
+                b,
+            )
+        };
+        if path.starts_with("/token") {
+            return if header("authorization").as_deref() == Some(good.as_str()) {
+                ok("application/json", br#"{"token":"tok-123"}"#)
+            } else {
+                http("401 Unauthorized", &[("Content-Length", "0".into())], b"")
+            };
+        }
+        if header("authorization").as_deref() != Some("Bearer tok-123") {
+            let host = header("host").unwrap_or_default();
+            return http(
+                "401 Unauthorized",
+                &[
+                    (
+                        "WWW-Authenticate",
+                        format!(
+                            "Bearer realm=\"http://{host}/token\",service=\"scripted\",scope=\"repository:secret:pull\""
+                        ),
+                    ),
+                    ("Content-Length", "0".into()),
+                ],
+                b"",
+            );
+        }
+        if path == "/v2/" {
+            return ok("application/json", b"{}");
+        }
+        if path.contains("/manifests/") {
+            return ok("application/vnd.oci.image.manifest.v1+json", &manifest);
+        }
+        if path.ends_with(&cd) {
+            return ok("application/octet-stream", &config);
+        }
+        if path.ends_with(&ld) {
+            return ok("application/octet-stream", &layer_bytes);
+        }
+        http("404 Not Found", &[("Content-Length", "0".into())], b"")
+    });
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let name = format!("{addr}/secret:1");
+    one_line_error(
+        &shoal(d, &["image", "pull", &name]),
+        &format!("unauthorized (shoal login {addr} first)"),
+    );
+    ok(&shoal(
+        d,
+        &["login", "-u", "carol", "-p", "t0ken-pw", &addr],
+    ));
+    ok(&shoal(d, &["image", "pull", "-q", &name]));
+    let run = ok(&shoal(d, &["run", "--rm", "--network", "none", &name]));
+    assert_eq!(run, "behind a token\n");
+}
