@@ -155,6 +155,15 @@ async fn a_task_container_has_a_small_monitor_forked_from_the_shoal_binary() {
         "monitor runs {}",
         exe.display()
     );
+    // And `ps` names it so a sysadmin knows it: `shoal runtime …`.
+    let cmdline = std::fs::read(format!("/proc/{monitor}/cmdline")).unwrap();
+    let argv: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    assert_eq!(
+        (argv[0], argv.get(1).copied()),
+        (&b"shoal"[..], Some(&b"runtime"[..])),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
     // In a debug build the resident set is mostly the unoptimized binary's code pages:
     // file-backed, shared with every process that runs the binary, faulted in as whole
     // folios whose size depends on the page cache (3.4 MiB here, 4.0 MiB in one CI run), so

@@ -1093,8 +1093,11 @@ fn pretty_service(s: &pb::Service) -> String {
     let task = sp.task.clone().unwrap_or_default();
     let c = task.container.clone().unwrap_or_default();
     let mut out = String::new();
-    let mut line =
-        |k: &str, v: String| out.push_str(&format!("{}\n", format!("{k:<16}{v}").trim_end()));
+    // Values start in column 17, or one space after a longer key ("Monitoring Period: 5s").
+    let mut line = |k: &str, v: String| {
+        let w = 16.max(k.chars().count() + 1);
+        out.push_str(&format!("{}\n", format!("{k:<w$}{v}").trim_end()))
+    };
     line("ID:", id(s));
     line("Name:", sp.name.clone());
     if !sp.labels.is_empty() {
@@ -1204,4 +1207,34 @@ fn pretty_service(s: &pb::Service) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod pretty_tests {
+    use super::*;
+
+    #[test]
+    fn pretty_values_line_up_and_long_keys_keep_a_space() {
+        let s = pb::Service {
+            spec: Some(pb::ServiceSpec {
+                name: "web".into(),
+                update: Some(pb::UpdateConfig {
+                    monitor_ms: 5_000,
+                    parallelism: 1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = pretty_service(&s);
+        assert!(text.contains("Name:           web\n"), "{text}");
+        assert!(text.contains(" Monitoring Period: 5s\n"), "{text}");
+        for l in text.lines() {
+            if let Some((k, v)) = l.split_once(':') {
+                assert!(v.is_empty() || v.starts_with(' '), "{l:?}");
+                let _ = k;
+            }
+        }
+    }
 }

@@ -198,6 +198,9 @@ impl RuntimeExecutor {
             lower.push(l.as_os_str());
         }
         let mut cmd = tokio::process::Command::new(&self.shoal);
+        // `ps` shows `shoal runtime … create …` for the helper and the monitor forked from
+        // it, not `/proc/self/exe …`.
+        cmd.arg0("shoal");
         cmd.arg("runtime")
             .arg("--root")
             .arg(&self.cfg.state_root)
