@@ -26,6 +26,8 @@ enum Command {
     Image(cmd::image::ImageArgs),
     /// Show the client's and the agent's versions
     Version,
+    /// Facts of this node: agent, cluster membership, cgroups, containers, images, registry
+    Info(cmd::output::InfoArgs),
     /// Keep credentials for a registry (pulls and pushes of this node use them)
     Login(cmd::image::LoginArgs),
     /// Forget a registry's credentials
@@ -75,6 +77,7 @@ fn main() {
         Command::Runtime(c) => cmd::runtime::run(c),
         Command::Image(c) => cmd::image::run(c),
         Command::Version => cmd::output::version(),
+        Command::Info(a) => cmd::output::info(a),
         Command::Login(c) => cmd::image::login(c),
         Command::Logout(c) => cmd::image::logout(c),
         Command::Run(c) => cmd::container::run(*c),

@@ -611,6 +611,130 @@ fn pick_data_dir(info: Option<shoal_proto::v1::InfoResponse>) -> std::path::Path
         .unwrap_or_else(|| super::image::DEFAULT_DATA_DIR.into())
 }
 
+/// `shoal info` flags.
+#[derive(clap::Args)]
+pub struct InfoArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+/// `shoal info`: what `docker info` says, for this node — the agent answering on SHOAL_SOCKET
+/// (version, data dir, cluster membership), the host's cgroups and kernel, and what the data
+/// dir holds (containers, service tasks, images, the cluster registry's port).
+pub fn info(a: InfoArgs) -> anyhow::Result<()> {
+    let (socket, agent) = agent_info();
+    let data = std::env::var_os("SHOAL_DATA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| pick_data_dir(agent.clone()));
+    let cgroups = match shoal_runtime::cgroups::hierarchy() {
+        Ok(shoal_runtime::cgroups::Hierarchy::V2 { .. }) => "v2".to_string(),
+        Ok(shoal_runtime::cgroups::Hierarchy::V1 { .. }) => {
+            if std::path::Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
+                "v1 (hybrid, with a v2 tree at /sys/fs/cgroup/unified)".to_string()
+            } else {
+                "v1".to_string()
+            }
+        }
+        Err(e) => format!("unknown ({e})"),
+    };
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (running, all) = shoal_runtime::frontdoor::FrontDoor::open(&data)
+        .and_then(|f| Ok((f.list(false)?.len(), f.list(true)?.len())))
+        .unwrap_or((0, 0));
+    let tasks = shoal_runtime::container::Container::list(
+        &data
+            .join(shoal_runtime::frontdoor::CONTAINERS_DIR)
+            .join(".tasks"),
+    )
+    .map(|l| l.len())
+    .unwrap_or(0);
+    let (images, image_bytes) = shoal_runtime::image::ImageStore::open(&data)
+        .and_then(|s| s.list())
+        .map(|l| (l.len(), l.iter().map(|i| i.size).sum::<u64>()))
+        .unwrap_or((0, 0));
+    let registry_port = std::fs::read_to_string(data.join("registry-port"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u16>().ok());
+    let role = agent.as_ref().map(|i| match i.state() {
+        shoal_proto::v1::LocalNodeState::Manager => "manager",
+        shoal_proto::v1::LocalNodeState::Worker => "worker",
+        shoal_proto::v1::LocalNodeState::Inactive => "inactive (in no cluster)",
+    });
+    if a.format == Format::Json {
+        let v = serde_json::json!({
+            "ClientVersion": env!("CARGO_PKG_VERSION"),
+            "Agent": agent.as_ref().map(|i| serde_json::json!({
+                "Socket": socket.display().to_string(),
+                "Version": i.version,
+                "Role": role,
+                "NodeID": i.node_id,
+                "ClusterID": i.cluster_id,
+                "AdvertiseAddr": i.advertise_addr,
+            })),
+            "DataDir": data.display().to_string(),
+            "Kernel": kernel,
+            "OSType": std::env::consts::OS,
+            "Architecture": std::env::consts::ARCH,
+            "Cgroups": cgroups,
+            "Containers": all,
+            "ContainersRunning": running,
+            "Tasks": tasks,
+            "Images": images,
+            "ImagesSize": image_bytes,
+            "RegistryPort": registry_port,
+        });
+        return print_json(&v);
+    }
+    println!("Client:\n Version:        {}", env!("CARGO_PKG_VERSION"));
+    match &agent {
+        Some(i) => {
+            println!("Agent:\n Socket:         {}", socket.display());
+            println!(" Version:        {}", i.version);
+            println!(" Role:           {}", role.unwrap_or_default());
+            if !i.node_id.is_empty() {
+                println!(" Node ID:        {}", i.node_id);
+                println!(" Cluster ID:     {}", i.cluster_id);
+                println!(" Advertise addr: {}", i.advertise_addr);
+            }
+        }
+        None => println!("Agent:\n No agent answers on {}", socket.display()),
+    }
+    println!("Data dir:        {}", data.display());
+    println!(" Containers:     {all} ({running} running)");
+    println!(" Service tasks:  {tasks}");
+    println!(" Images:         {images} ({})", human_bytes(image_bytes));
+    match registry_port {
+        Some(p) => println!(" Registry port:  {p}"),
+        None => println!(" Registry port:  none"),
+    }
+    println!("Host:");
+    println!(
+        " Kernel:         {kernel} ({}/{})",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
+    println!(" Cgroups:        {cgroups}");
+    println!(" Runtime:        shoal (namespaces, cgroups, overlayfs, seccomp)");
+    Ok(())
+}
+
+/// `1.5GB`-style size (docker's decimal units).
+fn human_bytes(b: u64) -> String {
+    let f = b as f64;
+    if f >= 1e9 {
+        format!("{:.2}GB", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.1}MB", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1}kB", f / 1e3)
+    } else {
+        format!("{b}B")
+    }
+}
+
 /// `shoal version`: this binary's version, and the agent's on SHOAL_SOCKET when one answers.
 pub fn version() -> anyhow::Result<()> {
     println!("Client:\n Version:  {}", env!("CARGO_PKG_VERSION"));
