@@ -37,6 +37,28 @@ fn one_line_error(out: &Output, want: &str) {
     assert!(err.contains(want), "{err:?} lacks {want:?}");
 }
 
+/// An image for a scripted registry to serve: a layer whose /etc/motd is `motd` (the image
+/// prints it), its config and its manifest.
+fn served_image(motd: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let layer_bytes = layer(motd);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": oci_arch(), "os": "linux",
+        "config": {"Cmd": ["cat", "/etc/motd"]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(&layer_bytes)]},
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest(&layer_bytes), "size": layer_bytes.len()}],
+    }))
+    .unwrap();
+    (layer_bytes, config, manifest)
+}
+
 /// Nothing half-pulled is left under the data dir's download area.
 fn no_downloads_left(data: &Path) {
     let left: Vec<PathBuf> = std::fs::read_dir(data.join("pulls"))
@@ -373,22 +395,7 @@ fn login_keeps_credentials_that_pulls_and_pushes_use_and_logout_forgets_them() {
 fn a_broken_transfer_resumes_where_it_stopped() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    let layer_bytes = layer("resumed\n");
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": oci_arch(), "os": "linux",
-        "config": {"Cmd": ["cat", "/etc/motd"]},
-        "rootfs": {"type": "layers", "diff_ids": [digest(&layer_bytes)]},
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": digest(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": digest(&layer_bytes), "size": layer_bytes.len()}],
-    }))
-    .unwrap();
+    let (layer_bytes, config, manifest) = served_image("resumed\n");
     let ranged = Arc::new(AtomicUsize::new(0));
     let (counted, ld, cd) = (ranged.clone(), digest(&layer_bytes), digest(&config));
     let addr = scripted_registry(move |path, head| {
@@ -487,22 +494,7 @@ fn a_registry_with_its_own_ca_is_trusted_through_certs_d() {
 #[test]
 fn bearer_token_challenges_are_answered_with_the_login() {
     use base64::Engine;
-    let layer_bytes = layer("behind a token\n");
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": oci_arch(), "os": "linux",
-        "config": {"Cmd": ["cat", "/etc/motd"]},
-        "rootfs": {"type": "layers", "diff_ids": [digest(&layer_bytes)]},
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": digest(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": digest(&layer_bytes), "size": layer_bytes.len()}],
-    }))
-    .unwrap();
+    let (layer_bytes, config, manifest) = served_image("behind a token\n");
     let good = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode("carol:t0ken-pw")

@@ -441,7 +441,7 @@ impl RegistryServer {
         // A blob it already has needs no upload (a cross-repository mount, say).
         if let Some(d) = query.get("mount") {
             if self.blob_path(d).is_some() {
-                return Ok(created(name, d));
+                return Ok(created(&format!("/v2/{name}/blobs/{d}"), d));
             }
         }
         let id = format!("{:032x}", rand::random::<u128>());
@@ -541,7 +541,7 @@ impl RegistryServer {
         tokio::fs::rename(&file, self.staging().join("blobs").join(hex))
             .await
             .map_err(|e| internal(&format!("upload: {e}")))?;
-        Ok(created(name, digest))
+        Ok(created(&format!("/v2/{name}/blobs/{digest}"), digest))
     }
 
     async fn put_manifest(
@@ -629,16 +629,7 @@ impl RegistryServer {
                 let _ = std::fs::remove_file(self.staging().join("blobs").join(h));
             }
         }
-        Ok(Response::builder()
-            .status(StatusCode::CREATED)
-            .header(
-                hyper::header::LOCATION,
-                format!("/v2/{name}/manifests/{digest}"),
-            )
-            .header("Docker-Content-Digest", digest)
-            .header(hyper::header::CONTENT_LENGTH, 0)
-            .body(full(Vec::new()))
-            .unwrap_or_else(|_| internal("response")))
+        Ok(created(&format!("/v2/{name}/manifests/{digest}"), &digest))
     }
 }
 
@@ -879,13 +870,11 @@ fn accepted(name: &str, id: &str, len: u64) -> Response<Body> {
         .unwrap_or_else(|_| internal("response"))
 }
 
-fn created(name: &str, digest: &str) -> Response<Body> {
+/// 201 for what now lives at `location` under `digest`.
+fn created(location: &str, digest: &str) -> Response<Body> {
     Response::builder()
         .status(StatusCode::CREATED)
-        .header(
-            hyper::header::LOCATION,
-            format!("/v2/{name}/blobs/{digest}"),
-        )
+        .header(hyper::header::LOCATION, location)
         .header("Docker-Content-Digest", digest)
         .header(hyper::header::CONTENT_LENGTH, 0)
         .body(full(Vec::new()))

@@ -1876,14 +1876,17 @@ struct StreamedUnpack {
 }
 
 impl IngestShared {
+    /// Closes the ingest to new unpacks and hands over the ones started.
+    fn take_unpacks(&self) -> Vec<StreamedUnpack> {
+        let mut u = self.unpacks.lock().unwrap_or_else(|e| e.into_inner());
+        u.0 = true;
+        std::mem::take(&mut u.1)
+    }
+
     /// No more unpacks: waits for the running ones (those of blobs not finished are stopped);
     /// the layers of those that succeeded, by blob digest.
     fn close(&self) -> HashMap<String, UnpackedLayer> {
-        let all = {
-            let mut u = self.unpacks.lock().unwrap_or_else(|e| e.into_inner());
-            u.0 = true;
-            std::mem::take(&mut u.1)
-        };
+        let all = self.take_unpacks();
         for u in &all {
             u.tail.stop_unless_done();
         }
@@ -1898,11 +1901,7 @@ impl IngestShared {
 
     /// Stops every streaming unpack and waits for them (their temp dirs go with them).
     fn abort(&self) {
-        let all = {
-            let mut u = self.unpacks.lock().unwrap_or_else(|e| e.into_inner());
-            u.0 = true;
-            std::mem::take(&mut u.1)
-        };
+        let all = self.take_unpacks();
         for u in &all {
             u.tail.stop();
         }
