@@ -1,6 +1,6 @@
 //! Joining over real TLS on 127.0.0.1: tokens, the CA digest check, CSR identity checks.
 
-mod tls_support;
+use crate::tls_support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Promotion and demotion through certificate renewal, over real TLS on 127.0.0.1: the CA
 //! issues the role the cluster wants, and hands the CA key only with a manager certificate.
 
-mod tls_support;
+use crate::tls_support;
 
 use std::os::unix::fs::PermissionsExt;
 

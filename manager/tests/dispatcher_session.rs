@@ -1,6 +1,6 @@
 //! The dispatcher over real mTLS with a real store: sessions, assignments, heartbeats, status.
 
-mod dispatcher_support;
+use crate::dispatcher_support;
 
 use std::time::Duration;
 

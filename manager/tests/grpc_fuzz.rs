@@ -11,10 +11,10 @@
 //!   certificate answer likewise, and the store keeps only forward, known task states.
 //!
 //! Cases per target: the constants below, or `PROPTEST_CASES` for a longer local run
-//! (`PROPTEST_CASES=2000 cargo nextest run -p shoal-manager --test grpc_fuzz`).
+//! (`PROPTEST_CASES=2000 cargo nextest run -p shoal-manager -E 'test(/^grpc_fuzz::/)'`).
 
-mod dispatcher_support;
-mod fuzz_support;
+use crate::dispatcher_support;
+use crate::fuzz_support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The global orchestrator over a real store: one task per eligible node, following joins,
 //! pause, drain, label changes, removals and a node going down and coming back.
 
-mod orchestrator_support;
+use crate::orchestrator_support;
 
 use orchestrator_support::*;
 use shoal_proto::v1::{NodeAvailability, NodeState, TaskState};

@@ -2,10 +2,10 @@
 //! proposing through `Raft::client_write`, with a simulated agent moving tasks, converging
 //! after each change within a bounded wait; a restarted `run_leader` resumes from the store.
 
-mod orchestrator_support;
+use crate::orchestrator_support;
 use orchestrator_support::{ready_node, replicated_service};
 
-mod no_peers;
+use crate::no_peers;
 use no_peers::NoPeers;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,6 +1,6 @@
 //! The replicated orchestrator, the restart supervisor and the reaper over a real store.
 
-mod orchestrator_support;
+use crate::orchestrator_support;
 
 use orchestrator_support::*;
 use shoal_proto::v1::{NodeAvailability, NodeState, RestartCondition, TaskState};

@@ -5,7 +5,7 @@
 //! the caller gets an error at once. The replicated orchestrator must create each slot's task
 //! exactly once.
 
-mod orchestrator_support;
+use crate::orchestrator_support;
 use orchestrator_support::{ready_node, replicated_service};
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

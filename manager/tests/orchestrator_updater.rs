@@ -2,7 +2,7 @@
 //! agent acting round by round. Each invariant is checked on every state the store passes
 //! through (after each committed command), not by timing.
 
-mod orchestrator_support;
+use crate::orchestrator_support;
 
 use orchestrator_support::*;
 use shoal_manager::orchestrator::updater::{start_rollback, Updater, HOLD};

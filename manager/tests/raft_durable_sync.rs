@@ -3,7 +3,7 @@
 //! (What an abort loses is `raft_log_durability.rs`; a power loss cannot be staged in a test,
 //! so this checks that the syncs happen and that their errors reach openraft.)
 
-mod no_peers;
+use crate::no_peers;
 use no_peers::NoPeers;
 
 use std::collections::HashMap;

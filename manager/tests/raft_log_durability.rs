@@ -3,7 +3,7 @@
 //! once, without shutdown or any flush of its own; the parent reopens the files and finds
 //! every acknowledged write in the log and, once replayed, in the store.
 
-mod no_peers;
+use crate::no_peers;
 use no_peers::NoPeers;
 
 use std::collections::BTreeMap;

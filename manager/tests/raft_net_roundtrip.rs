@@ -1,7 +1,7 @@
 //! The Raft transport over real mTLS on 127.0.0.1: real openraft nodes electing and
 //! replicating through it, and how transport failures reach openraft.
 
-mod tls_support;
+use crate::tls_support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

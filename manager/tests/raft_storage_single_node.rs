@@ -1,7 +1,7 @@
 //! A real one-manager openraft node on the sled storage: writes through Raft, snapshots and
 //! purging keep the log bounded, and a restart from the same files loses nothing.
 
-mod no_peers;
+use crate::no_peers;
 use no_peers::NoPeers;
 
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The scheduler over a real store: constraints, reservations, max replicas per node, spread
 //! preferences, and the reasons a task stays pending.
 
-mod orchestrator_support;
+use crate::orchestrator_support;
 
 use orchestrator_support::*;
 use shoal_proto::v1::{NodeAvailability, NodeState, Placement, TaskState};

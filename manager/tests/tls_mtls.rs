@@ -1,6 +1,6 @@
 //! Mutual TLS and role authorisation over real sockets on 127.0.0.1 with real rustls.
 
-mod tls_support;
+use crate::tls_support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

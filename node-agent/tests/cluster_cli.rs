@@ -1,6 +1,6 @@
 //! `shoal agent` processes on 127.0.0.x, driven through the CLI as a user would.
 
-mod support;
+use crate::support;
 
 use shoal_tests::cluster::{ClusterBuilder, Member};
 use std::process::Command;

@@ -4,8 +4,7 @@
 //! out of it with a node's certificate (mutual TLS) — and refused without one, or pushing with
 //! a worker's.
 
-#[path = "support/services.rs"]
-mod services;
+use crate::services;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -7,7 +7,7 @@
 //! a worker backed off up to 5 s per attempt (0.6–8 s to reconnect in chaos runs) and this test
 //! failed once in two runs; the heartbeat period is set explicitly so the grace stays 3 s.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -1,8 +1,7 @@
 //! `shoal info` through the real CLI: a node of a one-node cluster (its agent on the socket),
 //! and a data dir with no agent at all.
 
-#[path = "support/services.rs"]
-mod services;
+use crate::services;
 
 use std::process::Command;
 

@@ -2,7 +2,7 @@
 //! worker learns of it through its dispatcher session, renews into a manager certificate,
 //! starts a manager and joins Raft; a restart resumes it as a manager.
 
-mod support;
+use crate::support;
 
 use shoal_tests::cluster::{ClusterBuilder, Member};
 use std::time::{Duration, Instant};

@@ -4,8 +4,7 @@
 //! containers its nodes made (which removes their cgroups); overlay mounts live in the
 //! containers' own mount namespaces.
 
-#[path = "support/services.rs"]
-mod services;
+use crate::services;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};

@@ -4,8 +4,7 @@
 //! tasks prepare, with the credentials the service was given (`--with-registry-auth`), which no
 //! read of the cluster returns.
 
-#[path = "support/services.rs"]
-mod services;
+use crate::services;
 
 use std::path::Path;
 use std::process::Output;

@@ -4,8 +4,7 @@
 //! not by watching the clock: the updater only acts on reports it has applied, so the order of
 //! those times is the order of events.
 
-#[path = "support/services.rs"]
-mod services;
+use crate::services;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Real containers (root): lifecycle, exit codes, logs, survival of the caller, exec,
 //! pause/resume, stats, cleanup after delete, bad bundles.
 
-mod container_support;
+use crate::container_support;
 
 use std::time::Duration;
 

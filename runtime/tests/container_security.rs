@@ -2,7 +2,7 @@
 //! through /proc/<pid>/exe from inside) and CVE-2024-21626 (a host fd leaked into the
 //! container, reachable as cwd or through /proc/self/fd).
 
-mod container_support;
+use crate::container_support;
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Front-door lifecycle (root, real containers): detached run, list, logs, stop within and
 //! after the grace period, exec, auto-remove, rm leaving nothing, limits, bad input.
 
-mod frontdoor_support;
+use crate::frontdoor_support;
 
 use std::time::{Duration, Instant};
 

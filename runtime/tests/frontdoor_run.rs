@@ -2,7 +2,7 @@
 //! codes, env and hostname, the overlay (image files visible, writes only in the upper dir,
 //! layers shared), read-only root, user and workdir, Docker's security defaults.
 
-mod frontdoor_support;
+use crate::frontdoor_support;
 
 use frontdoor_support::{Node, MOTD};
 

@@ -8,9 +8,9 @@
 //! the store's files and listing exactly as they were; no half-unpacked layer is left behind.
 //!
 //! Cases per target: [`CASES`], or `PROPTEST_CASES` for a longer local run
-//! (`PROPTEST_CASES=5000 cargo nextest run -p shoal-runtime --test image_fuzz`).
+//! (`PROPTEST_CASES=5000 cargo nextest run -p shoal-runtime -E 'test(/^image_fuzz::/)'`).
 
-mod image_support;
+use crate::image_support;
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -1,7 +1,7 @@
 //! Hostile layers and corrupt images are refused with an error naming the problem, write
 //! nothing outside the store, and leave the store exactly as it was.
 
-mod image_support;
+use crate::image_support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

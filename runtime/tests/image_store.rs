@@ -1,7 +1,7 @@
 //! The image store end to end: import, load (docker save, OCI layout dir and archive),
 //! overlay view of whiteouts and opaque dirs, ls/inspect/rm/gc, concurrent writers.
 
-mod image_support;
+use crate::image_support;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The runtime executor end to end: real busybox containers from an image imported into a
 //! temporary image store, driven by an agent through the real dispatcher. Needs root.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

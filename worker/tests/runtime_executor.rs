@@ -2,7 +2,7 @@
 //! `shoal runtime create` subprocess, so its monitor is a fork of that small process and not of
 //! the (multi-threaded, large) agent. Real busybox containers; needs root.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

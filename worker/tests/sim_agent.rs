@@ -1,6 +1,6 @@
 //! Hollow agents (sim executor) end to end against the real dispatcher over mTLS.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

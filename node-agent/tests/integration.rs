@@ -1,0 +1,20 @@
+//! One test binary for the crate's integration tests (one link instead of one per file:
+//! a fresh build takes a fraction of the disk and the time). Each file is a module;
+//! nextest still runs every test in its own process.
+
+#[path = "support/services.rs"]
+mod services;
+mod support;
+
+mod cluster_cli;
+mod cluster_registry;
+mod failover_cli;
+mod frontdoor_cli;
+mod image_cli;
+mod info_cli;
+mod install_script;
+mod promote_cli;
+mod registry_cli;
+mod service_cli;
+mod service_registry;
+mod service_update_cli;
