@@ -310,6 +310,55 @@ async fn running(c: &mut ControlClient<tonic::transport::Channel>) -> Result<(u6
         .map_or((0, 0), |s| (s.desired_tasks, s.running_tasks)))
 }
 
+/// What the tasks that are not running are doing: counts by (state, desired state, message),
+/// with one example task id each, for a run that missed its deadline.
+async fn breakdown(c: &mut ControlClient<tonic::transport::Channel>) -> Result<String> {
+    let mut req = Request::new(pb::ListTasksRequest {
+        service: SERVICE.into(),
+        node: String::new(),
+    });
+    req.set_timeout(CALL_TIMEOUT);
+    let tasks = c
+        .list_tasks(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("service ps: {}", s.message()))?
+        .into_inner()
+        .tasks;
+    type Group = (u64, String, std::collections::BTreeSet<String>);
+    let mut groups: std::collections::BTreeMap<(String, String, String), Group> =
+        Default::default();
+    for t in &tasks {
+        let st = t.status.clone().unwrap_or_default();
+        if st.state == pb::TaskState::Running as i32 && t.desired_state == st.state {
+            continue;
+        }
+        let name = |s: i32| {
+            pb::TaskState::try_from(s).map_or_else(|_| s.to_string(), |s| s.as_str_name().into())
+        };
+        let key = (name(st.state), name(t.desired_state), st.message.clone());
+        let e = groups.entry(key).or_default();
+        e.0 += 1;
+        e.2.insert(t.node_id.clone());
+        if e.1.is_empty() {
+            e.1 = format!(
+                "{} on {}",
+                t.meta.as_ref().map_or("", |m| m.id.as_str()),
+                t.node_id
+            );
+        }
+    }
+    Ok(groups
+        .iter()
+        .map(|((s, d, m), (n, eg, nodes))| {
+            format!(
+                "{n} {s} on {} nodes (desired {d}, {m:?}; e.g. {eg})",
+                nodes.len()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
 fn kib(m: &Mem) -> String {
     format!("{:.1} MiB", m.rss as f64 / 1024.0)
 }
@@ -517,8 +566,11 @@ async fn run(a: &ScaleArgs, timers: Option<Timers>, bin: &Path, root: &Path) -> 
             break;
         }
         if t.elapsed() > a.deadline(RUN_DEADLINE) {
+            let why = breakdown(&mut control)
+                .await
+                .unwrap_or_else(|e| format!("(no task list: {e:#})"));
             bail!(
-                "{up} of {} tasks running after {:?}",
+                "{up} of {} tasks running after {:?}; the others: {why}",
                 a.replicas,
                 a.deadline(RUN_DEADLINE)
             );

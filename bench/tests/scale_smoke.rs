@@ -43,7 +43,14 @@ fn scale_smoke_50_hollow_nodes_2000_replicas() {
         .expect("running shoal-bench scale");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "scale failed:\n{stdout}\n{stderr}");
+    if !out.status.success() {
+        // Keep the managers' and hosts' logs for the post-mortem.
+        let kept = work.keep();
+        panic!(
+            "scale failed (logs kept in {}):\n{stdout}\n{stderr}",
+            kept.display()
+        );
+    }
     assert!(
         stdout.contains("join: all 50 Ready") && stdout.contains("all 2000 RUNNING"),
         "unexpected report:\n{stdout}"

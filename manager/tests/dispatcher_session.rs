@@ -134,6 +134,52 @@ async fn a_node_that_misses_three_heartbeats_is_marked_down() {
     assert_eq!(c.node_state("w2"), pb::NodeState::Ready as i32);
 }
 
+/// A new leader whose store has not applied everything committed before its term: a
+/// session's full set and a node's reports wait for the store, so neither misses a task
+/// assigned under the old leader (reports on it were once acknowledged and dropped, leaving
+/// it ASSIGNED for ever).
+#[tokio::test]
+async fn a_new_leader_serves_sessions_and_reports_only_once_its_store_caught_up() {
+    let c = Cluster::start(1000, &["w1"]).await;
+    c.backend.write(vec![Mutation::Create(Object::Task(task(
+        "t1",
+        "w1",
+        TaskState::Pending,
+    )))]);
+    // Assigned under the old leader: committed, not yet applied here.
+    let mut t1 = c.backend.store.get_task("t1").unwrap().unwrap();
+    t1.status.as_mut().unwrap().state = TaskState::Assigned as i32;
+    c.backend.write_behind(vec![Mutation::Update {
+        object: Object::Task(t1),
+        expect_version: None,
+    }]);
+    let mut client = c.client("w1", Role::Worker);
+    let (s, mut stream) = open(&mut client, "h1").await;
+    assert_eq!(ids(&next_assignments(&mut stream).await), vec!["t1"]);
+
+    // The node heard of t2 from the old leader and reports on it before this store has it.
+    c.backend.write(vec![Mutation::Create(Object::Task(task(
+        "t2",
+        "",
+        TaskState::Pending,
+    )))]);
+    let mut t2 = c.backend.store.get_task("t2").unwrap().unwrap();
+    t2.node_id = "w1".into();
+    t2.status.as_mut().unwrap().state = TaskState::Assigned as i32;
+    c.backend.write_behind(vec![Mutation::Update {
+        object: Object::Task(t2),
+        expect_version: None,
+    }]);
+    client
+        .update_task_status(pb::UpdateTaskStatusRequest {
+            session_id: s.session_id.clone(),
+            updates: vec![report("t2", TaskState::Accepted)],
+        })
+        .await
+        .unwrap();
+    assert_eq!(c.task_state("t2"), TaskState::Accepted as i32);
+}
+
 fn report(id: &str, state: TaskState) -> pb::TaskStatusUpdate {
     pb::TaskStatusUpdate {
         task_id: id.into(),

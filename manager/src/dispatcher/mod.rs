@@ -66,6 +66,11 @@ pub const MAX_DISPATCHER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub const MAX_DISPATCHER_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 /// Heartbeat periods are drawn from [period − jitter, period], jitter = period / this.
 pub const HEARTBEAT_JITTER_DIVISOR: u32 = 10;
+/// How long a dispatcher write (status batch, node state) waits for its commit; then the
+/// outcome is unknown (the write may still commit) and the caller retries.
+pub const PROPOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long a session or a status write waits for a new leader's store to catch up.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 /// Fastest heartbeat period accepted from the cluster object (tests use 100 ms).
 pub const MIN_HEARTBEAT_PERIOD: Duration = Duration::from_millis(20);
 
@@ -95,18 +100,52 @@ pub trait Backend: Send + Sync + 'static {
     fn propose(&self, cmd: Command) -> impl Future<Output = Result<Response, ProposeError>> + Send;
     /// Who leads now.
     fn leadership(&self) -> Leadership;
+    /// Waits until this manager's store holds every entry committed before it took the lead
+    /// (a new leader applies those after it takes over). Sessions and status writes read the
+    /// store: a lagging store would send a node a full set without its newest tasks, and
+    /// drop (yet acknowledge) its reports on them. A single store is always caught up.
+    fn caught_up(&self) -> impl Future<Output = Result<(), ProposeError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 impl Backend for crate::raft::Raft {
     async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
         use openraft::error::{ClientWriteError, RaftError};
-        match self.client_write(cmd).await {
+        // Bounded: the status batcher writes one batch at a time, and a proposal left without
+        // an answer across a leadership blip once stalled every status report for good.
+        let Ok(written) = tokio::time::timeout(PROPOSE_WAIT, self.client_write(cmd)).await else {
+            return Err(ProposeError::Failed(format!(
+                "no commit within {PROPOSE_WAIT:?}"
+            )));
+        };
+        match written {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(ProposeError::NotLeader)
             }
             Err(e) => Err(ProposeError::Failed(e.to_string())),
         }
+    }
+
+    async fn caught_up(&self) -> Result<(), ProposeError> {
+        let (term, applied_term, last) = {
+            let m = self.metrics().borrow().clone();
+            (
+                m.current_term,
+                m.last_applied.map(|l| l.leader_id.term),
+                m.last_log_index,
+            )
+        };
+        // An entry of this term applied means all before it are: the usual case, no wait.
+        if applied_term == Some(term) {
+            return Ok(());
+        }
+        self.wait(Some(CATCH_UP_WAIT))
+            .applied_index_at_least(last, "dispatcher: the store caught up")
+            .await
+            .map(|_| ())
+            .map_err(|e| ProposeError::Failed(format!("the store is still catching up: {e}")))
     }
 
     fn leadership(&self) -> Leadership {

@@ -82,6 +82,11 @@ impl<B: Backend> DispatcherRpc for DispatcherService<B> {
                 .await;
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
+        inner
+            .backend
+            .caught_up()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let node_id = who.node_id.clone();
         match inner.store.get_node(&node_id) {
             Ok(Some(_)) => {}

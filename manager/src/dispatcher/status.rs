@@ -41,6 +41,10 @@ pub(super) async fn batcher<B: Backend>(
             }
         }
         let result = write(&inner, &batch).await;
+        if let Err(e) = &result {
+            // The agents retry; say why here, where it can be seen.
+            tracing::warn!(updates = count, "status batch not written: {}", e.message());
+        }
         for r in batch {
             let _ = r.done.send(result.clone());
         }
@@ -111,6 +115,11 @@ pub fn apply_report(task: &Task, node_id: &str, status: &TaskStatus) -> Option<T
 }
 
 async fn write<B: Backend>(inner: &Inner<B>, batch: &[StatusRequest]) -> Result<(), Status> {
+    inner
+        .backend
+        .caught_up()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let reports = merge(batch);
     let mut last = String::new();
     for _ in 0..STATUS_WRITE_RETRIES {

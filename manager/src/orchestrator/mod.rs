@@ -61,7 +61,16 @@ pub trait Proposer: Send + Sync + 'static {
 impl Proposer for crate::raft::Raft {
     async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
         use openraft::error::{ClientWriteError, RaftError};
-        match self.client_write(cmd).await {
+        // Bounded like the dispatcher's writes: a proposal never answered (a leadership blip)
+        // would otherwise hold its component for as long as this manager leads.
+        let Ok(written) =
+            tokio::time::timeout(crate::dispatcher::PROPOSE_WAIT * 2, self.client_write(cmd)).await
+        else {
+            return Err(ProposeError::Failed(
+                "no commit in time: outcome unknown".into(),
+            ));
+        };
+        match written {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(ProposeError::NotLeader)

@@ -24,6 +24,9 @@ pub struct StoreBackend {
     index: Arc<AtomicU64>,
     pub commands: Arc<AtomicUsize>,
     pub leadership: Arc<Mutex<Leadership>>,
+    /// Commands committed but not yet applied here (a new leader's state machine behind its
+    /// log); `caught_up` applies them.
+    backlog: Arc<Mutex<Vec<Command>>>,
 }
 
 impl Backend for StoreBackend {
@@ -39,9 +42,30 @@ impl Backend for StoreBackend {
     fn leadership(&self) -> Leadership {
         self.leadership.lock().unwrap().clone()
     }
+
+    async fn caught_up(&self) -> Result<(), ProposeError> {
+        let behind: Vec<Command> = std::mem::take(&mut *self.backlog.lock().unwrap());
+        for cmd in behind {
+            let i = self.index.fetch_add(1, Ordering::SeqCst) + 1;
+            self.store
+                .apply(i, &cmd)
+                .result
+                .expect("backlog write refused");
+        }
+        Ok(())
+    }
 }
 
 impl StoreBackend {
+    /// Commits `mutations` without applying them yet: they reach the store when the
+    /// dispatcher waits for it to catch up.
+    pub fn write_behind(&self, mutations: Vec<Mutation>) {
+        self.backlog.lock().unwrap().push(Command {
+            now_ms: 1,
+            mutations,
+        });
+    }
+
     /// Writes directly (as the orchestrators or scheduler would); panics if refused.
     pub fn write(&self, mutations: Vec<Mutation>) {
         let i = self.index.fetch_add(1, Ordering::SeqCst) + 1;
@@ -132,6 +156,7 @@ impl Cluster {
             index: Arc::new(AtomicU64::new(0)),
             commands: Arc::new(AtomicUsize::new(0)),
             leadership: Arc::new(Mutex::new(Leadership::Leader)),
+            backlog: Arc::new(Mutex::new(Vec::new())),
         };
         let cluster = pb::Cluster {
             meta: Some(pb::Meta {
