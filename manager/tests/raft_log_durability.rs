@@ -22,7 +22,7 @@ const CHILD_DIR_ENV: &str = "SHOAL_TEST_DURABILITY_CHILD_DIR";
 /// Writes the child makes before it aborts.
 const WRITES: usize = 40;
 const WAIT: Duration = Duration::from_secs(10);
-const TEST_NAME: &str = "acknowledged_writes_survive_abort";
+const TEST_NAME: &str = "raft_log_durability::acknowledged_writes_survive_abort";
 
 fn node_id(i: usize) -> String {
     format!("durable-{i:03}")

@@ -387,12 +387,10 @@ fn a_node_that_leaves_removes_its_tasks() {
     ]);
     assert_eq!(c.nodes[1].containers().len(), 1);
     c.nodes[1].ok(&["cluster", "leave"]);
-    c.until("the leaver's container removed", || {
-        c.nodes[1].containers().is_empty()
-    });
-    assert!(
-        !c.nodes[1].data().join("worker").exists(),
-        "task database forgotten"
+    // The agent removes the containers, then forgets its task database.
+    c.until(
+        "the leaver's container removed and its task database forgotten",
+        || c.nodes[1].containers().is_empty() && !c.nodes[1].data().join("worker").exists(),
     );
     assert_eq!(
         c.nodes[0].containers().len(),

@@ -148,8 +148,10 @@ fn registry_credentials_reach_the_nodes_that_run_the_service_and_no_reader() {
     let reg = Registry::start_with_login("127.0.0.1", "alice", "s3cret").unwrap();
     let work = tempfile::tempdir().unwrap();
     push(&reg, work.path(), "private:1", "private\n");
-    let c = Cluster::new(3, 2);
-    let (m, other, w) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+    // Three managers (two would lose their quorum to any stall of a loaded machine) and a
+    // worker.
+    let c = Cluster::new(4, 3);
+    let (m, other, w) = (&c.nodes[0], &c.nodes[1], &c.nodes[3]);
     let name = format!("{}/private:1", reg.addr());
     // Only the first manager's node is logged in.
     m.ok(&["login", "-u", "alice", "-p", "s3cret", reg.addr()]);

@@ -69,7 +69,7 @@ fn runtime_binary_not_writable_from_inside() {
     let out = std::process::Command::new(&copy)
         .args([
             "--exact",
-            "cve_2019_5736_inner",
+            "container_security::cve_2019_5736_inner",
             "--ignored",
             "--nocapture",
             "--test-threads=1",
