@@ -1031,6 +1031,7 @@ impl Injector<'_> {
             let mut c = control(&sock).await.ok()?;
             let req = pb::WatchRequest {
                 kinds: vec![pb::WatchKind::Service as i32],
+                ..Default::default()
             };
             tokio::time::timeout(CALL_TIMEOUT, c.watch(req))
                 .await

@@ -103,6 +103,7 @@ fn view_counts_changes_by_class_and_indexes_pending_tasks() {
         version: 2,
         action: Action::Create,
         object: Object::Task(t.clone()),
+        time_ms: 0,
     });
     let created = v.changes();
     assert!(created.since(&before, change::TASK_CREATED));
@@ -116,6 +117,7 @@ fn view_counts_changes_by_class_and_indexes_pending_tasks() {
             version,
             action: Action::Update,
             object: Object::Task(t.clone()),
+            time_ms: 0,
         });
     }
     let progressed = v.changes();
@@ -133,6 +135,7 @@ fn view_counts_changes_by_class_and_indexes_pending_tasks() {
         version: 5,
         action: Action::Delete,
         object: Object::Task(running),
+        time_ms: 0,
     });
     assert!(v.changes().since(&progressed, change::TASK_SETTLED));
     assert!(v.tasks.is_empty());

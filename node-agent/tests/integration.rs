@@ -8,6 +8,7 @@ mod support;
 
 mod cluster_cli;
 mod cluster_registry;
+mod events_cli;
 mod failover_cli;
 mod frontdoor_cli;
 mod image_cli;

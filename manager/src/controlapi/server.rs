@@ -1371,22 +1371,50 @@ impl Control for ControlService {
                 _ => None,
             })
             .collect();
-        let mut events = api.store().watch();
+        let (since, until) = (req.get_ref().since_ms, req.get_ref().until_ms);
+        if until > 0 && since > until {
+            return Err(Status::invalid_argument(
+                "the stream would end before it starts: since is after until",
+            ));
+        }
+        let (past, mut events) = if since > 0 {
+            api.store().watch_since(since)
+        } else {
+            (Vec::new(), api.store().watch())
+        };
+        let wanted = move |ev: &Event| kinds.is_empty() || kinds.contains(&ev.object.kind());
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_STREAM_BUFFER);
         tokio::spawn(async move {
+            for ev in past.into_iter().filter(|e| wanted(e)) {
+                if until > 0 && ev.time_ms > until {
+                    return;
+                }
+                if tx.send(Ok(watch_event(ev))).await.is_err() {
+                    return;
+                }
+            }
+            // With an end: stop once it has passed (events proposed later are not sent).
+            let end = async move {
+                if until <= 0 {
+                    return std::future::pending().await;
+                }
+                let wait = u64::try_from(until.saturating_sub(super::now_ms())).unwrap_or(0);
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            };
+            tokio::pin!(end);
             loop {
-                let msg = match events.recv().await {
-                    Ok(ev) => {
-                        if !kinds.is_empty() && !kinds.contains(&ev.object.kind()) {
-                            continue;
-                        }
-                        watch_event(ev)
-                    }
-                    Err(RecvError::Lagged(_)) => pb::WatchEvent {
-                        action: pb::WatchAction::Resync as i32,
-                        ..Default::default()
+                let msg = tokio::select! {
+                    _ = &mut end => return,
+                    r = events.recv() => match r {
+                        Ok(ev) if !wanted(&ev) => continue,
+                        Ok(ev) if until > 0 && ev.time_ms > until => return,
+                        Ok(ev) => watch_event(ev),
+                        Err(RecvError::Lagged(_)) => pb::WatchEvent {
+                            action: pb::WatchAction::Resync as i32,
+                            ..Default::default()
+                        },
+                        Err(RecvError::Closed) => return,
                     },
-                    Err(RecvError::Closed) => return,
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
@@ -1440,5 +1468,6 @@ pub fn watch_event(ev: Event) -> pb::WatchEvent {
         version: ev.version,
         action: action as i32,
         object: Some(object),
+        time_ms: ev.time_ms,
     }
 }

@@ -181,7 +181,7 @@ impl Staged<'_, '_> {
                 kind,
                 id,
                 expect_version,
-            } => self.delete(log_index, *kind, id, *expect_version),
+            } => self.delete(log_index, now_ms, *kind, id, *expect_version),
             Mutation::Group(_) => Err(StoreError::Malformed(
                 "a group must be the only mutation of a command, and groups do not nest".into(),
             )),
@@ -208,6 +208,7 @@ impl Staged<'_, '_> {
             version: log_index,
             action: Action::Create,
             object,
+            time_ms: now_ms,
         });
         Ok(())
     }
@@ -243,6 +244,7 @@ impl Staged<'_, '_> {
             version: log_index,
             action: Action::Update,
             object,
+            time_ms: now_ms,
         });
         Ok(())
     }
@@ -250,6 +252,7 @@ impl Staged<'_, '_> {
     fn delete(
         &mut self,
         log_index: u64,
+        now_ms: i64,
         kind: Kind,
         id: &str,
         expect_version: Option<u64>,
@@ -277,6 +280,7 @@ impl Staged<'_, '_> {
             version: log_index,
             action: Action::Delete,
             object: old,
+            time_ms: now_ms,
         });
         Ok(())
     }

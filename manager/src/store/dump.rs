@@ -185,6 +185,7 @@ impl Store {
                         version: object.version(),
                         action,
                         object,
+                        time_ms: 0,
                     });
                 }
             }
@@ -193,6 +194,7 @@ impl Store {
                     version: applied_index,
                     action: Action::Delete,
                     object: decode(kind, v)?,
+                    time_ms: 0,
                 });
             }
         }

@@ -23,6 +23,33 @@ pub use types::{Action, Command, Event, Kind, Mutation, Object, Response, StoreE
 /// resync (list again, then continue from the live stream).
 pub const WATCH_CAPACITY: usize = 16_384;
 
+/// Events each manager keeps for `shoal events --since` (docker's daemon keeps 256; a
+/// service of a few hundred tasks makes a thousand task events).
+pub const EVENT_HISTORY: usize = 4_096;
+
+/// `e` as the history keeps it: a task without its spec and networks (what an event line
+/// names fits in a few hundred bytes; the history stays a few MiB at most).
+fn slim(e: &Event) -> Event {
+    match &e.object {
+        Object::Task(t) => Event {
+            object: Object::Task(shoal_proto::v1::Task {
+                meta: t.meta.clone(),
+                service_id: t.service_id.clone(),
+                service_name: t.service_name.clone(),
+                slot: t.slot,
+                node_id: t.node_id.clone(),
+                desired_state: t.desired_state,
+                status: t.status.clone(),
+                ..Default::default()
+            }),
+            version: e.version,
+            action: e.action,
+            time_ms: e.time_ms,
+        },
+        _ => e.clone(),
+    }
+}
+
 /// Index of each sled tree in `Inner::trees`; the order is `TREE_NAMES`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum TreeId {
@@ -100,6 +127,10 @@ pub(crate) fn index_key(value: &str, id: &str) -> Vec<u8> {
 struct Inner {
     trees: Vec<sled::Tree>,
     events: broadcast::Sender<Event>,
+    /// The last [`EVENT_HISTORY`] events of applied commands, oldest first. Held while an
+    /// event is published, so a watcher that copies it and subscribes under the lock sees
+    /// every later event exactly once.
+    history: Mutex<std::collections::VecDeque<Event>>,
     /// Held while a batch commits and while a dump or restore reads or replaces the trees, so a
     /// dump sees the state of exactly one applied index.
     commit_lock: Mutex<()>,
@@ -133,6 +164,7 @@ impl Store {
             inner: Arc::new(Inner {
                 trees,
                 events,
+                history: Mutex::new(std::collections::VecDeque::new()),
                 commit_lock: Mutex::new(()),
             }),
         })
@@ -171,10 +203,30 @@ impl Store {
     }
 
     pub(crate) fn publish(&self, events: Vec<Event>) {
+        let mut history = self.inner.history.lock().unwrap_or_else(|p| p.into_inner());
         for e in events {
+            // A snapshot install's synthetic events (time 0) are no history.
+            if e.time_ms != 0 {
+                if history.len() == EVENT_HISTORY {
+                    history.pop_front();
+                }
+                history.push_back(slim(&e));
+            }
             // An error only means nobody is subscribed right now.
             let _ = self.inner.events.send(e);
         }
+    }
+
+    /// The kept events proposed at or after `since_ms` (tasks without their spec), oldest first, and a subscription to
+    /// every later one: together, each event once.
+    pub fn watch_since(&self, since_ms: i64) -> (Vec<Event>, broadcast::Receiver<Event>) {
+        let history = self.inner.history.lock().unwrap_or_else(|p| p.into_inner());
+        let past = history
+            .iter()
+            .filter(|e| e.time_ms >= since_ms)
+            .cloned()
+            .collect();
+        (past, self.inner.events.subscribe())
     }
 
     /// Reads one object of `kind` by id.

@@ -330,4 +330,7 @@ pub struct Event {
     pub action: Action,
     /// The object after the change (for a delete: before).
     pub object: Object,
+    /// When the command was proposed (the proposer's clock, ms since the epoch): the same on
+    /// every manager. 0 for the events a snapshot install synthesises.
+    pub time_ms: i64,
 }

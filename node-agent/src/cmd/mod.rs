@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod container;
+pub mod events;
 pub mod image;
 pub mod network;
 pub mod node;

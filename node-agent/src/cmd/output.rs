@@ -153,6 +153,36 @@ pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// A point in time as docker's `--since`/`--until` take it: an RFC 3339 timestamp, Unix
+/// seconds (with a fraction), or a duration before `now_ms` ("10m") → ms since the epoch.
+pub fn parse_time_ms(s: &str, now_ms: i64) -> anyhow::Result<i64> {
+    if let Some(secs) = shoal_runtime::image::parse_rfc3339(s) {
+        return Ok(secs.saturating_mul(1000));
+    }
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let secs: f64 = s
+            .parse()
+            .map_err(|_| anyhow!("invalid time {s:?}: expected a timestamp or a duration"))?;
+        return Ok((secs * 1000.0) as i64);
+    }
+    let ago = parse_duration_ms(s).map_err(|_| {
+        anyhow!(
+            "invalid time {s:?}: expected an RFC 3339 timestamp, Unix seconds or a duration (10m)"
+        )
+    })?;
+    Ok(now_ms.saturating_sub(i64::try_from(ago).unwrap_or(i64::MAX)))
+}
+
+/// Milliseconds since the epoch as docker prints event times: RFC 3339, nanoseconds, UTC.
+pub fn format_time_ms(ms: i64) -> String {
+    let whole = shoal_runtime::image::format_unix(ms.div_euclid(1000));
+    format!(
+        "{}.{:03}000000Z",
+        whole.trim_end_matches('Z'),
+        ms.rem_euclid(1000)
+    )
+}
+
 /// Milliseconds as a short duration: "100ms", "1s", "1m30s", "90d".
 pub fn format_ms(ms: u64) -> String {
     if ms == 0 {

@@ -4,7 +4,7 @@
 
 #[cfg(test)]
 mod fuzz;
-mod progress;
+pub(crate) mod progress;
 mod update;
 
 use std::collections::HashMap;

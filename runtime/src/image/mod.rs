@@ -35,7 +35,7 @@ use sha2::{Digest as _, Sha256};
 
 pub use reference::Reference;
 pub use source::MAX_ARCHIVE_ENTRIES;
-pub use timefmt::parse_rfc3339;
+pub use timefmt::{format_unix, parse_rfc3339};
 pub use unpack::MAX_LAYER_ENTRIES;
 
 /// Largest manifest, config, index or `manifest.json` read into memory.
