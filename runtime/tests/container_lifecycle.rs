@@ -190,6 +190,7 @@ fn exec_pause_resume_stats() {
             env: vec!["FOO=bar".into()],
             cwd: Some("/tmp".into()),
             detach: false,
+            timeout: None,
         })
         .expect("exec");
     assert_eq!(

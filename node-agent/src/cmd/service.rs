@@ -188,6 +188,8 @@ struct CreateArgs {
     /// Time to wait after SIGTERM before SIGKILL
     #[arg(long, default_value = "10s")]
     stop_grace_period: String,
+    #[command(flatten)]
+    health: update::HealthFlags,
     /// Published ports: [PUBLISHED:]TARGET[/PROTO]
     #[arg(short, long)]
     publish: Vec<String>,
@@ -401,7 +403,11 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
                 labels: output::parse_kv(&a.container_label)?,
                 stop_grace_period_ms: parse_duration_ms(&a.stop_grace_period)
                     .context("--stop-grace-period")?,
-                healthcheck: None,
+                healthcheck: {
+                    let mut h = None;
+                    a.health.edit()?.apply(&mut h);
+                    h
+                },
                 mounts: vec![],
                 read_only: a.read_only,
                 pids_limit: a.limit_pids,
