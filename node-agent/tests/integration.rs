@@ -10,6 +10,7 @@ mod cluster_cli;
 mod cluster_registry;
 mod failover_cli;
 mod frontdoor_cli;
+mod health_cli;
 mod image_cli;
 mod info_cli;
 mod install_script;

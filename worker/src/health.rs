@@ -174,7 +174,10 @@ mod tests {
         assert_eq!(c.argv, vec!["probe", "--quick"]);
         assert_eq!(c.interval, Duration::from_secs(9));
         // NONE disables the image's; nothing anywhere is no check.
-        assert_eq!(effective(Some(&hc(&["NONE"], 0, 0)), Some(&image)), Ok(None));
+        assert_eq!(
+            effective(Some(&hc(&["NONE"], 0, 0)), Some(&image)),
+            Ok(None)
+        );
         assert_eq!(effective(None, None), Ok(None));
         let c = effective(Some(&hc(&["CMD-SHELL", "true"], 0, 0)), None)
             .unwrap()
@@ -223,10 +226,7 @@ mod tests {
         }
         assert_eq!(t.failing_streak(), 0);
         // After the period, one failure (retries 1) is enough.
-        assert_eq!(
-            t.record(false, t0 + period),
-            Some(HealthState::Unhealthy)
-        );
+        assert_eq!(t.record(false, t0 + period), Some(HealthState::Unhealthy));
         // Healthy within the start period: failures count from then on.
         let mut t = Tracker::new(&check(period, 1), t0, HealthState::None);
         assert_eq!(t.record(true, t0), Some(HealthState::Healthy));

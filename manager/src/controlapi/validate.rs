@@ -57,13 +57,16 @@ pub fn healthcheck_test(test: &[String]) -> Result<(), Invalid> {
         Some((k, rest)) if k == "CMD-SHELL" && rest.len() == 1 && !rest[0].trim().is_empty() => {
             Ok(())
         }
-        Some((k, _)) if matches!(k.as_str(), "NONE" | "CMD" | "CMD-SHELL") => Err(invalid(
-            format!("invalid health check test: {k} takes {}", match k.as_str() {
-                "NONE" => "nothing after it",
-                "CMD" => "a command after it",
-                _ => "one non-empty command line after it",
-            }),
-        )),
+        Some((k, _)) if matches!(k.as_str(), "NONE" | "CMD" | "CMD-SHELL") => {
+            Err(invalid(format!(
+                "invalid health check test: {k} takes {}",
+                match k.as_str() {
+                    "NONE" => "nothing after it",
+                    "CMD" => "a command after it",
+                    _ => "one non-empty command line after it",
+                }
+            )))
+        }
         Some((k, _)) => Err(invalid(format!(
             "invalid health check test type {k:?}: expected NONE, CMD or CMD-SHELL"
         ))),

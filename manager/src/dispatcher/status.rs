@@ -102,9 +102,8 @@ pub fn apply_report(task: &Task, node_id: &str, status: &TaskStatus) -> Option<T
     let note = status.state == current
         && current == TaskState::Preparing as i32
         && status.message != message;
-    let health_changed = status.state == current
-        && current == TaskState::Running as i32
-        && status.health != health;
+    let health_changed =
+        status.state == current && current == TaskState::Running as i32 && status.health != health;
     if status.state < current || (status.state == current && !note && !health_changed) {
         return None;
     }

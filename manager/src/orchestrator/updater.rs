@@ -32,7 +32,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use shoal_proto::v1::{
-    FailureAction, HealthState, Service, Task, TaskState, UpdateConfig, UpdateOrder, UpdateState, UpdateStatus,
+    FailureAction, HealthState, Service, Task, TaskState, UpdateConfig, UpdateOrder, UpdateState,
+    UpdateStatus,
 };
 
 use super::global::{is_global, service_constraints};
@@ -118,11 +119,7 @@ impl Slot<'_> {
     /// The update's new task of this slot is not up (nor ended) yet: not RUNNING, or RUNNING
     /// with a health check that has not passed.
     fn busy(&self) -> bool {
-        !self.updated.is_empty()
-            && self
-                .updated
-                .iter()
-                .all(|t| !is_terminal(t) && !is_up(t))
+        !self.updated.is_empty() && self.updated.iter().all(|t| !is_terminal(t) && !is_up(t))
     }
 
     /// When the update's new task reached RUNNING (now up) or ended (its status time then).

@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use shoal_runtime::container::{
-    EXEC_TIMED_OUT,
-    Container, CreateOptions, ExecOptions, LogConfig, Overlay, Stdio, DEFAULT_ROOT,
+    Container, CreateOptions, ExecOptions, LogConfig, Overlay, Stdio, DEFAULT_ROOT, EXEC_TIMED_OUT,
 };
 
 /// Options of every `shoal runtime` command.

@@ -163,6 +163,13 @@ fn init_failure(events: &mut Lines) -> Option<ContainerError> {
     }
 }
 
+/// What [`Lines::next_line`] found.
+enum Next {
+    Line(String),
+    Eof,
+    TimedOut,
+}
+
 /// Line protocol reader over a pipe or socket (messages from monitor and init).
 struct Lines {
     fd: OwnedFd,
@@ -179,27 +186,39 @@ impl Lines {
 
     /// The next line, `None` on EOF or when `deadline` passes.
     fn next(&mut self, deadline: Option<Instant>) -> Option<String> {
+        match self.next_line(deadline) {
+            Next::Line(l) => Some(l),
+            Next::Eof | Next::TimedOut => None,
+        }
+    }
+
+    /// The next line, telling EOF (or a read error) from `deadline` passing.
+    fn next_line(&mut self, deadline: Option<Instant>) -> Next {
         loop {
             if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=i).collect();
-                return Some(String::from_utf8_lossy(&line[..i]).into_owned());
+                return Next::Line(String::from_utf8_lossy(&line[..i]).into_owned());
             }
             let timeout = match deadline {
                 None => -1,
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return None;
+                        return Next::TimedOut;
                     }
-                    left.as_millis().min(i32::MAX as u128) as i32
+                    // Rounded up: poll's milliseconds must not wake before the deadline.
+                    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
                 }
             };
-            if !sys::pidfd_wait(self.fd.as_raw_fd(), timeout).ok()? {
-                return None;
+            match sys::pidfd_wait(self.fd.as_raw_fd(), timeout) {
+                Ok(true) => {}
+                // Timed out: the deadline check above decides (a poll may wake a bit early).
+                Ok(false) => continue,
+                Err(_) => return Next::Eof,
             }
             let mut chunk = [0u8; 4096];
             match sys::read(self.fd.as_raw_fd(), &mut chunk) {
-                Ok(0) | Err(_) => return None,
+                Ok(0) | Err(_) => return Next::Eof,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
@@ -793,7 +812,14 @@ impl Container {
         }
         if helper == 0 {
             let bounded = opts.timeout.is_some() && !opts.detach;
-            exec_helper(&nss, cg.as_ref(), &pplan, ev_w.as_raw_fd(), opts.detach, bounded);
+            exec_helper(
+                &nss,
+                cg.as_ref(),
+                &pplan,
+                ev_w.as_raw_fd(),
+                opts.detach,
+                bounded,
+            );
         }
         drop(ev_w);
         let mut events = Lines::new(ev_r);
@@ -805,30 +831,31 @@ impl Container {
             .map(|t| Instant::now() + t);
         let mut timed_out = false;
         loop {
-            let Some(line) = events.next(deadline) else {
-                if !deadline.is_some_and(|d| Instant::now() >= d) {
-                    break; // EOF: the helper is gone
-                }
-                if timed_out {
+            let line = match events.next_line(deadline) {
+                Next::Line(l) => l,
+                Next::Eof => break, // the helper is gone
+                Next::TimedOut if timed_out => {
                     // Killed, and still not reported gone: give up on the helper too.
                     // SAFETY: signalling our own child.
                     unsafe { libc::kill(helper, libc::SIGKILL) };
                     break;
                 }
-                timed_out = true;
-                if pid > 0 {
-                    // SAFETY: plain kill(2); the process leads its own group (see
-                    // exec_helper), so whatever it started in the group goes too.
-                    unsafe {
-                        libc::kill(-pid, libc::SIGKILL);
-                        libc::kill(pid, libc::SIGKILL);
+                Next::TimedOut => {
+                    timed_out = true;
+                    if pid > 0 {
+                        // SAFETY: plain kill(2); the process leads its own group (see
+                        // exec_helper), so whatever it started in the group goes too.
+                        unsafe {
+                            libc::kill(-pid, libc::SIGKILL);
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    } else {
+                        // SAFETY: signalling our own child; its child dies with it.
+                        unsafe { libc::kill(helper, libc::SIGKILL) };
                     }
-                } else {
-                    // SAFETY: signalling our own child; its child dies with it.
-                    unsafe { libc::kill(helper, libc::SIGKILL) };
+                    deadline = Some(Instant::now() + EXEC_KILL_WAIT);
+                    continue;
                 }
-                deadline = Some(Instant::now() + EXEC_KILL_WAIT);
-                continue;
             };
             if let Some(p) = line.strip_prefix("pid ") {
                 pid = p.parse().unwrap_or(0);

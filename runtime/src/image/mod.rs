@@ -2417,7 +2417,8 @@ mod tests {
 
     #[test]
     fn docker_healthcheck_is_read_from_the_raw_config() {
-        let raw = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},
+        let raw =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},
             "config":{"Cmd":["sh"],"Healthcheck":{"Test":["CMD-SHELL","true"],
             "Interval":5000000000,"Retries":2}}}"#;
         let x: RawConfigExtras = serde_json::from_slice(raw).unwrap();
@@ -2425,7 +2426,8 @@ mod tests {
         assert_eq!(h.test, vec!["CMD-SHELL", "true"]);
         assert_eq!((h.interval, h.timeout, h.retries), (5_000_000_000, 0, 2));
         // None, and a malformed one, read as no health check at all.
-        let none: RawConfigExtras = serde_json::from_slice(br#"{"config":{"Cmd":["sh"]}}"#).unwrap();
+        let none: RawConfigExtras =
+            serde_json::from_slice(br#"{"config":{"Cmd":["sh"]}}"#).unwrap();
         assert_eq!(none.healthcheck(), None);
         let bad: RawConfigExtras =
             serde_json::from_slice(br#"{"config":{"Healthcheck":{"Test":"x","Retries":"y"}}}"#)

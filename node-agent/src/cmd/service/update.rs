@@ -36,8 +36,8 @@ pub struct HealthFlags {
     #[arg(long, allow_hyphen_values = true)]
     health_timeout: Option<String>,
     /// Consecutive failures needed to report unhealthy (default 3)
-    #[arg(long, allow_negative_numbers = true)]
-    health_retries: Option<i64>,
+    #[arg(long, allow_hyphen_values = true)]
+    health_retries: Option<String>,
     /// Start period for the container to initialize before failed checks count (ms|s|m|h)
     #[arg(long, allow_hyphen_values = true)]
     health_start_period: Option<String>,
@@ -76,10 +76,12 @@ impl HealthFlags {
             start_period_ms: health_duration("--health-start-period", &self.health_start_period)?,
             retries: self
                 .health_retries
-                .map(|r| match u32::try_from(r) {
-                    Ok(r) => Ok(r),
-                    Err(_) if r < 0 => bail!("invalid --health-retries {r}: must not be negative"),
-                    Err(_) => bail!("invalid --health-retries {r}: too large"),
+                .as_deref()
+                .map(|r| match r.trim().parse::<i64>() {
+                    Ok(n) if n < 0 => bail!("invalid --health-retries {r:?}: must not be negative"),
+                    Ok(n) => u32::try_from(n)
+                        .map_err(|_| anyhow::anyhow!("invalid --health-retries {r:?}: too large")),
+                    Err(_) => bail!("invalid --health-retries {r:?}: expected a whole number"),
                 })
                 .transpose()?,
             none: self.no_healthcheck,
