@@ -541,3 +541,32 @@ pub(super) async fn stream(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(desired: TaskState, state: TaskState, health: pb::HealthState) -> Task {
+        Task {
+            desired_state: desired as i32,
+            status: Some(pb::TaskStatus {
+                state: state as i32,
+                health: health as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_running_tasks_that_are_not_starting_or_unhealthy_are_served() {
+        use pb::HealthState as H;
+        use TaskState as S;
+        assert!(serves(&task(S::Running, S::Running, H::None)));
+        assert!(serves(&task(S::Running, S::Running, H::Healthy)));
+        assert!(!serves(&task(S::Running, S::Running, H::Starting)));
+        assert!(!serves(&task(S::Running, S::Running, H::Unhealthy)));
+        assert!(!serves(&task(S::Shutdown, S::Running, H::Healthy)));
+        assert!(!serves(&task(S::Running, S::Starting, H::None)));
+    }
+}

@@ -890,6 +890,61 @@ mod tests {
         }
     }
 
+    fn healthcheck(spec: &pb::ServiceSpec) -> Option<pb::HealthCheck> {
+        spec.task.as_ref()?.container.as_ref()?.healthcheck.clone()
+    }
+
+    #[test]
+    fn health_flags_follow_docker_update() {
+        let spec = edit(&["--health-cmd", "test -f /ok", "--health-retries", "5"])
+            .unwrap()
+            .apply(base())
+            .unwrap();
+        let h = healthcheck(&spec).unwrap();
+        assert_eq!(h.test, vec!["CMD-SHELL", "test -f /ok"]);
+        assert_eq!((h.retries, h.interval_ms), (5, 0));
+        // A timer alone keeps the command.
+        let spec = edit(&["--health-interval", "2s"])
+            .unwrap()
+            .apply(spec)
+            .unwrap();
+        let h = healthcheck(&spec).unwrap();
+        assert_eq!(h.test, vec!["CMD-SHELL", "test -f /ok"]);
+        assert_eq!((h.retries, h.interval_ms), (5, 2_000));
+        // --no-healthcheck: NONE, timers gone.
+        let spec = edit(&["--no-healthcheck"]).unwrap().apply(spec).unwrap();
+        assert_eq!(
+            healthcheck(&spec).unwrap(),
+            pb::HealthCheck {
+                test: vec!["NONE".into()],
+                ..Default::default()
+            }
+        );
+        // Any health flag after NONE drops it: the image's command with this timer.
+        let spec = edit(&["--health-timeout", "3s"])
+            .unwrap()
+            .apply(spec)
+            .unwrap();
+        let h = healthcheck(&spec).unwrap();
+        assert!(h.test.is_empty());
+        assert_eq!(h.timeout_ms, 3_000);
+        // No health flag: untouched.
+        assert_eq!(
+            healthcheck(&edit(&[]).unwrap().apply(base()).unwrap()),
+            None
+        );
+        for bad in [
+            &["--health-interval", "-1s"][..],
+            &["--health-retries", "-2"],
+            &["--health-retries", "x"],
+            &["--health-timeout", "1parsec"],
+            &["--no-healthcheck", "--health-retries", "1"],
+            &["--rollback", "--health-cmd", "true"],
+        ] {
+            assert!(edit(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn flags_edit_only_what_they_name() {
         let e = edit(&[
