@@ -205,8 +205,21 @@ fn a_passing_check_makes_the_task_healthy_and_shows_it() {
     assert_eq!(hc["Interval"], "300ms");
     let pretty = m.ok(&["service", "inspect", "--pretty", "fine"]);
     assert!(pretty.contains("CMD-SHELL test -e /etc/passwd"), "{pretty}");
-    // It stays so: checks keep passing, nothing is replaced.
-    std::thread::sleep(Duration::from_secs(2));
+    // It stays so: checks keep passing, nothing is replaced, and the ten or so checks meanwhile
+    // leave no descriptor open in the agent (each opens a child's pipes).
+    let agent = m.child.as_ref().unwrap().id();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{agent}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = fds();
+    assert!(
+        after < before + 8,
+        "the agent's descriptors grew from {before} to {after} over ten checks"
+    );
     let tasks = c.tasks_json("fine");
     assert_eq!(tasks.len(), 1, "{tasks:#?}");
     assert_eq!(health(&tasks[0]), "healthy");

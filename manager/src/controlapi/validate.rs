@@ -54,16 +54,14 @@ pub fn healthcheck_test(test: &[String]) -> Result<(), Invalid> {
         None => Ok(()),
         Some((k, rest)) if k == "NONE" && rest.is_empty() => Ok(()),
         Some((k, rest)) if k == "CMD" && !rest.is_empty() && !rest[0].is_empty() => Ok(()),
-        Some((k, rest)) if k == "CMD-SHELL" && rest.len() == 1 && !rest[0].trim().is_empty() => {
-            Ok(())
-        }
+        Some((k, rest)) if k == "CMD-SHELL" && rest.len() == 1 && !rest[0].is_empty() => Ok(()),
         Some((k, _)) if matches!(k.as_str(), "NONE" | "CMD" | "CMD-SHELL") => {
             Err(invalid(format!(
                 "invalid health check test: {k} takes {}",
                 match k.as_str() {
                     "NONE" => "nothing after it",
                     "CMD" => "a command after it",
-                    _ => "one non-empty command line after it",
+                    _ => "one command line after it",
                 }
             )))
         }
@@ -651,7 +649,6 @@ mod tests {
             &["CMD"],
             &["CMD", ""],
             &["CMD-SHELL"],
-            &["CMD-SHELL", " "],
             &["CMD-SHELL", "a", "b"],
             &["SHELL", "true"],
         ] {
