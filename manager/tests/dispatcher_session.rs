@@ -355,3 +355,65 @@ async fn a_node_marked_down_while_in_session_is_ready_again_at_its_next_heartbea
     .unwrap();
     assert_eq!(c.node_state("w1"), pb::NodeState::Ready as i32);
 }
+
+#[tokio::test]
+async fn a_running_task_reports_its_health_changes_in_the_same_state() {
+    let c = Cluster::start(1000, &["w1"]).await;
+    c.backend.write(vec![Mutation::Create(Object::Task(task(
+        "t1",
+        "w1",
+        TaskState::Running,
+    )))]);
+    let mut client = c.client("w1", Role::Worker);
+    let (s, _stream) = open(&mut client, "h1").await;
+    let health = |h: pb::HealthState| pb::TaskStatusUpdate {
+        task_id: "t1".into(),
+        status: Some(pb::TaskStatus {
+            state: TaskState::Running as i32,
+            timestamp_ms: 7,
+            health: h as i32,
+            health_output: format!("{h:?}"),
+            ..Default::default()
+        }),
+    };
+    let send = |u: pb::TaskStatusUpdate| {
+        let mut cl = client.clone();
+        let sid = s.session_id.clone();
+        async move {
+            cl.update_task_status(pb::UpdateTaskStatusRequest {
+                session_id: sid,
+                updates: vec![u],
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let stored = || {
+        c.backend
+            .store
+            .get_task("t1")
+            .unwrap()
+            .unwrap()
+            .status
+            .unwrap()
+    };
+    send(health(pb::HealthState::Starting)).await;
+    assert_eq!(stored().health, pb::HealthState::Starting as i32);
+    send(health(pb::HealthState::Healthy)).await;
+    let st = stored();
+    assert_eq!(
+        (st.state, st.health, st.health_output.as_str()),
+        (
+            TaskState::Running as i32,
+            pb::HealthState::Healthy as i32,
+            "Healthy"
+        )
+    );
+    // The same health again writes nothing.
+    let before = c.backend.commands.load(std::sync::atomic::Ordering::SeqCst);
+    send(health(pb::HealthState::Healthy)).await;
+    assert_eq!(
+        c.backend.commands.load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
+}

@@ -10,8 +10,8 @@ use shoal_manager::orchestrator::{global, replicated, restart, task_reaper, Deci
 use shoal_manager::scheduler;
 use shoal_manager::store::{Mutation, Object};
 use shoal_proto::v1::{
-    FailureAction, RestartCondition, Service, Task, TaskState, TaskStatus, UpdateConfig,
-    UpdateOrder, UpdateState, UpdateStatus,
+    FailureAction, HealthState, RestartCondition, Service, Task, TaskState, TaskStatus,
+    UpdateConfig, UpdateOrder, UpdateState, UpdateStatus,
 };
 
 /// Rounds a scenario may take before it is declared stuck.
@@ -28,6 +28,8 @@ struct Sample {
     running: usize,
     /// Slots with two tasks holding a node (assigned..running) at once.
     doubled: usize,
+    /// RUNNING tasks that are not starting or unhealthy (what service discovery serves).
+    serving: usize,
 }
 
 struct Sim {
@@ -39,6 +41,11 @@ struct Sim {
     bad_node: Option<String>,
     /// Tasks of this image exit (code 1) this long after running.
     crash_after_ms: Option<(String, i64)>,
+    /// Tasks of this image have a health check: healthy this long after running.
+    healthy_after_ms: Option<(String, i64)>,
+    /// Tasks of this image have a health check that never passes: stopped as unhealthy (as
+    /// the worker reports it) this long after running.
+    unhealthy_after_ms: Option<(String, i64)>,
     samples: Vec<Sample>,
     service: String,
     slots: usize,
@@ -63,6 +70,19 @@ fn status(t: &Task, s: TaskState, exit_code: i32, at: i64) -> Mutation {
         object: Object::Task(n),
         expect_version: None,
     }
+}
+
+fn with_health(mut m: Mutation, h: HealthState) -> Mutation {
+    if let Mutation::Update {
+        object: Object::Task(t),
+        ..
+    } = &mut m
+    {
+        if let Some(s) = t.status.as_mut() {
+            s.health = h as i32;
+        }
+    }
+    m
 }
 
 fn config(parallelism: u64, order: UpdateOrder, action: FailureAction) -> UpdateConfig {
@@ -98,6 +118,8 @@ impl Sim {
             bad_image: None,
             bad_node: None,
             crash_after_ms: None,
+            healthy_after_ms: None,
+            unhealthy_after_ms: None,
             samples: Vec::new(),
             service: service.into(),
             slots: replicas.map_or(nodes.len(), |n| n as usize),
@@ -136,6 +158,16 @@ impl Sim {
                 .filter(|t| t.status.as_ref().is_some_and(|s| s.state == running))
                 .count(),
             doubled: keys.values().filter(|(_, n)| *n > 1).count(),
+            serving: tasks
+                .iter()
+                .filter(|t| {
+                    t.status.as_ref().is_some_and(|s| {
+                        s.state == running
+                            && s.health != HealthState::Starting as i32
+                            && s.health != HealthState::Unhealthy as i32
+                    })
+                })
+                .count(),
         });
     }
 
@@ -192,12 +224,40 @@ impl Sim {
             if s >= TaskState::Assigned as i32 && s < TaskState::Running as i32 {
                 let bad = self.bad_image.as_deref() == Some(image(&t))
                     && self.bad_node.as_ref().is_none_or(|n| *n == t.node_id);
+                let checked = [&self.healthy_after_ms, &self.unhealthy_after_ms]
+                    .iter()
+                    .any(|h| h.as_ref().is_some_and(|(img, _)| img == image(&t)));
                 if bad {
                     muts.push(status(&t, TaskState::Rejected, 0, now));
+                } else if checked {
+                    muts.push(with_health(
+                        status(&t, TaskState::Running, 0, now),
+                        HealthState::Starting,
+                    ));
                 } else {
                     muts.push(status(&t, TaskState::Running, 0, now));
                 }
             } else if s == TaskState::Running as i32 {
+                let health = t.status.as_ref().map_or(0, |s| s.health);
+                if health == HealthState::Starting as i32 {
+                    if let Some((img, after)) = &self.healthy_after_ms {
+                        if img == image(&t) && now >= since + after {
+                            // Same state, same time: only the health changes.
+                            muts.push(with_health(
+                                status(&t, TaskState::Running, 0, since),
+                                HealthState::Healthy,
+                            ));
+                        }
+                    }
+                    if let Some((img, after)) = &self.unhealthy_after_ms {
+                        if img == image(&t) && now >= since + after {
+                            muts.push(with_health(
+                                status(&t, TaskState::Failed, 137, now),
+                                HealthState::Unhealthy,
+                            ));
+                        }
+                    }
+                }
                 if let Some((img, after)) = &self.crash_after_ms {
                     if img == image(&t) && now >= since + after {
                         muts.push(status(&t, TaskState::Failed, 1, now));
@@ -423,6 +483,51 @@ fn a_failing_image_pauses_the_update() {
         .count();
     assert_eq!(old_running, 4);
     assert_eq!(sim.update_state(), UpdateState::Paused);
+}
+
+#[test]
+fn start_first_retires_an_old_task_only_once_its_replacement_is_healthy() {
+    let cfg = config(1, UpdateOrder::StartFirst, FailureAction::Pause);
+    let mut sim = Sim::new(&["n1", "n2"], "web", Some(3), cfg);
+    sim.healthy_after_ms = Some(("checked@sha256:77".into(), 2_000));
+    sim.update_image("checked@sha256:77");
+    sim.run_until("update completed", |s| {
+        s.update_state() == UpdateState::Completed
+    });
+    assert!(all_on(&sim, "checked@sha256:77"));
+    let least = sim.samples.iter().map(|s| s.serving).min().unwrap();
+    assert!(
+        least >= 3,
+        "a replacement still starting was counted as up: {least} serving"
+    );
+    // Completion waited for every new task to be healthy, then its monitor window.
+    let status = sim.service().update_status.unwrap();
+    assert!(status.completed_at_ms >= status.started_at_ms + 3 * 2_000);
+}
+
+#[test]
+fn a_task_that_goes_unhealthy_before_it_was_ever_healthy_pauses_the_update() {
+    let cfg = config(1, UpdateOrder::StopFirst, FailureAction::Pause);
+    let mut sim = Sim::new(&["n1", "n2"], "web", Some(3), cfg);
+    // Well past the 1 s monitor window counted from its creation: it never came up.
+    sim.unhealthy_after_ms = Some(("sick@sha256:88".into(), 3_000));
+    sim.update_image("sick@sha256:88");
+    sim.run_until("paused", |s| s.update_state() == UpdateState::Paused);
+    let status = sim.service().update_status.unwrap();
+    assert!(
+        status
+            .message
+            .starts_with("update paused due to failure or early termination of task"),
+        "{}",
+        status.message
+    );
+    let old_running = sim
+        .h
+        .wanted("web")
+        .iter()
+        .filter(|t| image(t) == "busybox@sha256:00" && state(t) == TaskState::Running)
+        .count();
+    assert_eq!(old_running, 2, "one slot at a time: the others untouched");
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod cluster_registry;
 mod events_cli;
 mod failover_cli;
 mod frontdoor_cli;
+mod health_cli;
 mod image_cli;
 mod info_cli;
 mod install_script;

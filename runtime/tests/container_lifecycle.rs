@@ -190,6 +190,7 @@ fn exec_pause_resume_stats() {
             env: vec!["FOO=bar".into()],
             cwd: Some("/tmp".into()),
             detach: false,
+            timeout: None,
         })
         .expect("exec");
     assert_eq!(
@@ -227,6 +228,44 @@ fn exec_pause_resume_stats() {
     let id = c.id().to_string();
     c.delete(true).expect("delete -f");
     assert!(cgroup_dirs(&id).is_empty());
+}
+
+#[test]
+fn an_exec_past_its_timeout_is_killed_with_what_it_started() {
+    let fx = Fixture::new(&["sleep", "30"]);
+    let mut c = fx.create(&id("exectimeout"), false);
+    c.start().expect("start");
+    let quick = c
+        .exec(&ExecOptions {
+            args: vec!["sh".into(), "-c".into(), "exit 4".into()],
+            timeout: Some(Duration::from_secs(10)),
+            ..Default::default()
+        })
+        .expect("exec");
+    assert!(!quick.timed_out());
+    assert_eq!(quick.wait().and_then(|s| s.code), Some(4));
+    // sh forks sleep (the command is not its last): both go at the deadline.
+    let began = std::time::Instant::now();
+    let p = c
+        .exec(&ExecOptions {
+            args: vec!["sh".into(), "-c".into(), "sleep 100; echo never".into()],
+            timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        })
+        .expect("exec");
+    let took = began.elapsed();
+    assert!(p.timed_out());
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(p.wait().and_then(|s| s.signal), Some(libc::SIGKILL));
+    assert_eq!(
+        c.pids().expect("pids"),
+        vec![c.pid()],
+        "only the init is left in the container"
+    );
+    c.delete(true).expect("delete -f");
 }
 
 trait DeleteCheck {

@@ -85,6 +85,7 @@ fn exec_runs_in_the_container() {
                 env: vec!["B=2".into()],
                 cwd: Some("/tmp".into()),
                 detach: false,
+                timeout: None,
             },
         )
         .unwrap();

@@ -4,14 +4,24 @@
 //!
 //! A controller resumed from the local database probes the container first: a running one is
 //! adopted (never restarted), one that exited meanwhile is reported with its real exit code.
+//!
+//! A running task with a health check (its spec's over its image's) is checked by a task of
+//! its own; each change of its health is reported in the same RUNNING state, and an
+//! unhealthy task is stopped and reported FAILED ("unhealthy container"), as docker does.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use shoal_proto::v1::{Task, TaskState, TaskStatus};
+use shoal_proto::v1::{HealthState, Task, TaskState, TaskStatus};
 use tokio::sync::{mpsc, watch};
 
 use crate::executor::{ExecError, Executor, Exit, Probe, StopSignal};
+use crate::health::{Check, Tracker};
+
+/// Health changes a monitor may queue before it waits for its controller.
+const HEALTH_QUEUE: usize = 4;
+/// The error of a task stopped for being unhealthy, after docker's "task: non-zero exit (N)".
+pub const UNHEALTHY: &str = "unhealthy container";
 
 /// Stop grace period of a task whose spec sets none (docker's default).
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
@@ -73,6 +83,66 @@ struct Controller {
     assigned: watch::Receiver<Assignment>,
     /// A container may exist that must be deleted once the task should no longer run.
     container: bool,
+    /// The health checks of the running task, if it has any.
+    health: Option<HealthMonitor>,
+}
+
+/// A change of a task's health, as its monitor saw it.
+#[derive(Debug)]
+struct HealthChange {
+    state: HealthState,
+    output: String,
+    failing_streak: u32,
+}
+
+/// The task that runs one container's health checks; dropped (and with it any check in
+/// flight) when the task leaves RUNNING.
+struct HealthMonitor {
+    changes: mpsc::Receiver<HealthChange>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HealthMonitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs `check` every interval in task `id`'s container; sends each change of its state.
+async fn monitor(
+    exec: Arc<dyn Executor>,
+    id: String,
+    check: Check,
+    mut tracker: Tracker,
+    changes: mpsc::Sender<HealthChange>,
+) {
+    loop {
+        tokio::time::sleep(check.interval).await;
+        let at = std::time::Instant::now();
+        let (passed, output) = match exec.check(&id, &check.argv, check.timeout).await {
+            Ok(r) => (r.exit_code == 0, r.output),
+            Err(e) => (false, crate::health::bounded(e.to_string())),
+        };
+        tracing::debug!(task = %id, passed, "health check");
+        if let Some(state) = tracker.record(passed, at) {
+            let change = HealthChange {
+                state,
+                output,
+                failing_streak: tracker.failing_streak(),
+            };
+            if changes.send(change).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The next health change of a monitored task; never, without a monitor.
+async fn next_health(m: &mut Option<HealthMonitor>) -> Option<HealthChange> {
+    match m {
+        Some(m) => m.changes.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Controller {
@@ -86,6 +156,79 @@ impl Controller {
             .reports
             .send((self.id.clone(), self.status.clone()))
             .await;
+    }
+
+    /// Reports a change of the running task's health (same state, same timestamp).
+    async fn report_health(&mut self, change: &HealthChange) {
+        self.status.health = change.state as i32;
+        self.status.health_output = change.output.clone();
+        self.status.health_failing_streak = change.failing_streak;
+        let _ = self
+            .reports
+            .send((self.id.clone(), self.status.clone()))
+            .await;
+    }
+
+    /// Starts the health checks of the task about to be (or adopted as) RUNNING, if it has
+    /// any: the status says STARTING (or keeps what an adopted task reported).
+    async fn start_health(&mut self, task: &Task) {
+        self.health = None;
+        let spec = task
+            .spec
+            .as_ref()
+            .and_then(|s| s.container.as_ref())
+            .and_then(|c| c.healthcheck.as_ref());
+        // The image only matters when the spec leaves the test to it.
+        let image = if spec.is_some_and(|h| !h.test.is_empty()) {
+            None
+        } else {
+            match self.exec.image_healthcheck(task).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(task = %self.id, "reading the image's health check: {e}");
+                    None
+                }
+            }
+        };
+        let check = match crate::health::effective(spec, image.as_ref()) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                self.status.health = HealthState::None as i32;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(task = %self.id, "no health check: {e}");
+                self.status.health = HealthState::None as i32;
+                return;
+            }
+        };
+        let reported = HealthState::try_from(self.status.health).unwrap_or(HealthState::None);
+        let tracker = Tracker::new(&check, std::time::Instant::now(), reported);
+        self.status.health = tracker.state() as i32;
+        let (tx, rx) = mpsc::channel(HEALTH_QUEUE);
+        let task = tokio::spawn(monitor(
+            self.exec.clone(),
+            self.id.clone(),
+            check,
+            tracker,
+            tx,
+        ));
+        self.health = Some(HealthMonitor { changes: rx, task });
+    }
+
+    /// The running task went unhealthy: stop it and report it FAILED (docker: "task: non-zero
+    /// exit (N): unhealthy container"), so the restart policy replaces it.
+    async fn fail_unhealthy(&mut self, change: HealthChange, grace: Duration) {
+        self.health = None;
+        self.status.health = change.state as i32;
+        self.status.health_output = change.output;
+        self.status.health_failing_streak = change.failing_streak;
+        tracing::info!(task = %self.id, "unhealthy: stopping it");
+        let code = self.stop(grace).await.map_or(137, |e| e.code);
+        self.status.exit_code = code;
+        self.status.pid = 0;
+        let err = format!("task: non-zero exit ({code}): {UNHEALTHY}");
+        self.report(TaskState::Failed, "failed", &err).await;
     }
 
     async fn report_exit(&mut self, exit: Exit, stopped: bool) {
@@ -169,6 +312,8 @@ impl Controller {
         match probe {
             Probe::Running { pid } => {
                 self.container = true;
+                let task = self.assigned.borrow().task.clone();
+                self.start_health(&task).await;
                 if s < TaskState::Running as i32 {
                     self.status.container_id = self.id.clone();
                     self.status.pid = pid;
@@ -207,6 +352,9 @@ impl Controller {
         loop {
             let a = self.current();
             let grace = grace_period(&a.task);
+            if phase != Phase::Running || wants_stop(&a) {
+                self.health = None;
+            }
             if wants_stop(&a) && phase != Phase::Done {
                 let exit = if phase == Phase::Running {
                     self.stop(grace).await
@@ -257,6 +405,7 @@ impl Controller {
                         Ok(s) => {
                             self.status.container_id = s.container_id;
                             self.status.pid = s.pid;
+                            self.start_health(&a.task).await;
                             self.report(TaskState::Running, "started", "").await;
                             phase = Phase::Running;
                         }
@@ -290,6 +439,14 @@ impl Controller {
                                 return;
                             }
                         }
+                        change = next_health(&mut self.health) => match change {
+                            Some(c) if c.state == HealthState::Unhealthy => {
+                                self.fail_unhealthy(c, grace).await;
+                                phase = Phase::Done;
+                            }
+                            Some(c) => self.report_health(&c).await,
+                            None => self.health = None,
+                        },
                     }
                 }
                 Phase::Done => {
@@ -330,6 +487,7 @@ pub async fn run(
         reports,
         assigned,
         container: false,
+        health: None,
     }
     .run()
     .await

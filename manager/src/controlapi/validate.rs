@@ -25,6 +25,11 @@ pub const MAX_TIMER_MS: u64 = 3_600_000;
 /// orchestrators add these to wall-clock milliseconds, which must not overflow.
 pub const MAX_SPEC_DURATION_MS: u64 = 365 * 24 * 3_600_000;
 
+/// Most words in a health check's test.
+pub const MAX_HEALTHCHECK_ARGS: usize = 256;
+/// Most bytes in a health check's test, all words together.
+pub const MAX_HEALTHCHECK_BYTES: usize = 64 * 1024;
+
 /// What is wrong with a request, as the user will read it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
@@ -32,6 +37,38 @@ pub struct Invalid(pub String);
 
 fn invalid(msg: impl Into<String>) -> Invalid {
     Invalid(msg.into())
+}
+
+/// A health check's test, docker's forms: `[]` (the image's), `["NONE"]`, `["CMD", argv…]`,
+/// `["CMD-SHELL", command]`.
+pub fn healthcheck_test(test: &[String]) -> Result<(), Invalid> {
+    if test.len() > MAX_HEALTHCHECK_ARGS
+        || test.iter().map(String::len).sum::<usize>() > MAX_HEALTHCHECK_BYTES
+    {
+        return Err(invalid(format!(
+            "health check test is too long (at most {MAX_HEALTHCHECK_ARGS} words, \
+             {MAX_HEALTHCHECK_BYTES} bytes)"
+        )));
+    }
+    match test.split_first() {
+        None => Ok(()),
+        Some((k, rest)) if k == "NONE" && rest.is_empty() => Ok(()),
+        Some((k, rest)) if k == "CMD" && !rest.is_empty() && !rest[0].is_empty() => Ok(()),
+        Some((k, rest)) if k == "CMD-SHELL" && rest.len() == 1 && !rest[0].is_empty() => Ok(()),
+        Some((k, _)) if matches!(k.as_str(), "NONE" | "CMD" | "CMD-SHELL") => {
+            Err(invalid(format!(
+                "invalid health check test: {k} takes {}",
+                match k.as_str() {
+                    "NONE" => "nothing after it",
+                    "CMD" => "a command after it",
+                    _ => "one command line after it",
+                }
+            )))
+        }
+        Some((k, _)) => Err(invalid(format!(
+            "invalid health check test type {k:?}: expected NONE, CMD or CMD-SHELL"
+        ))),
+    }
 }
 
 /// Docker's rule for service names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 63 characters.
@@ -249,6 +286,9 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
                 "invalid environment variable {e:?}: expected NAME=VALUE"
             )));
         }
+    }
+    if let Some(h) = &container.healthcheck {
+        healthcheck_test(&h.test)?;
     }
     let mut timers = vec![("stop grace period", container.stop_grace_period_ms)];
     if let Some(h) = &container.healthcheck {
@@ -595,5 +635,26 @@ mod tests {
             .unwrap_err()
             .0
             .contains("invalid network alias"));
+    }
+
+    #[test]
+    fn health_check_tests_follow_docker_forms() {
+        let v = |t: &[&str]| healthcheck_test(&t.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(v(&[]).is_ok());
+        assert!(v(&["NONE"]).is_ok());
+        assert!(v(&["CMD", "curl", "-f", "http://localhost/"]).is_ok());
+        assert!(v(&["CMD-SHELL", "curl -f http://localhost/ || exit 1"]).is_ok());
+        for bad in [
+            &["NONE", "x"][..],
+            &["CMD"],
+            &["CMD", ""],
+            &["CMD-SHELL"],
+            &["CMD-SHELL", "a", "b"],
+            &["SHELL", "true"],
+        ] {
+            assert!(v(bad).is_err(), "{bad:?}");
+        }
+        let long = vec!["x".to_string(); MAX_HEALTHCHECK_ARGS + 1];
+        assert!(healthcheck_test(&long).is_err());
     }
 }

@@ -34,7 +34,7 @@ fn is_ingress(p: &pb::PortConfig) -> bool {
 }
 
 /// The routing mesh as `node` serves it: its own ingress address and, per port published in
-/// ingress mode, the service's running tasks on the ingress network. `None` while no service
+/// ingress mode, the service's serving tasks ([`serves`]) on the ingress network. `None` while no service
 /// publishes one (no node then keeps an ingress sandbox).
 fn ingress(
     store: &Store,
@@ -64,7 +64,6 @@ fn ingress(
     else {
         return Ok(None);
     };
-    let running = TaskState::Running as i32;
     let mut ports = Vec::new();
     for svc in &services {
         let id = svc.meta.as_ref().map_or("", |m| m.id.as_str());
@@ -72,9 +71,7 @@ fn ingress(
             .tasks_by_service(id)
             .map_err(|e| Status::internal(format!("reading the tasks: {e}")))?
             .into_iter()
-            .filter(|t| {
-                t.desired_state == running && t.status.as_ref().is_some_and(|s| s.state == running)
-            })
+            .filter(serves)
             .filter_map(|t| {
                 t.networks
                     .into_iter()
@@ -109,7 +106,20 @@ fn ingress(
     }))
 }
 
-/// The DNS records of `node`: per network its tasks are on, every service's running tasks'
+/// A task service discovery and the routing mesh send traffic to: desired and reported
+/// RUNNING and, when it has a health check, neither starting nor unhealthy (docker keeps such
+/// a task STARTING, out of its balancer, until it is healthy).
+pub fn serves(t: &pb::Task) -> bool {
+    let running = TaskState::Running as i32;
+    t.desired_state == running
+        && t.status.as_ref().is_some_and(|s| {
+            s.state == running
+                && s.health != pb::HealthState::Starting as i32
+                && s.health != pb::HealthState::Unhealthy as i32
+        })
+}
+
+/// The DNS records of `node`: per network its tasks are on, every service's serving tasks'
 /// addresses there. O(tasks) per call; only changes of networked tasks trigger one.
 fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
     let mine: std::collections::BTreeSet<String> = store
@@ -129,7 +139,6 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
             ingress,
         });
     }
-    let running = TaskState::Running as i32;
     let mut by: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
     for t in store
         .list_tasks()
@@ -138,8 +147,7 @@ fn records(store: &Store, node: &str) -> Result<pb::ServiceRecords, Status> {
         if t.networks.is_empty() {
             continue;
         }
-        let up =
-            t.desired_state == running && t.status.as_ref().is_some_and(|s| s.state == running);
+        let up = serves(&t);
         // The task's own name, as docker's DNS answers it: SERVICE.SLOT.ID (global: the node).
         let task_name = {
             let id = t.meta.as_ref().map_or("", |m| m.id.as_str());
@@ -531,5 +539,34 @@ pub(super) async fn stream(
         if out.send(msg(Kind::Assignments(m))).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(desired: TaskState, state: TaskState, health: pb::HealthState) -> Task {
+        Task {
+            desired_state: desired as i32,
+            status: Some(pb::TaskStatus {
+                state: state as i32,
+                health: health as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_running_tasks_that_are_not_starting_or_unhealthy_are_served() {
+        use pb::HealthState as H;
+        use TaskState as S;
+        assert!(serves(&task(S::Running, S::Running, H::None)));
+        assert!(serves(&task(S::Running, S::Running, H::Healthy)));
+        assert!(!serves(&task(S::Running, S::Running, H::Starting)));
+        assert!(!serves(&task(S::Running, S::Running, H::Unhealthy)));
+        assert!(!serves(&task(S::Shutdown, S::Running, H::Healthy)));
+        assert!(!serves(&task(S::Running, S::Starting, H::None)));
     }
 }

@@ -93,20 +93,22 @@ pub(super) fn forward_updates(
 }
 
 /// `task` with the report applied, if the report is from the task's node and moves its state
-/// forward, or tells what a PREPARING task is doing now ("pulling …"); `None` for stale,
-/// duplicate or misdirected reports.
+/// forward, tells what a PREPARING task is doing now ("pulling …"), or tells that a RUNNING
+/// task's health changed; `None` for stale, duplicate or misdirected reports.
 pub fn apply_report(task: &Task, node_id: &str, status: &TaskStatus) -> Option<Task> {
     if task.node_id != node_id {
         return None;
     }
-    let (current, message) = task
+    let (current, message, health) = task
         .status
         .as_ref()
-        .map_or((0, ""), |s| (s.state, s.message.as_str()));
+        .map_or((0, "", 0), |s| (s.state, s.message.as_str(), s.health));
     let note = status.state == current
         && current == TaskState::Preparing as i32
         && status.message != message;
-    if status.state < current || (status.state == current && !note) {
+    let health_changed =
+        status.state == current && current == TaskState::Running as i32 && status.health != health;
+    if status.state < current || (status.state == current && !note && !health_changed) {
         return None;
     }
     let mut t = task.clone();
@@ -192,5 +194,24 @@ mod tests {
         let r = task(TaskState::Running, "started");
         assert!(apply_report(&r, "n1", &report(TaskState::Running, "other")).is_none());
         assert!(apply_report(&t, "n1", &report(TaskState::Ready, "prepared")).is_some());
+    }
+
+    #[test]
+    fn a_running_task_may_report_a_change_of_its_health() {
+        use shoal_proto::v1::HealthState;
+        let with = |h: HealthState| TaskStatus {
+            health: h as i32,
+            ..report(TaskState::Running, "started")
+        };
+        let mut t = task(TaskState::Running, "started");
+        t.status = Some(with(HealthState::Starting));
+        let healthy = apply_report(&t, "n1", &with(HealthState::Healthy)).expect("a change");
+        assert_eq!(healthy.status.unwrap().health, HealthState::Healthy as i32);
+        // The same health again, or from another node: nothing to write.
+        assert!(apply_report(&t, "n1", &with(HealthState::Starting)).is_none());
+        assert!(apply_report(&t, "n2", &with(HealthState::Healthy)).is_none());
+        // A health change never moves a finished task back.
+        let done = task(TaskState::Failed, "failed");
+        assert!(apply_report(&done, "n1", &with(HealthState::Healthy)).is_none());
     }
 }

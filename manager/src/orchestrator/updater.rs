@@ -7,17 +7,20 @@
 //! since when; the tasks say which slots still run an old spec (their `spec` differs from the
 //! service's task spec), which new tasks this update made (created since `started_at_ms`) and
 //! how they fared. The one thing kept in memory is when this leader first saw each new task
-//! RUNNING, to judge "failed within the monitor window" more precisely than from its creation.
+//! up (RUNNING, and healthy when it has a health check), to judge "failed within the monitor
+//! window" more precisely than from its creation.
 //!
 //! - A slot is *dirty* while it has a task that should run on an old spec and none on the
 //!   current one. Dirty slots are started in order (slots whose task is not running first),
-//!   while fewer than `parallelism` slots are *busy* (their new task not yet RUNNING) or
-//!   cooling down (`delay` after their new task ran).
+//!   while fewer than `parallelism` slots are *busy* (their new task not yet up: RUNNING, and
+//!   healthy if it has a health check) or cooling down (`delay` after their new task ran).
 //! - stop-first: the old task gets desired SHUTDOWN and its replacement is created in the same
 //!   command, held (`not_before_ms` = [`HOLD`]: the scheduler leaves it PENDING) until the old
 //!   task has stopped. start-first: the replacement is created beside the old task, which is
-//!   shut down once the replacement is RUNNING.
-//! - A new task that is rejected, fails or exits within `monitor` of running is a failure; when
+//!   shut down once the replacement is up.
+//! - A new task that is rejected, fails or exits within `monitor` of being up is a failure, and
+//!   so is one stopped as unhealthy before this leader saw it up (docker: it never left
+//!   STARTING); when
 //!   failures / slots passes `max_failure_ratio`, the failure action runs: pause (PAUSED or
 //!   ROLLBACK_PAUSED), continue, or rollback (the previous spec swapped in, ROLLBACK_STARTED;
 //!   a rollback is never itself rolled back).
@@ -29,12 +32,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use shoal_proto::v1::{
-    FailureAction, Service, Task, TaskState, UpdateConfig, UpdateOrder, UpdateState, UpdateStatus,
+    FailureAction, HealthState, Service, Task, TaskState, UpdateConfig, UpdateOrder, UpdateState,
+    UpdateStatus,
 };
 
 use super::global::{is_global, service_constraints};
 use super::replicated::node_lost;
-use super::view::{is_terminal, state, wants_running, ClusterView};
+use super::view::{is_terminal, is_up, state, wants_running, ClusterView};
 use super::{create, new_task, spec_version, task_id, update, with_desired, Decision};
 use crate::store::{Mutation, Object};
 
@@ -112,20 +116,17 @@ impl Slot<'_> {
         !self.old_live.is_empty() && self.new_live.is_empty()
     }
 
-    /// The update's new task of this slot has not reached RUNNING (nor ended) yet.
+    /// The update's new task of this slot is not up (nor ended) yet: not RUNNING, or RUNNING
+    /// with a health check that has not passed.
     fn busy(&self) -> bool {
-        !self.updated.is_empty()
-            && self
-                .updated
-                .iter()
-                .all(|t| state(t) < TaskState::Running as i32)
+        !self.updated.is_empty() && self.updated.iter().all(|t| !is_terminal(t) && !is_up(t))
     }
 
-    /// When the update's new task first reached RUNNING or ended (its status time then).
+    /// When the update's new task reached RUNNING (now up) or ended (its status time then).
     fn finished_at(&self) -> Option<i64> {
         self.updated
             .iter()
-            .filter(|t| state(t) >= TaskState::Running as i32)
+            .filter(|t| is_up(t) || is_terminal(t))
             .map(|t| t.status.as_ref().map_or(0, |s| s.timestamp_ms))
             .min()
     }
@@ -230,11 +231,7 @@ impl Updater {
                     d.push(update(t, n));
                 }
             }
-            if !s.old_live.is_empty()
-                && s.new_live
-                    .iter()
-                    .any(|t| state(t) == TaskState::Running as i32)
-            {
+            if !s.old_live.is_empty() && s.new_live.iter().any(|t| is_up(t)) {
                 for o in &s.old_live {
                     d.push(update(o, with_desired(o, TaskState::Shutdown)));
                 }
@@ -269,7 +266,7 @@ impl Updater {
         for s in slots.values() {
             for t in &s.updated {
                 let id = task_id(t);
-                if state(t) == TaskState::Running as i32 {
+                if is_up(t) {
                     let since =
                         self.running_since.get(id).copied().unwrap_or_else(|| {
                             t.status.as_ref().map_or(now_ms, |s| s.timestamp_ms)
@@ -427,11 +424,13 @@ impl Updater {
         if s == TaskState::Failed as i32 && status.exit_code == 0 {
             return true;
         }
-        let since = self
-            .running_since
-            .get(task_id(t))
-            .copied()
-            .unwrap_or_else(|| created_at(t));
+        let seen_up = self.running_since.get(task_id(t)).copied();
+        // Stopped as unhealthy before it was seen healthy: it never came up (docker's task
+        // fails in STARTING then).
+        if status.health == HealthState::Unhealthy as i32 && seen_up.is_none() {
+            return true;
+        }
+        let since = seen_up.unwrap_or_else(|| created_at(t));
         status.timestamp_ms <= since.saturating_add(cfg.monitor_ms as i64)
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use shoal_proto::v1::{Cluster, Node, Service, Task, TaskState};
+use shoal_proto::v1::{Cluster, HealthState, Node, Service, Task, TaskState};
 
 use crate::store::{Action, Event, Object, Store, StoreError};
 
@@ -118,6 +118,16 @@ pub fn task_change(old: Option<&Task>, new: Option<&Task>) -> u8 {
 /// A task's observed state as a number (`TaskState` values are ordered).
 pub fn state(t: &Task) -> i32 {
     t.status.as_ref().map(|s| s.state).unwrap_or(0)
+}
+
+/// True if the task is RUNNING and, when it has a health check, healthy: not starting (no
+/// check passed yet) nor unhealthy (about to be stopped). What a rolling update waits for.
+pub fn is_up(t: &Task) -> bool {
+    t.status.as_ref().is_some_and(|s| {
+        s.state == TaskState::Running as i32
+            && s.health != HealthState::Starting as i32
+            && s.health != HealthState::Unhealthy as i32
+    })
 }
 
 /// True if the task's observed state is final (complete, shutdown, failed, rejected, orphaned).

@@ -777,6 +777,7 @@ fn exec_inner(args: ExecArgs) -> Result<i32> {
                 env: args.env,
                 cwd: args.workdir,
                 detach: args.detach,
+                timeout: None,
             },
         )
         .with_context(|| format!("exec in {name}"))?;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use shoal_runtime::container::{
-    Container, CreateOptions, ExecOptions, LogConfig, Overlay, Stdio, DEFAULT_ROOT,
+    Container, CreateOptions, ExecOptions, LogConfig, Overlay, Stdio, DEFAULT_ROOT, EXEC_TIMED_OUT,
 };
 
 /// Options of every `shoal runtime` command.
@@ -157,6 +157,9 @@ enum RuntimeCommand {
         /// Do not wait for it
         #[arg(short, long)]
         detach: bool,
+        /// Kill it (and what it started) when it runs longer than this (e.g. 30s); exit 124
+        #[arg(long, conflicts_with = "detach")]
+        timeout: Option<String>,
         id: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
@@ -324,9 +327,17 @@ pub fn run(args: RuntimeArgs) -> Result<()> {
             env,
             cwd,
             detach,
+            timeout,
             id,
             command,
         } => {
+            let timeout = timeout
+                .as_deref()
+                .map(|t| super::output::parse_duration_ms(t).context("--timeout"))
+                .transpose()?;
+            if timeout == Some(0) {
+                bail!("--timeout must be more than 0");
+            }
             protect()?;
             let c = load(&id)?;
             let p = c
@@ -335,8 +346,14 @@ pub fn run(args: RuntimeArgs) -> Result<()> {
                     env,
                     cwd,
                     detach,
+                    timeout: timeout.map(std::time::Duration::from_millis),
                 })
                 .with_context(|| format!("exec in container {id}"))?;
+            if p.timed_out() {
+                let t = super::output::format_ms(timeout.unwrap_or(0));
+                eprintln!("shoal: exec in container {id}: {EXEC_TIMED_OUT} ({t}), killed");
+                std::process::exit(124);
+            }
             if let Some(status) = p.wait() {
                 std::process::exit(status.shell_code());
             }

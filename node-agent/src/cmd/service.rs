@@ -188,6 +188,8 @@ struct CreateArgs {
     /// Time to wait after SIGTERM before SIGKILL
     #[arg(long, default_value = "10s")]
     stop_grace_period: String,
+    #[command(flatten)]
+    health: update::HealthFlags,
     /// Published ports: [PUBLISHED:]TARGET[/PROTO]
     #[arg(short, long)]
     publish: Vec<String>,
@@ -401,7 +403,11 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
                 labels: output::parse_kv(&a.container_label)?,
                 stop_grace_period_ms: parse_duration_ms(&a.stop_grace_period)
                     .context("--stop-grace-period")?,
-                healthcheck: None,
+                healthcheck: {
+                    let mut h = None;
+                    a.health.edit()?.apply(&mut h);
+                    h
+                },
                 mounts: vec![],
                 read_only: a.read_only,
                 pids_limit: a.limit_pids,
@@ -992,6 +998,13 @@ async fn ps(
                 && status.message.starts_with("pulling")
             {
                 format!("{} (pulling)", state_title(status.state))
+            } else if status.state == pb::TaskState::Running as i32 && status.health != 0 {
+                // A checked task says how it fares, as `docker ps` does ("Up … (healthy)").
+                format!(
+                    "{} ({})",
+                    state_title(status.state),
+                    health_word(status.health)
+                )
             } else {
                 state_title(status.state)
             };
@@ -1038,6 +1051,16 @@ async fn ps(
     Ok(())
 }
 
+/// Docker's word for a container's health (`State.Health.Status`).
+fn health_word(h: i32) -> &'static str {
+    match pb::HealthState::try_from(h) {
+        Ok(pb::HealthState::Starting) => "health: starting",
+        Ok(pb::HealthState::Healthy) => "healthy",
+        Ok(pb::HealthState::Unhealthy) => "unhealthy",
+        _ => "none",
+    }
+}
+
 /// A task in full, as `service ps --format json` prints it.
 fn task_json(t: &pb::Task) -> Value {
     let st = t.status.clone().unwrap_or_default();
@@ -1063,6 +1086,12 @@ fn task_json(t: &pb::Task) -> Value {
             "Message": st.message,
             "Err": st.err,
             "ExitCode": st.exit_code,
+            // Docker's State.Health (no log: the output of the check that last changed it).
+            "Health": (st.health != 0).then(|| serde_json::json!({
+                "Status": health_word(st.health).trim_start_matches("health: "),
+                "FailingStreak": st.health_failing_streak,
+                "Output": st.health_output,
+            })),
         },
         "NetworksAttachments": t.networks.iter().map(|a| serde_json::json!({
             "Network": {"ID": a.network_id, "Name": a.network_name, "VXLAN": a.vni},
@@ -1172,6 +1201,36 @@ fn pretty_service(s: &pb::Service) -> String {
         line(" Env:", c.env.join(" "));
     }
     line(" Stop Grace:", output::format_ms(c.stop_grace_period_ms));
+    if let Some(h) = &c.healthcheck {
+        line("Healthcheck:", String::new());
+        if h.test.first().is_some_and(|t| t == "NONE") {
+            line(" Disabled:", "true (the image's too)".into());
+        } else {
+            if !h.test.is_empty() {
+                line(" Test:", h.test.join(" "));
+            }
+            let or_default = |ms: u64, d: &str| {
+                if ms == 0 {
+                    d.to_string()
+                } else {
+                    output::format_ms(ms)
+                }
+            };
+            line(" Interval:", or_default(h.interval_ms, "image's or 30s"));
+            line(" Timeout:", or_default(h.timeout_ms, "image's or 30s"));
+            line(
+                " Start Period:",
+                or_default(h.start_period_ms, "image's or 0s"),
+            );
+            line(
+                " Retries:",
+                match h.retries {
+                    0 => "image's or 3".into(),
+                    r => r.to_string(),
+                },
+            );
+        }
+    }
     if let Some(u) = &sp.update {
         pretty_update_config(&mut line, "UpdateConfig:", u);
     }

@@ -272,6 +272,12 @@ impl Cluster {
         Self::build_full(size, managers, spare, heartbeat, images, &[])
     }
 
+    /// Like [`Cluster::new`], with the image archives `loads` (`shoal image load`) in every
+    /// node's store before the agents start.
+    pub fn with_loaded_images(size: u8, managers: u8, loads: &[&Path]) -> Cluster {
+        Self::build_loaded(size, managers, 0, FAST_HEARTBEAT, &[], &[], loads)
+    }
+
     fn build_full(
         size: u8,
         managers: u8,
@@ -279,6 +285,18 @@ impl Cluster {
         heartbeat: (&str, u32),
         images: &[(usize, &str)],
         args: &[&str],
+    ) -> Cluster {
+        Self::build_loaded(size, managers, spare, heartbeat, images, args, &[])
+    }
+
+    fn build_loaded(
+        size: u8,
+        managers: u8,
+        spare: u8,
+        heartbeat: (&str, u32),
+        images: &[(usize, &str)],
+        args: &[&str],
+        loads: &[&Path],
     ) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("shoal-svc-")
@@ -293,6 +311,21 @@ impl Cluster {
         let mut c = Cluster { nodes, _root: root };
         for (i, name) in images {
             c.import(*i, name);
+        }
+        for n in &c.nodes {
+            for archive in loads {
+                let out = Command::new(SHOAL)
+                    .args(["image", "load", "--data-dir"])
+                    .arg(n.data())
+                    .arg(archive)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
         }
         for n in &mut c.nodes {
             n.args = args.iter().map(|a| a.to_string()).collect();

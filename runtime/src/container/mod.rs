@@ -87,7 +87,17 @@ pub struct ExecOptions {
     pub cwd: Option<PathBuf>,
     /// Return once it runs, without waiting for it.
     pub detach: bool,
+    /// Kill it (its whole process group, which it leads) when it has not exited by then; a
+    /// health check's bound. The process and its helper also die with their parents.
+    pub timeout: Option<Duration>,
 }
+
+/// What `shoal runtime exec --timeout` says (exit 124) of a process killed at its timeout.
+pub const EXEC_TIMED_OUT: &str = "exceeded its timeout";
+
+/// How long an exec killed at its timeout may take to be reported gone before its helper is
+/// killed too.
+const EXEC_KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Errors of the container lifecycle.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +163,13 @@ fn init_failure(events: &mut Lines) -> Option<ContainerError> {
     }
 }
 
+/// What [`Lines::next_line`] found.
+enum Next {
+    Line(String),
+    Eof,
+    TimedOut,
+}
+
 /// Line protocol reader over a pipe or socket (messages from monitor and init).
 struct Lines {
     fd: OwnedFd,
@@ -169,27 +186,39 @@ impl Lines {
 
     /// The next line, `None` on EOF or when `deadline` passes.
     fn next(&mut self, deadline: Option<Instant>) -> Option<String> {
+        match self.next_line(deadline) {
+            Next::Line(l) => Some(l),
+            Next::Eof | Next::TimedOut => None,
+        }
+    }
+
+    /// The next line, telling EOF (or a read error) from `deadline` passing.
+    fn next_line(&mut self, deadline: Option<Instant>) -> Next {
         loop {
             if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=i).collect();
-                return Some(String::from_utf8_lossy(&line[..i]).into_owned());
+                return Next::Line(String::from_utf8_lossy(&line[..i]).into_owned());
             }
             let timeout = match deadline {
                 None => -1,
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return None;
+                        return Next::TimedOut;
                     }
-                    left.as_millis().min(i32::MAX as u128) as i32
+                    // Rounded up: poll's milliseconds must not wake before the deadline.
+                    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
                 }
             };
-            if !sys::pidfd_wait(self.fd.as_raw_fd(), timeout).ok()? {
-                return None;
+            match sys::pidfd_wait(self.fd.as_raw_fd(), timeout) {
+                Ok(true) => {}
+                // Timed out: the deadline check above decides (a poll may wake a bit early).
+                Ok(false) => continue,
+                Err(_) => return Next::Eof,
             }
             let mut chunk = [0u8; 4096];
             match sys::read(self.fd.as_raw_fd(), &mut chunk) {
-                Ok(0) | Err(_) => return None,
+                Ok(0) | Err(_) => return Next::Eof,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
@@ -782,13 +811,52 @@ impl Container {
             return Err(io_err("fork")(std::io::Error::last_os_error()));
         }
         if helper == 0 {
-            exec_helper(&nss, cg.as_ref(), &pplan, ev_w.as_raw_fd(), opts.detach);
+            let bounded = opts.timeout.is_some() && !opts.detach;
+            exec_helper(
+                &nss,
+                cg.as_ref(),
+                &pplan,
+                ev_w.as_raw_fd(),
+                opts.detach,
+                bounded,
+            );
         }
         drop(ev_w);
         let mut events = Lines::new(ev_r);
         let mut pid = 0;
         let mut exit = None;
-        while let Some(line) = events.next(None) {
+        let mut deadline = opts
+            .timeout
+            .filter(|_| !opts.detach)
+            .map(|t| Instant::now() + t);
+        let mut timed_out = false;
+        loop {
+            let line = match events.next_line(deadline) {
+                Next::Line(l) => l,
+                Next::Eof => break, // the helper is gone
+                Next::TimedOut if timed_out => {
+                    // Killed, and still not reported gone: give up on the helper too.
+                    // SAFETY: signalling our own child.
+                    unsafe { libc::kill(helper, libc::SIGKILL) };
+                    break;
+                }
+                Next::TimedOut => {
+                    timed_out = true;
+                    if pid > 0 {
+                        // SAFETY: plain kill(2); the process leads its own group (see
+                        // exec_helper), so whatever it started in the group goes too.
+                        unsafe {
+                            libc::kill(-pid, libc::SIGKILL);
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    } else {
+                        // SAFETY: signalling our own child; its child dies with it.
+                        unsafe { libc::kill(helper, libc::SIGKILL) };
+                    }
+                    deadline = Some(Instant::now() + EXEC_KILL_WAIT);
+                    continue;
+                }
+            };
             if let Some(p) = line.strip_prefix("pid ") {
                 pid = p.parse().unwrap_or(0);
             } else if let Some(msg) = line.strip_prefix("error ") {
@@ -802,7 +870,7 @@ impl Container {
             }
         }
         let mut st = 0;
-        if opts.detach || exit.is_some() {
+        if opts.detach || exit.is_some() || opts.timeout.is_some() {
             // SAFETY: reaping our own child.
             unsafe { libc::waitpid(helper, &mut st, 0) };
         }
@@ -810,6 +878,7 @@ impl Container {
             pid,
             exit,
             detached: opts.detach,
+            timed_out,
         })
     }
 }
@@ -820,9 +889,15 @@ pub struct ExecProcess {
     pub pid: i32,
     exit: Option<ExitStatus>,
     detached: bool,
+    timed_out: bool,
 }
 
 impl ExecProcess {
+    /// It outlived [`ExecOptions::timeout`] and was killed.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+
     /// How it ended (`None` when it was detached).
     pub fn wait(self) -> Option<ExitStatus> {
         if self.detached {
@@ -841,6 +916,7 @@ fn exec_helper(
     p: &plan::ProcessPlan,
     ev: RawFd,
     detach: bool,
+    bounded: bool,
 ) -> ! {
     let fail = |msg: String| -> ! {
         monitor::send(ev, &format!("error {msg}"));
@@ -856,6 +932,12 @@ fn exec_helper(
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
+    if bounded {
+        // A bounded exec dies with its caller (killed at its timeout, or gone): so does this
+        // helper, and (below) the process.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    }
     if let Err(e) = cg.add_task(std::process::id() as i32) {
         fail(format!("join cgroup: {e}"));
     }
@@ -870,6 +952,14 @@ fn exec_helper(
         fail(format!("fork: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
+        if bounded {
+            // Its own process group, so the timeout kills what it started as well.
+            // SAFETY: setpgid and prctl with integer arguments.
+            unsafe {
+                libc::setpgid(0, 0);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            }
+        }
         if let Err(init::Fail(msg)) = init::exec_process(p, &[ev]) {
             fail(msg);
         }

@@ -176,6 +176,48 @@ pub struct PreparedImage {
     pub chain_ids: Vec<String>,
     /// The image config (Env, Cmd, Entrypoint, WorkingDir, User under `.config()`).
     pub config: ImageConfiguration,
+    /// The image's HEALTHCHECK (docker's `config.Healthcheck`, which the OCI config type drops).
+    pub healthcheck: Option<ImageHealthcheck>,
+}
+
+/// Docker's `config.Healthcheck` of an image (`HEALTHCHECK` in a Dockerfile): not part of the
+/// OCI image spec, docker writes it into the config and shoal reads it from the raw blob.
+/// Durations are nanoseconds, as docker stores them; 0 means "the default".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageHealthcheck {
+    /// `[]` (inherit), `["NONE"]`, `["CMD", argv…]` or `["CMD-SHELL", command]`.
+    #[serde(default)]
+    pub test: Vec<String>,
+    #[serde(default)]
+    pub interval: i64,
+    #[serde(default)]
+    pub timeout: i64,
+    #[serde(default)]
+    pub start_period: i64,
+    #[serde(default)]
+    pub retries: i64,
+}
+
+/// The part of a raw image config blob the OCI type drops.
+#[derive(Deserialize, Default)]
+struct RawConfigExtras {
+    #[serde(default)]
+    config: Option<RawContainerConfig>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawContainerConfig {
+    /// Kept raw: a malformed health check means "none", not an unusable image.
+    #[serde(default, rename = "Healthcheck")]
+    healthcheck: Option<serde_json::Value>,
+}
+
+impl RawConfigExtras {
+    fn healthcheck(self) -> Option<ImageHealthcheck> {
+        let v = self.config?.healthcheck?;
+        serde_json::from_value::<ImageHealthcheck>(v).ok()
+    }
 }
 
 /// What garbage collection removed.
@@ -1836,11 +1878,15 @@ impl ImageStore {
         }
         let unpacked = self.unpack_all(jobs)?;
         self.store_layers(unpacked, false)?;
+        let healthcheck = self
+            .read_blob_json::<RawConfigExtras>(&s.config_digest, "image config")
+            .map(RawConfigExtras::healthcheck)?;
         Ok(PreparedImage {
             chain_ids: info.chain_ids.clone(),
             info,
             layer_dirs,
             config: s.config,
+            healthcheck,
         })
     }
 }
@@ -2367,5 +2413,25 @@ mod tests {
         ] {
             assert!(sha256_hex(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn docker_healthcheck_is_read_from_the_raw_config() {
+        let raw =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},
+            "config":{"Cmd":["sh"],"Healthcheck":{"Test":["CMD-SHELL","true"],
+            "Interval":5000000000,"Retries":2}}}"#;
+        let x: RawConfigExtras = serde_json::from_slice(raw).unwrap();
+        let h = x.healthcheck().unwrap();
+        assert_eq!(h.test, vec!["CMD-SHELL", "true"]);
+        assert_eq!((h.interval, h.timeout, h.retries), (5_000_000_000, 0, 2));
+        // None, and a malformed one, read as no health check at all.
+        let none: RawConfigExtras =
+            serde_json::from_slice(br#"{"config":{"Cmd":["sh"]}}"#).unwrap();
+        assert_eq!(none.healthcheck(), None);
+        let bad: RawConfigExtras =
+            serde_json::from_slice(br#"{"config":{"Healthcheck":{"Test":"x","Retries":"y"}}}"#)
+                .unwrap();
+        assert_eq!(bad.healthcheck(), None);
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use shoal_proto::v1::{ContainerSpec, Meta, TaskSpec};
+use shoal_proto::v1::{ContainerSpec, HealthCheck, Meta, TaskSpec};
 
 use super::*;
 
@@ -13,6 +13,10 @@ struct Fake {
     probe: Probe,
     ignore_term: bool,
     exit: watch::Sender<Option<Exit>>,
+    /// The image's health check.
+    image_hc: Option<HealthCheck>,
+    /// Exit codes of the next health checks (then 0).
+    checks: Mutex<std::collections::VecDeque<i32>>,
 }
 
 impl Fake {
@@ -23,6 +27,8 @@ impl Fake {
             probe: Probe::Missing,
             ignore_term: false,
             exit: watch::channel(None).0,
+            image_hc: None,
+            checks: Mutex::default(),
         })
     }
 
@@ -74,6 +80,22 @@ impl Executor for Fake {
     async fn probe(&self, _id: &str) -> Result<Probe, ExecError> {
         self.call("probe");
         Ok(self.probe)
+    }
+    async fn image_healthcheck(&self, _task: &Task) -> Result<Option<HealthCheck>, ExecError> {
+        Ok(self.image_hc.clone())
+    }
+    async fn check(
+        &self,
+        _id: &str,
+        argv: &[String],
+        _timeout: Duration,
+    ) -> Result<crate::executor::CheckResult, ExecError> {
+        self.call(&format!("check {}", argv.join(" ")));
+        let code = self.checks.lock().unwrap().pop_front().unwrap_or(0);
+        Ok(crate::executor::CheckResult {
+            exit_code: code,
+            output: format!("exit {code}"),
+        })
     }
 }
 
@@ -284,4 +306,74 @@ async fn a_task_resumed_while_starting_without_a_container_starts_again() {
     let got = r.until(TaskState::Running).await;
     assert_eq!(states(&got), vec![TaskState::Running as i32]);
     assert_eq!(fake.calls(), vec!["probe", "start"]);
+}
+
+#[tokio::test]
+async fn a_checked_task_turns_healthy_then_unhealthy_and_is_stopped_as_failed() {
+    let fake = Fake::with(|f| {
+        f.image_hc = Some(HealthCheck {
+            test: vec!["CMD".into(), "probe".into()],
+            interval_ms: 10,
+            retries: 2,
+            ..Default::default()
+        });
+        f.checks = Mutex::new([0, 1, 1].into());
+    });
+    let mut r = spawn(fake.clone(), task(1_000), TaskState::Assigned);
+    let got = r.until(TaskState::Failed).await;
+    let running: Vec<&TaskStatus> = got
+        .iter()
+        .filter(|s| s.state == TaskState::Running as i32)
+        .collect();
+    let healths: Vec<i32> = running.iter().map(|s| s.health).collect();
+    assert_eq!(
+        healths,
+        vec![HealthState::Starting as i32, HealthState::Healthy as i32]
+    );
+    // A health report keeps the RUNNING time.
+    assert_eq!(running[0].timestamp_ms, running[1].timestamp_ms);
+    let failed = got.last().unwrap();
+    assert_eq!(failed.err, "task: non-zero exit (143): unhealthy container");
+    assert_eq!(failed.health, HealthState::Unhealthy as i32);
+    assert_eq!(failed.health_failing_streak, 2);
+    assert_eq!(failed.health_output, "exit 1");
+    let calls = fake.calls();
+    assert_eq!(
+        calls,
+        vec![
+            "prepare",
+            "start",
+            "check probe",
+            "check probe",
+            "check probe",
+            "Term"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_spec_can_disable_the_image_check() {
+    let fake = Fake::with(|f| {
+        f.image_hc = Some(HealthCheck {
+            test: vec!["CMD".into(), "probe".into()],
+            interval_ms: 10,
+            ..Default::default()
+        });
+    });
+    let mut t = task(0);
+    t.spec
+        .as_mut()
+        .unwrap()
+        .container
+        .as_mut()
+        .unwrap()
+        .healthcheck = Some(HealthCheck {
+        test: vec!["NONE".into()],
+        ..Default::default()
+    });
+    let mut r = spawn(fake.clone(), t, TaskState::Assigned);
+    let running = r.until(TaskState::Running).await.pop().unwrap();
+    assert_eq!(running.health, HealthState::None as i32);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.calls(), vec!["prepare", "start"]);
 }

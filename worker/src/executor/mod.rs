@@ -67,6 +67,15 @@ pub struct Started {
     pub pid: i32,
 }
 
+/// How one health check ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckResult {
+    /// 0: passed; anything else failed (docker's rule).
+    pub exit_code: i32,
+    /// What it printed (bounded), or why it could not run or was killed.
+    pub output: String,
+}
+
 /// Runs tasks. Every method is keyed by the task id, so a restarted agent can reach the
 /// containers an earlier one started.
 /// How an executor tells a task's status what a long step is doing.
@@ -87,6 +96,25 @@ pub trait Executor: Send + Sync + 'static {
     async fn remove(&self, task_id: &str) -> Result<(), ExecError>;
     /// What is there now of the task's container.
     async fn probe(&self, task_id: &str) -> Result<Probe, ExecError>;
+    /// The health check the task's image declares (docker's HEALTHCHECK), if any.
+    async fn image_healthcheck(
+        &self,
+        _task: &Task,
+    ) -> Result<Option<shoal_proto::v1::HealthCheck>, ExecError> {
+        Ok(None)
+    }
+    /// Runs one health check, `argv`, in the task's running container; it is killed (with
+    /// what it started) at `timeout`, which is a failed check.
+    async fn check(
+        &self,
+        _task_id: &str,
+        _argv: &[String],
+        _timeout: std::time::Duration,
+    ) -> Result<CheckResult, ExecError> {
+        Err(ExecError::Runtime(
+            "this executor runs no health checks".into(),
+        ))
+    }
     /// The other nodes' underlay addresses changed (the cluster networks' forwarding follows
     /// them). Executors without networks ignore it.
     fn set_peers(&self, _peers: Vec<std::net::Ipv4Addr>) {}

@@ -10,8 +10,9 @@
 //! Containers are created by a `shoal runtime create` subprocess, never by the daemon itself:
 //! the runtime forks each container's monitor from the process that creates it, and a fork of
 //! the multi-threaded daemon would carry the daemon's whole address space (and locks other
-//! threads held at the fork) into every monitor. Start, signal, wait and delete do not fork
-//! and stay in-process.
+//! threads held at the fork) into every monitor. Health checks are `shoal runtime exec`
+//! subprocesses for the same reason. Start, signal, wait and delete do not fork and stay
+//! in-process.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use shoal_runtime::network::{
     self, Attachment, BridgeConfig, EtcOptions, Mode, NetRequest, OverlayAttach, PortSpec, Protocol,
 };
 
-use super::{ExecError, Executor, Exit, Probe, Started, StopSignal};
+use super::{CheckResult, ExecError, Executor, Exit, Probe, Started, StopSignal};
 
 /// Directory of the containers' bundles, writable layers and logs under the data dir.
 pub const CONTAINERS_DIR: &str = "containers";
@@ -40,6 +41,12 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// How long one blocking wait on a container lasts before it is re-armed, so that a
 /// cancelled wait frees its thread soon.
 const WAIT_SLICE: Duration = Duration::from_secs(1);
+/// Past a health check's own timeout (which `shoal runtime exec` enforces), how long the
+/// executor waits for the exec before it kills it: its kill and report take a moment.
+const CHECK_GRACE: Duration = Duration::from_secs(10);
+/// How long a finished check's output is still read: something it left running in the
+/// container may hold its stdout.
+const CHECK_OUTPUT_WAIT: Duration = Duration::from_millis(500);
 /// Bytes of a failed `shoal runtime create`'s stderr kept for the task's error message.
 const MAX_CREATE_ERROR: usize = 2048;
 
@@ -491,6 +498,17 @@ fn create_error(stderr: &[u8], status: std::process::ExitStatus) -> String {
         msg.truncate(cut);
     }
     msg
+}
+
+/// `30s`, `1.5s`, `500ms`: as docker prints a duration.
+fn fmt_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.as_secs() == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs_f64())
+    }
 }
 
 fn runtime_err(e: impl std::fmt::Display) -> ExecError {
@@ -1108,6 +1126,114 @@ impl Executor for RuntimeExecutor {
             }
         })
         .await
+    }
+
+    async fn image_healthcheck(
+        &self,
+        task: &Task,
+    ) -> Result<Option<shoal_proto::v1::HealthCheck>, ExecError> {
+        let images = self.images.clone();
+        let image = task
+            .spec
+            .as_ref()
+            .and_then(|s| s.container.as_ref())
+            .map_or(String::new(), |c| c.image.clone());
+        let p = blocking(move || prepare_image(&images, &image)).await?;
+        Ok(p.healthcheck.map(|h| {
+            let ms = |ns: i64| (ns.max(0) / 1_000_000) as u64;
+            shoal_proto::v1::HealthCheck {
+                test: h.test,
+                interval_ms: ms(h.interval),
+                timeout_ms: ms(h.timeout),
+                retries: h.retries.clamp(0, u32::MAX as i64) as u32,
+                start_period_ms: ms(h.start_period),
+            }
+        }))
+    }
+
+    async fn check(
+        &self,
+        task_id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<CheckResult, ExecError> {
+        use tokio::io::AsyncReadExt;
+        let mut cmd = tokio::process::Command::new(&self.shoal);
+        cmd.arg0("shoal");
+        cmd.arg("runtime")
+            .arg("--root")
+            .arg(&self.cfg.state_root)
+            .arg("exec")
+            .arg("--timeout")
+            .arg(format!("{}ms", timeout.as_millis().max(1)))
+            .arg(task_id)
+            .arg("--")
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A check cut short (the task stops meanwhile) takes its exec along: the exec's
+            // helper and process die with it (parent-death signal).
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| {
+            ExecError::Runtime(format!("run {} runtime exec: {e}", self.shoal.display()))
+        })?;
+        // Drained whole (a check that fills its pipe must not block), the first bytes kept.
+        let drain = |r: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
+            tokio::spawn(async move {
+                let mut kept = Vec::new();
+                let Some(mut r) = r else { return kept };
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = r.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let room = crate::health::MAX_OUTPUT.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+                kept
+            })
+        };
+        let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+        let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+        let status = match tokio::time::timeout(timeout + CHECK_GRACE, child.wait()).await {
+            Ok(s) => s.map_err(|e| ExecError::Runtime(format!("health check: {e}")))?,
+            Err(_) => {
+                let _ = child.kill().await;
+                out.abort();
+                err.abort();
+                return Ok(CheckResult {
+                    exit_code: -1,
+                    output: format!("health check did not end {timeout:?} after its timeout"),
+                });
+            }
+        };
+        let collect = |h: tokio::task::JoinHandle<Vec<u8>>| async move {
+            let abort = h.abort_handle();
+            match tokio::time::timeout(CHECK_OUTPUT_WAIT, h).await {
+                Ok(Ok(v)) => v,
+                _ => {
+                    abort.abort();
+                    Vec::new()
+                }
+            }
+        };
+        let (stdout, stderr) = (collect(out).await, collect(err).await);
+        let stderr = String::from_utf8_lossy(&stderr);
+        let code = status.code().unwrap_or(-1);
+        let timed_out = code == 124 && stderr.contains(shoal_runtime::container::EXEC_TIMED_OUT);
+        let output = if timed_out {
+            // Docker's words.
+            format!("Health check exceeded timeout ({})", fmt_duration(timeout))
+        } else {
+            let mut text = String::from_utf8_lossy(&stdout).into_owned();
+            text.push_str(stderr.strip_prefix("shoal: ").unwrap_or(&stderr));
+            text
+        };
+        Ok(CheckResult {
+            exit_code: if timed_out { -1 } else { code },
+            output: crate::health::bounded(output),
+        })
     }
 
     async fn remove(&self, task_id: &str) -> Result<(), ExecError> {

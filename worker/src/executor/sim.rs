@@ -104,4 +104,20 @@ impl Executor for SimExecutor {
             },
         })
     }
+
+    /// A hollow task's checks pass while it runs: there is nothing to check.
+    async fn check(
+        &self,
+        task_id: &str,
+        _argv: &[String],
+        _timeout: std::time::Duration,
+    ) -> Result<super::CheckResult, ExecError> {
+        match self.lock().get(task_id).map(|tx| *tx.borrow()) {
+            Some(None) => Ok(super::CheckResult {
+                exit_code: 0,
+                output: String::new(),
+            }),
+            _ => Err(ExecError::Runtime(format!("task {task_id} is not running"))),
+        }
+    }
 }

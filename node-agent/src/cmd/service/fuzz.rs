@@ -198,6 +198,12 @@ fn flag() -> BoxedStrategy<Vec<String>> {
         with("--stop-grace-period", pick(DURATIONS)),
         with("--publish", pick(PORTS)),
         with("--network", pick(&["n", "", "host", "none"])),
+        with("--health-cmd", pick(&["exit 0", "", " ", "-x"])),
+        with("--health-interval", pick(DURATIONS)),
+        with("--health-timeout", pick(DURATIONS)),
+        with("--health-start-period", pick(DURATIONS)),
+        with("--health-retries", pick(NUMBERS)),
+        Just(vec!["--no-healthcheck".to_string()]).boxed(),
         Just(vec!["--read-only".to_string()]).boxed(),
         Just(vec!["--detach".to_string()]).boxed(),
     ]

@@ -55,6 +55,15 @@ fn state(t: &pb::Task) -> i32 {
     t.status.as_ref().map_or(0, |s| s.state)
 }
 
+/// RUNNING and, with a health check, healthy: docker's task stays STARTING until then.
+fn up(t: &pb::Task) -> bool {
+    t.status.as_ref().is_some_and(|s| {
+        s.state == TaskState::Running as i32
+            && s.health != pb::HealthState::Starting as i32
+            && s.health != pb::HealthState::Unhealthy as i32
+    })
+}
+
 fn created(t: &pb::Task) -> i64 {
     t.meta.as_ref().map_or(0, |m| m.created_at_ms)
 }
@@ -96,6 +105,15 @@ fn line_text(t: Option<&pb::Task>) -> String {
         };
         return format!("{word:<9} {why}").trim_end().to_string();
     }
+    // Running but not yet healthy: still starting, as docker shows it.
+    let (s, word) = if s == TaskState::Running as i32 && !up(t) {
+        (
+            TaskState::Starting as i32,
+            state_word(TaskState::Starting as i32),
+        )
+    } else {
+        (s, word)
+    };
     let step = STEPS.iter().position(|x| *x as i32 == s).unwrap_or(0) + 1;
     format!("{word:<9} {}", bar(step))
 }
@@ -184,7 +202,7 @@ pub fn snapshot(
         .iter()
         .filter(|(_, t)| {
             t.is_some_and(|t| {
-                (state(t) == TaskState::Running as i32
+                (up(t)
                     && t.desired_state <= TaskState::Running as i32
                     && t.spec.as_ref() == current)
                     || finished(t)

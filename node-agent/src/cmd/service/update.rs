@@ -23,6 +23,127 @@ pub enum RollbackActionArg {
     Continue,
 }
 
+/// The health check flags of `service create` and `service update` (docker's).
+#[derive(Args, Clone, Default)]
+pub struct HealthFlags {
+    /// Command to run to check health (run by /bin/sh -c in the container)
+    #[arg(long, allow_hyphen_values = true)]
+    health_cmd: Option<String>,
+    /// Time between running the check (ms|s|m|h) (default 30s)
+    #[arg(long, allow_hyphen_values = true)]
+    health_interval: Option<String>,
+    /// Maximum time to allow one check to run (ms|s|m|h) (default 30s)
+    #[arg(long, allow_hyphen_values = true)]
+    health_timeout: Option<String>,
+    /// Consecutive failures needed to report unhealthy (default 3)
+    #[arg(long, allow_hyphen_values = true)]
+    health_retries: Option<String>,
+    /// Start period for the container to initialize before failed checks count (ms|s|m|h)
+    #[arg(long, allow_hyphen_values = true)]
+    health_start_period: Option<String>,
+    /// Disable any container-specified HEALTHCHECK
+    #[arg(long)]
+    no_healthcheck: bool,
+}
+
+/// The health check flags, checked: what they change in a container spec's health check.
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
+pub struct HealthEdit {
+    cmd: Option<String>,
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    start_period_ms: Option<u64>,
+    retries: Option<u32>,
+    none: bool,
+}
+
+fn health_duration(flag: &str, v: &Option<String>) -> anyhow::Result<Option<u64>> {
+    match v.as_deref() {
+        Some(s) if s.trim_start().starts_with('-') => {
+            bail!("invalid {flag} {s:?}: must not be negative")
+        }
+        _ => duration(flag, v),
+    }
+}
+
+impl HealthFlags {
+    /// Checks the flags; nothing is sent yet.
+    pub fn edit(&self) -> anyhow::Result<HealthEdit> {
+        let e = HealthEdit {
+            cmd: self.health_cmd.clone(),
+            interval_ms: health_duration("--health-interval", &self.health_interval)?,
+            timeout_ms: health_duration("--health-timeout", &self.health_timeout)?,
+            start_period_ms: health_duration("--health-start-period", &self.health_start_period)?,
+            retries: self
+                .health_retries
+                .as_deref()
+                .map(|r| match r.trim().parse::<i64>() {
+                    Ok(n) if n < 0 => bail!("invalid --health-retries {r:?}: must not be negative"),
+                    Ok(n) => u32::try_from(n)
+                        .map_err(|_| anyhow::anyhow!("invalid --health-retries {r:?}: too large")),
+                    Err(_) => bail!("invalid --health-retries {r:?}: expected a whole number"),
+                })
+                .transpose()?,
+            none: self.no_healthcheck,
+        };
+        let others = e.cmd.is_some()
+            || e.interval_ms.is_some()
+            || e.timeout_ms.is_some()
+            || e.start_period_ms.is_some()
+            || e.retries.is_some();
+        if e.none && others {
+            bail!("--no-healthcheck conflicts with --health-* options");
+        }
+        Ok(e)
+    }
+}
+
+impl HealthEdit {
+    /// No health flag was given.
+    pub fn is_empty(&self) -> bool {
+        *self == HealthEdit::default()
+    }
+
+    /// Applies the flags to a container spec's health check, as docker's `service update`
+    /// does: `--no-healthcheck` sets test NONE (timers cleared); any other flag first drops a
+    /// NONE, then sets what it names (`--health-cmd ""` leaves the image's command).
+    pub fn apply(&self, h: &mut Option<pb::HealthCheck>) {
+        if self.is_empty() {
+            return;
+        }
+        if self.none {
+            *h = Some(pb::HealthCheck {
+                test: vec!["NONE".into()],
+                ..Default::default()
+            });
+            return;
+        }
+        let hc = h.get_or_insert_with(Default::default);
+        if hc.test.first().is_some_and(|t| t == "NONE") {
+            hc.test.clear();
+        }
+        if let Some(cmd) = &self.cmd {
+            hc.test = if cmd.is_empty() {
+                Vec::new()
+            } else {
+                vec!["CMD-SHELL".into(), cmd.clone()]
+            };
+        }
+        if let Some(v) = self.interval_ms {
+            hc.interval_ms = v;
+        }
+        if let Some(v) = self.timeout_ms {
+            hc.timeout_ms = v;
+        }
+        if let Some(v) = self.start_period_ms {
+            hc.start_period_ms = v;
+        }
+        if let Some(v) = self.retries {
+            hc.retries = v;
+        }
+    }
+}
+
 /// The update config flags of `service create` (docker's defaults).
 #[derive(Args)]
 pub struct CreateConfigArgs {
@@ -220,6 +341,8 @@ pub struct UpdateArgs {
     /// Time to wait after SIGTERM before SIGKILL
     #[arg(long)]
     stop_grace_period: Option<String>,
+    #[command(flatten)]
+    health: HealthFlags,
     /// Restart when: none, on-failure, any
     #[arg(long, value_enum)]
     restart_condition: Option<RestartArg>,
@@ -302,6 +425,7 @@ pub struct Edit {
     workdir: Option<String>,
     user: Option<String>,
     stop_grace_ms: Option<u64>,
+    health: HealthEdit,
     restart_condition: Option<i32>,
     restart_delay_ms: Option<u64>,
     restart_max_attempts: Option<u64>,
@@ -383,6 +507,7 @@ impl UpdateArgs {
                 || !self.constraint_rm.is_empty()
                 || !self.network_add.is_empty()
                 || !self.network_rm.is_empty()
+                || !self.health.edit()?.is_empty()
                 || self.force;
             if edits {
                 bail!("--rollback cannot be combined with flags that change the spec");
@@ -452,6 +577,7 @@ impl UpdateArgs {
             workdir: self.workdir.clone(),
             user: self.user.clone(),
             stop_grace_ms: duration("--stop-grace-period", &self.stop_grace_period)?,
+            health: self.health.edit()?,
             restart_condition: self.restart_condition.map(|c| {
                 (match c {
                     RestartArg::None => pb::RestartCondition::None,
@@ -590,6 +716,7 @@ impl Edit {
         if let Some(g) = self.stop_grace_ms {
             c.stop_grace_period_ms = g;
         }
+        self.health.apply(&mut c.healthcheck);
         if let Some(p) = self.limit_pids {
             c.pids_limit = p;
         }
@@ -760,6 +887,61 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
+        }
+    }
+
+    fn healthcheck(spec: &pb::ServiceSpec) -> Option<pb::HealthCheck> {
+        spec.task.as_ref()?.container.as_ref()?.healthcheck.clone()
+    }
+
+    #[test]
+    fn health_flags_follow_docker_update() {
+        let spec = edit(&["--health-cmd", "test -f /ok", "--health-retries", "5"])
+            .unwrap()
+            .apply(base())
+            .unwrap();
+        let h = healthcheck(&spec).unwrap();
+        assert_eq!(h.test, vec!["CMD-SHELL", "test -f /ok"]);
+        assert_eq!((h.retries, h.interval_ms), (5, 0));
+        // A timer alone keeps the command.
+        let spec = edit(&["--health-interval", "2s"])
+            .unwrap()
+            .apply(spec)
+            .unwrap();
+        let h = healthcheck(&spec).unwrap();
+        assert_eq!(h.test, vec!["CMD-SHELL", "test -f /ok"]);
+        assert_eq!((h.retries, h.interval_ms), (5, 2_000));
+        // --no-healthcheck: NONE, timers gone.
+        let spec = edit(&["--no-healthcheck"]).unwrap().apply(spec).unwrap();
+        assert_eq!(
+            healthcheck(&spec).unwrap(),
+            pb::HealthCheck {
+                test: vec!["NONE".into()],
+                ..Default::default()
+            }
+        );
+        // Any health flag after NONE drops it: the image's command with this timer.
+        let spec = edit(&["--health-timeout", "3s"])
+            .unwrap()
+            .apply(spec)
+            .unwrap();
+        let h = healthcheck(&spec).unwrap();
+        assert!(h.test.is_empty());
+        assert_eq!(h.timeout_ms, 3_000);
+        // No health flag: untouched.
+        assert_eq!(
+            healthcheck(&edit(&[]).unwrap().apply(base()).unwrap()),
+            None
+        );
+        for bad in [
+            &["--health-interval", "-1s"][..],
+            &["--health-retries", "-2"],
+            &["--health-retries", "x"],
+            &["--health-timeout", "1parsec"],
+            &["--no-healthcheck", "--health-retries", "1"],
+            &["--rollback", "--health-cmd", "true"],
+        ] {
+            assert!(edit(bad).is_err(), "{bad:?}");
         }
     }
 
