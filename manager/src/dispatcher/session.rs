@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
 use super::{lock, Backend, Inner, MAX_CHANGES_PER_MESSAGE};
+use crate::secrets::Keyring;
 use crate::store::{Action, Event, Object, Store, INGRESS_NETWORK};
 
 /// What the router tells one session.
@@ -380,9 +381,75 @@ fn sent_of(t: &Task) -> Sent {
     }
 }
 
+/// Whether a task on the node may still start a container, so needs its secrets and configs:
+/// desired to run and not yet past RUNNING.
+fn needs_files(t: &Task) -> bool {
+    let running = TaskState::Running as i32;
+    t.desired_state <= running && t.status.as_ref().map_or(0, |s| s.state) <= running
+}
+
+/// The secrets (opened) and configs that `node`'s tasks use, and no others, sorted by id.
+/// A secret that does not open (no key, or a key that does not match) is left out and
+/// logged by id: the task then fails to start with a clear message on the node.
+fn dependencies(
+    store: &Store,
+    keys: Option<&Keyring>,
+    node: &str,
+) -> Result<pb::Dependencies, Status> {
+    let read = |e: crate::store::StoreError| Status::internal(format!("reading the store: {e}"));
+    let mut secrets = std::collections::BTreeSet::new();
+    let mut configs = std::collections::BTreeSet::new();
+    for t in store.tasks_by_node(node).map_err(read)? {
+        if !assigned(&t) || !needs_files(&t) {
+            continue;
+        }
+        if let Some(c) = t.spec.as_ref().and_then(|s| s.container.as_ref()) {
+            secrets.extend(c.secrets.iter().map(|r| r.id.clone()));
+            configs.extend(c.configs.iter().map(|r| r.id.clone()));
+        }
+    }
+    let mut out = pb::Dependencies::default();
+    for id in secrets {
+        let Some(mut s) = store.get_secret(&id).map_err(read)? else {
+            continue;
+        };
+        let Some(spec) = s.spec.as_mut() else {
+            continue;
+        };
+        match keys.map(|k| k.open(&id, &spec.data)) {
+            Some(Ok(plain)) => spec.data = plain,
+            Some(Err(e)) => {
+                tracing::error!(secret_id = %id, "secret not sent: {e}");
+                continue;
+            }
+            None => {
+                tracing::error!(secret_id = %id, "secret not sent: this manager has no secrets key");
+                continue;
+            }
+        }
+        out.secrets.push(s);
+    }
+    for id in configs {
+        if let Some(c) = store.get_config(&id).map_err(read)? {
+            out.configs.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// The ids of a dependency set: what a session compares to decide whether to send it again.
+fn dependency_ids(d: &pb::Dependencies) -> (Vec<String>, Vec<String>) {
+    let id = |m: Option<&pb::Meta>| m.map_or(String::new(), |m| m.id.clone());
+    (
+        d.secrets.iter().map(|s| id(s.meta.as_ref())).collect(),
+        d.configs.iter().map(|c| id(c.meta.as_ref())).collect(),
+    )
+}
+
 /// The full assignment set of `node`, recording it in `sent`.
 fn full_set(
     store: &Store,
+    keys: Option<&Keyring>,
     node: &str,
     sent: &mut HashMap<String, Sent>,
 ) -> Result<pb::Assignments, Status> {
@@ -404,6 +471,7 @@ fn full_set(
             addrs: peers(store, node)?,
         }),
         records: Some(records(store, node)?),
+        dependencies: Some(dependencies(store, keys, node)?),
     })
 }
 
@@ -411,6 +479,7 @@ fn full_set(
 /// agent goes away or the router drops the session.
 pub(super) async fn stream(
     store: Store,
+    keys: Option<Arc<Keyring>>,
     node: String,
     started: pb::SessionStarted,
     mut events: mpsc::Receiver<SessionEvent>,
@@ -422,7 +491,7 @@ pub(super) async fn stream(
         return;
     }
     let mut sent: HashMap<String, Sent> = HashMap::new();
-    let first = full_set(&store, &node, &mut sent);
+    let first = full_set(&store, keys.as_deref(), &node, &mut sent);
     let mut sent_peers = first
         .as_ref()
         .ok()
@@ -432,6 +501,11 @@ pub(super) async fn stream(
         .as_ref()
         .ok()
         .and_then(|a| a.records.clone())
+        .unwrap_or_default();
+    let mut sent_deps = first
+        .as_ref()
+        .ok()
+        .and_then(|a| a.dependencies.as_ref().map(dependency_ids))
         .unwrap_or_default();
     let ok = first.is_ok();
     if out
@@ -507,11 +581,26 @@ pub(super) async fn stream(
                 }
             }
         }
+        if !resync && (!changes.tasks.is_empty() || !changes.removed.is_empty()) {
+            // The node's tasks changed: the secrets and configs it holds follow them.
+            if let Ok(now) = dependencies(&store, keys.as_deref(), &node) {
+                let ids = dependency_ids(&now);
+                if ids != sent_deps {
+                    sent_deps = ids;
+                    changes.dependencies = Some(now);
+                }
+            }
+        }
         let m = if resync {
-            match full_set(&store, &node, &mut sent) {
+            match full_set(&store, keys.as_deref(), &node, &mut sent) {
                 Ok(a) => {
                     sent_peers = a.peers.clone().unwrap_or_default();
                     sent_records = a.records.clone().unwrap_or_default();
+                    sent_deps = a
+                        .dependencies
+                        .as_ref()
+                        .map(dependency_ids)
+                        .unwrap_or_default();
                     a
                 }
                 Err(e) => {
@@ -523,6 +612,7 @@ pub(super) async fn stream(
             && changes.removed.is_empty()
             && changes.peers.is_none()
             && changes.records.is_none()
+            && changes.dependencies.is_none()
         {
             continue;
         } else {
