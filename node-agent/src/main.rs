@@ -54,6 +54,10 @@ enum Command {
     Service(cmd::service::ServiceArgs),
     /// Manage the cluster's networks
     Network(cmd::network::NetworkArgs),
+    /// Manage the cluster's secrets
+    Secret(cmd::secret::SecretArgs),
+    /// Manage the cluster's configs
+    Config(cmd::secret::SecretArgs),
 }
 
 fn main() {
@@ -91,6 +95,8 @@ fn main() {
         Command::Node(c) => cmd::node::run(c),
         Command::Service(c) => cmd::service::run(c),
         Command::Network(c) => cmd::network::run(c),
+        Command::Secret(c) => cmd::secret::run_secret(c),
+        Command::Config(c) => cmd::secret::run_config(c),
     };
     if let Err(err) = result {
         // One line, as a user reads it: the outermost context first, then the causes.
