@@ -261,6 +261,8 @@ impl Drop for FilesCleanup {
         for d in &self.0 {
             let _ = std::fs::remove_dir_all(d);
         }
+        // The shared root too, once no agent of another test uses it.
+        let _ = std::fs::remove_dir(shoal_worker::executor::files::FILES_ROOT);
     }
 }
 
