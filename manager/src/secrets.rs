@@ -158,10 +158,11 @@ impl Keyring {
             path: kek_path.display().to_string(),
             reason: "missing, but the wrapped data key is there".into(),
         })?;
-        let raw = open_with(&aead(&kek)?, DEK_AAD, &wrapped).map_err(|_| SecretsError::KeyFile {
-            path: dek_path.display().to_string(),
-            reason: "does not open with the key-encryption key".into(),
-        })?;
+        let raw =
+            open_with(&aead(&kek)?, DEK_AAD, &wrapped).map_err(|_| SecretsError::KeyFile {
+                path: dek_path.display().to_string(),
+                reason: "does not open with the key-encryption key".into(),
+            })?;
         Keyring::from_raw(&raw).map(Some)
     }
 }

@@ -554,10 +554,12 @@ fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
         let p = e.path();
         match e.file_type() {
             Ok(t) if t.is_dir() => out.extend(files_holding(&p, needle)),
-            Ok(t) if t.is_file() => {
-                if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
-                    out.push(p.display().to_string());
-                }
+            Ok(t)
+                if t.is_file()
+                    && std::fs::read(&p)
+                        .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) =>
+            {
+                out.push(p.display().to_string())
             }
             _ => {}
         }

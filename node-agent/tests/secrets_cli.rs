@@ -98,7 +98,7 @@ fn one_line_failure(out: &std::process::Output) -> String {
 fn secrets_reach_only_their_tasks_as_tmpfs_files_and_never_a_disk() {
     let mut c = Cluster::new(3, 1);
     let _cleanup = FilesCleanup(c.nodes.iter().map(files_root).collect());
-    let (m, w) = (&c.nodes[0], &c.nodes[1]);
+    let m = &c.nodes[0];
     let secret = unique("shoal-secret-value");
     let out = with_stdin(
         m,

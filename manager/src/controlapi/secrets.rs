@@ -84,7 +84,11 @@ pub fn file_refs(c: &mut pb::ContainerSpec) -> Result<(), Invalid> {
 
 /// A target path: absolute, no `..` component, not `/`, no NUL.
 fn target(kind: &str, key: &str, t: &str) -> Result<(), Invalid> {
-    let bad = |why: &str| Err(Invalid(format!("{kind} {key}: invalid target {t:?}: {why}")));
+    let bad = |why: &str| {
+        Err(Invalid(format!(
+            "{kind} {key}: invalid target {t:?}: {why}"
+        )))
+    };
     if !t.starts_with('/') {
         return bad("it must be an absolute path");
     }

@@ -92,8 +92,7 @@ impl Item {
         let mut spec = json!({"Name": self.name, "Labels": self.labels});
         if what == What::Config {
             use base64::Engine;
-            spec["Data"] =
-                json!(base64::engine::general_purpose::STANDARD.encode(&self.data));
+            spec["Data"] = json!(base64::engine::general_purpose::STANDARD.encode(&self.data));
         }
         json!({
             "ID": self.meta.id,

@@ -166,8 +166,9 @@ pub fn file_ref(flag: &str, v: &str) -> anyhow::Result<pb::FileReference> {
                 .split_once('=')
                 .with_context(|| format!("invalid {flag} {v:?}: {field:?} is not KEY=VALUE"))?;
             let num = |what: &str, radix: u32| {
-                u32::from_str_radix(val, radix)
-                    .map_err(|_| anyhow::anyhow!("invalid {flag} {v:?}: {what} {val:?} is not a number"))
+                u32::from_str_radix(val, radix).map_err(|_| {
+                    anyhow::anyhow!("invalid {flag} {v:?}: {what} {val:?} is not a number")
+                })
             };
             match k {
                 "source" | "src" => r.name = val.to_string(),
