@@ -388,18 +388,26 @@ fn needs_files(t: &Task) -> bool {
     t.desired_state <= running && t.status.as_ref().map_or(0, |s| s.state) <= running
 }
 
-/// The secrets (opened) and configs that `node`'s tasks use, and no others, sorted by id.
-/// A secret that does not open (no key, or a key that does not match) is left out and
-/// logged by id: the task then fails to start with a clear message on the node.
-fn dependencies(
-    store: &Store,
-    keys: Option<&Keyring>,
-    node: &str,
-) -> Result<pb::Dependencies, Status> {
-    let read = |e: crate::store::StoreError| Status::internal(format!("reading the store: {e}"));
+/// Whether a task's containers get secret or config files.
+fn uses_files(t: &Task) -> bool {
+    t.spec
+        .as_ref()
+        .and_then(|s| s.container.as_ref())
+        .is_some_and(|c| !c.secrets.is_empty() || !c.configs.is_empty())
+}
+
+/// The ids of the secrets and of the configs `node`'s tasks use, sorted: what the node
+/// should hold.
+type Needed = (Vec<String>, Vec<String>);
+
+fn read_err(e: crate::store::StoreError) -> Status {
+    Status::internal(format!("reading the store: {e}"))
+}
+
+fn needed(store: &Store, node: &str) -> Result<Needed, Status> {
     let mut secrets = std::collections::BTreeSet::new();
     let mut configs = std::collections::BTreeSet::new();
-    for t in store.tasks_by_node(node).map_err(read)? {
+    for t in store.tasks_by_node(node).map_err(read_err)? {
         if !assigned(&t) || !needs_files(&t) {
             continue;
         }
@@ -408,15 +416,26 @@ fn dependencies(
             configs.extend(c.configs.iter().map(|r| r.id.clone()));
         }
     }
+    Ok((secrets.into_iter().collect(), configs.into_iter().collect()))
+}
+
+/// The secrets (opened) and configs of `needed`, and no others. A secret that does not open
+/// (no key, or a key that does not match) is left out and logged by id: the task then fails
+/// to start with a clear message on the node.
+fn dependencies(
+    store: &Store,
+    keys: Option<&Keyring>,
+    needed: &Needed,
+) -> Result<pb::Dependencies, Status> {
     let mut out = pb::Dependencies::default();
-    for id in secrets {
-        let Some(mut s) = store.get_secret(&id).map_err(read)? else {
+    for id in &needed.0 {
+        let Some(mut s) = store.get_secret(id).map_err(read_err)? else {
             continue;
         };
         let Some(spec) = s.spec.as_mut() else {
             continue;
         };
-        match keys.map(|k| k.open(&id, &spec.data)) {
+        match keys.map(|k| k.open(id, &spec.data)) {
             Some(Ok(plain)) => spec.data = plain,
             Some(Err(e)) => {
                 tracing::error!(secret_id = %id, "secret not sent: {e}");
@@ -429,21 +448,12 @@ fn dependencies(
         }
         out.secrets.push(s);
     }
-    for id in configs {
-        if let Some(c) = store.get_config(&id).map_err(read)? {
+    for id in &needed.1 {
+        if let Some(c) = store.get_config(id).map_err(read_err)? {
             out.configs.push(c);
         }
     }
     Ok(out)
-}
-
-/// The ids of a dependency set: what a session compares to decide whether to send it again.
-fn dependency_ids(d: &pb::Dependencies) -> (Vec<String>, Vec<String>) {
-    let id = |m: Option<&pb::Meta>| m.map_or(String::new(), |m| m.id.clone());
-    (
-        d.secrets.iter().map(|s| id(s.meta.as_ref())).collect(),
-        d.configs.iter().map(|c| id(c.meta.as_ref())).collect(),
-    )
 }
 
 /// The full assignment set of `node`, recording it in `sent`.
@@ -452,6 +462,7 @@ fn full_set(
     keys: Option<&Keyring>,
     node: &str,
     sent: &mut HashMap<String, Sent>,
+    sent_deps: &mut Needed,
 ) -> Result<pb::Assignments, Status> {
     let tasks: Vec<Task> = store
         .tasks_by_node(node)
@@ -471,7 +482,10 @@ fn full_set(
             addrs: peers(store, node)?,
         }),
         records: Some(records(store, node)?),
-        dependencies: Some(dependencies(store, keys, node)?),
+        dependencies: Some({
+            *sent_deps = needed(store, node)?;
+            dependencies(store, keys, sent_deps)?
+        }),
     })
 }
 
@@ -491,7 +505,8 @@ pub(super) async fn stream(
         return;
     }
     let mut sent: HashMap<String, Sent> = HashMap::new();
-    let first = full_set(&store, keys.as_deref(), &node, &mut sent);
+    let mut sent_deps = Needed::default();
+    let first = full_set(&store, keys.as_deref(), &node, &mut sent, &mut sent_deps);
     let mut sent_peers = first
         .as_ref()
         .ok()
@@ -501,11 +516,6 @@ pub(super) async fn stream(
         .as_ref()
         .ok()
         .and_then(|a| a.records.clone())
-        .unwrap_or_default();
-    let mut sent_deps = first
-        .as_ref()
-        .ok()
-        .and_then(|a| a.dependencies.as_ref().map(dependency_ids))
         .unwrap_or_default();
     let ok = first.is_ok();
     if out
@@ -537,6 +547,8 @@ pub(super) async fn stream(
         let mut changes = pb::Assignments::default();
         let mut resync = false;
         let mut records_changed = false;
+        // A task of the node came, went or changed state: what it needs may differ.
+        let mut deps_changed = false;
         for ev in batch {
             match ev {
                 SessionEvent::Resync => resync = true,
@@ -551,6 +563,7 @@ pub(super) async fn stream(
                     }
                 }
                 SessionEvent::Removed(id) => {
+                    deps_changed |= !sent_deps.0.is_empty() || !sent_deps.1.is_empty();
                     if sent.remove(&id).is_some() {
                         changes.tasks.retain(|t| task_id(t) != id);
                         changes.removed.push(id);
@@ -560,6 +573,9 @@ pub(super) async fn stream(
                     if t.node_id != node {
                         continue;
                     }
+                    // Also on a status change only (a task past RUNNING needs nothing more);
+                    // nodes whose tasks use no secret or config never look.
+                    deps_changed |= uses_files(&t);
                     let id = task_id(&t).to_string();
                     let now = sent_of(&t);
                     if sent.get(&id) == Some(&now) {
@@ -581,26 +597,23 @@ pub(super) async fn stream(
                 }
             }
         }
-        if !resync && (!changes.tasks.is_empty() || !changes.removed.is_empty()) {
-            // The node's tasks changed: the secrets and configs it holds follow them.
-            if let Ok(now) = dependencies(&store, keys.as_deref(), &node) {
-                let ids = dependency_ids(&now);
-                if ids != sent_deps {
-                    sent_deps = ids;
-                    changes.dependencies = Some(now);
+        if deps_changed && !resync {
+            // The secrets and configs the node holds follow its tasks; opened only when the
+            // set changed.
+            if let Ok(now) = needed(&store, &node) {
+                if now != sent_deps {
+                    if let Ok(d) = dependencies(&store, keys.as_deref(), &now) {
+                        sent_deps = now;
+                        changes.dependencies = Some(d);
+                    }
                 }
             }
         }
         let m = if resync {
-            match full_set(&store, keys.as_deref(), &node, &mut sent) {
+            match full_set(&store, keys.as_deref(), &node, &mut sent, &mut sent_deps) {
                 Ok(a) => {
                     sent_peers = a.peers.clone().unwrap_or_default();
                     sent_records = a.records.clone().unwrap_or_default();
-                    sent_deps = a
-                        .dependencies
-                        .as_ref()
-                        .map(dependency_ids)
-                        .unwrap_or_default();
                     a
                 }
                 Err(e) => {
