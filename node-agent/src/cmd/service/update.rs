@@ -945,4 +945,57 @@ mod tests {
         let e = edit(&["--replicas", "3"]).unwrap().apply(global);
         assert!(format!("{:#}", e.unwrap_err()).contains("replicated services only"));
     }
+
+    #[test]
+    fn secret_and_config_flags_follow_docker() {
+        let r = file_ref("--secret", "db").unwrap();
+        assert_eq!((r.name.as_str(), r.target.as_str(), r.mode), ("db", "", 0));
+        let r = file_ref(
+            "--config",
+            "source=app,target=/etc/app.conf,uid=1000,gid=1001,mode=0440",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.target.as_str(), r.uid, r.gid, r.mode),
+            ("app", "/etc/app.conf", 1000, 1001, 0o440)
+        );
+        for (v, want) in [
+            ("source=a,mode=0999", "is not a number"),
+            ("target=/x", "no source"),
+            ("source=a,size=1", "unknown key"),
+            ("source=a,uid", "not KEY=VALUE"),
+        ] {
+            let e = file_ref("--secret", v).unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{v}: {e}");
+        }
+        let mut spec = base();
+        spec.task
+            .as_mut()
+            .unwrap()
+            .container
+            .as_mut()
+            .unwrap()
+            .secrets = vec![file_ref("--secret", "old").unwrap()];
+        let s = edit(&[
+            "--secret-rm",
+            "old",
+            "--secret-add",
+            "source=new,target=/run/secrets/old",
+        ])
+        .unwrap()
+        .apply(spec.clone())
+        .unwrap();
+        let c = s.task.unwrap().container.unwrap();
+        assert_eq!(c.secrets.len(), 1);
+        assert_eq!(
+            (c.secrets[0].name.as_str(), c.secrets[0].target.as_str()),
+            ("new", "/run/secrets/old")
+        );
+        let e = edit(&["--secret-rm", "nosuch"])
+            .unwrap()
+            .apply(spec)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("has no secret nosuch"));
+        assert!(edit(&["--rollback", "--secret-add", "x"]).is_err());
+    }
 }
