@@ -349,4 +349,26 @@ fn bad_secrets_and_references_are_refused_in_one_line_and_create_nothing() {
     assert!(err.contains("has no secret edge"), "{err}");
     assert_eq!(m.ok(&["service", "inspect", "ok"]), before);
     m.ok(&["service", "rm", "ok"]);
+
+    // The largest secret reaches a task whose root filesystem is read-only.
+    let _cleanup = FilesCleanup(vec![files_root(m)]);
+    m.ok(&[
+        "service",
+        "create",
+        "--name",
+        "ro",
+        "--no-resolve-image",
+        "--read-only",
+        "--secret",
+        "edge",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo size=$(wc -c < /run/secrets/edge); sleep 3600",
+    ]);
+    c.until("the task read the secret", || {
+        task_log(&c, "ro").1.contains("size=512000")
+    });
+    m.ok(&["service", "rm", "ro"]);
+    c.until("containers removed", || m.containers().is_empty());
 }

@@ -235,6 +235,8 @@ mod tests {
         remove(&dir).unwrap();
         assert!(!dir.exists());
         let _ = std::fs::remove_dir_all(&root);
+        // The shared root too, unless an agent uses it.
+        let _ = std::fs::remove_dir(FILES_ROOT);
     }
 
     #[test]
