@@ -7,5 +7,6 @@ pub mod dispatcher;
 pub mod orchestrator;
 pub mod raft;
 pub mod scheduler;
+pub mod secrets;
 pub mod store;
 pub mod tls;

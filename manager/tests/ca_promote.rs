@@ -6,6 +6,7 @@ use crate::tls_support;
 use std::os::unix::fs::PermissionsExt;
 
 use shoal_manager::ca::{join_cluster, renew_once, Role, RootCa, CA_KEY_FILE};
+use shoal_manager::secrets::Keyring;
 use shoal_manager::tls::NodeTls;
 use tls_support::Manager;
 
@@ -19,10 +20,15 @@ async fn a_promoted_worker_renews_into_a_manager_with_the_ca_key() {
     w.save(&pki).unwrap();
     let tls = NodeTls::load(&pki).unwrap();
 
-    // Not promoted: still a worker, and no CA key on disk.
+    // Not promoted: still a worker, and no CA key nor secrets key on disk.
+    assert!(
+        w.secrets_key.is_empty(),
+        "workers never get the secrets key"
+    );
     renew_once(&tls, &pki, &m.addr).await.unwrap();
     assert_eq!(tls.identity().role, Role::Worker);
     assert!(!pki.join(CA_KEY_FILE).exists());
+    assert!(Keyring::load(&pki).unwrap().is_none());
 
     m.backend
         .desired
@@ -38,6 +44,11 @@ async fn a_promoted_worker_renews_into_a_manager_with_the_ca_key() {
         0o600
     );
     assert_eq!(RootCa::load(&pki).unwrap().digest(), m.ca.digest());
+    // With it, the cluster's secrets key, wrapped by this node's own key-encryption key.
+    let keys = Keyring::load(&pki)
+        .unwrap()
+        .expect("the secrets key came with the CA key");
+    assert_eq!(keys.raw(), m.keys.raw());
     // What a restarted daemon loads is the manager certificate.
     assert_eq!(NodeTls::load(&pki).unwrap().identity().role, Role::Manager);
 

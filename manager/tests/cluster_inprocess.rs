@@ -546,3 +546,113 @@ async fn demote_and_remove_keep_quorum() {
         n.stop().await;
     }
 }
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(files_holding(&p, needle)),
+            Ok(t)
+                if t.is_file()
+                    && std::fs::read(&p)
+                        .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) =>
+            {
+                out.push(p.display().to_string())
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_ciphertext_in_the_log_the_store_and_snapshots() {
+    use shoal_manager::secrets::{Keyring, DEK_FILE, KEK_FILE};
+    use std::os::unix::fs::PermissionsExt;
+    let a = TestNode::start("m1", 5).await;
+    let init = a.init().await;
+    let plain = b"in-process secret value 7f3a9c0e5d1b44a2".to_vec();
+    let created = a
+        .control()
+        .await
+        .create_secret(pb::CreateSecretRequest {
+            spec: Some(pb::SecretSpec {
+                name: "db".into(),
+                data: plain.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+        .unwrap();
+    assert!(
+        created.spec.as_ref().unwrap().data.is_empty(),
+        "never answered with"
+    );
+    let id = created.meta.unwrap().id;
+    let got = a
+        .control()
+        .await
+        .get_secret(pb::GetSecretRequest {
+            secret: "db".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.secret.unwrap().spec.unwrap().data.is_empty());
+    // Enough entries for a snapshot and a purged log: the late manager gets the secret by
+    // snapshot.
+    for i in 0..30 {
+        create(&a, &format!("s{i}")).await.unwrap();
+    }
+    let api = a.daemon.as_ref().unwrap().control().unwrap();
+    wait_for("a snapshot and a purged log", || {
+        let m = api.raft().metrics().borrow().clone();
+        m.snapshot.is_some() && m.purged.is_some()
+    })
+    .await;
+    let b = TestNode::start("m2", 5).await;
+    b.join(&init.manager_token, &a).await.unwrap();
+    let b_api = b.daemon.as_ref().unwrap().control().unwrap();
+    wait_for("the late manager has the secret", || {
+        b_api.store().get_secret(&id).ok().flatten().is_some()
+    })
+    .await;
+    assert!(b_api.raft().metrics().borrow().snapshot.is_some());
+    for (n, api) in [(&a, &api), (&b, &b_api)] {
+        let stored = api
+            .store()
+            .get_secret(&id)
+            .unwrap()
+            .unwrap()
+            .spec
+            .unwrap()
+            .data;
+        assert!(!stored.windows(plain.len()).any(|w| w == plain.as_slice()));
+        // The manager that joined received the data key: both open it.
+        let keys = api.secrets().expect("a manager holds the secrets key");
+        assert_eq!(keys.open(&id, &stored).unwrap(), plain);
+        assert!(Keyring::generate().unwrap().open(&id, &stored).is_err());
+        // On disk (Raft log, snapshot, store) only ciphertext; the object itself is there.
+        let data = n.dir.path().join("data");
+        assert!(!files_holding(&data, id.as_bytes()).is_empty());
+        let found = files_holding(&data, &plain);
+        assert!(found.is_empty(), "plaintext on disk: {found:?}");
+        let pki = data.join("pki");
+        for f in [KEK_FILE, DEK_FILE] {
+            let mode = std::fs::metadata(pki.join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        assert!(
+            files_holding(&data, keys.raw()).is_empty(),
+            "the data key unwrapped"
+        );
+    }
+    // Each manager wraps the one data key with a key-encryption key of its own.
+    let kek = |n: &TestNode| std::fs::read(n.dir.path().join("data/pki").join(KEK_FILE)).unwrap();
+    assert_ne!(kek(&a), kek(&b));
+}

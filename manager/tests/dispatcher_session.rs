@@ -417,3 +417,150 @@ async fn a_running_task_reports_its_health_changes_in_the_same_state() {
         before
     );
 }
+
+/// A secret sealed as the control API stores it.
+fn secret(c: &Cluster, id: &str, plain: &[u8]) -> pb::Secret {
+    pb::Secret {
+        meta: Some(pb::Meta {
+            id: id.into(),
+            ..Default::default()
+        }),
+        spec: Some(pb::SecretSpec {
+            name: format!("name-{id}"),
+            data: c.keys.seal(id, plain).unwrap(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn using(mut t: pb::Task, secrets: &[&str], configs: &[&str]) -> pb::Task {
+    let c = t.spec.as_mut().unwrap().container.as_mut().unwrap();
+    let r = |id: &&str| pb::FileReference {
+        id: id.to_string(),
+        name: format!("name-{id}"),
+        target: format!("/run/secrets/{id}"),
+        mode: 0o444,
+        ..Default::default()
+    };
+    c.secrets = secrets.iter().map(r).collect();
+    c.configs = configs.iter().map(r).collect();
+    t
+}
+
+/// (secret id, plaintext) and config ids of a dependency set.
+fn held(d: &pb::Dependencies) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+    (
+        d.secrets
+            .iter()
+            .map(|s| {
+                (
+                    s.meta.as_ref().unwrap().id.clone(),
+                    s.spec.as_ref().unwrap().data.clone(),
+                )
+            })
+            .collect(),
+        d.configs
+            .iter()
+            .map(|c| c.meta.as_ref().unwrap().id.clone())
+            .collect(),
+    )
+}
+
+/// The next assignments message that carries a dependency set.
+async fn next_dependencies(stream: &mut tonic::Streaming<pb::SessionMessage>) -> pb::Dependencies {
+    loop {
+        if let Some(d) = next_assignments(stream).await.dependencies {
+            return d;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_node_is_sent_only_the_secrets_its_tasks_use_opened_and_while_they_do() {
+    let c = Cluster::start(1000, &["w1", "w2"]).await;
+    let config = pb::Config {
+        meta: Some(pb::Meta {
+            id: "cfg1".into(),
+            ..Default::default()
+        }),
+        spec: Some(pb::ConfigSpec {
+            name: "app".into(),
+            data: b"listen 80".to_vec(),
+            ..Default::default()
+        }),
+    };
+    c.backend.write(vec![
+        Mutation::Create(Object::Secret(secret(&c, "sec1", b"one"))),
+        Mutation::Create(Object::Secret(secret(&c, "sec2", b"two"))),
+        Mutation::Create(Object::Config(config)),
+    ]);
+    c.backend.write(vec![
+        Mutation::Create(Object::Task(using(
+            task("t1", "w1", TaskState::Assigned),
+            &["sec1"],
+            &["cfg1"],
+        ))),
+        Mutation::Create(Object::Task(task("t2", "w2", TaskState::Assigned))),
+    ]);
+    let (mut w1, mut w2) = (c.client("w1", Role::Worker), c.client("w2", Role::Worker));
+    let (_, mut s1) = open(&mut w1, "host-w1").await;
+    let (_, mut s2) = open(&mut w2, "host-w2").await;
+    let full = next_assignments(&mut s1).await;
+    assert_eq!(
+        held(full.dependencies.as_ref().unwrap()),
+        (vec![("sec1".into(), b"one".to_vec())], vec!["cfg1".into()])
+    );
+    let full = next_assignments(&mut s2).await;
+    assert_eq!(full.dependencies, Some(pb::Dependencies::default()));
+
+    // A second task with another secret: both, in the message that brings the task.
+    c.backend.write(vec![Mutation::Create(Object::Task(using(
+        task("t3", "w1", TaskState::Assigned),
+        &["sec2"],
+        &[],
+    )))]);
+    // (Skipping peer-list changes: w2's session made it READY.)
+    let a = loop {
+        let a = next_assignments(&mut s1).await;
+        if !a.tasks.is_empty() {
+            break a;
+        }
+    };
+    assert_eq!(ids(&a), vec!["t3"]);
+    let d = held(a.dependencies.as_ref().unwrap());
+    assert_eq!(
+        d.0,
+        vec![
+            ("sec1".into(), b"one".to_vec()),
+            ("sec2".into(), b"two".to_vec())
+        ]
+    );
+
+    // t1 failed (a status change only): its secret and config leave the node.
+    let mut t1 = c.backend.store.get_task("t1").unwrap().unwrap();
+    t1.status.as_mut().unwrap().state = TaskState::Failed as i32;
+    c.backend.write(vec![Mutation::Update {
+        object: Object::Task(t1),
+        expect_version: None,
+    }]);
+    let d = held(&next_dependencies(&mut s1).await);
+    assert_eq!(d, (vec![("sec2".into(), b"two".to_vec())], vec![]));
+
+    // t3 removed: nothing left.
+    c.backend.write(vec![Mutation::Delete {
+        kind: Kind::Task,
+        id: "t3".into(),
+        expect_version: None,
+    }]);
+    assert_eq!(
+        next_dependencies(&mut s1).await,
+        pb::Dependencies::default()
+    );
+
+    // w2 ran no task using them: no dependency set came on its session.
+    while let Ok(m) = tokio::time::timeout(Duration::from_millis(300), s2.message()).await {
+        if let Some(pb::session_message::Kind::Assignments(a)) = m.unwrap().unwrap().kind {
+            assert!(a.dependencies.is_none(), "w2 was sent {a:?}");
+        }
+    }
+}

@@ -88,6 +88,14 @@ fn decode_as(name: &str, bytes: &[u8]) -> Option<bool> {
         RegisterNodeRequest,
         LeaveManagerRequest,
         WatchRequest,
+        CreateSecretRequest,
+        GetSecretRequest,
+        ListSecretsRequest,
+        RemoveSecretRequest,
+        CreateConfigRequest,
+        GetConfigRequest,
+        ListConfigsRequest,
+        RemoveConfigRequest,
         // Daemon (local socket)
         InfoRequest,
         InitRequest,
@@ -254,6 +262,14 @@ const CONTROL_RPCS: &[&str] = &[
     "RegisterNodeRequest",
     "LeaveManagerRequest",
     "InfoRequest",
+    "CreateSecretRequest",
+    "GetSecretRequest",
+    "ListSecretsRequest",
+    "RemoveSecretRequest",
+    "CreateConfigRequest",
+    "GetConfigRequest",
+    "ListConfigsRequest",
+    "RemoveConfigRequest",
 ];
 
 async fn send(
@@ -309,6 +325,14 @@ async fn send(
             "127.0.0.1:1".into()),
         "LeaveManagerRequest" => call!(LeaveManagerRequest, c, leave_manager),
         "InfoRequest" => call!(InfoRequest, d, info),
+        "CreateSecretRequest" => call!(CreateSecretRequest, c, create_secret),
+        "GetSecretRequest" => call!(GetSecretRequest, c, get_secret),
+        "ListSecretsRequest" => call!(ListSecretsRequest, c, list_secrets),
+        "RemoveSecretRequest" => call!(RemoveSecretRequest, c, remove_secret),
+        "CreateConfigRequest" => call!(CreateConfigRequest, c, create_config),
+        "GetConfigRequest" => call!(GetConfigRequest, c, get_config),
+        "ListConfigsRequest" => call!(ListConfigsRequest, c, list_configs),
+        "RemoveConfigRequest" => call!(RemoveConfigRequest, c, remove_config),
         other => unreachable!("no call for {other}"),
     }
 }

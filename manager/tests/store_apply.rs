@@ -754,3 +754,89 @@ fn networks_never_share_a_name_a_subnet_or_a_vni() {
     assert!(store.get_network("backend").unwrap().is_none());
     ok(store.apply(7, &cmd(6, vec![net("n4", "backend", "10.0.0.0/24", 4097)])));
 }
+
+fn secret(id: &str, name: &str) -> shoal_proto::v1::Secret {
+    shoal_proto::v1::Secret {
+        meta: meta(id),
+        spec: Some(shoal_proto::v1::SecretSpec {
+            name: name.to_string(),
+            data: b"sealed".to_vec(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn service_using(id: &str, name: &str, secret_id: &str) -> Service {
+    let mut s = service(id, name);
+    s.spec.as_mut().unwrap().task = Some(shoal_proto::v1::TaskSpec {
+        container: Some(shoal_proto::v1::ContainerSpec {
+            secrets: vec![shoal_proto::v1::FileReference {
+                id: secret_id.to_string(),
+                name: "db".into(),
+                target: "/run/secrets/db".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    s
+}
+
+#[test]
+fn secret_names_are_unique_and_a_used_secret_stays() {
+    let (_d, store) = open();
+    ok(store.apply(1, &cmd(1, vec![create(Object::Secret(secret("s1", "db")))])));
+    assert!(matches!(
+        refused(store.apply(2, &cmd(2, vec![create(Object::Secret(secret("s2", "db")))]))),
+        StoreError::NameTaken { .. }
+    ));
+    assert_eq!(
+        store.get_secret("db").unwrap().unwrap().meta.unwrap().id,
+        "s1"
+    );
+    // A service may name only secrets that exist.
+    let e = refused(store.apply(
+        3,
+        &cmd(
+            3,
+            vec![create(Object::Service(service_using(
+                "svc0", "x", "nosuch",
+            )))],
+        ),
+    ));
+    assert!(e.to_string().contains("secret db not found"), "{e}");
+    ok(store.apply(
+        4,
+        &cmd(
+            4,
+            vec![create(Object::Service(service_using("svc1", "web", "s1")))],
+        ),
+    ));
+    // In use: the delete is refused, naming the service; once unused it goes, name and all.
+    let del = |i: u64| {
+        store.apply(
+            i,
+            &cmd(
+                i as i64,
+                vec![Mutation::Delete {
+                    kind: Kind::Secret,
+                    id: "s1".into(),
+                    expect_version: None,
+                }],
+            ),
+        )
+    };
+    let e = refused(del(5));
+    assert!(e.to_string().contains("in use by service web"), "{e}");
+    ok(store.apply(
+        6,
+        &cmd(
+            6,
+            vec![update(Object::Service(service("svc1", "web")), None)],
+        ),
+    ));
+    ok(del(7));
+    assert!(store.get_secret("db").unwrap().is_none());
+    ok(store.apply(8, &cmd(8, vec![create(Object::Secret(secret("s3", "db")))])));
+}

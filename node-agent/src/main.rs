@@ -54,6 +54,10 @@ enum Command {
     Service(cmd::service::ServiceArgs),
     /// Manage the cluster's networks
     Network(cmd::network::NetworkArgs),
+    /// Manage the cluster's secrets
+    Secret(cmd::secret::SecretArgs),
+    /// Manage the cluster's configs
+    Config(cmd::secret::SecretArgs),
     /// The cluster's changes as they happen (services, nodes, tasks, networks)
     Events(cmd::events::EventsArgs),
 }
@@ -93,6 +97,8 @@ fn main() {
         Command::Node(c) => cmd::node::run(c),
         Command::Service(c) => cmd::service::run(c),
         Command::Network(c) => cmd::network::run(c),
+        Command::Secret(c) => cmd::secret::run_secret(c),
+        Command::Config(c) => cmd::secret::run_config(c),
         Command::Events(c) => cmd::events::run(c),
     };
     if let Err(err) = result {

@@ -17,6 +17,7 @@ mod info_cli;
 mod install_script;
 mod promote_cli;
 mod registry_cli;
+mod secrets_cli;
 mod service_cli;
 mod service_registry;
 mod service_update_cli;

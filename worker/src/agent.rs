@@ -116,6 +116,21 @@ impl Shared {
         if let Some(r) = &a.records {
             self.executor.set_records(r.clone());
         }
+        if let Some(d) = a.dependencies {
+            // Ids only, never data: what this node holds, for the operator (and the tests).
+            let ids = |m: Vec<Option<&pb::Meta>>| -> Vec<String> {
+                m.into_iter()
+                    .map(|m| m.map_or(String::new(), |m| m.id.clone()))
+                    .collect()
+            };
+            tracing::info!(
+                secrets = ?ids(d.secrets.iter().map(|s| s.meta.as_ref()).collect()),
+                configs = ?ids(d.configs.iter().map(|c| c.meta.as_ref()).collect()),
+                "secrets and configs held for this node's tasks"
+            );
+            // Before the tasks: a task started from this message finds its files.
+            self.executor.set_dependencies(d);
+        }
         let (attachments, tasks): (Vec<Task>, Vec<Task>) =
             a.tasks.into_iter().partition(|t| t.network_attachment);
         {

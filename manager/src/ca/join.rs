@@ -64,6 +64,8 @@ pub struct Joined {
     pub key_pem: String,
     /// The root CA key, handed to managers only.
     pub ca_key_pem: Option<String>,
+    /// The secrets data key, handed to managers only (empty from a cluster without one).
+    pub secrets_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for Joined {
@@ -89,6 +91,7 @@ impl Joined {
     pub fn save(&self, pki_dir: &Path) -> Result<(), CaError> {
         if let Some(key) = &self.ca_key_pem {
             write_atomic(&pki_dir.join(CA_KEY_FILE), key.as_bytes(), 0o600)?;
+            save_secrets_key(pki_dir, &self.secrets_key)?;
         }
         write_atomic(&pki_dir.join(CA_CERT_FILE), self.ca_pem.as_bytes(), 0o644)?;
         save_node_pair(pki_dir, &self.cert_pem, &self.key_pem)
@@ -148,7 +151,18 @@ pub async fn join_cluster(
         cert_pem: resp.cert_pem,
         key_pem,
         ca_key_pem,
+        secrets_key: resp.secrets_key,
     })
+}
+
+/// Keeps the secrets data key a manager received (wrapped by its own key-encryption key).
+pub(crate) fn save_secrets_key(pki_dir: &Path, raw: &[u8]) -> Result<(), CaError> {
+    if raw.is_empty() {
+        return Ok(());
+    }
+    crate::secrets::Keyring::from_raw(raw)
+        .and_then(|k| k.save(pki_dir))
+        .map_err(|e| CaError::CertInvalid(format!("secrets key: {e}")))
 }
 
 /// Awaits one RPC within [`JOIN_RPC_TIMEOUT`].

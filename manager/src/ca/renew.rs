@@ -66,6 +66,7 @@ pub async fn renew_once(tls: &NodeTls, pki_dir: &Path, manager_addr: &str) -> Re
             resp.ca_key_pem.as_bytes(),
             0o600,
         )?;
+        super::join::save_secrets_key(pki_dir, &resp.secrets_key)?;
     }
     save_node_pair(pki_dir, &resp.cert_pem, &key_pem)?;
     tls.replace(&resp.cert_pem, &key_pem)?;

@@ -67,6 +67,8 @@ pub struct CaService {
     ca: Arc<RootCa>,
     backend: Arc<dyn CaBackend>,
     authorizer: Authorizer,
+    /// The secrets data key, handed to managers with the CA key.
+    secrets: Option<Arc<crate::secrets::Keyring>>,
 }
 
 impl CaService {
@@ -76,6 +78,20 @@ impl CaService {
             ca,
             backend,
             authorizer,
+            secrets: None,
+        }
+    }
+
+    /// Hands `keys` (the secrets data key) to the managers it issues certificates to.
+    pub fn with_secrets(mut self, keys: Option<Arc<crate::secrets::Keyring>>) -> Self {
+        self.secrets = keys;
+        self
+    }
+
+    fn secrets_key(&self, role: Role) -> Vec<u8> {
+        match (role, &self.secrets) {
+            (Role::Manager, Some(k)) => k.raw().to_vec(),
+            _ => Vec::new(),
         }
     }
 
@@ -208,6 +224,7 @@ impl Ca for CaService {
                 Role::Manager => self.ca.key_pem().to_string(),
                 Role::Worker => String::new(),
             },
+            secrets_key: self.secrets_key(role),
         }))
     }
 
@@ -254,6 +271,7 @@ impl Ca for CaService {
                 Role::Manager => self.ca.key_pem().to_string(),
                 Role::Worker => String::new(),
             },
+            secrets_key: self.secrets_key(role),
         }))
     }
 }

@@ -10,6 +10,7 @@ pub mod images;
 mod membership;
 pub mod network;
 mod propose;
+pub mod secrets;
 mod server;
 pub mod update;
 pub mod validate;
@@ -79,6 +80,7 @@ struct Inner {
     proposer: OnceLock<Proposer>,
     /// Looks service images up in their registries (the agent's); none: specs keep tags.
     resolver: Option<images::Resolver>,
+    secrets: OnceLock<Arc<crate::secrets::Keyring>>,
 }
 
 impl ControlApi {
@@ -104,11 +106,24 @@ impl ControlApi {
                 networks: tokio::sync::Mutex::new(()),
                 proposer: OnceLock::new(),
                 resolver,
+                secrets: OnceLock::new(),
             }),
         }
     }
 
     /// The agent's image resolver, if it gave one.
+    /// Gives the API the secrets data key (`None`: secrets are refused).
+    pub fn set_secrets(&self, keys: Option<Arc<crate::secrets::Keyring>>) {
+        if let Some(k) = keys {
+            let _ = self.inner.secrets.set(k);
+        }
+    }
+
+    /// The secrets data key, if this manager has one.
+    pub fn secrets(&self) -> Option<&crate::secrets::Keyring> {
+        self.inner.secrets.get().map(|k| &**k)
+    }
+
     pub fn image_resolver(&self) -> Option<&images::Resolver> {
         self.inner.resolver.as_ref()
     }

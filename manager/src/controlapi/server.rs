@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{
-    images, membership, network, new_id, store_status, update, validate, ControlApi,
+    images, membership, network, new_id, secrets, store_status, update, validate, ControlApi,
     FORWARDED_HEADER,
 };
 use crate::ca::{NodeIdentity, Role};
@@ -335,6 +335,63 @@ impl ControlApi {
         Ok(())
     }
 
+    /// Names the secrets and configs of a service's containers by id (and their names as
+    /// they are now); an unknown one is refused.
+    fn resolve_files(&self, spec: &mut pb::ServiceSpec) -> Result<(), Status> {
+        let Some(c) = spec.task.as_mut().and_then(|t| t.container.as_mut()) else {
+            return Ok(());
+        };
+        for r in c.secrets.iter_mut() {
+            let key = if r.name.is_empty() { &r.id } else { &r.name };
+            let s = self.find_secret(key)?;
+            r.id = id_of(s.meta.as_ref()).to_string();
+            r.name = s.spec.map(|s| s.name).unwrap_or_default();
+        }
+        for r in c.configs.iter_mut() {
+            let key = if r.name.is_empty() { &r.id } else { &r.name };
+            let x = self.find_config(key)?;
+            r.id = id_of(x.meta.as_ref()).to_string();
+            r.name = x.spec.map(|s| s.name).unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    /// A secret by id, unique id prefix or name, its data sealed.
+    pub(crate) fn find_secret(&self, key: &str) -> Result<pb::Secret, Status> {
+        let store = self.store();
+        find_by_key(
+            "secret",
+            key,
+            |k| store.get_secret(k),
+            || store.list_secrets(),
+            |n| n.meta.as_ref(),
+        )
+    }
+
+    /// A config by id, unique id prefix or name.
+    pub(crate) fn find_config(&self, key: &str) -> Result<pb::Config, Status> {
+        let store = self.store();
+        find_by_key(
+            "config",
+            key,
+            |k| store.get_config(k),
+            || store.list_configs(),
+            |n| n.meta.as_ref(),
+        )
+    }
+
+    /// The services whose containers use secret (or config) `id`, by name.
+    fn file_users(&self, kind: Kind, id: &str) -> Result<Vec<String>, Status> {
+        Ok(self
+            .store()
+            .list_services()
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|s| crate::store::file_refs(s, kind).iter().any(|r| r.id == id))
+            .filter_map(|s| s.spec.map(|s| s.name))
+            .collect())
+    }
+
     pub(crate) fn find_network(&self, key: &str) -> Result<pb::Network, Status> {
         let store = self.store();
         find_by_key(
@@ -433,6 +490,14 @@ fn find_by_key<T: Default>(
     }
 }
 
+/// A secret as the control API answers with it: never its data.
+fn without_data(mut s: pb::Secret) -> pb::Secret {
+    if let Some(spec) = s.spec.as_mut() {
+        spec.data.clear();
+    }
+    s
+}
+
 fn id_of(m: Option<&pb::Meta>) -> &str {
     m.map(|m| m.id.as_str()).unwrap_or("")
 }
@@ -526,6 +591,9 @@ impl Control for ControlService {
             .ok_or_else(|| Status::invalid_argument("no spec"))?;
         validate::service_spec(spec).map_err(invalid)?;
         update::check_configs(spec).map_err(invalid)?;
+        if let Some(c) = spec.task.as_mut().and_then(|t| t.container.as_mut()) {
+            secrets::file_refs(c).map_err(invalid)?;
+        }
         // Pinned where the request arrived (with this node's registry access), once.
         let warnings = if req.get_ref().no_resolve_image {
             Vec::new()
@@ -541,6 +609,7 @@ impl Control for ControlService {
         }
         let mut spec = req.into_inner().spec.unwrap_or_default();
         api.resolve_networks(&mut spec)?;
+        api.resolve_files(&mut spec)?;
         api.check_ingress_ports(&mut spec)?;
         // The name is checked again in apply.
         let taken = api
@@ -636,6 +705,9 @@ impl Control for ControlService {
             .ok_or_else(|| Status::invalid_argument("no spec"))?;
         validate::service_spec(spec).map_err(invalid)?;
         update::check_configs(spec).map_err(invalid)?;
+        if let Some(c) = spec.task.as_mut().and_then(|t| t.container.as_mut()) {
+            secrets::file_refs(c).map_err(invalid)?;
+        }
         let warnings = if req.get_ref().no_resolve_image {
             Vec::new()
         } else {
@@ -664,6 +736,7 @@ impl Control for ControlService {
         }
         let mut spec = req.get_ref().spec.clone().unwrap_or_default();
         api.resolve_networks(&mut spec)?;
+        api.resolve_files(&mut spec)?;
         api.check_ingress_ports(&mut spec)?;
         let current = api
             .service_at(&req.get_ref().service, req.get_ref().version)
@@ -743,6 +816,209 @@ impl Control for ControlService {
         }])
         .await?;
         Ok(Response::new(pb::RemoveServiceResponse { id }))
+    }
+
+    async fn create_secret(
+        &self,
+        req: Request<pb::CreateSecretRequest>,
+    ) -> Result<Response<pb::SecretResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        let spec = req
+            .get_ref()
+            .spec
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("no spec"))?;
+        secrets::spec("secret", &spec.name, &spec.data).map_err(invalid)?;
+        validate::labels("secret", &spec.labels).map_err(invalid)?;
+        leader_only!(api, req, create_secret, propose);
+        let mut spec = req.into_inner().spec.unwrap_or_default();
+        if let Some(s) = api.store().get_secret(&spec.name).map_err(store_status)? {
+            return Err(Status::already_exists(format!(
+                "secret name {} is already in use by secret {}",
+                spec.name,
+                id_of(s.meta.as_ref())
+            )));
+        }
+        let keys = api.secrets().ok_or_else(|| {
+            Status::failed_precondition(
+                "this cluster has no secrets key (made before secrets existed): secrets cannot be stored",
+            )
+        })?;
+        let id = new_id();
+        spec.data = keys
+            .seal(&id, &spec.data)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let secret = pb::Secret {
+            meta: Some(pb::Meta {
+                id: id.clone(),
+                ..Default::default()
+            }),
+            spec: Some(spec),
+        };
+        api.propose(vec![Mutation::Create(Object::Secret(secret))])
+            .await?;
+        Ok(Response::new(pb::SecretResponse {
+            secret: Some(without_data(api.find_secret(&id)?)),
+        }))
+    }
+
+    async fn get_secret(
+        &self,
+        req: Request<pb::GetSecretRequest>,
+    ) -> Result<Response<pb::SecretResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, get_secret, read);
+        let secret = api.find_secret(&req.get_ref().secret)?;
+        Ok(Response::new(pb::SecretResponse {
+            secret: Some(without_data(secret)),
+        }))
+    }
+
+    async fn list_secrets(
+        &self,
+        req: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, list_secrets, read);
+        let mut secrets: Vec<pb::Secret> = api
+            .store()
+            .list_secrets()
+            .map_err(store_status)?
+            .into_iter()
+            .map(without_data)
+            .collect();
+        secrets.sort_by(|a, b| {
+            let name = |n: &pb::Secret| n.spec.as_ref().map(|s| s.name.clone());
+            name(a).cmp(&name(b))
+        });
+        Ok(Response::new(pb::ListSecretsResponse { secrets }))
+    }
+
+    async fn remove_secret(
+        &self,
+        req: Request<pb::RemoveSecretRequest>,
+    ) -> Result<Response<pb::RemoveSecretResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, remove_secret, write);
+        let s = api.find_secret(&req.get_ref().secret)?;
+        let id = id_of(s.meta.as_ref()).to_string();
+        let name = s.spec.as_ref().map_or("", |s| s.name.as_str());
+        let users = api.file_users(Kind::Secret, &id)?;
+        if !users.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "secret {name} is in use by service {}",
+                users.join(", ")
+            )));
+        }
+        api.propose(vec![Mutation::Delete {
+            kind: Kind::Secret,
+            id: id.clone(),
+            expect_version: Some(version_of(s.meta.as_ref())),
+        }])
+        .await?;
+        Ok(Response::new(pb::RemoveSecretResponse { id }))
+    }
+
+    async fn create_config(
+        &self,
+        req: Request<pb::CreateConfigRequest>,
+    ) -> Result<Response<pb::ConfigResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        let spec = req
+            .get_ref()
+            .spec
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("no spec"))?;
+        secrets::spec("config", &spec.name, &spec.data).map_err(invalid)?;
+        validate::labels("config", &spec.labels).map_err(invalid)?;
+        leader_only!(api, req, create_config, propose);
+        let spec = req.into_inner().spec.unwrap_or_default();
+        if let Some(c) = api.store().get_config(&spec.name).map_err(store_status)? {
+            return Err(Status::already_exists(format!(
+                "config name {} is already in use by config {}",
+                spec.name,
+                id_of(c.meta.as_ref())
+            )));
+        }
+        let id = new_id();
+        let config = pb::Config {
+            meta: Some(pb::Meta {
+                id: id.clone(),
+                ..Default::default()
+            }),
+            spec: Some(spec),
+        };
+        api.propose(vec![Mutation::Create(Object::Config(config))])
+            .await?;
+        let mut c = api.find_config(&id)?;
+        if let Some(s) = c.spec.as_mut() {
+            s.data.clear();
+        }
+        Ok(Response::new(pb::ConfigResponse { config: Some(c) }))
+    }
+
+    async fn get_config(
+        &self,
+        req: Request<pb::GetConfigRequest>,
+    ) -> Result<Response<pb::ConfigResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, get_config, read);
+        let config = api.find_config(&req.get_ref().config)?;
+        Ok(Response::new(pb::ConfigResponse {
+            config: Some(config),
+        }))
+    }
+
+    async fn list_configs(
+        &self,
+        req: Request<pb::ListConfigsRequest>,
+    ) -> Result<Response<pb::ListConfigsResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, list_configs, read);
+        let mut configs = api.store().list_configs().map_err(store_status)?;
+        for c in configs.iter_mut() {
+            if let Some(s) = c.spec.as_mut() {
+                s.data.clear();
+            }
+        }
+        configs.sort_by(|a, b| {
+            let name = |n: &pb::Config| n.spec.as_ref().map(|s| s.name.clone());
+            name(a).cmp(&name(b))
+        });
+        Ok(Response::new(pb::ListConfigsResponse { configs }))
+    }
+
+    async fn remove_config(
+        &self,
+        req: Request<pb::RemoveConfigRequest>,
+    ) -> Result<Response<pb::RemoveConfigResponse>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        leader_only!(api, req, remove_config, write);
+        let c = api.find_config(&req.get_ref().config)?;
+        let id = id_of(c.meta.as_ref()).to_string();
+        let name = c.spec.as_ref().map_or("", |s| s.name.as_str());
+        let users = api.file_users(Kind::Config, &id)?;
+        if !users.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "config {name} is in use by service {}",
+                users.join(", ")
+            )));
+        }
+        api.propose(vec![Mutation::Delete {
+            kind: Kind::Config,
+            id: id.clone(),
+            expect_version: Some(version_of(c.meta.as_ref())),
+        }])
+        .await?;
+        Ok(Response::new(pb::RemoveConfigResponse { id }))
     }
 
     async fn create_network(
@@ -1368,6 +1644,8 @@ impl Control for ControlService {
                 Ok(pb::WatchKind::Task) => Some(Kind::Task),
                 Ok(pb::WatchKind::Cluster) => Some(Kind::Cluster),
                 Ok(pb::WatchKind::Network) => Some(Kind::Network),
+                Ok(pb::WatchKind::Secret) => Some(Kind::Secret),
+                Ok(pb::WatchKind::Config) => Some(Kind::Config),
                 _ => None,
             })
             .collect();
@@ -1463,6 +1741,18 @@ pub fn watch_event(ev: Event) -> pb::WatchEvent {
         Object::Task(t) => W::Task(images::redact_task(t)),
         Object::Cluster(c) => W::Cluster(c),
         Object::Network(n) => W::Network(n),
+        Object::Secret(mut x) => {
+            if let Some(sp) = x.spec.as_mut() {
+                sp.data.clear();
+            }
+            W::Secret(x)
+        }
+        Object::Config(mut x) => {
+            if let Some(sp) = x.spec.as_mut() {
+                sp.data.clear();
+            }
+            W::Config(x)
+        }
     };
     pb::WatchEvent {
         version: ev.version,

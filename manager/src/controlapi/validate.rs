@@ -245,7 +245,7 @@ pub fn image_reference(r: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn labels(what: &str, l: &std::collections::HashMap<String, String>) -> Result<(), Invalid> {
+pub fn labels(what: &str, l: &std::collections::HashMap<String, String>) -> Result<(), Invalid> {
     if l.len() > MAX_LABELS {
         return Err(invalid(format!(
             "too many {what} labels (at most {MAX_LABELS})"

@@ -74,6 +74,9 @@ impl Manager {
     ) -> Result<Manager, DaemonError> {
         let pki = data_dir.join(PKI_DIR);
         let root_ca = Arc::new(RootCa::load(&pki)?);
+        let secrets = crate::secrets::Keyring::load(&pki)
+            .map_err(|e| DaemonError::Refused(e.to_string()))?
+            .map(Arc::new);
         let storage = open_storage(&data_dir.join(RAFT_DIR)).await?;
         let stored = storage.store.get_cluster()?.and_then(|c| c.spec);
         let timers = stored.as_ref().and_then(|s| s.raft).unwrap_or(*timers);
@@ -101,16 +104,24 @@ impl Manager {
             authorizer.clone(),
             resolver,
         );
+        api.set_secrets(secrets.clone());
 
         let backend = Arc::new(ManagerCaBackend(api.clone()));
-        let ca = CaService::new(root_ca, backend, authorizer.clone()).into_server();
+        let ca = CaService::new(root_ca, backend, authorizer.clone())
+            .with_secrets(secrets.clone())
+            .into_server();
         let elections =
             ElectionDriver::spawn(raft.clone(), &config, contact.clone(), Some(network));
         let raft_svc = RaftService::new(raft.clone(), authorizer.clone())
             .with_contact(contact)
             .into_server();
         let control = ControlService::tls(api.clone()).into_server();
-        let dispatcher = Dispatcher::start(storage.store.clone(), raft.clone(), authorizer.clone());
+        let dispatcher = Dispatcher::start_with_secrets(
+            storage.store.clone(),
+            raft.clone(),
+            authorizer.clone(),
+            secrets,
+        );
         let dispatch = dispatcher.service();
         let listener =
             tokio::net::TcpListener::bind(listen)

@@ -857,6 +857,9 @@ async fn init_cluster(
     let raft_id = new_raft_id();
     let root = RootCa::create(&cluster_id)?;
     root.save(&pki)?;
+    crate::secrets::Keyring::generate()
+        .and_then(|k| k.save(&pki))
+        .map_err(|e| DaemonError::Refused(format!("making the secrets key: {e}")))?;
     let (key_pem, csr_pem) = ca::make_csr(None)?;
     let issued = root.issue(
         &csr_pem,

@@ -233,6 +233,8 @@ struct Inner<B: Backend> {
     /// node id → when it is DOWN unless it heartbeats (monotonic).
     deadlines: Mutex<HashMap<String, tokio::time::Instant>>,
     status_tx: mpsc::Sender<status::StatusRequest>,
+    /// Opens the secrets the nodes' tasks use (`None`: a cluster without a secrets key).
+    secrets: Option<Arc<crate::secrets::Keyring>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -251,6 +253,16 @@ impl<B: Backend> Dispatcher<B> {
     /// admitting worker and manager certificates through `authorizer`. Serve
     /// [`Dispatcher::service`] on the manager's TLS port; it is active while `backend` leads.
     pub fn start(store: Store, backend: B, authorizer: Authorizer) -> Dispatcher<B> {
+        Self::start_with_secrets(store, backend, authorizer, None)
+    }
+
+    /// As [`Dispatcher::start`], opening secrets for the nodes' tasks with `secrets`.
+    pub fn start_with_secrets(
+        store: Store,
+        backend: B,
+        authorizer: Authorizer,
+        secrets: Option<Arc<crate::secrets::Keyring>>,
+    ) -> Dispatcher<B> {
         let (status_tx, status_rx) = mpsc::channel(STATUS_QUEUE);
         let watch = store.watch();
         let inner = Arc::new(Inner {
@@ -260,6 +272,7 @@ impl<B: Backend> Dispatcher<B> {
             sessions: Mutex::new(HashMap::new()),
             deadlines: Mutex::new(HashMap::new()),
             status_tx,
+            secrets,
         });
         let tasks = vec![
             tokio::spawn(session::route(inner.clone(), watch)),

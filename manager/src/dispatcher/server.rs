@@ -150,6 +150,7 @@ impl<B: Backend> DispatcherRpc for DispatcherService<B> {
         tokio::spawn(async move {
             stream(
                 inner.store.clone(),
+                inner.secrets.clone(),
                 node_id.clone(),
                 started,
                 events_rx,

@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
 use super::{lock, Backend, Inner, MAX_CHANGES_PER_MESSAGE};
+use crate::secrets::Keyring;
 use crate::store::{Action, Event, Object, Store, INGRESS_NETWORK};
 
 /// What the router tells one session.
@@ -388,11 +389,88 @@ fn sent_of(t: &Task) -> Sent {
     }
 }
 
+/// Whether a task on the node may still start a container, so needs its secrets and configs:
+/// desired to run and not yet past RUNNING.
+fn needs_files(t: &Task) -> bool {
+    let running = TaskState::Running as i32;
+    t.desired_state <= running && t.status.as_ref().map_or(0, |s| s.state) <= running
+}
+
+/// Whether a task's containers get secret or config files.
+fn uses_files(t: &Task) -> bool {
+    t.spec
+        .as_ref()
+        .and_then(|s| s.container.as_ref())
+        .is_some_and(|c| !c.secrets.is_empty() || !c.configs.is_empty())
+}
+
+/// The ids of the secrets and of the configs `node`'s tasks use, sorted: what the node
+/// should hold.
+type Needed = (Vec<String>, Vec<String>);
+
+fn read_err(e: crate::store::StoreError) -> Status {
+    Status::internal(format!("reading the store: {e}"))
+}
+
+fn needed(store: &Store, node: &str) -> Result<Needed, Status> {
+    let mut secrets = std::collections::BTreeSet::new();
+    let mut configs = std::collections::BTreeSet::new();
+    for t in store.tasks_by_node(node).map_err(read_err)? {
+        if !assigned(&t) || !needs_files(&t) {
+            continue;
+        }
+        if let Some(c) = t.spec.as_ref().and_then(|s| s.container.as_ref()) {
+            secrets.extend(c.secrets.iter().map(|r| r.id.clone()));
+            configs.extend(c.configs.iter().map(|r| r.id.clone()));
+        }
+    }
+    Ok((secrets.into_iter().collect(), configs.into_iter().collect()))
+}
+
+/// The secrets (opened) and configs of `needed`, and no others. A secret that does not open
+/// (no key, or a key that does not match) is left out and logged by id: the task then fails
+/// to start with a clear message on the node.
+fn dependencies(
+    store: &Store,
+    keys: Option<&Keyring>,
+    needed: &Needed,
+) -> Result<pb::Dependencies, Status> {
+    let mut out = pb::Dependencies::default();
+    for id in &needed.0 {
+        let Some(mut s) = store.get_secret(id).map_err(read_err)? else {
+            continue;
+        };
+        let Some(spec) = s.spec.as_mut() else {
+            continue;
+        };
+        match keys.map(|k| k.open(id, &spec.data)) {
+            Some(Ok(plain)) => spec.data = plain,
+            Some(Err(e)) => {
+                tracing::error!(secret_id = %id, "secret not sent: {e}");
+                continue;
+            }
+            None => {
+                tracing::error!(secret_id = %id, "secret not sent: this manager has no secrets key");
+                continue;
+            }
+        }
+        out.secrets.push(s);
+    }
+    for id in &needed.1 {
+        if let Some(c) = store.get_config(id).map_err(read_err)? {
+            out.configs.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// The full assignment set of `node`, recording it in `sent`.
 fn full_set(
     store: &Store,
+    keys: Option<&Keyring>,
     node: &str,
     sent: &mut HashMap<String, Sent>,
+    sent_deps: &mut Needed,
 ) -> Result<pb::Assignments, Status> {
     let tasks: Vec<Task> = store
         .tasks_by_node(node)
@@ -412,6 +490,10 @@ fn full_set(
             addrs: peers(store, node)?,
         }),
         records: Some(records(store, node)?),
+        dependencies: Some({
+            *sent_deps = needed(store, node)?;
+            dependencies(store, keys, sent_deps)?
+        }),
     })
 }
 
@@ -419,6 +501,7 @@ fn full_set(
 /// agent goes away or the router drops the session.
 pub(super) async fn stream(
     store: Store,
+    keys: Option<Arc<Keyring>>,
     node: String,
     started: pb::SessionStarted,
     mut events: mpsc::Receiver<SessionEvent>,
@@ -430,7 +513,8 @@ pub(super) async fn stream(
         return;
     }
     let mut sent: HashMap<String, Sent> = HashMap::new();
-    let first = full_set(&store, &node, &mut sent);
+    let mut sent_deps = Needed::default();
+    let first = full_set(&store, keys.as_deref(), &node, &mut sent, &mut sent_deps);
     let mut sent_peers = first
         .as_ref()
         .ok()
@@ -471,6 +555,8 @@ pub(super) async fn stream(
         let mut changes = pb::Assignments::default();
         let mut resync = false;
         let mut records_changed = false;
+        // A task of the node came, went or changed state: what it needs may differ.
+        let mut deps_changed = false;
         for ev in batch {
             match ev {
                 SessionEvent::Resync => resync = true,
@@ -485,6 +571,7 @@ pub(super) async fn stream(
                     }
                 }
                 SessionEvent::Removed(id) => {
+                    deps_changed |= !sent_deps.0.is_empty() || !sent_deps.1.is_empty();
                     if sent.remove(&id).is_some() {
                         changes.tasks.retain(|t| task_id(t) != id);
                         changes.removed.push(id);
@@ -494,6 +581,9 @@ pub(super) async fn stream(
                     if t.node_id != node {
                         continue;
                     }
+                    // Also on a status change only (a task past RUNNING needs nothing more);
+                    // nodes whose tasks use no secret or config never look.
+                    deps_changed |= uses_files(&t);
                     let id = task_id(&t).to_string();
                     let now = sent_of(&t);
                     if sent.get(&id) == Some(&now) {
@@ -515,8 +605,20 @@ pub(super) async fn stream(
                 }
             }
         }
+        if deps_changed && !resync {
+            // The secrets and configs the node holds follow its tasks; opened only when the
+            // set changed.
+            if let Ok(now) = needed(&store, &node) {
+                if now != sent_deps {
+                    if let Ok(d) = dependencies(&store, keys.as_deref(), &now) {
+                        sent_deps = now;
+                        changes.dependencies = Some(d);
+                    }
+                }
+            }
+        }
         let m = if resync {
-            match full_set(&store, &node, &mut sent) {
+            match full_set(&store, keys.as_deref(), &node, &mut sent, &mut sent_deps) {
                 Ok(a) => {
                     sent_peers = a.peers.clone().unwrap_or_default();
                     sent_records = a.records.clone().unwrap_or_default();
@@ -531,6 +633,7 @@ pub(super) async fn stream(
             && changes.removed.is_empty()
             && changes.peers.is_none()
             && changes.records.is_none()
+            && changes.dependencies.is_none()
         {
             continue;
         } else {

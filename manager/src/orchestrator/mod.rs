@@ -178,6 +178,8 @@ pub fn mutation_bytes(m: &Mutation) -> usize {
         Object::Task(t) => t.encoded_len(),
         Object::Cluster(c) => c.encoded_len(),
         Object::Network(n) => n.encoded_len(),
+        Object::Secret(x) => x.encoded_len(),
+        Object::Config(x) => x.encoded_len(),
     };
     OVERHEAD
         + match m {

@@ -237,8 +237,8 @@ impl ClusterView {
                 .as_ref()
                 .filter(|c| c.meta.as_ref().is_some_and(|m| m.id == id))
                 .map(|c| c.meta.as_ref().map_or(0, |m| m.version)),
-            // No leader component reads networks yet.
-            Object::Network(_) => None,
+            // No leader component reads networks, secrets or configs yet.
+            Object::Network(_) | Object::Secret(_) | Object::Config(_) => None,
         }
     }
 
@@ -267,7 +267,7 @@ impl ClusterView {
                 self.index(&id, &t);
                 self.tasks.insert(id, t);
             }
-            Object::Network(_) => {}
+            Object::Network(_) | Object::Secret(_) | Object::Config(_) => {}
         }
     }
 
@@ -292,7 +292,7 @@ impl ClusterView {
                     self.unindex(id, &old);
                 }
             }
-            Object::Network(_) => {}
+            Object::Network(_) | Object::Secret(_) | Object::Config(_) => {}
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use shoal_proto::v1::{Network, NetworkAttachment, Service, Task, TaskState};
+use shoal_proto::v1::{FileReference, Network, NetworkAttachment, Service, Task, TaskState};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
@@ -264,6 +264,15 @@ impl Staged<'_, '_> {
             });
         };
         check_version(id, expect_version, old.version())?;
+        if matches!(kind, Kind::Secret | Kind::Config) {
+            let users = self.users_of(kind, id)?;
+            if !users.is_empty() {
+                return Err(StoreError::Invalid {
+                    kind,
+                    reason: format!("{kind} {id} is in use by service {}", users.join(", ")),
+                });
+            }
+        }
         self.unindex(&old);
         // A task's addresses and a service's virtual IPs are free again once it is gone.
         let held = match &old {
@@ -316,17 +325,17 @@ impl Staged<'_, '_> {
         Ok(())
     }
 
-    /// Every network as this command sees it (the store under the batch's and this command's
-    /// writes).
-    fn networks(&self) -> Result<Vec<Network>, StoreError> {
+    /// The values of tree `t` as this command sees them (the store under the batch's and this
+    /// command's writes), ordered by key.
+    fn all(&self, t: TreeId) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut all: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        for kv in self.batch.store.tree(TreeId::Networks).iter() {
+        for kv in self.batch.store.tree(t).iter() {
             let (k, v) = kv?;
             all.insert(k.to_vec(), v.to_vec());
         }
         for writes in [&self.batch.writes, &self.writes] {
-            for ((t, k), v) in writes.range((TreeId::Networks, Vec::new())..) {
-                if *t != TreeId::Networks {
+            for ((wt, k), v) in writes.range((t, Vec::new())..) {
+                if *wt != t {
                     break;
                 }
                 match v {
@@ -335,7 +344,13 @@ impl Staged<'_, '_> {
                 };
             }
         }
-        all.values()
+        Ok(all.into_values().collect())
+    }
+
+    /// Every network as this command sees it.
+    fn networks(&self) -> Result<Vec<Network>, StoreError> {
+        self.all(TreeId::Networks)?
+            .iter()
             .map(|v| match decode(Kind::Network, v)? {
                 Object::Network(n) => Ok(n),
                 _ => Err(StoreError::Storage(
@@ -343,6 +358,35 @@ impl Staged<'_, '_> {
                 )),
             })
             .collect()
+    }
+
+    /// The names of the services whose containers use secret (or config) `id`.
+    fn users_of(&self, kind: Kind, id: &str) -> Result<Vec<String>, StoreError> {
+        let mut names = Vec::new();
+        for v in self.all(TreeId::Services)? {
+            let Object::Service(s) = decode(Kind::Service, &v)? else {
+                continue;
+            };
+            if file_refs(&s, kind).iter().any(|r| r.id == id) {
+                names.push(service_name(&s).to_string());
+            }
+        }
+        Ok(names)
+    }
+
+    /// Every secret and config a service's containers use exists.
+    fn check_file_refs(&self, s: &Service) -> Result<(), StoreError> {
+        for kind in [Kind::Secret, Kind::Config] {
+            for r in file_refs(s, kind) {
+                if self.read(TreeId::of(kind), r.id.as_bytes())?.is_none() {
+                    return Err(StoreError::Invalid {
+                        kind: Kind::Service,
+                        reason: format!("{kind} {} not found", r.name),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A network's subnet is a valid IPv4 CIDR overlapping no other network's, and its VNI is
@@ -560,7 +604,24 @@ impl Staged<'_, '_> {
     /// Moves the index entries of an object from `old` (none for a create) to `new`.
     fn index(&mut self, old: Option<&Object>, new: &Object) -> Result<(), StoreError> {
         match new {
+            Object::Secret(x) => {
+                let old_name = match old {
+                    Some(Object::Secret(o)) => o.spec.as_ref().map(|s| s.name.as_str()),
+                    _ => None,
+                };
+                let name = x.spec.as_ref().map_or("", |s| s.name.as_str());
+                self.claim_name(TreeId::SecretNames, Kind::Secret, name, old_name, new.id())?;
+            }
+            Object::Config(x) => {
+                let old_name = match old {
+                    Some(Object::Config(o)) => o.spec.as_ref().map(|s| s.name.as_str()),
+                    _ => None,
+                };
+                let name = x.spec.as_ref().map_or("", |s| s.name.as_str());
+                self.claim_name(TreeId::ConfigNames, Kind::Config, name, old_name, new.id())?;
+            }
             Object::Service(s) => {
+                self.check_file_refs(s)?;
                 let old_name = match old {
                     Some(Object::Service(o)) => Some(service_name(o)),
                     _ => None,
@@ -626,6 +687,14 @@ impl Staged<'_, '_> {
     /// name in `index`).
     fn unindex(&mut self, old: &Object) {
         match old {
+            Object::Secret(x) => {
+                let name = x.spec.as_ref().map_or("", |s| s.name.as_str());
+                self.del(TreeId::SecretNames, name.as_bytes().to_vec());
+            }
+            Object::Config(x) => {
+                let name = x.spec.as_ref().map_or("", |s| s.name.as_str());
+                self.del(TreeId::ConfigNames, name.as_bytes().to_vec());
+            }
             Object::Service(s) => {
                 self.del(TreeId::ServiceNames, service_name(s).as_bytes().to_vec());
             }
@@ -644,6 +713,23 @@ impl Staged<'_, '_> {
             }
             Object::Node(_) | Object::Cluster(_) => {}
         }
+    }
+}
+
+/// The secret (or config) references of a service's containers.
+pub fn file_refs(s: &Service, kind: Kind) -> &[FileReference] {
+    let Some(c) = s
+        .spec
+        .as_ref()
+        .and_then(|sp| sp.task.as_ref())
+        .and_then(|t| t.container.as_ref())
+    else {
+        return &[];
+    };
+    match kind {
+        Kind::Secret => &c.secrets,
+        Kind::Config => &c.configs,
+        _ => &[],
     }
 }
 

@@ -12,10 +12,12 @@ mod types;
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
-use shoal_proto::v1::{Cluster, Network, Node, Service, Task};
+use shoal_proto::v1::{Cluster, Config, Network, Node, Secret, Service, Task};
 use tokio::sync::broadcast;
 
-pub use apply::{check_task_forward, overlaps, parse_cidr, Batch, INGRESS_NETWORK, MAX_VNI};
+pub use apply::{
+    check_task_forward, file_refs, overlaps, parse_cidr, Batch, INGRESS_NETWORK, MAX_VNI,
+};
 pub use dump::{Dump, DumpTree};
 pub use types::{Action, Command, Event, Kind, Mutation, Object, Response, StoreError};
 
@@ -46,6 +48,27 @@ fn slim(e: &Event) -> Event {
             action: e.action,
             time_ms: e.time_ms,
         },
+        // The history never holds secret or config data, not even sealed.
+        Object::Secret(x) => {
+            let mut x = x.clone();
+            if let Some(sp) = x.spec.as_mut() {
+                sp.data.clear();
+            }
+            Event {
+                object: Object::Secret(x),
+                ..e.clone()
+            }
+        }
+        Object::Config(x) => {
+            let mut x = x.clone();
+            if let Some(sp) = x.spec.as_mut() {
+                sp.data.clear();
+            }
+            Event {
+                object: Object::Config(x),
+                ..e.clone()
+            }
+        }
         _ => e.clone(),
     }
 }
@@ -71,10 +94,16 @@ pub(crate) enum TreeId {
     NetworkNames = 9,
     /// "<network id>\0<address>" → the id of the task holding it.
     NetworkAddrs = 10,
+    Secrets = 11,
+    /// secret name → secret id (names are unique).
+    SecretNames = 12,
+    Configs = 13,
+    /// config name → config id (names are unique).
+    ConfigNames = 14,
 }
 
 /// Names of the sled trees of the store, in `TreeId` order.
-pub(crate) const TREE_NAMES: [&str; 11] = [
+pub(crate) const TREE_NAMES: [&str; 15] = [
     "store.nodes",
     "store.services",
     "store.tasks",
@@ -86,6 +115,10 @@ pub(crate) const TREE_NAMES: [&str; 11] = [
     "store.networks",
     "store.idx.network_name",
     "store.idx.network_addr",
+    "store.secrets",
+    "store.idx.secret_name",
+    "store.configs",
+    "store.idx.config_name",
 ];
 
 impl TreeId {
@@ -97,6 +130,8 @@ impl TreeId {
             Kind::Task => TreeId::Tasks,
             Kind::Cluster => TreeId::Cluster,
             Kind::Network => TreeId::Networks,
+            Kind::Secret => TreeId::Secrets,
+            Kind::Config => TreeId::Configs,
         }
     }
 }
@@ -352,6 +387,38 @@ impl Store {
     /// All networks, ordered by id.
     pub fn list_networks(&self) -> Result<Vec<Network>, StoreError> {
         self.list_typed(TreeId::Networks)
+    }
+
+    /// A secret by id, or else by name (its data sealed).
+    pub fn get_secret(&self, id_or_name: &str) -> Result<Option<Secret>, StoreError> {
+        if let Some(s) = self.get_typed(TreeId::Secrets, id_or_name)? {
+            return Ok(Some(s));
+        }
+        match self.tree(TreeId::SecretNames).get(id_or_name.as_bytes())? {
+            Some(id) => self.get_typed(TreeId::Secrets, &String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    /// All secrets, ordered by id (their data sealed).
+    pub fn list_secrets(&self) -> Result<Vec<Secret>, StoreError> {
+        self.list_typed(TreeId::Secrets)
+    }
+
+    /// A config by id, or else by name.
+    pub fn get_config(&self, id_or_name: &str) -> Result<Option<Config>, StoreError> {
+        if let Some(c) = self.get_typed(TreeId::Configs, id_or_name)? {
+            return Ok(Some(c));
+        }
+        match self.tree(TreeId::ConfigNames).get(id_or_name.as_bytes())? {
+            Some(id) => self.get_typed(TreeId::Configs, &String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    /// All configs, ordered by id.
+    pub fn list_configs(&self) -> Result<Vec<Config>, StoreError> {
+        self.list_typed(TreeId::Configs)
     }
 
     /// The cluster object (the first by id if, wrongly, there were several).

@@ -3,7 +3,7 @@
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use shoal_proto::v1::{Cluster, Meta, Network, Node, Service, Task};
+use shoal_proto::v1::{Cluster, Config, Meta, Network, Node, Secret, Service, Task};
 
 /// An atomic batch of mutations proposed through Raft, checked and applied in order,
 /// all-or-nothing.
@@ -75,6 +75,10 @@ pub enum Object {
     Cluster(Cluster),
     /// A cluster network.
     Network(Network),
+    /// A secret (its data sealed).
+    Secret(Secret),
+    /// A config.
+    Config(Config),
 }
 
 /// The kinds of stored objects.
@@ -90,6 +94,10 @@ pub enum Kind {
     Cluster,
     /// `Object::Network`.
     Network,
+    /// `Object::Secret`.
+    Secret,
+    /// `Object::Config`.
+    Config,
 }
 
 impl std::fmt::Display for Kind {
@@ -100,6 +108,8 @@ impl std::fmt::Display for Kind {
             Kind::Task => "task",
             Kind::Cluster => "cluster",
             Kind::Network => "network",
+            Kind::Secret => "secret",
+            Kind::Config => "config",
         })
     }
 }
@@ -113,6 +123,8 @@ impl Object {
             Object::Task(_) => Kind::Task,
             Object::Cluster(_) => Kind::Cluster,
             Object::Network(_) => Kind::Network,
+            Object::Secret(_) => Kind::Secret,
+            Object::Config(_) => Kind::Config,
         }
     }
 
@@ -124,6 +136,8 @@ impl Object {
             Object::Task(o) => o.meta.as_ref(),
             Object::Cluster(o) => o.meta.as_ref(),
             Object::Network(o) => o.meta.as_ref(),
+            Object::Secret(o) => o.meta.as_ref(),
+            Object::Config(o) => o.meta.as_ref(),
         }
     }
 
@@ -135,6 +149,8 @@ impl Object {
             Object::Task(o) => o.meta.get_or_insert_with(Meta::default),
             Object::Cluster(o) => o.meta.get_or_insert_with(Meta::default),
             Object::Network(o) => o.meta.get_or_insert_with(Meta::default),
+            Object::Secret(o) => o.meta.get_or_insert_with(Meta::default),
+            Object::Config(o) => o.meta.get_or_insert_with(Meta::default),
         }
     }
 
@@ -156,6 +172,8 @@ impl Object {
             Object::Task(o) => o.encode_to_vec(),
             Object::Cluster(o) => o.encode_to_vec(),
             Object::Network(o) => o.encode_to_vec(),
+            Object::Secret(o) => o.encode_to_vec(),
+            Object::Config(o) => o.encode_to_vec(),
         }
     }
 
@@ -167,6 +185,8 @@ impl Object {
             Kind::Task => Object::Task(Task::decode(bytes)?),
             Kind::Cluster => Object::Cluster(Cluster::decode(bytes)?),
             Kind::Network => Object::Network(Network::decode(bytes)?),
+            Kind::Secret => Object::Secret(Secret::decode(bytes)?),
+            Kind::Config => Object::Config(Config::decode(bytes)?),
         })
     }
 }
@@ -180,6 +200,8 @@ enum ObjectWire {
     Task(#[serde(with = "serde_bytes")] Vec<u8>),
     Cluster(#[serde(with = "serde_bytes")] Vec<u8>),
     Network(#[serde(with = "serde_bytes")] Vec<u8>),
+    Secret(#[serde(with = "serde_bytes")] Vec<u8>),
+    Config(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 impl Serialize for Object {
@@ -191,6 +213,8 @@ impl Serialize for Object {
             Kind::Task => ObjectWire::Task(bytes),
             Kind::Cluster => ObjectWire::Cluster(bytes),
             Kind::Network => ObjectWire::Network(bytes),
+            Kind::Secret => ObjectWire::Secret(bytes),
+            Kind::Config => ObjectWire::Config(bytes),
         }
         .serialize(serializer)
     }
@@ -204,6 +228,8 @@ impl<'de> Deserialize<'de> for Object {
             ObjectWire::Task(b) => (Kind::Task, b),
             ObjectWire::Cluster(b) => (Kind::Cluster, b),
             ObjectWire::Network(b) => (Kind::Network, b),
+            ObjectWire::Secret(b) => (Kind::Secret, b),
+            ObjectWire::Config(b) => (Kind::Config, b),
         };
         Object::decode(kind, &bytes).map_err(serde::de::Error::custom)
     }
@@ -259,7 +285,7 @@ pub enum StoreError {
         /// The duplicate id.
         id: String,
     },
-    /// A service name held by another service.
+    /// A name held by another object of the kind (services, networks, secrets, configs).
     #[error("service name {name} is already in use by service {existing_id}")]
     NameTaken {
         /// The requested name.

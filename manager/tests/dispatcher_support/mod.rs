@@ -86,6 +86,8 @@ pub struct Cluster {
     pub backend: StoreBackend,
     pub dispatcher: Dispatcher<StoreBackend>,
     pub addr: String,
+    /// The secrets data key the dispatcher opens secrets with.
+    pub keys: Arc<shoal_manager::secrets::Keyring>,
     server: JoinHandle<()>,
 }
 
@@ -193,7 +195,13 @@ impl Cluster {
         backend.write(m);
 
         let authorizer = Authorizer::new("cluster-d", Arc::new(StoreRegistry(store.clone())));
-        let dispatcher = Dispatcher::start(store.clone(), backend.clone(), authorizer);
+        let keys = Arc::new(shoal_manager::secrets::Keyring::generate().unwrap());
+        let dispatcher = Dispatcher::start_with_secrets(
+            store.clone(),
+            backend.clone(),
+            authorizer,
+            Some(keys.clone()),
+        );
         let tls = node_tls(&ca, "manager-0", Role::Manager);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -212,6 +220,7 @@ impl Cluster {
             backend,
             dispatcher,
             addr,
+            keys,
             server,
         }
     }

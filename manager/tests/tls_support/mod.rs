@@ -124,12 +124,27 @@ pub async fn serve(
     backend: Arc<MemBackend>,
     raft: Raft,
 ) -> (String, JoinHandle<()>) {
+    serve_with_secrets(tls, ca, backend, raft, None).await
+}
+
+/// As [`serve`], the CA handing managers the secrets data key `keys`.
+pub async fn serve_with_secrets(
+    tls: &NodeTls,
+    ca: Arc<RootCa>,
+    backend: Arc<MemBackend>,
+    raft: Raft,
+    keys: Option<Arc<shoal_manager::secrets::Keyring>>,
+) -> (String, JoinHandle<()>) {
     let authorizer = Authorizer::new(ca.cluster_id(), backend.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let incoming = tls_incoming(listener, tls.server_config().unwrap());
     let router = grpc_server()
-        .add_service(CaService::new(ca, backend, authorizer.clone()).into_server())
+        .add_service(
+            CaService::new(ca, backend, authorizer.clone())
+                .with_secrets(keys)
+                .into_server(),
+        )
         .add_service(RaftService::new(raft, authorizer).into_server());
     let handle = tokio::spawn(async move {
         router.serve_with_incoming(incoming).await.unwrap();
@@ -145,6 +160,8 @@ pub struct Manager {
     pub tls: NodeTls,
     pub raft: Raft,
     pub addr: String,
+    /// The secrets data key the CA hands to managers.
+    pub keys: Arc<shoal_manager::secrets::Keyring>,
     server: JoinHandle<()>,
 }
 
@@ -155,7 +172,15 @@ impl Manager {
         let backend = Arc::new(MemBackend::new(&ca));
         let tls = manager_tls(&ca, "manager-0", Duration::from_secs(3600));
         let (raft, _store) = raft_node(1, dir.path(), &tls).await;
-        let (addr, server) = serve(&tls, ca.clone(), backend.clone(), raft.clone()).await;
+        let keys = Arc::new(shoal_manager::secrets::Keyring::generate().unwrap());
+        let (addr, server) = serve_with_secrets(
+            &tls,
+            ca.clone(),
+            backend.clone(),
+            raft.clone(),
+            Some(keys.clone()),
+        )
+        .await;
         Manager {
             dir,
             ca,
@@ -163,6 +188,7 @@ impl Manager {
             tls,
             raft,
             addr,
+            keys,
             server,
         }
     }

@@ -16,7 +16,7 @@ use super::service::progress::state_word;
 pub struct EventsArgs {
     #[command(flatten)]
     socket: SocketArg,
-    /// Only matching events: type=service|node|task|network|cluster,
+    /// Only matching events: type=service|node|task|network|secret|config|cluster,
     /// event=create|update|remove, service=NAME|ID, node=ID (repeatable; the same key
     /// twice matches either value)
     #[arg(short, long = "filter")]
@@ -33,7 +33,9 @@ pub struct EventsArgs {
     format: Option<String>,
 }
 
-const TYPES: [&str; 5] = ["service", "node", "task", "network", "cluster"];
+const TYPES: [&str; 7] = [
+    "service", "node", "task", "network", "secret", "config", "cluster",
+];
 const ACTIONS: [&str; 3] = ["create", "update", "remove"];
 
 /// The filters, by key: an event passes when, for every key given, one value matches.
@@ -79,6 +81,8 @@ impl Filters {
                 "node" => pb::WatchKind::Node,
                 "task" => pb::WatchKind::Task,
                 "network" => pb::WatchKind::Network,
+                "secret" => pb::WatchKind::Secret,
+                "config" => pb::WatchKind::Config,
                 _ => pb::WatchKind::Cluster,
             } as i32)
             .collect();
@@ -178,6 +182,16 @@ impl Line {
                 let name = n.spec.as_ref().map_or("", |s| s.name.as_str());
                 attrs.insert("name".into(), name.to_string());
                 ("network", &n.meta)
+            }
+            O::Secret(x) => {
+                let name = x.spec.as_ref().map_or("", |s| s.name.as_str());
+                attrs.insert("name".into(), name.to_string());
+                ("secret", &x.meta)
+            }
+            O::Config(x) => {
+                let name = x.spec.as_ref().map_or("", |s| s.name.as_str());
+                attrs.insert("name".into(), name.to_string());
+                ("config", &x.meta)
             }
             O::Cluster(c) => {
                 let name = c.spec.as_ref().map_or("", |s| s.name.as_str());

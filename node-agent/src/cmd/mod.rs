@@ -9,4 +9,5 @@ pub mod network;
 pub mod node;
 pub mod output;
 pub mod runtime;
+pub mod secret;
 pub mod service;

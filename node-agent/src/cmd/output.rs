@@ -378,6 +378,12 @@ pub fn service_spec_json(s: &pb::ServiceSpec) -> Value {
                 "StopGracePeriod": format_ms(c.stop_grace_period_ms), "ReadOnly": c.read_only,
                 "PidsLimit": c.pids_limit,
                 "Mounts": c.mounts.iter().map(|m| json!({"Source": m.source, "Target": m.target, "ReadOnly": m.read_only})).collect::<Vec<_>>(),
+                "Secrets": c.secrets.iter().map(|r| json!({
+                    "File": {"Name": r.target, "UID": r.uid.to_string(), "GID": r.gid.to_string(), "Mode": r.mode},
+                    "SecretID": r.id, "SecretName": r.name})).collect::<Vec<_>>(),
+                "Configs": c.configs.iter().map(|r| json!({
+                    "File": {"Name": r.target, "UID": r.uid.to_string(), "GID": r.gid.to_string(), "Mode": r.mode},
+                    "ConfigID": r.id, "ConfigName": r.name})).collect::<Vec<_>>(),
                 "Healthcheck": c.healthcheck.as_ref().map(|h| json!({
                     "Test": h.test, "Interval": format_ms(h.interval_ms), "Timeout": format_ms(h.timeout_ms),
                     "Retries": h.retries, "StartPeriod": format_ms(h.start_period_ms)})),
@@ -405,8 +411,6 @@ pub fn service_spec_json(s: &pb::ServiceSpec) -> Value {
         "EndpointSpec": {"Ports": s.ports.iter().map(|p| json!({
             "Name": p.name, "Protocol": p.protocol, "TargetPort": p.target_port,
             "PublishedPort": p.published_port, "PublishMode": p.publish_mode})).collect::<Vec<_>>()},
-        "Secrets": s.secrets,
-        "Configs": s.configs,
     })
 }
 

@@ -202,6 +202,12 @@ struct CreateArgs {
     /// Mount the container's root filesystem read-only
     #[arg(long)]
     read_only: bool,
+    /// A secret as a file: NAME or source=NAME[,target=PATH,uid=U,gid=G,mode=0444]
+    #[arg(long)]
+    secret: Vec<String>,
+    /// A config as a file: NAME or source=NAME[,target=PATH,uid=U,gid=G,mode=0444]
+    #[arg(long)]
+    config: Vec<String>,
     /// Return at once instead of waiting for the service to converge
     #[arg(short, long)]
     detach: bool,
@@ -412,6 +418,16 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
                 read_only: a.read_only,
                 pids_limit: a.limit_pids,
                 registry_auth: None,
+                secrets: a
+                    .secret
+                    .iter()
+                    .map(|v| update::file_ref("--secret", v))
+                    .collect::<anyhow::Result<_>>()?,
+                configs: a
+                    .config
+                    .iter()
+                    .map(|v| update::file_ref("--config", v))
+                    .collect::<anyhow::Result<_>>()?,
             }),
             resources: Some(pb::ResourceRequirements {
                 limits: Some(pb::Resources {
@@ -781,7 +797,7 @@ fn state_title(s: i32) -> String {
 }
 
 /// "5 seconds", "about a minute", "3 hours": how long ago, as `docker service ps` says it.
-fn human_duration(ms: i64) -> String {
+pub(crate) fn human_duration(ms: i64) -> String {
     let s = ms.max(0) / 1000;
     match s {
         0 => "less than a second".into(),
@@ -795,7 +811,7 @@ fn human_duration(ms: i64) -> String {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

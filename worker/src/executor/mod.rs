@@ -2,6 +2,7 @@
 //! shoal's runtime; `sim` is a hollow node's bookkeeping (scale tests only, never a default).
 //! The container id is always the task id.
 
+pub mod files;
 pub mod runtime;
 pub mod sim;
 
@@ -125,4 +126,8 @@ pub trait Executor: Send + Sync + 'static {
     /// NAME`), the whole set each time: their embedded DNS and virtual IPs are the agent's.
     /// Executors without networks ignore it.
     fn set_attachments(&self, _attachments: Vec<shoal_proto::v1::Task>) {}
+    /// The secrets (plaintext) and configs this node's tasks use, the whole set each time:
+    /// kept in memory only, written for a task only to tmpfs. Executors without containers
+    /// ignore it.
+    fn set_dependencies(&self, _deps: shoal_proto::v1::Dependencies) {}
 }

@@ -91,6 +91,8 @@ pub struct RuntimeExecutor {
     /// Images (by id) tasks were prepared with, and when: kept by image collection for a
     /// while even before their container exists.
     prepared: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+    /// The secrets and configs the node's tasks use (memory only; see `files.rs`).
+    held: std::sync::Mutex<super::files::Held>,
 }
 
 /// How often a node collects images no container uses.
@@ -124,6 +126,7 @@ impl RuntimeExecutor {
             shoal,
             pulls: Arc::default(),
             prepared: Arc::default(),
+            held: Default::default(),
             cfg,
         })
     }
@@ -284,6 +287,11 @@ impl RuntimeExecutor {
 
     fn stop_dns(&self, id: &str) {
         self.dns.stop(id);
+    }
+
+    /// Where task `id`'s secret and config files are kept (tmpfs).
+    fn files_dir(&self, id: &str) -> PathBuf {
+        super::files::agent_root(&self.cfg.data_dir).join(id)
     }
 
     fn task_dir(&self, id: &str) -> PathBuf {
@@ -997,8 +1005,18 @@ impl Executor for RuntimeExecutor {
         let task = task.clone();
         let id = task_id(&task);
         let dir = self.task_dir(&id);
+        let files = {
+            let c = task
+                .spec
+                .as_ref()
+                .and_then(|s| s.container.clone())
+                .unwrap_or_default();
+            super::files::wanted(&self.held.lock().unwrap_or_else(|p| p.into_inner()), &c)?
+        };
+        let files_dir = self.files_dir(&id);
         let layers = {
             let (id, dir, bridge) = (id.clone(), dir.clone(), self.cfg.bridge.clone());
+            let files_dir = files_dir.clone();
             let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
             blocking(move || {
                 let image = task
@@ -1039,11 +1057,19 @@ impl Executor for RuntimeExecutor {
                 };
                 let spec = network::write_etc_files(&dir, &att, &etc)
                     .map_err(runtime_err)
-                    .and_then(|()| build_spec(&task, &id, &prepared, &att, &dir));
+                    .and_then(|()| build_spec(&task, &id, &prepared, &att, &dir))
+                    .and_then(|mut spec| {
+                        let mounts = super::files::write(&files_dir, &files)?;
+                        if let Some(m) = spec["mounts"].as_array_mut() {
+                            m.extend(mounts);
+                        }
+                        Ok(spec)
+                    });
                 let spec = match spec {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = network::detach(&id);
+                        let _ = super::files::remove(&files_dir);
                         return Err(e);
                     }
                 };
@@ -1069,7 +1095,11 @@ impl Executor for RuntimeExecutor {
         if let Err(e) = self.create(&id, &dir, &layers).await {
             self.stop_dns(&id);
             let id = id.clone();
-            let _ = blocking(move || network::detach(&id).map_err(runtime_err)).await;
+            let _ = blocking(move || {
+                let _ = super::files::remove(&files_dir);
+                network::detach(&id).map_err(runtime_err)
+            })
+            .await;
             return Err(e);
         }
         let root = self.cfg.state_root.clone();
@@ -1241,10 +1271,12 @@ impl Executor for RuntimeExecutor {
         let root = self.cfg.state_root.clone();
         let id = task_id.to_string();
         let dir = self.task_dir(task_id);
+        let files_dir = self.files_dir(task_id);
         blocking(move || {
             if let Some(c) = load(&root, &id)? {
                 c.delete(true).map_err(runtime_err)?;
             }
+            super::files::remove(&files_dir)?;
             network::detach(&id).map_err(runtime_err)?;
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
@@ -1253,6 +1285,13 @@ impl Executor for RuntimeExecutor {
             }
         })
         .await
+    }
+
+    fn set_dependencies(&self, deps: shoal_proto::v1::Dependencies) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(deps);
     }
 
     fn set_records(&self, records: shoal_proto::v1::ServiceRecords) {

@@ -274,6 +274,39 @@ impl RegistryFlags {
     }
 }
 
+/// A `--secret`/`--config` value (docker's): `NAME`, or
+/// `source=NAME[,target=PATH][,uid=U][,gid=G][,mode=0444]` (mode in octal). Targets and
+/// defaults are the manager's to check and fill in.
+pub fn file_ref(flag: &str, v: &str) -> anyhow::Result<pb::FileReference> {
+    let mut r = pb::FileReference::default();
+    if !v.contains('=') {
+        r.name = v.to_string();
+    } else {
+        for field in v.split(',') {
+            let (k, val) = field
+                .split_once('=')
+                .with_context(|| format!("invalid {flag} {v:?}: {field:?} is not KEY=VALUE"))?;
+            let num = |what: &str, radix: u32| {
+                u32::from_str_radix(val, radix).map_err(|_| {
+                    anyhow::anyhow!("invalid {flag} {v:?}: {what} {val:?} is not a number")
+                })
+            };
+            match k {
+                "source" | "src" => r.name = val.to_string(),
+                "target" => r.target = val.to_string(),
+                "uid" => r.uid = num("uid", 10)?,
+                "gid" => r.gid = num("gid", 10)?,
+                "mode" => r.mode = num("mode (octal)", 8)?,
+                other => bail!("invalid {flag} {v:?}: unknown key {other:?}"),
+            }
+        }
+    }
+    if r.name.is_empty() {
+        bail!("invalid {flag} {v:?}: no source");
+    }
+    Ok(r)
+}
+
 /// Prints what the manager warned about on stderr, as docker does.
 pub fn warn(warnings: &[String]) {
     for w in warnings {
@@ -317,6 +350,18 @@ pub struct UpdateArgs {
     /// Detach the service from a cluster network (name or id)
     #[arg(long)]
     network_rm: Vec<String>,
+    /// Add a secret: NAME or source=NAME[,target=PATH,uid=U,gid=G,mode=0444]
+    #[arg(long)]
+    secret_add: Vec<String>,
+    /// Remove a secret (name)
+    #[arg(long)]
+    secret_rm: Vec<String>,
+    /// Add a config: NAME or source=NAME[,target=PATH,uid=U,gid=G,mode=0444]
+    #[arg(long)]
+    config_add: Vec<String>,
+    /// Remove a config (name)
+    #[arg(long)]
+    config_rm: Vec<String>,
     /// CPU limit (e.g. 0.5; 0 = none)
     #[arg(long)]
     limit_cpu: Option<String>,
@@ -417,6 +462,10 @@ pub struct Edit {
     /// Cluster networks, by name or id as given until [`Edit::resolve_networks`] makes them ids.
     network_add: Vec<String>,
     network_rm: Vec<String>,
+    secret_add: Vec<pb::FileReference>,
+    secret_rm: Vec<String>,
+    config_add: Vec<pb::FileReference>,
+    config_rm: Vec<String>,
     limit_cpu: Option<i64>,
     limit_memory: Option<i64>,
     limit_pids: Option<i64>,
@@ -508,6 +557,10 @@ impl UpdateArgs {
                 || !self.network_add.is_empty()
                 || !self.network_rm.is_empty()
                 || !self.health.edit()?.is_empty()
+                || !self.secret_add.is_empty()
+                || !self.secret_rm.is_empty()
+                || !self.config_add.is_empty()
+                || !self.config_rm.is_empty()
                 || self.force;
             if edits {
                 bail!("--rollback cannot be combined with flags that change the spec");
@@ -569,6 +622,18 @@ impl UpdateArgs {
             label_rm: self.label_rm.clone(),
             network_add: checked_networks("--network-add", &self.network_add)?,
             network_rm: checked_networks("--network-rm", &self.network_rm)?,
+            secret_add: self
+                .secret_add
+                .iter()
+                .map(|v| file_ref("--secret-add", v))
+                .collect::<anyhow::Result<_>>()?,
+            secret_rm: self.secret_rm.clone(),
+            config_add: self
+                .config_add
+                .iter()
+                .map(|v| file_ref("--config-add", v))
+                .collect::<anyhow::Result<_>>()?,
+            config_rm: self.config_rm.clone(),
             limit_cpu: cpu("--limit-cpu", &self.limit_cpu)?,
             limit_memory: mem("--limit-memory", &self.limit_memory)?,
             limit_pids: self.limit_pids,
@@ -709,6 +774,18 @@ impl Edit {
                 bail!("service is already attached to network {id}");
             }
             task.networks.push(id.clone());
+        }
+        for (kind, refs, rm, add) in [
+            ("secret", &mut c.secrets, &self.secret_rm, &self.secret_add),
+            ("config", &mut c.configs, &self.config_rm, &self.config_add),
+        ] {
+            for name in rm {
+                if !refs.iter().any(|r| r.name == *name || r.id == *name) {
+                    bail!("service has no {kind} {name}");
+                }
+                refs.retain(|r| r.name != *name && r.id != *name);
+            }
+            refs.extend(add.iter().cloned());
         }
         if let Some(u) = &self.user {
             c.user = u.clone();
@@ -1049,5 +1126,58 @@ mod tests {
         };
         let e = edit(&["--replicas", "3"]).unwrap().apply(global);
         assert!(format!("{:#}", e.unwrap_err()).contains("replicated services only"));
+    }
+
+    #[test]
+    fn secret_and_config_flags_follow_docker() {
+        let r = file_ref("--secret", "db").unwrap();
+        assert_eq!((r.name.as_str(), r.target.as_str(), r.mode), ("db", "", 0));
+        let r = file_ref(
+            "--config",
+            "source=app,target=/etc/app.conf,uid=1000,gid=1001,mode=0440",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.target.as_str(), r.uid, r.gid, r.mode),
+            ("app", "/etc/app.conf", 1000, 1001, 0o440)
+        );
+        for (v, want) in [
+            ("source=a,mode=0999", "is not a number"),
+            ("target=/x", "no source"),
+            ("source=a,size=1", "unknown key"),
+            ("source=a,uid", "not KEY=VALUE"),
+        ] {
+            let e = file_ref("--secret", v).unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{v}: {e}");
+        }
+        let mut spec = base();
+        spec.task
+            .as_mut()
+            .unwrap()
+            .container
+            .as_mut()
+            .unwrap()
+            .secrets = vec![file_ref("--secret", "old").unwrap()];
+        let s = edit(&[
+            "--secret-rm",
+            "old",
+            "--secret-add",
+            "source=new,target=/run/secrets/old",
+        ])
+        .unwrap()
+        .apply(spec.clone())
+        .unwrap();
+        let c = s.task.unwrap().container.unwrap();
+        assert_eq!(c.secrets.len(), 1);
+        assert_eq!(
+            (c.secrets[0].name.as_str(), c.secrets[0].target.as_str()),
+            ("new", "/run/secrets/old")
+        );
+        let e = edit(&["--secret-rm", "nosuch"])
+            .unwrap()
+            .apply(spec)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("has no secret nosuch"));
+        assert!(edit(&["--rollback", "--secret-add", "x"]).is_err());
     }
 }
