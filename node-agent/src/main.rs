@@ -54,6 +54,8 @@ enum Command {
     Service(cmd::service::ServiceArgs),
     /// Manage the cluster's networks
     Network(cmd::network::NetworkArgs),
+    /// Deploy and manage stacks of services from compose files
+    Stack(cmd::stack::StackArgs),
 }
 
 fn main() {
@@ -91,6 +93,7 @@ fn main() {
         Command::Node(c) => cmd::node::run(c),
         Command::Service(c) => cmd::service::run(c),
         Command::Network(c) => cmd::network::run(c),
+        Command::Stack(c) => cmd::stack::run(c),
     };
     if let Err(err) = result {
         // One line, as a user reads it: the outermost context first, then the causes.

@@ -9,3 +9,4 @@ pub mod node;
 pub mod output;
 pub mod runtime;
 pub mod service;
+pub mod stack;
