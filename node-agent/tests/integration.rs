@@ -18,3 +18,4 @@ mod registry_cli;
 mod service_cli;
 mod service_registry;
 mod service_update_cli;
+mod stack_cli;

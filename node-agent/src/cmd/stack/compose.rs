@@ -796,3 +796,197 @@ fn update_config(n: &Node, path: &str, a: &mut CreateArgs, update: bool) -> anyh
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "SET" => Some("v".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn interpolation_forms() {
+        let i = |s: &str| interpolate(s, &env);
+        assert_eq!(i("a${SET}b $SET.x").unwrap(), "avb v.x");
+        assert_eq!(i("${UNSET}").unwrap(), "");
+        assert_eq!(i("${UNSET:-d}|${EMPTY:-d}|${SET:-d}").unwrap(), "d|d|v");
+        assert_eq!(i("${UNSET-d}|${EMPTY-d}|${SET-d}").unwrap(), "d||v");
+        assert_eq!(i("${UNSET:-${SET}x}").unwrap(), "vx");
+        assert_eq!(
+            i("${SET:+alt}|${EMPTY:+alt}|${EMPTY+alt}").unwrap(),
+            "alt||alt"
+        );
+        assert_eq!(i("$$SET costs $$5").unwrap(), "$SET costs $5");
+        assert_eq!(i("${SET:?no}${EMPTY?no}").unwrap(), "v");
+        assert_eq!(
+            i("${UNSET:?must be set}").unwrap_err(),
+            "variable UNSET is required and not set: must be set"
+        );
+        assert_eq!(
+            i("${EMPTY:?}").unwrap_err(),
+            "variable EMPTY is required and not set"
+        );
+        assert_eq!(
+            i("${UNSET?err}").unwrap_err(),
+            "variable UNSET is required and not set: err"
+        );
+        assert_eq!(i("x${SET").unwrap_err(), "unclosed ${ in \"x${SET\"");
+        assert!(i("${}").is_err());
+        assert!(i("${1A}").is_err());
+        assert!(i("a $ b").is_err());
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn later_files_override_keys_and_merge_maps() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write(
+            d.path(),
+            "a.yml",
+            "services:\n  web:\n    image: busybox\n    command: [sleep, \"1\"]\n    environment:\n      - A=1\n      - B=2\n    deploy:\n      replicas: 2\n      labels: {x: \"1\"}\n  db:\n    image: busybox\n",
+        );
+        let b = write(
+            d.path(),
+            "b.yml",
+            "services:\n  web:\n    command: sleep 2\n    environment:\n      B: three\n      C: ${SET}\n    deploy:\n      replicas: 5\nnetworks:\n  back:\n    attachable: true\n",
+        );
+        let c = load(&[a, b], &env).unwrap();
+        let web = c.services.iter().find(|s| s.key == "web").unwrap();
+        assert_eq!(web.args.command, ["sleep", "2"]);
+        assert_eq!(web.args.env, ["A=1", "B=three", "C=v"]);
+        assert_eq!(web.args.replicas, Some(5));
+        assert_eq!(web.args.label, ["x=1"], "deploy keys merge one by one");
+        assert_eq!(web.networks, [("default".to_string(), vec![])]);
+        assert_eq!(c.services.len(), 2);
+        assert!(c.networks["back"].attachable);
+    }
+
+    #[test]
+    fn refusals_name_the_key_and_its_line() {
+        let d = tempfile::tempdir().unwrap();
+        let f = write(
+            d.path(),
+            "c.yml",
+            "services:\n  web:\n    image: busybox\n    deploy:\n      resources:\n        limits:\n          cpus: \"0.5\"\n          devices: []\n",
+        );
+        let e = load(std::slice::from_ref(&f), &env)
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            e,
+            format!("{f}:8: services.web.deploy.resources.limits.devices: not supported by shoal stack deploy")
+        );
+        for (key, text) in [
+            ("secrets", "    secrets: [a]\n"),
+            ("configs", "    configs: [a]\n"),
+            (
+                "healthcheck",
+                "    healthcheck:\n      test: [CMD, \"true\"]\n",
+            ),
+        ] {
+            let f = write(
+                d.path(),
+                "c.yml",
+                &format!("services:\n  web:\n    image: busybox\n{text}"),
+            );
+            let e = load(std::slice::from_ref(&f), &env)
+                .err()
+                .unwrap()
+                .to_string();
+            assert_eq!(e, format!("{f}:4: services.web.{key}: not supported yet"));
+        }
+        let f = write(
+            d.path(),
+            "c.yml",
+            "services:\n  web:\n    image: busybox\n    networks: [back]\n",
+        );
+        let e = load(std::slice::from_ref(&f), &env)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("network back is not declared"), "{e}");
+    }
+
+    #[test]
+    fn a_service_maps_onto_the_create_flags() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "web.env", "# comment\nFROM_FILE=1\nA=file\n");
+        let f = write(
+            d.path(),
+            "c.yml",
+            r#"services:
+  web:
+    image: busybox
+    entrypoint: ["/bin/sh", "-c"]
+    command: "echo 'a b'"
+    env_file: web.env
+    environment: {A: env}
+    labels: [c=1]
+    user: "1000"
+    working_dir: /tmp
+    stop_grace_period: 3s
+    ports:
+      - "8080:80"
+      - target: 53
+        published: 5353
+        protocol: udp
+        mode: host
+    networks:
+      back:
+        aliases: [w]
+    deploy:
+      mode: global
+      endpoint_mode: dnsrr
+      placement:
+        constraints: [node.role==manager]
+        preferences: [{spread: node.labels.zone}]
+      resources:
+        limits: {cpus: "0.5", memory: 64M}
+        reservations: {memory: 32M}
+      restart_policy: {condition: on-failure, delay: 2s, max_attempts: 3, window: 1m}
+      update_config: {parallelism: 2, order: start-first, failure_action: rollback}
+      rollback_config: {parallelism: 3, failure_action: continue}
+networks:
+  back:
+    driver: overlay
+"#,
+        );
+        let c = load(&[f], &env).unwrap();
+        let a = &c.services[0].args;
+        assert_eq!(a.entrypoint, ["/bin/sh", "-c"]);
+        assert_eq!(a.command, ["echo", "a b"]);
+        assert_eq!(a.env, ["FROM_FILE=1", "A=env"]);
+        assert_eq!(
+            a.publish,
+            ["8080:80", "target=53,published=5353,protocol=udp,mode=host"]
+        );
+        assert_eq!(
+            c.services[0].networks,
+            [("back".to_string(), vec!["w".to_string()])]
+        );
+        let spec = crate::cmd::service::build_spec(a).unwrap();
+        assert!(matches!(
+            spec.mode,
+            Some(shoal_proto::v1::service_spec::Mode::Global(_))
+        ));
+        assert_eq!(spec.endpoint_mode, "dnsrr");
+        let t = spec.task.unwrap();
+        assert_eq!(t.resources.unwrap().limits.unwrap().memory_bytes, 64 << 20);
+        assert_eq!(t.restart.unwrap().max_attempts, 3);
+        assert_eq!(spec.update.unwrap().parallelism, 2);
+        assert_eq!(spec.rollback.unwrap().parallelism, 3);
+        assert_eq!(spec.ports[1].publish_mode, "host");
+        assert_eq!(t.container.unwrap().stop_grace_period_ms, 3000);
+    }
+}
