@@ -274,7 +274,9 @@ async fn deploy(
         }
     }
     for (name, spec) in &plan.networks {
-        if spec.is_none() && !net_ids.contains_key(name) {
+        // `host` and `none` are no cluster networks but exist on every node (docker's too).
+        let builtin = name == "host" || name == "none";
+        if spec.is_none() && !builtin && !net_ids.contains_key(name) {
             bail!("network {name:?} is declared as external, but could not be found");
         }
     }
