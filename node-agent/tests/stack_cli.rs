@@ -316,3 +316,41 @@ fn bad_compose_files_are_refused_by_line_and_create_nothing() {
     nothing_created(m);
     assert!(Path::new(&f).exists());
 }
+
+#[test]
+fn a_call_failing_midway_names_what_was_done() {
+    let c = Cluster::new(1, 1);
+    let m = &c.nodes[0];
+    // A service outside any stack holds the name the file's second service would take.
+    m.ok(&[
+        "service", "create", "--detach", "--name", "half_b", IMAGE, "sleep", "3600",
+    ]);
+    let f = write(
+        &c,
+        "half.yml",
+        &format!("services:\n  a:\n    image: {IMAGE}\n    command: sleep 3600\n  b:\n    image: {IMAGE}\n"),
+    );
+    let e = m.fails(&[
+        "stack",
+        "deploy",
+        "-c",
+        &f,
+        "--resolve-image",
+        "never",
+        "half",
+    ]);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.starts_with("shoal: creating service half_b: "), "{e}");
+    assert!(
+        e.trim_end()
+            .ends_with("(done before it: created network half_default, created service half_a)"),
+        "{e}"
+    );
+    // What it names is there; `stack rm` takes the stack's part and leaves the other service.
+    let ls = m.ok(&["stack", "services", "half"]);
+    assert!(ls.contains("half_a") && !ls.contains("half_b"), "{ls}");
+    m.ok(&["stack", "rm", "half"]);
+    let ls = m.ok(&["service", "ls"]);
+    assert!(ls.contains("half_b") && !ls.contains("half_a"), "{ls}");
+    assert!(!m.ok(&["network", "ls"]).contains("half_default"));
+}
