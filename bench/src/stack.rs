@@ -31,6 +31,10 @@ pub struct StackArgs {
     /// The shoal binary (default: `shoal` beside this benchmark's executable).
     #[arg(long)]
     shoal: Option<PathBuf>,
+    /// Every service on the nodes' `host` network (an external network in the file) instead of
+    /// the stack's default overlay network: tells the overlay attachments' share.
+    #[arg(long)]
+    host_network: bool,
     /// Skip the Docker side.
     #[arg(long)]
     shoal_only: bool,
@@ -39,12 +43,18 @@ pub struct StackArgs {
     workdir: PathBuf,
 }
 
-fn compose(services: usize, replicas: usize) -> String {
+fn compose(services: usize, replicas: usize, host_network: bool) -> String {
     let mut s = String::from("version: \"3.8\"\nservices:\n");
     for i in 0..services {
         s.push_str(&format!(
             "  svc{i}:\n    image: bb:latest\n    command: [\"sleep\", \"3600\"]\n    stop_grace_period: 1s\n    deploy:\n      replicas: {replicas}\n"
         ));
+        if host_network {
+            s.push_str("    networks: [hostnet]\n");
+        }
+    }
+    if host_network {
+        s.push_str("networks:\n  hostnet:\n    external: true\n    name: host\n");
     }
     s
 }
@@ -203,7 +213,7 @@ pub fn stack_deploy(a: &StackArgs) -> Result<()> {
         .tempdir_in(&a.workdir)
         .with_context(|| format!("creating a directory under {}", a.workdir.display()))?;
     let file = tmp.path().join("stack.yml");
-    std::fs::write(&file, compose(a.services, a.replicas))?;
+    std::fs::write(&file, compose(a.services, a.replicas, a.host_network))?;
     let shoal_dir = tmp.path().join("shoal");
     std::fs::create_dir_all(&shoal_dir)?;
     let shoal = shoal_rounds(a, &bin, &file, &shoal_dir)?;
