@@ -16,6 +16,7 @@ mod runtime;
 mod scale;
 mod scale_answer;
 mod services;
+mod stack;
 mod stats;
 mod update;
 
@@ -42,6 +43,8 @@ enum Bench {
     ClusterMemory(cluster::MemoryArgs),
     /// One node: `service create --replicas N` until all run, then scale to 0 (vs swarm mode).
     ServiceConverge(services::ConvergeArgs),
+    /// One node: `stack deploy` of S services × R replicas until all run (vs `docker stack deploy`).
+    StackDeploy(stack::StackArgs),
     /// Kill a worker (agent and containers) running N tasks: time until all run elsewhere.
     NodeFailure(failure::FailureArgs),
     /// One node: a rolling update of N replicas, parallelism P, until completed (vs swarm mode).
@@ -87,6 +90,7 @@ fn main() {
         Bench::ClusterFailover(a) => cluster::failover(&a),
         Bench::ClusterMemory(a) => cluster::memory(&a),
         Bench::ServiceConverge(a) => services::converge(&a),
+        Bench::StackDeploy(a) => stack::stack_deploy(&a),
         Bench::NodeFailure(a) => failure::node_failure(&a),
         Bench::ServiceUpdate(a) => update::service_update(&a),
         Bench::Scale(a) => scale::scale(&a),

@@ -80,7 +80,11 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String> {
 }
 
 /// Polls `done` every POLL until it holds; the time from `start`.
-fn until(start: Instant, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<Duration> {
+pub(crate) fn until(
+    start: Instant,
+    what: &str,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
     loop {
         if done()? {
             return Ok(start.elapsed());

@@ -60,6 +60,8 @@ enum Command {
     Config(cmd::secret::SecretArgs),
     /// The cluster's changes as they happen (services, nodes, tasks, networks)
     Events(cmd::events::EventsArgs),
+    /// Deploy and manage stacks of services from compose files
+    Stack(cmd::stack::StackArgs),
 }
 
 fn main() {
@@ -100,6 +102,7 @@ fn main() {
         Command::Secret(c) => cmd::secret::run_secret(c),
         Command::Config(c) => cmd::secret::run_config(c),
         Command::Events(c) => cmd::events::run(c),
+        Command::Stack(c) => cmd::stack::run(c),
     };
     if let Err(err) = result {
         // One line, as a user reads it: the outermost context first, then the causes.

@@ -21,3 +21,4 @@ mod secrets_cli;
 mod service_cli;
 mod service_registry;
 mod service_update_cli;
+mod stack_cli;

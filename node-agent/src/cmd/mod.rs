@@ -11,3 +11,4 @@ pub mod output;
 pub mod runtime;
 pub mod secret;
 pub mod service;
+pub mod stack;

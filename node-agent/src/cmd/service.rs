@@ -5,7 +5,7 @@
 #[cfg(test)]
 mod fuzz;
 pub(crate) mod progress;
-mod update;
+pub(crate) mod update;
 
 use std::collections::HashMap;
 
@@ -28,27 +28,27 @@ pub struct ServiceArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum ModeArg {
+pub(crate) enum ModeArg {
     Replicated,
     Global,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum RestartArg {
+pub(crate) enum RestartArg {
     None,
     OnFailure,
     Any,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum FailureActionArg {
+pub(crate) enum FailureActionArg {
     Pause,
     Continue,
     Rollback,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum OrderArg {
+pub(crate) enum OrderArg {
     StopFirst,
     StartFirst,
 }
@@ -119,105 +119,121 @@ enum ServiceCommand {
 }
 
 #[derive(Args)]
-struct CreateArgs {
+pub(crate) struct CreateArgs {
     /// Service name (default: a generated one)
     #[arg(long)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// replicated (default) or global
     #[arg(long, value_enum, default_value_t = ModeArg::Replicated)]
-    mode: ModeArg,
+    pub(crate) mode: ModeArg,
     /// Number of tasks (replicated mode)
     #[arg(long, allow_negative_numbers = true)]
-    replicas: Option<i64>,
+    pub(crate) replicas: Option<i64>,
     /// Environment variables (NAME=VALUE)
     #[arg(short, long = "env")]
-    env: Vec<String>,
+    pub(crate) env: Vec<String>,
     /// Service labels (KEY=VALUE)
     #[arg(short, long = "label")]
-    label: Vec<String>,
+    pub(crate) label: Vec<String>,
     /// Container labels (KEY=VALUE)
     #[arg(long = "container-label")]
-    container_label: Vec<String>,
+    pub(crate) container_label: Vec<String>,
     /// Placement constraints (node.role==manager, node.labels.zone!=east, ...)
     #[arg(long)]
-    constraint: Vec<String>,
+    pub(crate) constraint: Vec<String>,
     /// Placement preferences (spread=node.labels.zone)
     #[arg(long = "placement-pref")]
-    placement_pref: Vec<String>,
+    pub(crate) placement_pref: Vec<String>,
     /// Most tasks per node (0 = unlimited)
     #[arg(long = "replicas-max-per-node", default_value_t = 0)]
-    replicas_max_per_node: u64,
+    pub(crate) replicas_max_per_node: u64,
     /// Working directory in the container
     #[arg(short, long)]
-    workdir: Option<String>,
+    pub(crate) workdir: Option<String>,
     /// User in the container (name|uid[:group|gid])
     #[arg(short, long)]
-    user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Container hostname
     #[arg(long)]
-    hostname: Option<String>,
+    pub(crate) hostname: Option<String>,
     /// CPU limit (e.g. 0.5)
     #[arg(long)]
-    limit_cpu: Option<String>,
+    pub(crate) limit_cpu: Option<String>,
     /// Memory limit (e.g. 512m)
     #[arg(long)]
-    limit_memory: Option<String>,
+    pub(crate) limit_memory: Option<String>,
     /// CPUs reserved (e.g. 0.25)
     #[arg(long)]
-    reserve_cpu: Option<String>,
+    pub(crate) reserve_cpu: Option<String>,
     /// Memory reserved (e.g. 256m)
     #[arg(long)]
-    reserve_memory: Option<String>,
+    pub(crate) reserve_memory: Option<String>,
     /// Process count limit (0 = none)
     #[arg(long, default_value_t = 0)]
-    limit_pids: i64,
+    pub(crate) limit_pids: i64,
     /// Restart when: none, on-failure, any
     #[arg(long, value_enum, default_value_t = RestartArg::Any)]
-    restart_condition: RestartArg,
+    pub(crate) restart_condition: RestartArg,
     /// Delay between restarts (e.g. 5s)
     #[arg(long, default_value = "5s")]
-    restart_delay: String,
+    pub(crate) restart_delay: String,
     /// Restarts before giving up (0 = unlimited)
     #[arg(long, default_value_t = 0)]
-    restart_max_attempts: u64,
+    pub(crate) restart_max_attempts: u64,
     /// Window the restart attempts are counted in (e.g. 1m)
     #[arg(long)]
-    restart_window: Option<String>,
+    pub(crate) restart_window: Option<String>,
     #[command(flatten)]
-    configs: update::CreateConfigArgs,
+    pub(crate) configs: update::CreateConfigArgs,
     /// Time to wait after SIGTERM before SIGKILL
     #[arg(long, default_value = "10s")]
-    stop_grace_period: String,
+    pub(crate) stop_grace_period: String,
     #[command(flatten)]
-    health: update::HealthFlags,
+    pub(crate) health: update::HealthFlags,
     /// Published ports: [PUBLISHED:]TARGET[/PROTO]
     #[arg(short, long)]
-    publish: Vec<String>,
+    pub(crate) publish: Vec<String>,
     /// Networks to attach
     #[arg(long)]
-    network: Vec<String>,
+    pub(crate) network: Vec<String>,
     /// How the service's name resolves: vip (one balanced address) or dnsrr (the tasks')
     #[arg(long, value_parser = ["vip", "dnsrr"], default_value = "vip")]
-    endpoint_mode: String,
+    pub(crate) endpoint_mode: String,
     /// Mount the container's root filesystem read-only
     #[arg(long)]
-    read_only: bool,
+    pub(crate) read_only: bool,
     /// A secret as a file: NAME or source=NAME[,target=PATH,uid=U,gid=G,mode=0444]
     #[arg(long)]
-    secret: Vec<String>,
+    pub(crate) secret: Vec<String>,
     /// A config as a file: NAME or source=NAME[,target=PATH,uid=U,gid=G,mode=0444]
     #[arg(long)]
-    config: Vec<String>,
+    pub(crate) config: Vec<String>,
     /// Return at once instead of waiting for the service to converge
     #[arg(short, long)]
-    detach: bool,
+    pub(crate) detach: bool,
     #[command(flatten)]
-    registry: update::RegistryFlags,
+    pub(crate) registry: update::RegistryFlags,
     /// Image reference: NAME[:TAG][@sha256:DIGEST]
-    image: String,
+    pub(crate) image: String,
+    /// The container's entrypoint (the image's when empty); no flag sets it, a compose file
+    /// does (`stack deploy`).
+    #[arg(skip)]
+    pub(crate) entrypoint: Vec<String>,
     /// Command and arguments
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<String>,
+    pub(crate) command: Vec<String>,
+}
+
+impl CreateArgs {
+    /// `service create IMAGE` with every flag at its default: the compose path (`stack
+    /// deploy`) starts from these and sets what the file says, so both paths share one
+    /// definition of the defaults and one `build_spec`.
+    pub(crate) fn defaults(image: &str) -> anyhow::Result<CreateArgs> {
+        use clap::FromArgMatches;
+        let cmd = CreateArgs::augment_args(clap::Command::new("create").no_binary_name(true));
+        let m = cmd.try_get_matches_from([image])?;
+        Ok(CreateArgs::from_arg_matches(&m)?)
+    }
 }
 
 fn replicas(n: i64) -> anyhow::Result<u64> {
@@ -344,7 +360,7 @@ fn parse_port(s: &str) -> anyhow::Result<pb::PortConfig> {
     })
 }
 
-fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
+pub(crate) fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
     if a.limit_pids < 0 {
         bail!(
             "invalid --limit-pids {}: must not be negative",
@@ -376,7 +392,7 @@ fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
     };
     // Like docker: the words after the image replace the image's command (its entrypoint
     // stays); an empty list keeps the image's default.
-    let (command, args): (Vec<String>, Vec<String>) = (Vec::new(), a.command.clone());
+    let (command, args): (Vec<String>, Vec<String>) = (a.entrypoint.clone(), a.command.clone());
     let prefs = a
         .placement_pref
         .iter()
@@ -611,40 +627,7 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
                     .collect();
                 return print_json(&Value::Array(v));
             }
-            let mut t = Table::new(&[
-                "ID",
-                "NAME",
-                "MODE",
-                "REPLICAS",
-                "IMAGE",
-                "PORTS",
-                "UPDATE STATUS",
-            ]);
-            for s in &list {
-                let svc = s.service.clone().unwrap_or_default();
-                let sp = svc.spec.clone().unwrap_or_default();
-                let ports: Vec<String> = sp
-                    .ports
-                    .iter()
-                    .map(|p| {
-                        if p.published_port > 0 {
-                            format!("*:{}->{}/{}", p.published_port, p.target_port, p.protocol)
-                        } else {
-                            format!("{}/{}", p.target_port, p.protocol)
-                        }
-                    })
-                    .collect();
-                t.row(vec![
-                    output::short(&id(&svc)).to_string(),
-                    sp.name.clone(),
-                    mode_name(&sp),
-                    format!("{}/{}", s.running_tasks, s.desired_tasks),
-                    image(&sp),
-                    ports.join(","),
-                    update_state_word(&svc),
-                ]);
-            }
-            t.print();
+            print_services(&list);
         }
         ServiceCommand::Update(u) => {
             if let Some(edit) = &edit {
@@ -664,6 +647,44 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `service ls` table (also `stack services`).
+pub(crate) fn print_services(list: &[pb::ServiceSummary]) {
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "MODE",
+        "REPLICAS",
+        "IMAGE",
+        "PORTS",
+        "UPDATE STATUS",
+    ]);
+    for s in list {
+        let svc = s.service.clone().unwrap_or_default();
+        let sp = svc.spec.clone().unwrap_or_default();
+        let ports: Vec<String> = sp
+            .ports
+            .iter()
+            .map(|p| {
+                if p.published_port > 0 {
+                    format!("*:{}->{}/{}", p.published_port, p.target_port, p.protocol)
+                } else {
+                    format!("{}/{}", p.target_port, p.protocol)
+                }
+            })
+            .collect();
+        t.row(vec![
+            output::short(&id(&svc)).to_string(),
+            sp.name.clone(),
+            mode_name(&sp),
+            format!("{}/{}", s.running_tasks, s.desired_tasks),
+            image(&sp),
+            ports.join(","),
+            update_state_word(&svc),
+        ]);
+    }
+    t.print();
 }
 
 fn id(s: &pb::Service) -> String {
@@ -824,14 +845,14 @@ const PS_ERROR_WIDTH: usize = 40;
 /// `service ps`: each slot's (or node's) tasks, newest first, history indented as docker does.
 /// `service ps --filter`s.
 #[derive(Default)]
-struct PsFilter {
+pub(crate) struct PsFilter {
     desired: Option<i32>,
     node: Option<String>,
     id: Option<String>,
     name: Option<String>,
 }
 
-fn parse_ps_filters(filters: &[String]) -> anyhow::Result<PsFilter> {
+pub(crate) fn parse_ps_filters(filters: &[String]) -> anyhow::Result<PsFilter> {
     let mut f = PsFilter::default();
     for item in filters {
         let (k, v) = item
@@ -872,7 +893,7 @@ fn parse_scales(scales: &[String]) -> anyhow::Result<Vec<(String, u64)>> {
     Ok(wanted)
 }
 
-async fn ps(
+pub(crate) async fn ps(
     c: &mut ControlClient<Channel>,
     services: &[String],
     filter: PsFilter,

@@ -206,6 +206,17 @@ impl Node {
         );
         String::from_utf8(out.stdout).unwrap()
     }
+
+    /// Runs a command that must fail; its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.shoal(args);
+        assert!(
+            !out.status.success(),
+            "shoal {args:?} on {} succeeded unexpectedly",
+            self.host
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
 }
 
 /// A row of `service ps --no-trunc`.

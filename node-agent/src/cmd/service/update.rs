@@ -149,40 +149,40 @@ impl HealthEdit {
 pub struct CreateConfigArgs {
     /// Tasks updated at once (0 = all)
     #[arg(long, default_value_t = 1)]
-    update_parallelism: u64,
+    pub(crate) update_parallelism: u64,
     /// Delay between task updates
     #[arg(long, default_value = "0s")]
-    update_delay: String,
+    pub(crate) update_delay: String,
     /// On update failure: pause, continue, rollback
     #[arg(long, value_enum, default_value_t = FailureActionArg::Pause)]
-    update_failure_action: FailureActionArg,
+    pub(crate) update_failure_action: FailureActionArg,
     /// stop-first or start-first
     #[arg(long, value_enum, default_value_t = OrderArg::StopFirst)]
-    update_order: OrderArg,
+    pub(crate) update_order: OrderArg,
     /// How long an updated task is watched for failure
     #[arg(long, default_value = "5s")]
-    update_monitor: String,
+    pub(crate) update_monitor: String,
     /// Share of failed tasks tolerated during an update
     #[arg(long, default_value_t = 0.0)]
-    update_max_failure_ratio: f32,
+    pub(crate) update_max_failure_ratio: f32,
     /// Tasks rolled back at once (0 = all)
     #[arg(long, default_value_t = 1)]
-    rollback_parallelism: u64,
+    pub(crate) rollback_parallelism: u64,
     /// Delay between task rollbacks
     #[arg(long, default_value = "0s")]
-    rollback_delay: String,
+    pub(crate) rollback_delay: String,
     /// On rollback failure: pause, continue
     #[arg(long, value_enum, default_value_t = RollbackActionArg::Pause)]
-    rollback_failure_action: RollbackActionArg,
+    pub(crate) rollback_failure_action: RollbackActionArg,
     /// stop-first or start-first
     #[arg(long, value_enum, default_value_t = OrderArg::StopFirst)]
-    rollback_order: OrderArg,
+    pub(crate) rollback_order: OrderArg,
     /// How long a rolled-back task is watched for failure
     #[arg(long, default_value = "5s")]
-    rollback_monitor: String,
+    pub(crate) rollback_monitor: String,
     /// Share of failed tasks tolerated during a rollback
     #[arg(long, default_value_t = 0.0)]
-    rollback_max_failure_ratio: f32,
+    pub(crate) rollback_max_failure_ratio: f32,
 }
 
 fn action(a: FailureActionArg) -> i32 {

@@ -1,0 +1,551 @@
+//! `shoal stack deploy|ls|ps|services|rm`, with docker's words and flags. A stack exists only
+//! in the client, as in docker: its services and networks are named `STACK_key` and carry
+//! the label `com.docker.stack.namespace=STACK`; deploy computes every spec from the compose
+//! files first and then calls the control API's create/update/remove RPCs.
+
+mod compose;
+mod yaml;
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{anyhow, bail};
+use clap::{ArgAction, Args, Subcommand, ValueEnum};
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::control_client::ControlClient;
+use tonic::transport::Channel;
+
+use super::output::{self, block_on, rpc, SocketArg, Table};
+use super::service::{self, progress, PsFilter};
+
+/// Docker's label naming a stack's objects.
+pub const NAMESPACE: &str = "com.docker.stack.namespace";
+
+#[derive(Args)]
+pub struct StackArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    #[command(subcommand)]
+    command: StackCommand,
+}
+
+/// When service images are pinned to their registry's digest (docker's `--resolve-image`).
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ResolveImage {
+    /// Every deploy asks the registry for every service
+    Always,
+    /// Only new services and those whose image changed
+    Changed,
+    /// Never: the image is used as written
+    Never,
+}
+
+#[derive(Subcommand)]
+enum StackCommand {
+    /// Deploy a new stack or update an existing one from compose files
+    #[command(alias = "up")]
+    Deploy {
+        /// Compose file (several: later files override keys of earlier ones)
+        #[arg(short = 'c', long = "compose-file", required = true)]
+        compose_file: Vec<String>,
+        /// Remove the stack's services that the files no longer name
+        #[arg(long)]
+        prune: bool,
+        /// Pin images to their registry digest: always, changed, never
+        #[arg(long, value_enum, default_value_t = ResolveImage::Always)]
+        resolve_image: ResolveImage,
+        /// Send this node's registry login to the nodes that run the tasks
+        #[arg(long)]
+        with_registry_auth: bool,
+        /// Return once the RPCs are done (--detach=false: wait until every service converged)
+        #[arg(short, long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        detach: bool,
+        stack: String,
+    },
+    /// List stacks
+    #[command(alias = "list")]
+    Ls,
+    /// List the tasks of a stack
+    Ps {
+        stack: String,
+        /// Filter: desired-state=running|shutdown|accepted, node=ID|HOSTNAME, id=ID, name=NAME
+        #[arg(short, long)]
+        filter: Vec<String>,
+        /// Do not truncate ids and errors
+        #[arg(long)]
+        no_trunc: bool,
+        /// Only task ids
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List the services of a stack
+    Services {
+        stack: String,
+        /// Only service ids
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove stacks: their services, then their networks
+    #[command(aliases = ["remove", "down"])]
+    Rm {
+        #[arg(required = true)]
+        stacks: Vec<String>,
+    },
+}
+
+pub fn run(a: StackArgs) -> anyhow::Result<()> {
+    block_on(run_async(a))
+}
+
+fn check_name(stack: &str) -> anyhow::Result<()> {
+    let ok = stack
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && stack
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !ok {
+        bail!("invalid stack name {stack:?}: letters, digits, '_', '.', '-', starting with a letter or digit");
+    }
+    Ok(())
+}
+
+/// The stack's services and networks as computed from the files, before any RPC.
+struct Plan {
+    /// Full network name → its spec (`None`: external, must exist).
+    networks: BTreeMap<String, Option<pb::NetworkSpec>>,
+    services: Vec<pb::ServiceSpec>,
+    registry: service::update::RegistryFlags,
+}
+
+fn plan(stack: &str, files: &[String], with_registry_auth: bool) -> anyhow::Result<Plan> {
+    check_name(stack)?;
+    let env = |k: &str| std::env::var(k).ok();
+    let c = compose::load(files, &env)?;
+    let full = |key: &str| -> String {
+        match c.networks.get(key) {
+            Some(d) if d.external => d.name.clone().unwrap_or_else(|| key.to_string()),
+            Some(compose::NetworkDef { name: Some(n), .. }) => n.clone(),
+            _ => format!("{stack}_{key}"),
+        }
+    };
+    let mut networks = BTreeMap::new();
+    let mut services = Vec::new();
+    for s in c.services {
+        let mut a = s.args;
+        a.name = Some(format!("{stack}_{}", s.key));
+        a.label.push(format!("{NAMESPACE}={stack}"));
+        a.container_label.push(format!("{NAMESPACE}={stack}"));
+        a.network.clear();
+        for (key, aliases) in &s.networks {
+            let name = full(key);
+            let def = c.networks.get(key);
+            let spec = match def {
+                Some(d) if d.external => None,
+                _ => {
+                    let d = def.map(|d| (d.attachable, d.internal, &d.labels, &d.driver_opts));
+                    let mut labels = output::parse_kv(d.map(|d| d.2.as_slice()).unwrap_or(&[]))?;
+                    labels.insert(NAMESPACE.into(), stack.into());
+                    Some(pb::NetworkSpec {
+                        name: name.clone(),
+                        driver: "overlay".into(),
+                        attachable: d.is_some_and(|d| d.0),
+                        internal: d.is_some_and(|d| d.1),
+                        labels,
+                        options: d
+                            .map(|d| d.3.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                            .unwrap_or_default(),
+                        ..Default::default()
+                    })
+                }
+            };
+            networks.insert(name.clone(), spec);
+            a.network.push(if aliases.is_empty() {
+                name
+            } else {
+                let mut v = format!("name={name}");
+                for al in aliases {
+                    v.push_str(&format!(",alias={al}"));
+                }
+                v
+            });
+        }
+        let spec = service::build_spec(&a)
+            .map_err(|e| anyhow!("{}:{}: services.{}: {e:#}", s.file, s.line, s.key))?;
+        services.push(spec);
+    }
+    Ok(Plan {
+        networks,
+        services,
+        registry: service::update::RegistryFlags {
+            with_registry_auth,
+            ..Default::default()
+        },
+    })
+}
+
+fn in_stack(labels: &HashMap<String, String>, stack: &str) -> bool {
+    labels.get(NAMESPACE).map(String::as_str) == Some(stack)
+}
+
+async fn stack_services(
+    c: &mut ControlClient<Channel>,
+    stack: &str,
+) -> anyhow::Result<Vec<pb::ServiceSummary>> {
+    let list = rpc(c
+        .list_services(pb::ListServicesRequest {
+            name_prefix: format!("{stack}_"),
+        })
+        .await)?
+    .services;
+    Ok(list
+        .into_iter()
+        .filter(|s| {
+            s.service
+                .as_ref()
+                .and_then(|s| s.spec.as_ref())
+                .is_some_and(|sp| in_stack(&sp.labels, stack))
+        })
+        .collect())
+}
+
+/// Makes `want` comparable with what the control API stored for `old` (network ids, the
+/// digest the image was pinned to, ports the mesh allocated) and says whether they differ.
+fn changed(
+    old: &pb::ServiceSpec,
+    want: &mut pb::ServiceSpec,
+    net_ids: &HashMap<String, String>,
+    keep_pin: bool,
+) -> bool {
+    if let Some(t) = want.task.as_mut() {
+        for n in t.networks.iter_mut() {
+            if let Some(id) = net_ids.get(n) {
+                *n = id.clone();
+            }
+        }
+        for al in t.network_aliases.iter_mut() {
+            if let Some(id) = net_ids.get(&al.network) {
+                al.network = id.clone();
+            }
+        }
+        let old_image = old
+            .task
+            .as_ref()
+            .and_then(|t| t.container.as_ref())
+            .map(|c| c.image.clone())
+            .unwrap_or_default();
+        if let Some(c) = t.container.as_mut() {
+            if keep_pin && old_image.starts_with(&format!("{}@", c.image)) {
+                c.image = old_image;
+            }
+        }
+    }
+    for p in want.ports.iter_mut().filter(|p| p.published_port == 0) {
+        if let Some(o) = old.ports.iter().find(|o| {
+            o.target_port == p.target_port
+                && o.protocol == p.protocol
+                && o.publish_mode == p.publish_mode
+        }) {
+            p.published_port = o.published_port;
+        }
+    }
+    old != want
+}
+
+async fn deploy(
+    c: &mut ControlClient<Channel>,
+    stack: &str,
+    mut plan: Plan,
+    prune: bool,
+    resolve: ResolveImage,
+    detach: bool,
+) -> anyhow::Result<()> {
+    for s in plan.services.iter_mut() {
+        plan.registry.apply(s).await;
+    }
+    let names: std::collections::HashSet<String> =
+        plan.services.iter().map(|s| s.name.clone()).collect();
+    // Reads first: an external network that is missing stops the deploy before any write.
+    let nets = rpc(c.list_networks(pb::ListNetworksRequest {}).await)?.networks;
+    let mut net_ids: HashMap<String, String> = HashMap::new();
+    for n in &nets {
+        if let (Some(m), Some(s)) = (&n.meta, &n.spec) {
+            net_ids.insert(s.name.clone(), m.id.clone());
+        }
+    }
+    for (name, spec) in &plan.networks {
+        // `host` and `none` are no cluster networks but exist on every node (docker's too).
+        let builtin = name == "host" || name == "none";
+        if spec.is_none() && !builtin && !net_ids.contains_key(name) {
+            bail!("network {name:?} is declared as external, but could not be found");
+        }
+    }
+    let existing: HashMap<String, pb::Service> = stack_services(c, stack)
+        .await?
+        .into_iter()
+        .filter_map(|s| s.service)
+        .map(|s| (s.spec.clone().unwrap_or_default().name, s))
+        .collect();
+
+    let mut done: Vec<String> = Vec::new();
+    let failed = |done: &[String], what: String, e: anyhow::Error| -> anyhow::Error {
+        if done.is_empty() {
+            anyhow!("{what}: {e:#} (nothing was changed)")
+        } else {
+            anyhow!("{what}: {e:#} (done before it: {})", done.join(", "))
+        }
+    };
+    for (name, spec) in &plan.networks {
+        let Some(spec) = spec else { continue };
+        if net_ids.contains_key(name) {
+            continue;
+        }
+        println!("Creating network {name}");
+        match c
+            .create_network(pb::CreateNetworkRequest {
+                spec: Some(spec.clone()),
+            })
+            .await
+        {
+            Ok(r) => {
+                let n = r.into_inner().network.unwrap_or_default();
+                net_ids.insert(name.clone(), n.meta.map(|m| m.id).unwrap_or_default());
+                done.push(format!("created network {name}"));
+            }
+            Err(e) => {
+                return Err(failed(
+                    &done,
+                    format!("creating network {name}"),
+                    anyhow!(e.message().to_string()),
+                ));
+            }
+        }
+    }
+    let mut follow = Vec::new();
+    for mut spec in plan.services {
+        let name = spec.name.clone();
+        match existing.get(&name) {
+            Some(old) => {
+                let old_spec = old.spec.clone().unwrap_or_default();
+                let keep_pin = resolve != ResolveImage::Always;
+                if !changed(&old_spec, &mut spec, &net_ids, keep_pin)
+                    && resolve != ResolveImage::Always
+                {
+                    continue;
+                }
+                let id = old.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+                println!("Updating service {name} (id: {id})");
+                let r = c
+                    .update_service(pb::UpdateServiceRequest {
+                        service: id.clone(),
+                        version: old.meta.as_ref().map(|m| m.version).unwrap_or(0),
+                        spec: Some(spec),
+                        no_resolve_image: resolve == ResolveImage::Never,
+                    })
+                    .await;
+                match r {
+                    Ok(r) => service::update::warn(&r.into_inner().warnings),
+                    Err(e) => {
+                        return Err(failed(
+                            &done,
+                            format!("updating service {name}"),
+                            anyhow!(e.message().to_string()),
+                        ));
+                    }
+                }
+                done.push(format!("updated service {name}"));
+                follow.push(id);
+            }
+            None => {
+                println!("Creating service {name}");
+                match c
+                    .create_service(pb::CreateServiceRequest {
+                        spec: Some(spec),
+                        no_resolve_image: resolve == ResolveImage::Never,
+                    })
+                    .await
+                {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        service::update::warn(&r.warnings);
+                        follow.push(
+                            r.service
+                                .and_then(|s| s.meta)
+                                .map(|m| m.id)
+                                .unwrap_or_default(),
+                        );
+                        done.push(format!("created service {name}"));
+                    }
+                    Err(e) => {
+                        return Err(failed(
+                            &done,
+                            format!("creating service {name}"),
+                            anyhow!(e.message().to_string()),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if prune {
+        let mut gone: Vec<&String> = existing.keys().filter(|n| !names.contains(*n)).collect();
+        gone.sort();
+        for name in gone {
+            println!("Removing service {name}");
+            if let Err(e) = c
+                .remove_service(pb::RemoveServiceRequest {
+                    service: name.clone(),
+                })
+                .await
+            {
+                return Err(failed(
+                    &done,
+                    format!("removing service {name}"),
+                    anyhow!(e.message().to_string()),
+                ));
+            }
+            done.push(format!("removed service {name}"));
+        }
+    }
+    if !detach {
+        for id in follow {
+            progress::wait_converged(c, &id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes one stack: its services, then its networks (a network is refused while a service
+/// uses it, so the services go first). Says what it removed.
+async fn remove(c: &mut ControlClient<Channel>, stack: &str) -> anyhow::Result<bool> {
+    let services = stack_services(c, stack).await?;
+    let nets: Vec<pb::Network> = rpc(c.list_networks(pb::ListNetworksRequest {}).await)?
+        .networks
+        .into_iter()
+        .filter(|n| n.spec.as_ref().is_some_and(|s| in_stack(&s.labels, stack)))
+        .collect();
+    if services.is_empty() && nets.is_empty() {
+        return Ok(false);
+    }
+    let mut errors = Vec::new();
+    for s in &services {
+        let sp = s.service.as_ref().and_then(|s| s.spec.as_ref());
+        let name = sp.map(|s| s.name.clone()).unwrap_or_default();
+        println!("Removing service {name}");
+        if let Err(e) = c
+            .remove_service(pb::RemoveServiceRequest {
+                service: name.clone(),
+            })
+            .await
+        {
+            errors.push(format!("service {name}: {}", e.message()));
+        }
+    }
+    for n in &nets {
+        let name = n.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        println!("Removing network {name}");
+        if let Err(e) = c
+            .remove_network(pb::RemoveNetworkRequest {
+                network: n.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default(),
+            })
+            .await
+        {
+            errors.push(format!("network {name}: {}", e.message()));
+        }
+    }
+    if !errors.is_empty() {
+        bail!("stack {stack}: could not remove {}", errors.join("; "));
+    }
+    Ok(true)
+}
+
+async fn run_async(a: StackArgs) -> anyhow::Result<()> {
+    // The files are read and every spec built before the daemon is asked anything.
+    let planned = match &a.command {
+        StackCommand::Deploy {
+            compose_file,
+            stack,
+            with_registry_auth,
+            ..
+        } => Some(plan(stack, compose_file, *with_registry_auth)?),
+        _ => None,
+    };
+    let ps_filter = match &a.command {
+        StackCommand::Ps { filter, .. } => service::parse_ps_filters(filter)?,
+        _ => PsFilter::default(),
+    };
+    let mut c = ControlClient::new(a.socket.channel().await?);
+    match a.command {
+        StackCommand::Deploy {
+            stack,
+            prune,
+            resolve_image,
+            detach,
+            ..
+        } => {
+            let plan = planned.expect("planned above");
+            deploy(&mut c, &stack, plan, prune, resolve_image, detach).await?;
+        }
+        StackCommand::Ls => {
+            let list = rpc(c.list_services(pb::ListServicesRequest::default()).await)?.services;
+            let mut stacks: BTreeMap<String, usize> = BTreeMap::new();
+            for s in &list {
+                if let Some(ns) = s
+                    .service
+                    .as_ref()
+                    .and_then(|s| s.spec.as_ref())
+                    .and_then(|sp| sp.labels.get(NAMESPACE))
+                {
+                    *stacks.entry(ns.clone()).or_default() += 1;
+                }
+            }
+            let mut t = Table::new(&["NAME", "SERVICES"]);
+            for (name, n) in stacks {
+                t.row(vec![name, n.to_string()]);
+            }
+            t.print();
+        }
+        StackCommand::Services { stack, quiet } => {
+            let list = stack_services(&mut c, &stack).await?;
+            if list.is_empty() {
+                bail!("nothing found in stack: {stack}");
+            }
+            if quiet {
+                for s in &list {
+                    let id = s.service.as_ref().and_then(|s| s.meta.as_ref());
+                    println!("{}", id.map(|m| m.id.as_str()).unwrap_or_default());
+                }
+            } else {
+                service::print_services(&list);
+            }
+        }
+        StackCommand::Ps {
+            stack,
+            no_trunc,
+            quiet,
+            ..
+        } => {
+            let names: Vec<String> = stack_services(&mut c, &stack)
+                .await?
+                .into_iter()
+                .filter_map(|s| s.service.and_then(|s| s.spec).map(|s| s.name))
+                .collect();
+            if names.is_empty() {
+                bail!("nothing found in stack: {stack}");
+            }
+            service::ps(&mut c, &names, ps_filter, no_trunc, quiet).await?;
+        }
+        StackCommand::Rm { stacks } => {
+            let mut missing = Vec::new();
+            for s in &stacks {
+                if !remove(&mut c, s).await? {
+                    missing.push(s.clone());
+                }
+            }
+            if !missing.is_empty() {
+                bail!("nothing found in stack: {}", missing.join(", "));
+            }
+        }
+    }
+    Ok(())
+}
