@@ -28,22 +28,22 @@ pub enum RollbackActionArg {
 pub struct HealthFlags {
     /// Command to run to check health (run by /bin/sh -c in the container)
     #[arg(long, allow_hyphen_values = true)]
-    health_cmd: Option<String>,
+    pub(crate) health_cmd: Option<String>,
     /// Time between running the check (ms|s|m|h) (default 30s)
     #[arg(long, allow_hyphen_values = true)]
-    health_interval: Option<String>,
+    pub(crate) health_interval: Option<String>,
     /// Maximum time to allow one check to run (ms|s|m|h) (default 30s)
     #[arg(long, allow_hyphen_values = true)]
-    health_timeout: Option<String>,
+    pub(crate) health_timeout: Option<String>,
     /// Consecutive failures needed to report unhealthy (default 3)
     #[arg(long, allow_hyphen_values = true)]
-    health_retries: Option<String>,
+    pub(crate) health_retries: Option<String>,
     /// Start period for the container to initialize before failed checks count (ms|s|m|h)
     #[arg(long, allow_hyphen_values = true)]
-    health_start_period: Option<String>,
+    pub(crate) health_start_period: Option<String>,
     /// Disable any container-specified HEALTHCHECK
     #[arg(long)]
-    no_healthcheck: bool,
+    pub(crate) no_healthcheck: bool,
 }
 
 /// The health check flags, checked: what they change in a container spec's health check.

@@ -288,9 +288,9 @@ fn at(n: &Node, path: &str, msg: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("{}:{}: {path}: {msg}", n.file, n.line)
 }
 
-/// Keys shoal will map once the ServiceSpec has them (another branch adds them): refused as
-/// "not supported yet" for now. Adding one is a `later_*` mapping function in `service`.
-const LATER: &[&str] = &["secrets", "configs", "healthcheck"];
+/// Keys shoal will map later: refused as "not supported yet". Adding one is a mapping
+/// function in `service`.
+const LATER: &[&str] = &["secrets", "configs"];
 
 /// The map's entries; every key not in `allowed` (nor an `x-` extension) refused by name.
 fn entries<'a>(
@@ -560,6 +560,7 @@ const SERVICE_KEYS: &[&str] = &[
     "stop_grace_period",
     "hostname",
     "read_only",
+    "healthcheck",
 ];
 
 fn service(
@@ -635,6 +636,7 @@ fn service(
             }
             "hostname" => a.hostname = Some(string(v, &p)?),
             "read_only" => a.read_only = boolean(v, &p)?,
+            "healthcheck" => healthcheck(v, &p, &mut a)?,
             _ => unreachable!("entries() allows only SERVICE_KEYS"),
         }
     }
@@ -655,6 +657,66 @@ fn service(
         args: a,
         networks,
     })
+}
+
+/// `healthcheck:` onto the `--health-*` flags: `test` as a string or `[CMD-SHELL, s]` (run by
+/// /bin/sh -c), `[CMD, args…]` (quoted for that shell), `[NONE]` or `disable: true`.
+fn healthcheck(n: &Node, path: &str, a: &mut CreateArgs) -> anyhow::Result<()> {
+    let h = &mut a.health;
+    for (_, v, p) in entries(
+        n,
+        path,
+        &[
+            "test",
+            "interval",
+            "timeout",
+            "retries",
+            "start_period",
+            "disable",
+        ],
+    )? {
+        let duration = |v: &Node| -> anyhow::Result<String> {
+            let s = string(v, &p)?;
+            output::parse_duration_ms(&s).map_err(|e| at(v, &p, e))?;
+            Ok(s)
+        };
+        match p.rsplit('.').next().unwrap_or_default() {
+            "test" => match &v.value {
+                Value::Scalar(..) => h.health_cmd = Some(string(v, &p)?),
+                _ => {
+                    let t = strings(v, &p)?;
+                    match t.first().map(String::as_str) {
+                        Some("NONE") if t.len() == 1 => h.no_healthcheck = true,
+                        Some("CMD-SHELL") if t.len() == 2 => h.health_cmd = Some(t[1].clone()),
+                        Some("CMD") if t.len() > 1 => {
+                            let quoted: Vec<String> = t[1..]
+                                .iter()
+                                .map(|w| format!("'{}'", w.replace('\'', r"'\''")))
+                                .collect();
+                            h.health_cmd = Some(quoted.join(" "));
+                        }
+                        _ => {
+                            return Err(at(
+                                v,
+                                &p,
+                                "expected [\"CMD\", args…], [\"CMD-SHELL\", command], [\"NONE\"] or a string",
+                            ))
+                        }
+                    }
+                }
+            },
+            "interval" => h.health_interval = Some(duration(v)?),
+            "timeout" => h.health_timeout = Some(duration(v)?),
+            "start_period" => h.health_start_period = Some(duration(v)?),
+            "retries" => h.health_retries = Some(parse::<u32>(v, &p, "a count")?.to_string()),
+            "disable" => h.no_healthcheck = boolean(v, &p)?,
+            _ => unreachable!("entries() allows only these"),
+        }
+    }
+    if h.no_healthcheck && h.health_cmd.is_some() {
+        return Err(at(n, path, "disable (or NONE) with a test: pick one"));
+    }
+    Ok(())
 }
 
 /// A `ports:` item, short (`"8080:80/udp"`) or long (`target:`, `published:`, …), as the
@@ -890,10 +952,6 @@ mod tests {
         for (key, text) in [
             ("secrets", "    secrets: [a]\n"),
             ("configs", "    configs: [a]\n"),
-            (
-                "healthcheck",
-                "    healthcheck:\n      test: [CMD, \"true\"]\n",
-            ),
         ] {
             let f = write(
                 d.path(),
@@ -988,5 +1046,63 @@ networks:
         assert_eq!(spec.rollback.unwrap().parallelism, 3);
         assert_eq!(spec.ports[1].publish_mode, "host");
         assert_eq!(t.container.unwrap().stop_grace_period_ms, 3000);
+    }
+
+    #[test]
+    fn a_healthcheck_maps_onto_the_health_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let svc = |h: &str| {
+            let f = write(
+                d.path(),
+                "h.yml",
+                &format!("services:\n  web:\n    image: busybox\n    healthcheck:\n{h}"),
+            );
+            load(std::slice::from_ref(&f), &env).map(|c| c.services[0].args.health.clone())
+        };
+        let h = svc("      test: [CMD, wget, -q, \"it's\"]\n      interval: 5s\n      timeout: 2s\n      retries: 4\n      start_period: 1m\n").unwrap();
+        assert_eq!(h.health_cmd.as_deref(), Some(r"'wget' '-q' 'it'\''s'"));
+        assert_eq!(h.health_interval.as_deref(), Some("5s"));
+        assert_eq!(h.health_timeout.as_deref(), Some("2s"));
+        assert_eq!(h.health_retries.as_deref(), Some("4"));
+        assert_eq!(h.health_start_period.as_deref(), Some("1m"));
+        let h = svc("      test: [CMD-SHELL, \"curl -f localhost || exit 1\"]\n").unwrap();
+        assert_eq!(h.health_cmd.as_deref(), Some("curl -f localhost || exit 1"));
+        assert!(svc("      test: [NONE]\n").unwrap().no_healthcheck);
+        assert!(svc("      disable: true\n").unwrap().no_healthcheck);
+        // And through the same spec builder as `service create --health-*`.
+        let f = write(
+            d.path(),
+            "h.yml",
+            "services:\n  web:\n    image: busybox\n    healthcheck:\n      test: true\n      interval: 5s\n",
+        );
+        let c = load(std::slice::from_ref(&f), &env).unwrap();
+        let spec = crate::cmd::service::build_spec(&c.services[0].args).unwrap();
+        let hc = spec.task.unwrap().container.unwrap().healthcheck.unwrap();
+        assert_eq!(hc.interval_ms, 5000);
+        for (bad, want) in [
+            (
+                "      test: [SHELL, x]\n",
+                "services.web.healthcheck.test: expected",
+            ),
+            (
+                "      interval: soon\n",
+                "services.web.healthcheck.interval: invalid duration",
+            ),
+            (
+                "      retries: many\n",
+                "services.web.healthcheck.retries: expected a count",
+            ),
+            (
+                "      test: x\n      disable: true\n",
+                "services.web.healthcheck: disable",
+            ),
+            (
+                "      tests: x\n",
+                "services.web.healthcheck.tests: not supported",
+            ),
+        ] {
+            let e = svc(bad).err().unwrap().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 }
