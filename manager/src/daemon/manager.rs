@@ -112,6 +112,7 @@ impl Manager {
         let control = ControlService::tls(api.clone()).into_server();
         let dispatcher = Dispatcher::start(storage.store.clone(), raft.clone(), authorizer.clone());
         let dispatch = dispatcher.service();
+        api.set_log_broker(dispatcher.log_broker());
         let listener =
             tokio::net::TcpListener::bind(listen)
                 .await

@@ -1,0 +1,235 @@
+//! The log broker (swarmkit's `logbroker`): the leader publishes a subscription to the nodes
+//! that hold the wanted tasks on their dispatcher sessions; each node sends the lines back with
+//! `PublishLogs`; the broker hands them to the subscriber's stream. See docs/design/logs.md.
+//!
+//! Nothing here buffers without bound: a subscriber's stream holds [`LOG_SUBSCRIBER_BUFFER`]
+//! messages, and a `PublishLogs` call reads its next message only once the last one was
+//! queued, so a slow client slows the workers down through HTTP/2 flow control (the worker's
+//! own queue is bounded too). A subscription ends when its client goes away.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use shoal_proto::v1 as pb;
+use tokio::sync::{mpsc, Notify};
+use tonic::Status;
+
+/// Messages queued towards one subscriber before the publishers wait.
+pub const LOG_SUBSCRIBER_BUFFER: usize = 64;
+/// Subscriptions one leader serves at once; more are refused.
+pub const MAX_LOG_SUBSCRIPTIONS: usize = 256;
+/// Without `follow`: how long the broker waits for every node to send all its lines (a node
+/// without a session may still open one: a leader change) before it ends the stream with a
+/// notice naming the nodes that did not.
+pub const LOG_NODE_WAIT: Duration = Duration::from_secs(15);
+
+/// The subscriber's stream, as the control API serves it.
+pub type LogSender = mpsc::Sender<Result<pb::SubscribeLogsMessage, Status>>;
+
+/// Sends a subscription to a node's session; false when the node has none.
+pub(super) type Publish = dyn Fn(&str, pb::LogSubscription) -> bool + Send + Sync;
+
+struct Subscription {
+    out: LogSender,
+    options: pb::LogOptions,
+    /// node id → its tasks in this subscription, and whether it sent everything.
+    nodes: HashMap<String, NodeSub>,
+    /// Woken when a node is done.
+    changed: Arc<Notify>,
+}
+
+struct NodeSub {
+    tasks: BTreeSet<String>,
+    done: bool,
+}
+
+/// The leader's log subscriptions; cheap to clone.
+#[derive(Clone)]
+pub struct LogBroker {
+    inner: Arc<BrokerInner>,
+}
+
+struct BrokerInner {
+    subs: Mutex<HashMap<String, Subscription>>,
+    publish: Box<Publish>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A subscription as a node's `PublishLogs` call sees it.
+pub(super) struct Attached {
+    pub out: LogSender,
+    pub tasks: BTreeSet<String>,
+}
+
+impl LogBroker {
+    pub(super) fn new(publish: Box<Publish>) -> LogBroker {
+        LogBroker {
+            inner: Arc::new(BrokerInner {
+                subs: Mutex::new(HashMap::new()),
+                publish,
+            }),
+        }
+    }
+
+    /// Starts subscription `id` for `tasks` (node id, task id) and runs it until every node sent
+    /// all its lines (not following) or the subscriber goes away. `tasks` must be non-empty.
+    pub async fn run(
+        &self,
+        id: String,
+        tasks: Vec<(String, String)>,
+        options: pb::LogOptions,
+        out: LogSender,
+    ) {
+        let changed = Arc::new(Notify::new());
+        let mut nodes: HashMap<String, NodeSub> = HashMap::new();
+        for (node, task) in tasks {
+            nodes
+                .entry(node)
+                .or_insert_with(|| NodeSub {
+                    tasks: BTreeSet::new(),
+                    done: false,
+                })
+                .tasks
+                .insert(task);
+        }
+        let publish: Vec<(String, Vec<String>)> = nodes
+            .iter()
+            .map(|(n, s)| (n.clone(), s.tasks.iter().cloned().collect()))
+            .collect();
+        {
+            let mut subs = lock(&self.inner.subs);
+            if subs.len() >= MAX_LOG_SUBSCRIPTIONS {
+                let _ = out.try_send(Err(Status::resource_exhausted(format!(
+                    "this manager serves {MAX_LOG_SUBSCRIPTIONS} log streams already"
+                ))));
+                return;
+            }
+            subs.insert(
+                id.clone(),
+                Subscription {
+                    out: out.clone(),
+                    options: options.clone(),
+                    nodes,
+                    changed: changed.clone(),
+                },
+            );
+        }
+        let _cleanup = Remove(Arc::downgrade(&self.inner), id.clone());
+        for (node, task_ids) in publish {
+            // A node without a session now gets it when it opens one (`for_node`).
+            (self.inner.publish)(
+                &node,
+                pb::LogSubscription {
+                    id: id.clone(),
+                    task_ids,
+                    options: Some(options.clone()),
+                },
+            );
+        }
+        let deadline = tokio::time::Instant::now() + LOG_NODE_WAIT;
+        loop {
+            let waiting: Vec<String> = {
+                let subs = lock(&self.inner.subs);
+                let Some(s) = subs.get(&id) else { return };
+                let mut w: Vec<String> = s
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| !n.done)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                w.sort();
+                w
+            };
+            if waiting.is_empty() && !options.follow {
+                return;
+            }
+            let timeout = async {
+                if options.follow {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep_until(deadline).await
+                }
+            };
+            tokio::select! {
+                _ = out.closed() => return,
+                _ = changed.notified() => {}
+                _ = timeout => {
+                    let notice = format!(
+                        "incomplete log stream: no lines from node(s) {} within {} s",
+                        waiting.join(", "),
+                        LOG_NODE_WAIT.as_secs()
+                    );
+                    let _ = out
+                        .send(Ok(pb::SubscribeLogsMessage {
+                            notices: vec![notice],
+                            ..Default::default()
+                        }))
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The subscriptions a node that just opened a session must run.
+    pub(super) fn for_node(&self, node: &str) -> Vec<pb::LogSubscription> {
+        lock(&self.inner.subs)
+            .iter()
+            .filter_map(|(id, s)| {
+                let n = s.nodes.get(node).filter(|n| !n.done)?;
+                Some(pb::LogSubscription {
+                    id: id.clone(),
+                    task_ids: n.tasks.iter().cloned().collect(),
+                    options: Some(s.options.clone()),
+                })
+            })
+            .collect()
+    }
+
+    /// Subscription `id` as `node` may publish to it.
+    pub(super) fn attach(&self, id: &str, node: &str) -> Option<Attached> {
+        let subs = lock(&self.inner.subs);
+        let s = subs.get(id)?;
+        let n = s.nodes.get(node)?;
+        Some(Attached {
+            out: s.out.clone(),
+            tasks: n.tasks.clone(),
+        })
+    }
+
+    /// `node` sent every line subscription `id` asked of it.
+    pub(super) fn node_done(&self, id: &str, node: &str) {
+        let subs = &mut lock(&self.inner.subs);
+        if let Some(s) = subs.get_mut(id) {
+            if let Some(n) = s.nodes.get_mut(node) {
+                n.done = true;
+            }
+            s.changed.notify_one();
+        }
+    }
+
+    /// Subscriptions open now.
+    pub fn len(&self) -> usize {
+        lock(&self.inner.subs).len()
+    }
+
+    /// Whether no subscription is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Forgets a subscription when its runner ends (however it ends).
+struct Remove(Weak<BrokerInner>, String);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.upgrade() {
+            lock(&b.subs).remove(&self.1);
+        }
+    }
+}
