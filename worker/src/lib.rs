@@ -7,6 +7,7 @@ pub mod controller;
 pub mod db;
 pub mod dns;
 pub mod executor;
+mod logs;
 pub mod peers;
 pub mod registry;
 pub mod registry_server;

@@ -97,4 +97,9 @@ pub trait Executor: Send + Sync + 'static {
     /// NAME`), the whole set each time: their embedded DNS and virtual IPs are the agent's.
     /// Executors without networks ignore it.
     fn set_attachments(&self, _attachments: Vec<shoal_proto::v1::Task>) {}
+    /// Where the task's container log is (`shoal_runtime::logfile` records, rotated);
+    /// `None` for executors that keep no logs.
+    fn log_path(&self, _task_id: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }
