@@ -16,5 +16,6 @@ mod install_script;
 mod promote_cli;
 mod registry_cli;
 mod service_cli;
+mod service_logs_cli;
 mod service_registry;
 mod service_update_cli;

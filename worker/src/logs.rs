@@ -304,3 +304,78 @@ mod tests {
         assert!(!f.pass(9) && f.pass(10) && f.pass(11));
     }
 }
+
+#[cfg(test)]
+mod read_tests {
+    use super::*;
+    use shoal_runtime::logfile::{encode, Stream};
+
+    fn lines_of(options: pb::LogOptions, path: &std::path::Path) -> Vec<String> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let stop = AtomicBool::new(false);
+        read_logs(
+            &[("t1".to_string(), Some(path.to_path_buf()))],
+            &options,
+            &tx,
+            &stop,
+        );
+        drop(tx);
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            for l in m.lines {
+                out.push(String::from_utf8(l.data).unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn tail_since_and_cursors_pick_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("container.log");
+        let mut buf = Vec::new();
+        for (i, t) in [(0, 10), (1, 20), (2, 20), (3, 30)] {
+            encode(
+                &mut buf,
+                t,
+                Stream::Stdout,
+                false,
+                format!("l{i}").as_bytes(),
+            );
+        }
+        std::fs::write(&p, &buf).unwrap();
+        let all = lines_of(pb::LogOptions::default(), &p);
+        assert_eq!(all, ["l0", "l1", "l2", "l3"]);
+        let tail = lines_of(
+            pb::LogOptions {
+                has_tail: true,
+                tail: 2,
+                ..Default::default()
+            },
+            &p,
+        );
+        assert_eq!(tail, ["l2", "l3"]);
+        let since = lines_of(
+            pb::LogOptions {
+                since_ns: 20,
+                ..Default::default()
+            },
+            &p,
+        );
+        assert_eq!(since, ["l1", "l2", "l3"]);
+        let resumed = lines_of(
+            pb::LogOptions {
+                has_tail: true,
+                tail: 0,
+                cursors: vec![pb::LogCursor {
+                    task_id: "t1".into(),
+                    time_ns: 20,
+                    count: 1,
+                }],
+                ..Default::default()
+            },
+            &p,
+        );
+        assert_eq!(resumed, ["l2", "l3"]);
+    }
+}

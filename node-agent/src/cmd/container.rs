@@ -729,7 +729,8 @@ pub fn logs(args: LogsArgs) -> Result<()> {
     for f in rotated {
         let mut failed = false;
         let _ = shoal_runtime::logfile::read_file(f, &mut |r| {
-            failed = failed || shoal_runtime::logfile::write_record(&r, &mut out, &mut err).is_err();
+            failed =
+                failed || shoal_runtime::logfile::write_record(&r, &mut out, &mut err).is_err();
         });
         // A closed stdout ends `logs` quietly, as with `cat`.
         if failed {

@@ -64,7 +64,11 @@ pub fn parse_since(s: &str, now_ns: i64) -> Result<i64> {
         }
     }
     match parse_duration_ms(s) {
-        Ok(ms) => Ok(now_ns.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX).saturating_mul(1_000_000))),
+        Ok(ms) => Ok(now_ns.saturating_sub(
+            i64::try_from(ms)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000),
+        )),
         Err(_) => bail!(
             "invalid --since {s:?}: expected an RFC 3339 time, Unix seconds or a duration (10m, 1h)"
         ),
@@ -90,7 +94,11 @@ struct Cursor {
 /// `shoal service logs`.
 pub async fn run(socket: &SocketArg, a: LogsArgs) -> Result<()> {
     let now = shoal_runtime::logfile::now_ns();
-    let since_ns = a.since.as_deref().map(|s| parse_since(s, now)).transpose()?;
+    let since_ns = a
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, now))
+        .transpose()?;
     let tail = parse_tail(&a.tail)?;
     let mut tasks: HashMap<String, pb::LogTask> = HashMap::new();
     let mut cursors: HashMap<String, Cursor> = HashMap::new();
@@ -152,7 +160,8 @@ pub async fn run(socket: &SocketArg, a: LogsArgs) -> Result<()> {
                                         count: 1,
                                     };
                                 }
-                                let w: &mut dyn Write = if l.stream == pb::LogStream::Stderr as i32 {
+                                let w: &mut dyn Write = if l.stream == pb::LogStream::Stderr as i32
+                                {
                                     &mut err
                                 } else {
                                     &mut out
