@@ -188,7 +188,11 @@ pub fn read_file(path: &Path, f: &mut dyn FnMut(Record<'_>)) -> std::io::Result<
 }
 
 /// Writes a record's payload to `out` or `err` by its stream (a full line gets its newline).
-pub fn write_record(r: &Record<'_>, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<()> {
+pub fn write_record(
+    r: &Record<'_>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<()> {
     let w: &mut dyn Write = match r.stream {
         Stream::Stdout => out,
         Stream::Stderr => err,

@@ -134,10 +134,14 @@ fn log_is_rotated_at_its_cap() {
     assert!(size(&log.path) <= 32 * 1024);
     for f in ["r.log.1", "r.log.2"] {
         let s = size(&fx.dir.path().join(f));
-        assert!(s <= 32 * 1024 && s > (32 * 1024 - record) as u64, "{f}: {s}");
+        assert!(
+            s <= 32 * 1024 && s > (32 * 1024 - record) as u64,
+            "{f}: {s}"
+        );
         let text = container_support::log_text(&fx.dir.path().join(f), None);
         assert!(
-            text.lines().all(|l| l == "0123456789abcdef0123456789abcdef"),
+            text.lines()
+                .all(|l| l == "0123456789abcdef0123456789abcdef"),
             "{f} holds whole records only"
         );
     }

@@ -241,7 +241,6 @@ fn read_logs(
         if let Err(e) = follower.poll_records(&mut |r| take(r, &mut batch)) {
             notices.push(format!("task {task}: reading {}: {e}", live.display()));
         }
-        drop(take);
         for l in tail.into_iter().flatten() {
             batch.push(l);
         }

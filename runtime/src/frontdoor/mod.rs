@@ -22,8 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use config::{parse_cpus, parse_memory, parse_pids_limit, resolve_user, ResolvedUser};
 pub use crate::logfile::{files_oldest_first, LogFollower};
+pub use config::{parse_cpus, parse_memory, parse_pids_limit, resolve_user, ResolvedUser};
 pub use names::{check_name, generated_name, is_full_id};
 
 use crate::container::{

@@ -12,7 +12,7 @@ use clap::Args;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::control_client::ControlClient;
 use shoal_runtime::image::timefmt::{format_unix_nanos, parse_rfc3339_nanos};
-use tonic::Code;
+use tonic::{Code, Status};
 
 use super::super::output::{parse_duration_ms, SocketArg};
 
@@ -59,7 +59,7 @@ pub fn parse_since(s: &str, now_ns: i64) -> Result<i64> {
         return Ok(t);
     }
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs < 1e11 {
+        if secs.is_finite() && (0.0..1e11).contains(&secs) {
             return Ok((secs * 1e9) as i64);
         }
     }
@@ -200,8 +200,6 @@ pub async fn run(socket: &SocketArg, a: LogsArgs) -> Result<()> {
         tokio::time::sleep(RESUME_PAUSE).await;
     }
 }
-
-use tonic::Status;
 
 /// `NAME.SLOT.TASKID@NODE` (global services: the node id for the slot, as docker's task names).
 fn context(t: &pb::LogTask, a: &LogsArgs) -> String {
