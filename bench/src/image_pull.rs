@@ -332,15 +332,15 @@ impl DockerImage {
 
 /// A dockerd this run started, everything of it under `dir`; stopped by pid when dropped
 /// (SIGTERM, then SIGKILL), with the containerd it started and any mount left under `dir`.
-struct OwnDockerd {
+pub(crate) struct OwnDockerd {
     child: std::process::Child,
     dir: PathBuf,
     /// `unix://DIR/docker.sock`.
-    host: String,
+    pub(crate) host: String,
 }
 
 impl OwnDockerd {
-    fn start(dir: &Path) -> Result<OwnDockerd> {
+    pub(crate) fn start(dir: &Path) -> Result<OwnDockerd> {
         let data = dir.join("data");
         let exec = dir.join("exec");
         std::fs::create_dir_all(&data)?;

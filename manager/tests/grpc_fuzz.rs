@@ -88,6 +88,7 @@ fn decode_as(name: &str, bytes: &[u8]) -> Option<bool> {
         RegisterNodeRequest,
         LeaveManagerRequest,
         WatchRequest,
+        SubscribeLogsRequest,
         // Daemon (local socket)
         InfoRequest,
         InitRequest,
@@ -97,6 +98,7 @@ fn decode_as(name: &str, bytes: &[u8]) -> Option<bool> {
         SessionRequest,
         HeartbeatRequest,
         UpdateTaskStatusRequest,
+        PublishLogsMessage,
         // CA
         GetRootCertificateRequest,
         IssueRequest,

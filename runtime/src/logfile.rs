@@ -356,6 +356,68 @@ mod tests {
         assert_eq!(parse(first).time_ns, 5);
     }
 
+    /// Cases per run of the framing property (`PROPTEST_CASES` overrides).
+    const FRAMING_CASES: u32 = 64;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(FRAMING_CASES)
+        ))]
+        /// Whatever a container writes, in whatever chunks on either stream, reads back per
+        /// stream byte for byte, every record parses as framed, and no record is longer than
+        /// the cap.
+        #[test]
+        fn any_output_reads_back_per_stream(
+            chunks in proptest::collection::vec(
+                (
+                    proptest::bool::ANY,
+                    // Runs of one byte, each maybe ended by a newline: lines short and long.
+                    proptest::collection::vec(
+                        (0usize..20_000, proptest::bool::ANY, proptest::num::u8::ANY),
+                        0..6,
+                    ),
+                ),
+                0..8,
+            )
+        ) {
+            let chunks: Vec<(bool, Vec<u8>)> = chunks
+                .into_iter()
+                .map(|(err, runs)| {
+                    let mut data = Vec::new();
+                    for (len, nl, b) in runs {
+                        data.resize(data.len() + len, if b == b'\n' { b'x' } else { b });
+                        if nl {
+                            data.push(b'\n');
+                        }
+                    }
+                    (err, data)
+                })
+                .collect();
+            let mut file = Vec::new();
+            let mut framers = [LineFramer::default(), LineFramer::default()];
+            let mut want = [Vec::new(), Vec::new()];
+            for (i, (err, data)) in chunks.iter().enumerate() {
+                let s = usize::from(*err);
+                let stream = if *err { Stream::Stderr } else { Stream::Stdout };
+                framers[s].push(&mut file, i as i64, stream, data);
+                want[s].extend_from_slice(data);
+            }
+            framers[0].finish(&mut file, 99, Stream::Stdout);
+            framers[1].finish(&mut file, 99, Stream::Stderr);
+            let mut got = [Vec::new(), Vec::new()];
+            for line in file.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let r = parse_framed(line).expect("framed");
+                proptest::prop_assert!(r.data.len() <= MAX_RECORD_PAYLOAD);
+                let s = usize::from(r.stream == Stream::Stderr);
+                got[s].extend_from_slice(r.data);
+                if !r.partial {
+                    got[s].push(b'\n');
+                }
+            }
+            proptest::prop_assert_eq!(&got, &want);
+        }
+    }
+
     #[test]
     fn an_unframed_line_reads_as_stdout() {
         let r = parse(b"plain old output");
