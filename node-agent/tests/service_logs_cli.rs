@@ -203,6 +203,9 @@ fn service_logs_from_three_nodes_keep_stdout_and_stderr_apart() {
                 .iter()
                 .all(|(t, n)| *n >= start.get(t).copied().unwrap_or(0) + 10)
     });
+    // A task the service gains while followed is followed too.
+    m.ok(&["service", "scale", "tick=4"]);
+    c.until("the new task followed", || snapshot(&seen).len() == 4);
     seen.stop();
 }
 

@@ -92,8 +92,8 @@ pub(crate) struct Shared {
     pending: Mutex<BTreeMap<String, TaskStatus>>,
     pending_added: Notify,
     reports_tx: mpsc::Sender<Report>,
-    /// Log subscriptions this node is serving now, by id.
-    pub log_subs: Mutex<std::collections::HashSet<String>>,
+    /// Log subscriptions this node is serving now, by id, with the way to add tasks to one.
+    pub log_subs: Mutex<HashMap<String, crate::logs::MoreTasks>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

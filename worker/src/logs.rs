@@ -34,21 +34,34 @@ pub const FOLLOW_POLL: Duration = Duration::from_millis(50);
 /// Rotated files per task's log (the executor's).
 const LOG_FILES: u32 = crate::executor::runtime::LOG_MAX_FILES;
 
-/// Starts serving `sub` unless it runs already (a session reopened to the same leader).
+/// Tasks added to a running subscription: (task id, its log path).
+pub(crate) type MoreTasks = std::sync::mpsc::Sender<(String, Option<PathBuf>)>;
+
+/// Starts serving `sub`, or adds its tasks to the running one of that id (a session reopened to the same leader).
 pub(crate) fn start(
     shared: &Arc<Shared>,
     client: DispatcherClient<Channel>,
     session_id: String,
     sub: pb::LogSubscription,
 ) {
-    if !lock(&shared.log_subs).insert(sub.id.clone()) {
-        return;
-    }
     let paths: Vec<(String, Option<PathBuf>)> = sub
         .task_ids
         .iter()
         .map(|t| (t.clone(), shared.executor().log_path(t)))
         .collect();
+    let more = {
+        let mut subs = lock(&shared.log_subs);
+        if let Some(more) = subs.get(&sub.id) {
+            // Running already: the leader adds tasks new to a followed service.
+            for p in paths {
+                let _ = more.send(p);
+            }
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        subs.insert(sub.id.clone(), tx);
+        rx
+    };
     let shared = shared.clone();
     tokio::spawn(async move {
         let (tx, mut rx) = mpsc::channel::<pb::PublishLogsMessage>(LOG_PUBLISH_QUEUE);
@@ -62,7 +75,7 @@ pub(crate) fn start(
         let reader = {
             let stop = stop.clone();
             let options = sub.options.clone().unwrap_or_default();
-            tokio::task::spawn_blocking(move || read_logs(&paths, &options, &tx, &stop))
+            tokio::task::spawn_blocking(move || read_logs(&paths, &options, &tx, &stop, &more))
         };
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let mut client = client;
@@ -174,12 +187,14 @@ struct Followed {
     asm: Assembler,
 }
 
-/// Reads every task's log as `options` asks, then follows them if asked (blocking).
+/// Reads every task's log as `options` asks, then follows them if asked (blocking); tasks
+/// sent on `more` (new to a followed service) are added as they come.
 fn read_logs(
     paths: &[(String, Option<PathBuf>)],
     options: &pb::LogOptions,
     tx: &mpsc::Sender<pb::PublishLogsMessage>,
     stop: &AtomicBool,
+    more: &std::sync::mpsc::Receiver<(String, Option<PathBuf>)>,
 ) {
     let mut batch = Batch {
         tx,
@@ -190,70 +205,11 @@ fn read_logs(
     let mut notices = Vec::new();
     let mut followed = Vec::new();
     for (task, path) in paths {
-        let Some(path) = path else {
-            notices.push(format!("task {task}: this node keeps no logs"));
-            continue;
-        };
-        let cursor = options
-            .cursors
-            .iter()
-            .find(|c| c.task_id == *task)
-            .map(|c| (c.time_ns, c.count));
-        let mut filter = Filter {
-            since_ns: options.since_ns,
-            cursor,
-            seen_at_cursor: 0,
-        };
-        // The last `tail` lines: kept here until the backlog is read (at most the task's
-        // bounded log files).
-        let mut tail: Option<VecDeque<pb::LogLine>> =
-            (options.has_tail && cursor.is_none()).then(VecDeque::new);
-        let keep = usize::try_from(options.tail).unwrap_or(usize::MAX);
-        let mut asm = Assembler::default();
-        let mut take = |r: Record<'_>, batch: &mut Batch<'_>| {
-            let Some(l) = asm.feed(&r) else { return };
-            if !filter.pass(l.1) {
-                return;
-            }
-            let l = line(task, l);
-            match &mut tail {
-                Some(t) => {
-                    if keep > 0 {
-                        if t.len() == keep {
-                            t.pop_front();
-                        }
-                        t.push_back(l);
-                    }
-                }
-                None => batch.push(l),
-            }
-        };
-        let files = files_oldest_first(path, LOG_FILES);
-        let Some((live, rotated)) = files.split_last() else {
-            continue;
-        };
-        for f in rotated {
-            if let Err(e) = read_file(f, &mut |r| take(r, &mut batch)) {
-                notices.push(format!("task {task}: reading {}: {e}", f.display()));
-            }
-        }
-        let mut follower = LogFollower::new(live, false);
-        if let Err(e) = follower.poll_records(&mut |r| take(r, &mut batch)) {
-            notices.push(format!("task {task}: reading {}: {e}", live.display()));
-        }
-        for l in tail.into_iter().flatten() {
-            batch.push(l);
+        if let Some(f) = backlog(task, path.as_deref(), options, &mut batch, &mut notices) {
+            followed.push(f);
         }
         if batch.gone {
             return;
-        }
-        if options.follow {
-            followed.push(Followed {
-                task: task.clone(),
-                follower,
-                filter,
-                asm,
-            });
         }
     }
     if !options.follow {
@@ -262,6 +218,15 @@ fn read_logs(
     }
     batch.flush(false, notices);
     while !stop.load(Ordering::Relaxed) && !batch.gone {
+        let mut notices = Vec::new();
+        while let Ok((task, path)) = more.try_recv() {
+            if followed.iter().any(|f: &Followed| f.task == task) {
+                continue;
+            }
+            if let Some(f) = backlog(&task, path.as_deref(), options, &mut batch, &mut notices) {
+                followed.push(f);
+            }
+        }
         for f in &mut followed {
             let Followed {
                 task,
@@ -277,9 +242,77 @@ fn read_logs(
                 }
             });
         }
-        batch.flush(false, vec![]);
+        batch.flush(false, notices);
         std::thread::sleep(FOLLOW_POLL);
     }
+}
+
+/// Sends what one task's log holds as `options` asks; the task to follow on, if following.
+fn backlog(
+    task: &str,
+    path: Option<&std::path::Path>,
+    options: &pb::LogOptions,
+    batch: &mut Batch<'_>,
+    notices: &mut Vec<String>,
+) -> Option<Followed> {
+    let Some(path) = path else {
+        notices.push(format!("task {task}: this node keeps no logs"));
+        return None;
+    };
+    let cursor = options
+        .cursors
+        .iter()
+        .find(|c| c.task_id == task)
+        .map(|c| (c.time_ns, c.count));
+    let mut filter = Filter {
+        since_ns: options.since_ns,
+        cursor,
+        seen_at_cursor: 0,
+    };
+    // The last `tail` lines: kept here until the backlog is read (at most the task's bounded
+    // log files).
+    let mut tail: Option<VecDeque<pb::LogLine>> =
+        (options.has_tail && cursor.is_none()).then(VecDeque::new);
+    let keep = usize::try_from(options.tail).unwrap_or(usize::MAX);
+    let mut asm = Assembler::default();
+    let mut take = |r: Record<'_>, batch: &mut Batch<'_>| {
+        let Some(l) = asm.feed(&r) else { return };
+        if !filter.pass(l.1) {
+            return;
+        }
+        let l = line(task, l);
+        match &mut tail {
+            Some(t) => {
+                if keep > 0 {
+                    if t.len() == keep {
+                        t.pop_front();
+                    }
+                    t.push_back(l);
+                }
+            }
+            None => batch.push(l),
+        }
+    };
+    let files = files_oldest_first(path, LOG_FILES);
+    let (live, rotated) = files.split_last()?;
+    for f in rotated {
+        if let Err(e) = read_file(f, &mut |r| take(r, batch)) {
+            notices.push(format!("task {task}: reading {}: {e}", f.display()));
+        }
+    }
+    let mut follower = LogFollower::new(live, false);
+    if let Err(e) = follower.poll_records(&mut |r| take(r, batch)) {
+        notices.push(format!("task {task}: reading {}: {e}", live.display()));
+    }
+    for l in tail.into_iter().flatten() {
+        batch.push(l);
+    }
+    options.follow.then(|| Followed {
+        task: task.to_string(),
+        follower,
+        filter,
+        asm,
+    })
 }
 
 #[cfg(test)]
@@ -312,11 +345,13 @@ mod read_tests {
     fn lines_of(options: pb::LogOptions, path: &std::path::Path) -> Vec<String> {
         let (tx, mut rx) = mpsc::channel(64);
         let stop = AtomicBool::new(false);
+        let (_more_tx, more) = std::sync::mpsc::channel();
         read_logs(
             &[("t1".to_string(), Some(path.to_path_buf()))],
             &options,
             &tx,
             &stop,
+            &more,
         );
         drop(tx);
         let mut out = Vec::new();

@@ -61,29 +61,9 @@ impl ControlApi {
             .log_broker()
             .ok_or_else(|| Status::unavailable("this manager's log broker is not running"))?;
         let target = req.get_ref().target.clone();
-        let tasks = self.log_tasks(&target)?;
+        let (tasks, service) = self.log_tasks(&target)?;
         let (tx, rx) = mpsc::channel(LOG_SUBSCRIBER_BUFFER);
-        let store = self.store().clone();
-        let infos: Vec<pb::LogTask> = tasks
-            .iter()
-            .map(|t| {
-                let node_name = store
-                    .get_node(&t.node_id)
-                    .ok()
-                    .flatten()
-                    .and_then(|n| n.description)
-                    .map(|d| d.hostname)
-                    .filter(|h| !h.is_empty())
-                    .unwrap_or_else(|| t.node_id.clone());
-                pb::LogTask {
-                    task_id: task_id(t).to_string(),
-                    service_name: t.service_name.clone(),
-                    slot: t.slot,
-                    node_id: t.node_id.clone(),
-                    node_name,
-                }
-            })
-            .collect();
+        let infos: Vec<pb::LogTask> = tasks.iter().map(|t| broker.log_task(t)).collect();
         let pairs: Vec<(String, String)> = tasks
             .iter()
             .filter(|t| !t.node_id.is_empty())
@@ -94,16 +74,16 @@ impl ControlApi {
             ..Default::default()
         }))
         .map_err(|_| Status::internal("log stream buffer"))?;
-        if !pairs.is_empty() {
+        if !pairs.is_empty() || (options.follow && service.is_some()) {
             let id = super::new_id();
-            tokio::spawn(async move { broker.run(id, pairs, options, tx).await });
+            tokio::spawn(async move { broker.run(id, pairs, service, options, tx).await });
         }
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     /// The tasks `target` names: a service's (by name, id or id prefix) that were given to a
-    /// node, or one task (by id or id prefix).
-    fn log_tasks(&self, target: &str) -> Result<Vec<pb::Task>, Status> {
+    /// node, with the service's id, or one task (by id or id prefix).
+    fn log_tasks(&self, target: &str) -> Result<(Vec<pb::Task>, Option<String>), Status> {
         if target.is_empty() {
             return Err(Status::invalid_argument("no service or task named"));
         }
@@ -117,10 +97,10 @@ impl ControlApi {
                 .filter(|t| !t.node_id.is_empty())
                 .collect();
             tasks.sort_by(|a, b| (a.slot, task_id(a)).cmp(&(b.slot, task_id(b))));
-            return Ok(tasks);
+            return Ok((tasks, Some(id)));
         }
         if let Some(t) = self.store().get_task(target).map_err(store_status)? {
-            return Ok(vec![t]);
+            return Ok((vec![t], None));
         }
         let mut found: Vec<pb::Task> = self
             .store()
@@ -130,7 +110,7 @@ impl ControlApi {
             .filter(|t| task_id(t).starts_with(target))
             .collect();
         match found.len() {
-            1 => Ok(found),
+            1 => Ok((found, None)),
             0 => Err(Status::not_found(format!(
                 "no such service or task: {target}"
             ))),

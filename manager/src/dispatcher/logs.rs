@@ -12,8 +12,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use shoal_proto::v1 as pb;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
+
+use crate::store::{Action, Event, Object, Store};
 
 /// Messages queued towards one subscriber before the publishers wait.
 pub const LOG_SUBSCRIBER_BUFFER: usize = 64;
@@ -53,6 +56,8 @@ pub struct LogBroker {
 struct BrokerInner {
     subs: Mutex<HashMap<String, Subscription>>,
     publish: Box<Publish>,
+    /// The leader's store: names of tasks, and tasks new to a followed service.
+    store: Store,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -66,24 +71,52 @@ pub(super) struct Attached {
 }
 
 impl LogBroker {
-    pub(super) fn new(publish: Box<Publish>) -> LogBroker {
+    pub(super) fn new(publish: Box<Publish>, store: Store) -> LogBroker {
         LogBroker {
             inner: Arc::new(BrokerInner {
                 subs: Mutex::new(HashMap::new()),
                 publish,
+                store,
             }),
         }
     }
 
+    /// How the CLI names `t`'s lines.
+    pub fn log_task(&self, t: &pb::Task) -> pb::LogTask {
+        let node_name = self
+            .inner
+            .store
+            .get_node(&t.node_id)
+            .ok()
+            .flatten()
+            .and_then(|n| n.description)
+            .map(|d| d.hostname)
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| t.node_id.clone());
+        pb::LogTask {
+            task_id: t.meta.as_ref().map_or("", |m| m.id.as_str()).to_string(),
+            service_name: t.service_name.clone(),
+            slot: t.slot,
+            node_id: t.node_id.clone(),
+            node_name,
+        }
+    }
+
     /// Starts subscription `id` for `tasks` (node id, task id) and runs it until every node sent
-    /// all its lines (not following) or the subscriber goes away. `tasks` must be non-empty.
+    /// all its lines (not following) or the subscriber goes away. Following `service` (its id),
+    /// tasks of it that reach a node later are added.
     pub async fn run(
         &self,
         id: String,
         tasks: Vec<(String, String)>,
+        service: Option<String>,
         options: pb::LogOptions,
         out: LogSender,
     ) {
+        // Before the subscription is published, so no new task falls in between.
+        let mut events = service
+            .filter(|_| options.follow)
+            .map(|s| (s, self.inner.store.watch()));
         let changed = Arc::new(Notify::new());
         let mut nodes: HashMap<String, NodeSub> = HashMap::new();
         for (node, task) in tasks {
@@ -154,9 +187,29 @@ impl LogBroker {
                     tokio::time::sleep_until(deadline).await
                 }
             };
+            let event = async {
+                match &mut events {
+                    Some((_, rx)) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = out.closed() => return,
                 _ = changed.notified() => {}
+                ev = event => match ev {
+                    Ok(ev) => {
+                        let service = events.as_ref().map(|(s, _)| s.as_str()).unwrap_or("");
+                        if let Some(add) = self.new_task(&id, service, ev) {
+                            if out.send(Ok(add.0)).await.is_err() {
+                                return;
+                            }
+                            (self.inner.publish)(&add.1.0, add.1.1);
+                        }
+                    }
+                    // Lost events (a burst of task changes): tasks made meanwhile are missed.
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => events = None,
+                },
                 _ = timeout => {
                     let notice = format!(
                         "incomplete log stream: no lines from node(s) {} within {} s",
@@ -173,6 +226,50 @@ impl LogBroker {
                 }
             }
         }
+    }
+
+    /// A task of the followed `service` given to a node and not in subscription `id` yet:
+    /// added to it; what to tell the subscriber and what to publish to which node.
+    #[allow(clippy::type_complexity)]
+    fn new_task(
+        &self,
+        id: &str,
+        service: &str,
+        ev: Event,
+    ) -> Option<(pb::SubscribeLogsMessage, (String, pb::LogSubscription))> {
+        let (Action::Create | Action::Update, Object::Task(t)) = (ev.action, ev.object) else {
+            return None;
+        };
+        if t.service_id != service || t.node_id.is_empty() {
+            return None;
+        }
+        let task_id = t.meta.as_ref().map(|m| m.id.clone())?;
+        let options = {
+            let mut subs = lock(&self.inner.subs);
+            let s = subs.get_mut(id)?;
+            if s.nodes.values().any(|n| n.tasks.contains(&task_id)) {
+                return None;
+            }
+            s.nodes
+                .entry(t.node_id.clone())
+                .or_insert_with(|| NodeSub {
+                    tasks: BTreeSet::new(),
+                    done: false,
+                })
+                .tasks
+                .insert(task_id.clone());
+            s.options.clone()
+        };
+        let msg = pb::SubscribeLogsMessage {
+            tasks: vec![self.log_task(&t)],
+            ..Default::default()
+        };
+        let sub = pb::LogSubscription {
+            id: id.to_string(),
+            task_ids: vec![task_id],
+            options: Some(options),
+        };
+        Some((msg, (t.node_id, sub)))
     }
 
     /// The subscriptions a node that just opened a session must run.

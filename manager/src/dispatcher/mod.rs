@@ -229,6 +229,7 @@ impl<B: Backend> Dispatcher<B> {
                     })
                 })
             };
+            let logs = LogBroker::new(Box::new(publish), store.clone());
             Inner {
                 store,
                 backend,
@@ -236,7 +237,7 @@ impl<B: Backend> Dispatcher<B> {
                 sessions: Mutex::new(HashMap::new()),
                 deadlines: Mutex::new(HashMap::new()),
                 status_tx,
-                logs: LogBroker::new(Box::new(publish)),
+                logs,
             }
         });
         let tasks = vec![

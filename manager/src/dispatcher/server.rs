@@ -78,7 +78,17 @@ impl<B: Backend> DispatcherRpc for DispatcherService<B> {
             return Ok(Response::new(pb::PublishLogsResponse {}));
         };
         loop {
-            if let Some(l) = msg.lines.iter().find(|l| !att.tasks.contains(&l.task_id)) {
+            // Checked per message: a followed service's subscription gains tasks.
+            let mut tasks = att.tasks.clone();
+            if msg.lines.iter().any(|l| !tasks.contains(&l.task_id)) {
+                tasks = self
+                    .inner
+                    .logs
+                    .attach(&sub, &who.node_id)
+                    .map(|a| a.tasks)
+                    .unwrap_or_default();
+            }
+            if let Some(l) = msg.lines.iter().find(|l| !tasks.contains(&l.task_id)) {
                 return Err(Status::invalid_argument(format!(
                     "task {} is not in log subscription {sub} for this node",
                     l.task_id
