@@ -141,6 +141,8 @@ pub async fn run(socket: &SocketArg, a: LogsArgs) -> Result<()> {
                     match stream.message().await {
                         Ok(Some(m)) => {
                             failing_since = None;
+                            // Answered: the request was good; a break from now on is resumed.
+                            first = false;
                             for t in m.tasks {
                                 width = width.max(context(&t, &a).len());
                                 tasks.insert(t.task_id.clone(), t);
