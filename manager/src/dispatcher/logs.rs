@@ -330,3 +330,98 @@ impl Drop for Remove {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker() -> (LogBroker, Arc<Mutex<Vec<(String, pb::LogSubscription)>>>) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let store = Store::open(&db).unwrap();
+        let published: Arc<Mutex<Vec<(String, pb::LogSubscription)>>> = Default::default();
+        let p = published.clone();
+        let b = LogBroker::new(
+            Box::new(move |node: &str, sub| {
+                lock(&p).push((node.to_string(), sub));
+                true
+            }),
+            store,
+        );
+        (b, published)
+    }
+
+    #[tokio::test]
+    async fn a_followed_subscription_ends_when_its_client_goes_away() {
+        let (b, published) = broker();
+        let (tx, rx) = mpsc::channel(LOG_SUBSCRIBER_BUFFER);
+        let tasks = vec![("n1".into(), "t1".into()), ("n2".into(), "t2".into())];
+        let options = pb::LogOptions {
+            follow: true,
+            ..Default::default()
+        };
+        let run = tokio::spawn({
+            let b = b.clone();
+            async move { b.run("s1".into(), tasks, None, options, tx).await }
+        });
+        while b.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(lock(&published).len(), 2, "one subscription per node");
+        let att = b.attach("s1", "n1").expect("n1 may publish");
+        assert!(att.tasks.contains("t1") && !att.tasks.contains("t2"));
+        assert!(b.attach("s1", "n3").is_none(), "a node not asked may not");
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("ended")
+            .unwrap();
+        assert!(b.is_empty(), "forgotten");
+        assert!(att.out.is_closed(), "publishers see the client gone");
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_holds_publishers_back_and_nothing_is_dropped() {
+        let (b, _) = broker();
+        let (tx, mut rx) = mpsc::channel(LOG_SUBSCRIBER_BUFFER);
+        let run = tokio::spawn({
+            let b = b.clone();
+            async move {
+                let tasks = vec![("n1".into(), "t1".into())];
+                b.run("s1".into(), tasks, None, Default::default(), tx)
+                    .await
+            }
+        });
+        while b.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let att = b.attach("s1", "n1").unwrap();
+        let line = |i: usize| pb::SubscribeLogsMessage {
+            lines: vec![pb::LogLine {
+                task_id: "t1".into(),
+                data: format!("{i}").into_bytes(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // The buffer fills; the next send waits for the client instead of growing.
+        for i in 0..LOG_SUBSCRIBER_BUFFER {
+            att.out.try_send(Ok(line(i))).unwrap();
+        }
+        assert!(att.out.try_send(Ok(line(999))).is_err(), "bounded");
+        let more = tokio::spawn({
+            let out = att.out.clone();
+            async move { out.send(Ok(line(LOG_SUBSCRIBER_BUFFER))).await.is_ok() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!more.is_finished(), "waits while the client is slow");
+        b.node_done("s1", "n1");
+        drop(att);
+        let mut got = Vec::new();
+        while let Some(m) = rx.recv().await {
+            got.extend(m.unwrap().lines);
+        }
+        assert!(more.await.unwrap());
+        assert_eq!(got.len(), LOG_SUBSCRIBER_BUFFER + 1, "every line arrived");
+        run.await.unwrap();
+    }
+}
