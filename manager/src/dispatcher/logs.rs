@@ -335,10 +335,13 @@ impl Drop for Remove {
 mod tests {
     use super::*;
 
-    fn broker() -> (LogBroker, Arc<Mutex<Vec<(String, pb::LogSubscription)>>>) {
+    /// What the broker published, to which node.
+    type Published = Arc<Mutex<Vec<(String, pb::LogSubscription)>>>;
+
+    fn broker() -> (LogBroker, Published) {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let store = Store::open(&db).unwrap();
-        let published: Arc<Mutex<Vec<(String, pb::LogSubscription)>>> = Default::default();
+        let published: Published = Default::default();
         let p = published.clone();
         let b = LogBroker::new(
             Box::new(move |node: &str, sub| {
