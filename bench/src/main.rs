@@ -7,6 +7,7 @@ mod etcd;
 mod failure;
 mod fixture;
 mod image_pull;
+mod logs;
 mod mesh;
 mod node_loss;
 mod overlay;
@@ -77,6 +78,9 @@ enum Bench {
     /// (internal to `overlay`) times 1-byte round trips to an rr-server.
     #[command(hide = true)]
     RrClient(overlay::RrClientArgs),
+    /// One node: `service logs -f` lines/s and MB/s from N tasks writing as fast as they can
+    /// (vs `docker service logs -f` on a one-node swarm).
+    ServiceLogs(logs::LogsArgs),
     /// Runs N hollow nodes (own key, certificate, session; sim executor) in this process.
     HollowNodes(scale::HollowArgs),
 }
@@ -104,6 +108,7 @@ fn main() {
         Bench::RrServer(a) => overlay::rr_server(&a),
         Bench::RrClient(a) => overlay::rr_client(&a),
         Bench::HollowNodes(a) => scale::hollow_nodes(&a),
+        Bench::ServiceLogs(a) => logs::service_logs(&a),
     };
     if let Err(e) = result {
         eprintln!("shoal-bench: {e:#}");

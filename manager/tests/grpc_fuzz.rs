@@ -96,6 +96,7 @@ fn decode_as(name: &str, bytes: &[u8]) -> Option<bool> {
         GetConfigRequest,
         ListConfigsRequest,
         RemoveConfigRequest,
+        SubscribeLogsRequest,
         // Daemon (local socket)
         InfoRequest,
         InitRequest,
@@ -105,6 +106,7 @@ fn decode_as(name: &str, bytes: &[u8]) -> Option<bool> {
         SessionRequest,
         HeartbeatRequest,
         UpdateTaskStatusRequest,
+        PublishLogsMessage,
         // CA
         GetRootCertificateRequest,
         IssueRequest,

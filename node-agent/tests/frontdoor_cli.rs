@@ -328,6 +328,50 @@ fn detached_ps_logs_exec_stop_rm() {
 }
 
 #[test]
+fn logs_keep_stdout_and_stderr_apart() {
+    let n = Node::new();
+    let script = "echo out-1; echo err-1 >&2; echo out-2; echo err-2 >&2";
+    // Foreground: each stream to its own.
+    let out = n.shoal(&["run", "--name", "both", "busybox", "sh", "-c", script]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "out-1\nout-2\n",
+        "{out:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "err-1\nerr-2\n",
+        "{out:?}"
+    );
+    // `logs` afterwards, and `logs -f` of a detached one.
+    let out = n.shoal(&["logs", "both"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "out-1\nout-2\n",
+        "{out:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "err-1\nerr-2\n",
+        "{out:?}"
+    );
+    ok(&n.shoal(&[
+        "run",
+        "-d",
+        "--name",
+        "later",
+        "busybox",
+        "sh",
+        "-c",
+        "sleep 0.3; echo out-3; echo err-3 >&2",
+    ]));
+    let out = n.shoal(&["logs", "-f", "later"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out-3\n", "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err-3\n", "{out:?}");
+    ok(&n.shoal(&["rm", "both", "later"]));
+}
+
+#[test]
 fn rm_force_and_detached_auto_remove() {
     let n = Node::new();
     let id = ok(&n.shoal(&["run", "-d", "busybox", "sleep", "30"]))

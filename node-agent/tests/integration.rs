@@ -19,6 +19,7 @@ mod promote_cli;
 mod registry_cli;
 mod secrets_cli;
 mod service_cli;
+mod service_logs_cli;
 mod service_registry;
 mod service_update_cli;
 mod stack_cli;

@@ -4,6 +4,7 @@ pub mod container;
 pub mod exe;
 pub mod frontdoor;
 pub mod image;
+pub mod logfile;
 pub mod network;
 pub mod seccomp;
 pub mod spec;

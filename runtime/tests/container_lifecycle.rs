@@ -101,6 +101,10 @@ fn pid_one_hostname_no_host_processes_and_logs() {
         "only the container's processes are visible: {log}"
     );
     assert!(log.contains("to-stderr\n"), "stderr captured: {log}");
+    let err = fx.log_stream(shoal_runtime::logfile::Stream::Stderr);
+    assert_eq!(err, "to-stderr\n", "stderr kept apart");
+    let out = fx.log_stream(shoal_runtime::logfile::Stream::Stdout);
+    assert!(!out.contains("to-stderr"), "stdout without stderr: {out}");
     c.delete(false).expect("delete");
 }
 
@@ -125,9 +129,22 @@ fn log_is_rotated_at_its_cap() {
     c.start().expect("start");
     c.wait_timeout(WAIT).expect("wait").expect("exited");
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    // Rotated at a record boundary: full files up to one record short of the cap.
+    let record = "2026-12-07T18:42:44.123456789Z stdout F 0123456789abcdef0123456789abcdef\n".len();
     assert!(size(&log.path) <= 32 * 1024);
-    assert_eq!(size(&fx.dir.path().join("r.log.1")), 32 * 1024);
-    assert_eq!(size(&fx.dir.path().join("r.log.2")), 32 * 1024);
+    for f in ["r.log.1", "r.log.2"] {
+        let s = size(&fx.dir.path().join(f));
+        assert!(
+            s <= 32 * 1024 && s > (32 * 1024 - record) as u64,
+            "{f}: {s}"
+        );
+        let text = container_support::log_text(&fx.dir.path().join(f), None);
+        assert!(
+            text.lines()
+                .all(|l| l == "0123456789abcdef0123456789abcdef"),
+            "{f} holds whole records only"
+        );
+    }
     assert!(
         !fx.dir.path().join("r.log.3").exists(),
         "at most max_files rotated files"

@@ -92,6 +92,8 @@ pub(crate) struct Shared {
     pending: Mutex<BTreeMap<String, TaskStatus>>,
     pending_added: Notify,
     reports_tx: mpsc::Sender<Report>,
+    /// Log subscriptions this node is serving now, by id, with the way to add tasks to one.
+    pub log_subs: Mutex<HashMap<String, crate::logs::MoreTasks>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -104,6 +106,11 @@ fn task_id(t: &Task) -> &str {
 }
 
 impl Shared {
+    /// The executor running the tasks.
+    pub(crate) fn executor(&self) -> &Arc<dyn Executor> {
+        &self.executor
+    }
+
     /// Applies an assignment message: new tasks get controllers, changed ones are updated,
     /// removed ones (and, for a full set, the ones missing from it) are stopped and forgotten.
     pub(crate) fn apply(self: &Arc<Self>, a: pb::Assignments) {
@@ -400,6 +407,7 @@ impl Agent {
             pending: Mutex::new(BTreeMap::new()),
             pending_added: Notify::new(),
             reports_tx,
+            log_subs: Mutex::new(Default::default()),
         });
         {
             let mut ctls = lock(&shared.controllers);

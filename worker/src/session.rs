@@ -191,6 +191,12 @@ async fn session(shared: &Arc<Shared>, addr: &str) -> Outcome {
         tokio::select! {
             msg = stream.message() => match msg {
                 Ok(Some(pb::SessionMessage { kind: Some(Kind::Assignments(a)) })) => shared.apply(a),
+                Ok(Some(pb::SessionMessage { kind: Some(Kind::Logs(sub)) })) => crate::logs::start(
+                    shared,
+                    client.clone(),
+                    started.session_id.clone(),
+                    sub,
+                ),
                 Ok(Some(_)) => {}
                 Ok(None) => return Outcome::Ended(period),
                 Err(e) => {

@@ -168,12 +168,15 @@ async fn real_containers_run_fail_stop_and_reject() {
     let s = c.wait_task(&failing, TaskState::Failed, 20).await;
     assert_eq!(s.exit_code, 3);
     assert_eq!(s.container_id, failing);
-    let log = std::fs::read_to_string(
-        node.data
+    let mut log = String::new();
+    shoal_runtime::logfile::read_file(
+        &node
+            .data
             .path()
             .join("containers")
             .join(&failing)
             .join("container.log"),
+        &mut |r| log.push_str(&String::from_utf8_lossy(r.data)),
     )
     .unwrap();
     assert!(log.starts_with("hello from "), "output captured: {log:?}");

@@ -7,6 +7,7 @@
 //! certificate required) and on the local root-only Unix socket.
 
 pub mod images;
+mod logs;
 mod membership;
 pub mod network;
 mod propose;
@@ -81,6 +82,8 @@ struct Inner {
     /// Looks service images up in their registries (the agent's); none: specs keep tags.
     resolver: Option<images::Resolver>,
     secrets: OnceLock<Arc<crate::secrets::Keyring>>,
+    /// The dispatcher's log broker (set once the dispatcher runs).
+    logs: OnceLock<crate::dispatcher::LogBroker>,
 }
 
 impl ControlApi {
@@ -107,8 +110,19 @@ impl ControlApi {
                 proposer: OnceLock::new(),
                 resolver,
                 secrets: OnceLock::new(),
+                logs: OnceLock::new(),
             }),
         }
+    }
+
+    /// Hands the dispatcher's log broker to `SubscribeLogs`.
+    pub fn set_log_broker(&self, broker: crate::dispatcher::LogBroker) {
+        let _ = self.inner.logs.set(broker);
+    }
+
+    /// The log broker, once the dispatcher runs.
+    pub fn log_broker(&self) -> Option<crate::dispatcher::LogBroker> {
+        self.inner.logs.get().cloned()
     }
 
     /// The agent's image resolver, if it gave one.

@@ -507,7 +507,7 @@ fn version_of(m: Option<&pb::Meta>) -> u64 {
 }
 
 /// A request carried on to the leader, marked so it is not forwarded again.
-fn forwarded<T>(req: Request<T>) -> Request<T> {
+pub(super) fn forwarded<T>(req: Request<T>) -> Request<T> {
     let mut out = Request::new(req.into_inner());
     out.metadata_mut().insert(
         FORWARDED_HEADER,
@@ -1624,6 +1624,17 @@ impl Control for ControlService {
         let node = api.find_node(&req.get_ref().node_id)?;
         api.demote(node, req.get_ref().force).await?;
         Ok(Response::new(pb::LeaveManagerResponse {}))
+    }
+
+    type SubscribeLogsStream = super::logs::LogStream;
+
+    async fn subscribe_logs(
+        &self,
+        req: Request<pb::SubscribeLogsRequest>,
+    ) -> Result<Response<Self::SubscribeLogsStream>, Status> {
+        let api = self.api()?;
+        self.authorize(&api, &req)?;
+        api.subscribe_logs(req).await
     }
 
     type WatchStream = ReceiverStream<Result<pb::WatchEvent, Status>>;

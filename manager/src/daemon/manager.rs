@@ -123,6 +123,7 @@ impl Manager {
             secrets,
         );
         let dispatch = dispatcher.service();
+        api.set_log_broker(dispatcher.log_broker());
         let listener =
             tokio::net::TcpListener::bind(listen)
                 .await

@@ -17,6 +17,7 @@
 //! [`Backend`], which the daemon implements with Raft (`impl Backend for Raft`).
 
 mod heartbeat;
+pub mod logs;
 mod server;
 mod session;
 mod status;
@@ -33,6 +34,7 @@ use tokio::task::JoinHandle;
 use crate::store::{Command, Response, Store};
 use crate::tls::Authorizer;
 
+pub use logs::LogBroker;
 pub use server::DispatcherService;
 pub(crate) use session::{node_ip, peers};
 
@@ -235,6 +237,8 @@ struct Inner<B: Backend> {
     status_tx: mpsc::Sender<status::StatusRequest>,
     /// Opens the secrets the nodes' tasks use (`None`: a cluster without a secrets key).
     secrets: Option<Arc<crate::secrets::Keyring>>,
+    /// Log subscriptions, published to nodes on their sessions.
+    logs: LogBroker,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -265,14 +269,28 @@ impl<B: Backend> Dispatcher<B> {
     ) -> Dispatcher<B> {
         let (status_tx, status_rx) = mpsc::channel(STATUS_QUEUE);
         let watch = store.watch();
-        let inner = Arc::new(Inner {
-            store,
-            backend,
-            authorizer,
-            sessions: Mutex::new(HashMap::new()),
-            deadlines: Mutex::new(HashMap::new()),
-            status_tx,
-            secrets,
+        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner<B>>| {
+            let weak = weak.clone();
+            let publish = move |node: &str, sub: pb::LogSubscription| {
+                weak.upgrade().is_some_and(|inner| {
+                    lock(&inner.sessions).get(node).is_some_and(|s| {
+                        s.events
+                            .try_send(session::SessionEvent::Logs(Box::new(sub)))
+                            .is_ok()
+                    })
+                })
+            };
+            let logs = LogBroker::new(Box::new(publish), store.clone());
+            Inner {
+                store,
+                backend,
+                authorizer,
+                sessions: Mutex::new(HashMap::new()),
+                deadlines: Mutex::new(HashMap::new()),
+                status_tx,
+                secrets,
+                logs,
+            }
         });
         let tasks = vec![
             tokio::spawn(session::route(inner.clone(), watch)),
@@ -289,6 +307,11 @@ impl<B: Backend> Dispatcher<B> {
         })
         .max_decoding_message_size(MAX_DISPATCHER_REQUEST_BYTES)
         .max_encoding_message_size(MAX_DISPATCHER_MESSAGE_BYTES)
+    }
+
+    /// The log broker, for the control API's `SubscribeLogs`.
+    pub fn log_broker(&self) -> LogBroker {
+        self.inner.logs.clone()
     }
 
     /// Node ids with an open session now.

@@ -61,6 +61,64 @@ fn desired_role(store: &crate::store::Store, node_id: &str) -> Option<i32> {
 impl<B: Backend> DispatcherRpc for DispatcherService<B> {
     type SessionStream = ReceiverStream<Result<pb::SessionMessage, Status>>;
 
+    async fn publish_logs(
+        &self,
+        req: Request<tonic::Streaming<pb::PublishLogsMessage>>,
+    ) -> Result<Response<pb::PublishLogsResponse>, Status> {
+        let who = self.caller(&req)?;
+        self.require_leader()?;
+        let mut stream = req.into_inner();
+        let Some(mut msg) = stream.message().await? else {
+            return Ok(Response::new(pb::PublishLogsResponse {}));
+        };
+        self.check_session(&who.node_id, &msg.session_id)?;
+        let sub = msg.subscription_id.clone();
+        // Gone already (the subscriber left): the worker stops on this answer.
+        let Some(att) = self.inner.logs.attach(&sub, &who.node_id) else {
+            return Ok(Response::new(pb::PublishLogsResponse {}));
+        };
+        loop {
+            // Checked per message: a followed service's subscription gains tasks.
+            let mut tasks = att.tasks.clone();
+            if msg.lines.iter().any(|l| !tasks.contains(&l.task_id)) {
+                tasks = self
+                    .inner
+                    .logs
+                    .attach(&sub, &who.node_id)
+                    .map(|a| a.tasks)
+                    .unwrap_or_default();
+            }
+            if let Some(l) = msg.lines.iter().find(|l| !tasks.contains(&l.task_id)) {
+                return Err(Status::invalid_argument(format!(
+                    "task {} is not in log subscription {sub} for this node",
+                    l.task_id
+                )));
+            }
+            if !msg.lines.is_empty() || !msg.notices.is_empty() {
+                let out = pb::SubscribeLogsMessage {
+                    tasks: vec![],
+                    lines: std::mem::take(&mut msg.lines),
+                    notices: std::mem::take(&mut msg.notices),
+                };
+                // Waits while the subscriber is slow: the worker waits in turn.
+                if att.out.send(Ok(out)).await.is_err() {
+                    return Ok(Response::new(pb::PublishLogsResponse {}));
+                }
+            }
+            if msg.done {
+                self.inner.logs.node_done(&sub, &who.node_id);
+                return Ok(Response::new(pb::PublishLogsResponse {}));
+            }
+            msg = tokio::select! {
+                m = stream.message() => match m? {
+                    Some(m) => m,
+                    None => return Ok(Response::new(pb::PublishLogsResponse {})),
+                },
+                _ = att.out.closed() => return Ok(Response::new(pb::PublishLogsResponse {})),
+            };
+        }
+    }
+
     async fn session(
         &self,
         req: Request<pb::SessionRequest>,
@@ -137,6 +195,12 @@ impl<B: Backend> DispatcherRpc for DispatcherService<B> {
             node_id.clone(),
             tokio::time::Instant::now() + timers.grace(period),
         );
+        // Log subscriptions the node was asked for before it had this session (a new leader).
+        if let Some(h) = lock(&inner.sessions).get(&node_id) {
+            for sub in inner.logs.for_node(&node_id) {
+                let _ = h.events.try_send(SessionEvent::Logs(Box::new(sub)));
+            }
+        }
         tracing::debug!(node_id = %node_id, session_id = %session_id, "session opened");
         let started = pb::SessionStarted {
             session_id,

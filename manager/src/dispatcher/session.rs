@@ -27,6 +27,8 @@ pub(super) enum SessionEvent {
     Peers,
     /// A task on some cluster network changed: send the DNS records again if they changed.
     Records,
+    /// The log broker asks the node for lines.
+    Logs(Box<pb::LogSubscription>),
 }
 
 /// Whether a service port is published through the routing mesh.
@@ -552,6 +554,20 @@ pub(super) async fn stream(
                 Err(_) => break,
             }
         }
+        // Log subscriptions go out at once, apart from the assignments.
+        let mut subs = Vec::new();
+        batch.retain_mut(|ev| match ev {
+            SessionEvent::Logs(sub) => {
+                subs.push(std::mem::take(&mut **sub));
+                false
+            }
+            _ => true,
+        });
+        for sub in subs {
+            if out.send(msg(Kind::Logs(sub))).await.is_err() {
+                return;
+            }
+        }
         let mut changes = pb::Assignments::default();
         let mut resync = false;
         let mut records_changed = false;
@@ -560,6 +576,7 @@ pub(super) async fn stream(
         for ev in batch {
             match ev {
                 SessionEvent::Resync => resync = true,
+                SessionEvent::Logs(_) => {}
                 SessionEvent::Records => records_changed = true,
                 SessionEvent::Peers => {
                     let now = pb::Peers {

@@ -498,18 +498,18 @@ fn run_attached(
     let mut follower = LogFollower::new(&fd.log_path(&id), false);
     forward_signals(c.container.pid());
     fd.start(&mut c)?;
-    let mut out = std::io::stdout().lock();
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     let status = loop {
         let s = c.container.wait_timeout(Some(FOLLOW_INTERVAL))?;
         // A closed stdout must not stop the wait (or the --rm).
-        let _ = follower.poll(&mut out);
+        let _ = follower.poll(&mut out, &mut err);
         if let Some(s) = s {
             break s;
         }
     };
-    let _ = follower.poll(&mut out);
+    let _ = follower.poll(&mut out, &mut err);
     let _ = out.flush();
-    drop(out);
+    drop((out, err));
     if args.rm {
         fd.remove(&id, true).context("remove the container")?;
         if let Some(a) = attached {
@@ -724,17 +724,21 @@ pub fn logs(args: LogsArgs) -> Result<()> {
         .with_context(|| format!("logs {}", args.container))?;
     let files = fd.log_files(&r.id);
     let (live, rotated) = files.split_last().context("no log")?;
-    let mut out = std::io::stdout().lock();
+    // Each line goes to the stream it was written to, as with docker.
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     for f in rotated {
-        if let Ok(mut file) = std::fs::File::open(f) {
-            // A closed stdout ends `logs` quietly, as with `cat`.
-            if std::io::copy(&mut file, &mut out).is_err() {
-                return Ok(());
-            }
+        let mut failed = false;
+        let _ = shoal_runtime::logfile::read_file(f, &mut |r| {
+            failed =
+                failed || shoal_runtime::logfile::write_record(&r, &mut out, &mut err).is_err();
+        });
+        // A closed stdout ends `logs` quietly, as with `cat`.
+        if failed {
+            return Ok(());
         }
     }
     let mut follower = LogFollower::new(live, false);
-    if follower.poll(&mut out).is_err() || !args.follow {
+    if follower.poll(&mut out, &mut err).is_err() || !args.follow {
         return Ok(());
     }
     loop {
@@ -742,7 +746,7 @@ pub fn logs(args: LogsArgs) -> Result<()> {
             fd.container(&r.id)?.map(|c| c.status()),
             Some(Status::Running | Status::Paused | Status::Created)
         );
-        if follower.poll(&mut out).is_err() {
+        if follower.poll(&mut out, &mut err).is_err() {
             return Ok(());
         }
         if !running {

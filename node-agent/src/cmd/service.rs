@@ -4,6 +4,7 @@
 
 #[cfg(test)]
 mod fuzz;
+mod logs;
 pub(crate) mod progress;
 pub(crate) mod update;
 
@@ -110,6 +111,8 @@ enum ServiceCommand {
         detach: bool,
         service: String,
     },
+    /// Show the lines of a service's or a task's containers, from every node
+    Logs(logs::LogsArgs),
     /// Remove services
     #[command(alias = "remove")]
     Rm {
@@ -637,6 +640,7 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
         ServiceCommand::Rollback { detach, service } => {
             update::rollback(&mut c, &service, detach).await?;
         }
+        ServiceCommand::Logs(l) => logs::run(&a.socket, l).await?,
         ServiceCommand::Rm { services } => {
             for s in services {
                 rpc(c

@@ -1,6 +1,7 @@
 //! The per-container monitor: a fork of the creating process (never an exec, so it starts with
 //! almost nothing of its own) that is reparented away from the caller, forks the container's
-//! init as its only child, copies the init's output into a size-capped rotated log, and records
+//! init as its only child, copies the init's stdout and stderr into a size-capped rotated log (one record per line with
+//! its stream and time, `crate::logfile`), and records
 //! the exit status durably in the state dir. `wait` waits on it.
 
 use std::fs::{File, OpenOptions};
@@ -13,6 +14,7 @@ use super::plan::Plan;
 use super::state::{self, ExitStatus};
 use super::sys;
 use super::{LogConfig, Stdio};
+use crate::logfile::{now_ns, LineFramer, Stream};
 
 /// Bytes read from the log pipe per read (the monitor's largest buffer).
 const LOG_CHUNK: usize = 16 * 1024;
@@ -94,14 +96,20 @@ fn run_monitor(plan: &Plan, l: &Launch) -> Result<(), Fail> {
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWPID)
             .map_err(|e| Fail(format!("join pid namespace {}: {e}", p.display())))?;
     }
-    let log_pipe = match l.log {
-        Some(_) => Some(sys::pipe().map_err(|e| Fail(format!("log pipe: {e}")))?),
+    // One pipe per stream, so every line keeps where it came from.
+    let log_pipes = match l.log {
+        Some(_) => Some((
+            sys::pipe().map_err(|e| Fail(format!("log pipe: {e}")))?,
+            sys::pipe().map_err(|e| Fail(format!("log pipe: {e}")))?,
+        )),
         None => None,
     };
     let pid = sys::clone_fork(plan.clone_flags)
         .map_err(|e| Fail(format!("clone container init: {e}")))?;
     if pid == 0 {
-        let out = log_pipe.as_ref().map(|(_, w)| w.as_raw_fd());
+        let out = log_pipes
+            .as_ref()
+            .map(|((_, o), (_, e))| (o.as_raw_fd(), e.as_raw_fd()));
         let r = init_main(plan, l, out);
         if let Err(Fail(msg)) = r {
             send(l.to_creator, &format!("error {msg}"));
@@ -115,9 +123,9 @@ fn run_monitor(plan: &Plan, l: &Launch) -> Result<(), Fail> {
         libc::close(l.go);
         libc::close(l.listen);
     }
-    let log_rd = log_pipe.map(|(r, w)| {
-        drop(w);
-        r
+    let log_rd = log_pipes.map(|((o, ow), (e, ew))| {
+        drop((ow, ew));
+        (o, e)
     });
     // Hold nothing of the caller's: no terminal, no pipes, no cwd on a mount.
     if let Ok(null) = dev_null() {
@@ -130,8 +138,8 @@ fn run_monitor(plan: &Plan, l: &Launch) -> Result<(), Fail> {
     unsafe { libc::malloc_trim(0) };
     let pidfd = sys::pidfd_open(pid).map_err(|e| Fail(format!("pidfd of init: {e}")))?;
     shed_inherited_pages();
-    if let (Some(rd), Some(cfg)) = (&log_rd, l.log) {
-        copy_log(rd.as_raw_fd(), pidfd.as_raw_fd(), cfg);
+    if let (Some((out, err)), Some(cfg)) = (&log_rd, l.log) {
+        copy_log(out.as_raw_fd(), err.as_raw_fd(), pidfd.as_raw_fd(), cfg);
     }
     let status = reap(pid);
     // Announce first (a foreground `run` deletes the container next and needs no disk), then
@@ -286,7 +294,7 @@ fn reap(pid: i32) -> ExitStatus {
 }
 
 /// The init's side: stdio, then namespaces and rootfs, then wait for `start`, then exec.
-fn init_main(plan: &Plan, l: &Launch, log_out: Option<RawFd>) -> Result<(), Fail> {
+fn init_main(plan: &Plan, l: &Launch, log_out: Option<(RawFd, RawFd)>) -> Result<(), Fail> {
     // SAFETY: signal and prctl calls with plain arguments. Rust ignores SIGPIPE and an ignored
     // signal survives exec, so the container gets the default back.
     unsafe {
@@ -301,11 +309,11 @@ fn init_main(plan: &Plan, l: &Launch, log_out: Option<RawFd>) -> Result<(), Fail
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
     match (log_out, l.stdio) {
-        (Some(w), _) => {
+        (Some((out, err)), _) => {
             let null = dev_null()?;
             dup_to(null.as_raw_fd(), 0)?;
-            dup_to(w, 1)?;
-            dup_to(w, 2)?;
+            dup_to(out, 1)?;
+            dup_to(err, 2)?;
         }
         (None, Stdio::Null) => {
             let null = dev_null()?;
@@ -374,52 +382,72 @@ fn dup_to(from: RawFd, to: RawFd) -> Result<(), Fail> {
         .map_err(|e| Fail(format!("dup2 to fd {to}: {e}")))
 }
 
-/// Copy the init's output into the log until the init exits and its output is drained.
-fn copy_log(rd: RawFd, pidfd: RawFd, cfg: &LogConfig) {
+/// Copy the init's stdout and stderr into the log, one record per line (see
+/// [`crate::logfile`]), until the init exits and its output is drained.
+fn copy_log(out: RawFd, err: RawFd, pidfd: RawFd, cfg: &LogConfig) {
     let mut log = RotatingLog::open(cfg);
     let mut buf = vec![0u8; LOG_CHUNK];
+    let mut framed = Vec::with_capacity(2 * LOG_CHUNK);
+    let mut framers = [LineFramer::default(), LineFramer::default()];
+    let streams = [Stream::Stdout, Stream::Stderr];
+    let mut open = [true, true];
     let mut exited = false;
-    loop {
+    while open[0] || open[1] {
+        let fd_of = |i: usize| if open[i] { [out, err][i] } else { -1 };
         let mut fds = [
             libc::pollfd {
-                fd: rd,
+                fd: fd_of(0),
                 events: libc::POLLIN,
                 revents: 0,
             },
             libc::pollfd {
-                fd: pidfd,
+                fd: fd_of(1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if exited { -1 } else { pidfd },
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
-        let (n, timeout) = if exited {
-            (1, LOG_DRAIN_TIMEOUT_MS)
-        } else {
-            (2, -1)
-        };
-        // SAFETY: `n` valid pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
+        let timeout = if exited { LOG_DRAIN_TIMEOUT_MS } else { -1 };
+        // SAFETY: three valid pollfds (a negative fd is ignored by poll).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
         if r < 0 {
             if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                 continue;
             }
-            return;
+            break;
         }
         if r == 0 {
-            return; // drain timed out
+            break; // drain timed out
         }
-        if fds[0].revents != 0 {
-            match sys::read(rd, &mut buf) {
-                Ok(0) | Err(_) => return,
+        for i in 0..2 {
+            if fds[i].revents == 0 {
+                continue;
+            }
+            match sys::read(fds[i].fd, &mut buf) {
+                Ok(0) | Err(_) => open[i] = false,
                 Ok(k) => {
+                    framed.clear();
+                    framers[i].push(&mut framed, now_ns(), streams[i], &buf[..k]);
                     if let Some(l) = log.as_mut() {
-                        l.write(&buf[..k]);
+                        l.write(&framed);
                     }
                 }
             }
         }
-        if !exited && fds[1].revents != 0 {
+        if fds[2].revents != 0 {
             exited = true;
+        }
+    }
+    // Output that ended without a newline is kept as a piece of a line.
+    for i in 0..2 {
+        framed.clear();
+        framers[i].finish(&mut framed, now_ns(), streams[i]);
+        if let Some(l) = log.as_mut() {
+            l.write(&framed);
         }
     }
 }
@@ -477,18 +505,40 @@ impl RotatingLog {
         self.size = 0;
     }
 
-    fn write(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self.size >= self.max_bytes {
-                self.rotate();
+    /// Writes whole records (`data` ends with a newline), rotating at a record boundary so
+    /// that no record is split between two files: a file holds at most `max_bytes`, or one
+    /// record when a single record is larger.
+    fn write(&mut self, data: &[u8]) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = self.max_bytes.saturating_sub(self.size) as usize;
+            // The records that fit whole, at least one in an empty file.
+            let mut n = 0;
+            for (i, b) in rest.iter().enumerate() {
+                if *b == b'\n' {
+                    if i < room || (n == 0 && self.size == 0) {
+                        n = i + 1;
+                    } else {
+                        break;
+                    }
+                }
             }
-            let room = (self.max_bytes - self.size) as usize;
-            let n = room.min(data.len());
-            if self.file.write_all(&data[..n]).is_err() {
+            if n == 0 {
+                if self.size == 0 {
+                    n = rest.len();
+                } else {
+                    self.rotate();
+                    if self.size != 0 {
+                        return; // could not rotate: drop rather than grow past the cap
+                    }
+                    continue;
+                }
+            }
+            if self.file.write_all(&rest[..n]).is_err() {
                 return;
             }
             self.size += n as u64;
-            data = &data[n..];
+            rest = &rest[n..];
         }
     }
 }

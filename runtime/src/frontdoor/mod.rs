@@ -5,7 +5,7 @@
 //! - `containers/<id>/` is the container's bundle and everything it owns: `record.json` (name,
 //!   image, command, times), `config.json`, the overlay's `upper/` and `work/`, the `rootfs/`
 //!   mount point (the overlay is mounted there only inside the container's mount namespace)
-//!   and the log `<id>.log` (+ `.1`, `.2` once rotated; raw output, stdout and stderr merged).
+//!   and the log `<id>.log` (+ `.1`, `.2` once rotated; one record per line with its stream and time, see `logfile`).
 //! - `containers/.runtime/<id>/` is the runtime's state dir ([`Container`]'s root is
 //!   `containers/.runtime`): on the data dir's disk, not under `/run`, so a record and its
 //!   exit status live and die together, and one data dir is one self-contained node.
@@ -14,7 +14,6 @@
 //! A container's cgroup is `shoal/<id>` in every hierarchy.
 
 mod config;
-mod logs;
 mod names;
 
 use std::fs::File;
@@ -23,8 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::logfile::{files_oldest_first, LogFollower};
 pub use config::{parse_cpus, parse_memory, parse_pids_limit, resolve_user, ResolvedUser};
-pub use logs::{files_oldest_first, LogFollower};
 pub use names::{check_name, generated_name, is_full_id};
 
 use crate::container::{

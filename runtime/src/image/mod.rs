@@ -14,7 +14,7 @@
 
 pub mod reference;
 mod source;
-mod timefmt;
+pub mod timefmt;
 mod unpack;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -45,6 +45,31 @@ pub fn now_rfc3339() -> String {
     format_unix(i64::try_from(secs).unwrap_or(0))
 }
 
+/// Format nanoseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` (fixed width, so
+/// that lines sort and parse by position).
+pub fn format_unix_nanos(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let frac = ns.rem_euclid(1_000_000_000);
+    let s = format_unix(secs);
+    format!("{}.{frac:09}Z", &s[..s.len() - 1])
+}
+
+/// Parse `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` to nanoseconds since the epoch.
+pub fn parse_rfc3339_nanos(s: &str) -> Option<i64> {
+    let secs = parse_rfc3339(s)?;
+    let frac = match s.get(19..).and_then(|r| r.strip_prefix('.')) {
+        Some(f) => {
+            let digits: String = f.chars().take_while(char::is_ascii_digit).take(9).collect();
+            if digits.is_empty() {
+                return None;
+            }
+            format!("{digits:0<9}").parse::<i64>().ok()?
+        }
+        None => 0,
+    };
+    secs.checked_mul(1_000_000_000)?.checked_add(frac)
+}
+
 /// Parse `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` to seconds since the epoch.
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
     let b = s.as_bytes();
@@ -107,5 +132,12 @@ mod tests {
             parse_rfc3339("2024-01-02T02:04:05Z")
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+        let ns = 1_700_000_000_123_456_789;
+        assert_eq!(format_unix_nanos(ns), "2023-11-14T22:13:20.123456789Z");
+        assert_eq!(parse_rfc3339_nanos(&format_unix_nanos(ns)), Some(ns));
+        assert_eq!(
+            parse_rfc3339_nanos("2023-11-14T22:13:20.5Z"),
+            Some(1_700_000_000_500_000_000)
+        );
     }
 }

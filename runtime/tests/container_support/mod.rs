@@ -77,7 +77,12 @@ impl Fixture {
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("ctr.log")).unwrap_or_default()
+        log_text(&self.dir.path().join("ctr.log"), None)
+    }
+
+    /// The lines one stream wrote.
+    pub fn log_stream(&self, stream: shoal_runtime::logfile::Stream) -> String {
+        log_text(&self.dir.path().join("ctr.log"), Some(stream))
     }
 }
 
@@ -124,4 +129,18 @@ pub fn alive(pid: i32) -> bool {
             .starts_with('Z'),
         Err(_) => false,
     }
+}
+
+/// The payload of a framed log file (every stream, or one), each full line with its newline.
+pub fn log_text(path: &std::path::Path, only: Option<shoal_runtime::logfile::Stream>) -> String {
+    let mut out = Vec::new();
+    let _ = shoal_runtime::logfile::read_file(path, &mut |r| {
+        if only.is_none_or(|s| s == r.stream) {
+            out.extend_from_slice(r.data);
+            if !r.partial {
+                out.push(b'\n');
+            }
+        }
+    });
+    String::from_utf8_lossy(&out).into_owned()
 }

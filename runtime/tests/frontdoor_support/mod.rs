@@ -109,7 +109,16 @@ impl Node {
         self.fd
             .log_files(id)
             .iter()
-            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .map(|p| {
+                let mut out = Vec::new();
+                let _ = shoal_runtime::logfile::read_file(p, &mut |r| {
+                    out.extend_from_slice(r.data);
+                    if !r.partial {
+                        out.push(b'\n');
+                    }
+                });
+                String::from_utf8_lossy(&out).into_owned()
+            })
             .collect()
     }
 

@@ -130,4 +130,9 @@ pub trait Executor: Send + Sync + 'static {
     /// kept in memory only, written for a task only to tmpfs. Executors without containers
     /// ignore it.
     fn set_dependencies(&self, _deps: shoal_proto::v1::Dependencies) {}
+    /// Where the task's container log is (`shoal_runtime::logfile` records, rotated);
+    /// `None` for executors that keep no logs.
+    fn log_path(&self, _task_id: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }

@@ -32,6 +32,8 @@ use super::{CheckResult, ExecError, Executor, Exit, Probe, Started, StopSignal};
 
 /// Directory of the containers' bundles, writable layers and logs under the data dir.
 pub const CONTAINERS_DIR: &str = "containers";
+/// A task's log in its container dir.
+pub const LOG_FILE: &str = "container.log";
 /// A task's log is rotated at this size.
 pub const LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 /// Rotated log files kept per task.
@@ -218,7 +220,7 @@ impl RuntimeExecutor {
             .arg("--bundle")
             .arg(dir.join("bundle"))
             .arg("--log")
-            .arg(dir.join("container.log"))
+            .arg(dir.join(LOG_FILE))
             .arg("--log-max-bytes")
             .arg(LOG_MAX_BYTES.to_string())
             .arg("--log-max-files")
@@ -924,6 +926,10 @@ fn load(root: &Path, id: &str) -> Result<Option<Container>, ExecError> {
 
 #[tonic::async_trait]
 impl Executor for RuntimeExecutor {
+    fn log_path(&self, task_id: &str) -> Option<std::path::PathBuf> {
+        Some(self.task_dir(task_id).join(LOG_FILE))
+    }
+
     async fn prepare(&self, task: &Task, note: &super::Note) -> Result<(), ExecError> {
         let images = self.images.clone();
         let image = task
