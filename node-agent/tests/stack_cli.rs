@@ -354,3 +354,112 @@ fn a_call_failing_midway_names_what_was_done() {
     assert!(ls.contains("half_b") && !ls.contains("half_a"), "{ls}");
     assert!(!m.ok(&["network", "ls"]).contains("half_default"));
 }
+
+#[test]
+fn a_stack_brings_its_secrets_and_configs_and_takes_them_away() {
+    let c = Cluster::new(1, 1);
+    let m = &c.nodes[0];
+    write(&c, "pw.txt", "hunter2-stack");
+    write(&c, "app.conf", "level=debug\n");
+    m.ok(&[
+        "secret",
+        "create",
+        "shared",
+        &write(&c, "shared.txt", "from-outside"),
+    ]);
+    let f = write(
+        &c,
+        "s.yml",
+        &format!(
+            r#"services:
+  app:
+    image: {IMAGE}
+    stop_grace_period: 1s
+    command: ["sh", "-c", "echo pw=$$(cat /run/secrets/pw) other=$$(cat /run/secrets/other); stat -c 'own=%u:%g:%a' /etc/app.conf; sleep 3600"]
+    secrets:
+      - pw
+      - source: shared
+        target: /run/secrets/other
+    configs:
+      - source: conf
+        target: /etc/app.conf
+        uid: "1000"
+        mode: 0440
+secrets:
+  pw: {{file: pw.txt}}
+  shared: {{external: true}}
+configs:
+  conf: {{file: app.conf}}
+"#
+        ),
+    );
+    let out = m.ok(&[
+        "stack",
+        "deploy",
+        "-c",
+        &f,
+        "--resolve-image",
+        "never",
+        "st",
+    ]);
+    assert!(
+        out.contains("Creating secret st_pw") && out.contains("Creating config st_conf"),
+        "{out}"
+    );
+    c.until("the task printed its files", || {
+        m.ok(&["service", "logs", "--raw", "st_app"])
+            .contains("own=")
+    });
+    let log = m.ok(&["service", "logs", "--raw", "st_app"]);
+    assert!(log.contains("pw=hunter2-stack other=from-outside"), "{log}");
+    assert!(log.contains("own=1000:0:440"), "{log}");
+    let secrets = m.ok(&["secret", "ls"]);
+    assert!(
+        secrets.contains("st_pw") && secrets.contains("shared"),
+        "{secrets}"
+    );
+    // Deployed again: kept, not created twice.
+    let again = m.ok(&[
+        "stack",
+        "deploy",
+        "-c",
+        &f,
+        "--resolve-image",
+        "never",
+        "st",
+    ]);
+    assert!(!again.contains("Creating secret"), "{again}");
+
+    m.ok(&["stack", "rm", "st"]);
+    let secrets = m.ok(&["secret", "ls"]);
+    assert!(
+        !secrets.contains("st_pw") && secrets.contains("shared"),
+        "{secrets}"
+    );
+    assert!(!m.ok(&["config", "ls"]).contains("st_conf"));
+
+    // An external one that does not exist stops the deploy before anything is made.
+    let f = write(
+        &c,
+        "bad.yml",
+        &format!(
+            "services:\n  app:\n    image: {IMAGE}\n    secrets: [gone]\nsecrets:\n  gone: {{external: true}}\n"
+        ),
+    );
+    let out = m.shoal(&[
+        "stack",
+        "deploy",
+        "-c",
+        &f,
+        "--resolve-image",
+        "never",
+        "st",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("secret \"gone\" is declared as external"),
+        "{err}"
+    );
+    assert!(!m.ok(&["network", "ls"]).contains("st_default"));
+}

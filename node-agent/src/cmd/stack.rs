@@ -115,7 +115,51 @@ struct Plan {
     /// Full network name → its spec (`None`: external, must exist).
     networks: BTreeMap<String, Option<pb::NetworkSpec>>,
     services: Vec<pb::ServiceSpec>,
+    /// Full secret and config names → (name, labels, data) to create (`None`: external).
+    secrets: BTreeMap<String, Option<FileObj>>,
+    configs: BTreeMap<String, Option<FileObj>>,
     registry: service::update::RegistryFlags,
+}
+
+/// A secret or config the deploy creates: its labels and data, read before any RPC.
+struct FileObj {
+    labels: HashMap<String, String>,
+    data: Vec<u8>,
+}
+
+/// The stack's secrets or configs, named (`STACK_key`, `name:`, or an external one's name)
+/// and read from their files.
+fn file_objects(
+    stack: &str,
+    defs: &BTreeMap<String, compose::FileDef>,
+    file: &str,
+    what: &str,
+) -> anyhow::Result<BTreeMap<String, (String, Option<FileObj>)>> {
+    let mut out = BTreeMap::new();
+    for (key, d) in defs {
+        let name = match (&d.name, d.external) {
+            (Some(n), _) => n.clone(),
+            (None, true) => key.clone(),
+            (None, false) => format!("{stack}_{key}"),
+        };
+        let obj = match &d.file {
+            None => None,
+            Some(path) => {
+                let data = std::fs::read(path).map_err(|e| {
+                    anyhow!(
+                        "{file}:{}: {what}.{key}.file: {}: {e}",
+                        d.line,
+                        path.display()
+                    )
+                })?;
+                let mut labels = output::parse_kv(&d.labels)?;
+                labels.insert(NAMESPACE.into(), stack.into());
+                Some(FileObj { labels, data })
+            }
+        };
+        out.insert(key.clone(), (name, obj));
+    }
+    Ok(out)
 }
 
 fn plan(stack: &str, files: &[String], with_registry_auth: bool) -> anyhow::Result<Plan> {
@@ -131,8 +175,30 @@ fn plan(stack: &str, files: &[String], with_registry_auth: bool) -> anyhow::Resu
     };
     let mut networks = BTreeMap::new();
     let mut services = Vec::new();
+    let secrets = file_objects(stack, &c.secrets, &c.file, "secrets")?;
+    let configs = file_objects(stack, &c.configs, &c.file, "configs")?;
     for s in c.services {
         let mut a = s.args;
+        // `--secret`/`--config` in their long form; the default target is the compose key's.
+        for (refs, objs, flags, dir) in [
+            (&s.secrets, &secrets, &mut a.secret, "/run/secrets/"),
+            (&s.configs, &configs, &mut a.config, "/"),
+        ] {
+            for r in refs {
+                let name = &objs[&r.key].0;
+                let target = r
+                    .target
+                    .clone()
+                    .unwrap_or_else(|| format!("{dir}{}", r.key));
+                let mut f = format!("source={name},target={target}");
+                for (k, v) in [("uid", &r.uid), ("gid", &r.gid), ("mode", &r.mode)] {
+                    if let Some(v) = v {
+                        f.push_str(&format!(",{k}={v}"));
+                    }
+                }
+                flags.push(f);
+            }
+        }
         a.name = Some(format!("{stack}_{}", s.key));
         a.label.push(format!("{NAMESPACE}={stack}"));
         a.container_label.push(format!("{NAMESPACE}={stack}"));
@@ -174,9 +240,15 @@ fn plan(stack: &str, files: &[String], with_registry_auth: bool) -> anyhow::Resu
             .map_err(|e| anyhow!("{}:{}: services.{}: {e:#}", s.file, s.line, s.key))?;
         services.push(spec);
     }
+    let by_name = |m: BTreeMap<String, (String, Option<FileObj>)>| {
+        m.into_values()
+            .collect::<BTreeMap<String, Option<FileObj>>>()
+    };
     Ok(Plan {
         networks,
         services,
+        secrets: by_name(secrets),
+        configs: by_name(configs),
         registry: service::update::RegistryFlags {
             with_registry_auth,
             ..Default::default()
@@ -280,6 +352,28 @@ async fn deploy(
             bail!("network {name:?} is declared as external, but could not be found");
         }
     }
+    let have_secrets: std::collections::HashSet<String> =
+        rpc(c.list_secrets(pb::ListSecretsRequest {}).await)?
+            .secrets
+            .into_iter()
+            .filter_map(|s| s.spec.map(|s| s.name))
+            .collect();
+    let have_configs: std::collections::HashSet<String> =
+        rpc(c.list_configs(pb::ListConfigsRequest {}).await)?
+            .configs
+            .into_iter()
+            .filter_map(|s| s.spec.map(|s| s.name))
+            .collect();
+    for (what, objs, have) in [
+        ("secret", &plan.secrets, &have_secrets),
+        ("config", &plan.configs, &have_configs),
+    ] {
+        for (name, obj) in objs {
+            if obj.is_none() && !have.contains(name) {
+                bail!("{what} {name:?} is declared as external, but could not be found");
+            }
+        }
+    }
     let existing: HashMap<String, pb::Service> = stack_services(c, stack)
         .await?
         .into_iter()
@@ -320,6 +414,46 @@ async fn deploy(
                 ));
             }
         }
+    }
+    // Secrets and configs cannot change: one that exists is kept (a new value needs a new
+    // name, as in docker).
+    for (name, obj) in &plan.secrets {
+        let Some(obj) = obj.as_ref().filter(|_| !have_secrets.contains(name)) else {
+            continue;
+        };
+        println!("Creating secret {name}");
+        let spec = pb::SecretSpec {
+            name: name.clone(),
+            labels: obj.labels.clone(),
+            data: obj.data.clone(),
+        };
+        if let Err(e) = c
+            .create_secret(pb::CreateSecretRequest { spec: Some(spec) })
+            .await
+        {
+            let e = anyhow!(e.message().to_string());
+            return Err(failed(&done, format!("creating secret {name}"), e));
+        }
+        done.push(format!("created secret {name}"));
+    }
+    for (name, obj) in &plan.configs {
+        let Some(obj) = obj.as_ref().filter(|_| !have_configs.contains(name)) else {
+            continue;
+        };
+        println!("Creating config {name}");
+        let spec = pb::ConfigSpec {
+            name: name.clone(),
+            labels: obj.labels.clone(),
+            data: obj.data.clone(),
+        };
+        if let Err(e) = c
+            .create_config(pb::CreateConfigRequest { spec: Some(spec) })
+            .await
+        {
+            let e = anyhow!(e.message().to_string());
+            return Err(failed(&done, format!("creating config {name}"), e));
+        }
+        done.push(format!("created config {name}"));
     }
     let mut follow = Vec::new();
     for mut spec in plan.services {
@@ -424,7 +558,21 @@ async fn remove(c: &mut ControlClient<Channel>, stack: &str) -> anyhow::Result<b
         .into_iter()
         .filter(|n| n.spec.as_ref().is_some_and(|s| in_stack(&s.labels, stack)))
         .collect();
-    if services.is_empty() && nets.is_empty() {
+    let secrets: Vec<String> = rpc(c.list_secrets(pb::ListSecretsRequest {}).await)?
+        .secrets
+        .into_iter()
+        .filter_map(|s| s.spec)
+        .filter(|s| in_stack(&s.labels, stack))
+        .map(|s| s.name)
+        .collect();
+    let configs: Vec<String> = rpc(c.list_configs(pb::ListConfigsRequest {}).await)?
+        .configs
+        .into_iter()
+        .filter_map(|s| s.spec)
+        .filter(|s| in_stack(&s.labels, stack))
+        .map(|s| s.name)
+        .collect();
+    if services.is_empty() && nets.is_empty() && secrets.is_empty() && configs.is_empty() {
         return Ok(false);
     }
     let mut errors = Vec::new();
@@ -439,6 +587,24 @@ async fn remove(c: &mut ControlClient<Channel>, stack: &str) -> anyhow::Result<b
             .await
         {
             errors.push(format!("service {name}: {}", e.message()));
+        }
+    }
+    for name in &secrets {
+        println!("Removing secret {name}");
+        let req = pb::RemoveSecretRequest {
+            secret: name.clone(),
+        };
+        if let Err(e) = c.remove_secret(req).await {
+            errors.push(format!("secret {name}: {}", e.message()));
+        }
+    }
+    for name in &configs {
+        println!("Removing config {name}");
+        let req = pb::RemoveConfigRequest {
+            config: name.clone(),
+        };
+        if let Err(e) = c.remove_config(req).await {
+            errors.push(format!("config {name}: {}", e.message()));
         }
     }
     for n in &nets {

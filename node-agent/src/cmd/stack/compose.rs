@@ -27,6 +27,33 @@ pub struct ServiceDef {
     pub args: CreateArgs,
     /// Networks by their key under `networks:` (or `default`), with their aliases.
     pub networks: Vec<(String, Vec<String>)>,
+    /// Secrets and configs by their key under the top-level `secrets:`/`configs:`.
+    pub secrets: Vec<FileRef>,
+    pub configs: Vec<FileRef>,
+}
+
+/// A service's use of a secret or config: the key it names, and the long syntax's options.
+#[derive(Debug, Default, PartialEq)]
+pub struct FileRef {
+    pub key: String,
+    pub line: usize,
+    pub target: Option<String>,
+    pub uid: Option<String>,
+    pub gid: Option<String>,
+    /// Octal, as the `--secret mode=` flag takes it.
+    pub mode: Option<String>,
+}
+
+/// One secret or config under the top-level `secrets:`/`configs:`.
+#[derive(Debug, Default, PartialEq)]
+pub struct FileDef {
+    pub external: bool,
+    /// `name:` (for an external one: the existing object's name).
+    pub name: Option<String>,
+    /// `file:`, relative to the first compose file's directory.
+    pub file: Option<std::path::PathBuf>,
+    pub labels: Vec<String>,
+    pub line: usize,
 }
 
 /// One network under the top-level `networks:`.
@@ -44,6 +71,10 @@ pub struct NetworkDef {
 pub struct Compose {
     pub services: Vec<ServiceDef>,
     pub networks: BTreeMap<String, NetworkDef>,
+    pub secrets: BTreeMap<String, FileDef>,
+    pub configs: BTreeMap<String, FileDef>,
+    /// The first file's name, for messages.
+    pub file: Rc<str>,
 }
 
 // ---- interpolation ----
@@ -288,10 +319,6 @@ fn at(n: &Node, path: &str, msg: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("{}:{}: {path}: {msg}", n.file, n.line)
 }
 
-/// Keys shoal will map later: refused as "not supported yet". Adding one is a mapping
-/// function in `service`.
-const LATER: &[&str] = &["secrets", "configs"];
-
 /// The map's entries; every key not in `allowed` (nor an `x-` extension) refused by name.
 fn entries<'a>(
     n: &'a Node,
@@ -311,12 +338,11 @@ fn entries<'a>(
             continue;
         }
         if !allowed.contains(&k.name.as_str()) {
-            let why = if LATER.contains(&k.name.as_str()) {
-                "not supported yet"
-            } else {
-                "not supported by shoal stack deploy"
-            };
-            bail!("{}:{}: {p}: {why}", n.file, k.line);
+            bail!(
+                "{}:{}: {p}: not supported by shoal stack deploy",
+                n.file,
+                k.line
+            );
         }
         out.push((k, v, p));
     }
@@ -441,14 +467,31 @@ fn convert(
     let mut compose = Compose {
         services: Vec::new(),
         networks: BTreeMap::new(),
+        secrets: BTreeMap::new(),
+        configs: BTreeMap::new(),
+        file: root.file.clone(),
     };
     let mut services = None;
-    for (_, v, p) in entries(root, "", &["version", "services", "networks"])? {
+    for (_, v, p) in entries(
+        root,
+        "",
+        &["version", "services", "networks", "secrets", "configs"],
+    )? {
         match p.as_str() {
             "services" => services = Some(v),
             "networks" => {
                 for (k, n, np) in all_entries(v, &p)? {
                     compose.networks.insert(k.name.clone(), network(n, &np)?);
+                }
+            }
+            "secrets" | "configs" => {
+                for (k, n, np) in all_entries(v, &p)? {
+                    let d = file_def(k, n, &np, dir)?;
+                    if p == "secrets" {
+                        compose.secrets.insert(k.name.clone(), d);
+                    } else {
+                        compose.configs.insert(k.name.clone(), d);
+                    }
                 }
             }
             _ => {} // version: informative only, as in docker
@@ -468,6 +511,20 @@ fn convert(
         bail!("{}:{}: services: none given", services.file, services.line);
     }
     for s in &compose.services {
+        for (what, refs, defs) in [
+            ("secrets", &s.secrets, &compose.secrets),
+            ("configs", &s.configs, &compose.configs),
+        ] {
+            if let Some(r) = refs.iter().find(|r| !defs.contains_key(&r.key)) {
+                bail!(
+                    "{}:{}: services.{}.{what}: {} is not declared under the top-level {what}:",
+                    s.file,
+                    r.line,
+                    s.key,
+                    r.key
+                );
+            }
+        }
         for (net, _) in &s.networks {
             if net != "default" && !compose.networks.contains_key(net) {
                 bail!(
@@ -561,6 +618,8 @@ const SERVICE_KEYS: &[&str] = &[
     "hostname",
     "read_only",
     "healthcheck",
+    "secrets",
+    "configs",
 ];
 
 fn service(
@@ -581,6 +640,7 @@ fn service(
     let mut from_env = Vec::new();
     let mut networks = Vec::new();
     let mut networks_given = false;
+    let (mut secrets, mut configs) = (Vec::new(), Vec::new());
     for (k, v, p) in entries(n, path, SERVICE_KEYS)? {
         match k.name.as_str() {
             "image" => {}
@@ -637,6 +697,8 @@ fn service(
             "hostname" => a.hostname = Some(string(v, &p)?),
             "read_only" => a.read_only = boolean(v, &p)?,
             "healthcheck" => healthcheck(v, &p, &mut a)?,
+            "secrets" => secrets = file_refs(v, &p)?,
+            "configs" => configs = file_refs(v, &p)?,
             _ => unreachable!("entries() allows only SERVICE_KEYS"),
         }
     }
@@ -656,7 +718,87 @@ fn service(
         line: key.line,
         args: a,
         networks,
+        secrets,
+        configs,
     })
+}
+
+/// A top-level secret or config: `file:` (created with the stack) or `external:`.
+fn file_def(key: &Key, n: &Node, path: &str, dir: &Path) -> anyhow::Result<FileDef> {
+    let mut d = FileDef {
+        line: key.line,
+        ..Default::default()
+    };
+    for (_, v, p) in entries(n, path, &["file", "external", "name", "labels"])? {
+        match p.rsplit('.').next().unwrap_or_default() {
+            "file" => d.file = Some(dir.join(string(v, &p)?)),
+            "external" => match &v.value {
+                Value::Map(_) => {
+                    d.external = true;
+                    for (_, nv, np) in entries(v, &p, &["name"])? {
+                        d.name = Some(string(nv, &np)?);
+                    }
+                }
+                _ => d.external = boolean(v, &p)?,
+            },
+            "name" => d.name = Some(string(v, &p)?),
+            "labels" => d.labels = kv(v, &p, &|_| Some(String::new()))?,
+            _ => unreachable!("entries() allows only these"),
+        }
+    }
+    if d.external == d.file.is_some() {
+        return Err(at(n, path, "give either file: or external: true"));
+    }
+    Ok(d)
+}
+
+/// A service's `secrets:`/`configs:` list: keys, or `{source, target, uid, gid, mode}`.
+fn file_refs(n: &Node, path: &str) -> anyhow::Result<Vec<FileRef>> {
+    let Value::Seq(items) = &n.value else {
+        return Err(at(n, path, "expected a list"));
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let ip = format!("{path}[{i}]");
+        if let Value::Scalar(..) = &item.value {
+            out.push(FileRef {
+                key: string(item, &ip)?,
+                line: item.line,
+                ..Default::default()
+            });
+            continue;
+        }
+        let mut r = FileRef {
+            line: item.line,
+            ..Default::default()
+        };
+        for (_, v, p) in entries(item, &ip, &["source", "target", "uid", "gid", "mode"])? {
+            match p.rsplit('.').next().unwrap_or_default() {
+                "source" => r.key = string(v, &p)?,
+                "target" => r.target = Some(string(v, &p)?),
+                "uid" => r.uid = Some(parse::<u32>(v, &p, "a user id")?.to_string()),
+                "gid" => r.gid = Some(parse::<u32>(v, &p, "a group id")?.to_string()),
+                "mode" => {
+                    // YAML 1.1 (docker's) reads 0440 as octal; a plain number is decimal.
+                    let s = string(v, &p)?;
+                    let m = if s.len() > 1 && s.starts_with('0') {
+                        u32::from_str_radix(s.trim_start_matches("0o"), 8).ok()
+                    } else {
+                        s.parse::<u32>().ok()
+                    }
+                    .filter(|m| *m <= 0o777)
+                    .ok_or_else(|| at(v, &p, "expected a file mode (0440, or 288)"))?;
+                    r.mode = Some(format!("0{m:o}"));
+                }
+                _ => unreachable!("entries() allows only these"),
+            }
+        }
+        if r.key.is_empty() {
+            return Err(at(item, &ip, "no source:"));
+        }
+        out.push(r);
+    }
+    Ok(out)
 }
 
 /// `healthcheck:` onto the `--health-*` flags: `test` as a string or `[CMD-SHELL, s]` (run by
@@ -949,21 +1091,6 @@ mod tests {
             e,
             format!("{f}:8: services.web.deploy.resources.limits.devices: not supported by shoal stack deploy")
         );
-        for (key, text) in [
-            ("secrets", "    secrets: [a]\n"),
-            ("configs", "    configs: [a]\n"),
-        ] {
-            let f = write(
-                d.path(),
-                "c.yml",
-                &format!("services:\n  web:\n    image: busybox\n{text}"),
-            );
-            let e = load(std::slice::from_ref(&f), &env)
-                .err()
-                .unwrap()
-                .to_string();
-            assert_eq!(e, format!("{f}:4: services.web.{key}: not supported yet"));
-        }
         let f = write(
             d.path(),
             "c.yml",
@@ -1103,6 +1230,49 @@ networks:
         ] {
             let e = svc(bad).err().unwrap().to_string();
             assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn secrets_and_configs_name_their_top_level_entry() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "pw.txt", "hunter2");
+        let f = write(
+            d.path(),
+            "c.yml",
+            "services:\n  web:\n    image: busybox\n    secrets:\n      - pw\n      - {source: ext, target: /run/secrets/other, uid: \"1000\", mode: 0400}\n    configs:\n      - source: conf\n        mode: 288\nsecrets:\n  pw: {file: pw.txt, labels: [a=b]}\n  ext: {external: true}\nconfigs:\n  conf: {file: pw.txt}\n",
+        );
+        let c = load(std::slice::from_ref(&f), &env).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.secrets[0].key, "pw");
+        assert_eq!(s.secrets[1].target.as_deref(), Some("/run/secrets/other"));
+        assert_eq!(s.secrets[1].uid.as_deref(), Some("1000"));
+        assert_eq!(s.secrets[1].mode.as_deref(), Some("0400"));
+        assert_eq!(s.configs[0].mode.as_deref(), Some("0440"));
+        assert_eq!(c.secrets["pw"].file, Some(d.path().join("pw.txt")));
+        assert!(c.secrets["ext"].external);
+        assert_eq!(c.secrets["pw"].labels, ["a=b"]);
+        for (text, want) in [
+            (
+                "services:\n  web:\n    image: busybox\n    secrets: [nope]\n",
+                "c.yml:4: services.web.secrets: nope is not declared under the top-level secrets:",
+            ),
+            (
+                "services:\n  web:\n    image: busybox\nsecrets:\n  pw: {}\n",
+                "secrets.pw: give either file: or external: true",
+            ),
+            (
+                "services:\n  web:\n    image: busybox\n    configs: [{source: c, mode: 0999}]\nconfigs:\n  c: {external: true}\n",
+                "services.web.configs[0].mode: expected a file mode",
+            ),
+            (
+                "services:\n  web:\n    image: busybox\nsecrets:\n  pw: {file: x, driver: y}\n",
+                "secrets.pw.driver: not supported by shoal stack deploy",
+            ),
+        ] {
+            let f = write(d.path(), "c.yml", text);
+            let e = load(std::slice::from_ref(&f), &env).err().unwrap().to_string();
+            assert!(e.contains(want), "{text}: {e}");
         }
     }
 }
