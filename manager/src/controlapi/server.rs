@@ -380,16 +380,41 @@ impl ControlApi {
         )
     }
 
-    /// The services whose containers use secret (or config) `id`, by name.
-    fn file_users(&self, kind: Kind, id: &str) -> Result<Vec<String>, Status> {
-        Ok(self
+    /// Removes secret (or config) `name`, refused while a service's containers use it (the
+    /// services named); its id.
+    async fn remove_unused(
+        &self,
+        kind: Kind,
+        meta: Option<&pb::Meta>,
+        name: &str,
+    ) -> Result<String, Status> {
+        let id = id_of(meta).to_string();
+        let users: Vec<String> = self
             .store()
             .list_services()
             .map_err(store_status)?
             .into_iter()
             .filter(|s| crate::store::file_refs(s, kind).iter().any(|r| r.id == id))
             .filter_map(|s| s.spec.map(|s| s.name))
-            .collect())
+            .collect();
+        if !users.is_empty() {
+            let what = if kind == Kind::Secret {
+                "secret"
+            } else {
+                "config"
+            };
+            return Err(Status::failed_precondition(format!(
+                "{what} {name} is in use by service {}",
+                users.join(", ")
+            )));
+        }
+        self.propose(vec![Mutation::Delete {
+            kind,
+            id: id.clone(),
+            expect_version: Some(version_of(meta)),
+        }])
+        .await?;
+        Ok(id)
     }
 
     pub(crate) fn find_network(&self, key: &str) -> Result<pb::Network, Status> {
@@ -905,21 +930,10 @@ impl Control for ControlService {
         self.authorize(&api, &req)?;
         leader_only!(api, req, remove_secret, write);
         let s = api.find_secret(&req.get_ref().secret)?;
-        let id = id_of(s.meta.as_ref()).to_string();
         let name = s.spec.as_ref().map_or("", |s| s.name.as_str());
-        let users = api.file_users(Kind::Secret, &id)?;
-        if !users.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "secret {name} is in use by service {}",
-                users.join(", ")
-            )));
-        }
-        api.propose(vec![Mutation::Delete {
-            kind: Kind::Secret,
-            id: id.clone(),
-            expect_version: Some(version_of(s.meta.as_ref())),
-        }])
-        .await?;
+        let id = api
+            .remove_unused(Kind::Secret, s.meta.as_ref(), name)
+            .await?;
         Ok(Response::new(pb::RemoveSecretResponse { id }))
     }
 
@@ -1003,21 +1017,10 @@ impl Control for ControlService {
         self.authorize(&api, &req)?;
         leader_only!(api, req, remove_config, write);
         let c = api.find_config(&req.get_ref().config)?;
-        let id = id_of(c.meta.as_ref()).to_string();
         let name = c.spec.as_ref().map_or("", |s| s.name.as_str());
-        let users = api.file_users(Kind::Config, &id)?;
-        if !users.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "config {name} is in use by service {}",
-                users.join(", ")
-            )));
-        }
-        api.propose(vec![Mutation::Delete {
-            kind: Kind::Config,
-            id: id.clone(),
-            expect_version: Some(version_of(c.meta.as_ref())),
-        }])
-        .await?;
+        let id = api
+            .remove_unused(Kind::Config, c.meta.as_ref(), name)
+            .await?;
         Ok(Response::new(pb::RemoveConfigResponse { id }))
     }
 
