@@ -131,11 +131,13 @@ impl Backend for crate::raft::Raft {
     }
 
     async fn caught_up(&self) -> Result<(), ProposeError> {
+        // Read under the borrow: this runs for every status batch.
         let (term, applied_term, last) = {
-            let m = self.metrics().borrow().clone();
+            let m = self.metrics();
+            let m = m.borrow();
             (
                 m.current_term,
-                m.last_applied.map(|l| l.leader_id.term),
+                m.last_applied.as_ref().map(|l| l.leader_id.term),
                 m.last_log_index,
             )
         };

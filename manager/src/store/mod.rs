@@ -32,44 +32,33 @@ pub const EVENT_HISTORY: usize = 4_096;
 /// `e` as the history keeps it: a task without its spec and networks (what an event line
 /// names fits in a few hundred bytes; the history stays a few MiB at most).
 fn slim(e: &Event) -> Event {
-    match &e.object {
-        Object::Task(t) => Event {
-            object: Object::Task(shoal_proto::v1::Task {
-                meta: t.meta.clone(),
-                service_id: t.service_id.clone(),
-                service_name: t.service_name.clone(),
-                slot: t.slot,
-                node_id: t.node_id.clone(),
-                desired_state: t.desired_state,
-                status: t.status.clone(),
-                ..Default::default()
-            }),
-            version: e.version,
-            action: e.action,
-            time_ms: e.time_ms,
-        },
-        // The history never holds secret or config data, not even sealed.
-        Object::Secret(x) => {
-            let mut x = x.clone();
-            if let Some(sp) = x.spec.as_mut() {
-                sp.data.clear();
+    let object = match &e.object {
+        Object::Task(t) => Object::Task(shoal_proto::v1::Task {
+            meta: t.meta.clone(),
+            service_id: t.service_id.clone(),
+            service_name: t.service_name.clone(),
+            slot: t.slot,
+            node_id: t.node_id.clone(),
+            desired_state: t.desired_state,
+            status: t.status.clone(),
+            ..Default::default()
+        }),
+        other => {
+            let mut o = other.clone();
+            // The history never holds secret or config data, not even sealed.
+            match &mut o {
+                Object::Secret(x) => x.spec.iter_mut().for_each(|sp| sp.data.clear()),
+                Object::Config(x) => x.spec.iter_mut().for_each(|sp| sp.data.clear()),
+                _ => {}
             }
-            Event {
-                object: Object::Secret(x),
-                ..e.clone()
-            }
+            o
         }
-        Object::Config(x) => {
-            let mut x = x.clone();
-            if let Some(sp) = x.spec.as_mut() {
-                sp.data.clear();
-            }
-            Event {
-                object: Object::Config(x),
-                ..e.clone()
-            }
-        }
-        _ => e.clone(),
+    };
+    Event {
+        version: e.version,
+        action: e.action,
+        object,
+        time_ms: e.time_ms,
     }
 }
 
