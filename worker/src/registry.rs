@@ -296,7 +296,7 @@ pub async fn check_login(
         Ok(_) => Ok(()),
         Err(e) => {
             let text = e.to_string();
-            if REFUSED.iter().any(|w| text.contains(w)) {
+            if refused(&text) {
                 Err(PullError::Registry {
                     reference: registry.to_string(),
                     reason: "login refused: unauthorized (wrong user or password)".into(),
@@ -348,9 +348,11 @@ impl PullOptions {
     }
 }
 
-/// Words registries and oci-client use when credentials are missing or wrong.
-const REFUSED: [&str; 6] = [
-    "401",
+/// Words registries and oci-client use when credentials are missing or wrong. The status is
+/// matched with its context: a bare "401" is also in URLs of registries on ports like 40121.
+const REFUSED: [&str; 7] = [
+    "code: 401",
+    "(401 ",
     "UNAUTHORIZED",
     "unauthorized",
     "Not authorized",
@@ -358,11 +360,16 @@ const REFUSED: [&str; 6] = [
     "authentication required",
 ];
 
+/// Whether a registry's error says the credentials are missing or wrong.
+fn refused(text: &str) -> bool {
+    REFUSED.iter().any(|w| text.contains(w))
+}
+
 /// A registry's error as the user reads it: a refusal for want of credentials says so and
 /// what to do.
 fn explain(registry: &str, e: impl std::error::Error) -> String {
     let text = causes(&e);
-    if REFUSED.iter().any(|w| text.contains(w)) {
+    if refused(&text) {
         format!("unauthorized (shoal login {registry} first): {text}")
     } else {
         text
@@ -1029,6 +1036,25 @@ fn pick_platform(bytes: &[u8]) -> Result<Option<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_told_from_other_errors_whatever_the_port() {
+        for yes in [
+            "Server error: url http://127.0.0.1:5000/v2/a/manifests/1, code: 401, message: ",
+            "HTTP status client error (401 Unauthorized) for url (http://127.0.0.1:5000/v2/)",
+            "Not authorized: url http://127.0.0.1:5000/v2/a/manifests/1",
+            "Registry error: url http://x/v2/, envelope: OCI API errors: [UNAUTHORIZED]",
+        ] {
+            assert!(refused(yes), "{yes}");
+        }
+        // A registry on port 40121 that has no such repository: not a refusal.
+        for no in [
+            "Server error: url http://127.0.0.1:40121/v2/shoal-login-check/probe/manifests/latest, code: 404, message: ",
+            "Registry error: url http://127.0.0.1:40121/v2/p/manifests/1, envelope: OCI API errors: [NAME_UNKNOWN]",
+        ] {
+            assert!(!refused(no), "{no}");
+        }
+    }
 
     #[test]
     fn loopback_registries_are_recognised() {
