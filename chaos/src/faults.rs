@@ -917,21 +917,11 @@ impl Injector<'_> {
         let o = self.probe_write(d, 0);
         r.writes_while_full.push((self.name(d), o));
         self.hold_overlapped(end.saturating_duration_since(Instant::now()), rec);
-        if let Some(w) = watcher {
+        let watched = watcher.map(|w| {
             w.abort();
             r.new_leader_after_s = self.rt.block_on(w).ok().flatten().map(|d| d.as_secs_f64());
-            match r.new_leader_after_s {
-                Some(s) if s <= NEW_LEADER_BOUND.as_secs_f64() => {}
-                Some(s) => r.problems.push(format!(
-                    "another manager led only {s:.1} s after the leader's disk failed (bound {} s)",
-                    NEW_LEADER_BOUND.as_secs()
-                )),
-                None => r.problems.push(format!(
-                    "no other manager led while the leader's disk had failed ({:.0} s)",
-                    t0.elapsed().as_secs_f64()
-                )),
-            }
-        }
+            t0.elapsed()
+        });
         r.agent_survived = c.host(d).ok().and_then(|h| h.agent_pid()).is_some();
         if let Ok(h) = c.host(d) {
             if let Ok(text) = std::fs::read(h.agent_log()) {
@@ -955,6 +945,29 @@ impl Injector<'_> {
                     .take(MAX_LOG_LINES)
                     .map(|l| l.chars().take(400).collect())
                     .collect();
+            }
+        }
+        // A leader whose disk failed must be replaced within the bound. A full file system
+        // may still leave the store room (sled writes into segments its files already hold):
+        // a leader that took every write and logged no storage error had not failed.
+        if let Some(held) = watched {
+            let kept_appending = kind != DiskKind::Ext4Stuck
+                && r.log_lines.is_empty()
+                && r.writes_while_full.iter().all(|(_, o)| o == "ok");
+            match r.new_leader_after_s {
+                Some(s) if s <= NEW_LEADER_BOUND.as_secs_f64() => {}
+                Some(s) => r.problems.push(format!(
+                    "another manager led only {s:.1} s after the leader's disk failed (bound {} s)",
+                    NEW_LEADER_BOUND.as_secs()
+                )),
+                None if kept_appending => rec.notes.push(format!(
+                    "{} stayed leader: its store still had room (every write committed, no storage error logged)",
+                    r.host
+                )),
+                None => r.problems.push(format!(
+                    "no other manager led while the leader's disk had failed ({:.0} s)",
+                    held.as_secs_f64()
+                )),
             }
         }
         // Through the full manager a write succeeds or is refused naming the cause; through
