@@ -248,6 +248,7 @@ fn duplicate_service_name_is_refused_on_create_and_rename() {
     assert_eq!(
         e,
         StoreError::NameTaken {
+            kind: Kind::Service,
             name: "web".into(),
             existing_id: "s1".into()
         }
@@ -787,10 +788,21 @@ fn service_using(id: &str, name: &str, secret_id: &str) -> Service {
 fn secret_names_are_unique_and_a_used_secret_stays() {
     let (_d, store) = open();
     ok(store.apply(1, &cmd(1, vec![create(Object::Secret(secret("s1", "db")))])));
-    assert!(matches!(
-        refused(store.apply(2, &cmd(2, vec![create(Object::Secret(secret("s2", "db")))]))),
-        StoreError::NameTaken { .. }
-    ));
+    let e = refused(store.apply(2, &cmd(2, vec![create(Object::Secret(secret("s2", "db")))])));
+    assert!(
+        matches!(
+            e,
+            StoreError::NameTaken {
+                kind: Kind::Secret,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "secret name db is already in use by secret s1"
+    );
     assert_eq!(
         store.get_secret("db").unwrap().unwrap().meta.unwrap().id,
         "s1"

@@ -313,6 +313,7 @@ impl Staged<'_, '_> {
         if let Some(holder) = self.read(names, name.as_bytes())? {
             if holder != id.as_bytes() {
                 return Err(StoreError::NameTaken {
+                    kind,
                     name: name.to_string(),
                     existing_id: String::from_utf8_lossy(&holder).into_owned(),
                 });

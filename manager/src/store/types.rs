@@ -100,6 +100,13 @@ pub enum Kind {
     Config,
 }
 
+impl Kind {
+    /// `Kind::Service`: what a name clash recorded before the kind was kept named.
+    fn service() -> Kind {
+        Kind::Service
+    }
+}
+
 impl std::fmt::Display for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -286,11 +293,14 @@ pub enum StoreError {
         id: String,
     },
     /// A name held by another object of the kind (services, networks, secrets, configs).
-    #[error("service name {name} is already in use by service {existing_id}")]
+    #[error("{kind} name {name} is already in use by {kind} {existing_id}")]
     NameTaken {
+        /// The kind of both objects.
+        #[serde(default = "Kind::service")]
+        kind: Kind,
         /// The requested name.
         name: String,
-        /// The service that holds the name.
+        /// The object that holds the name.
         existing_id: String,
     },
     /// A task state (`status.state` or `desired_state`) moving backwards.
