@@ -155,7 +155,19 @@ impl Cluster {
 
     /// Asks the managers in turn (the first that answers) how the cluster is.
     pub async fn health(&self) -> Option<Health> {
-        for (via, sock) in self.sockets(&self.managers) {
+        self.health_without(None).await
+    }
+
+    /// [`Cluster::health`] without asking host `skip` (a manager the caller stopped: its
+    /// socket accepts and never answers, which would cost a whole [`CALL_TIMEOUT`]).
+    pub async fn health_without(&self, skip: Option<usize>) -> Option<Health> {
+        let ask: Vec<usize> = self
+            .managers
+            .iter()
+            .copied()
+            .filter(|&m| Some(m) != skip)
+            .collect();
+        for (via, sock) in self.sockets(&ask) {
             let Ok(mut c) = control(&sock).await else {
                 continue;
             };

@@ -811,7 +811,7 @@ impl Injector<'_> {
             while start.elapsed() < SUCCESSOR_WAIT {
                 match self
                     .rt
-                    .block_on(self.cluster.health())
+                    .block_on(self.cluster.health_without(Some(l)))
                     .and_then(|h| h.leader)
                 {
                     Some(n) if n != l => break,
