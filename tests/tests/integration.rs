@@ -5,3 +5,4 @@
 mod container_probe;
 mod disk_fault_leader;
 mod testbed;
+mod testbed_logs;

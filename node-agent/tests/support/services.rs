@@ -515,3 +515,101 @@ impl Cluster {
             })
     }
 }
+
+impl Cluster {
+    /// What is on this machine of task `id`, one line each: its container on a node, its
+    /// container dir, its secret and config files, its cgroups (every hierarchy), its network
+    /// namespace and that namespace's mount, its veths (node bridge `shv…`, overlays `so…`)
+    /// and the addresses or ports reserved in its name. Empty once the task is removed.
+    pub fn task_traces(&self, id: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for n in &self.nodes {
+            if n.containers().iter().any(|c| c == id) {
+                found.push(format!("container {id} on {}", n.host));
+            }
+            let files = shoal_worker::executor::files::agent_root(&n.data()).join(id);
+            for p in [n.data().join("containers").join(id), files] {
+                if p.exists() {
+                    found.push(format!("dir {}", p.display()));
+                }
+            }
+        }
+        let cgroup_roots = std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .chain([PathBuf::from("/sys/fs/cgroup")]);
+        for root in cgroup_roots {
+            let p = root.join("shoal").join(id);
+            if p.is_dir() {
+                found.push(format!("cgroup {}", p.display()));
+            }
+        }
+        let ns = shoal_runtime::network::netns_path(id);
+        for p in [ns.clone(), ns.with_file_name(format!("{id}.json"))] {
+            if p.exists() {
+                found.push(format!("netns {}", p.display()));
+            }
+        }
+        found.extend(
+            mounts_under(Path::new("/"))
+                .into_iter()
+                .filter(|m| m.contains(id))
+                .map(|m| format!("mount {m}")),
+        );
+        let short = |prefix_len: usize| -> String {
+            id.chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(15 - prefix_len)
+                .collect()
+        };
+        for l in link_names() {
+            let ours = l.strip_prefix("shv").is_some_and(|r| r == short(3))
+                || l.strip_prefix("so")
+                    .and_then(|r| r.get(1..))
+                    .is_some_and(|r| r == short(4));
+            if ours {
+                found.push(format!("link {l}"));
+            }
+        }
+        let net = Path::new(shoal_runtime::network::RUN_DIR).join("net");
+        for state in std::fs::read_dir(net).into_iter().flatten().flatten() {
+            for kind in ["ip", "ports"] {
+                let dir = state.path().join(kind);
+                for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if std::fs::read_to_string(e.path())
+                        .is_ok_and(|h| h.split_whitespace().next() == Some(id))
+                    {
+                        found.push(format!("reservation {}", e.path().display()));
+                    }
+                }
+            }
+        }
+        found
+    }
+}
+
+/// The mount points in this process's mount namespace at or under `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The network interfaces of this process's network namespace.
+pub fn link_names() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
