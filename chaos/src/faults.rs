@@ -266,8 +266,12 @@ pub struct DiskFullReport {
     pub host: String,
     pub role: String,
     pub filled_bytes: u64,
-    /// When the disk failed under the leader: seconds until another manager was seen leading.
+    /// When the disk failed under the leader: seconds from the fault until another manager
+    /// was seen leading.
     pub new_leader_after_s: Option<f64>,
+    /// Seconds from the fault until the manager first logged a storage failure (a full file
+    /// system may still leave the store room for a while); `None` when it logged none.
+    pub failed_after_s: Option<f64>,
     /// Writes made while the disk was full: (through which host, outcome).
     pub writes_while_full: Vec<(String, String)>,
     pub agent_survived: bool,
@@ -275,6 +279,17 @@ pub struct DiskFullReport {
     pub write_after_free: Option<String>,
     pub recovered_after_s: Option<f64>,
     pub problems: Vec<String>,
+}
+
+/// Seconds from `since` to the time stamp that opens the first of `lines` (agent log lines,
+/// `2026-12-07T21:33:25.591110Z  WARN …`); 0 for a line from before `since`.
+fn first_logged_after(lines: &[String], since: std::time::SystemTime) -> Option<f64> {
+    let ns = lines
+        .first()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(shoal_runtime::image::timefmt::parse_rfc3339_nanos)?;
+    let at = std::time::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).ok()?);
+    Some(at.duration_since(since).unwrap_or_default().as_secs_f64())
 }
 
 pub struct Injector<'a> {
@@ -844,6 +859,7 @@ impl Injector<'_> {
             role: String::new(),
             filled_bytes: 0,
             new_leader_after_s: None,
+            failed_after_s: None,
             writes_while_full: Vec::new(),
             agent_survived: false,
             log_lines: Vec::new(),
@@ -875,6 +891,7 @@ impl Injector<'_> {
             .filter(|(n, _)| *n != r.host)
             .collect();
         let t0 = Instant::now();
+        let t0_wall = std::time::SystemTime::now();
         let watcher = (r.role == "leader")
             .then(|| self.rt.spawn(watch_new_leader(others, r.host.clone(), t0)));
         match kind {
@@ -949,15 +966,22 @@ impl Injector<'_> {
         }
         // A leader whose disk failed must be replaced within the bound. A full file system
         // may still leave the store room (sled writes into segments its files already hold):
-        // a leader that took every write and logged no storage error had not failed.
+        // a leader that took every write and logged no storage error had not failed, and one
+        // that failed later is timed from its first logged failure. A frozen disk fails at once.
+        r.failed_after_s = first_logged_after(&r.log_lines, t0_wall);
         if let Some(held) = watched {
             let kept_appending = kind != DiskKind::Ext4Stuck
                 && r.log_lines.is_empty()
                 && r.writes_while_full.iter().all(|(_, o)| o == "ok");
+            let failed_at = match kind {
+                DiskKind::Ext4Stuck => 0.0,
+                _ => r.failed_after_s.unwrap_or(0.0),
+            };
             match r.new_leader_after_s {
-                Some(s) if s <= NEW_LEADER_BOUND.as_secs_f64() => {}
+                Some(s) if s - failed_at <= NEW_LEADER_BOUND.as_secs_f64() => {}
                 Some(s) => r.problems.push(format!(
-                    "another manager led only {s:.1} s after the leader's disk failed (bound {} s)",
+                    "another manager led only {:.1} s after the leader's disk failed (bound {} s; fault at 0 s, first storage failure logged at {failed_at:.1} s)",
+                    s - failed_at,
                     NEW_LEADER_BOUND.as_secs()
                 )),
                 None if kept_appending => rec.notes.push(format!(
@@ -1215,6 +1239,20 @@ async fn watch_new_leader(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_failure_is_timed_from_its_log_line() {
+        let since = std::time::UNIX_EPOCH + Duration::from_secs(1_796_679_200);
+        let lines = [
+            "2026-12-07T21:33:28.500000Z ERROR quit RaftCore::main on error".to_string(),
+            "2026-12-07T21:33:29.000000Z  WARN later".to_string(),
+        ];
+        let s = first_logged_after(&lines, since).unwrap();
+        assert!((s - 8.5).abs() < 1e-6, "{s}");
+        assert_eq!(first_logged_after(&[], since), None);
+        let before = ["2026-12-07T21:33:00.000000Z ERROR earlier".to_string()];
+        assert_eq!(first_logged_after(&before, since), Some(0.0));
+    }
 
     #[test]
     fn an_overlap_names_a_carrier_and_a_second_fault() {

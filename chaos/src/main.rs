@@ -804,7 +804,12 @@ fn check_disk(disk: &[faults::DiskFullReport], records: &[faults::FaultRecord]) 
                 d.role,
                 d.filled_bytes >> 20,
                 d.new_leader_after_s
-                    .map(|s| format!("another leader after {s:.1} s; "))
+                    .map(|s| match d.failed_after_s {
+                        Some(f) if f > 0.5 => format!(
+                            "first storage failure after {f:.1} s; another leader after {s:.1} s; "
+                        ),
+                        _ => format!("another leader after {s:.1} s; "),
+                    })
                     .unwrap_or_default(),
                 d.writes_while_full
                     .iter()
