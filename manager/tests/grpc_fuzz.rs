@@ -102,6 +102,7 @@ fn decode_as(name: &str, bytes: &[u8]) -> Option<bool> {
         InitRequest,
         JoinRequest,
         LeaveRequest,
+        LocalTasksRequest,
         // Dispatcher
         SessionRequest,
         HeartbeatRequest,

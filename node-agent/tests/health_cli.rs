@@ -489,3 +489,151 @@ fn bad_health_flags_fail_on_one_line_and_change_nothing() {
     assert!(!ls.contains("nope"), "{ls}");
     assert_eq!(c.inspect("kept")["Spec"], before);
 }
+
+/// The row of `shoal ps` (table) whose NAMES starts with `prefix`, if any.
+fn ps_row(n: &Node, args: &[&str], prefix: &str) -> Option<String> {
+    let mut argv = vec!["ps"];
+    argv.extend_from_slice(args);
+    let out = n.ok(&argv);
+    let mut lines = out.lines();
+    let names = lines.next()?.find("NAMES")?;
+    lines
+        .find(|l| l.get(names..).is_some_and(|n| n.starts_with(prefix)))
+        .map(str::to_string)
+}
+
+/// Waits until `shoal ps` on `n` shows a row named `prefix…` whose line holds `text`.
+fn wait_for_ps(n: &Node, prefix: &str, text: &str) -> String {
+    let deadline = Instant::now() + HEALTH_WAIT;
+    loop {
+        let row = ps_row(n, &[], prefix);
+        if let Some(r) = row.as_deref().filter(|r| r.contains(text)) {
+            return r.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {text:?} in shoal ps; row {prefix}: {row:?}\n{}",
+            n.ok(&["ps", "-a"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes a front-door container of a data dir when the test ends, however it ends.
+struct FrontDoorContainer(PathBuf, &'static str);
+
+impl Drop for FrontDoorContainer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(SHOAL)
+            .args(["rm", "-f", "--data-dir"])
+            .arg(&self.0)
+            .arg(self.1)
+            .output();
+    }
+}
+
+/// `shoal ps` on the node running a service's task lists the task's container as docker does
+/// on a swarm node (SERVICE.SLOT.TASKID) beside the node's own containers, with the health in
+/// STATUS: starting until a check passes, then healthy, then unhealthy once checks fail. Other
+/// nodes do not list it, and with no agent `ps` lists the node's own containers alone.
+#[test]
+fn shoal_ps_lists_the_node_s_task_containers_with_their_health() {
+    let mut c = Cluster::new(2, 1);
+    let (m, w) = (&c.nodes[0], &c.nodes[1]);
+    let plain = w.ok(&["run", "-d", "--name", "plain", IMAGE, "sleep", "3600"]);
+    let _plain = FrontDoorContainer(w.data(), "plain");
+    // The check passes once /tmp/ok exists; failures before that do not count (start period).
+    // `sleep` as pid 1 ignores SIGTERM: stopped as unhealthy, it runs out its grace period.
+    m.ok(&[
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        "fine",
+        "--constraint",
+        "node.hostname==host2",
+        "--stop-grace-period",
+        "20s",
+        "--health-cmd",
+        "test -f /tmp/ok",
+        "--health-interval",
+        "300ms",
+        "--health-retries",
+        "2",
+        "--health-start-period",
+        "10m",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    let row = wait_for_ps(w, "fine.1.", "(health: starting)");
+    assert!(row.contains(" Up "), "{row}");
+    assert!(row.contains("busybox:latest"), "{row}");
+    assert!(row.contains("\"sleep 3600\""), "{row}");
+    let id = row.split_whitespace().last().unwrap()["fine.1.".len()..].to_string();
+    let tasks = c.tasks_json("fine");
+    assert_eq!(tasks.len(), 1, "{tasks:#?}");
+    assert_eq!(tasks[0]["ID"], id.as_str(), "{tasks:#?}");
+    assert!(row.starts_with(&id[..12]), "{row}");
+    // Only the node running it lists it.
+    assert!(
+        ps_row(m, &["-a"], "fine.").is_none(),
+        "{}",
+        m.ok(&["ps", "-a"])
+    );
+
+    let touch = w.runtime(&["exec", &id, "touch", "/tmp/ok"]);
+    assert!(touch.status.success(), "{touch:?}");
+    let row = wait_for_ps(w, "fine.1.", "(healthy)");
+    assert!(row.contains(&format!("fine.1.{id}")), "{row}");
+    // -q and --format json carry it, beside the node's own container.
+    let quiet = w.ok(&["ps", "-q"]);
+    let ids: Vec<&str> = quiet.lines().collect();
+    assert!(ids.contains(&&id[..12]), "{quiet}");
+    assert!(ids.contains(&&plain.trim()[..12]), "{quiet}");
+    assert_eq!(ids.len(), 2, "{quiet}");
+    let json: Vec<Value> = serde_json::from_str(&w.ok(&["ps", "--format", "json"])).unwrap();
+    let task = json
+        .iter()
+        .find(|r| r["ID"] == id.as_str())
+        .unwrap_or_else(|| panic!("{json:#?}"));
+    assert_eq!(task["Names"], format!("fine.1.{id}"), "{task:#}");
+    assert_eq!(task["Health"], "healthy", "{task:#}");
+    assert_eq!(task["State"], "running", "{task:#}");
+    assert!(
+        task["Status"].as_str().unwrap().ends_with(" (healthy)"),
+        "{task:#}"
+    );
+    assert!(
+        task["Labels"]
+            .as_str()
+            .unwrap()
+            .contains("com.docker.swarm.service.name=fine"),
+        "{task:#}"
+    );
+    let own = json.iter().find(|r| r["Names"] == "plain").unwrap();
+    assert_eq!(own["Health"], "", "{own:#}");
+
+    // Failing checks: unhealthy while the container still runs out its stop grace period.
+    let rm = w.runtime(&["exec", &id, "rm", "/tmp/ok"]);
+    assert!(rm.status.success(), "{rm:?}");
+    let row = wait_for_ps(w, &format!("fine.1.{id}"), "(unhealthy)");
+    assert!(row.contains(" Up "), "{row}");
+    let json: Vec<Value> = serde_json::from_str(&w.ok(&["ps", "--format", "json"])).unwrap();
+    assert!(
+        json.iter()
+            .any(|r| r["ID"] == id.as_str() && r["Health"] == "unhealthy"),
+        "{json:#?}"
+    );
+
+    // No agent answers: the node's own containers alone, and no complaint.
+    let data = c.nodes[1].data();
+    c.nodes[1].kill_agent();
+    let out = c.nodes[1].shoal(&["ps", "-a", "--data-dir", data.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("plain"), "{table}");
+    assert!(!table.contains("fine."), "{table}");
+}

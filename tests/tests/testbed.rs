@@ -1750,3 +1750,242 @@ fn a_lost_node_s_tasks_leave_the_virtual_ip() {
     }
     tb.heal().expect("heal");
 }
+
+/// The health of each task of `svc` by id (`service ps --format json`: starting, healthy,
+/// unhealthy).
+fn task_healths(h: &Host, svc: &str) -> std::collections::HashMap<String, String> {
+    let out = ok_out(
+        h.shoal(&["service", "ps", "--format", "json", svc])
+            .expect("ps"),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|t| {
+            (
+                t["ID"].as_str().unwrap_or("").to_string(),
+                t["Status"]["Health"]["Status"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Whether task `task`'s container runs on one of `hosts`.
+fn task_container_runs(hosts: &[&Host], task: &str) -> bool {
+    hosts.iter().any(|h| {
+        let root = h.data_dir().join("containers/.tasks");
+        let out = h
+            .shoal(&["runtime", "--root", root.to_str().unwrap(), "state", task])
+            .expect("runtime state");
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["status"] == "running")
+    })
+}
+
+/// Service discovery and the virtual IP answer only a service's healthy tasks: of three
+/// replicas on an overlay across two hosts, none while every check still fails (in its start
+/// period), then those made healthy (their check's file created in them), all three once the
+/// last is too, and no longer one whose check then fails — at once, while its container still
+/// runs out its stop grace period. A client task asks `tasks.hc` of its embedded resolver and
+/// connects through the VIP, whose answers never come from a task that is not healthy.
+#[test]
+fn the_virtual_ip_and_dns_answer_only_healthy_tasks() {
+    let tb = up(2);
+    let (h1, h2) = (tb.host(1).expect("h1"), tb.host(2).expect("h2"));
+    let hosts = [h1, h2];
+    two_node_cluster(h1, h2);
+    ok_out(
+        h1.shoal(&["network", "create", "backend"])
+            .expect("network"),
+    );
+    // A served task answers with its hostname (its short id). It ignores SIGTERM, so once
+    // unhealthy it runs out its 30 s grace period before it is killed.
+    let web = format!("trap '' TERM; {WEB}");
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "hc",
+            "--replicas",
+            "3",
+            "--network",
+            "backend",
+            "--stop-grace-period",
+            "30s",
+            "--health-cmd",
+            "test -f /tmp/ok",
+            "--health-interval",
+            "300ms",
+            "--health-retries",
+            "2",
+            "--health-start-period",
+            "10m",
+            "busybox:latest",
+            "sh",
+            "-c",
+            &web,
+        ])
+        .expect("service create hc"),
+    );
+    ok_out(
+        h1.shoal(&[
+            "service",
+            "create",
+            "--name",
+            "client",
+            "--network",
+            "backend",
+            "--stop-grace-period",
+            "1s",
+            "busybox:latest",
+            "sleep",
+            "3600",
+        ])
+        .expect("service create client"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (hc, client) = loop {
+        let (hc, client) = (running_tasks(h1, "hc"), running_tasks(h1, "client"));
+        if hc.len() == 3 && client.len() == 1 {
+            break (hc, client.into_iter().next().expect("client"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tasks not running: {hc:?} {client:?}"
+        );
+        sleep(Duration::from_millis(300));
+    };
+    let healths = task_healths(h1, "hc");
+    assert!(
+        hc.iter().all(|t| healths[&t.0] == "starting"),
+        "{healths:?}"
+    );
+    let exec = |task: &str, args: &[&str]| task_exec(&hosts, task, args);
+    // The addresses a name resolves to from the client.
+    let lookup = |name: &str| -> std::collections::BTreeSet<String> {
+        exec(&client.0, &["nslookup", name])
+            .unwrap_or_default()
+            .lines()
+            .skip_while(|l| !l.starts_with("Name:"))
+            .filter_map(|l| l.strip_prefix("Address:").map(|a| a.trim().to_string()))
+            .collect()
+    };
+    // The client's resolver answers (its own task), before its silence on hc counts.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lookup("tasks.client").contains(&client.2) {
+        assert!(
+            Instant::now() < deadline,
+            "the client's resolver never answered tasks.client"
+        );
+        sleep(Duration::from_millis(300));
+    }
+    let none_healthy = lookup("tasks.hc");
+    assert!(
+        hc.iter().all(|t| !none_healthy.contains(&t.2)),
+        "tasks.hc answers tasks still starting: {none_healthy:?} of {hc:?}"
+    );
+    // `n` connections through the VIP: the tasks (short ids) that answered, and how many
+    // failed. An answer from a task outside `healthy` fails the test at once.
+    let hello = |t: &(String, String, String)| format!("hello-from-{}", &t.0[..12]);
+    let through_vip = |n: usize, healthy: &[&(String, String, String)]| {
+        // Not wget -T: busybox 1.35's crashes with it.
+        let script = format!(
+            "for i in $(seq {n}); do timeout 3 wget -q -O - http://hc/ || echo failed; done"
+        );
+        let out = exec(&client.0, &["timeout", "120", "sh", "-c", &script]).unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut failed = 0;
+        for l in out.lines() {
+            if l == "failed" {
+                failed += 1;
+                continue;
+            }
+            assert!(
+                healthy.iter().any(|t| hello(t) == l),
+                "the VIP reached a task that is not healthy: {l} (healthy: {healthy:?}, all: {hc:?})"
+            );
+            seen.insert(l.to_string());
+        }
+        (seen, failed)
+    };
+    let (seen, _) = through_vip(3, &[]);
+    assert!(seen.is_empty(), "{seen:?}");
+
+    // `healthy` become the only answers of tasks.hc, and of the VIP.
+    let serve_only = |healthy: &[&(String, String, String)]| {
+        let want: std::collections::BTreeSet<String> =
+            healthy.iter().map(|t| t.2.clone()).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = lookup("tasks.hc");
+            if got == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tasks.hc answers {got:?}, not the healthy {want:?}; healths {:?}",
+                task_healths(h1, "hc")
+            );
+            sleep(Duration::from_millis(300));
+        }
+        let want: std::collections::BTreeSet<String> = healthy.iter().map(|t| hello(t)).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (seen, failed) = through_vip(10 * healthy.len(), healthy);
+            if seen == want && failed == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the VIP reached {seen:?} ({failed} failed), not every one of {want:?}"
+            );
+            sleep(Duration::from_millis(300));
+        }
+    };
+    let wait_health = |task: &str, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = task_healths(h1, "hc");
+            if h.get(task).map(String::as_str) == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {task} never got {want}: {h:?}"
+            );
+            sleep(Duration::from_millis(200));
+        }
+    };
+    for t in &hc[..2] {
+        exec(&t.0, &["touch", "/tmp/ok"]).expect("touch /tmp/ok");
+        wait_health(&t.0, "healthy");
+    }
+    serve_only(&[&hc[0], &hc[1]]);
+    exec(&hc[2].0, &["touch", "/tmp/ok"]).expect("touch /tmp/ok");
+    wait_health(&hc[2].0, "healthy");
+    serve_only(&[&hc[0], &hc[1], &hc[2]]);
+
+    // The first one's check fails from now on: out of both at once, though it still runs.
+    exec(&hc[0].0, &["rm", "/tmp/ok"]).expect("rm /tmp/ok");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lookup("tasks.hc").contains(&hc[0].2) {
+        assert!(
+            Instant::now() < deadline,
+            "tasks.hc still answers the failing task"
+        );
+        sleep(Duration::from_millis(200));
+    }
+    assert!(
+        task_container_runs(&hosts, &hc[0].0),
+        "the failing task left discovery only once it stopped"
+    );
+    serve_only(&[&hc[1], &hc[2]]);
+    assert_eq!(task_healths(h1, "hc")[&hc[0].0], "unhealthy");
+}

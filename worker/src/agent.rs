@@ -61,6 +61,9 @@ pub struct AgentConfig {
 /// the agent knows now (the dispatcher's list).
 pub type DesiredRoleHook = Arc<dyn Fn(pb::NodeRole, &[String]) + Send + Sync>;
 
+/// Reads the tasks an agent holds now (see [`Agent::tasks_reader`]).
+pub type TasksReader = Arc<dyn Fn() -> Vec<Task> + Send + Sync>;
+
 /// The current session, for the report sender.
 #[derive(Clone)]
 pub(crate) struct Link {
@@ -253,6 +256,24 @@ impl Shared {
         }
     }
 
+    /// The tasks with a controller now, as last assigned, each with its latest status; by id.
+    fn tasks(&self) -> Vec<Task> {
+        let ctls = lock(&self.controllers);
+        let statuses = lock(&self.statuses);
+        let mut out: Vec<Task> = ctls
+            .iter()
+            .map(|(id, c)| {
+                let mut t = c.tx.borrow().task.clone();
+                if let Some(s) = statuses.get(id) {
+                    t.status = Some(s.clone());
+                }
+                t
+            })
+            .collect();
+        out.sort_by(|a, b| task_id(a).cmp(task_id(b)));
+        out
+    }
+
     /// Queues every task's current status again (a new session: the new leader may have
     /// missed reports; it ignores what it already has).
     pub(crate) fn resend_all(&self) {
@@ -435,6 +456,14 @@ impl Agent {
     /// Latest status of every task the agent holds, by task id.
     pub fn statuses(&self) -> HashMap<String, TaskStatus> {
         lock(&self.shared.statuses).clone()
+    }
+
+    /// What the agent runs now: every task it holds a controller for (running, or ended with
+    /// its container kept), as assigned, with its latest status (health included), by id.
+    /// Read through a handle that does not keep the agent alive: empty once it is gone.
+    pub fn tasks_reader(&self) -> TasksReader {
+        let shared = Arc::downgrade(&self.shared);
+        Arc::new(move || shared.upgrade().map(|s| s.tasks()).unwrap_or_default())
     }
 
     /// Whether a session with a leader is open now.

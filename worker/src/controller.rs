@@ -7,7 +7,8 @@
 //!
 //! A running task with a health check (its spec's over its image's) is checked by a task of
 //! its own; each change of its health is reported in the same RUNNING state, and an
-//! unhealthy task is stopped and reported FAILED ("unhealthy container"), as docker does.
+//! unhealthy task (reported so first) is stopped and reported FAILED ("unhealthy container"),
+//! as docker does.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -217,12 +218,12 @@ impl Controller {
     }
 
     /// The running task went unhealthy: stop it and report it FAILED (docker: "task: non-zero
-    /// exit (N): unhealthy container"), so the restart policy replaces it.
+    /// exit (N): unhealthy container"), so the restart policy replaces it. The health is
+    /// reported first, still RUNNING: the managers take the task out of service discovery and
+    /// the routing mesh at once, not only once its stop grace period is over.
     async fn fail_unhealthy(&mut self, change: HealthChange, grace: Duration) {
         self.health = None;
-        self.status.health = change.state as i32;
-        self.status.health_output = change.output;
-        self.status.health_failing_streak = change.failing_streak;
+        self.report_health(&change).await;
         tracing::info!(task = %self.id, "unhealthy: stopping it");
         let code = self.stop(grace).await.map_or(137, |e| e.code);
         self.status.exit_code = code;

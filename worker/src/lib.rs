@@ -14,7 +14,7 @@ pub mod registry;
 pub mod registry_server;
 mod session;
 
-pub use agent::{Agent, AgentConfig, DesiredRoleHook, WorkerError};
+pub use agent::{Agent, AgentConfig, DesiredRoleHook, TasksReader, WorkerError};
 pub use executor::{Executor, RuntimeExecutor, RuntimeExecutorConfig, SimExecutor};
 pub use session::{backoff, RECONNECT_BASE, RECONNECT_MAX};
 

@@ -215,6 +215,8 @@ struct Shared {
     desired_role: tokio::sync::watch::Sender<Option<pb::NodeRole>>,
     /// The managers the dispatcher last named: a promotion tries them after node.json's.
     learned_managers: std::sync::Mutex<Vec<String>>,
+    /// The node's worker agent's tasks, for `LocalTasks`.
+    local_tasks: LocalTasksSlot,
 }
 
 /// This node's membership, as its worker agent needs it: who it is, its TLS material, and
@@ -258,6 +260,34 @@ impl Shared {
     }
 }
 
+/// Reads the tasks the node's worker agent holds now, each with its latest status.
+pub type LocalTasks = Arc<dyn Fn() -> Vec<pb::Task> + Send + Sync>;
+
+/// Where the local socket's `LocalTasks` call finds the node's worker agent: set by whoever
+/// runs the agent, empty while none runs.
+#[derive(Clone, Default)]
+pub struct LocalTasksSlot(Arc<std::sync::RwLock<Option<LocalTasks>>>);
+
+impl LocalTasksSlot {
+    /// Installs (or with `None`, removes) the agent's reader.
+    pub fn set(&self, reader: Option<LocalTasks>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = reader;
+    }
+
+    /// The agent's tasks, with the registry credentials of their specs removed (as from every
+    /// control API answer); none while no agent runs.
+    fn tasks(&self) -> Vec<pb::Task> {
+        let reader = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut tasks = reader.map(|r| r()).unwrap_or_default();
+        for t in &mut tasks {
+            if let Some(c) = t.spec.as_mut().and_then(|s| s.container.as_mut()) {
+                c.registry_auth = None;
+            }
+        }
+        tasks
+    }
+}
+
 /// Receives the role the dispatcher says this node should hold, and the managers it named.
 pub type DesiredRoleHook = Arc<dyn Fn(pb::NodeRole, &[String]) + Send + Sync>;
 
@@ -279,6 +309,7 @@ impl Daemon {
             membership: tokio::sync::watch::channel(None).0,
             desired_role: tokio::sync::watch::channel(None).0,
             learned_managers: std::sync::Mutex::new(Vec::new()),
+            local_tasks: LocalTasksSlot::default(),
         });
         if let Some(st) = LocalState::load(&cfg.data_dir)? {
             let role = resume(&shared, &st).await?;
@@ -334,6 +365,11 @@ impl Daemon {
                 });
             }
         })
+    }
+
+    /// Where the node's worker agent's tasks are read for the local socket (`shoal ps`).
+    pub fn local_tasks(&self) -> LocalTasksSlot {
+        self.shared.local_tasks.clone()
     }
 
     /// The local socket path.
@@ -643,7 +679,9 @@ async fn serve_socket(
     let control = ControlService::local(shared.slot.clone())
         .with_membership(shared.membership.subscribe())
         .into_server();
-    let daemon = DaemonServer::new(DaemonService { shared });
+    let daemon = DaemonServer::new(DaemonService { shared })
+        .max_decoding_message_size(crate::controlapi::MAX_CONTROL_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::controlapi::MAX_CONTROL_MESSAGE_BYTES);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         // The same per-connection limits as the TLS port (streams, headers, keepalive).
@@ -699,6 +737,15 @@ impl DaemonRpc for DaemonService {
             advertise_addr: st.advertise_addr,
             data_dir: self.shared.cfg.data_dir.display().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn local_tasks(
+        &self,
+        _req: Request<pb::LocalTasksRequest>,
+    ) -> Result<Response<pb::LocalTasksResponse>, Status> {
+        Ok(Response::new(pb::LocalTasksResponse {
+            tasks: self.shared.local_tasks.tasks(),
         }))
     }
 

@@ -23,7 +23,8 @@ use shoal_worker::{
 use tokio::sync::watch;
 
 /// Runtime state of the node's task containers, under the data dir: apart from the front
-/// door's (`containers/.runtime`), so `shoal ps` never lists service tasks.
+/// door's (`containers/.runtime`); `shoal ps` lists them with what the agent holds of their
+/// tasks (the local socket's `LocalTasks`).
 pub const TASK_RUNTIME_DIR: &str = "containers/.tasks";
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -174,6 +175,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
                 executor,
                 hollow: a.executor == ExecutorArg::Sim,
                 on_desired_role: daemon.desired_role_hook(),
+                local_tasks: daemon.local_tasks(),
             },
         ));
         tracing::info!(socket = %daemon.socket().display(), "shoal agent ready");
@@ -320,6 +322,8 @@ struct WorkerSetup {
     hollow: bool,
     /// The daemon's: a promotion reaches the node through its dispatcher session.
     on_desired_role: shoal_worker::DesiredRoleHook,
+    /// The daemon's: where the local socket reads the running agent's tasks.
+    local_tasks: shoal_manager::daemon::LocalTasksSlot,
 }
 
 impl WorkerSetup {
@@ -378,11 +382,15 @@ async fn keep_worker(
         if running.as_ref().map(|(k, _)| k) != wanted.as_ref() {
             let was_member = running.is_some();
             if let Some((_, agent)) = running.take() {
+                setup.local_tasks.set(None);
                 agent.shutdown().await;
             }
             match m {
                 Some(m) => {
                     running = setup.start(&m).await.map(|a| (identity(&m), a));
+                    if let Some((_, agent)) = &running {
+                        setup.local_tasks.set(Some(agent.tasks_reader()));
+                    }
                 }
                 None if was_member => {
                     tracing::info!("left the cluster: removing this node's tasks");
@@ -398,6 +406,7 @@ async fn keep_worker(
     }
     // The process exits: containers keep running for the next agent to adopt.
     if let Some((_, agent)) = running.take() {
+        setup.local_tasks.set(None);
         agent.shutdown().await;
     }
 }

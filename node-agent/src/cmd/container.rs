@@ -124,6 +124,8 @@ pub struct PsArgs {
     /// Output format
     #[arg(long, value_enum, default_value_t = super::output::Format::Table)]
     format: super::output::Format,
+    #[command(flatten)]
+    socket: SocketArg,
 }
 
 /// `shoal stop`.
@@ -191,11 +193,17 @@ pub struct ExecArgs {
 }
 
 fn open(data: &DataDir) -> Result<FrontDoor> {
+    Ok(open_dir(data)?.0)
+}
+
+/// The front door and the data dir it was opened on.
+fn open_dir(data: &DataDir) -> Result<(FrontDoor, PathBuf)> {
     if !is_root() {
         bail!("must run as root");
     }
     let dir = super::output::data_dir(data.data_dir.clone());
-    FrontDoor::open(&dir).with_context(|| format!("open data dir {}", dir.display()))
+    let fd = FrontDoor::open(&dir).with_context(|| format!("open data dir {}", dir.display()))?;
+    Ok((fd, dir))
 }
 
 /// Run from the immutable copy of this binary before touching a container (CVE-2019-5736).
@@ -577,9 +585,227 @@ fn command_text(args: &[String]) -> String {
     format!("\"{s}\"")
 }
 
+/// One row of `ps`: a front-door container or a service task's container.
+#[derive(Debug, Clone)]
+struct PsRow {
+    id: String,
+    name: String,
+    image: String,
+    command: Vec<String>,
+    /// Seconds since the epoch.
+    created: u64,
+    state: RunState,
+    /// Docker's word for the health of a task with a check: starting, healthy, unhealthy.
+    health: Option<&'static str>,
+    ports: String,
+    networks: String,
+    /// Docker's labels of a task's container (service, task, node), `k=v,…`.
+    labels: String,
+}
+
+impl PsRow {
+    fn from_summary(c: &ContainerSummary) -> PsRow {
+        let r = &c.record;
+        PsRow {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            image: r.image.clone(),
+            command: r.command.clone(),
+            created: r.created,
+            state: c.state,
+            health: None,
+            ports: c
+                .network
+                .as_ref()
+                .map(|n| n.ports_text())
+                .unwrap_or_default(),
+            networks: c
+                .network
+                .as_ref()
+                .map_or("none", |n| n.mode.name())
+                .to_string(),
+            labels: String::new(),
+        }
+    }
+
+    fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(12)]
+    }
+
+    /// STATUS as docker prints it: "Up 3 minutes (healthy)", "Exited (0) 5 seconds ago", …
+    fn status(&self, now: u64) -> String {
+        let s = status_text(self.state, now);
+        match (self.state, self.health) {
+            (RunState::Running { .. }, Some("starting")) => format!("{s} (health: starting)"),
+            (RunState::Running { .. }, Some(h)) => format!("{s} ({h})"),
+            _ => s,
+        }
+    }
+
+    fn json(&self, now: u64) -> serde_json::Value {
+        serde_json::json!({
+            "ID": self.id,
+            "Names": self.name,
+            "Image": self.image,
+            "Command": self.command.join(" "),
+            "Created": self.created,
+            "State": state_word(self.state),
+            "Status": self.status(now),
+            "Health": self.health.unwrap_or(""),
+            "Ports": self.ports,
+            "Networks": self.networks,
+            "Labels": self.labels,
+        })
+    }
+}
+
+/// Docker's `State` of a container.
+fn state_word(s: RunState) -> &'static str {
+    match s {
+        RunState::Created => "created",
+        RunState::Running { .. } => "running",
+        RunState::Paused { .. } => "paused",
+        RunState::Exited { .. } => "exited",
+        RunState::Dead => "dead",
+    }
+}
+
+/// Docker's word for a task's health, `None` without a check.
+fn health_word(h: i32) -> Option<&'static str> {
+    use shoal_proto::v1::HealthState;
+    match HealthState::try_from(h) {
+        Ok(HealthState::Starting) => Some("starting"),
+        Ok(HealthState::Healthy) => Some("healthy"),
+        Ok(HealthState::Unhealthy) => Some("unhealthy"),
+        _ => None,
+    }
+}
+
+/// How long `ps` waits for the agent's answer before it lists the front door's containers
+/// alone.
+const AGENT_WAIT: Duration = Duration::from_secs(5);
+
+/// The tasks the agent answering on `socket` holds, when that agent's data dir is `dir` (else
+/// they are another node's). No agent there, or one in no cluster: none.
+fn agent_tasks(socket: &SocketArg, dir: &std::path::Path) -> Vec<shoal_proto::v1::Task> {
+    use shoal_proto::v1 as pb;
+    let asked = super::output::block_on(async {
+        let ask = async {
+            let Ok(ch) = socket.channel().await else {
+                return Ok(None);
+            };
+            let mut c = pb::daemon_client::DaemonClient::new(ch)
+                .max_decoding_message_size(shoal_manager::controlapi::MAX_CONTROL_MESSAGE_BYTES);
+            let info = c.info(pb::InfoRequest {}).await?.into_inner();
+            let same = |a: &std::path::Path| std::fs::canonicalize(a).ok();
+            if info.data_dir.is_empty() || same(std::path::Path::new(&info.data_dir)) != same(dir) {
+                return Ok(None);
+            }
+            c.local_tasks(pb::LocalTasksRequest {})
+                .await
+                .map(|r| Some(r.into_inner().tasks))
+        };
+        match tokio::time::timeout(AGENT_WAIT, ask).await {
+            Ok(r) => Ok(r),
+            Err(_) => Err(anyhow::anyhow!(
+                "the agent on {} did not answer in time",
+                socket.socket.display()
+            )),
+        }
+    });
+    match asked {
+        Ok(Ok(tasks)) => tasks.unwrap_or_default(),
+        // An agent of a version without the call.
+        Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => Vec::new(),
+        Ok(Err(s)) => {
+            eprintln!(
+                "shoal: warning: the agent's tasks are not listed: {}",
+                s.message()
+            );
+            Vec::new()
+        }
+        Err(e) => {
+            eprintln!("shoal: warning: the agent's tasks are not listed: {e:#}");
+            Vec::new()
+        }
+    }
+}
+
+/// The rows of the tasks whose containers are on this node (the container id is the task id):
+/// named as docker names them, SERVICE.SLOT.TASKID (global services: SERVICE.NODEID.TASKID).
+fn task_rows(dir: &std::path::Path, tasks: &[shoal_proto::v1::Task]) -> Vec<PsRow> {
+    let containers = dir.join(shoal_runtime::frontdoor::CONTAINERS_DIR);
+    let runtime_root = dir.join(super::agent::TASK_RUNTIME_DIR);
+    let running = shoal_proto::v1::TaskState::Running as i32;
+    let mut rows = Vec::new();
+    for t in tasks.iter().filter(|t| !t.network_attachment) {
+        let id = t.meta.as_ref().map_or("", |m| m.id.as_str());
+        if id.is_empty() {
+            continue;
+        }
+        let status = t.status.clone().unwrap_or_default();
+        // Up since the task was reported RUNNING (that status keeps its time).
+        let started = (status.state == running && status.timestamp_ms > 0)
+            .then_some((status.timestamp_ms / 1000) as u64);
+        let c = match shoal_runtime::frontdoor::other_container(
+            &runtime_root,
+            &containers.join(id),
+            id,
+            started,
+        ) {
+            Ok(Some(c)) => c,
+            // Not made yet, or already removed.
+            Ok(None) => continue,
+            Err(e) => {
+                eprintln!("shoal: warning: task {id}: {e}");
+                continue;
+            }
+        };
+        let name = match t.slot {
+            0 => format!("{}.{}.{id}", t.service_name, t.node_id),
+            slot => format!("{}.{slot}.{id}", t.service_name),
+        };
+        let networks: Vec<&str> = t.networks.iter().map(|n| n.network_name.as_str()).collect();
+        rows.push(PsRow {
+            id: id.to_string(),
+            image: t
+                .spec
+                .as_ref()
+                .and_then(|s| s.container.as_ref())
+                .map(|c| c.image.clone())
+                .unwrap_or_default(),
+            command: c.command,
+            created: c.created,
+            state: c.state,
+            health: health_word(status.health),
+            ports: c
+                .network
+                .as_ref()
+                .map(|n| n.ports_text())
+                .unwrap_or_default(),
+            networks: if networks.is_empty() {
+                c.network
+                    .as_ref()
+                    .map_or("none", |n| n.mode.name())
+                    .to_string()
+            } else {
+                networks.join(",")
+            },
+            labels: format!(
+                "com.docker.swarm.node.id={},com.docker.swarm.service.id={},\
+                 com.docker.swarm.service.name={},com.docker.swarm.task.id={id},\
+                 com.docker.swarm.task.name={name}",
+                t.node_id, t.service_id, t.service_name
+            ),
+            name,
+        });
+    }
+    rows
+}
+
 /// `docker ps`-style table.
-fn ps_table(list: &[ContainerSummary], now: u64) -> String {
-    let mut rows: Vec<[String; 7]> = vec![[
+fn ps_table(list: &[PsRow], now: u64) -> String {
+    let mut t = super::output::Table::new(&[
         "CONTAINER ID",
         "IMAGE",
         "COMMAND",
@@ -587,76 +813,48 @@ fn ps_table(list: &[ContainerSummary], now: u64) -> String {
         "STATUS",
         "PORTS",
         "NAMES",
-    ]
-    .map(String::from)];
-    for c in list {
-        let r = &c.record;
-        rows.push([
+    ]);
+    for r in list {
+        t.row(vec![
             r.short_id().to_string(),
             r.image.clone(),
             command_text(&r.command),
             format!("{} ago", human_duration(now.saturating_sub(r.created))),
-            status_text(c.state, now),
-            c.network
-                .as_ref()
-                .map(|n| n.ports_text())
-                .unwrap_or_default(),
+            r.status(now),
+            r.ports.clone(),
             r.name.clone(),
         ]);
     }
-    let mut widths = [0usize; 7];
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let mut line = String::new();
-        for (k, c) in r.iter().enumerate() {
-            if k + 1 == r.len() {
-                line.push_str(c);
-            } else {
-                let pad = widths[k] - c.chars().count();
-                line.push_str(c);
-                line.push_str(&" ".repeat(pad + 3));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    t.render()
 }
 
-/// `shoal ps`.
+/// `shoal ps`: the front door's containers and, through the agent of this data dir, the
+/// containers of the service tasks it runs on this node.
 pub fn ps(args: PsArgs) -> Result<()> {
-    let fd = open(&args.data)?;
-    let list = fd.list(args.all).context("list containers")?;
+    let (fd, dir) = open_dir(&args.data)?;
+    let mut rows: Vec<PsRow> = fd
+        .list(args.all)
+        .context("list containers")?
+        .iter()
+        .map(PsRow::from_summary)
+        .collect();
+    rows.extend(
+        task_rows(&dir, &agent_tasks(&args.socket, &dir))
+            .into_iter()
+            .filter(|r| args.all || r.state.is_running()),
+    );
+    // Newest first, as docker lists them.
+    rows.sort_by_key(|r| std::cmp::Reverse(r.created));
     if args.quiet {
-        for c in &list {
-            println!("{}", c.record.short_id());
+        for r in &rows {
+            println!("{}", r.short_id());
         }
     } else if args.format == super::output::Format::Json {
         let now = unix_now();
-        let rows: Vec<serde_json::Value> = list
-            .iter()
-            .map(|c| {
-                let r = &c.record;
-                serde_json::json!({
-                    "ID": r.id,
-                    "Names": r.name,
-                    "Image": r.image,
-                    "Command": r.command.join(" "),
-                    "Created": r.created,
-                    "Status": status_text(c.state, now),
-                    "Ports": c.network.as_ref().map(|n| n.ports_text()).unwrap_or_default(),
-                    "Networks": c.network.as_ref().map(|n| n.mode.name()).unwrap_or("none"),
-                })
-            })
-            .collect();
+        let rows: Vec<serde_json::Value> = rows.iter().map(|r| r.json(now)).collect();
         super::output::print_json(&serde_json::Value::Array(rows))?;
     } else {
-        print!("{}", ps_table(&list, unix_now()));
+        print!("{}", ps_table(&rows, unix_now()));
     }
     Ok(())
 }
@@ -837,6 +1035,51 @@ mod tests {
     }
 
     #[test]
+    fn task_statuses_carry_docker_s_health_suffix() {
+        let row = |state, health| PsRow {
+            id: "t".repeat(25),
+            name: String::new(),
+            image: String::new(),
+            command: vec![],
+            created: 0,
+            state,
+            health,
+            ports: String::new(),
+            networks: String::new(),
+            labels: String::new(),
+        };
+        let up = RunState::Running { started: 97 };
+        assert_eq!(row(up, None).status(100), "Up 3 seconds");
+        assert_eq!(
+            row(up, Some("starting")).status(100),
+            "Up 3 seconds (health: starting)"
+        );
+        assert_eq!(
+            row(up, Some("healthy")).status(100),
+            "Up 3 seconds (healthy)"
+        );
+        assert_eq!(
+            row(up, Some("unhealthy")).status(100),
+            "Up 3 seconds (unhealthy)"
+        );
+        let exited = RunState::Exited {
+            code: 137,
+            finished: 90,
+        };
+        assert_eq!(
+            row(exited, Some("unhealthy")).status(100),
+            "Exited (137) 10 seconds ago"
+        );
+        assert_eq!(row(up, Some("healthy")).json(100)["Health"], "healthy");
+        assert_eq!(row(up, None).json(100)["Health"], "");
+        assert_eq!(health_word(shoal_proto::v1::HealthState::None as i32), None);
+        assert_eq!(
+            health_word(shoal_proto::v1::HealthState::Starting as i32),
+            Some("starting")
+        );
+    }
+
+    #[test]
     fn ps_table_aligns() {
         let rec = |id: char, name: &str| ContainerRecord {
             id: id.to_string().repeat(64),
@@ -850,34 +1093,52 @@ mod tests {
             auto_remove: false,
             stop_signal: None,
         };
-        let t = ps_table(
-            &[
-                ContainerSummary {
-                    record: rec('a', "web"),
-                    state: RunState::Running { started: 95 },
-                    network: Some(Attachment {
-                        ports: vec![Published {
-                            host_ip: std::net::Ipv4Addr::UNSPECIFIED,
-                            host_port: 8080,
-                            container_port: 80,
-                            protocol: Protocol::Tcp,
-                        }],
-                        ..Attachment::default()
-                    }),
+        let summaries = [
+            ContainerSummary {
+                record: rec('a', "web"),
+                state: RunState::Running { started: 95 },
+                network: Some(Attachment {
+                    ports: vec![Published {
+                        host_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                        host_port: 8080,
+                        container_port: 80,
+                        protocol: Protocol::Tcp,
+                    }],
+                    ..Attachment::default()
+                }),
+            },
+            ContainerSummary {
+                record: rec('b', "db"),
+                state: RunState::Exited {
+                    code: 0,
+                    finished: 99,
                 },
-                ContainerSummary {
-                    record: rec('b', "db"),
-                    state: RunState::Exited {
-                        code: 0,
-                        finished: 99,
-                    },
-                    network: None,
-                },
-            ],
-            100,
-        );
+                network: None,
+            },
+        ];
+        let mut rows: Vec<PsRow> = summaries.iter().map(PsRow::from_summary).collect();
+        // A service task's container with a passing check.
+        rows.push(PsRow {
+            id: "c".repeat(25),
+            name: format!("web.2.{}", "c".repeat(25)),
+            image: "busybox:latest".into(),
+            command: vec!["httpd".into(), "-f".into()],
+            created: 40,
+            state: RunState::Running { started: 60 },
+            health: Some("healthy"),
+            ports: String::new(),
+            networks: "backend".into(),
+            labels: String::new(),
+        });
+        let t = ps_table(&rows, 100);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 4);
+        assert!(
+            lines[3].starts_with("cccccccccccc   busybox:latest   \"httpd -f\"   About a minute ago   Up 40 seconds (healthy)"),
+            "{}",
+            lines[3]
+        );
+        assert!(lines[3].ends_with(&format!("web.2.{}", "c".repeat(25))));
         let col = lines[0].find("STATUS").unwrap();
         assert_eq!(lines[1].find("Up 5 seconds"), Some(col));
         assert_eq!(lines[2].find("Exited (0) 1 second ago"), Some(col));

@@ -473,6 +473,17 @@ impl Container {
         Ok(Self::load_with_config(root, id)?.0)
     }
 
+    /// Open an existing container with the process arguments it was created with.
+    pub fn load_with_args(root: &Path, id: &str) -> Result<(Container, Vec<String>)> {
+        let (c, spec) = Self::load_with_config(root, id)?;
+        let args = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.args().clone())
+            .unwrap_or_default();
+        Ok((c, args))
+    }
+
     fn load_with_config(root: &Path, id: &str) -> Result<(Container, oci_spec::runtime::Spec)> {
         check_id(id)?;
         let dir = root.join(id);

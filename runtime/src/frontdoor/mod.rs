@@ -197,6 +197,64 @@ impl RunState {
     }
 }
 
+/// The state of a loaded container that has been running since `started`.
+fn run_state_of(c: &Container, started: u64) -> RunState {
+    match c.status() {
+        Status::Creating | Status::Created => RunState::Created,
+        Status::Running => RunState::Running { started },
+        Status::Paused => RunState::Paused { started },
+        Status::Stopped => match c.exit_status() {
+            Some(s) => {
+                let exit = c.root().join(c.id()).join(state::EXIT_FILE);
+                let finished = std::fs::metadata(exit)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(started, |d| d.as_secs());
+                RunState::Exited {
+                    code: s.shell_code(),
+                    finished,
+                }
+            }
+            None => RunState::Dead,
+        },
+    }
+}
+
+/// A container the front door did not make (a service task's, made by the worker agent), as
+/// `ps` shows it.
+#[derive(Debug, Clone)]
+pub struct OtherContainer {
+    pub state: RunState,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// The process arguments it runs.
+    pub command: Vec<String>,
+    pub network: Option<Attachment>,
+}
+
+/// Container `id` of the runtime root `runtime_root`, its directory `container_dir`, for `ps`:
+/// running since `started` (default: its creation). `None` when it has no runtime state.
+pub fn other_container(
+    runtime_root: &Path,
+    container_dir: &Path,
+    id: &str,
+    started: Option<u64>,
+) -> Result<Option<OtherContainer>> {
+    let (c, command) = match Container::load_with_args(runtime_root, id) {
+        Ok(c) => c,
+        Err(ContainerError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let created = c.state().created;
+    Ok(Some(OtherContainer {
+        state: run_state_of(&c, started.unwrap_or(created)),
+        created,
+        command,
+        network: Attachment::load(container_dir),
+    }))
+}
+
 /// One container for `ps`.
 #[derive(Debug, Clone)]
 pub struct ContainerSummary {
@@ -426,27 +484,7 @@ impl FrontDoor {
         let Ok(Some(c)) = self.container(&r.id) else {
             return RunState::Created;
         };
-        let started = r.started.unwrap_or(r.created);
-        match c.status() {
-            Status::Creating | Status::Created => RunState::Created,
-            Status::Running => RunState::Running { started },
-            Status::Paused => RunState::Paused { started },
-            Status::Stopped => match c.exit_status() {
-                Some(s) => {
-                    let exit = self.runtime_root.join(&r.id).join(state::EXIT_FILE);
-                    let finished = std::fs::metadata(exit)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map_or(started, |d| d.as_secs());
-                    RunState::Exited {
-                        code: s.shell_code(),
-                        finished,
-                    }
-                }
-                None => RunState::Dead,
-            },
-        }
+        run_state_of(&c, r.started.unwrap_or(r.created))
     }
 
     /// Containers (running ones only unless `all`), newest first. Exited `--rm` containers

@@ -326,12 +326,20 @@ async fn a_checked_task_turns_healthy_then_unhealthy_and_is_stopped_as_failed() 
         .filter(|s| s.state == TaskState::Running as i32)
         .collect();
     let healths: Vec<i32> = running.iter().map(|s| s.health).collect();
+    // Unhealthy is reported while still RUNNING, before the stop (the managers stop serving
+    // it at once).
     assert_eq!(
         healths,
-        vec![HealthState::Starting as i32, HealthState::Healthy as i32]
+        vec![
+            HealthState::Starting as i32,
+            HealthState::Healthy as i32,
+            HealthState::Unhealthy as i32
+        ]
     );
     // A health report keeps the RUNNING time.
     assert_eq!(running[0].timestamp_ms, running[1].timestamp_ms);
+    assert_eq!(running[1].timestamp_ms, running[2].timestamp_ms);
+    assert_eq!(running[2].health_failing_streak, 2);
     let failed = got.last().unwrap();
     assert_eq!(failed.err, "task: non-zero exit (143): unhealthy container");
     assert_eq!(failed.health, HealthState::Unhealthy as i32);
