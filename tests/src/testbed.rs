@@ -498,6 +498,27 @@ impl Host {
         run(self.command(bin).args(args))
     }
 
+    /// [`Host::shoal`] killed after `secs` seconds (`timeout -s KILL`): its stdout when it
+    /// exits 0, else `shoal ARGS on HOST: STDERR (STATUS)`.
+    pub fn shoal_within(&self, secs: u32, args: &[&str]) -> Result<String, String> {
+        let bin = self.shoal_path().map_err(|e| e.to_string())?;
+        let secs = secs.to_string();
+        let bin = bin.to_string_lossy().into_owned();
+        let mut argv = vec!["timeout", "-s", "KILL", secs.as_str(), bin.as_str()];
+        argv.extend_from_slice(args);
+        let out = self.exec(&argv).map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "shoal {args:?} on {}: {} ({})",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            ))
+        }
+    }
+
     /// Imports a busybox image (see [`busybox_rootfs_tar`]) into the host's data dir as `tag`.
     pub fn import_busybox(&self, tag: &str) -> Result<(), TestbedError> {
         let tar = self.dir.join("busybox-rootfs.tar");

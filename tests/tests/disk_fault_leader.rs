@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use shoal_tests::cluster::{ClusterBuilder, Member};
 use shoal_tests::disk::{fill, LoopFs};
-use shoal_tests::testbed::{shoal_bin, Host, Signal, Testbed};
+use shoal_tests::testbed::{Host, Signal, Testbed};
 
 /// The loop file system under the first manager's data dir.
 const FS_MIB: u64 = 128;
@@ -45,12 +45,12 @@ const HOLD: Duration = Duration::from_secs(4);
 /// itself and wait for room, see `watch_raft`).
 const REJOIN_BOUND: Duration = Duration::from_secs(60);
 /// Every CLI call is bounded (a call forwarded to a wedged leader would hang).
-const CALL_SECS: &str = "12";
+const CALL_SECS: u32 = 12;
 /// While a new leader is awaited, `node ls` is bounded by this (a follower that still takes
 /// the wedged leader for its leader forwards the call to it), and run by [`PROBES_PER_HOST`]
 /// pollers per host, started [`PROBE_STAGGER`] apart, so that one hanging call does not hide
 /// the election for long.
-const PROBE_SECS: &str = "2";
+const PROBE_SECS: u32 = 2;
 const PROBES_PER_HOST: u32 = 3;
 const PROBE_STAGGER: Duration = Duration::from_millis(300);
 /// Attempts at moving leadership back to the first manager.
@@ -82,25 +82,7 @@ enum Fault {
 
 /// Runs the CLI on `h` with a bound; `Ok(stdout)` when it exits 0, else its stderr.
 fn shoal(h: &Host, args: &[&str]) -> Result<String, String> {
-    shoal_within(h, CALL_SECS, args)
-}
-
-/// [`shoal`] bounded by `secs` seconds.
-fn shoal_within(h: &Host, secs: &str, args: &[&str]) -> Result<String, String> {
-    let bin = shoal_bin().map_err(|e| e.to_string())?;
-    let bin = bin.to_string_lossy().into_owned();
-    let mut argv = vec!["timeout", "-s", "KILL", secs, bin.as_str()];
-    argv.extend_from_slice(args);
-    let out = h.exec(&argv).map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{} ({})",
-            String::from_utf8_lossy(&out.stderr).trim(),
-            out.status
-        ))
-    }
+    h.shoal_within(CALL_SECS, args)
 }
 
 /// One manager's view through `node ls`: the leader's hostname and the unwell nodes.
@@ -115,8 +97,10 @@ fn view(h: &Host) -> Option<View> {
 }
 
 /// [`view`] bounded by `secs` seconds.
-fn view_within(h: &Host, secs: &str) -> Option<View> {
-    let out = shoal_within(h, secs, &["node", "ls", "--format", "json"]).ok()?;
+fn view_within(h: &Host, secs: u32) -> Option<View> {
+    let out = h
+        .shoal_within(secs, &["node", "ls", "--format", "json"])
+        .ok()?;
     let v: serde_json::Value = serde_json::from_str(&out).ok()?;
     let mut view = View::default();
     for n in v.as_array()? {
@@ -294,7 +278,8 @@ fn spawn_writer(
 fn diagnose(tb: &Testbed, old: &Host) -> String {
     let mut out = Vec::new();
     for h in tb.hosts() {
-        let inspect = shoal_within(h, PROBE_SECS, &["cluster", "inspect"])
+        let inspect = h
+            .shoal_within(PROBE_SECS, &["cluster", "inspect"])
             .ok()
             .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
             .map(|v| v["Raft"].to_string())

@@ -30,25 +30,11 @@ const TASKS_UP: Duration = Duration::from_secs(60);
 const FIRST_LINES: Duration = Duration::from_secs(30);
 const AFTER_KILL_WAIT: Duration = Duration::from_secs(60);
 /// Every CLI call but the follow is bounded.
-const CALL_SECS: &str = "15";
+const CALL_SECS: u32 = 15;
 
 /// The CLI on `h`, bounded; its stdout when it exits 0.
 fn shoal(h: &Host, args: &[&str]) -> Result<String, String> {
-    let bin = shoal_bin().map_err(|e| e.to_string())?;
-    let bin = bin.to_string_lossy().into_owned();
-    let mut argv = vec!["timeout", "-s", "KILL", CALL_SECS, bin.as_str()];
-    argv.extend_from_slice(args);
-    let out = h.exec(&argv).map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "shoal {args:?} on {}: {} ({})",
-            h.name(),
-            String::from_utf8_lossy(&out.stderr).trim(),
-            out.status
-        ))
-    }
+    h.shoal_within(CALL_SECS, args)
 }
 
 /// The leader's hostname as `h` sees it.
