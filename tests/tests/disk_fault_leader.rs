@@ -51,6 +51,9 @@ const CALL_SECS: u32 = 12;
 /// pollers per host, started [`PROBE_STAGGER`] apart, so that one hanging call does not hide
 /// the election for long.
 const PROBE_SECS: u32 = 2;
+/// A CLI call through a manager whose disk failed: its proposal's bound (10 s), the probe of its
+/// own core, and room for a loaded machine.
+const PROPOSE_ANSWER_SECS: u32 = 20;
 const PROBES_PER_HOST: u32 = 3;
 const PROBE_STAGGER: Duration = Duration::from_millis(300);
 /// Attempts at moving leadership back to the first manager.
@@ -363,6 +366,30 @@ fn round(tb: &Testbed, fs: &LoopFs, old: &Host, fault: Fault, round: usize, acke
         elected.0,
         elected.1.as_secs_f64()
     );
+    // A write through the manager whose disk is full is taken or refused saying why — whether
+    // its Raft core quit on the error or hangs on it without one.
+    if fault == Fault::Full {
+        let name = format!("r{round}-via-old");
+        let args = [
+            "service",
+            "create",
+            "-d",
+            "--name",
+            &name,
+            "--replicas",
+            "0",
+            "busybox:latest",
+        ];
+        match old.shoal_within(PROPOSE_ANSWER_SECS, &args) {
+            Ok(_) => acked.lock().unwrap().push(name),
+            Err(e) => assert!(
+                ["space", "disk", "full"].iter().any(|w| e.contains(w)),
+                "round {round}: a write through {} with its disk full got an answer that does \
+                 not say why: {e}",
+                old.name()
+            ),
+        }
+    }
     // Writes through the new leader itself are acknowledged while the old one is still down.
     let new = host_named(tb, &elected.0);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -43,6 +43,18 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 pub const LEADER_RETRIES: usize = 3;
 /// How long a proposal may wait to be committed (no quorum = never).
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why this manager's Raft stopped, when it did on an error (a full disk's, say): openraft's
+/// own answers then say only "raft stopped".
+pub(crate) fn stopped_because(raft: &Raft) -> Option<String> {
+    match &raft.metrics().borrow().running_state {
+        Err(e) => Some(format!("this manager's raft stopped: {e}")),
+        Ok(()) => None,
+    }
+}
+
+/// How long a proposal that timed out waits for this manager's own Raft core to answer.
+const CORE_PROBE: Duration = Duration::from_millis(500);
 /// Pause before retrying a call whose leader changed under it.
 pub const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Messages larger than this are refused (a service spec is a few KiB).
@@ -84,6 +96,8 @@ struct Inner {
     secrets: OnceLock<Arc<crate::secrets::Keyring>>,
     /// The dispatcher's log broker (set once the dispatcher runs).
     logs: OnceLock<crate::dispatcher::LogBroker>,
+    /// Why the node stopped this manager's Raft (a storage failure), told to every caller.
+    stopped: OnceLock<String>,
 }
 
 impl ControlApi {
@@ -111,8 +125,25 @@ impl ControlApi {
                 resolver,
                 secrets: OnceLock::new(),
                 logs: OnceLock::new(),
+                stopped: OnceLock::new(),
             }),
         }
+    }
+
+    /// Records why the node stopped this manager's Raft; callers are told it from now on.
+    pub fn set_stopped(&self, why: String) {
+        let _ = self.inner.stopped.set(why);
+    }
+
+    /// `fallback` as Unavailable, unless this manager's Raft stopped: then why it did.
+    fn unavailable(&self, fallback: String) -> Status {
+        let why = self
+            .inner
+            .stopped
+            .get()
+            .map(|w| format!("this manager's raft stopped: {w}"))
+            .or_else(|| stopped_because(&self.inner.raft));
+        Status::unavailable(why.unwrap_or(fallback))
     }
 
     /// Hands the dispatcher's log broker to `SubscribeLogs`.
@@ -278,7 +309,7 @@ impl ControlApi {
             .ensure_linearizable()
             .await
             .map(|_| ())
-            .map_err(|e| Status::unavailable(format!("cannot confirm raft leadership: {e}")))
+            .map_err(|e| self.unavailable(format!("cannot confirm raft leadership: {e}")))
     }
 
     /// Proposes mutations as one command and waits until it is applied; returns the new
@@ -294,14 +325,35 @@ impl ControlApi {
             .inner
             .proposer
             .get_or_init(|| Proposer::start(self.inner.raft.clone()));
-        let resp = tokio::time::timeout(PROPOSE_TIMEOUT, proposer.propose(cmd))
-            .await
-            .map_err(|_| {
-                Status::unavailable(
-                    "the write was not committed in time: the managers may have lost quorum",
-                )
-            })??;
+        let Ok(resp) = tokio::time::timeout(PROPOSE_TIMEOUT, proposer.propose(cmd)).await else {
+            return Err(self.uncommitted().await);
+        };
+        let resp = resp.map_err(|e| {
+            if e.code() == Code::Unavailable {
+                self.unavailable(e.message().to_string())
+            } else {
+                e
+            }
+        })?;
         resp.result.map_err(store_status)
+    }
+
+    /// Why a proposal went unanswered: this manager's own Raft core or storage has stopped
+    /// answering (a full or frozen disk wedges it without an error), or else the managers have
+    /// no quorum.
+    async fn uncommitted(&self) -> Status {
+        if self.inner.stopped.get().is_some() {
+            self.unavailable(String::new())
+        } else if crate::raft::elect::core_answers(&self.inner.raft, CORE_PROBE).await {
+            Status::unavailable(
+                "the write was not committed in time: the managers may have lost quorum",
+            )
+        } else {
+            Status::unavailable(
+                "the write was not committed in time: this manager's raft store does not answer \
+                 (its disk may be full or stuck); retry through another manager",
+            )
+        }
     }
 
     pub(crate) async fn membership_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {

@@ -126,6 +126,8 @@ async fn write(raft: &Raft, cmd: Command) -> Result<Response, Status> {
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Status::unavailable(
             "this manager lost leadership; retry the request",
         )),
-        Err(other) => Err(Status::unavailable(format!("raft: {other}"))),
+        Err(other) => Err(Status::unavailable(
+            super::stopped_because(raft).unwrap_or_else(|| format!("raft: {other}")),
+        )),
     }
 }

@@ -433,13 +433,14 @@ async fn watch_raft(shared: std::sync::Weak<Shared>) {
             // Or a storage that refuses writes (core_answers logs which).
             Ok(()) if !crate::raft::elect::core_answers(api.raft(), RAFT_STUCK_AFTER).await => {
                 format!(
-                    "the raft core or its storage has not answered within {} s",
+                    "the raft core or its storage has not answered within {} s (is the disk full or stuck?)",
                     RAFT_STUCK_AFTER.as_secs()
                 )
             }
             Ok(()) => continue,
         };
         tracing::error!("raft stopped: {fatal}; this manager stops serving");
+        api.set_stopped(fatal.clone());
         // Bounded: a Raft that died in the middle of an apply has been seen to hang its own
         // shutdown (chaos finding 8). The re-exec that follows replaces the whole process
         // image, so a clean stop is a nicety, not a need.
