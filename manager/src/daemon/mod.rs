@@ -33,6 +33,9 @@ use crate::controlapi::{new_id, ApiSlot, ControlService};
 use crate::store::{Mutation, Object};
 use crate::tls::NodeTls;
 
+mod stall;
+pub use stall::watch as watch_stalls;
+
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
 /// Default local control socket.
@@ -478,21 +481,25 @@ async fn watch_raft(shared: std::sync::Weak<Shared>) {
 /// Whether `dir` takes [`RAFT_RESTART_FREE_BYTES`] more: writes (then removes) a file that
 /// size, so it answers for this file system as it is, quotas and reservations included.
 async fn has_room(dir: &Path) -> bool {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || has_room_now(&dir))
+        .await
+        .unwrap_or(false)
+}
+
+/// [`has_room`], blocking.
+fn has_room_now(dir: &Path) -> bool {
+    use std::io::Write;
     let probe = dir.join(".room-check");
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let chunk = vec![0u8; 1 << 20];
-        let fits = std::fs::File::create(&probe).and_then(|mut f| {
-            for _ in 0..(RAFT_RESTART_FREE_BYTES >> 20) {
-                f.write_all(&chunk)?;
-            }
-            f.sync_all()
-        });
-        let _ = std::fs::remove_file(&probe);
-        fits.is_ok()
-    })
-    .await
-    .unwrap_or(false)
+    let chunk = vec![0u8; 1 << 20];
+    let fits = std::fs::File::create(&probe).and_then(|mut f| {
+        for _ in 0..(RAFT_RESTART_FREE_BYTES >> 20) {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    fits.is_ok()
 }
 
 /// Turns this manager into a worker once the cluster has demoted it; ends with the daemon.

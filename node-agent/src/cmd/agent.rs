@@ -157,6 +157,8 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
         let daemon = Daemon::start(cfg)
             .await
             .context("starting the shoal daemon")?;
+        // A runtime wedged by its store (a failed disk) cannot notice it itself.
+        shoal_manager::daemon::watch_stalls(data_dir.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
         let registry = (a.registry_port != 0).then(|| {
             tokio::spawn(serve_cluster_registry(
