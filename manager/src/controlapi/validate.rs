@@ -18,6 +18,12 @@ pub const MAX_ALIASES: usize = 32;
 pub const MAX_LABELS: usize = 256;
 /// Longest label key or value.
 pub const MAX_LABEL_LEN: usize = 4096;
+/// Shortest node certificate lifetime accepted (ms): swarm's minimum, one hour. Nodes renew at
+/// 50–80 % of it, so a shorter one would keep every node renewing.
+pub const MIN_NODE_CERT_LIFETIME_MS: u64 = 3_600_000;
+/// Longest node certificate lifetime accepted (ms): a year; a removed node is refused by the
+/// store, but a stolen certificate should not outlive that by much more.
+pub const MAX_NODE_CERT_LIFETIME_MS: u64 = 365 * 24 * 3_600_000;
 /// Longest Raft timer accepted (ms): anything beyond is a unit mistake.
 pub const MAX_TIMER_MS: u64 = 3_600_000;
 /// Longest duration a service spec may carry (restart delay and window, update delay and
@@ -536,10 +542,17 @@ pub fn cluster_spec(spec: &ClusterSpec) -> Result<(), Invalid> {
         .ca
         .as_ref()
         .ok_or_else(|| invalid("cluster spec has no CA settings"))?;
-    if ca.node_cert_lifetime_ms < 60_000 {
-        return Err(invalid(
-            "node certificate lifetime must be at least one minute",
-        ));
+    if ca.node_cert_lifetime_ms < MIN_NODE_CERT_LIFETIME_MS {
+        return Err(invalid(format!(
+            "node certificate lifetime must be at least 1 hour, not {} ms",
+            ca.node_cert_lifetime_ms
+        )));
+    }
+    if ca.node_cert_lifetime_ms > MAX_NODE_CERT_LIFETIME_MS {
+        return Err(invalid(format!(
+            "node certificate lifetime must be at most 365 days, not {} ms",
+            ca.node_cert_lifetime_ms
+        )));
     }
     Ok(())
 }
@@ -620,6 +633,37 @@ mod tests {
             "-busybox".to_string(),
         ] {
             assert!(image_reference(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_cert_lifetimes_are_between_an_hour_and_a_year() {
+        let spec = |ms: u64| ClusterSpec {
+            raft: Some(crate::raft::default_raft_timers()),
+            dispatcher: Some(shoal_proto::v1::DispatcherConfig {
+                heartbeat_period_ms: 1000,
+                missed_heartbeats_down: 3,
+                status_batch_max: 100,
+                ..Default::default()
+            }),
+            ca: Some(shoal_proto::v1::CaConfig {
+                node_cert_lifetime_ms: ms,
+            }),
+            ..Default::default()
+        };
+        let day = 24 * 3_600_000;
+        for ok in [3_600_000, 90 * day, 365 * day] {
+            cluster_spec(&spec(ok)).unwrap();
+        }
+        for (bad, want) in [
+            (0, "at least 1 hour"),
+            (60_000, "at least 1 hour"),
+            (3_599_999, "at least 1 hour"),
+            (365 * day + 1, "at most 365 days"),
+            (u64::MAX, "at most 365 days"),
+        ] {
+            let e = cluster_spec(&spec(bad)).unwrap_err().0;
+            assert!(e.contains(want), "{bad}: {e}");
         }
     }
 

@@ -758,8 +758,12 @@ impl FrontDoor {
                         let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
                     }
                 }
-                // SAFETY: closing every fd above stderr in this process.
-                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                // Not closed, the caller's pipes would stay open: better to leave the
+                // container for `rm` than to hold them.
+                if crate::container::close_range(3, u32::MAX).is_err() {
+                    // SAFETY: leaving a forked child without running the parent's destructors.
+                    unsafe { libc::_exit(1) }
+                }
                 let _ = std::env::set_current_dir("/");
                 let _ = self.wait(id, None);
                 let _ = self.remove(id, true);
