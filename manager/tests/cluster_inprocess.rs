@@ -656,3 +656,121 @@ async fn secrets_are_ciphertext_in_the_log_the_store_and_snapshots() {
     let kek = |n: &TestNode| std::fs::read(n.dir.path().join("data/pki").join(KEK_FILE)).unwrap();
     assert_ne!(kek(&a), kek(&b));
 }
+
+/// Waits (bounded) until every node's store holds `n` services.
+async fn replicated_services(nodes: &[TestNode], n: usize) {
+    wait_for(&format!("{n} services on every manager"), || {
+        nodes.iter().all(|m| m.service_count_local() == n)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_too_large_for_the_transport_is_refused_and_the_log_keeps_committing() {
+    use shoal_manager::raft::{propose, ProposeRefused, MAX_ENTRY_BYTES};
+    use shoal_manager::store::{Command, Mutation, Object};
+    let nodes = three_managers(10_000).await;
+    let leader = nodes.iter().position(|n| n.is_leader()).expect("a leader");
+    create(&nodes[leader], "before").await.unwrap();
+    let api = nodes[leader].daemon.as_ref().unwrap().control().unwrap();
+    // A config of 17 MiB, past the control API's checks: no AppendEntries could carry it
+    // (16 MiB), so once in the log it would never commit and nothing after it would.
+    let huge = |bytes: usize| Command {
+        now_ms: 1,
+        mutations: vec![Mutation::Create(Object::Config(pb::Config {
+            meta: Some(pb::Meta {
+                id: "huge".into(),
+                ..Default::default()
+            }),
+            spec: Some(pb::ConfigSpec {
+                name: "huge".into(),
+                data: vec![7; bytes],
+                ..Default::default()
+            }),
+        }))],
+    };
+    for bytes in [17 << 20, MAX_ENTRY_BYTES] {
+        let refused =
+            tokio::time::timeout(Duration::from_secs(10), propose(api.raft(), huge(bytes)))
+                .await
+                .expect("an oversize proposal is answered at once, not left uncommitted");
+        match refused {
+            Err(e @ ProposeRefused::TooLarge { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("a Raft entry holds at most"), "{msg}");
+            }
+            other => panic!("a {bytes}-byte entry: {other:?}"),
+        }
+    }
+    // The log goes on: a write commits on every manager.
+    create(&nodes[leader], "after").await.unwrap();
+    replicated_services(&nodes, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_writes_are_refused_or_grouped_within_the_entry_bound() {
+    use shoal_manager::controlapi::validate::{MAX_LABELS_BYTES, MAX_SERVICE_SPEC_BYTES};
+    let nodes = three_managers(10_000).await;
+    let leader = nodes.iter().position(|n| n.is_leader()).expect("a leader");
+    let follower = (leader + 1) % 3;
+    let sized = |name: &str, bytes: usize| {
+        let mut s = spec(name, 0);
+        s.task.as_mut().unwrap().container.as_mut().unwrap().env =
+            vec![format!("BLOB={}", "x".repeat(bytes))];
+        s
+    };
+
+    // A service spec over the bound: one clear line, nothing written (through a follower too).
+    for via in [leader, follower] {
+        let e = nodes[via]
+            .control()
+            .await
+            .create_service(pb::CreateServiceRequest {
+                spec: Some(sized("big", MAX_SERVICE_SPEC_BYTES)),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("service spec is"), "{e}");
+        assert!(!e.message().contains('\n'), "{e}");
+    }
+    // Node labels over the bound, too.
+    let mut labels = std::collections::HashMap::new();
+    for i in 0..MAX_LABELS_BYTES / 4000 + 1 {
+        labels.insert(format!("k{i}"), "v".repeat(4000));
+    }
+    let e = nodes[leader]
+        .control()
+        .await
+        .update_node(pb::UpdateNodeRequest {
+            node: "self".into(),
+            label_add: labels,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("node labels hold"), "{e}");
+
+    // Concurrent creates of specs near the bound: the group commit would put them in one
+    // entry of several MiB; each entry stays within the bound and every create succeeds.
+    let n = 12;
+    let mut calls = Vec::new();
+    for i in 0..n {
+        let mut c = nodes[leader].control().await;
+        let s = sized(&format!("large{i}"), MAX_SERVICE_SPEC_BYTES - 1024);
+        calls.push(tokio::spawn(async move {
+            c.create_service(pb::CreateServiceRequest {
+                spec: Some(s),
+                ..Default::default()
+            })
+            .await
+        }));
+    }
+    for call in calls {
+        call.await.unwrap().expect("a large create");
+    }
+    create(&nodes[follower], "after").await.unwrap();
+    replicated_services(&nodes, n + 1).await;
+}

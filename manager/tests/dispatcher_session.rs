@@ -574,3 +574,99 @@ async fn a_node_is_sent_only_the_secrets_its_tasks_use_opened_and_while_they_do(
         }
     }
 }
+
+#[tokio::test]
+async fn an_oversize_description_is_refused_and_long_status_texts_are_cut() {
+    use shoal_proto::limits::{
+        MAX_NODE_DESCRIPTION_BYTES, MAX_STATUS_TEXT_BYTES, TRUNCATED_MARKER,
+    };
+    let c = Cluster::start(1000, &["w1"]).await;
+    c.backend.write(vec![Mutation::Create(Object::Task(task(
+        "t1",
+        "w1",
+        TaskState::Assigned,
+    )))]);
+    let mut client = c.client("w1", Role::Worker);
+    let e = client
+        .session(pb::SessionRequest {
+            description: Some(pb::NodeDescription {
+                hostname: "h".repeat(MAX_NODE_DESCRIPTION_BYTES),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("node description is"), "{e}");
+    let n = c.backend.store.get_node("w1").unwrap().unwrap();
+    assert!(n.description.is_none(), "nothing recorded");
+
+    // A description in bounds opens a session; a report with a huge error text is kept cut.
+    let (s, _stream) = open(&mut client, "h1").await;
+    client
+        .update_task_status(pb::UpdateTaskStatusRequest {
+            session_id: s.session_id.clone(),
+            updates: vec![pb::TaskStatusUpdate {
+                task_id: "t1".into(),
+                status: Some(pb::TaskStatus {
+                    state: TaskState::Failed as i32,
+                    err: "boom ".repeat(1 << 20),
+                    message: "failed".into(),
+                    ..Default::default()
+                }),
+            }],
+        })
+        .await
+        .unwrap();
+    let st = c
+        .backend
+        .store
+        .get_task("t1")
+        .unwrap()
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(st.state, TaskState::Failed as i32);
+    assert_eq!(st.message, "failed");
+    assert!(st.err.len() <= MAX_STATUS_TEXT_BYTES, "{}", st.err.len());
+    assert!(st.err.starts_with("boom boom"), "{}", &st.err[..20]);
+    assert!(st.err.ends_with(TRUNCATED_MARKER));
+}
+
+#[tokio::test]
+async fn a_status_batch_on_large_tasks_is_written_in_entries_within_the_bound() {
+    use std::sync::atomic::Ordering;
+    let c = Cluster::start(1000, &["w1"]).await;
+    // Twenty tasks of 200 KiB each (their spec's environment): 4 MiB of task objects.
+    let n = 20;
+    for i in 0..n {
+        let mut t = task(&format!("t{i:02}"), "w1", TaskState::Running);
+        t.spec.as_mut().unwrap().container.as_mut().unwrap().env =
+            vec![format!("BLOB={}", "x".repeat(200 * 1024))];
+        c.backend.write(vec![Mutation::Create(Object::Task(t))]);
+    }
+    let mut client = c.client("w1", Role::Worker);
+    let (s, _stream) = open(&mut client, "h1").await;
+    let before = c.backend.commands.load(Ordering::SeqCst);
+    client
+        .update_task_status(pb::UpdateTaskStatusRequest {
+            session_id: s.session_id.clone(),
+            updates: (0..n)
+                .map(|i| report(&format!("t{i:02}"), TaskState::Complete))
+                .collect(),
+        })
+        .await
+        .expect("one call of reports on large tasks");
+    assert_eq!(c.backend.oversize.load(Ordering::SeqCst), 0);
+    for i in 0..n {
+        assert_eq!(
+            c.task_state(&format!("t{i:02}")),
+            TaskState::Complete as i32
+        );
+    }
+    let commands = c.backend.commands.load(Ordering::SeqCst) - before;
+    assert!(
+        (3..=n).contains(&commands),
+        "{commands} commands for 4 MiB of tasks"
+    );
+}

@@ -70,12 +70,15 @@ fn main() {
         Err(e) => usage_error(e),
     };
     // A listing piped into `head` ends quietly, as with any Unix tool: the default SIGPIPE
-    // action, except for the daemon, the runtime (its monitors) and the commands that keep a
-    // container going whatever happens to their stdout.
-    if !matches!(
-        cli.command,
-        Command::Agent(_) | Command::Runtime(_) | Command::Run(_) | Command::Exec(_)
-    ) {
+    // action, except for the daemon, the runtime's container lifecycle (its monitors) and the
+    // commands that keep a container going whatever happens to their stdout (those write
+    // their output ignoring a closed stdout instead).
+    let default_sigpipe = match &cli.command {
+        Command::Agent(_) | Command::Run(_) | Command::Exec(_) => false,
+        Command::Runtime(r) => r.only_reports(),
+        _ => true,
+    };
+    if default_sigpipe {
         // SAFETY: called before any thread is started; restores the default disposition.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);

@@ -246,6 +246,8 @@ fn three_manager_processes_and_a_worker() {
     assert_eq!(inspect[0]["Spec"]["Dispatcher"]["HeartbeatPeriod"], "2s");
     let err = m2.fails(&["cluster", "update", "--heartbeat-interval", "0s"]);
     assert!(err.contains("greater than zero"), "{err}");
+    let err = m2.fails(&["cluster", "update", "--cert-expiry", "30m"]);
+    assert!(err.contains("at least 1 hour"), "{err}");
     let rotated = m2.ok(&["cluster", "join-token", "worker", "--rotate"]);
     assert!(
         rotated.contains("Successfully rotated worker join token"),

@@ -17,7 +17,11 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
-        let dir = tempfile::tempdir().unwrap();
+        Node::in_dir(tempfile::tempdir().unwrap())
+    }
+
+    /// A node whose data dir is made by `shoal image import` in `dir`.
+    fn in_dir(dir: tempfile::TempDir) -> Node {
         let data = dir.path().join("data");
         let tar = dir.path().join("rootfs.tar");
         busybox_tar(&tar);
@@ -428,6 +432,70 @@ fn images_in_use_are_kept() {
     ok(&n.shoal(&["rm", "user"]));
     ok(&n.shoal(&["image", "rm", "busybox"]));
     assert_eq!(std::fs::read_dir(n.data.join("layers")).unwrap().count(), 0);
+}
+
+#[test]
+fn the_data_dir_layers_and_containers_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    // The data dir's parent is open to everyone, as /var/lib is: only the data dir's own
+    // modes keep other local users out of the image files.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let n = Node::in_dir(dir);
+    assert_eq!(mode(&n.data), 0o700, "the data dir `image import` made");
+    assert_eq!(mode(&n.data.join("layers")), 0o700);
+    let id = ok(&n.shoal(&["run", "-d", "busybox", "sleep", "1000"]))
+        .trim()
+        .to_string();
+    assert_eq!(mode(&n.data.join("containers")), 0o700);
+    assert_eq!(mode(&n.data.join("containers").join(&id)), 0o700);
+    // The container's `/` (its writable layer's mode) stays open to its own users.
+    ok(&n.shoal(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "echo secret > /tmp/f && chmod 4755 /tmp/f",
+    ]));
+    assert_eq!(
+        ok(&n.shoal(&["exec", &id, "stat", "-c", "%a", "/"])).trim(),
+        "755"
+    );
+    let layer = std::fs::read_dir(n.data.join("layers"))
+        .unwrap()
+        .flatten()
+        .find(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .expect("an unpacked layer")
+        .path();
+    let upper_file = n.data.join("containers").join(&id).join("upper/tmp/f");
+    assert!(
+        upper_file.is_file(),
+        "the container's file is in its writable layer"
+    );
+    // Another local user reaches neither a layer's files nor a container's (a setuid file
+    // there would be a root shell for them).
+    for p in [layer.join("rootfs/bin/busybox"), upper_file] {
+        let out = Command::new("/bin/busybox")
+            .args(["cat", p.to_str().unwrap()])
+            .uid(65534)
+            .gid(65534)
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "uid 65534 read {}", p.display());
+    }
+    // Dirs found wider (an older shoal made them) are narrowed by the next command.
+    for d in ["", "layers", "containers"] {
+        std::fs::set_permissions(n.data.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    ok(&n.shoal(&["image", "ls"]));
+    ok(&n.shoal(&["ps"]));
+    for d in ["", "layers", "containers"] {
+        assert_eq!(mode(&n.data.join(d)), 0o700, "{d}");
+    }
+    ok(&n.shoal(&["rm", "-f", &id]));
+    n.assert_clean(&[&id]);
 }
 
 #[test]

@@ -297,3 +297,50 @@ fn usage_errors_say_what_is_wrong_and_how_to_use() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_layer_over_the_unpack_budget_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let tar = dir.path().join("rootfs.tar");
+    rootfs_tar(&tar, "hello");
+    let budget = |var: &str, bytes: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("image")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .env_remove("SHOAL_DATA_DIR")
+            .env(var, bytes)
+            .output()
+            .unwrap()
+    };
+    // busybox alone is over a 64 KiB layer budget.
+    let import = ["import", tar.to_str().unwrap(), "bb:1"];
+    let out = budget("SHOAL_MAX_LAYER_BYTES", "65536", &import);
+    one_line_error(&out, "unpacks to more than 65536 bytes");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SHOAL_MAX_LAYER_BYTES"));
+    let out = budget("SHOAL_MAX_IMAGE_BYTES", "65536", &import);
+    one_line_error(&out, "the image unpacks to more than 65536 bytes");
+    // Nothing left: no image, no layer, no blob, no temp dir.
+    assert_eq!(ok(&shoal(&data, &["ls", "-q"])).trim(), "");
+    assert_eq!(std::fs::read_dir(data.join("layers")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(data.join("images/blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(data.join("images/.shoal/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // A budget that is no number is one clear line too; the default takes it.
+    one_line_error(
+        &budget("SHOAL_MAX_LAYER_BYTES", "lots", &import),
+        "SHOAL_MAX_LAYER_BYTES=lots: expected a number of bytes",
+    );
+    ok(&shoal(&data, &import));
+}

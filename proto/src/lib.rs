@@ -5,3 +5,80 @@ pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("shoal.v1");
 }
+
+/// Sizes that managers and workers must agree on: what a worker sends that ends up in the
+/// Raft log. A manager enforces them whatever the worker does; a worker keeps to them so its
+/// messages are not refused.
+pub mod limits {
+    use crate::v1::TaskStatus;
+
+    /// Largest node description (prost-encoded) a dispatcher session may open with; a larger
+    /// one is refused (`InvalidArgument`). A real one (hostname, platform, resources, version)
+    /// is a few hundred bytes.
+    pub const MAX_NODE_DESCRIPTION_BYTES: usize = 4 * 1024;
+    /// Longest text field of a task status (`message`, `err`, `container_id`,
+    /// `health_output`): a longer one is cut to this, ending in [`TRUNCATED_MARKER`].
+    pub const MAX_STATUS_TEXT_BYTES: usize = 2 * 1024;
+    /// What ends a status text that was cut.
+    pub const TRUNCATED_MARKER: &str = " …[truncated]";
+
+    const _: () = assert!(TRUNCATED_MARKER.len() < MAX_STATUS_TEXT_BYTES / 8);
+
+    /// Cuts `text` to [`MAX_STATUS_TEXT_BYTES`] (on a character boundary, ending in
+    /// [`TRUNCATED_MARKER`]); true if it was cut.
+    pub fn bound_status_text(text: &mut String) -> bool {
+        if text.len() <= MAX_STATUS_TEXT_BYTES {
+            return false;
+        }
+        let mut cut = MAX_STATUS_TEXT_BYTES - TRUNCATED_MARKER.len();
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(TRUNCATED_MARKER);
+        true
+    }
+
+    /// Cuts every text field of `status` with [`bound_status_text`]; true if any was cut.
+    pub fn bound_task_status(status: &mut TaskStatus) -> bool {
+        let mut cut = false;
+        for t in [
+            &mut status.message,
+            &mut status.err,
+            &mut status.container_id,
+            &mut status.health_output,
+        ] {
+            cut |= bound_status_text(t);
+        }
+        cut
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_long_status_text_is_cut_with_the_marker_and_short_ones_are_kept() {
+            let mut short = "exit 1".to_string();
+            assert!(!bound_status_text(&mut short));
+            assert_eq!(short, "exit 1");
+            let mut exact = "x".repeat(MAX_STATUS_TEXT_BYTES);
+            assert!(!bound_status_text(&mut exact));
+            // Multi-byte characters are never split.
+            let mut long = "é".repeat(MAX_STATUS_TEXT_BYTES);
+            assert!(bound_status_text(&mut long));
+            assert!(long.len() <= MAX_STATUS_TEXT_BYTES, "{}", long.len());
+            assert!(long.ends_with(TRUNCATED_MARKER));
+            assert!(long.starts_with("éé"));
+
+            let mut st = TaskStatus {
+                err: "e".repeat(1 << 20),
+                message: "started".into(),
+                ..Default::default()
+            };
+            assert!(bound_task_status(&mut st));
+            assert_eq!(st.message, "started");
+            assert_eq!(st.err.len(), MAX_STATUS_TEXT_BYTES);
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! shoal's node-local container runtime.
 pub mod cgroups;
 pub mod container;
+pub mod dirs;
 pub mod exe;
 pub mod frontdoor;
 pub mod image;

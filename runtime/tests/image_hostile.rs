@@ -7,7 +7,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use image_support::{docker_save, gzip, oci_layout, snapshot, tar, E};
-use shoal_runtime::image::{ImageError, ImageStore};
+use shoal_runtime::image::{
+    ImageError, ImageStore, UnpackBudget, IMAGE_BUDGET_ENV, LAYER_BUDGET_ENV,
+};
 
 struct World {
     _base: tempfile::TempDir,
@@ -362,4 +364,110 @@ fn hostile_rootfs_import_is_refused() {
     assert_unsafe(&err, "/../escape");
     assert_eq!(snapshot(&w.data), before);
     assert!(!w.base.join("escape").exists());
+}
+
+/// A world whose store unpacks within `layer` bytes per layer and `image` per load.
+fn budgeted(layer: u64, image: u64) -> World {
+    let mut w = world();
+    w.store = ImageStore::open(&w.data)
+        .unwrap()
+        .with_unpack_budget(UnpackBudget {
+            layer_bytes: layer,
+            image_bytes: image,
+        });
+    w
+}
+
+fn assert_budget(err: &ImageError, limit: u64, var: &str) {
+    match err {
+        ImageError::UnpackBudget {
+            limit: l, var: v, ..
+        } => {
+            assert_eq!((*l, *v), (limit, var), "{err}");
+        }
+        other => panic!("expected an unpack budget error, got: {other}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("unpacks to more than") && msg.contains(var),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'), "{msg}");
+}
+
+#[test]
+fn a_layer_over_the_unpack_budget_is_refused_and_leaves_nothing() {
+    let w = budgeted(1 << 20, 64 << 20);
+    let big = vec![7u8; (1 << 20) + 1];
+    let err = w.refuse("big", layer_archive(&[E::File("big.bin", &big, 0o644)]));
+    assert_budget(&err, 1 << 20, LAYER_BUDGET_ENV);
+    // Compressed, it is the inflated bytes that count.
+    let layer = tar(&[E::File("big.bin", &big, 0o644)]);
+    let base = tar(&[E::File("base.txt", b"base", 0o644)]);
+    let err = w.refuse(
+        "big-gz",
+        docker_save(&[(base.clone(), base), (gzip(&layer), layer)], &["evil:1"]),
+    );
+    assert_budget(&err, 1 << 20, LAYER_BUDGET_ENV);
+    // Exactly the budget fits.
+    let fits = vec![7u8; 1 << 20];
+    let archive = w.base.join("fits.tar");
+    std::fs::write(
+        &archive,
+        layer_archive(&[E::File("fits.bin", &fits, 0o644)]),
+    )
+    .unwrap();
+    w.store
+        .load(&archive)
+        .expect("a layer of exactly the budget");
+}
+
+/// A GNU sparse file of `size` bytes: all hole but its last byte, a few hundred bytes of tar.
+fn sparse_tar(name: &str, size: u64) -> Vec<u8> {
+    let octal = |n: u64| {
+        let s = format!("{n:011o}\0");
+        let mut out = [0u8; 12];
+        out.copy_from_slice(s.as_bytes());
+        out
+    };
+    let mut h = tar::Header::new_gnu();
+    h.set_path(name).unwrap();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_size(1);
+    let g = h.as_gnu_mut().unwrap();
+    g.realsize = octal(size);
+    g.sparse[0].offset = octal(size - 1);
+    g.sparse[0].numbytes = octal(1);
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &b"x"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn a_sparse_file_s_holes_count_against_the_unpack_budget() {
+    let w = budgeted(64 << 20, 256 << 20);
+    // 1 GiB of hole in a few hundred bytes: unpacked as zeros, it is over the budget.
+    let layer = sparse_tar("hole", 1 << 30);
+    assert!(layer.len() < 4096);
+    let base = tar(&[E::File("base.txt", b"base", 0o644)]);
+    let err = w.refuse(
+        "sparse",
+        docker_save(&[(base.clone(), base), (layer.clone(), layer)], &["evil:1"]),
+    );
+    assert_budget(&err, 64 << 20, LAYER_BUDGET_ENV);
+}
+
+#[test]
+fn layers_together_over_the_image_budget_are_refused() {
+    let w = budgeted(1 << 20, 3 << 19);
+    let a = tar(&[E::File("a.bin", &vec![1u8; 1 << 20], 0o644)]);
+    let b = tar(&[E::File("b.bin", &vec![2u8; 1 << 20], 0o644)]);
+    let err = w.refuse(
+        "two",
+        docker_save(&[(a.clone(), a), (b.clone(), b)], &["evil:1"]),
+    );
+    assert_budget(&err, 3 << 19, IMAGE_BUDGET_ENV);
 }

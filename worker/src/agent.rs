@@ -36,6 +36,11 @@ pub enum WorkerError {
     Db(#[from] DbError),
     #[error("no manager address to connect to")]
     NoManagers,
+    #[error(
+        "node description is {0} bytes: managers accept at most {max}",
+        max = shoal_proto::limits::MAX_NODE_DESCRIPTION_BYTES
+    )]
+    DescriptionTooLarge(usize),
 }
 
 /// How to run a node's worker agent.
@@ -295,7 +300,9 @@ impl Shared {
 
 /// Records controller reports (memory, database) and queues them for the dispatcher.
 async fn record(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
-    while let Some((id, status)) = rx.recv().await {
+    while let Some((id, mut status)) = rx.recv().await {
+        // Within what the dispatcher keeps (it cuts longer texts anyway).
+        shoal_proto::limits::bound_task_status(&mut status);
         // The last reports of a removed task still go to the dispatcher, but it is not
         // remembered again once forgotten.
         if lock(&shared.controllers).contains_key(&id) {
@@ -404,6 +411,11 @@ impl Agent {
     pub async fn start(cfg: AgentConfig) -> Result<Agent, WorkerError> {
         if cfg.managers.is_empty() {
             return Err(WorkerError::NoManagers);
+        }
+        // Refused by every manager: say so once here rather than retry sessions for ever.
+        let bytes = prost::Message::encoded_len(&cfg.description);
+        if bytes > shoal_proto::limits::MAX_NODE_DESCRIPTION_BYTES {
+            return Err(WorkerError::DescriptionTooLarge(bytes));
         }
         let db = match &cfg.data_dir {
             Some(d) => Some(open_db(d).await?),

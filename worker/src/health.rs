@@ -13,6 +13,7 @@ pub const DEFAULT_RETRIES: u32 = 3;
 /// Output of one check kept for the task's status (docker keeps 4096 bytes in its health log;
 /// shoal's goes through Raft with the status, so less).
 pub const MAX_OUTPUT: usize = 2048;
+const _: () = assert!(MAX_OUTPUT <= shoal_proto::limits::MAX_STATUS_TEXT_BYTES);
 
 /// A check to run: the argv and its timers, defaults applied.
 #[derive(Clone, Debug, PartialEq, Eq)]

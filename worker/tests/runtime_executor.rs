@@ -130,6 +130,15 @@ async fn a_task_container_has_a_small_monitor_forked_from_the_shoal_binary() {
     let ballast = std::hint::black_box(vec![1u8; BALLAST_BYTES]);
     let started = node.exec.start(&t).await.unwrap();
     assert_eq!(started.container_id, id);
+    // The task's writable layer is reachable by root only (it holds what the image holds).
+    for d in [
+        node.data.path().join("containers"),
+        node.data.path().join("containers").join(&id),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{}", d.display());
+    }
     assert_eq!(
         node.exec.probe(&id).await.unwrap(),
         Probe::Running { pid: started.pid }

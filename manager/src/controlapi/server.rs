@@ -1455,8 +1455,13 @@ impl Control for ControlService {
                     }
                 }
                 spec.labels.extend(r.label_add.clone());
-                if spec.labels.len() > validate::MAX_LABELS {
-                    return Err(Status::invalid_argument("too many node labels"));
+                validate::labels("node", &spec.labels).map_err(invalid)?;
+                let bytes = prost::Message::encoded_len(&*spec);
+                if bytes > validate::MAX_NODE_SPEC_BYTES {
+                    return Err(Status::invalid_argument(format!(
+                        "node spec would be {bytes} bytes: at most {} are allowed",
+                        validate::MAX_NODE_SPEC_BYTES
+                    )));
                 }
                 Ok(())
             })

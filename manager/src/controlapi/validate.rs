@@ -18,12 +18,44 @@ pub const MAX_ALIASES: usize = 32;
 pub const MAX_LABELS: usize = 256;
 /// Longest label key or value.
 pub const MAX_LABEL_LEN: usize = 4096;
+/// Shortest node certificate lifetime accepted (ms): swarm's minimum, one hour. Nodes renew at
+/// 50–80 % of it, so a shorter one would keep every node renewing.
+pub const MIN_NODE_CERT_LIFETIME_MS: u64 = 3_600_000;
+/// Longest node certificate lifetime accepted (ms): a year; a removed node is refused by the
+/// store, but a stolen certificate should not outlive that by much more.
+pub const MAX_NODE_CERT_LIFETIME_MS: u64 = 365 * 24 * 3_600_000;
 /// Longest Raft timer accepted (ms): anything beyond is a unit mistake.
 pub const MAX_TIMER_MS: u64 = 3_600_000;
 /// Longest duration a service spec may carry (restart delay and window, update delay and
 /// monitor, stop grace period, healthcheck timers): a year is a typo already, and the
 /// orchestrators add these to wall-clock milliseconds, which must not overflow.
 pub const MAX_SPEC_DURATION_MS: u64 = 365 * 24 * 3_600_000;
+
+/// Most bytes all labels of one object may hold together.
+pub const MAX_LABELS_BYTES: usize = 64 * 1024;
+/// Largest service spec (prost-encoded) `service create`/`update` accept. Every task of the
+/// service carries its task spec, and the orchestrators write a slot's old tasks and its
+/// replacement in one Raft entry, so this stays well under the entry bound.
+pub const MAX_SERVICE_SPEC_BYTES: usize = 256 * 1024;
+/// What a task adds to its service's spec at most: status texts, network attachments,
+/// restart history, ids.
+pub const MAX_TASK_EXTRA_BYTES: usize = 4 * shoal_proto::limits::MAX_STATUS_TEXT_BYTES + 24 * 1024;
+/// Largest node spec (its labels, prost-encoded) `node update` leaves.
+pub const MAX_NODE_SPEC_BYTES: usize = MAX_LABELS_BYTES + 1024;
+
+// Four tasks of a largest service (a slot's old tasks and their replacement, one atomic
+// group of the orchestrators) fit one Raft entry.
+const _: () =
+    assert!(4 * (MAX_SERVICE_SPEC_BYTES + MAX_TASK_EXTRA_BYTES) <= crate::raft::MAX_ENTRY_BYTES);
+// A largest secret or config with its labels fits one entry (and one control message).
+const _: () = assert!(
+    crate::secrets::MAX_DATA_BYTES + MAX_LABELS_BYTES + 64 * 1024 <= crate::raft::MAX_ENTRY_BYTES
+);
+// The orchestrators' command budget is within the entry bound.
+const _: () = assert!(crate::orchestrator::MAX_COMMAND_BYTES <= crate::raft::MAX_ENTRY_BYTES);
+// A request the control API takes whole may be larger than an entry (it is checked, then
+// refused with a clear error), but an entry always fits a request.
+const _: () = assert!(crate::raft::MAX_ENTRY_BYTES <= super::MAX_CONTROL_MESSAGE_BYTES);
 
 /// Most words in a health check's test.
 pub const MAX_HEALTHCHECK_ARGS: usize = 256;
@@ -251,6 +283,7 @@ pub fn labels(what: &str, l: &std::collections::HashMap<String, String>) -> Resu
             "too many {what} labels (at most {MAX_LABELS})"
         )));
     }
+    let mut total = 0;
     for (k, v) in l {
         if k.is_empty() {
             return Err(invalid(format!("{what} label with an empty key")));
@@ -258,6 +291,12 @@ pub fn labels(what: &str, l: &std::collections::HashMap<String, String>) -> Resu
         if k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
             return Err(invalid(format!("{what} label {k:?} is too long")));
         }
+        total += k.len() + v.len();
+    }
+    if total > MAX_LABELS_BYTES {
+        return Err(invalid(format!(
+            "{what} labels hold {total} bytes: at most {MAX_LABELS_BYTES} are allowed"
+        )));
     }
     Ok(())
 }
@@ -265,6 +304,12 @@ pub fn labels(what: &str, l: &std::collections::HashMap<String, String>) -> Resu
 /// A whole service spec as `service create`/`update` send it.
 pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
     use shoal_proto::v1::service_spec::Mode;
+    let bytes = prost::Message::encoded_len(spec);
+    if bytes > MAX_SERVICE_SPEC_BYTES {
+        return Err(invalid(format!(
+            "service spec is {bytes} bytes: at most {MAX_SERVICE_SPEC_BYTES} are allowed"
+        )));
+    }
     service_name(&spec.name)?;
     labels("service", &spec.labels)?;
     let task = spec
@@ -497,10 +542,17 @@ pub fn cluster_spec(spec: &ClusterSpec) -> Result<(), Invalid> {
         .ca
         .as_ref()
         .ok_or_else(|| invalid("cluster spec has no CA settings"))?;
-    if ca.node_cert_lifetime_ms < 60_000 {
-        return Err(invalid(
-            "node certificate lifetime must be at least one minute",
-        ));
+    if ca.node_cert_lifetime_ms < MIN_NODE_CERT_LIFETIME_MS {
+        return Err(invalid(format!(
+            "node certificate lifetime must be at least 1 hour, not {} ms",
+            ca.node_cert_lifetime_ms
+        )));
+    }
+    if ca.node_cert_lifetime_ms > MAX_NODE_CERT_LIFETIME_MS {
+        return Err(invalid(format!(
+            "node certificate lifetime must be at most 365 days, not {} ms",
+            ca.node_cert_lifetime_ms
+        )));
     }
     Ok(())
 }
@@ -581,6 +633,37 @@ mod tests {
             "-busybox".to_string(),
         ] {
             assert!(image_reference(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_cert_lifetimes_are_between_an_hour_and_a_year() {
+        let spec = |ms: u64| ClusterSpec {
+            raft: Some(crate::raft::default_raft_timers()),
+            dispatcher: Some(shoal_proto::v1::DispatcherConfig {
+                heartbeat_period_ms: 1000,
+                missed_heartbeats_down: 3,
+                status_batch_max: 100,
+                ..Default::default()
+            }),
+            ca: Some(shoal_proto::v1::CaConfig {
+                node_cert_lifetime_ms: ms,
+            }),
+            ..Default::default()
+        };
+        let day = 24 * 3_600_000;
+        for ok in [3_600_000, 90 * day, 365 * day] {
+            cluster_spec(&spec(ok)).unwrap();
+        }
+        for (bad, want) in [
+            (0, "at least 1 hour"),
+            (60_000, "at least 1 hour"),
+            (3_599_999, "at least 1 hour"),
+            (365 * day + 1, "at most 365 days"),
+            (u64::MAX, "at most 365 days"),
+        ] {
+            let e = cluster_spec(&spec(bad)).unwrap_err().0;
+            assert!(e.contains(want), "{bad}: {e}");
         }
     }
 

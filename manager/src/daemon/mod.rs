@@ -21,6 +21,7 @@ use shoal_proto::v1::control_client::ControlClient;
 use shoal_proto::v1::daemon_server::{Daemon as DaemonRpc, DaemonServer};
 use tokio::sync::{oneshot, Mutex};
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 pub use backend::{ManagerCaBackend, StoreRegistry};
@@ -681,15 +682,21 @@ async fn serve_socket(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    let listener = tokio::net::UnixListener::bind(&path).map_err(io)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let listener = bind_private(&path).map_err(io)?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let control = ControlService::local(shared.slot.clone())
-        .with_membership(shared.membership.subscribe())
-        .into_server();
-    let daemon = DaemonServer::new(DaemonService { shared })
-        .max_decoding_message_size(crate::controlapi::MAX_CONTROL_MESSAGE_BYTES)
-        .max_encoding_message_size(crate::controlapi::MAX_CONTROL_MESSAGE_BYTES);
+    // Root only: the socket's mode, and each call's peer credentials.
+    let control = InterceptedService::new(
+        ControlService::local(shared.slot.clone())
+            .with_membership(shared.membership.subscribe())
+            .into_server(),
+        require_root_peer,
+    );
+    let daemon = InterceptedService::new(
+        DaemonServer::new(DaemonService { shared })
+            .max_decoding_message_size(crate::controlapi::MAX_CONTROL_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::controlapi::MAX_CONTROL_MESSAGE_BYTES),
+        require_root_peer,
+    );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         // The same per-connection limits as the TLS port (streams, headers, keepalive).
@@ -705,6 +712,46 @@ async fn serve_socket(
         }
     });
     Ok((stop_tx, task))
+}
+
+/// Binds the local socket at `path` with mode 0600 without a moment at a wider mode (or the
+/// process umask's): it is bound in a fresh 0700 directory beside `path`, narrowed, then moved
+/// into place (a socket stays bound to its inode when renamed).
+fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".sock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp)?;
+    let inner = tmp.join("s");
+    let bound = (|| {
+        let l = tokio::net::UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    bound
+}
+
+/// Refuses a call on the local socket from a peer that is not root (`SO_PEERCRED`, which the
+/// kernel records at connect): the socket's mode keeps others out already, this holds whatever
+/// its mode or its directory's.
+pub fn require_root_peer(req: Request<()>) -> Result<Request<()>, Status> {
+    match req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+    {
+        Some(c) if c.uid() == 0 => Ok(req),
+        Some(c) => Err(Status::permission_denied(format!(
+            "the local socket serves root only, not uid {}",
+            c.uid()
+        ))),
+        None => Err(Status::permission_denied(
+            "the local socket could not tell who is calling",
+        )),
+    }
 }
 
 /// The `Daemon` service of the local socket.

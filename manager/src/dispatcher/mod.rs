@@ -46,6 +46,9 @@ pub const DEFAULT_MISSED_HEARTBEATS_DOWN: u32 = 3;
 pub const STATUS_BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// At most this many status updates go into one Raft command.
 pub const STATUS_BATCH_MAX: usize = 1000;
+/// Bytes of one status command at most: a batch on tasks with large specs is written as
+/// several commands, each within the Raft entry bound.
+pub const STATUS_COMMAND_BYTES: usize = crate::raft::MAX_ENTRY_BYTES;
 /// Pending `UpdateTaskStatus` calls queued for the batcher; further calls wait (backpressure).
 pub const STATUS_QUEUE: usize = 1024;
 /// Updates one `UpdateTaskStatus` call may carry.
@@ -66,6 +69,20 @@ pub const MAX_DISPATCHER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// error texts); requests are decoded before the caller is authorised, so this stays far
 /// below the 64 MiB its answers may need.
 pub const MAX_DISPATCHER_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+// A full call of reports, each with every status text at its longest, decodes within the
+// request limit (the texts are cut after decoding, before anything is written).
+const _: () = assert!(
+    MAX_UPDATES_PER_CALL * (4 * shoal_proto::limits::MAX_STATUS_TEXT_BYTES + 1024)
+        <= MAX_DISPATCHER_REQUEST_BYTES
+);
+// A node (its spec, bounded by the control API, and its description) fits one entry.
+const _: () = assert!(
+    crate::controlapi::validate::MAX_NODE_SPEC_BYTES
+        + shoal_proto::limits::MAX_NODE_DESCRIPTION_BYTES
+        + 64 * 1024
+        <= crate::raft::MAX_ENTRY_BYTES
+);
+
 /// Heartbeat periods are drawn from [period − jitter, period], jitter = period / this.
 pub const HEARTBEAT_JITTER_DIVISOR: u32 = 10;
 /// How long a dispatcher write (status batch, node state) waits for its commit; then the
@@ -113,21 +130,19 @@ pub trait Backend: Send + Sync + 'static {
 
 impl Backend for crate::raft::Raft {
     async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
-        use openraft::error::{ClientWriteError, RaftError};
+        use crate::raft::ProposeRefused;
         // Bounded: the status batcher writes one batch at a time, and a proposal left without
         // an answer across a leadership blip once stalled every status report for good.
-        let Ok(written) = tokio::time::timeout(PROPOSE_WAIT, self.client_write(cmd)).await else {
+        let Ok(written) = tokio::time::timeout(PROPOSE_WAIT, crate::raft::propose(self, cmd)).await
+        else {
             return Err(ProposeError::Failed(format!(
                 "no commit within {PROPOSE_WAIT:?}"
             )));
         };
-        match written {
-            Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(ProposeError::NotLeader)
-            }
-            Err(e) => Err(ProposeError::Failed(e.to_string())),
-        }
+        written.map_err(|e| match e {
+            ProposeRefused::NotLeader => ProposeError::NotLeader,
+            e => ProposeError::Failed(e.to_string()),
+        })
     }
 
     async fn caught_up(&self) -> Result<(), ProposeError> {

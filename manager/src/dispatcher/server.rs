@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use shoal_proto::limits::{bound_task_status, MAX_NODE_DESCRIPTION_BYTES};
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::dispatcher_server::Dispatcher as DispatcherRpc;
 use shoal_proto::v1::{NodeState, NodeStatus};
@@ -126,6 +127,15 @@ impl<B: Backend> DispatcherRpc for DispatcherService<B> {
         let who = self.caller(&req)?;
         let peer = req.remote_addr().map(|a| a.ip().to_string());
         let desc = req.into_inner().description;
+        if let Some(d) = &desc {
+            let bytes = prost::Message::encoded_len(d);
+            if bytes > MAX_NODE_DESCRIPTION_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "node description is {bytes} bytes: at most {MAX_NODE_DESCRIPTION_BYTES} \
+                     are accepted"
+                )));
+            }
+        }
         let inner = &self.inner;
         let (out, rx) = mpsc::channel(SESSION_STREAM_BUFFER);
         if let Leadership::Follower { leader_addr } = inner.backend.leadership() {
@@ -296,7 +306,13 @@ impl<B: Backend> DispatcherRpc for DispatcherService<B> {
         let updates: Vec<_> = r
             .updates
             .into_iter()
-            .filter_map(|u| u.status.map(|s| (u.task_id, s)))
+            .filter_map(|u| {
+                u.status.map(|mut s| {
+                    // Texts are cut here, whatever the worker sent: they go into the log.
+                    bound_task_status(&mut s);
+                    (u.task_id, s)
+                })
+            })
             .collect();
         if updates.is_empty() {
             return Ok(Response::new(pb::UpdateTaskStatusResponse {}));

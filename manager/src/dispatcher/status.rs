@@ -9,10 +9,14 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::{
-    Backend, Inner, ProposeError, STATUS_BATCH_MAX, STATUS_BATCH_WINDOW, STATUS_WRITE_RETRIES,
+    Backend, Inner, ProposeError, STATUS_BATCH_MAX, STATUS_BATCH_WINDOW, STATUS_COMMAND_BYTES,
+    STATUS_WRITE_RETRIES,
 };
 use crate::controlapi::now_ms;
 use crate::store::{Command, Mutation, Object, Store, StoreError};
+
+/// A command's own bytes around its mutations (time, length).
+const COMMAND_FRAME_BYTES: usize = 16;
 
 /// One `UpdateTaskStatus` call waiting for its batch.
 pub(super) struct StatusRequest {
@@ -124,36 +128,66 @@ async fn write<B: Backend>(inner: &Inner<B>, batch: &[StatusRequest]) -> Result<
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let reports = merge(batch);
     let mut last = String::new();
-    for _ in 0..STATUS_WRITE_RETRIES {
+    'retry: for _ in 0..STATUS_WRITE_RETRIES {
         let mutations = crate::store::block_in_place(|| forward_updates(&inner.store, &reports))
             .map_err(|e| Status::internal(format!("reading tasks: {e}")))?;
         if mutations.is_empty() {
             return Ok(());
         }
-        let resp = inner
-            .backend
-            .propose(Command {
-                now_ms: now_ms(),
-                mutations,
-            })
-            .await
-            .map_err(|e| match e {
-                ProposeError::NotLeader => {
-                    Status::unavailable("this manager lost leadership; open a new session")
+        for mutations in within_budget(mutations, STATUS_COMMAND_BYTES) {
+            let resp = inner
+                .backend
+                .propose(Command {
+                    now_ms: now_ms(),
+                    mutations,
+                })
+                .await
+                .map_err(|e| match e {
+                    ProposeError::NotLeader => {
+                        Status::unavailable("this manager lost leadership; open a new session")
+                    }
+                    ProposeError::Failed(m) => Status::unavailable(m),
+                })?;
+            match resp.result {
+                Ok(_) => {}
+                // Someone else wrote one of the tasks meanwhile (the orchestrator raising a
+                // desired state): read again and redo what is still forward (the updates
+                // already written are no longer).
+                Err(e @ StoreError::VersionConflict { .. }) => {
+                    last = e.to_string();
+                    continue 'retry;
                 }
-                ProposeError::Failed(m) => Status::unavailable(m),
-            })?;
-        match resp.result {
-            Ok(_) => return Ok(()),
-            // Someone else wrote one of the tasks meanwhile (the orchestrator raising a
-            // desired state): read again and redo the batch.
-            Err(e @ StoreError::VersionConflict { .. }) => last = e.to_string(),
-            Err(e) => return Err(Status::internal(format!("status write refused: {e}"))),
+                Err(e) => return Err(Status::internal(format!("status write refused: {e}"))),
+            }
         }
+        return Ok(());
     }
     Err(Status::unavailable(format!(
         "status write kept conflicting: {last}"
     )))
+}
+
+/// `mutations` in order, cut into commands whose encoding stays within `budget` bytes: a
+/// batch of reports on tasks with large specs becomes several Raft entries, never one over
+/// the entry bound. (Each update stands alone, so the batch need not be atomic.) A mutation
+/// larger than the budget goes alone.
+pub(super) fn within_budget(mutations: Vec<Mutation>, budget: usize) -> Vec<Vec<Mutation>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = COMMAND_FRAME_BYTES;
+    for m in mutations {
+        let b = m.encoded_bytes();
+        if !current.is_empty() && bytes + b > budget {
+            out.push(std::mem::take(&mut current));
+            bytes = COMMAND_FRAME_BYTES;
+        }
+        bytes += b;
+        current.push(m);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -194,6 +228,42 @@ mod tests {
         let r = task(TaskState::Running, "started");
         assert!(apply_report(&r, "n1", &report(TaskState::Running, "other")).is_none());
         assert!(apply_report(&t, "n1", &report(TaskState::Ready, "prepared")).is_some());
+    }
+
+    #[test]
+    fn a_batch_on_large_tasks_is_cut_into_commands_within_the_budget() {
+        let big = |i: usize| {
+            let mut t = task(TaskState::Running, "started");
+            t.meta = Some(shoal_proto::v1::Meta {
+                id: format!("t{i}"),
+                ..Default::default()
+            });
+            t.service_name = "x".repeat(STATUS_COMMAND_BYTES / 3);
+            Mutation::Update {
+                object: Object::Task(t),
+                expect_version: Some(1),
+            }
+        };
+        let muts: Vec<Mutation> = (0..7).map(big).collect();
+        let cmds = within_budget(muts.clone(), STATUS_COMMAND_BYTES);
+        assert_eq!(cmds.len(), 4, "two tasks of a third each per command");
+        assert_eq!(cmds.concat(), muts, "every update, in order");
+        for c in cmds {
+            let cmd = Command {
+                now_ms: 1,
+                mutations: c,
+            };
+            assert!(cmd.encoded_bytes() <= STATUS_COMMAND_BYTES);
+            assert!(cmd.encoded_bytes() <= crate::raft::MAX_ENTRY_BYTES);
+        }
+        // Small ones share one command.
+        let small: Vec<Mutation> = (0..100)
+            .map(|_| Mutation::Update {
+                object: Object::Task(task(TaskState::Running, "started")),
+                expect_version: Some(1),
+            })
+            .collect();
+        assert_eq!(within_budget(small, STATUS_COMMAND_BYTES).len(), 1);
     }
 
     #[test]

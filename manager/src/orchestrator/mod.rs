@@ -60,23 +60,24 @@ pub trait Proposer: Send + Sync + 'static {
 
 impl Proposer for crate::raft::Raft {
     async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
-        use openraft::error::{ClientWriteError, RaftError};
+        use crate::raft::ProposeRefused;
         // Bounded like the dispatcher's writes: a proposal never answered (a leadership blip)
         // would otherwise hold its component for as long as this manager leads.
-        let Ok(written) =
-            tokio::time::timeout(crate::dispatcher::PROPOSE_WAIT * 2, self.client_write(cmd)).await
-        else {
+        let wait = crate::dispatcher::PROPOSE_WAIT * 2;
+        let Ok(written) = tokio::time::timeout(wait, crate::raft::propose(self, cmd)).await else {
             return Err(ProposeError::Failed(
                 "no commit in time: outcome unknown".into(),
             ));
         };
-        match written {
-            Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(ProposeError::NotLeader)
+        written.map_err(|e| match e {
+            ProposeRefused::NotLeader => ProposeError::NotLeader,
+            e @ ProposeRefused::TooLarge { .. } => {
+                // Never commits however often it is tried: say so where it can be seen.
+                tracing::warn!("leader loops: {e}");
+                ProposeError::Failed(e.to_string())
             }
-            Err(e) => Err(ProposeError::Failed(e.to_string())),
-        }
+            e => ProposeError::Failed(e.to_string()),
+        })
     }
 
     fn last_log_index(&self) -> u64 {

@@ -15,7 +15,7 @@ pub use log_store::LogStore;
 pub use state_machine::StateMachine;
 pub use typ::{NodeId, Raft, TypeConfig};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Command, Response, Store, StoreError};
 
 /// Heartbeat interval used for a zero field of `RaftConfig`. Shorter than DESIGN.md's 100 /
 /// 500–1000 ms: openraft makes voters hold a leader lease of `election_timeout_max` after the
@@ -56,6 +56,51 @@ pub enum RaftSetupError {
 impl From<openraft::ConfigError> for RaftSetupError {
     fn from(e: openraft::ConfigError) -> Self {
         RaftSetupError::Config(Box::new(e))
+    }
+}
+
+/// Largest store command one Raft entry may carry (its encoding, [`Command::encoded_bytes`]);
+/// a larger proposal is refused before it reaches the log ([`propose`]). An entry must reach
+/// every follower in one AppendEntries of at most the transport's
+/// [`network::MAX_RAFT_MESSAGE_BYTES`], within the append deadline: one that cannot is never
+/// replicated and stalls the log for good. Docker swarm's bound (`MaxTransactionBytes`).
+pub const MAX_ENTRY_BYTES: usize = 1536 * 1024;
+/// What an AppendEntries adds around one entry (vote, log ids, the entry's own header).
+pub const ENTRY_FRAME_BYTES: usize = 4 * 1024;
+
+const _: () = assert!(8 * (MAX_ENTRY_BYTES + ENTRY_FRAME_BYTES) <= network::MAX_RAFT_MESSAGE_BYTES);
+
+/// Why [`propose`] did not commit a command.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum ProposeRefused {
+    /// The command is larger than a Raft entry may be; nothing was proposed.
+    #[error("the change is {bytes} bytes: a Raft entry holds at most {MAX_ENTRY_BYTES} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        bytes: usize,
+    },
+    /// This manager is not (or no longer) the leader.
+    #[error("not the raft leader")]
+    NotLeader,
+    /// Raft failed to commit it (the outcome may be unknown).
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Proposes `cmd` as one Raft entry and waits until it is applied: every write of the managers
+/// goes through here, so none exceeds [`MAX_ENTRY_BYTES`]. Callers bound the wait.
+pub async fn propose(raft: &Raft, cmd: Command) -> Result<Response, ProposeRefused> {
+    use openraft::error::{ClientWriteError, RaftError};
+    let bytes = cmd.encoded_bytes();
+    if bytes > MAX_ENTRY_BYTES {
+        return Err(ProposeRefused::TooLarge { bytes });
+    }
+    match raft.client_write(cmd).await {
+        Ok(resp) => Ok(resp.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            Err(ProposeRefused::NotLeader)
+        }
+        Err(e) => Err(ProposeRefused::Raft(e.to_string())),
     }
 }
 

@@ -28,6 +28,39 @@ impl Command {
             .unwrap_or(0);
         Command { now_ms, mutations }
     }
+
+    /// Bytes of this command's encoding in a Raft entry (bincode, as the log and the
+    /// transport write it), computed from the objects' prost lengths without encoding them.
+    pub fn encoded_bytes(&self) -> usize {
+        // now_ms, the mutations' length.
+        8 + 8
+            + self
+                .mutations
+                .iter()
+                .map(Mutation::encoded_bytes)
+                .sum::<usize>()
+    }
+}
+
+impl Mutation {
+    /// Bytes of this mutation's encoding within a command (see [`Command::encoded_bytes`]).
+    pub fn encoded_bytes(&self) -> usize {
+        // bincode: enum tags are u32, lengths u64, `Option<u64>` a byte and its value.
+        const TAG: usize = 4;
+        const LEN: usize = 8;
+        let version = |v: &Option<u64>| if v.is_some() { 9 } else { 1 };
+        TAG + match self {
+            Mutation::Create(o) => o.encoded_bytes(),
+            Mutation::Update {
+                object,
+                expect_version,
+            } => object.encoded_bytes() + version(expect_version),
+            Mutation::Delete {
+                id, expect_version, ..
+            } => TAG + LEN + id.len() + version(expect_version),
+            Mutation::Group(cmds) => LEN + cmds.iter().map(Command::encoded_bytes).sum::<usize>(),
+        }
+    }
 }
 
 /// One change to one object.
@@ -169,6 +202,20 @@ impl Object {
     /// The object's version (`meta.version`), 0 when unset.
     pub fn version(&self) -> u64 {
         self.meta().map(|m| m.version).unwrap_or(0)
+    }
+
+    /// Bytes of this object's encoding within a mutation: its kind and its prost bytes.
+    pub fn encoded_bytes(&self) -> usize {
+        let len = match self {
+            Object::Node(o) => o.encoded_len(),
+            Object::Service(o) => o.encoded_len(),
+            Object::Task(o) => o.encoded_len(),
+            Object::Cluster(o) => o.encoded_len(),
+            Object::Network(o) => o.encoded_len(),
+            Object::Secret(o) => o.encoded_len(),
+            Object::Config(o) => o.encoded_len(),
+        };
+        4 + 8 + len
     }
 
     /// The prost encoding of the inner message.
@@ -369,4 +416,62 @@ pub struct Event {
     /// When the command was proposed (the proposer's clock, ms since the epoch): the same on
     /// every manager. 0 for the events a snapshot install synthesises.
     pub time_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_bytes_is_the_length_of_the_entry_encoding() {
+        let svc = Object::Service(Service {
+            meta: Some(Meta {
+                id: "s1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let task = Object::Task(Task {
+            node_id: "n".repeat(300),
+            ..Default::default()
+        });
+        let single = Command {
+            now_ms: 7,
+            mutations: vec![
+                Mutation::Create(svc.clone()),
+                Mutation::Update {
+                    object: task.clone(),
+                    expect_version: Some(3),
+                },
+                Mutation::Update {
+                    object: svc,
+                    expect_version: None,
+                },
+                Mutation::Delete {
+                    kind: Kind::Task,
+                    id: "t1".into(),
+                    expect_version: Some(9),
+                },
+                Mutation::Delete {
+                    kind: Kind::Node,
+                    id: String::new(),
+                    expect_version: None,
+                },
+            ],
+        };
+        let group = Command {
+            now_ms: 8,
+            mutations: vec![Mutation::Group(vec![
+                single.clone(),
+                Command {
+                    now_ms: 1,
+                    mutations: vec![],
+                },
+            ])],
+        };
+        for cmd in [&single, &group] {
+            let wire = bincode::serialized_size(cmd).unwrap() as usize;
+            assert_eq!(cmd.encoded_bytes(), wire, "{cmd:?}");
+        }
+    }
 }

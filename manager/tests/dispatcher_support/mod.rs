@@ -23,6 +23,8 @@ pub struct StoreBackend {
     pub store: Store,
     index: Arc<AtomicU64>,
     pub commands: Arc<AtomicUsize>,
+    /// Proposals refused for exceeding the Raft entry bound.
+    pub oversize: Arc<AtomicUsize>,
     pub leadership: Arc<Mutex<Leadership>>,
     /// Commands committed but not yet applied here (a new leader's state machine behind its
     /// log); `caught_up` applies them.
@@ -33,6 +35,12 @@ impl Backend for StoreBackend {
     async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
         if *self.leadership.lock().unwrap() != Leadership::Leader {
             return Err(ProposeError::NotLeader);
+        }
+        // Raft's bound on an entry, as `raft::propose` enforces it.
+        let bytes = cmd.encoded_bytes();
+        if bytes > shoal_manager::raft::MAX_ENTRY_BYTES {
+            self.oversize.fetch_add(1, Ordering::SeqCst);
+            return Err(ProposeError::Failed(format!("entry of {bytes} bytes")));
         }
         self.commands.fetch_add(1, Ordering::SeqCst);
         let i = self.index.fetch_add(1, Ordering::SeqCst) + 1;
@@ -157,6 +165,7 @@ impl Cluster {
             store: store.clone(),
             index: Arc::new(AtomicU64::new(0)),
             commands: Arc::new(AtomicUsize::new(0)),
+            oversize: Arc::new(AtomicUsize::new(0)),
             leadership: Arc::new(Mutex::new(Leadership::Leader)),
             backlog: Arc::new(Mutex::new(Vec::new())),
         };

@@ -500,7 +500,8 @@ fn run_attached(
             fd.spawn_auto_remove(&id)
                 .context("watch the container for --rm")?;
         }
-        println!("{id}");
+        // A closed stdout does not make a started container a failure.
+        let _ = writeln!(std::io::stdout(), "{id}");
         return Ok(0);
     }
     let mut follower = LogFollower::new(&fd.log_path(&id), false);

@@ -19,6 +19,21 @@ pub struct RuntimeArgs {
     command: RuntimeCommand,
 }
 
+impl RuntimeArgs {
+    /// The subcommand only reports (state, lists, events): nothing of a container depends on
+    /// its stdout, so a closed one may end it like any Unix tool.
+    pub fn only_reports(&self) -> bool {
+        matches!(
+            self.command,
+            RuntimeCommand::State { .. }
+                | RuntimeCommand::Ps { .. }
+                | RuntimeCommand::List { .. }
+                | RuntimeCommand::Wait { .. }
+                | RuntimeCommand::Events { .. }
+        )
+    }
+}
+
 /// Default rotation size of a captured log.
 const DEFAULT_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 /// Default count of rotated log files.

@@ -509,7 +509,8 @@ pub fn exec_process(p: &ProcessPlan, keep: &[RawFd]) -> R {
     }
     // Nothing from the host may be reachable from the new process: only stdio and our own
     // close-on-exec channel stay open, so no cwd or path can go through a leaked fd.
-    super::sys::close_fds_except(3, keep);
+    super::sys::close_fds_except(3, keep)
+        .map_err(|e| Fail(format!("close inherited files: {e}")))?;
     if let Some(f) = &p.seccomp {
         if !p.no_new_privs {
             // Without no_new_privs the filter needs CAP_SYS_ADMIN, which is about to go.

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use state::{ExitStatus, State, Status};
+pub use sys::close_range;
 
 use crate::cgroups::{self, CgroupError, CgroupStats};
 use crate::spec::{self, SpecError};

@@ -84,7 +84,7 @@ fn run_monitor(plan: &Plan, l: &Launch) -> Result<(), Fail> {
     // for an init that inherits it).
     let mut keep = vec![l.to_creator, l.go, l.listen];
     keep.sort_unstable();
-    sys::close_fds_except(3, &keep);
+    sys::close_fds_except(3, &keep).map_err(|e| Fail(format!("close inherited files: {e}")))?;
     // SAFETY: setting a signal disposition.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // Held by fd, so a status written late can never land in a newer container's dir that
@@ -325,7 +325,7 @@ fn init_main(plan: &Plan, l: &Launch, log_out: Option<(RawFd, RawFd)>) -> Result
     }
     let mut keep = vec![l.to_creator, l.go, l.listen];
     keep.sort_unstable();
-    sys::close_fds_except(3, &keep);
+    sys::close_fds_except(3, &keep).map_err(|e| Fail(format!("close inherited files: {e}")))?;
 
     let go_fd = l.go;
     let mut go = || -> Result<(), Fail> {

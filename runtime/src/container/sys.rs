@@ -58,20 +58,62 @@ pub fn pidfd_wait(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
 }
 
 /// Close every fd from `first` up, except those in `keep` (sorted ascending, all >= first).
-pub fn close_fds_except(first: u32, keep: &[RawFd]) {
+/// An error means some may still be open: the caller must not go on to run anything that
+/// should not hold them (a container's process).
+pub fn close_fds_except(first: u32, keep: &[RawFd]) -> io::Result<()> {
     let mut lo = first;
     for &k in keep {
         let k = k as u32;
         if k >= lo {
             if k > lo {
-                // SAFETY: closing fds we own by number; nothing else refers to them after fork.
-                unsafe { libc::syscall(libc::SYS_close_range, lo, k - 1, 0) };
+                close_range(lo, k - 1)?;
             }
             lo = k + 1;
         }
     }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, lo, u32::MAX, 0) };
+    close_range(lo, u32::MAX)
+}
+
+/// Most fds closed one by one where `close_range` is missing.
+const MAX_FDS_CLOSED_ONE_BY_ONE: u64 = 1 << 20;
+
+/// `close_range(lo, hi)`; where the kernel lacks it (before 5.9) or a seccomp filter refuses
+/// it, `close` on each fd up to the open-files limit. Never allocates (it runs after fork).
+pub fn close_range(lo: u32, hi: u32) -> io::Result<()> {
+    // SAFETY: closing fds we own by number; nothing else refers to them after fork.
+    if unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
+        return Err(e);
+    }
+    close_each(lo, hi)
+}
+
+/// `close` on each fd from `lo` to `hi` (or the open-files limit, if lower).
+fn close_each(lo: u32, hi: u32) -> io::Result<()> {
+    if lo > hi {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit struct to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = rl
+        .rlim_cur
+        .max(rl.rlim_max)
+        .min(MAX_FDS_CLOSED_ONE_BY_ONE)
+        .min(u64::from(hi) + 1);
+    for fd in u64::from(lo)..end {
+        // SAFETY: as above; EBADF for fds not open is expected.
+        unsafe { libc::close(fd as libc::c_int) };
+    }
+    Ok(())
 }
 
 /// Fork with namespace flags (the raw clone syscall with no new stack behaves like fork).
@@ -142,4 +184,40 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 /// A pipe with both ends close-on-exec.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    /// An fd on /dev/null numbered at least `at` (far above what the test harness holds).
+    fn open_fd(at: RawFd) -> RawFd {
+        let f = std::fs::File::open("/dev/null").unwrap().into_raw_fd();
+        // SAFETY: duplicating an fd we own; then closing the original.
+        let d = unsafe { libc::fcntl(f, libc::F_DUPFD_CLOEXEC, at) };
+        unsafe { libc::close(f) };
+        assert!(d >= at);
+        d
+    }
+
+    fn is_open(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only reads the fd's flags.
+        let r = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        r >= 0
+    }
+
+    #[test]
+    fn close_range_closes_and_reports_its_errors() {
+        for close in [close_range, close_each] {
+            let a = open_fd(3000);
+            let b = open_fd(a + 1);
+            let (lo, hi) = (a, b);
+            close(lo as u32, hi as u32).unwrap();
+            assert!(!is_open(a) && !is_open(b));
+            // A range the kernel refuses is an error, not silently nothing closed.
+            let e = close(10, 5).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        }
+    }
 }

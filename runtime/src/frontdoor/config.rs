@@ -299,9 +299,10 @@ fn ensure_workdir(cwd: &Path, layers: &[PathBuf], upper: &Path, user: &ResolvedU
     Ok(())
 }
 
-/// Read `etc/<name>` from the topmost layer that has it as a regular file (a symlink there
-/// could point at the host's files and is ignored).
-fn read_account_file(layers: &[PathBuf], name: &str) -> Option<String> {
+/// Read `etc/<name>` (`passwd`, `group`) from the topmost layer that has it as a regular file,
+/// at most 1 MiB: a symlink there (file or `etc/`) could point at the host's files and is
+/// ignored, never followed out of the image.
+pub fn read_account_file(layers: &[PathBuf], name: &str) -> Option<String> {
     use std::os::unix::fs::OpenOptionsExt;
     for l in layers.iter().rev() {
         let etc = l.join("etc");

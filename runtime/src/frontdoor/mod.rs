@@ -23,7 +23,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 pub use crate::logfile::{files_oldest_first, LogFollower};
-pub use config::{parse_cpus, parse_memory, parse_pids_limit, resolve_user, ResolvedUser};
+pub use config::{
+    parse_cpus, parse_memory, parse_pids_limit, read_account_file, resolve_user, ResolvedUser,
+};
 pub use names::{check_name, generated_name, is_full_id};
 
 use crate::container::{
@@ -303,7 +305,7 @@ pub fn record_image_use(
         chain_ids: chain_ids.to_vec(),
     };
     let text = serde_json::to_vec(&u).map_err(std::io::Error::other)?;
-    std::fs::create_dir_all(container_dir)?;
+    crate::dirs::private_dir(container_dir)?;
     let tmp = container_dir.join(format!("{IMAGE_USE_FILE}.tmp"));
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, container_dir.join(IMAGE_USE_FILE))
@@ -347,10 +349,14 @@ pub struct FrontDoor {
 }
 
 impl FrontDoor {
-    /// The front door over `data_dir` (made absolute; nothing is created yet).
+    /// The front door over `data_dir` (made absolute; nothing is created yet, but the data
+    /// dir and `containers/` are narrowed to 0700 if found wider).
     pub fn open(data_dir: &Path) -> Result<FrontDoor> {
         let data_dir = std::path::absolute(data_dir).map_err(io_err("data dir path"))?;
         let dir = data_dir.join(CONTAINERS_DIR);
+        for d in [&data_dir, &dir] {
+            crate::dirs::narrow(d).map_err(io_err(format!("narrow {}", d.display())))?;
+        }
         Ok(FrontDoor {
             runtime_root: dir.join(RUNTIME_DIR),
             dir,
@@ -392,8 +398,10 @@ impl FrontDoor {
     }
 
     fn lock(&self) -> Result<nix::fcntl::Flock<File>> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(io_err(format!("create {}", self.dir.display())))?;
+        // Private, the data dir too: containers' files hold what their images hold.
+        for d in [&self.data_dir, &self.dir] {
+            crate::dirs::private_dir(d).map_err(io_err(format!("create {}", d.display())))?;
+        }
         let p = self.dir.join(".lock");
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -573,7 +581,8 @@ impl FrontDoor {
                 }
             };
             let cdir = self.dir.join(&id);
-            std::fs::create_dir(&cdir).map_err(io_err(format!("create {}", cdir.display())))?;
+            crate::dirs::create_private(&cdir)
+                .map_err(io_err(format!("create {}", cdir.display())))?;
             let guard = DirGuard(Some(cdir.clone()));
             // Held until the runtime has the container, so `rm` cannot pull the dirs from
             // under a create in progress (and is free again if this process dies).
@@ -787,8 +796,12 @@ impl FrontDoor {
                         let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
                     }
                 }
-                // SAFETY: closing every fd above stderr in this process.
-                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                // Not closed, the caller's pipes would stay open: better to leave the
+                // container for `rm` than to hold them.
+                if crate::container::close_range(3, u32::MAX).is_err() {
+                    // SAFETY: leaving a forked child without running the parent's destructors.
+                    unsafe { libc::_exit(1) }
+                }
                 let _ = std::env::set_current_dir("/");
                 let _ = self.wait(id, None);
                 let _ = self.remove(id, true);

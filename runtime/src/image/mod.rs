@@ -36,7 +36,7 @@ use sha2::{Digest as _, Sha256};
 pub use reference::Reference;
 pub use source::MAX_ARCHIVE_ENTRIES;
 pub use timefmt::{format_unix, parse_rfc3339};
-pub use unpack::MAX_LAYER_ENTRIES;
+pub use unpack::{UnpackBudget, IMAGE_BUDGET_ENV, LAYER_BUDGET_ENV, MAX_LAYER_ENTRIES};
 
 /// Largest manifest, config, index or `manifest.json` read into memory.
 pub const MAX_JSON_BYTES: u64 = 4 << 20;
@@ -111,6 +111,13 @@ pub enum ImageError {
     /// Input over one of the named bounds.
     #[error("{what} exceeds the limit of {limit}")]
     TooLarge { what: String, limit: u64 },
+    /// Unpacking would write more file contents than its budget allows.
+    #[error("{what} unpacks to more than {limit} bytes (set {var} to allow more)")]
+    UnpackBudget {
+        what: String,
+        limit: u64,
+        var: &'static str,
+    },
 }
 
 impl ImageError {
@@ -240,6 +247,8 @@ pub struct ImageStore {
     layers: PathBuf,
     meta: PathBuf,
     tmp: PathBuf,
+    /// What one load, import, pull or run may unpack.
+    budget: UnpackBudget,
 }
 
 /// sha256 of `bytes` as `sha256:<hex>`.
@@ -398,6 +407,8 @@ struct Txn<'a> {
     /// The source directory's files are the store's to take (a pull's download): blobs are
     /// hashed in place and renamed into staging instead of copied.
     consume: bool,
+    /// What the transaction's layers may unpack, together.
+    allowance: Arc<unpack::Allowance>,
 }
 
 impl<'a> Txn<'a> {
@@ -416,6 +427,7 @@ impl<'a> Txn<'a> {
             streamed: HashMap::new(),
             counter: 0,
             consume: false,
+            allowance: unpack::Allowance::new(store.budget),
         }
     }
 
@@ -566,7 +578,7 @@ impl<'a> Txn<'a> {
     /// was staged, then blobs and layers renamed in; the index is the caller's last step.
     fn commit(mut self) -> Result<(), ImageError> {
         let jobs = std::mem::take(&mut self.pending);
-        for (chain_hex, l) in self.store.unpack_all(jobs)? {
+        for (chain_hex, l) in self.store.unpack_all(jobs, &self.allowance)? {
             self.layers.insert(chain_hex, l);
         }
         // Nothing is renamed into the store before its data is durable.
@@ -623,12 +635,17 @@ fn unpack_threads() -> usize {
 }
 
 /// Unpack `r` (a layer blob, plain or compressed) into a fresh temp dir under `layers`.
-fn unpack_into(layers: &Path, r: impl io::Read, label: &str) -> Result<UnpackedLayer, ImageError> {
+fn unpack_into(
+    layers: &Path,
+    r: impl io::Read,
+    label: &str,
+    allowance: &unpack::Allowance,
+) -> Result<UnpackedLayer, ImageError> {
     let tmp = TempDir::new(layers.join(format!(".tmp-{}", unique())))?;
     let rootfs = tmp.path.join("rootfs");
     fs::create_dir(&rootfs)
         .map_err(|e| ImageError::io(format!("create {}", rootfs.display()), e))?;
-    let got = unpack::unpack_layer(r, &rootfs, short_label(label))?;
+    let got = unpack::unpack_layer(r, &rootfs, short_label(label), allowance)?;
     Ok(UnpackedLayer { tmp, got })
 }
 
@@ -682,7 +699,8 @@ const MAX_REPO_DIGESTS: usize = 4096;
 impl ImageStore {
     /// Open (creating if needed) the store under `data_dir`.
     pub fn open(data_dir: &Path) -> Result<ImageStore, ImageError> {
-        fs::create_dir_all(data_dir)
+        // Private: `layers/` below holds unpacked image files, setuid ones among them.
+        crate::dirs::private_dir(data_dir)
             .map_err(|e| ImageError::io(format!("create {}", data_dir.display()), e))?;
         // Absolute paths: layer dirs go into overlay mount options, and gc matches them
         // against /proc/*/mountinfo.
@@ -695,8 +713,11 @@ impl ImageStore {
             meta: images.join(".shoal"),
             tmp: images.join(".shoal").join("tmp"),
             images,
+            budget: UnpackBudget::from_env()?,
         };
-        for d in [&store.blobs, &store.layers, &store.tmp] {
+        crate::dirs::private_dir(&store.layers)
+            .map_err(|e| ImageError::io(format!("create {}", store.layers.display()), e))?;
+        for d in [&store.blobs, &store.tmp] {
             fs::create_dir_all(d)
                 .map_err(|e| ImageError::io(format!("create {}", d.display()), e))?;
         }
@@ -752,6 +773,12 @@ impl ImageStore {
         }
         let bytes = serde_json::to_vec(&all).map_err(|e| json_err("repo digests", e))?;
         atomic_write(&self.meta.join("repo-digests.json"), &bytes)
+    }
+
+    /// Unpack within `budget` instead of the default (or the environment's).
+    pub fn with_unpack_budget(mut self, budget: UnpackBudget) -> ImageStore {
+        self.budget = budget;
+        self
     }
 
     /// The data dir's `layers/` directory.
@@ -1210,10 +1237,11 @@ impl ImageStore {
         blob: &Path,
         diff_id: Option<&str>,
         label: &str,
+        allowance: &unpack::Allowance,
     ) -> Result<UnpackedLayer, ImageError> {
         let f =
             File::open(blob).map_err(|e| ImageError::io(format!("open {}", blob.display()), e))?;
-        let l = unpack_into(&self.layers, f, label)?;
+        let l = unpack_into(&self.layers, f, label, allowance)?;
         check_diff_id(label, diff_id, &l.got)?;
         Ok(l)
     }
@@ -1221,7 +1249,11 @@ impl ImageStore {
     /// Unpack `jobs` (layers with their blobs and diff ids), as many at once as there are
     /// cores; (chain hex, layer) for each. On failure the lowest failed layer's error (what
     /// unpacking them in order would have reported), and nothing left behind.
-    fn unpack_all(&self, jobs: Vec<LayerJob>) -> Result<Vec<(String, UnpackedLayer)>, ImageError> {
+    fn unpack_all(
+        &self,
+        jobs: Vec<LayerJob>,
+        allowance: &unpack::Allowance,
+    ) -> Result<Vec<(String, UnpackedLayer)>, ImageError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -1233,7 +1265,7 @@ impl ImageStore {
             while !failed.load(Ordering::Relaxed) {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(j) = jobs.get(i) else { break };
-                let r = self.unpack_to_temp(&j.blob, Some(&j.diff_id), &j.digest);
+                let r = self.unpack_to_temp(&j.blob, Some(&j.diff_id), &j.digest, allowance);
                 failed.fetch_or(r.is_err(), Ordering::Relaxed);
                 done.push((i, r));
             }
@@ -1414,7 +1446,7 @@ impl ImageStore {
             unpack::Compression::Zstd => MediaType::ImageLayerZstd,
         };
         // The diff id is only known after unpacking, so unpack to temp and read it back.
-        let unpacked = self.unpack_to_temp(&layer.path, None, &layer.digest)?;
+        let unpacked = self.unpack_to_temp(&layer.path, None, &layer.digest, &txn.allowance)?;
         let diff_id = unpacked.got.diff_id.clone();
         let chain_hex = sha256_hex(&diff_id)?.to_string();
         if !self.layer_complete(&chain_hex) {
@@ -1508,6 +1540,7 @@ impl ImageStore {
                 members: Mutex::new(HashMap::new()),
                 unpacks: Mutex::new((false, Vec::new())),
                 slots: Slots::new(unpack_threads()),
+                allowance: unpack::Allowance::new(self.budget),
             }),
             staging: Some(staging),
             _lock: lock,
@@ -1537,6 +1570,7 @@ impl ImageStore {
                 .unwrap_or_else(|e| e.into_inner()),
         );
         let mut txn = Txn::with_staging(self, staging);
+        txn.allowance = ingest.shared.allowance.clone();
         // Only layers unpacked from blobs whose digest checked out.
         txn.streamed = streamed
             .into_iter()
@@ -1876,7 +1910,7 @@ impl ImageStore {
                 chain_hex: hex.to_string(),
             });
         }
-        let unpacked = self.unpack_all(jobs)?;
+        let unpacked = self.unpack_all(jobs, &unpack::Allowance::new(self.budget))?;
         self.store_layers(unpacked, false)?;
         let healthcheck = self
             .read_blob_json::<RawConfigExtras>(&s.config_digest, "image config")
@@ -1912,6 +1946,8 @@ struct IngestShared {
     /// (closed, streaming unpacks): once closed, no writer may start another.
     unpacks: Mutex<(bool, Vec<StreamedUnpack>)>,
     slots: Slots,
+    /// What the pull's layers may unpack, together (while downloading and at commit).
+    allowance: Arc<unpack::Allowance>,
 }
 
 /// A layer being unpacked by its own thread as its blob arrives.
@@ -2045,6 +2081,7 @@ impl IngestHandle {
                     &shared.layers,
                     unpack::TailReader::new(input, reader_tail),
                     &label,
+                    &shared.allowance,
                 )
             })
             .map_err(|e| ImageError::io("start an unpacking thread", e))?;

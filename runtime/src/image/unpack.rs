@@ -56,6 +56,75 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
+/// Environment variable overriding [`UnpackBudget::layer_bytes`].
+pub const LAYER_BUDGET_ENV: &str = "SHOAL_MAX_LAYER_BYTES";
+/// Environment variable overriding [`UnpackBudget::image_bytes`].
+pub const IMAGE_BUDGET_ENV: &str = "SHOAL_MAX_IMAGE_BYTES";
+
+/// How many bytes of file contents unpacking may write: per layer, and for all the layers one
+/// load, import, pull or run unpacks together (an image). A sparse file's holes are written
+/// as zeros and count; so does whatever a small, highly compressed layer inflates to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackBudget {
+    /// Bytes one layer's files may hold.
+    pub layer_bytes: u64,
+    /// Bytes all the layers of one operation may hold together.
+    pub image_bytes: u64,
+}
+
+impl Default for UnpackBudget {
+    /// Generous: real layers are rarely over a few GiB.
+    fn default() -> Self {
+        UnpackBudget {
+            layer_bytes: 32 << 30,
+            image_bytes: 64 << 30,
+        }
+    }
+}
+
+impl UnpackBudget {
+    /// The default, with [`LAYER_BUDGET_ENV`] and [`IMAGE_BUDGET_ENV`] (bytes) when set.
+    pub fn from_env() -> Result<UnpackBudget, ImageError> {
+        let mut b = UnpackBudget::default();
+        for (var, field) in [
+            (LAYER_BUDGET_ENV, &mut b.layer_bytes),
+            (IMAGE_BUDGET_ENV, &mut b.image_bytes),
+        ] {
+            if let Some(v) = std::env::var_os(var) {
+                *field = v
+                    .to_str()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        ImageError::Invalid(format!(
+                            "{var}={}: expected a number of bytes",
+                            v.to_string_lossy()
+                        ))
+                    })?;
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// One operation's bytes written so far against its [`UnpackBudget`], shared by the layers
+/// it unpacks (in parallel).
+#[derive(Debug)]
+pub struct Allowance {
+    budget: UnpackBudget,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Allowance {
+    /// A fresh count against `budget`.
+    pub fn new(budget: UnpackBudget) -> std::sync::Arc<Allowance> {
+        std::sync::Arc::new(Allowance {
+            budget,
+            used: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+}
+
 /// What unpacking a layer produced.
 #[derive(Debug, Clone)]
 pub struct Unpacked {
@@ -285,9 +354,15 @@ pub fn zstd_reader<R: BufRead>(r: R) -> io::Result<zstd::stream::read::Decoder<'
     zstd::stream::read::Decoder::with_buffer(r)
 }
 
-/// Unpack `blob` (plain, gzip or zstd tar) into `dest`, an existing empty directory. `layer` names the
-/// layer in errors. On error `dest` holds a partial tree that the caller removes.
-pub fn unpack_layer(blob: impl Read, dest: &Path, layer: &str) -> Result<Unpacked, ImageError> {
+/// Unpack `blob` (plain, gzip or zstd tar) into `dest`, an existing empty directory, writing at
+/// most what `allowance` leaves. `layer` names the layer in errors. On error `dest` holds a
+/// partial tree that the caller removes.
+pub fn unpack_layer(
+    blob: impl Read,
+    dest: &Path,
+    layer: &str,
+    allowance: &Allowance,
+) -> Result<Unpacked, ImageError> {
     let compressed = std::rc::Rc::new(std::cell::Cell::new(0));
     let mut buffered = Counted {
         inner: BufReader::with_capacity(COPY_BUFFER, blob),
@@ -319,6 +394,8 @@ pub fn unpack_layer(blob: impl Read, dest: &Path, layer: &str) -> Result<Unpacke
         dir_times: Vec::new(),
         skipped_devices: 0,
         buf: vec![0; COPY_BUFFER],
+        allowance,
+        written: 0,
     };
     let mut count = 0u64;
     for entry in archive.entries().map_err(io_err)? {
@@ -349,6 +426,9 @@ struct Unpacker<'a> {
     skipped_devices: u64,
     /// Where file contents pass from the tar stream to their files.
     buf: Vec<u8>,
+    allowance: &'a Allowance,
+    /// Bytes of file contents this layer wrote.
+    written: u64,
 }
 
 /// Split an entry name into safe components: leading `/` and `.` dropped, `..` refused.
@@ -423,17 +503,41 @@ fn fsetxattr(fd: &OwnedFd, name: &str, value: &[u8]) -> io::Result<()> {
 }
 
 impl Unpacker<'_> {
-    /// `entry`'s contents into `file` in large reads and writes; the bytes copied.
-    fn copy(&mut self, entry: &mut impl Read, file: &mut File) -> io::Result<u64> {
+    /// `entry`'s contents into `file` in large reads and writes, within the budget; the bytes
+    /// copied.
+    fn copy(
+        &mut self,
+        raw: &[u8],
+        entry: &mut impl Read,
+        file: &mut File,
+    ) -> Result<u64, ImageError> {
+        use std::sync::atomic::Ordering;
         let mut total = 0u64;
         loop {
             let n = match entry.read(&mut self.buf) {
                 Ok(0) => return Ok(total),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.fail(raw, "read", e)),
             };
-            io::Write::write_all(file, &self.buf[..n])?;
+            let budget = self.allowance.budget;
+            self.written += n as u64;
+            if self.written > budget.layer_bytes {
+                return Err(ImageError::UnpackBudget {
+                    what: format!("layer {}", self.layer),
+                    limit: budget.layer_bytes,
+                    var: LAYER_BUDGET_ENV,
+                });
+            }
+            let used = self.allowance.used.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            if used > budget.image_bytes {
+                return Err(ImageError::UnpackBudget {
+                    what: "the image".into(),
+                    limit: budget.image_bytes,
+                    var: IMAGE_BUDGET_ENV,
+                });
+            }
+            io::Write::write_all(file, &self.buf[..n]).map_err(|e| self.fail(raw, "write", e))?;
             total += n as u64;
         }
     }
@@ -574,9 +678,7 @@ impl Unpacker<'_> {
                 .map_err(|e| self.fail(&raw, "create", e))?;
                 // SAFETY: `openat` just returned this fd and nothing else owns it.
                 let mut file = unsafe { File::from_raw_fd(fd) };
-                let written = self
-                    .copy(entry, &mut file)
-                    .map_err(|e| self.fail(&raw, "write", e))?;
+                let written = self.copy(&raw, entry, &mut file)?;
                 if written >= WRITEBACK_FROM {
                     start_writeback(&file);
                 }

@@ -108,6 +108,10 @@ impl RuntimeExecutor {
     pub fn new(cfg: RuntimeExecutorConfig) -> Result<RuntimeExecutor, ExecError> {
         let images =
             ImageStore::open(&cfg.data_dir).map_err(|e| ExecError::Runtime(e.to_string()))?;
+        // Private (as `layers/`): the tasks' writable layers hold what their images hold.
+        let containers = cfg.data_dir.join(CONTAINERS_DIR);
+        shoal_runtime::dirs::private_dir(&containers)
+            .map_err(|e| ExecError::Runtime(format!("create {}: {e}", containers.display())))?;
         // Through /proc: the running binary even when its file has been replaced or removed
         // since (a newer build replacing its protected copy).
         let shoal = PathBuf::from("/proc/self/exe");
@@ -590,7 +594,8 @@ fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
 }
 
 /// Resolves `user[:group]` (names or numbers) against the image's /etc/passwd and /etc/group
-/// (topmost layer holding the file wins).
+/// (topmost layer holding the file wins), read with the front door's reader: a symlink there
+/// (which could name a host file) counts as no file.
 fn resolve_user(user: &str, layers: &[PathBuf]) -> Result<(u32, u32), ExecError> {
     if user.is_empty() {
         return Ok((0, 0));
@@ -600,13 +605,7 @@ fn resolve_user(user: &str, layers: &[PathBuf]) -> Result<(u32, u32), ExecError>
         None => (user, None),
     };
     let read = |name: &str| -> String {
-        layers
-            .iter()
-            .rev()
-            .map(|l| l.join("etc").join(name))
-            .find(|p| p.is_file())
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
+        shoal_runtime::frontdoor::read_account_file(layers, name).unwrap_or_default()
     };
     let passwd = read("passwd");
     let entry = |file: &str, key: &str| -> Option<(u32, Option<u32>)> {
@@ -783,7 +782,8 @@ fn mesh_sandbox(
             .split_once('/')
             .and_then(|(ip, p)| Some((ip.parse().ok()?, p.parse().ok()?)))
             .ok_or_else(|| format!("no ingress address for this node: {:?}", node.address))?;
-        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        shoal_runtime::dirs::private_dir(dir)
+            .map_err(|e| format!("create {}: {e}", dir.display()))?;
         let req = NetRequest {
             mode: Mode::Bridge,
             publish: new
@@ -1033,6 +1033,8 @@ impl Executor for RuntimeExecutor {
                 let prepared = prepare_image(&images, &image)?;
                 let req = net_request(&task, peers)?;
                 let bundle = dir.join("bundle");
+                shoal_runtime::dirs::private_dir(&dir)
+                    .map_err(|e| ExecError::Runtime(format!("create {}: {e}", dir.display())))?;
                 mkdir(&bundle.join("rootfs"))?;
                 mkdir(&dir.join("upper"))?;
                 mkdir(&dir.join("work"))?;
@@ -1444,6 +1446,37 @@ mod tests {
         assert_eq!(resolve_user("app:staff", &layers), Ok((1000, 50)));
         assert_eq!(resolve_user("77:78", &layers), Ok((77, 78)));
         assert!(resolve_user("nobody", &layers).is_err());
+    }
+
+    #[test]
+    fn a_passwd_symlinked_to_a_host_file_is_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        // A host file with a uid no image holds, named by absolute path from the image.
+        let host = d.path().join("host-passwd");
+        std::fs::write(&host, "app:x:48213:48214::/:/bin/sh\n").unwrap();
+        let group = d.path().join("host-group");
+        std::fs::write(&group, "staff:x:48215:\n").unwrap();
+        let l = d.path().join("layer");
+        std::fs::create_dir_all(l.join("etc")).unwrap();
+        std::os::unix::fs::symlink(&host, l.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink(&group, l.join("etc/group")).unwrap();
+        let layers = vec![l.clone()];
+        let e = resolve_user("app", &layers).unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+        assert!(!e.to_string().contains("48213"), "{e}");
+        assert!(resolve_user("1:staff", &layers).is_err());
+        // A symlinked etc/ directory is not followed either.
+        let l2 = d.path().join("layer2");
+        let hostetc = d.path().join("hostetc");
+        std::fs::create_dir_all(&hostetc).unwrap();
+        std::fs::write(hostetc.join("passwd"), "app:x:48213:48214::/:/bin/sh\n").unwrap();
+        std::fs::create_dir_all(&l2).unwrap();
+        std::os::unix::fs::symlink(&hostetc, l2.join("etc")).unwrap();
+        assert!(resolve_user("app", &[l2]).is_err());
+        // The same file in the image is read.
+        std::fs::remove_file(l.join("etc/passwd")).unwrap();
+        std::fs::copy(&host, l.join("etc/passwd")).unwrap();
+        assert_eq!(resolve_user("app", &layers), Ok((48213, 48214)));
     }
 
     #[test]
