@@ -34,7 +34,7 @@ const PS_COMMAND_WIDTH: usize = 20;
 #[derive(Args)]
 pub struct DataDir {
     /// Data directory (images, layers, containers); default: the one of the agent on
-    /// SHOAL_SOCKET, else /var/lib/shoal
+    /// --socket (SHOAL_SOCKET), else /var/lib/shoal
     #[arg(long, env = "SHOAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
 }
@@ -133,6 +133,8 @@ pub struct PsArgs {
 pub struct StopArgs {
     #[command(flatten)]
     data: DataDir,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Seconds to wait after the stop signal before SIGKILL
     #[arg(short, long, default_value_t = 10)]
     time: u64,
@@ -161,6 +163,8 @@ pub struct RmArgs {
 pub struct LogsArgs {
     #[command(flatten)]
     data: DataDir,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Keep printing new output until the container exits
     #[arg(short, long)]
     follow: bool,
@@ -173,6 +177,8 @@ pub struct LogsArgs {
 pub struct ExecArgs {
     #[command(flatten)]
     data: DataDir,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Set an environment variable (KEY=VALUE)
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -192,16 +198,17 @@ pub struct ExecArgs {
     container_and_command: Vec<String>,
 }
 
-fn open(data: &DataDir) -> Result<FrontDoor> {
-    Ok(open_dir(data)?.0)
+fn open(data: &DataDir, socket: &SocketArg) -> Result<FrontDoor> {
+    Ok(open_dir(data, socket)?.0)
 }
 
-/// The front door and the data dir it was opened on.
-fn open_dir(data: &DataDir) -> Result<(FrontDoor, PathBuf)> {
+/// The front door and the data dir it was opened on: the one given, else the one of the
+/// agent on `socket`, else the default.
+fn open_dir(data: &DataDir, socket: &SocketArg) -> Result<(FrontDoor, PathBuf)> {
     if !is_root() {
         bail!("must run as root");
     }
-    let dir = super::output::data_dir(data.data_dir.clone());
+    let dir = super::output::data_dir_at(data.data_dir.clone(), &socket.socket);
     let fd = FrontDoor::open(&dir).with_context(|| format!("open data dir {}", dir.display()))?;
     Ok((fd, dir))
 }
@@ -365,7 +372,7 @@ fn wait_for_resolver(id: &str) {
 }
 
 fn run_inner(mut args: RunArgs) -> Result<i32> {
-    let fd = open(&args.data)?;
+    let fd = open(&args.data, &args.socket)?;
     let mut it = std::mem::take(&mut args.image_and_command).into_iter();
     let image = it.next().context("give an image to run")?;
     let cluster = is_cluster_network(&args.network);
@@ -831,7 +838,7 @@ fn ps_table(list: &[PsRow], now: u64) -> String {
 /// `shoal ps`: the front door's containers and, through the agent of this data dir, the
 /// containers of the service tasks it runs on this node.
 pub fn ps(args: PsArgs) -> Result<()> {
-    let (fd, dir) = open_dir(&args.data)?;
+    let (fd, dir) = open_dir(&args.data, &args.socket)?;
     let mut rows: Vec<PsRow> = fd
         .list(args.all)
         .context("list containers")?
@@ -894,7 +901,7 @@ fn each(
 
 /// `shoal stop`.
 pub fn stop(args: StopArgs) -> Result<()> {
-    let fd = open(&args.data)?;
+    let fd = open(&args.data, &args.socket)?;
     let grace = Duration::from_secs(args.time);
     each(&fd, &args.containers, "stop", |id| {
         fd.stop(id, grace)?;
@@ -904,7 +911,7 @@ pub fn stop(args: StopArgs) -> Result<()> {
 
 /// `shoal rm`.
 pub fn rm(args: RmArgs) -> Result<()> {
-    let fd = open(&args.data)?;
+    let fd = open(&args.data, &args.socket)?;
     each(&fd, &args.containers, "rm", |id| {
         let held = cluster_attachments(&fd, id);
         fd.remove(id, args.force)?;
@@ -916,7 +923,7 @@ pub fn rm(args: RmArgs) -> Result<()> {
 
 /// `shoal logs`.
 pub fn logs(args: LogsArgs) -> Result<()> {
-    let fd = open(&args.data)?;
+    let fd = open(&args.data, &args.socket)?;
     let r = fd
         .resolve(&args.container)
         .with_context(|| format!("logs {}", args.container))?;
@@ -963,7 +970,7 @@ pub fn exec(args: ExecArgs) -> Result<()> {
 }
 
 fn exec_inner(args: ExecArgs) -> Result<i32> {
-    let fd = open(&args.data)?;
+    let fd = open(&args.data, &args.socket)?;
     let mut it = args.container_and_command.into_iter();
     let name = it.next().context("give a container")?;
     let command: Vec<String> = it.collect();
