@@ -7,6 +7,7 @@ use crate::services;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use services::*;
 
@@ -114,4 +115,97 @@ fn the_socket_alone_points_node_commands_at_the_agent_s_store() {
     assert!(ps.contains("parked"), "{ps}");
     ok(only_socket(&sock, &["rm", "-f", "parked"]), "rm -f");
     assert!(!m.data().join("containers").join(id).exists());
+}
+
+/// A service task's container is a container for `logs` and `exec`, as with docker: named
+/// SERVICE.SLOT.TASKID or by a prefix of its id, its output in its own streams, `--tail`,
+/// `-f` until it exits, and `exec` into it with the exit code of the command.
+#[test]
+fn logs_and_exec_reach_a_service_task_s_container() {
+    let c = Cluster::new(1, 1);
+    let m = &c.nodes[0];
+    m.ok(&[
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "job",
+        "--restart-condition",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo one; echo two >&2; echo three; \
+         while [ ! -e /tmp/stop ]; do sleep 0.1; done; echo bye",
+    ]);
+    c.until("the task running", || c.running("job").len() == 1);
+    let id = c.running("job").into_keys().next().unwrap();
+    let name = format!("job.1.{id}");
+    let ps = m.ok(&["ps"]);
+    assert!(ps.contains(&name), "{ps}");
+    // Its three lines written.
+    c.until("the task's output", || {
+        m.shoal(&["logs", &name]).stdout == b"one\nthree\n"
+    });
+
+    // By name: stdout and stderr apart.
+    let out = m.shoal(&["logs", &name]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\nthree\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "two\n");
+    // By a prefix of the task id, the last two lines only, with their times.
+    let out = m.shoal(&["logs", "--tail", "2", "-t", &id[..8]]);
+    assert!(out.status.success(), "{out:?}");
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
+    assert!(
+        stdout.starts_with("20") && stdout.ends_with("Z three\n") && stdout.lines().count() == 1,
+        "{stdout}"
+    );
+    assert!(
+        stderr.starts_with("20") && stderr.ends_with("Z two\n"),
+        "{stderr}"
+    );
+    assert!(m
+        .fails(&["logs", "job.1.nosuchtask"])
+        .contains("no such container"));
+
+    // exec by name and by id prefix, in the task's namespaces, with the command's exit code.
+    let init = m.ok(&["exec", &name, "sh", "-c", "tr '\\0' ' ' </proc/1/cmdline"]);
+    assert!(init.contains("/tmp/stop"), "{init}");
+    let out = m.shoal(&["exec", &id[..8], "sh", "-c", "echo in-task; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in-task\n");
+
+    // -f follows the task until it exits: `exec` tells it to finish.
+    let mut follower = Command::new(SHOAL)
+        .args(["logs", "-f", &name])
+        .env("SHOAL_SOCKET", m.socket())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = follower.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+        s
+    });
+    m.ok(&["exec", &name, "touch", "/tmp/stop"]);
+    let deadline = Instant::now() + CONVERGE;
+    let status = loop {
+        if let Some(s) = follower.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = follower.kill();
+            let _ = follower.wait();
+            panic!("logs -f kept following a task that exited");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "logs -f: {status:?}");
+    assert_eq!(reader.join().unwrap(), "one\nthree\nbye\n");
 }

@@ -586,6 +586,16 @@ mod shell_words_tests {
     }
 }
 
+/// `--tail` of the log commands: a number of lines, or "all" (`None`).
+pub fn parse_tail(s: &str) -> anyhow::Result<Option<u64>> {
+    if s == "all" {
+        return Ok(None);
+    }
+    s.parse::<u64>()
+        .map(Some)
+        .map_err(|_| anyhow!("invalid --tail {s:?}: expected a number of lines or \"all\""))
+}
+
 /// The socket SHOAL_SOCKET names, else the default one.
 fn env_socket() -> std::path::PathBuf {
     std::env::var_os("SHOAL_SOCKET")
