@@ -554,3 +554,57 @@ fn a_service_of_tasks_that_finish_converges_when_they_complete() {
     let v = only_socket(&["version"]);
     assert!(v.contains(&m.data().display().to_string()), "{v}");
 }
+
+/// `--entrypoint` (create, update) and `--args` (update) are split into words as a shell
+/// splits them, as docker does: quotes keep words together, escapes keep quotes.
+#[test]
+fn entrypoint_and_args_are_shell_words() {
+    let c = Cluster::new(1, 1);
+    let m = &c.nodes[0];
+    m.ok(&[
+        "service",
+        "create",
+        "--name",
+        "words",
+        "--entrypoint",
+        r#"/bin/sh -c 'echo "entry: $0" \"quoted\"; sleep 600'"#,
+        IMAGE,
+        "two  words",
+    ]);
+    let said = |want: &str| {
+        c.until(want, || {
+            String::from_utf8_lossy(&m.shoal(&["service", "logs", "--raw", "words"]).stdout)
+                .lines()
+                .any(|l| l == want)
+        })
+    };
+    said(r#"entry: two  words "quoted""#);
+    let spec = c.inspect("words");
+    let container = &spec["Spec"]["TaskTemplate"]["ContainerSpec"];
+    assert_eq!(
+        container["Command"],
+        serde_json::json!(["/bin/sh", "-c", r#"echo "entry: $0" \"quoted\"; sleep 600"#]),
+        "{container}"
+    );
+
+    m.ok(&[
+        "service",
+        "update",
+        "--entrypoint",
+        "",
+        "--args",
+        r#"sh -c 'echo "in args" a\ b; sleep 600'"#,
+        "words",
+    ]);
+    said("in args a b");
+    let spec = c.inspect("words");
+    let container = &spec["Spec"]["TaskTemplate"]["ContainerSpec"];
+    assert_eq!(
+        container["Args"],
+        serde_json::json!(["sh", "-c", r#"echo "in args" a\ b; sleep 600"#]),
+        "{container}"
+    );
+    assert!(m
+        .fails(&["service", "update", "--args", "sh -c 'open", "words"])
+        .starts_with("shoal: --args: "),);
+}

@@ -505,7 +505,8 @@ mod tests {
     }
 }
 
-/// Splits `s` into words as a POSIX shell does (Docker parses `--args` so): blanks separate
+/// Splits `s` into words as a POSIX shell does (docker parses `--args` and `--entrypoint`
+/// so): blanks separate
 /// words; single quotes keep everything literally; double quotes keep everything but `\\`
 /// before `"`, `\\`, `$` or a backtick; a backslash outside quotes keeps the next character.
 pub fn shell_words(s: &str) -> anyhow::Result<Vec<String>> {

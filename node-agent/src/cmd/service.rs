@@ -218,8 +218,15 @@ pub(crate) struct CreateArgs {
     pub(crate) registry: update::RegistryFlags,
     /// Image reference: NAME[:TAG][@sha256:DIGEST]
     pub(crate) image: String,
-    /// The container's entrypoint (the image's when empty); no flag sets it, a compose file
-    /// does (`stack deploy`).
+    /// Replace the image's entrypoint: words as a shell splits them (quotes, escapes)
+    #[arg(
+        long = "entrypoint",
+        value_name = "COMMAND",
+        allow_hyphen_values = true
+    )]
+    pub(crate) entrypoint_line: Option<String>,
+    /// The container's entrypoint (the image's when empty): `--entrypoint`'s words, or a
+    /// compose file's (`stack deploy`).
     #[arg(skip)]
     pub(crate) entrypoint: Vec<String>,
     /// Command and arguments
@@ -395,7 +402,11 @@ pub(crate) fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
     };
     // Like docker: the words after the image replace the image's command (its entrypoint
     // stays); an empty list keeps the image's default.
-    let (command, args): (Vec<String>, Vec<String>) = (a.entrypoint.clone(), a.command.clone());
+    let entrypoint = match &a.entrypoint_line {
+        Some(line) => output::shell_words(line).context("--entrypoint")?,
+        None => a.entrypoint.clone(),
+    };
+    let (command, args): (Vec<String>, Vec<String>) = (entrypoint, a.command.clone());
     let prefs = a
         .placement_pref
         .iter()

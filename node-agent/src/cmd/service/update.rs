@@ -326,6 +326,9 @@ pub struct UpdateArgs {
     /// Command arguments (replaces them; split into words as a shell does: quotes, escapes)
     #[arg(long, allow_hyphen_values = true)]
     args: Option<String>,
+    /// Entrypoint (replaces it; split into words as a shell does; "" for the image's)
+    #[arg(long, value_name = "COMMAND", allow_hyphen_values = true)]
+    entrypoint: Option<String>,
     /// Add or replace environment variables (NAME=VALUE)
     #[arg(long)]
     env_add: Vec<String>,
@@ -453,6 +456,7 @@ pub struct Edit {
     replicas: Option<u64>,
     image: Option<String>,
     args: Option<Vec<String>>,
+    entrypoint: Option<Vec<String>>,
     env_add: Vec<(String, String)>,
     env_rm: Vec<String>,
     constraint_add: Vec<String>,
@@ -550,6 +554,7 @@ impl UpdateArgs {
             let edits = self.replicas.is_some()
                 || self.image.is_some()
                 || self.args.is_some()
+                || self.entrypoint.is_some()
                 || !self.env_add.is_empty()
                 || !self.env_rm.is_empty()
                 || !self.constraint_add.is_empty()
@@ -610,6 +615,12 @@ impl UpdateArgs {
                 .map(output::shell_words)
                 .transpose()
                 .context("--args")?,
+            entrypoint: self
+                .entrypoint
+                .as_deref()
+                .map(output::shell_words)
+                .transpose()
+                .context("--entrypoint")?,
             env_add: self
                 .env_add
                 .iter()
@@ -749,6 +760,9 @@ impl Edit {
         }
         if let Some(a) = &self.args {
             c.args = a.clone();
+        }
+        if let Some(e) = &self.entrypoint {
+            c.command = e.clone();
         }
         for name in &self.env_rm {
             c.env
@@ -1082,6 +1096,15 @@ mod tests {
             vec!["sh", "-c", "exit 3"]
         );
         assert!(edit(&["--args", "sh -c 'open"]).is_err());
+        let entry = edit(&["--entrypoint", r#"/bin/sh -c "echo \"hi there\"""#])
+            .unwrap()
+            .apply(base())
+            .unwrap();
+        assert_eq!(
+            entry.task.unwrap().container.unwrap().command,
+            vec!["/bin/sh", "-c", r#"echo "hi there""#]
+        );
+        assert!(edit(&["--entrypoint", "sh 'open"]).is_err());
 
         let forced = edit(&["--force"]).unwrap().apply(base()).unwrap();
         assert_eq!(forced.task.unwrap().force_update, 1);
