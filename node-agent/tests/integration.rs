@@ -10,6 +10,7 @@ mod cluster_cli;
 mod cluster_registry;
 mod events_cli;
 mod failover_cli;
+mod formats_cli;
 mod frontdoor_cli;
 mod health_cli;
 mod image_cli;

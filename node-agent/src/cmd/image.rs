@@ -97,10 +97,11 @@ enum ImageCommand {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Show one image as JSON (its store record and its config)
+    /// Show images in full as JSON (their store records and their configs)
     Inspect {
         /// NAME[:TAG], image id (prefix) or sha256 digest
-        reference: String,
+        #[arg(required = true)]
+        references: Vec<String>,
     },
     /// Untag an image; remove it (and collect what nothing uses) when no tag is left
     #[command(alias = "remove")]
@@ -298,25 +299,27 @@ pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
                 }
             } else {
                 match format {
-                    Format::Json => {
-                        for i in &images {
-                            println!("{}", serde_json::to_string(i)?);
-                        }
-                    }
+                    Format::Json => super::output::print_json(&serde_json::Value::Array(
+                        images.iter().map(image_json).collect(),
+                    ))?,
                     Format::Table => print!("{}", table(&images, now_unix())),
                 }
             }
         }
-        ImageCommand::Inspect { reference } => {
-            let info = store
-                .inspect(&reference)
-                .with_context(|| format!("inspect {reference}"))?;
-            let config = store
-                .image_config(&reference)
-                .with_context(|| format!("inspect {reference}"))?;
-            let mut v = serde_json::to_value(&info)?;
-            v["config"] = serde_json::to_value(&config)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+        ImageCommand::Inspect { references } => {
+            let mut out = Vec::new();
+            for reference in &references {
+                let info = store
+                    .inspect(reference)
+                    .with_context(|| format!("inspect {reference}"))?;
+                let config = store
+                    .image_config(reference)
+                    .with_context(|| format!("inspect {reference}"))?;
+                let mut v = image_json(&info);
+                v["Config"] = serde_json::to_value(config.config())?;
+                out.push(v);
+            }
+            super::output::print_json(&serde_json::Value::Array(out))?;
         }
         ImageCommand::Rm { references } => {
             // Images and layers of local containers (running or not) stay; gc also keeps
@@ -372,6 +375,25 @@ fn now_unix() -> i64 {
 }
 
 /// `docker images`-style table: one row per tag (`<none>` for dangling images).
+/// An image as `image ls --format json` and `image inspect` show it: docker's keys (`Id`,
+/// `RepoTags`, `RepoDigests`, `RootFS`, …) and the store's own (`ManifestDigest`, `Layers`,
+/// `ChainIds`).
+fn image_json(i: &ImageInfo) -> serde_json::Value {
+    serde_json::json!({
+        "Id": i.id,
+        "RepoTags": i.repo_tags,
+        "RepoDigests": i.repo_digests,
+        "Created": i.created.clone().unwrap_or_default(),
+        "Size": i.size,
+        "Architecture": i.architecture,
+        "Os": i.os,
+        "ManifestDigest": i.manifest_digest,
+        "RootFS": {"Type": "layers", "Layers": i.diff_ids},
+        "Layers": i.layers,
+        "ChainIds": i.chain_ids,
+    })
+}
+
 fn table(images: &[ImageInfo], now: i64) -> String {
     let mut rows: Vec<[String; 5]> =
         vec![["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"].map(String::from)];

@@ -81,7 +81,7 @@ enum ServiceCommand {
         /// Only task ids
         #[arg(short, long)]
         quiet: bool,
-        /// json: every task in full, its status times included (filters do not apply)
+        /// json: every task (that passes the filters) in full, its status times included
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -561,15 +561,19 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
         }
         ServiceCommand::Ps {
             services,
-            format: Format::Json,
-            ..
-        } => ps_json(&mut c, &services).await?,
-        ServiceCommand::Ps {
-            services,
             no_trunc,
             quiet,
+            format,
             ..
-        } => ps(&mut c, &services, ps_filter, no_trunc, quiet).await?,
+        } => {
+            ps(
+                &mut c,
+                &services,
+                ps_filter,
+                PsOutput::of(quiet, format, no_trunc),
+            )
+            .await?
+        }
         ServiceCommand::Scale { detach, .. } => {
             let mut scaled = Vec::new();
             for (name, n) in wanted {
@@ -630,18 +634,10 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            if format == Format::Json {
-                let v: Vec<Value> = list
-                    .iter()
-                    .map(|s| {
-                        let mut v = output::service_json(&s.service.clone().unwrap_or_default());
-                        v["ServiceStatus"] = serde_json::json!({"RunningTasks": s.running_tasks, "DesiredTasks": s.desired_tasks});
-                        v
-                    })
-                    .collect();
-                return print_json(&Value::Array(v));
+            match format {
+                Format::Json => print_services_json(&list)?,
+                Format::Table => print_services(&list),
             }
-            print_services(&list);
         }
         ServiceCommand::Update(u) => {
             if let Some(edit) = &edit {
@@ -665,6 +661,22 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
 }
 
 /// The `service ls` table (also `stack services`).
+/// `service ls --format json`: each service in full, with its task counts.
+pub(crate) fn print_services_json(list: &[pb::ServiceSummary]) -> anyhow::Result<()> {
+    let v: Vec<Value> = list
+        .iter()
+        .map(|s| {
+            let mut v = output::service_json(&s.service.clone().unwrap_or_default());
+            v["ServiceStatus"] = serde_json::json!({
+                "RunningTasks": s.running_tasks,
+                "DesiredTasks": s.desired_tasks,
+            });
+            v
+        })
+        .collect();
+    print_json(&Value::Array(v))
+}
+
 pub(crate) fn print_services(list: &[pb::ServiceSummary]) {
     let mut t = Table::new(&[
         "ID",
@@ -908,13 +920,37 @@ fn parse_scales(scales: &[String]) -> anyhow::Result<Vec<(String, u64)>> {
     Ok(wanted)
 }
 
+/// How `service ps` (and `stack ps`) prints the tasks it keeps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PsOutput {
+    /// docker's table, ids and errors cut unless `no_trunc`.
+    Table { no_trunc: bool },
+    /// Task ids only.
+    Quiet,
+    /// Every task in full, in a JSON array.
+    Json,
+}
+
+impl PsOutput {
+    /// `-q` over `--format` (docker's rule), then the format.
+    pub(crate) fn of(quiet: bool, format: Format, no_trunc: bool) -> PsOutput {
+        match (quiet, format) {
+            (true, _) => PsOutput::Quiet,
+            (false, Format::Json) => PsOutput::Json,
+            (false, Format::Table) => PsOutput::Table { no_trunc },
+        }
+    }
+}
+
 pub(crate) async fn ps(
     c: &mut ControlClient<Channel>,
     services: &[String],
     filter: PsFilter,
-    no_trunc: bool,
-    quiet: bool,
+    output: PsOutput,
 ) -> anyhow::Result<()> {
+    let no_trunc = output == PsOutput::Table { no_trunc: true };
+    let quiet = output == PsOutput::Quiet;
+    let mut json = Vec::new();
     let PsFilter {
         desired,
         node: node_filter,
@@ -1029,6 +1065,10 @@ pub(crate) async fn ps(
                 println!("{tid}");
                 continue;
             }
+            if output == PsOutput::Json {
+                json.push(task_json(task));
+                continue;
+            }
             let status = task.status.clone().unwrap_or_default();
             let err = if status.state == pb::TaskState::Pending as i32 {
                 task.scheduling_message.clone()
@@ -1097,8 +1137,10 @@ pub(crate) async fn ps(
             ]);
         }
     }
-    if !quiet {
-        t.print();
+    match output {
+        PsOutput::Quiet => {}
+        PsOutput::Json => print_json(&Value::Array(json))?,
+        PsOutput::Table { .. } => t.print(),
     }
     Ok(())
 }
@@ -1153,21 +1195,6 @@ fn task_json(t: &pb::Task) -> Value {
 }
 
 /// `service ps --format json`: every task of the services.
-async fn ps_json(c: &mut ControlClient<Channel>, services: &[String]) -> anyhow::Result<()> {
-    let mut out = Vec::new();
-    for name in services {
-        let tasks = rpc(c
-            .list_tasks(pb::ListTasksRequest {
-                service: name.clone(),
-                node: String::new(),
-            })
-            .await)?
-        .tasks;
-        out.extend(tasks.iter().map(task_json));
-    }
-    print_json(&Value::Array(out))
-}
-
 /// `service inspect --pretty`.
 fn pretty_service(s: &pb::Service) -> String {
     let sp = s.spec.clone().unwrap_or_default();
