@@ -1,6 +1,6 @@
-//! One shape for machine-readable output: every command that lists or shows objects takes
-//! `--format json` and prints a JSON array of objects with docker's PascalCase keys, on a real
-//! cluster (an agent on 127.0.0.x with busybox containers).
+//! Output for scripts, on a real cluster (an agent on 127.0.0.x with busybox containers): every
+//! command that lists or shows objects takes `--format json` and prints a JSON array of
+//! objects with docker's PascalCase keys; `-q` where docker has it.
 
 use crate::services;
 
@@ -136,4 +136,56 @@ fn every_listing_and_inspect_prints_one_json_shape() {
     assert_eq!(images[0]["Id"], inspected[0]["Id"]);
     assert_eq!(inspected[0]["RepoTags"], serde_json::json!([IMAGE]));
     assert!(inspected[0]["Config"].is_object(), "{inspected:?}");
+}
+
+/// `-q` where docker has it: `service create/update/rollback` and `stack deploy` still wait,
+/// but print only what docker prints without progress; `image load -q` is accepted.
+#[test]
+fn quiet_commands_wait_without_progress() {
+    let c = Cluster::new(1, 1);
+    let m = &c.nodes[0];
+    let out = m.ok(&[
+        "service", "create", "-q", "--name", "web", IMAGE, "sleep", "600",
+    ]);
+    let id = out.trim();
+    assert_eq!(out, format!("{id}\n"), "{out}");
+    // It waited: the task runs.
+    assert_eq!(c.running("web").len(), 1);
+
+    let out = m.ok(&["service", "update", "-q", "--env-add", "A=1", "web"]);
+    assert_eq!(out, "web\n");
+    let s = c.inspect("web");
+    assert_eq!(s["UpdateStatus"]["State"], "completed", "{s}");
+    let out = m.ok(&["service", "rollback", "-q", "web"]);
+    assert_eq!(out, "web\n");
+    let s = c.inspect("web");
+    assert_eq!(s["UpdateStatus"]["State"], "rollback_completed", "{s}");
+
+    let compose = c._root.path().join("app.yml");
+    std::fs::write(
+        &compose,
+        "services:\n  tick:\n    image: busybox:latest\n    command: sleep 600\n",
+    )
+    .unwrap();
+    let out = m.ok(&[
+        "stack",
+        "deploy",
+        "-q",
+        "--detach=false",
+        "-c",
+        compose.to_str().unwrap(),
+        "--resolve-image",
+        "never",
+        "app",
+    ]);
+    assert!(
+        !out.contains("progress") && !out.contains("verify"),
+        "{out}"
+    );
+    assert_eq!(c.running("app_tick").len(), 1);
+
+    let layout = c._root.path().join("busybox.tar");
+    let err = m.shoal(&["image", "load", "-q", "-i", layout.to_str().unwrap()]);
+    // A rootfs tar is no image archive: refused as without -q, not as an unknown flag.
+    assert_eq!(err.status.code(), Some(1), "{err:?}");
 }

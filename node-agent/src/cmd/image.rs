@@ -84,6 +84,10 @@ enum ImageCommand {
         /// Directory or archive; `-i` is accepted for docker compatibility
         #[arg(short = 'i', long = "input")]
         input: Option<PathBuf>,
+        /// No progress (load draws none; accepted for docker's habit): the loaded images
+        /// are still named
+        #[arg(short, long)]
+        quiet: bool,
         /// Directory or archive
         path: Option<PathBuf>,
     },
@@ -270,7 +274,7 @@ pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("import {}", tar.display()))?;
             println!("{}", info.id);
         }
-        ImageCommand::Load { input, path } => {
+        ImageCommand::Load { input, path, .. } => {
             let path = input
                 .or(path)
                 .context("load: give the archive or directory to load")?;

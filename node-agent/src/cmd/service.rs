@@ -109,6 +109,9 @@ enum ServiceCommand {
         /// Return at once instead of following the rollback
         #[arg(short, long)]
         detach: bool,
+        /// Follow the rollback without drawing progress
+        #[arg(short, long)]
+        quiet: bool,
         service: String,
     },
     /// Show the lines of a service's or a task's containers, from every node
@@ -214,6 +217,9 @@ pub(crate) struct CreateArgs {
     /// Return at once instead of waiting for the service to converge
     #[arg(short, long)]
     pub(crate) detach: bool,
+    /// Wait without drawing progress (only the service id is printed)
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
     #[command(flatten)]
     pub(crate) registry: update::RegistryFlags,
     /// Image reference: NAME[:TAG][@sha256:DIGEST]
@@ -556,7 +562,7 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
             let sid = id(&s);
             println!("{sid}");
             if !args.detach {
-                progress::wait_converged(&mut c, &sid).await?;
+                progress::wait_converged(&mut c, &sid, args.quiet).await?;
             }
         }
         ServiceCommand::Ps {
@@ -583,7 +589,7 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
             }
             if !detach {
                 for sid in scaled {
-                    progress::wait_converged(&mut c, &sid).await?;
+                    progress::wait_converged(&mut c, &sid, false).await?;
                 }
             }
         }
@@ -644,8 +650,12 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
                 update::update(&mut c, &u.service, edit).await?;
             }
         }
-        ServiceCommand::Rollback { detach, service } => {
-            update::rollback(&mut c, &service, detach).await?;
+        ServiceCommand::Rollback {
+            detach,
+            quiet,
+            service,
+        } => {
+            update::rollback(&mut c, &service, detach, quiet).await?;
         }
         ServiceCommand::Logs(l) => logs::run(&a.socket, l).await?,
         ServiceCommand::Rm { services } => {

@@ -59,6 +59,9 @@ enum StackCommand {
         /// Return once the RPCs are done (--detach=false: wait until every service converged)
         #[arg(short, long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
         detach: bool,
+        /// With --detach=false: wait without drawing progress
+        #[arg(short, long)]
+        quiet: bool,
         stack: String,
     },
     /// List stacks
@@ -340,6 +343,7 @@ async fn deploy(
     prune: bool,
     resolve: ResolveImage,
     detach: bool,
+    quiet: bool,
 ) -> anyhow::Result<()> {
     for s in plan.services.iter_mut() {
         plan.registry.apply(s).await;
@@ -552,7 +556,7 @@ async fn deploy(
     }
     if !detach {
         for id in follow {
-            progress::wait_converged(c, &id).await?;
+            progress::wait_converged(c, &id, quiet).await?;
         }
     }
     Ok(())
@@ -656,10 +660,11 @@ async fn run_async(a: StackArgs) -> anyhow::Result<()> {
             prune,
             resolve_image,
             detach,
+            quiet,
             ..
         } => {
             let plan = planned.expect("planned above");
-            deploy(&mut c, &stack, plan, prune, resolve_image, detach).await?;
+            deploy(&mut c, &stack, plan, prune, resolve_image, detach, quiet).await?;
         }
         StackCommand::Ls { format } => {
             let list = rpc(c.list_services(pb::ListServicesRequest::default()).await)?.services;

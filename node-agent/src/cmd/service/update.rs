@@ -445,6 +445,9 @@ pub struct UpdateArgs {
     /// Return at once instead of following the update
     #[arg(short, long)]
     detach: bool,
+    /// Follow the update without drawing progress
+    #[arg(short, long)]
+    quiet: bool,
     #[command(flatten)]
     registry: RegistryFlags,
     pub service: String,
@@ -488,6 +491,7 @@ pub struct Edit {
     /// Roll back instead of editing.
     pub rollback: bool,
     pub detach: bool,
+    pub quiet: bool,
     registry: RegistryFlags,
 }
 
@@ -668,6 +672,7 @@ impl UpdateArgs {
             force: self.force,
             rollback: self.rollback,
             detach: self.detach,
+            quiet: self.quiet,
             registry: self.registry.clone(),
         })
     }
@@ -882,7 +887,7 @@ pub async fn update(
     edit: &Edit,
 ) -> anyhow::Result<()> {
     if edit.rollback {
-        return rollback(c, service, edit.detach).await;
+        return rollback(c, service, edit.detach, edit.quiet).await;
     }
     let edit = &edit.resolve_networks(c).await?;
     let mut attempt = 0;
@@ -918,7 +923,7 @@ pub async fn update(
     if edit.detach {
         return Ok(());
     }
-    progress::wait_updated(c, &sid, false).await
+    progress::wait_updated(c, &sid, false, edit.quiet).await
 }
 
 /// `service rollback`: the previous spec back, rolled out under the rollback config.
@@ -926,6 +931,7 @@ pub async fn rollback(
     c: &mut ControlClient<Channel>,
     service: &str,
     detach: bool,
+    quiet: bool,
 ) -> anyhow::Result<()> {
     let s = rpc(c
         .rollback_service(pb::RollbackServiceRequest {
@@ -939,7 +945,7 @@ pub async fn rollback(
     if detach {
         return Ok(());
     }
-    progress::wait_updated(c, &id(&s), true).await
+    progress::wait_updated(c, &id(&s), true, quiet).await
 }
 
 #[cfg(test)]
