@@ -44,14 +44,24 @@ fn replicas_spread_over_three_nodes_scale_and_go() {
     c.assert_real("web");
     let ls = m.ok(&["service", "ls"]);
     assert!(ls.contains("replicated   6/6"), "{ls}");
-    // The front door lists only its own containers.
+    // `ps` on a node lists the task containers that node runs, and no other node's.
+    let running = c.running("web");
     for n in &c.nodes {
-        let ps = n.shoal(&["ps", "-a", "--data-dir", n.data().to_str().unwrap()]);
-        assert_eq!(
-            String::from_utf8_lossy(&ps.stdout).lines().count(),
-            1,
-            "{ps:?}"
-        );
+        let ps = n.ok(&["ps", "-a", "--data-dir", n.data().to_str().unwrap()]);
+        let mut listed: Vec<&str> = ps
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().last())
+            .collect();
+        listed.sort();
+        let mut want: Vec<String> = c
+            .ps("web")
+            .iter()
+            .filter(|t| running.get(&t.id) == Some(&n.host))
+            .map(|t| format!("{}.{}", t.name, t.id))
+            .collect();
+        want.sort();
+        assert_eq!(listed, want, "{ps}");
     }
 
     let out = m.ok(&["service", "scale", "web=9"]);
