@@ -101,24 +101,32 @@ fn import_ls_inspect_rm() {
     want.sort();
     assert_eq!(ids, want);
 
-    let json = ok(&shoal(&data, &["ls", "--format", "json"]));
-    assert_eq!(json.lines().count(), 2);
-    let v: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    // The shape of every listing's and inspect's JSON: an array of objects, docker's keys.
+    let json: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&shoal(&data, &["ls", "--format", "json"]))).unwrap();
+    assert_eq!(json.len(), 2);
     assert!(
-        v["repo_tags"][0].as_str().unwrap().starts_with("bb:"),
-        "{v}"
+        json[0]["RepoTags"][0].as_str().unwrap().starts_with("bb:"),
+        "{json:?}"
     );
+    let mut listed: Vec<&str> = json.iter().map(|v| v["Id"].as_str().unwrap()).collect();
+    listed.sort();
+    let mut want = vec![id1.as_str(), id2.as_str()];
+    want.sort();
+    assert_eq!(listed, want);
 
-    let inspect: serde_json::Value =
+    let inspect: Vec<serde_json::Value> =
         serde_json::from_str(&ok(&shoal(&data, &["inspect", "bb:1"]))).unwrap();
-    assert_eq!(inspect["id"], id1);
-    assert_eq!(
-        inspect["config"]["config"]["Cmd"],
-        serde_json::json!(["/bin/sh"])
-    );
-    assert_eq!(inspect["os"], "linux");
-    // By short id too.
-    ok(&shoal(&data, &["inspect", &id2[7..19]]));
+    assert_eq!(inspect.len(), 1);
+    assert_eq!(inspect[0]["Id"], id1);
+    assert_eq!(inspect[0]["Config"]["Cmd"], serde_json::json!(["/bin/sh"]));
+    assert_eq!(inspect[0]["Os"], "linux");
+    assert_eq!(inspect[0]["RepoTags"], serde_json::json!(["bb:1"]));
+    // By short id too, and several at once.
+    let both: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&shoal(&data, &["inspect", "bb:1", &id2[7..19]]))).unwrap();
+    assert_eq!(both.len(), 2);
+    assert_eq!(both[1]["Id"], id2);
 
     assert_eq!(
         ok(&shoal(&data, &["rm", "bb:1"])).trim(),

@@ -158,7 +158,7 @@ fn images_are_pulled_by_tag_digest_and_platform_and_bad_pulls_leave_nothing() {
     ok(&shoal(d, &["image", "tag", "local:1", &pushed]));
     let local: serde_json::Value =
         serde_json::from_str(&ok(&shoal(d, &["image", "inspect", &pushed]))).unwrap();
-    let local_digest = local["manifest_digest"].as_str().unwrap().to_string();
+    let local_digest = local[0]["ManifestDigest"].as_str().unwrap().to_string();
     let out = ok(&shoal(d, &["image", "push", "-q", &pushed]));
     assert_eq!(out.trim(), local_digest);
     let other = tempfile::tempdir().unwrap();

@@ -44,14 +44,24 @@ fn replicas_spread_over_three_nodes_scale_and_go() {
     c.assert_real("web");
     let ls = m.ok(&["service", "ls"]);
     assert!(ls.contains("replicated   6/6"), "{ls}");
-    // The front door lists only its own containers.
+    // `ps` on a node lists the task containers that node runs, and no other node's.
+    let running = c.running("web");
     for n in &c.nodes {
-        let ps = n.shoal(&["ps", "-a", "--data-dir", n.data().to_str().unwrap()]);
-        assert_eq!(
-            String::from_utf8_lossy(&ps.stdout).lines().count(),
-            1,
-            "{ps:?}"
-        );
+        let ps = n.ok(&["ps", "-a", "--data-dir", n.data().to_str().unwrap()]);
+        let mut listed: Vec<&str> = ps
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().last())
+            .collect();
+        listed.sort();
+        let mut want: Vec<String> = c
+            .ps("web")
+            .iter()
+            .filter(|t| running.get(&t.id) == Some(&n.host))
+            .map(|t| format!("{}.{}", t.name, t.id))
+            .collect();
+        want.sort();
+        assert_eq!(listed, want, "{ps}");
     }
 
     let out = m.ok(&["service", "scale", "web=9"]);
@@ -509,12 +519,39 @@ fn a_hollow_node_is_marked_and_runs_tasks_without_containers() {
 }
 
 /// A service whose tasks are meant to finish converges once they have: `service create`
-/// returns when the task is complete, and nothing restarts it.
+/// returns, the task completes, nothing restarts it, and a later wait for convergence (here
+/// `scale`) finds the service converged.
 #[test]
 fn a_service_of_tasks_that_finish_converges_when_they_complete() {
     let c = Cluster::new(1, 1);
     let m = &c.nodes[0];
-    let out = m.shoal(&[
+    // A command that waits for convergence, given CONVERGE to return (the bug waited forever:
+    // "1/1: complete finished").
+    let bounded = |args: &[&str]| {
+        let mut child = Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_SOCKET", m.socket())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + CONVERGE;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "shoal {args:?} kept waiting on a finished task: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "shoal {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    bounded(&[
         "service",
         "create",
         "--name",
@@ -524,14 +561,16 @@ fn a_service_of_tasks_that_finish_converges_when_they_complete() {
         IMAGE,
         "true",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ps = c.ps("job");
-    assert_eq!(ps.len(), 1, "{ps:?}");
-    assert_eq!(ps[0].current, "Complete", "{ps:?}");
+    // `create` may have seen the task running (a task meant to finish is done then too); it
+    // completes, and nothing restarts it.
+    c.until("the task complete", || {
+        c.ps("job").first().is_some_and(|t| t.current == "Complete")
+    });
+    assert_eq!(c.ps("job").len(), 1);
+    // Waiting once the task has completed: converged at once.
+    let out = bounded(&["service", "scale", "job=1"]);
+    assert!(out.contains("verify: Service converged"), "{out}");
+    assert_eq!(c.ps("job").len(), 1);
 
     // One place for a node's state: with only the agent's socket set, node-local commands
     // work on that agent's data dir (its image store holds the busybox the harness imported).
@@ -553,4 +592,58 @@ fn a_service_of_tasks_that_finish_converges_when_they_complete() {
     assert!(ls.contains("busybox"), "{ls}");
     let v = only_socket(&["version"]);
     assert!(v.contains(&m.data().display().to_string()), "{v}");
+}
+
+/// `--entrypoint` (create, update) and `--args` (update) are split into words as a shell
+/// splits them, as docker does: quotes keep words together, escapes keep quotes.
+#[test]
+fn entrypoint_and_args_are_shell_words() {
+    let c = Cluster::new(1, 1);
+    let m = &c.nodes[0];
+    m.ok(&[
+        "service",
+        "create",
+        "--name",
+        "words",
+        "--entrypoint",
+        r#"/bin/sh -c 'echo "entry: $0" \"quoted\"; sleep 600'"#,
+        IMAGE,
+        "two  words",
+    ]);
+    let said = |want: &str| {
+        c.until(want, || {
+            String::from_utf8_lossy(&m.shoal(&["service", "logs", "--raw", "words"]).stdout)
+                .lines()
+                .any(|l| l == want)
+        })
+    };
+    said(r#"entry: two  words "quoted""#);
+    let spec = c.inspect("words");
+    let container = &spec["Spec"]["TaskTemplate"]["ContainerSpec"];
+    assert_eq!(
+        container["Command"],
+        serde_json::json!(["/bin/sh", "-c", r#"echo "entry: $0" \"quoted\"; sleep 600"#]),
+        "{container}"
+    );
+
+    m.ok(&[
+        "service",
+        "update",
+        "--entrypoint",
+        "",
+        "--args",
+        r#"sh -c 'echo "in args" a\ b; sleep 600'"#,
+        "words",
+    ]);
+    said("in args a b");
+    let spec = c.inspect("words");
+    let container = &spec["Spec"]["TaskTemplate"]["ContainerSpec"];
+    assert_eq!(
+        container["Args"],
+        serde_json::json!(["sh", "-c", r#"echo "in args" a\ b; sleep 600"#]),
+        "{container}"
+    );
+    assert!(m
+        .fails(&["service", "update", "--args", "sh -c 'open", "words"])
+        .starts_with("shoal: --args: "),);
 }

@@ -5,17 +5,17 @@
 //! the log is stdout and stderr merged, and `run` in the foreground streams it to stdout.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use shoal_proto::v1::control_client::ControlClient;
-use shoal_runtime::container::{is_root, ExecOptions, Status};
+use shoal_runtime::container::{is_root, Container, ExecOptions, Status};
 use shoal_runtime::frontdoor::{
-    parse_cpus, parse_memory, parse_pids_limit, ContainerSummary, FrontDoor, LogFollower,
-    RunOptions, RunState,
+    parse_cpus, parse_memory, parse_pids_limit, ContainerSummary, FrontDoor, FrontDoorError,
+    LogFollower, RunOptions, RunState,
 };
 use shoal_runtime::network::{parse_publish, EtcOptions, Mode, NetRequest};
 
@@ -34,7 +34,7 @@ const PS_COMMAND_WIDTH: usize = 20;
 #[derive(Args)]
 pub struct DataDir {
     /// Data directory (images, layers, containers); default: the one of the agent on
-    /// SHOAL_SOCKET, else /var/lib/shoal
+    /// --socket (SHOAL_SOCKET), else /var/lib/shoal
     #[arg(long, env = "SHOAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
 }
@@ -133,6 +133,8 @@ pub struct PsArgs {
 pub struct StopArgs {
     #[command(flatten)]
     data: DataDir,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Seconds to wait after the stop signal before SIGKILL
     #[arg(short, long, default_value_t = 10)]
     time: u64,
@@ -161,10 +163,19 @@ pub struct RmArgs {
 pub struct LogsArgs {
     #[command(flatten)]
     data: DataDir,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Keep printing new output until the container exits
     #[arg(short, long)]
     follow: bool,
-    /// Container (name, id or id prefix)
+    /// Lines to show from the end of the log, or "all"
+    #[arg(short = 'n', long, default_value = "all")]
+    tail: String,
+    /// Show each line's time
+    #[arg(short, long)]
+    timestamps: bool,
+    /// Container: name, id or id prefix; a service task's container by its name
+    /// (SERVICE.SLOT.TASKID) or task id
     container: String,
 }
 
@@ -173,6 +184,8 @@ pub struct LogsArgs {
 pub struct ExecArgs {
     #[command(flatten)]
     data: DataDir,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Set an environment variable (KEY=VALUE)
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -182,7 +195,8 @@ pub struct ExecArgs {
     /// Do not wait for the process
     #[arg(short, long)]
     detach: bool,
-    /// The container, then the command and its arguments
+    /// The container (a service task's too, by SERVICE.SLOT.TASKID or task id), then the
+    /// command and its arguments
     #[arg(
         value_name = "CONTAINER COMMAND [ARG...]",
         required = true,
@@ -192,16 +206,17 @@ pub struct ExecArgs {
     container_and_command: Vec<String>,
 }
 
-fn open(data: &DataDir) -> Result<FrontDoor> {
-    Ok(open_dir(data)?.0)
+fn open(data: &DataDir, socket: &SocketArg) -> Result<FrontDoor> {
+    Ok(open_dir(data, socket)?.0)
 }
 
-/// The front door and the data dir it was opened on.
-fn open_dir(data: &DataDir) -> Result<(FrontDoor, PathBuf)> {
+/// The front door and the data dir it was opened on: the one given, else the one of the
+/// agent on `socket`, else the default.
+fn open_dir(data: &DataDir, socket: &SocketArg) -> Result<(FrontDoor, PathBuf)> {
     if !is_root() {
         bail!("must run as root");
     }
-    let dir = super::output::data_dir(data.data_dir.clone());
+    let dir = super::output::data_dir_at(data.data_dir.clone(), &socket.socket);
     let fd = FrontDoor::open(&dir).with_context(|| format!("open data dir {}", dir.display()))?;
     Ok((fd, dir))
 }
@@ -365,7 +380,7 @@ fn wait_for_resolver(id: &str) {
 }
 
 fn run_inner(mut args: RunArgs) -> Result<i32> {
-    let fd = open(&args.data)?;
+    let fd = open(&args.data, &args.socket)?;
     let mut it = std::mem::take(&mut args.image_and_command).into_iter();
     let image = it.next().context("give an image to run")?;
     let cluster = is_cluster_network(&args.network);
@@ -732,6 +747,16 @@ fn agent_tasks(socket: &SocketArg, dir: &std::path::Path) -> Vec<shoal_proto::v1
     }
 }
 
+/// The name of a task's container, as docker names it: SERVICE.SLOT.TASKID (global services:
+/// SERVICE.NODEID.TASKID).
+fn task_container_name(t: &shoal_proto::v1::Task) -> String {
+    let id = t.meta.as_ref().map_or("", |m| m.id.as_str());
+    match t.slot {
+        0 => format!("{}.{}.{id}", t.service_name, t.node_id),
+        slot => format!("{}.{slot}.{id}", t.service_name),
+    }
+}
+
 /// The rows of the tasks whose containers are on this node (the container id is the task id):
 /// named as docker names them, SERVICE.SLOT.TASKID (global services: SERVICE.NODEID.TASKID).
 fn task_rows(dir: &std::path::Path, tasks: &[shoal_proto::v1::Task]) -> Vec<PsRow> {
@@ -762,10 +787,7 @@ fn task_rows(dir: &std::path::Path, tasks: &[shoal_proto::v1::Task]) -> Vec<PsRo
                 continue;
             }
         };
-        let name = match t.slot {
-            0 => format!("{}.{}.{id}", t.service_name, t.node_id),
-            slot => format!("{}.{slot}.{id}", t.service_name),
-        };
+        let name = task_container_name(t);
         let networks: Vec<&str> = t.networks.iter().map(|n| n.network_name.as_str()).collect();
         rows.push(PsRow {
             id: id.to_string(),
@@ -832,7 +854,7 @@ fn ps_table(list: &[PsRow], now: u64) -> String {
 /// `shoal ps`: the front door's containers and, through the agent of this data dir, the
 /// containers of the service tasks it runs on this node.
 pub fn ps(args: PsArgs) -> Result<()> {
-    let (fd, dir) = open_dir(&args.data)?;
+    let (fd, dir) = open_dir(&args.data, &args.socket)?;
     let mut rows: Vec<PsRow> = fd
         .list(args.all)
         .context("list containers")?
@@ -895,7 +917,7 @@ fn each(
 
 /// `shoal stop`.
 pub fn stop(args: StopArgs) -> Result<()> {
-    let fd = open(&args.data)?;
+    let fd = open(&args.data, &args.socket)?;
     let grace = Duration::from_secs(args.time);
     each(&fd, &args.containers, "stop", |id| {
         fd.stop(id, grace)?;
@@ -905,7 +927,7 @@ pub fn stop(args: StopArgs) -> Result<()> {
 
 /// `shoal rm`.
 pub fn rm(args: RmArgs) -> Result<()> {
-    let fd = open(&args.data)?;
+    let fd = open(&args.data, &args.socket)?;
     each(&fd, &args.containers, "rm", |id| {
         let held = cluster_attachments(&fd, id);
         fd.remove(id, args.force)?;
@@ -915,40 +937,208 @@ pub fn rm(args: RmArgs) -> Result<()> {
     })
 }
 
-/// `shoal logs`.
-pub fn logs(args: LogsArgs) -> Result<()> {
-    let fd = open(&args.data)?;
-    let r = fd
-        .resolve(&args.container)
-        .with_context(|| format!("logs {}", args.container))?;
-    let files = fd.log_files(&r.id);
-    let (live, rotated) = files.split_last().context("no log")?;
-    // Each line goes to the stream it was written to, as with docker.
-    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
-    for f in rotated {
-        let mut failed = false;
-        let _ = shoal_runtime::logfile::read_file(f, &mut |r| {
-            failed =
-                failed || shoal_runtime::logfile::write_record(&r, &mut out, &mut err).is_err();
-        });
-        // A closed stdout ends `logs` quietly, as with `cat`.
-        if failed {
-            return Ok(());
+/// A container `logs` and `exec` work on: one the front door made, or the container of a
+/// service task this node runs (made by its worker agent; its id is the task's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    id: String,
+    /// Its name: the front door's, or SERVICE.SLOT.TASKID (the task id alone when no agent
+    /// named it).
+    name: String,
+    task: bool,
+}
+
+/// Finds `key` as docker does: an exact name or id, else a unique id prefix; the front
+/// door's containers first, then the task containers.
+fn pick_target<'a>(cands: &'a [Target], key: &str) -> Result<&'a Target> {
+    let key = key.strip_prefix('/').unwrap_or(key);
+    if let Some(t) = cands.iter().find(|t| t.name == key || t.id == key) {
+        return Ok(t);
+    }
+    let id_like = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric());
+    let mut by_prefix = cands.iter().filter(|t| id_like && t.id.starts_with(key));
+    match (by_prefix.next(), by_prefix.next()) {
+        (Some(t), None) => Ok(t),
+        (Some(_), Some(_)) => Err(FrontDoorError::Ambiguous(key.to_string()).into()),
+        _ => Err(FrontDoorError::NoSuchContainer(key.to_string()).into()),
+    }
+}
+
+/// The container `key` names on this node: a front-door container, or a task container of
+/// the task runtime root (`ps`'s: named by the agent of this data dir when one answers on
+/// `socket`).
+fn resolve_target(fd: &FrontDoor, dir: &Path, socket: &SocketArg, key: &str) -> Result<Target> {
+    let mut cands: Vec<Target> = fd
+        .records()?
+        .into_iter()
+        .map(|r| Target {
+            id: r.id,
+            name: r.name,
+            task: false,
+        })
+        .collect();
+    let bare = key.strip_prefix('/').unwrap_or(key);
+    if cands.iter().any(|t| t.name == bare || t.id == bare) {
+        return pick_target(&cands, key).cloned();
+    }
+    let runtime_root = dir.join(super::agent::TASK_RUNTIME_DIR);
+    let ids: Vec<String> = Container::list(&runtime_root)
+        .with_context(|| format!("list the task containers of {}", runtime_root.display()))?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    if !ids.is_empty() {
+        let names: std::collections::HashMap<String, String> = agent_tasks(socket, dir)
+            .iter()
+            .filter_map(|t| Some((t.meta.as_ref()?.id.clone(), task_container_name(t))))
+            .collect();
+        cands.extend(ids.into_iter().map(|id| Target {
+            name: names.get(&id).cloned().unwrap_or_else(|| id.clone()),
+            id,
+            task: true,
+        }));
+    }
+    pick_target(&cands, key).cloned()
+}
+
+impl Target {
+    /// Its log files, oldest first (the live one last).
+    fn log_files(&self, fd: &FrontDoor) -> Vec<PathBuf> {
+        if self.task {
+            shoal_runtime::logfile::files_oldest_first(
+                &fd.container_dir(&self.id)
+                    .join(shoal_worker::executor::runtime::LOG_FILE),
+                shoal_worker::executor::runtime::LOG_MAX_FILES,
+            )
+        } else {
+            fd.log_files(&self.id)
         }
     }
+
+    /// Its runtime handle, `None` when it has no runtime state.
+    fn container(&self, fd: &FrontDoor) -> Result<Option<Container>> {
+        if !self.task {
+            return Ok(fd.container(&self.id)?);
+        }
+        let root = fd.data_dir().join(super::agent::TASK_RUNTIME_DIR);
+        match Container::load(&root, &self.id) {
+            Ok(c) => Ok(Some(c)),
+            Err(shoal_runtime::container::ContainerError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A log record kept for `--tail`.
+struct Kept {
+    time_ns: i64,
+    stream: shoal_runtime::logfile::Stream,
+    partial: bool,
+    data: Vec<u8>,
+}
+
+/// Prints log records as `shoal logs` does: each to the stream it was written to, after its
+/// time with `--timestamps`; the last `tail` lines only when given.
+struct LogPrinter {
+    timestamps: bool,
+    tail: Option<usize>,
+    kept: std::collections::VecDeque<Kept>,
+    /// Whole lines among `kept`.
+    kept_lines: usize,
+    /// At the start of a line, per stream (stdout, stderr): where a time goes.
+    line_start: [bool; 2],
+    failed: bool,
+}
+
+impl LogPrinter {
+    fn take(&mut self, r: shoal_runtime::logfile::Record<'_>) {
+        let Some(n) = self.tail else {
+            self.write(r);
+            return;
+        };
+        self.kept.push_back(Kept {
+            time_ns: r.time_ns,
+            stream: r.stream,
+            partial: r.partial,
+            data: r.data.to_vec(),
+        });
+        self.kept_lines += usize::from(!r.partial);
+        while self.kept_lines > n {
+            if let Some(k) = self.kept.pop_front() {
+                self.kept_lines -= usize::from(!k.partial);
+            }
+        }
+    }
+
+    /// Prints what `--tail` kept; from here on every record is printed as it comes.
+    fn flush_tail(&mut self) {
+        for k in std::mem::take(&mut self.kept) {
+            self.write(shoal_runtime::logfile::Record {
+                time_ns: k.time_ns,
+                stream: k.stream,
+                partial: k.partial,
+                data: &k.data,
+            });
+        }
+        self.tail = None;
+    }
+
+    fn write(&mut self, r: shoal_runtime::logfile::Record<'_>) {
+        if self.failed {
+            return;
+        }
+        let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+        let i = usize::from(r.stream == shoal_runtime::logfile::Stream::Stderr);
+        let mut res = Ok(());
+        if self.timestamps && self.line_start[i] {
+            let w: &mut dyn Write = if i == 0 { &mut out } else { &mut err };
+            res = write!(
+                w,
+                "{} ",
+                shoal_runtime::image::timefmt::format_unix_nanos(r.time_ns)
+            );
+        }
+        self.line_start[i] = !r.partial;
+        self.failed = res
+            .and_then(|()| shoal_runtime::logfile::write_record(&r, &mut out, &mut err))
+            .and_then(|()| out.flush())
+            .is_err();
+    }
+}
+
+/// `shoal logs`: a front-door container's output, or a service task container's on this node.
+pub fn logs(args: LogsArgs) -> Result<()> {
+    let tail = super::output::parse_tail(&args.tail)?;
+    let (fd, dir) = open_dir(&args.data, &args.socket)?;
+    let target = resolve_target(&fd, &dir, &args.socket, &args.container)
+        .with_context(|| format!("logs {}", args.container))?;
+    let files = target.log_files(&fd);
+    let (live, rotated) = files.split_last().context("no log")?;
+    let mut p = LogPrinter {
+        timestamps: args.timestamps,
+        tail: tail.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        kept: Default::default(),
+        kept_lines: 0,
+        line_start: [true; 2],
+        failed: false,
+    };
+    for f in rotated {
+        let _ = shoal_runtime::logfile::read_file(f, &mut |r| p.take(r));
+    }
     let mut follower = LogFollower::new(live, false);
-    if follower.poll(&mut out, &mut err).is_err() || !args.follow {
+    let _ = follower.poll_records(&mut |r| p.take(r));
+    p.flush_tail();
+    // A closed stdout ends `logs` quietly, as with `cat`.
+    if p.failed || !args.follow {
         return Ok(());
     }
     loop {
         let running = matches!(
-            fd.container(&r.id)?.map(|c| c.status()),
-            Some(Status::Running | Status::Paused | Status::Created)
+            target.container(&fd)?.map(|c| c.status()),
+            Some(Status::Running | Status::Paused | Status::Created | Status::Creating)
         );
-        if follower.poll(&mut out, &mut err).is_err() {
-            return Ok(());
-        }
-        if !running {
+        let _ = follower.poll_records(&mut |r| p.write(r));
+        if p.failed || !running {
             return Ok(());
         }
         std::thread::sleep(FOLLOW_INTERVAL);
@@ -964,26 +1154,29 @@ pub fn exec(args: ExecArgs) -> Result<()> {
 }
 
 fn exec_inner(args: ExecArgs) -> Result<i32> {
-    let fd = open(&args.data)?;
+    let (fd, dir) = open_dir(&args.data, &args.socket)?;
     let mut it = args.container_and_command.into_iter();
     let name = it.next().context("give a container")?;
     let command: Vec<String> = it.collect();
-    let r = fd
-        .resolve(&name)
+    let target = resolve_target(&fd, &dir, &args.socket, &name)
         .with_context(|| format!("exec in {name}"))?;
     protect()?;
-    let p = fd
-        .exec(
-            &r.id,
-            &ExecOptions {
-                args: command,
-                env: args.env,
-                cwd: args.workdir,
-                detach: args.detach,
-                timeout: None,
-            },
-        )
-        .with_context(|| format!("exec in {name}"))?;
+    let opts = ExecOptions {
+        args: command,
+        env: args.env,
+        cwd: args.workdir,
+        detach: args.detach,
+        timeout: None,
+    };
+    let p = if target.task {
+        match target.container(&fd)? {
+            Some(c) if c.status() == Status::Running => c.exec(&opts).map_err(anyhow::Error::from),
+            _ => Err(FrontDoorError::NotRunning(target.name.clone()).into()),
+        }
+    } else {
+        fd.exec(&target.id, &opts).map_err(anyhow::Error::from)
+    }
+    .with_context(|| format!("exec in {name}"))?;
     Ok(p.wait().map_or(0, |s| s.shell_code()))
 }
 
@@ -1033,6 +1226,46 @@ mod tests {
             ]),
             "\"/bin/sh -c while tr…\""
         );
+    }
+
+    #[test]
+    fn task_containers_resolve_by_name_id_and_prefix() {
+        let t = |id: &str, name: &str, task: bool| Target {
+            id: id.into(),
+            name: name.into(),
+            task,
+        };
+        let cands = [
+            t(&"ab".repeat(32), "web", false),
+            t(
+                "k3x9q0000000000000000000a",
+                "job.1.k3x9q0000000000000000000a",
+                true,
+            ),
+            t(
+                "k3y00000000000000000000bb",
+                "k3y00000000000000000000bb",
+                true,
+            ),
+        ];
+        let pick = |k: &str| pick_target(&cands, k).map(|t| t.id.clone());
+        assert_eq!(pick("web").unwrap(), cands[0].id);
+        assert_eq!(pick("/web").unwrap(), cands[0].id);
+        assert_eq!(pick("abab").unwrap(), cands[0].id);
+        assert_eq!(
+            pick("job.1.k3x9q0000000000000000000a").unwrap(),
+            cands[1].id
+        );
+        assert_eq!(pick("k3x").unwrap(), cands[1].id);
+        assert_eq!(pick("k3y00000000000000000000bb").unwrap(), cands[2].id);
+        let err = |k: &str| format!("{:#}", pick_target(&cands, k).unwrap_err());
+        assert_eq!(
+            err("k3"),
+            "container id prefix \"k3\" matches several containers"
+        );
+        assert_eq!(err("job.1"), "no such container: job.1");
+        assert_eq!(err("job.1.k3x"), "no such container: job.1.k3x");
+        assert_eq!(err(""), "no such container: ");
     }
 
     #[test]

@@ -84,6 +84,10 @@ enum ImageCommand {
         /// Directory or archive; `-i` is accepted for docker compatibility
         #[arg(short = 'i', long = "input")]
         input: Option<PathBuf>,
+        /// No progress (load draws none; accepted for docker's habit): the loaded images
+        /// are still named
+        #[arg(short, long)]
+        quiet: bool,
         /// Directory or archive
         path: Option<PathBuf>,
     },
@@ -97,10 +101,11 @@ enum ImageCommand {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Show one image as JSON (its store record and its config)
+    /// Show images in full as JSON (their store records and their configs)
     Inspect {
         /// NAME[:TAG], image id (prefix) or sha256 digest
-        reference: String,
+        #[arg(required = true)]
+        references: Vec<String>,
     },
     /// Untag an image; remove it (and collect what nothing uses) when no tag is left
     #[command(alias = "remove")]
@@ -269,7 +274,7 @@ pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("import {}", tar.display()))?;
             println!("{}", info.id);
         }
-        ImageCommand::Load { input, path } => {
+        ImageCommand::Load { input, path, .. } => {
             let path = input
                 .or(path)
                 .context("load: give the archive or directory to load")?;
@@ -298,25 +303,27 @@ pub fn run(mut args: ImageArgs) -> anyhow::Result<()> {
                 }
             } else {
                 match format {
-                    Format::Json => {
-                        for i in &images {
-                            println!("{}", serde_json::to_string(i)?);
-                        }
-                    }
+                    Format::Json => super::output::print_json(&serde_json::Value::Array(
+                        images.iter().map(image_json).collect(),
+                    ))?,
                     Format::Table => print!("{}", table(&images, now_unix())),
                 }
             }
         }
-        ImageCommand::Inspect { reference } => {
-            let info = store
-                .inspect(&reference)
-                .with_context(|| format!("inspect {reference}"))?;
-            let config = store
-                .image_config(&reference)
-                .with_context(|| format!("inspect {reference}"))?;
-            let mut v = serde_json::to_value(&info)?;
-            v["config"] = serde_json::to_value(&config)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+        ImageCommand::Inspect { references } => {
+            let mut out = Vec::new();
+            for reference in &references {
+                let info = store
+                    .inspect(reference)
+                    .with_context(|| format!("inspect {reference}"))?;
+                let config = store
+                    .image_config(reference)
+                    .with_context(|| format!("inspect {reference}"))?;
+                let mut v = image_json(&info);
+                v["Config"] = serde_json::to_value(config.config())?;
+                out.push(v);
+            }
+            super::output::print_json(&serde_json::Value::Array(out))?;
         }
         ImageCommand::Rm { references } => {
             // Images and layers of local containers (running or not) stay; gc also keeps
@@ -372,6 +379,25 @@ fn now_unix() -> i64 {
 }
 
 /// `docker images`-style table: one row per tag (`<none>` for dangling images).
+/// An image as `image ls --format json` and `image inspect` show it: docker's keys (`Id`,
+/// `RepoTags`, `RepoDigests`, `RootFS`, …) and the store's own (`ManifestDigest`, `Layers`,
+/// `ChainIds`).
+fn image_json(i: &ImageInfo) -> serde_json::Value {
+    serde_json::json!({
+        "Id": i.id,
+        "RepoTags": i.repo_tags,
+        "RepoDigests": i.repo_digests,
+        "Created": i.created.clone().unwrap_or_default(),
+        "Size": i.size,
+        "Architecture": i.architecture,
+        "Os": i.os,
+        "ManifestDigest": i.manifest_digest,
+        "RootFS": {"Type": "layers", "Layers": i.diff_ids},
+        "Layers": i.layers,
+        "ChainIds": i.chain_ids,
+    })
+}
+
 fn table(images: &[ImageInfo], now: i64) -> String {
     let mut rows: Vec<[String; 5]> =
         vec![["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"].map(String::from)];

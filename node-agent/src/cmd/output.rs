@@ -505,7 +505,8 @@ mod tests {
     }
 }
 
-/// Splits `s` into words as a POSIX shell does (Docker parses `--args` so): blanks separate
+/// Splits `s` into words as a POSIX shell does (docker parses `--args` and `--entrypoint`
+/// so): blanks separate
 /// words; single quotes keep everything literally; double quotes keep everything but `\\`
 /// before `"`, `\\`, `$` or a backtick; a backslash outside quotes keeps the next character.
 pub fn shell_words(s: &str) -> anyhow::Result<Vec<String>> {
@@ -586,16 +587,37 @@ mod shell_words_tests {
     }
 }
 
+/// `--tail` of the log commands: a number of lines, or "all" (`None`).
+pub fn parse_tail(s: &str) -> anyhow::Result<Option<u64>> {
+    if s == "all" {
+        return Ok(None);
+    }
+    s.parse::<u64>()
+        .map(Some)
+        .map_err(|_| anyhow!("invalid --tail {s:?}: expected a number of lines or \"all\""))
+}
+
+/// The socket SHOAL_SOCKET names, else the default one.
+fn env_socket() -> std::path::PathBuf {
+    std::env::var_os("SHOAL_SOCKET")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into())
+}
+
 /// What the agent on SHOAL_SOCKET (or the default socket) says of itself, if one answers
 /// within 2 s; and the socket asked.
 async fn agent_info_async() -> (std::path::PathBuf, Option<shoal_proto::v1::InfoResponse>) {
-    let socket = std::env::var_os("SHOAL_SOCKET")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into());
-    let info = async {
+    let socket = env_socket();
+    let info = agent_info_at(&socket).await;
+    (socket, info)
+}
+
+/// What the agent on `socket` says of itself, if one answers within 2 s.
+async fn agent_info_at(socket: &std::path::Path) -> Option<shoal_proto::v1::InfoResponse> {
+    async {
         let ch = tokio::time::timeout(
             std::time::Duration::from_secs(2),
-            shoal_manager::daemon::connect_local(&socket),
+            shoal_manager::daemon::connect_local(socket),
         )
         .await??;
         anyhow::Ok(
@@ -606,27 +628,30 @@ async fn agent_info_async() -> (std::path::PathBuf, Option<shoal_proto::v1::Info
         )
     }
     .await
-    .ok();
-    (socket, info)
+    .ok()
 }
 
 fn agent_info() -> (std::path::PathBuf, Option<shoal_proto::v1::InfoResponse>) {
-    block_on(async { Ok(agent_info_async().await) }).unwrap_or_else(|_| {
-        let socket = std::env::var_os("SHOAL_SOCKET")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| shoal_manager::daemon::DEFAULT_SOCKET.into());
-        (socket, None)
-    })
+    block_on(async { Ok(agent_info_async().await) }).unwrap_or_else(|_| (env_socket(), None))
 }
 
 /// The data directory a node-local command works on: the one given (`--data-dir`,
 /// `SHOAL_DATA_DIR`), else the one of the agent answering on `SHOAL_SOCKET` (so that setting
 /// the socket alone points every command at that node), else the default.
 pub fn data_dir(given: Option<std::path::PathBuf>) -> std::path::PathBuf {
+    data_dir_at(given, &env_socket())
+}
+
+/// [`data_dir`] for a command that talks to the agent on `socket` (its `--socket`): that
+/// agent's data dir unless one is given.
+pub fn data_dir_at(
+    given: Option<std::path::PathBuf>,
+    socket: &std::path::Path,
+) -> std::path::PathBuf {
     if let Some(d) = given {
         return d;
     }
-    pick_data_dir(agent_info().1)
+    pick_data_dir(block_on(async { Ok(agent_info_at(socket).await) }).unwrap_or(None))
 }
 
 /// [`data_dir`] from inside an async command (no `--data-dir` flag: `SHOAL_DATA_DIR` or the

@@ -81,7 +81,7 @@ enum ServiceCommand {
         /// Only task ids
         #[arg(short, long)]
         quiet: bool,
-        /// json: every task in full, its status times included (filters do not apply)
+        /// json: every task (that passes the filters) in full, its status times included
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -109,6 +109,9 @@ enum ServiceCommand {
         /// Return at once instead of following the rollback
         #[arg(short, long)]
         detach: bool,
+        /// Follow the rollback without drawing progress
+        #[arg(short, long)]
+        quiet: bool,
         service: String,
     },
     /// Show the lines of a service's or a task's containers, from every node
@@ -214,12 +217,22 @@ pub(crate) struct CreateArgs {
     /// Return at once instead of waiting for the service to converge
     #[arg(short, long)]
     pub(crate) detach: bool,
+    /// Wait without drawing progress (only the service id is printed)
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
     #[command(flatten)]
     pub(crate) registry: update::RegistryFlags,
     /// Image reference: NAME[:TAG][@sha256:DIGEST]
     pub(crate) image: String,
-    /// The container's entrypoint (the image's when empty); no flag sets it, a compose file
-    /// does (`stack deploy`).
+    /// Replace the image's entrypoint: words as a shell splits them (quotes, escapes)
+    #[arg(
+        long = "entrypoint",
+        value_name = "COMMAND",
+        allow_hyphen_values = true
+    )]
+    pub(crate) entrypoint_line: Option<String>,
+    /// The container's entrypoint (the image's when empty): `--entrypoint`'s words, or a
+    /// compose file's (`stack deploy`).
     #[arg(skip)]
     pub(crate) entrypoint: Vec<String>,
     /// Command and arguments
@@ -395,7 +408,11 @@ pub(crate) fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
     };
     // Like docker: the words after the image replace the image's command (its entrypoint
     // stays); an empty list keeps the image's default.
-    let (command, args): (Vec<String>, Vec<String>) = (a.entrypoint.clone(), a.command.clone());
+    let entrypoint = match &a.entrypoint_line {
+        Some(line) => output::shell_words(line).context("--entrypoint")?,
+        None => a.entrypoint.clone(),
+    };
+    let (command, args): (Vec<String>, Vec<String>) = (entrypoint, a.command.clone());
     let prefs = a
         .placement_pref
         .iter()
@@ -545,20 +562,24 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
             let sid = id(&s);
             println!("{sid}");
             if !args.detach {
-                progress::wait_converged(&mut c, &sid).await?;
+                progress::wait_converged(&mut c, &sid, args.quiet).await?;
             }
         }
         ServiceCommand::Ps {
             services,
-            format: Format::Json,
-            ..
-        } => ps_json(&mut c, &services).await?,
-        ServiceCommand::Ps {
-            services,
             no_trunc,
             quiet,
+            format,
             ..
-        } => ps(&mut c, &services, ps_filter, no_trunc, quiet).await?,
+        } => {
+            ps(
+                &mut c,
+                &services,
+                ps_filter,
+                PsOutput::of(quiet, format, no_trunc),
+            )
+            .await?
+        }
         ServiceCommand::Scale { detach, .. } => {
             let mut scaled = Vec::new();
             for (name, n) in wanted {
@@ -568,7 +589,7 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
             }
             if !detach {
                 for sid in scaled {
-                    progress::wait_converged(&mut c, &sid).await?;
+                    progress::wait_converged(&mut c, &sid, false).await?;
                 }
             }
         }
@@ -619,26 +640,22 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            if format == Format::Json {
-                let v: Vec<Value> = list
-                    .iter()
-                    .map(|s| {
-                        let mut v = output::service_json(&s.service.clone().unwrap_or_default());
-                        v["ServiceStatus"] = serde_json::json!({"RunningTasks": s.running_tasks, "DesiredTasks": s.desired_tasks});
-                        v
-                    })
-                    .collect();
-                return print_json(&Value::Array(v));
+            match format {
+                Format::Json => print_services_json(&list)?,
+                Format::Table => print_services(&list),
             }
-            print_services(&list);
         }
         ServiceCommand::Update(u) => {
             if let Some(edit) = &edit {
                 update::update(&mut c, &u.service, edit).await?;
             }
         }
-        ServiceCommand::Rollback { detach, service } => {
-            update::rollback(&mut c, &service, detach).await?;
+        ServiceCommand::Rollback {
+            detach,
+            quiet,
+            service,
+        } => {
+            update::rollback(&mut c, &service, detach, quiet).await?;
         }
         ServiceCommand::Logs(l) => logs::run(&a.socket, l).await?,
         ServiceCommand::Rm { services } => {
@@ -654,6 +671,22 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
 }
 
 /// The `service ls` table (also `stack services`).
+/// `service ls --format json`: each service in full, with its task counts.
+pub(crate) fn print_services_json(list: &[pb::ServiceSummary]) -> anyhow::Result<()> {
+    let v: Vec<Value> = list
+        .iter()
+        .map(|s| {
+            let mut v = output::service_json(&s.service.clone().unwrap_or_default());
+            v["ServiceStatus"] = serde_json::json!({
+                "RunningTasks": s.running_tasks,
+                "DesiredTasks": s.desired_tasks,
+            });
+            v
+        })
+        .collect();
+    print_json(&Value::Array(v))
+}
+
 pub(crate) fn print_services(list: &[pb::ServiceSummary]) {
     let mut t = Table::new(&[
         "ID",
@@ -897,13 +930,37 @@ fn parse_scales(scales: &[String]) -> anyhow::Result<Vec<(String, u64)>> {
     Ok(wanted)
 }
 
+/// How `service ps` (and `stack ps`) prints the tasks it keeps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PsOutput {
+    /// docker's table, ids and errors cut unless `no_trunc`.
+    Table { no_trunc: bool },
+    /// Task ids only.
+    Quiet,
+    /// Every task in full, in a JSON array.
+    Json,
+}
+
+impl PsOutput {
+    /// `-q` over `--format` (docker's rule), then the format.
+    pub(crate) fn of(quiet: bool, format: Format, no_trunc: bool) -> PsOutput {
+        match (quiet, format) {
+            (true, _) => PsOutput::Quiet,
+            (false, Format::Json) => PsOutput::Json,
+            (false, Format::Table) => PsOutput::Table { no_trunc },
+        }
+    }
+}
+
 pub(crate) async fn ps(
     c: &mut ControlClient<Channel>,
     services: &[String],
     filter: PsFilter,
-    no_trunc: bool,
-    quiet: bool,
+    output: PsOutput,
 ) -> anyhow::Result<()> {
+    let no_trunc = output == PsOutput::Table { no_trunc: true };
+    let quiet = output == PsOutput::Quiet;
+    let mut json = Vec::new();
     let PsFilter {
         desired,
         node: node_filter,
@@ -1018,6 +1075,10 @@ pub(crate) async fn ps(
                 println!("{tid}");
                 continue;
             }
+            if output == PsOutput::Json {
+                json.push(task_json(task));
+                continue;
+            }
             let status = task.status.clone().unwrap_or_default();
             let err = if status.state == pb::TaskState::Pending as i32 {
                 task.scheduling_message.clone()
@@ -1086,8 +1147,10 @@ pub(crate) async fn ps(
             ]);
         }
     }
-    if !quiet {
-        t.print();
+    match output {
+        PsOutput::Quiet => {}
+        PsOutput::Json => print_json(&Value::Array(json))?,
+        PsOutput::Table { .. } => t.print(),
     }
     Ok(())
 }
@@ -1142,21 +1205,6 @@ fn task_json(t: &pb::Task) -> Value {
 }
 
 /// `service ps --format json`: every task of the services.
-async fn ps_json(c: &mut ControlClient<Channel>, services: &[String]) -> anyhow::Result<()> {
-    let mut out = Vec::new();
-    for name in services {
-        let tasks = rpc(c
-            .list_tasks(pb::ListTasksRequest {
-                service: name.clone(),
-                node: String::new(),
-            })
-            .await)?
-        .tasks;
-        out.extend(tasks.iter().map(task_json));
-    }
-    print_json(&Value::Array(out))
-}
-
 /// `service inspect --pretty`.
 fn pretty_service(s: &pb::Service) -> String {
     let sp = s.spec.clone().unwrap_or_default();

@@ -14,7 +14,7 @@ use shoal_proto::v1 as pb;
 use shoal_proto::v1::control_client::ControlClient;
 use tonic::transport::Channel;
 
-use super::output::{self, block_on, rpc, SocketArg, Table};
+use super::output::{self, block_on, rpc, Format, SocketArg, Table};
 use super::service::{self, progress, PsFilter};
 
 /// Docker's label naming a stack's objects.
@@ -59,11 +59,17 @@ enum StackCommand {
         /// Return once the RPCs are done (--detach=false: wait until every service converged)
         #[arg(short, long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
         detach: bool,
+        /// With --detach=false: wait without drawing progress
+        #[arg(short, long)]
+        quiet: bool,
         stack: String,
     },
     /// List stacks
     #[command(alias = "list")]
-    Ls,
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// List the tasks of a stack
     Ps {
         stack: String,
@@ -76,6 +82,9 @@ enum StackCommand {
         /// Only task ids
         #[arg(short, long)]
         quiet: bool,
+        /// json: every task (that passes the filters) in full
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// List the services of a stack
     Services {
@@ -83,6 +92,9 @@ enum StackCommand {
         /// Only service ids
         #[arg(short, long)]
         quiet: bool,
+        /// json: each service in full, with its task counts
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Remove stacks: their services, then their networks
     #[command(aliases = ["remove", "down"])]
@@ -331,6 +343,7 @@ async fn deploy(
     prune: bool,
     resolve: ResolveImage,
     detach: bool,
+    quiet: bool,
 ) -> anyhow::Result<()> {
     for s in plan.services.iter_mut() {
         plan.registry.apply(s).await;
@@ -543,7 +556,7 @@ async fn deploy(
     }
     if !detach {
         for id in follow {
-            progress::wait_converged(c, &id).await?;
+            progress::wait_converged(c, &id, quiet).await?;
         }
     }
     Ok(())
@@ -647,12 +660,13 @@ async fn run_async(a: StackArgs) -> anyhow::Result<()> {
             prune,
             resolve_image,
             detach,
+            quiet,
             ..
         } => {
             let plan = planned.expect("planned above");
-            deploy(&mut c, &stack, plan, prune, resolve_image, detach).await?;
+            deploy(&mut c, &stack, plan, prune, resolve_image, detach, quiet).await?;
         }
-        StackCommand::Ls => {
+        StackCommand::Ls { format } => {
             let list = rpc(c.list_services(pb::ListServicesRequest::default()).await)?.services;
             let mut stacks: BTreeMap<String, usize> = BTreeMap::new();
             for s in &list {
@@ -665,13 +679,24 @@ async fn run_async(a: StackArgs) -> anyhow::Result<()> {
                     *stacks.entry(ns.clone()).or_default() += 1;
                 }
             }
+            if format == Format::Json {
+                let v: Vec<serde_json::Value> = stacks
+                    .iter()
+                    .map(|(name, n)| serde_json::json!({"Name": name, "Services": n}))
+                    .collect();
+                return output::print_json(&serde_json::Value::Array(v));
+            }
             let mut t = Table::new(&["NAME", "SERVICES"]);
             for (name, n) in stacks {
                 t.row(vec![name, n.to_string()]);
             }
             t.print();
         }
-        StackCommand::Services { stack, quiet } => {
+        StackCommand::Services {
+            stack,
+            quiet,
+            format,
+        } => {
             let list = stack_services(&mut c, &stack).await?;
             if list.is_empty() {
                 bail!("nothing found in stack: {stack}");
@@ -681,6 +706,8 @@ async fn run_async(a: StackArgs) -> anyhow::Result<()> {
                     let id = s.service.as_ref().and_then(|s| s.meta.as_ref());
                     println!("{}", id.map(|m| m.id.as_str()).unwrap_or_default());
                 }
+            } else if format == Format::Json {
+                service::print_services_json(&list)?;
             } else {
                 service::print_services(&list);
             }
@@ -689,6 +716,7 @@ async fn run_async(a: StackArgs) -> anyhow::Result<()> {
             stack,
             no_trunc,
             quiet,
+            format,
             ..
         } => {
             let names: Vec<String> = stack_services(&mut c, &stack)
@@ -699,7 +727,8 @@ async fn run_async(a: StackArgs) -> anyhow::Result<()> {
             if names.is_empty() {
                 bail!("nothing found in stack: {stack}");
             }
-            service::ps(&mut c, &names, ps_filter, no_trunc, quiet).await?;
+            let out = service::PsOutput::of(quiet, format, no_trunc);
+            service::ps(&mut c, &names, ps_filter, out).await?;
         }
         StackCommand::Rm { stacks } => {
             let mut missing = Vec::new();

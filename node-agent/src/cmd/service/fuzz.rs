@@ -199,6 +199,10 @@ fn flag() -> BoxedStrategy<Vec<String>> {
         with("--publish", pick(PORTS)),
         with("--network", pick(&["n", "", "host", "none"])),
         with("--health-cmd", pick(&["exit 0", "", " ", "-x"])),
+        with(
+            "--entrypoint",
+            pick(&["sh -c 'exit 3'", "'open", "", "/bin/app --x", "a\\"])
+        ),
         with("--health-interval", pick(DURATIONS)),
         with("--health-timeout", pick(DURATIONS)),
         with("--health-start-period", pick(DURATIONS)),
@@ -365,4 +369,29 @@ fn network_flags_take_names_and_aliases() {
         let e = networks(&s(bad)).unwrap_err().to_string();
         assert!(e.contains(want), "{bad:?}: {e}");
     }
+}
+
+#[test]
+fn entrypoint_is_split_into_shell_words() {
+    let spec = |argv: &[&str]| {
+        let mut all = vec!["service", "create"];
+        all.extend_from_slice(argv);
+        let Cli {
+            command: ServiceCommand::Create(a),
+        } = Cli::try_parse_from(&all).unwrap()
+        else {
+            panic!("not create")
+        };
+        build_spec(&a)
+    };
+    let c = spec(&["--entrypoint", "/bin/sh -c 'echo \"a b\"'", "busybox", "x"])
+        .unwrap()
+        .task
+        .unwrap()
+        .container
+        .unwrap();
+    assert_eq!(c.command, ["/bin/sh", "-c", "echo \"a b\""]);
+    assert_eq!(c.args, ["x"]);
+    let e = spec(&["--entrypoint", "sh -c 'open", "busybox"]).unwrap_err();
+    assert!(format!("{e:#}").starts_with("--entrypoint: "), "{e:#}");
 }

@@ -7,14 +7,14 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::control_client::ControlClient;
 use shoal_runtime::image::timefmt::{format_unix_nanos, parse_rfc3339_nanos};
 use tonic::{Code, Status};
 
-use super::super::output::{parse_duration_ms, SocketArg};
+use super::super::output::{parse_duration_ms, parse_tail, SocketArg};
 
 /// How long a broken stream is retried before giving up.
 const RESUME_WINDOW: Duration = Duration::from_secs(30);
@@ -73,15 +73,6 @@ pub fn parse_since(s: &str, now_ns: i64) -> Result<i64> {
             "invalid --since {s:?}: expected an RFC 3339 time, Unix seconds or a duration (10m, 1h)"
         ),
     }
-}
-
-fn parse_tail(s: &str) -> Result<Option<u64>> {
-    if s == "all" {
-        return Ok(None);
-    }
-    s.parse::<u64>()
-        .map(Some)
-        .map_err(|_| anyhow!("invalid --tail {s:?}: expected a number of lines or \"all\""))
 }
 
 /// Where printing stands, per task.

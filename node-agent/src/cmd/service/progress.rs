@@ -226,6 +226,8 @@ pub fn snapshot(
 
 /// Draws snapshots on stdout: in place on a terminal, changed lines only otherwise.
 struct Display {
+    /// `--quiet`: nothing is drawn (docker's "suppress progress output").
+    quiet: bool,
     tty: bool,
     /// Words before the counts (`rolling back update: ` during a rollback).
     prefix: &'static str,
@@ -236,9 +238,10 @@ struct Display {
 }
 
 impl Display {
-    fn new() -> Display {
+    fn new(quiet: bool) -> Display {
         use std::io::IsTerminal;
         Display {
+            quiet,
             tty: std::io::stdout().is_terminal(),
             prefix: "",
             shown: Vec::new(),
@@ -247,7 +250,17 @@ impl Display {
         }
     }
 
+    /// A line of its own below the progress (`verify: Service converged`).
+    fn say(&self, line: &str) {
+        if !self.quiet {
+            println!("{line}");
+        }
+    }
+
     fn draw(&mut self, s: &Snapshot) -> std::io::Result<()> {
+        if self.quiet {
+            return Ok(());
+        }
         let overall = format!(
             "overall progress: {}{} out of {} tasks",
             self.prefix, s.running, s.total
@@ -296,14 +309,15 @@ impl Display {
     }
 }
 
-/// Follows the service's tasks until it converges, drawing progress; Ctrl-C stops only the
-/// watching (the cluster keeps converging the service).
+/// Follows the service's tasks until it converges, drawing progress unless `quiet`; Ctrl-C
+/// stops only the watching (the cluster keeps converging the service).
 pub async fn wait_converged(
     c: &mut ControlClient<Channel>,
     service_id: &str,
+    quiet: bool,
 ) -> anyhow::Result<()> {
     tokio::select! {
-        r = follow(c, service_id) => r,
+        r = follow(c, service_id, quiet) => r,
         _ = tokio::signal::ctrl_c() => {
             println!();
             println!("Operation continuing in background.");
@@ -337,9 +351,13 @@ async fn read_service(
     Ok((service, tasks))
 }
 
-async fn follow(c: &mut ControlClient<Channel>, service_id: &str) -> anyhow::Result<()> {
+async fn follow(
+    c: &mut ControlClient<Channel>,
+    service_id: &str,
+    quiet: bool,
+) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut display = Display::new();
+    let mut display = Display::new(quiet);
     loop {
         let (service, tasks) = read_service(c, service_id).await?;
         let global = matches!(
@@ -364,7 +382,7 @@ async fn follow(c: &mut ControlClient<Channel>, service_id: &str) -> anyhow::Res
         display.draw(&s).context("writing progress")?;
         let settled = !global || s.total > 0 || started.elapsed() >= GLOBAL_SETTLE;
         if s.converged && settled {
-            println!("verify: Service converged");
+            display.say("verify: Service converged");
             return Ok(());
         }
         tokio::time::sleep(POLL_INTERVAL).await;
@@ -417,14 +435,15 @@ async fn failed_task_detail(
 
 /// Follows an update (or, with `manual_rollback`, a rollback) until it completes and the
 /// service converges. A paused update or rollback, or an update that was rolled back, is an
-/// error with the service's message, as docker reports them.
+/// error with the service's message, as docker reports them. `quiet`: no progress drawn.
 pub async fn wait_updated(
     c: &mut ControlClient<Channel>,
     service_id: &str,
     manual_rollback: bool,
+    quiet: bool,
 ) -> anyhow::Result<()> {
     tokio::select! {
-        r = follow_update(c, service_id, manual_rollback) => r,
+        r = follow_update(c, service_id, manual_rollback, quiet) => r,
         _ = tokio::signal::ctrl_c() => {
             println!();
             println!("Operation continuing in background.");
@@ -438,9 +457,10 @@ async fn follow_update(
     c: &mut ControlClient<Channel>,
     service_id: &str,
     manual_rollback: bool,
+    quiet: bool,
 ) -> anyhow::Result<()> {
     use pb::UpdateState;
-    let mut display = Display::new();
+    let mut display = Display::new(quiet);
     let mut announced = false;
     // An update seen running in this follow: its ROLLBACK_COMPLETED means it failed.
     let mut followed = false;
@@ -473,7 +493,7 @@ async fn follow_update(
             UpdateState::RollbackStarted => {
                 followed = true;
                 if !announced {
-                    println!("rollback: {}", status.message);
+                    display.say(&format!("rollback: {}", status.message));
                     announced = true;
                 }
                 rollback_cause = status.message.clone();
@@ -508,7 +528,7 @@ async fn follow_update(
         }
         display.draw(&s).context("writing progress")?;
         if done {
-            println!("verify: Service converged");
+            display.say("verify: Service converged");
             return Ok(());
         }
         tokio::time::sleep(POLL_INTERVAL).await;

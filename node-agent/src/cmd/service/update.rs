@@ -326,6 +326,9 @@ pub struct UpdateArgs {
     /// Command arguments (replaces them; split into words as a shell does: quotes, escapes)
     #[arg(long, allow_hyphen_values = true)]
     args: Option<String>,
+    /// Entrypoint (replaces it; split into words as a shell does; "" for the image's)
+    #[arg(long, value_name = "COMMAND", allow_hyphen_values = true)]
+    entrypoint: Option<String>,
     /// Add or replace environment variables (NAME=VALUE)
     #[arg(long)]
     env_add: Vec<String>,
@@ -442,6 +445,9 @@ pub struct UpdateArgs {
     /// Return at once instead of following the update
     #[arg(short, long)]
     detach: bool,
+    /// Follow the update without drawing progress
+    #[arg(short, long)]
+    quiet: bool,
     #[command(flatten)]
     registry: RegistryFlags,
     pub service: String,
@@ -453,6 +459,7 @@ pub struct Edit {
     replicas: Option<u64>,
     image: Option<String>,
     args: Option<Vec<String>>,
+    entrypoint: Option<Vec<String>>,
     env_add: Vec<(String, String)>,
     env_rm: Vec<String>,
     constraint_add: Vec<String>,
@@ -484,6 +491,7 @@ pub struct Edit {
     /// Roll back instead of editing.
     pub rollback: bool,
     pub detach: bool,
+    pub quiet: bool,
     registry: RegistryFlags,
 }
 
@@ -550,6 +558,7 @@ impl UpdateArgs {
             let edits = self.replicas.is_some()
                 || self.image.is_some()
                 || self.args.is_some()
+                || self.entrypoint.is_some()
                 || !self.env_add.is_empty()
                 || !self.env_rm.is_empty()
                 || !self.constraint_add.is_empty()
@@ -610,6 +619,12 @@ impl UpdateArgs {
                 .map(output::shell_words)
                 .transpose()
                 .context("--args")?,
+            entrypoint: self
+                .entrypoint
+                .as_deref()
+                .map(output::shell_words)
+                .transpose()
+                .context("--entrypoint")?,
             env_add: self
                 .env_add
                 .iter()
@@ -657,6 +672,7 @@ impl UpdateArgs {
             force: self.force,
             rollback: self.rollback,
             detach: self.detach,
+            quiet: self.quiet,
             registry: self.registry.clone(),
         })
     }
@@ -749,6 +765,9 @@ impl Edit {
         }
         if let Some(a) = &self.args {
             c.args = a.clone();
+        }
+        if let Some(e) = &self.entrypoint {
+            c.command = e.clone();
         }
         for name in &self.env_rm {
             c.env
@@ -868,7 +887,7 @@ pub async fn update(
     edit: &Edit,
 ) -> anyhow::Result<()> {
     if edit.rollback {
-        return rollback(c, service, edit.detach).await;
+        return rollback(c, service, edit.detach, edit.quiet).await;
     }
     let edit = &edit.resolve_networks(c).await?;
     let mut attempt = 0;
@@ -904,7 +923,7 @@ pub async fn update(
     if edit.detach {
         return Ok(());
     }
-    progress::wait_updated(c, &sid, false).await
+    progress::wait_updated(c, &sid, false, edit.quiet).await
 }
 
 /// `service rollback`: the previous spec back, rolled out under the rollback config.
@@ -912,6 +931,7 @@ pub async fn rollback(
     c: &mut ControlClient<Channel>,
     service: &str,
     detach: bool,
+    quiet: bool,
 ) -> anyhow::Result<()> {
     let s = rpc(c
         .rollback_service(pb::RollbackServiceRequest {
@@ -925,7 +945,7 @@ pub async fn rollback(
     if detach {
         return Ok(());
     }
-    progress::wait_updated(c, &id(&s), true).await
+    progress::wait_updated(c, &id(&s), true, quiet).await
 }
 
 #[cfg(test)]
@@ -1082,6 +1102,15 @@ mod tests {
             vec!["sh", "-c", "exit 3"]
         );
         assert!(edit(&["--args", "sh -c 'open"]).is_err());
+        let entry = edit(&["--entrypoint", r#"/bin/sh -c "echo \"hi there\"""#])
+            .unwrap()
+            .apply(base())
+            .unwrap();
+        assert_eq!(
+            entry.task.unwrap().container.unwrap().command,
+            vec!["/bin/sh", "-c", r#"echo "hi there""#]
+        );
+        assert!(edit(&["--entrypoint", "sh 'open"]).is_err());
 
         let forced = edit(&["--force"]).unwrap().apply(base()).unwrap();
         assert_eq!(forced.task.unwrap().force_update, 1);
