@@ -634,7 +634,8 @@ fn down_ends_a_container(mounted: bool) {
     let tb = up(1);
     let h1 = tb.host(1).expect("h1");
     if mounted {
-        tb.script(&["tmpfs", h1.name(), "64m"]).expect("tmpfs on h1");
+        tb.script(&["tmpfs", h1.name(), "64m"])
+            .expect("tmpfs on h1");
     }
     h1.import_busybox("busybox:latest").expect("import");
     let run = h1

@@ -441,6 +441,8 @@ async fn remove_all_tasks(data_dir: &Path, executor: &dyn Executor) {
             tracing::error!(task = %id, "removing the task's container: {e}");
         }
     }
+    // And the ones the database never recorded (a create the last agent did not see end).
+    shoal_worker::agent::remove_strays(executor, &Default::default()).await;
     let dir = data_dir.join(shoal_worker::db::WORKER_DIR);
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
