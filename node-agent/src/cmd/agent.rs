@@ -140,6 +140,12 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
                 if swept > 0 {
                     tracing::info!(swept, "released the networks of removed containers");
                 }
+                // And the records of network namespaces that are gone (any agent's: nobody
+                // can use them any more).
+                let stale = shoal_runtime::network::sweep_stale_state();
+                if stale > 0 {
+                    tracing::info!(stale, "removed the network state of vanished namespaces");
+                }
             });
         }
         shoal_worker::registry::set_cluster_registry_port(&data_dir, a.registry_port)
