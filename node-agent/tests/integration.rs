@@ -15,6 +15,7 @@ mod health_cli;
 mod image_cli;
 mod info_cli;
 mod install_script;
+mod overlay_clusters;
 mod promote_cli;
 mod registry_cli;
 mod secrets_cli;

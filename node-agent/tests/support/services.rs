@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use shoal_tests::cluster::{free_port, shoal_at, ClusterBuilder, Launch, Loopback, Member};
+use shoal_tests::cluster::{
+    free_port, shoal_at, ClusterBuilder, Launch, Loopback, Member, VniLease,
+};
 
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 pub const IMAGE: &str = "busybox:latest";
@@ -234,6 +236,8 @@ pub struct TaskRow {
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub _root: tempfile::TempDir,
+    /// The cluster's VXLAN ids, apart from those of clusters of tests running beside it.
+    pub vnis: VniLease,
 }
 
 impl Drop for Cluster {
@@ -319,7 +323,11 @@ impl Cluster {
         for n in 1..=size + spare {
             nodes.push(Node::new(root.path(), n, &tar));
         }
-        let mut c = Cluster { nodes, _root: root };
+        let mut c = Cluster {
+            nodes,
+            _root: root,
+            vnis: VniLease::take().unwrap(),
+        };
         for (i, name) in images {
             c.import(*i, name);
         }
@@ -347,6 +355,7 @@ impl Cluster {
         ClusterBuilder::new()
             .managers(managers as usize)
             .heartbeat(heartbeat.0, heartbeat.1)
+            .vni_start(c.vnis.start())
             .wait_ready(CONVERGE)
             .form(&members)
             .unwrap();
