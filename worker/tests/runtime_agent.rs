@@ -366,3 +366,42 @@ async fn a_task_whose_container_vanished_leaves_nothing_once_shut_down() {
     assert!(cgroup_dirs(&id).is_empty());
     agent.shutdown().await;
 }
+
+/// An agent killed while a task's container was being created leaves the task STARTING in its
+/// database and a half-made container (a state dir without `state.json`): the restarted agent
+/// removes it and starts the task afresh instead of failing it on "already exists".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_resumed_with_a_half_made_container_starts_afresh() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let c = Cluster::start(200, &["w1"]).await;
+    let node = Node::new();
+    let id = unique("half");
+    let t = task(&id, "w1", IMAGE, &["sleep", "1000"]);
+    c.backend
+        .write(vec![Mutation::Create(Object::Task(t.clone()))]);
+    {
+        let db = shoal_worker::db::TaskDb::open(node.data.path()).expect("task db");
+        let mut rec = t.clone();
+        rec.status = Some(pb::TaskStatus {
+            state: TaskState::Starting as i32,
+            ..Default::default()
+        });
+        db.put(&rec).expect("record");
+        db.flush().expect("flush");
+    }
+    let half = node.state_root.join(&id);
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("cgroup"), format!("shoal/{id}")).unwrap();
+
+    let agent = node.agent(&c, "w1").await;
+    let s = c.wait_task(&id, TaskState::Running, 30).await;
+    let ct = Container::load(&node.state_root, &id).expect("a real container now");
+    assert_eq!(ct.pid(), s.pid);
+    c.backend
+        .update_task(&id, |t| t.desired_state = TaskState::Shutdown as i32);
+    c.wait_task(&id, TaskState::Shutdown, 20).await;
+    agent.shutdown().await;
+}

@@ -1412,7 +1412,12 @@ impl Executor for RuntimeExecutor {
         }
         blocking(move || {
             let Some(c) = load(&root, &id)? else {
-                return Ok(Probe::Missing);
+                // Half-made (its creator died, or is still at it): never started.
+                return Ok(if root.join(&id).is_dir() {
+                    Probe::Created
+                } else {
+                    Probe::Missing
+                });
             };
             let st = c.state();
             Ok(match st.status {
