@@ -41,8 +41,9 @@ pub fn free_port(ip: &str) -> Result<u16, TestbedError> {
 const VNI_LEASE_DIR: &str = "/run/shoal-test-vni";
 /// VXLAN ids per leased range: the ingress network's and the networks' above it.
 const VNI_RANGE: u32 = 4096;
-/// Ranges there are room for (VNIs are 24 bits); range 0 is the default (4096…), never leased.
-const VNI_RANGES: u32 = (1 << 24) / VNI_RANGE - 1;
+/// The last range (VNIs are 24 bits: it ends at 16777215). Range 1 (4096…) is a cluster's
+/// default, never leased; range 0 is below swarm's and shoal's first VNI.
+const VNI_LAST_RANGE: u32 = (1 << 24) / VNI_RANGE - 1;
 
 /// A range of VXLAN ids of its own for a cluster of loopback agents, held while this lives
 /// (an flock, so a test that dies gives it back). Agents on loopback share the machine's
@@ -60,7 +61,7 @@ impl VniLease {
     pub fn take() -> Result<VniLease, TestbedError> {
         let io = |what: String| move |source| TestbedError::Io { what, source };
         fs::create_dir_all(VNI_LEASE_DIR).map_err(io(format!("creating {VNI_LEASE_DIR}")))?;
-        for range in 1..=VNI_RANGES {
+        for range in 2..=VNI_LAST_RANGE {
             let p = Path::new(VNI_LEASE_DIR).join(range.to_string());
             let f = fs::OpenOptions::new()
                 .create(true)
@@ -404,5 +405,22 @@ pub fn wait_ready(via: &dyn Member, count: usize, timeout: Duration) -> Result<(
             });
         }
         sleep(POLL * 10);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vni_leases_are_apart_and_never_the_default_range() {
+        let a = VniLease::take().expect("a lease");
+        let b = VniLease::take().expect("another lease");
+        assert_ne!(a.start(), b.start());
+        for l in [&a, &b] {
+            assert!(l.start() >= 2 * VNI_RANGE, "{}", l.start());
+            assert!(l.start() + VNI_RANGE <= 1 << 24, "{}", l.start());
+            assert_eq!(l.start() % VNI_RANGE, 0);
+        }
     }
 }
