@@ -506,6 +506,7 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
 
 /// `cluster init --vni-start`: the ingress network takes that VXLAN id and cluster networks the
 /// ones above it; a bad value is one line of refusal that leaves the node out of any cluster.
+/// (2000: below the ranges test clusters lease, and no container joins these networks.)
 #[test]
 fn cluster_init_takes_the_networks_vni_start() {
     let root = tempfile::tempdir().unwrap();
@@ -533,19 +534,19 @@ fn cluster_init_takes_the_networks_vni_start() {
         "--advertise-addr",
         &m1.addr.clone(),
         "--vni-start",
-        "12288",
+        "2000",
     ]);
     m1.eventually(&["network", "create", "backend"]);
     let v: serde_json::Value =
         serde_json::from_str(&m1.ok(&["network", "inspect", "ingress", "backend"])).unwrap();
     let vni = |i: usize| v[i]["Options"]["com.docker.network.driver.overlay.vxlanid_list"].clone();
-    assert_eq!((vni(0), vni(1)), ("12288".into(), "12289".into()));
+    assert_eq!((vni(0), vni(1)), ("2000".into(), "2001".into()));
     let c: serde_json::Value = serde_json::from_str(&m1.ok(&["cluster", "inspect"])).unwrap();
-    assert_eq!(c[0]["Spec"]["Network"]["VNIStart"], 12288);
+    assert_eq!(c[0]["Spec"]["Network"]["VNIStart"], 2000);
     // Other settings change; the VNI start stays.
     m1.ok(&["cluster", "update", "--task-history-limit", "3"]);
     let c: serde_json::Value = serde_json::from_str(&m1.ok(&["cluster", "inspect"])).unwrap();
-    assert_eq!(c[0]["Spec"]["Network"]["VNIStart"], 12288);
+    assert_eq!(c[0]["Spec"]["Network"]["VNIStart"], 2000);
     assert_eq!(
         c[0]["Spec"]["Orchestration"]["TaskHistoryRetentionLimit"],
         3
