@@ -549,8 +549,16 @@ impl Container {
             Err(ContainerError::NotFound(_)) if dir.is_dir() => {}
             Err(e) => return Err(e),
         }
-        let Some(_creating) = lock_dir(&dir, Some(CREATOR_WAIT))? else {
-            return Err(ContainerError::Creating(id.to_string()));
+        let _creating = match lock_dir(&dir, Some(CREATOR_WAIT)) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Err(ContainerError::Creating(id.to_string())),
+            // Removed meanwhile by someone else.
+            Err(ContainerError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Err(ContainerError::NotFound(id.to_string()))
+            }
+            Err(e) => return Err(e),
         };
         match Container::load(root, id) {
             // Its creator finished meanwhile.
