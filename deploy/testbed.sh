@@ -324,12 +324,17 @@ descendants() {
 	done
 }
 
-# Container ids under a host's data dir (containers/<id> at any of the first levels).
+# Container ids under a host's data dir (containers/<id> at any of the first levels, and the
+# runtime's state dirs containers/.tasks/<id> and containers/.runtime/<id>, which outlive a
+# container dir whose removal was cut short).
 container_ids() {
 	local dir=$1
 	[[ -d $dir ]] || return 0
-	find "$dir" -mindepth 2 -maxdepth 4 -type d -path '*/containers/*' -prune -printf '%f\n' 2>/dev/null |
-		grep -E '^[A-Za-z0-9][A-Za-z0-9_.-]*$' | sort -u || true
+	{
+		find "$dir" -mindepth 2 -maxdepth 4 -type d -path '*/containers/*' -prune -printf '%f\n'
+		find "$dir" -mindepth 3 -maxdepth 5 -type d \( -path '*/containers/.tasks/*' \
+			-o -path '*/containers/.runtime/*' \) -prune -printf '%f\n'
+	} 2>/dev/null | grep -E '^[A-Za-z0-9][A-Za-z0-9_.-]*$' | sort -u || true
 }
 
 container_cgroups() {
@@ -395,9 +400,11 @@ unmount_under() {
 	done
 }
 
+# The cgroups of the containers IDS (taken before the data dir was unmounted: a data dir on
+# its own file system, as the disk-fault hosts have, holds the only record of them).
 remove_container_cgroups() {
-	local dir=$1 id cg
-	for id in $(container_ids "$dir"); do
+	local ids=$1 id cg
+	for id in $ids; do
 		for cg in $(container_cgroups "$id"); do
 			find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null || true
 		done
@@ -430,11 +437,14 @@ remove_container_netns() {
 }
 
 host_down() {
-	local h=$1 dir
+	local h=$1 dir ids
 	dir=$(host_dir "$h")
+	ids=$(container_ids "$dir")
 	kill_host "$h"
+	# Containers a create still in flight made while the host was being killed.
+	ids=$(printf '%s\n%s\n' "$ids" "$(container_ids "$dir")" | sort -u)
 	unmount_under "$dir"
-	remove_container_cgroups "$dir"
+	remove_container_cgroups "$ids"
 	remove_container_netns "$dir"
 	if netns_exists "$h"; then
 		# shoal's bridge and overlay records of this namespace (keyed by its inode).

@@ -82,6 +82,7 @@ impl TestNode {
             .init(pb::InitRequest {
                 advertise_addr: self.addr.to_string(),
                 cluster_name: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -255,6 +256,7 @@ async fn one_manager_serves_services_and_survives_a_restart() {
         .init(pb::InitRequest {
             advertise_addr: a.addr.to_string(),
             cluster_name: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -67,6 +67,7 @@ impl Node {
             .init(pb::InitRequest {
                 advertise_addr: self.addr.to_string(),
                 cluster_name: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()

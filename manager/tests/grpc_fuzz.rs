@@ -408,6 +408,7 @@ fn whole_control_requests_on_a_one_manager_cluster() {
             .init(pb::InitRequest {
                 advertise_addr: String::new(),
                 cluster_name: String::new(),
+                ..Default::default()
             })
             .await
             .expect("init");

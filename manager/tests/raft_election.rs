@@ -95,6 +95,7 @@ async fn three_managers() -> Vec<TestNode> {
         .init(pb::InitRequest {
             advertise_addr: a.addr.to_string(),
             cluster_name: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -234,6 +235,7 @@ async fn a_single_manager_leads_at_init_and_after_a_restart() {
         .init(pb::InitRequest {
             advertise_addr: a.addr.to_string(),
             cluster_name: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -205,7 +205,7 @@ fn silent_and_slow_clients_do_not_exhaust_the_manager_port() {
         cfg.hostname = Some("siege".into());
         let daemon = Daemon::start(cfg).await.expect("daemon");
         DaemonClient::new(connect_local(&socket).await.expect("socket"))
-            .init(pb::InitRequest { advertise_addr: addr.to_string(), cluster_name: String::new() })
+            .init(pb::InitRequest { advertise_addr: addr.to_string(), ..Default::default() })
             .await
             .expect("init");
         let ca_pem = std::fs::read_to_string(data.join("pki/ca.crt")).expect("ca.crt");
@@ -297,6 +297,7 @@ fn anonymous_requests_beyond_the_ca_are_refused_before_decoding() {
             .init(pb::InitRequest {
                 advertise_addr: addr.to_string(),
                 cluster_name: String::new(),
+                ..Default::default()
             })
             .await
             .expect("init");
@@ -346,6 +347,7 @@ fn anonymous_connections_end_after_their_lifetime() {
             .init(pb::InitRequest {
                 advertise_addr: addr.to_string(),
                 cluster_name: String::new(),
+                ..Default::default()
             })
             .await
             .expect("init");

@@ -505,3 +505,52 @@ fn networks_are_replicated_objects_with_their_own_subnets() {
     assert_eq!(out.status.code(), Some(1));
     one_line(&String::from_utf8_lossy(&out.stderr), "cannot be removed");
 }
+
+/// `cluster init --vni-start`: the ingress network takes that VXLAN id and cluster networks the
+/// ones above it; a bad value is one line of refusal that leaves the node out of any cluster.
+/// (2000: below the ranges test clusters lease, and no container joins these networks.)
+#[test]
+fn cluster_init_takes_the_networks_vni_start() {
+    let root = tempfile::tempdir().unwrap();
+    let m1 = Agent::start(root.path(), 7, KIND);
+    for bad in ["-1", "x"] {
+        let out = m1.shoal(&["cluster", "init", "--vni-start", bad]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--vni-start {bad}: a usage error"
+        );
+    }
+    for (bad, want) in [
+        ("0", "invalid --vni-start 0"),
+        ("16777215", "invalid VNI start"),
+    ] {
+        let err = m1.fails(&["cluster", "init", "--vni-start", bad]);
+        one_line(&err, want);
+    }
+    assert!(!m1.dir.join("data/pki").exists(), "nothing made");
+
+    m1.ok(&[
+        "cluster",
+        "init",
+        "--advertise-addr",
+        &m1.addr.clone(),
+        "--vni-start",
+        "2000",
+    ]);
+    m1.eventually(&["network", "create", "backend"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&m1.ok(&["network", "inspect", "ingress", "backend"])).unwrap();
+    let vni = |i: usize| v[i]["Options"]["com.docker.network.driver.overlay.vxlanid_list"].clone();
+    assert_eq!((vni(0), vni(1)), ("2000".into(), "2001".into()));
+    let c: serde_json::Value = serde_json::from_str(&m1.ok(&["cluster", "inspect"])).unwrap();
+    assert_eq!(c[0]["Spec"]["Network"]["VNIStart"], 2000);
+    // Other settings change; the VNI start stays.
+    m1.ok(&["cluster", "update", "--task-history-limit", "3"]);
+    let c: serde_json::Value = serde_json::from_str(&m1.ok(&["cluster", "inspect"])).unwrap();
+    assert_eq!(c[0]["Spec"]["Network"]["VNIStart"], 2000);
+    assert_eq!(
+        c[0]["Spec"]["Orchestration"]["TaskHistoryRetentionLimit"],
+        3
+    );
+}

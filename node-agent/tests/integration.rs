@@ -18,6 +18,7 @@ mod info_cli;
 mod install_script;
 mod local_cli;
 mod node_local_cli;
+mod overlay_clusters;
 mod promote_cli;
 mod registry_cli;
 mod secrets_cli;

@@ -84,33 +84,23 @@ fn assert_nothing_left(c: &Cluster, ids: &BTreeSet<String>) {
     }
 }
 
-/// The overlay devices of VNI `vni` (`shb…`, `shx…`) this network namespace (where the
-/// loopback nodes' containers are) still has although no container is on the overlay.
-/// `None` while containers of clusters in tests running beside this one are on it: agents
-/// on loopback share the machine's namespace, and every cluster's first network has the
-/// same VNI.
-fn idle_overlay_devices(vni: &str) -> Option<Vec<String>> {
+/// What this network namespace (where the loopback nodes' containers are) still has of the
+/// overlay with VNI `vni`: its devices (`shb…`, `shx…`) and its state dir. The test cluster's
+/// VNIs are its own (`VniLease`): nothing of a cluster of another test is named by them.
+fn overlay_traces(vni: &str) -> Vec<String> {
     let ino = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
     let state = Path::new(shoal_runtime::network::RUN_DIR)
         .join("net")
         .join(format!("ov{vni}@{ino}"));
-    // The runtime's own lock of the overlay: no container joins or leaves while we look.
-    let _held = std::fs::File::open(state.join("lock")).ok().map(|f| {
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| e)
-            .unwrap()
-    });
-    let members = std::fs::read_dir(state.join("ip")).map_or(0, |d| d.count());
-    if members > 0 {
-        return None;
-    }
     let devices = [format!("shb{vni}"), format!("shx{vni}")];
-    Some(
-        link_names()
-            .into_iter()
-            .filter(|l| devices.contains(l))
-            .collect(),
-    )
+    let mut left: Vec<String> = link_names()
+        .into_iter()
+        .filter(|l| devices.contains(l))
+        .collect();
+    if state.exists() {
+        left.push(state.display().to_string());
+    }
+    left
 }
 
 fn stack_file() -> String {
@@ -437,12 +427,9 @@ fn a_full_stack_deploys_redeploys_one_service_and_leaves_nothing() {
     let secrets = m.ok(&["secret", "ls"]);
     assert_eq!(secrets.lines().count(), 1, "{secrets}");
     assert_nothing_left(&c, &ids);
-    if let Some(left) = idle_overlay_devices(&vni) {
-        assert!(
-            left.is_empty(),
-            "the overlay's devices outlive it: {left:?}"
-        );
-    }
+    c.until("the overlay's devices and records removed", || {
+        overlay_traces(&vni).is_empty()
+    });
 }
 
 fn nothing_created(m: &Node) {

@@ -444,3 +444,89 @@ fn user_namespace_maps_and_joined_namespaces() {
     c2.delete(false).expect("delete");
     c.delete(true).expect("delete");
 }
+
+/// A creator killed half-way (`shoal runtime create` of an agent SIGKILLed mid-create) leaves a
+/// state dir without `state.json` and a cgroup, maybe with the init in it: `list` shows it
+/// creating, and `remove` takes all of it, cgroup included.
+#[test]
+fn a_container_whose_creator_died_half_way_is_removed_whole() {
+    let fx = Fixture::new(&["sleep", "1000"]);
+    for attempt in 0..20 {
+        let id = id(&format!("half{attempt}"));
+        let opts = CreateOptions {
+            allow_unprotected_exe: true,
+            ..Default::default()
+        };
+        // SAFETY: the child only creates the container (fork-safe allocation in glibc) and
+        // leaves with _exit; this test's other thread holds no lock it needs.
+        let creator = unsafe { libc::fork() };
+        assert!(creator >= 0, "fork");
+        if creator == 0 {
+            let _ = Container::create(&fx.root, &id, &fx.bundle, &opts);
+            // SAFETY: leaving the forked child.
+            unsafe { libc::_exit(0) }
+        }
+        // Killed as soon as the cgroup exists: the init is being set up then.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while cgroup_dirs(&id).is_empty() && std::time::Instant::now() < deadline {
+            let mut st = 0;
+            // SAFETY: polling our own child.
+            if unsafe { libc::waitpid(creator, &mut st, libc::WNOHANG) } == creator {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // SAFETY: killing and reaping our own child (gone already is fine).
+        unsafe {
+            libc::kill(creator, libc::SIGKILL);
+            libc::waitpid(creator, std::ptr::null_mut(), 0);
+        }
+        let dir = fx.root.join(&id);
+        let half_made = dir.is_dir() && !dir.join("state.json").exists();
+        if !half_made || cgroup_dirs(&id).is_empty() {
+            // Killed before the cgroup, or too late: again.
+            let _ = Container::remove(&fx.root, &id);
+            assert!(cgroup_dirs(&id).is_empty() && !dir.exists());
+            continue;
+        }
+        let procs: Vec<i32> = cgroup_dirs(&id)
+            .iter()
+            .flat_map(|d| {
+                std::fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        let listed = Container::list(&fx.root).expect("list");
+        assert!(
+            listed
+                .iter()
+                .any(|s| s.id == id && s.status == Status::Creating),
+            "listed as creating: {listed:?}"
+        );
+        assert!(matches!(
+            Container::load(&fx.root, &id),
+            Err(ContainerError::NotFound(_))
+        ));
+        Container::remove(&fx.root, &id).expect("remove the half-made container");
+        assert!(
+            cgroup_dirs(&id).is_empty(),
+            "cgroups left: {:?}",
+            cgroup_dirs(&id)
+        );
+        assert!(!dir.exists(), "state dir left");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            procs.iter().all(|p| !alive(*p)),
+            "processes left: {procs:?}"
+        );
+        assert!(matches!(
+            Container::remove(&fx.root, &id),
+            Err(ContainerError::NotFound(_))
+        ));
+        return;
+    }
+    panic!("no create was caught half-way in 20 attempts");
+}

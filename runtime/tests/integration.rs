@@ -15,4 +15,5 @@ mod frontdoor_run;
 mod image_fuzz;
 mod image_hostile;
 mod image_store;
+mod network_state;
 mod seccomp_real;

@@ -37,6 +37,61 @@ pub fn free_port(ip: &str) -> Result<u16, TestbedError> {
         })
 }
 
+/// Where [`VniLease`]s are held (one lock file per range).
+const VNI_LEASE_DIR: &str = "/run/shoal-test-vni";
+/// VXLAN ids per leased range: the ingress network's and the networks' above it.
+const VNI_RANGE: u32 = 4096;
+/// The last range (VNIs are 24 bits: it ends at 16777215). Range 1 (4096…) is a cluster's
+/// default, never leased; range 0 is below swarm's and shoal's first VNI.
+const VNI_LAST_RANGE: u32 = (1 << 24) / VNI_RANGE - 1;
+
+/// A range of VXLAN ids of its own for a cluster of loopback agents, held while this lives
+/// (an flock, so a test that dies gives it back). Agents on loopback share the machine's
+/// network namespace, where a cluster network's devices and records are named by its VNI:
+/// clusters formed at the same time by tests running beside each other must not share one
+/// (`cluster init --vni-start`, see [`ClusterBuilder::vni_start`]).
+#[derive(Debug)]
+pub struct VniLease {
+    start: u32,
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+impl VniLease {
+    /// The lowest range no live test holds.
+    pub fn take() -> Result<VniLease, TestbedError> {
+        let io = |what: String| move |source| TestbedError::Io { what, source };
+        fs::create_dir_all(VNI_LEASE_DIR).map_err(io(format!("creating {VNI_LEASE_DIR}")))?;
+        for range in 2..=VNI_LAST_RANGE {
+            let p = Path::new(VNI_LEASE_DIR).join(range.to_string());
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)
+                .map_err(io(format!("opening {}", p.display())))?;
+            match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => {
+                    return Ok(VniLease {
+                        start: range * VNI_RANGE,
+                        _lock: lock,
+                    })
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
+                Err((_, e)) => return Err(io(format!("locking {}", p.display()))(e.into())),
+            }
+        }
+        Err(TestbedError::Io {
+            what: "leasing a VXLAN id range".into(),
+            source: std::io::Error::other("every range is held"),
+        })
+    }
+
+    /// The range's first VNI (`cluster init --vni-start`).
+    pub fn start(&self) -> u32 {
+        self.start
+    }
+}
+
 /// How to start one `shoal agent` outside the test bed: it listens (and advertises) on
 /// `listen`; its data dir is `dir/data`, its socket `dir/shoal.sock`, its log `dir/agent.log`
 /// (appended to across restarts).
@@ -205,6 +260,7 @@ pub struct ClusterBuilder {
     heartbeat: Option<(String, u32)>,
     join_attempts: u32,
     ready: Option<Duration>,
+    vni_start: Option<u32>,
 }
 
 impl Default for ClusterBuilder {
@@ -214,6 +270,7 @@ impl Default for ClusterBuilder {
             heartbeat: None,
             join_attempts: 3,
             ready: None,
+            vni_start: None,
         }
     }
 }
@@ -243,6 +300,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// The cluster's networks take their VXLAN ids from `start` (`cluster init --vni-start`):
+    /// a [`VniLease`]'s, for loopback agents beside other tests' clusters.
+    pub fn vni_start(mut self, start: u32) -> Self {
+        self.vni_start = Some(start);
+        self
+    }
+
     /// After the joins, wait up to `timeout` until `node ls` shows every member Ready.
     pub fn wait_ready(mut self, timeout: Duration) -> Self {
         self.ready = Some(timeout);
@@ -267,6 +331,10 @@ impl ClusterBuilder {
         let adv = first.advertise();
         if let Some(a) = &adv {
             init.extend(["--advertise-addr", a]);
+        }
+        let vni = self.vni_start.map(|v| v.to_string());
+        if let Some(v) = &vni {
+            init.extend(["--vni-start", v]);
         }
         first.shoal_ok(&init)?;
         if let Some((period, missed)) = &self.heartbeat {
@@ -337,5 +405,22 @@ pub fn wait_ready(via: &dyn Member, count: usize, timeout: Duration) -> Result<(
             });
         }
         sleep(POLL * 10);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vni_leases_are_apart_and_never_the_default_range() {
+        let a = VniLease::take().expect("a lease");
+        let b = VniLease::take().expect("another lease");
+        assert_ne!(a.start(), b.start());
+        for l in [&a, &b] {
+            assert!(l.start() >= 2 * VNI_RANGE, "{}", l.start());
+            assert!(l.start() + VNI_RANGE <= 1 << 24, "{}", l.start());
+            assert_eq!(l.start() % VNI_RANGE, 0);
+        }
     }
 }

@@ -618,8 +618,25 @@ fn bridge_is_let_through_a_drop_forward_policy_and_only_while_up() {
 
 #[test]
 fn down_ends_a_hosts_containers_and_removes_their_cgroups() {
+    down_ends_a_container(false);
+}
+
+/// A disk-fault host's data dir is a file system of its own: `down` unmounts it, and the
+/// container records with it, so it must know the containers' cgroups before.
+#[test]
+fn down_removes_the_cgroups_of_containers_on_a_mounted_data_dir() {
+    down_ends_a_container(true);
+}
+
+/// One container running in a host (its data dir on a tmpfs of its own if `mounted`), then
+/// `down`: its processes, cgroups and the rest of the host are gone.
+fn down_ends_a_container(mounted: bool) {
     let tb = up(1);
     let h1 = tb.host(1).expect("h1");
+    if mounted {
+        tb.script(&["tmpfs", h1.name(), "64m"])
+            .expect("tmpfs on h1");
+    }
     h1.import_busybox("busybox:latest").expect("import");
     let run = h1
         .shoal(&["run", "-d", "busybox:latest", "sleep", "1000"])

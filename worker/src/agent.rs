@@ -399,6 +399,31 @@ async fn open_db(dir: &std::path::Path) -> Result<TaskDb, WorkerError> {
     }
 }
 
+/// Removes every container the executor holds that none of the tasks `keep` names, with its
+/// cgroups, network, files and dir: the container of a task removed while the agent was down
+/// before the agent had recorded it as started (an agent killed mid-create), half-made ones, and
+/// what a removal cut short left. Returns how many were removed.
+pub async fn remove_strays(executor: &dyn Executor, keep: &HashSet<String>) -> usize {
+    let held = match executor.held().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("listing the node's containers: {e}");
+            return 0;
+        }
+    };
+    let mut removed = 0;
+    for id in held.into_iter().filter(|id| !keep.contains(id)) {
+        match executor.remove(&id).await {
+            Ok(()) => {
+                tracing::info!(container = %id, "removed a container no task of this node owns");
+                removed += 1;
+            }
+            Err(e) => tracing::warn!(container = %id, "removing a stray container: {e}"),
+        }
+    }
+    removed
+}
+
 /// A running worker agent.
 pub struct Agent {
     shared: Arc<Shared>,
@@ -457,6 +482,9 @@ impl Agent {
                 ctls.insert(id, shared.spawn(t, status));
             }
         }
+        // Before the session: a task waiting for it must not start while its stray goes.
+        let keep: HashSet<String> = lock(&shared.controllers).keys().cloned().collect();
+        remove_strays(shared.executor.as_ref(), &keep).await;
         let tasks = vec![
             tokio::spawn(record(shared.clone(), reports_rx)),
             tokio::spawn(send_reports(shared.clone())),

@@ -336,7 +336,9 @@ impl Controller {
             }
             Probe::Missing if s < TaskState::Running as i32 => Phase::Start,
             Probe::Created | Probe::Lost | Probe::Missing => {
-                self.container = probe != Probe::Missing;
+                // Missing too: what the executor keeps beside the container (its dir, files,
+                // network) is still there, and removing is idempotent.
+                self.container = true;
                 self.report(
                     TaskState::Failed,
                     "failed",

@@ -60,9 +60,8 @@ struct Cleanup(PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for s in Container::list(&self.0).unwrap_or_default() {
-            if let Ok(c) = Container::load(&self.0, &s.id) {
-                let _ = c.delete(true);
-            }
+            // Half-made ones too.
+            let _ = Container::remove(&self.0, &s.id);
             // And the network the executor gave it (the agent is gone by now).
             let _ = shoal_runtime::network::detach(&s.id);
         }
@@ -93,8 +92,9 @@ impl Node {
         }
     }
 
-    async fn agent(&self, c: &Cluster, node: &str) -> Agent {
-        let exec = RuntimeExecutor::new(RuntimeExecutorConfig {
+    /// An executor over this node's data dir, as its agent has.
+    fn executor(&self) -> RuntimeExecutor {
+        RuntimeExecutor::new(RuntimeExecutorConfig {
             data_dir: self.data.path().to_path_buf(),
             state_root: self.state_root.clone(),
             allow_unprotected_exe: true,
@@ -103,7 +103,11 @@ impl Node {
             insecure_registries: Vec::new(),
         })
         .unwrap()
-        .with_shoal_binary(shoal_binary());
+        .with_shoal_binary(shoal_binary())
+    }
+
+    async fn agent(&self, c: &Cluster, node: &str) -> Agent {
+        let exec = self.executor();
         Agent::start(AgentConfig {
             tls: node_tls(&c.ca, node, Role::Worker),
             managers: vec![c.leader.addr.clone()],
@@ -123,6 +127,19 @@ impl Node {
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}{}", std::process::id())
+}
+
+/// The cgroup dirs of container `id` in every hierarchy (`shoal/<id>`).
+fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .chain([PathBuf::from("/sys/fs/cgroup")])
+        .map(|root| root.join("shoal").join(id))
+        .filter(|p| p.is_dir())
+        .collect()
 }
 
 fn root() -> bool {
@@ -253,5 +270,138 @@ async fn a_restarted_agent_adopts_its_running_containers() {
     c.backend
         .update_task(&keeper, |t| t.desired_state = TaskState::Shutdown as i32);
     c.wait_task(&keeper, TaskState::Shutdown, 20).await;
+    agent.shutdown().await;
+}
+
+/// An agent killed after its executor made a task's container but before the task's STARTING
+/// was recorded leaves the container with the task READY in its database. When the task is
+/// removed before the agent is back, the restarted agent must still remove that container,
+/// its cgroups (every hierarchy), network and dir: it holds no task for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_removes_the_containers_it_has_no_task_for() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let c = Cluster::start(200, &["w1"]).await;
+    let node = Node::new();
+    let stray = unique("stray");
+    let t = task(&stray, "w1", IMAGE, &["sleep", "1000"]);
+    let exec = node.executor();
+    use shoal_worker::Executor;
+    exec.prepare(&t, &|_| {}).await.expect("prepare");
+    let started = exec.start(&t).await.expect("start");
+    drop(exec);
+    {
+        let db = shoal_worker::db::TaskDb::open(node.data.path()).expect("task db");
+        let mut rec = t.clone();
+        rec.status = Some(pb::TaskStatus {
+            state: TaskState::Ready as i32,
+            ..Default::default()
+        });
+        db.put(&rec).expect("record");
+        db.flush().expect("flush");
+    }
+    let cgroups = cgroup_dirs(&stray);
+    assert!(!cgroups.is_empty(), "the container has cgroups");
+    let dir = node.data.path().join("containers").join(&stray);
+    assert!(dir.is_dir());
+
+    // The task is not in the cluster: the dispatcher's full set does not have it.
+    let agent = node.agent(&c, "w1").await;
+    eventually(
+        "the stray container, its cgroups and its dir removed",
+        30,
+        || {
+            Container::load(&node.state_root, &stray).is_err()
+                && cgroup_dirs(&stray).is_empty()
+                && !dir.exists()
+                && !shoal_runtime::network::netns_path(&stray).exists()
+        },
+    )
+    .await;
+    assert!(
+        !Path::new(&format!("/proc/{}", started.pid)).exists(),
+        "its process is gone"
+    );
+    // And the dispatcher's full set makes the agent forget the task.
+    eventually("the task forgotten", 20, || {
+        !agent.statuses().contains_key(&stray)
+    })
+    .await;
+    agent.shutdown().await;
+}
+
+/// A container removed behind the agent's back while it was down (chaos's
+/// kill-9-worker-and-containers deletes them): the task fails, and once it is shut down
+/// nothing of it is left on the node, not even its dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_container_vanished_leaves_nothing_once_shut_down() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let c = Cluster::start(200, &["w1"]).await;
+    let node = Node::new();
+    let agent = node.agent(&c, "w1").await;
+    let id = unique("gone");
+    c.backend.write(vec![Mutation::Create(Object::Task(task(
+        &id,
+        "w1",
+        IMAGE,
+        &["sleep", "1000"],
+    )))]);
+    c.wait_task(&id, TaskState::Running, 20).await;
+    agent.shutdown().await;
+    Container::remove(&node.state_root, &id).expect("delete the container");
+    shoal_runtime::network::detach(&id).expect("release its network");
+
+    let agent = node.agent(&c, "w1").await;
+    let s = c.wait_task(&id, TaskState::Failed, 20).await;
+    assert!(s.err.contains("vanished"), "{}", s.err);
+    c.backend
+        .update_task(&id, |t| t.desired_state = TaskState::Shutdown as i32);
+    let dir = node.data.path().join("containers").join(&id);
+    eventually("the task's dir removed", 20, || !dir.exists()).await;
+    assert!(cgroup_dirs(&id).is_empty());
+    agent.shutdown().await;
+}
+
+/// An agent killed while a task's container was being created leaves the task STARTING in its
+/// database and a half-made container (a state dir without `state.json`): the restarted agent
+/// removes it and starts the task afresh instead of failing it on "already exists".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_resumed_with_a_half_made_container_starts_afresh() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let c = Cluster::start(200, &["w1"]).await;
+    let node = Node::new();
+    let id = unique("half");
+    let t = task(&id, "w1", IMAGE, &["sleep", "1000"]);
+    c.backend
+        .write(vec![Mutation::Create(Object::Task(t.clone()))]);
+    {
+        let db = shoal_worker::db::TaskDb::open(node.data.path()).expect("task db");
+        let mut rec = t.clone();
+        rec.status = Some(pb::TaskStatus {
+            state: TaskState::Starting as i32,
+            ..Default::default()
+        });
+        db.put(&rec).expect("record");
+        db.flush().expect("flush");
+    }
+    let half = node.state_root.join(&id);
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("cgroup"), format!("shoal/{id}")).unwrap();
+
+    let agent = node.agent(&c, "w1").await;
+    let s = c.wait_task(&id, TaskState::Running, 30).await;
+    let ct = Container::load(&node.state_root, &id).expect("a real container now");
+    assert_eq!(ct.pid(), s.pid);
+    c.backend
+        .update_task(&id, |t| t.desired_state = TaskState::Shutdown as i32);
+    c.wait_task(&id, TaskState::Shutdown, 20).await;
     agent.shutdown().await;
 }

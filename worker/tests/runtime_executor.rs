@@ -93,9 +93,8 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         for s in Container::list(&self.state_root).unwrap_or_default() {
-            if let Ok(c) = Container::load(&self.state_root, &s.id) {
-                let _ = c.delete(true);
-            }
+            // Half-made ones too.
+            let _ = Container::remove(&self.state_root, &s.id);
             // And the network the executor gave it (the agent is gone by now).
             let _ = shoal_runtime::network::detach(&s.id);
         }

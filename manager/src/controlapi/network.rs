@@ -12,8 +12,10 @@ use super::validate::Invalid;
 pub const DEFAULT_POOL: &str = "10.0.0.0/8";
 /// The size of an allocated subnet (swarm's default).
 pub const DEFAULT_PREFIX: u8 = 24;
-/// The first VNI handed out (swarm's too: lower ones are left to the operator).
-pub const FIRST_VNI: u32 = 4097;
+/// The ingress network's VNI unless `cluster init --vni-start` says otherwise; cluster networks
+/// are given the ones above it (swarm's first one is 4097 too: lower ones are left to the
+/// operator).
+pub const DEFAULT_VNI_START: u32 = 4096;
 /// Node-local subnets no cluster network is given by default (shoal's default node bridge).
 const RESERVED: [&str; 2] = ["10.213.0.0/16", INGRESS_SUBNET];
 /// The drivers a cluster network can have.
@@ -24,12 +26,34 @@ const MAX_NAME: usize = 63;
 
 /// The routing mesh's network: made with the cluster, its id is its name.
 pub const INGRESS: &str = crate::store::INGRESS_NETWORK;
-/// Its subnet and VXLAN id (below [`FIRST_VNI`], so never handed out).
+/// Its subnet (its VXLAN id is the cluster's VNI start, never handed out).
 const INGRESS_SUBNET: &str = "10.255.0.0/16";
-const INGRESS_VNI: u32 = 4096;
 
-/// The ingress network as `cluster init` creates it.
-pub fn ingress_network() -> pb::Network {
+/// The cluster's VNI start (`NetworkConfig.vni_start`, 0 meaning the default).
+pub fn vni_start(spec: Option<&pb::ClusterSpec>) -> u32 {
+    match spec
+        .and_then(|s| s.network.as_ref())
+        .map_or(0, |n| n.vni_start)
+    {
+        0 => DEFAULT_VNI_START,
+        v => v,
+    }
+}
+
+/// Checks a VNI start `cluster init` was given (0: the default): the ingress network's VNI and
+/// room above it.
+pub fn check_vni_start(v: u32) -> Result<(), Invalid> {
+    if v != 0 && !(1..MAX_VNI).contains(&v) {
+        return Err(invalid(format!(
+            "invalid VNI start {v}: want 1-{} (the ingress network's; networks get the ones above)",
+            MAX_VNI - 1
+        )));
+    }
+    Ok(())
+}
+
+/// The ingress network as `cluster init` creates it, on VXLAN id `vni_start`.
+pub fn ingress_network(vni_start: u32) -> pb::Network {
     pb::Network {
         meta: Some(pb::Meta {
             id: INGRESS.into(),
@@ -42,7 +66,7 @@ pub fn ingress_network() -> pb::Network {
         }),
         subnet: INGRESS_SUBNET.into(),
         gateway: "10.255.0.1".into(),
-        vni: INGRESS_VNI,
+        vni: vni_start,
     }
 }
 
@@ -118,11 +142,12 @@ pub fn network_spec(spec: &pb::NetworkSpec) -> Result<(), Invalid> {
 
 /// The subnet, gateway and VNI of a new network beside `existing`: the given subnet, or the
 /// first free /24 of the default pool that holds none of `node_ips`; the given gateway, or the subnet's first host; the
-/// lowest free VNI from [`FIRST_VNI`].
+/// lowest free VNI above the cluster's `vni_start`.
 pub fn allocate(
     spec: &pb::NetworkSpec,
     existing: &[pb::Network],
     node_ips: &[std::net::Ipv4Addr],
+    vni_start: u32,
 ) -> Result<(String, String, u32), Invalid> {
     // Never a subnet holding a node's own address: its traffic would go into the overlay.
     let taken: Vec<(u32, u8)> = existing
@@ -159,7 +184,7 @@ pub fn allocate(
     } else {
         spec.gateway.clone()
     };
-    let vni = (FIRST_VNI..=MAX_VNI)
+    let vni = (vni_start.saturating_add(1)..=MAX_VNI)
         .find(|v| existing.iter().all(|n| n.vni != *v))
         .ok_or_else(|| invalid("no free VNI left"))?;
     Ok((format!("{}/{prefix}", ip(net)), gateway, vni))
@@ -222,18 +247,23 @@ mod tests {
     #[test]
     fn allocation_takes_the_first_free_subnet_and_vni() {
         let existing = vec![net("a", "10.0.0.0/24", 4097), net("b", "10.0.2.0/23", 4099)];
-        let (subnet, gw, vni) = allocate(&spec("c", "", ""), &existing, &[]).unwrap();
+        let d = DEFAULT_VNI_START;
+        let (subnet, gw, vni) = allocate(&spec("c", "", ""), &existing, &[], d).unwrap();
         assert_eq!(
             (subnet.as_str(), gw.as_str(), vni),
             ("10.0.1.0/24", "10.0.1.1", 4098)
         );
+        // A cluster given a VNI start of its own: the ones above it.
+        let (_, _, vni) = allocate(&spec("c", "", ""), &[], &[], 81_920).unwrap();
+        assert_eq!(vni, 81_921);
         // Given subnets are kept (host bits cleared) and refused when they overlap.
-        let (subnet, gw, _) = allocate(&spec("d", "192.168.7.9/24", ""), &existing, &[]).unwrap();
+        let (subnet, gw, _) =
+            allocate(&spec("d", "192.168.7.9/24", ""), &existing, &[], d).unwrap();
         assert_eq!(
             (subnet.as_str(), gw.as_str()),
             ("192.168.7.0/24", "192.168.7.1")
         );
-        let e = allocate(&spec("e", "10.0.3.128/25", ""), &existing, &[]).unwrap_err();
+        let e = allocate(&spec("e", "10.0.3.128/25", ""), &existing, &[], d).unwrap_err();
         assert!(e.0.contains("overlaps network b's 10.0.2.0/23"), "{}", e.0);
         // The node bridge's default subnet is never handed out.
         let full: Vec<pb::Network> = [
@@ -244,14 +274,18 @@ mod tests {
             "10.212.0.0/16",
         ]
         .iter()
-        .zip(FIRST_VNI..)
+        .zip(DEFAULT_VNI_START + 1..)
         .map(|(s, v)| net("x", s, v))
         .collect();
-        let (subnet, _, _) = allocate(&spec("f", "", ""), &full, &[]).unwrap();
+        let (subnet, _, _) = allocate(&spec("f", "", ""), &full, &[], d).unwrap();
         assert_eq!(subnet, "10.214.0.0/24");
         // The nodes' own subnets are skipped.
         let nodes = ["10.0.1.7".parse().unwrap(), "10.0.3.1".parse().unwrap()];
-        let (subnet, _, _) = allocate(&spec("g", "", ""), &existing[..1], &nodes).unwrap();
+        let (subnet, _, _) = allocate(&spec("g", "", ""), &existing[..1], &nodes, d).unwrap();
         assert_eq!(subnet, "10.0.2.0/24");
+        assert!(check_vni_start(0).is_ok() && check_vni_start(8192).is_ok());
+        for bad in [MAX_VNI, MAX_VNI + 1] {
+            assert!(check_vni_start(bad).unwrap_err().0.contains("VNI start"));
+        }
     }
 }

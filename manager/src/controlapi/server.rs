@@ -1070,8 +1070,9 @@ impl Control for ControlService {
                 std::net::IpAddr::V6(_) => None,
             })
             .collect();
+        let vni_start = network::vni_start(api.cluster()?.spec.as_ref());
         let (subnet, gateway, vni) =
-            network::allocate(&spec, &existing, &node_ips).map_err(invalid)?;
+            network::allocate(&spec, &existing, &node_ips, vni_start).map_err(invalid)?;
         if spec.driver.is_empty() {
             spec.driver = "overlay".into();
         }
@@ -1536,6 +1537,20 @@ impl Control for ControlService {
             return Err(Status::failed_precondition(format!(
                 "update out of sequence: cluster is at version {version}, not {asked}"
             )));
+        }
+        // The networks' VXLAN ids are set at init: the ingress network and every network
+        // already made have theirs.
+        let mut spec = spec;
+        let stored = cluster.spec.as_ref().and_then(|s| s.network);
+        match &spec.network {
+            None => spec.network = stored,
+            Some(n) if Some(n) == stored.as_ref() => {}
+            Some(n) if n.vni_start == 0 && stored.is_none() => {}
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the cluster's VNI start is set at cluster init and cannot change",
+                ))
+            }
         }
         let mut next = cluster;
         next.spec = Some(spec);

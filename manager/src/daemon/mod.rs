@@ -815,7 +815,9 @@ impl DaemonRpc for DaemonService {
         let cfg = &self.shared.cfg;
         let r = req.into_inner();
         let addr = cfg.advertise(&r.advertise_addr)?;
-        match init_cluster(cfg, &addr, &r.cluster_name).await {
+        crate::controlapi::network::check_vni_start(r.vni_start)
+            .map_err(|e| Status::invalid_argument(e.0))?;
+        match init_cluster(cfg, &addr, &r.cluster_name, r.vni_start).await {
             Ok((m, st, tokens)) => {
                 self.shared.slot.set(Some(m.api().clone()));
                 let resp = pb::InitResponse {
@@ -952,6 +954,7 @@ async fn init_cluster(
     cfg: &DaemonConfig,
     addr: &str,
     name: &str,
+    vni_start: u32,
 ) -> Result<(Manager, LocalState, pb::JoinTokens), DaemonError> {
     let pki = cfg.data_dir.join(PKI_DIR);
     let cluster_id = new_id();
@@ -992,10 +995,10 @@ async fn init_cluster(
             id: cluster_id.clone(),
             ..Default::default()
         }),
-        spec: Some(default_cluster_spec(
-            if name.is_empty() { "default" } else { name },
-            cfg.timers(),
-        )),
+        spec: Some(pb::ClusterSpec {
+            network: (vni_start != 0).then_some(pb::NetworkConfig { vni_start }),
+            ..default_cluster_spec(if name.is_empty() { "default" } else { name }, cfg.timers())
+        }),
         root_ca_cert_pem: root.cert_pem().to_string(),
         join_tokens: Some(tokens.clone()),
     };
@@ -1033,7 +1036,11 @@ async fn init_cluster(
             Mutation::Create(Object::Cluster(cluster)),
             // Before the node: it gets its address on it at apply.
             Mutation::Create(Object::Network(
-                crate::controlapi::network::ingress_network(),
+                crate::controlapi::network::ingress_network(if vni_start == 0 {
+                    crate::controlapi::network::DEFAULT_VNI_START
+                } else {
+                    vni_start
+                }),
             )),
             Mutation::Create(Object::Node(node)),
         ])
@@ -1075,6 +1082,7 @@ pub fn default_cluster_spec(name: &str, raft: pb::RaftConfig) -> pb::ClusterSpec
         orchestration: Some(pb::OrchestrationConfig {
             task_history_per_slot: 5,
         }),
+        network: None,
     }
 }
 

@@ -141,6 +141,12 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
                 if swept > 0 {
                     tracing::info!(swept, "released the networks of removed containers");
                 }
+                // And the records of network namespaces that are gone (any agent's: nobody
+                // can use them any more).
+                let stale = shoal_runtime::network::sweep_stale_state();
+                if stale > 0 {
+                    tracing::info!(stale, "removed the network state of vanished namespaces");
+                }
             });
         }
         shoal_worker::registry::set_cluster_registry_port(&data_dir, a.registry_port)
@@ -452,6 +458,8 @@ async fn remove_all_tasks(data_dir: &Path, executor: &dyn Executor) {
             tracing::error!(task = %id, "removing the task's container: {e}");
         }
     }
+    // And the ones the database never recorded (a create the last agent did not see end).
+    shoal_worker::agent::remove_strays(executor, &Default::default()).await;
     let dir = data_dir.join(shoal_worker::db::WORKER_DIR);
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {

@@ -30,6 +30,10 @@ enum ClusterCommand {
         /// Address other nodes reach this one on (host[:port])
         #[arg(long)]
         advertise_addr: Option<String>,
+        /// VXLAN id of the ingress network; cluster networks get the ones above it (default
+        /// 4096). Clusters whose agents share a network namespace need ranges of their own
+        #[arg(long)]
+        vni_start: Option<u32>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -117,12 +121,17 @@ async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
     match a.command {
         ClusterCommand::Init {
             advertise_addr,
+            vni_start,
             format,
         } => {
+            if vni_start == Some(0) {
+                anyhow::bail!("invalid --vni-start 0: VXLAN ids start at 1");
+            }
             let r = rpc(local
                 .init(pb::InitRequest {
                     advertise_addr: advertise_addr.unwrap_or_default(),
                     cluster_name: String::new(),
+                    vni_start: vni_start.unwrap_or(0),
                 })
                 .await)?;
             if format == Format::Json {
@@ -213,6 +222,7 @@ async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
                         ("Dispatcher", &spec["Dispatcher"]),
                         ("CA", &spec["CAConfig"]),
                         ("Orchestration", &spec["Orchestration"]),
+                        ("Network", &spec["Network"]),
                     ] {
                         if let Some(m) = obj.as_object() {
                             for (k, val) in m {

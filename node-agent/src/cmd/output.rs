@@ -460,6 +460,10 @@ pub fn cluster_json(c: &pb::ClusterResponse) -> Value {
             },
             "CAConfig": {"NodeCertExpiry": format_ms(spec.ca.unwrap_or_default().node_cert_lifetime_ms)},
             "Orchestration": {"TaskHistoryRetentionLimit": spec.orchestration.unwrap_or_default().task_history_per_slot},
+            "Network": {"VNIStart": match spec.network.map_or(0, |n| n.vni_start) {
+                0 => 4096,
+                v => v,
+            }},
         },
         "RootCACert": cl.root_ca_cert_pem,
         "Raft": {"LeaderNodeID": c.leader_node_id, "Term": c.raft_term, "LastApplied": c.raft_last_applied},

@@ -156,7 +156,8 @@ enum RuntimeCommand {
     Resume { id: String },
     /// Delete a container (cgroup, state, mounts)
     Delete {
-        /// Kill it first if it runs
+        /// Kill it first if it runs (a container still being created is waited for; what a
+        /// creator that died half-way left is removed)
         #[arg(short, long)]
         force: bool,
         id: String,
@@ -331,9 +332,14 @@ pub fn run(args: RuntimeArgs) -> Result<()> {
             .resume()
             .with_context(|| format!("resume container {id}"))?,
         RuntimeCommand::Delete { force, id } => {
-            load(&id)?
-                .delete(force)
-                .with_context(|| format!("delete container {id}"))?;
+            if force {
+                // Whatever it is doing, half-made ones included.
+                Container::remove(&root, &id).with_context(|| format!("delete container {id}"))?;
+            } else {
+                load(&id)?
+                    .delete(force)
+                    .with_context(|| format!("delete container {id}"))?;
+            }
             // And the network shoal made for it, if any (a no-op for plain OCI containers).
             shoal_runtime::network::detach(&id)
                 .with_context(|| format!("release the network of container {id}"))?;

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use shoal_tests::cluster::{free_port, shoal_at, ClusterBuilder, Launch, Loopback, Member};
+use shoal_tests::cluster::{
+    free_port, shoal_at, ClusterBuilder, Launch, Loopback, Member, VniLease,
+};
 
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 pub const IMAGE: &str = "busybox:latest";
@@ -162,10 +164,38 @@ impl Node {
         (v["status"] == "running").then(|| v["pid"].as_i64().map(|p| p as i32))?
     }
 
+    /// The pids of the `shoal runtime create` processes working on this node's containers (the
+    /// agent's children; they outlive a killed agent).
+    pub fn creators(&self) -> Vec<i32> {
+        let root = self.data().join(TASK_RUNTIME_DIR);
+        let root = root.to_string_lossy();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let args: Vec<String> = cmd
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                let ours = args.windows(2).any(|w| w[0] == "--root" && w[1] == root)
+                    && args.iter().any(|a| a == "create");
+                ours.then_some(pid)
+            })
+            .collect()
+    }
+
     /// Force-deletes every container of the node (kills them, removes their cgroups). A
-    /// `runtime create` the killed agent started may still finish: the runtime root is watched
-    /// until it stays empty.
+    /// `runtime create` the killed agent started would finish after this looked, with nobody
+    /// left to delete its container: those are killed first (by pid), and what they had made
+    /// is listed as creating and removed whole.
     pub fn remove_containers(&self) {
+        for pid in self.creators() {
+            // SAFETY: kill(2) of a process of this node's agent, by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut quiet = 0;
         while quiet < 3 && Instant::now() < deadline {
@@ -234,6 +264,8 @@ pub struct TaskRow {
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub _root: tempfile::TempDir,
+    /// The cluster's VXLAN ids, apart from those of clusters of tests running beside it.
+    pub vnis: VniLease,
 }
 
 impl Drop for Cluster {
@@ -319,7 +351,11 @@ impl Cluster {
         for n in 1..=size + spare {
             nodes.push(Node::new(root.path(), n, &tar));
         }
-        let mut c = Cluster { nodes, _root: root };
+        let mut c = Cluster {
+            nodes,
+            _root: root,
+            vnis: VniLease::take().unwrap(),
+        };
         for (i, name) in images {
             c.import(*i, name);
         }
@@ -347,6 +383,7 @@ impl Cluster {
         ClusterBuilder::new()
             .managers(managers as usize)
             .heartbeat(heartbeat.0, heartbeat.1)
+            .vni_start(c.vnis.start())
             .wait_ready(CONVERGE)
             .form(&members)
             .unwrap();

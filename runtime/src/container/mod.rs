@@ -37,6 +37,10 @@ const DELETE_TIMEOUT: Duration = Duration::from_secs(10);
 const REMOVE_RETRIES: u32 = 200;
 /// Longest container id (ids name directories and cgroups).
 const MAX_ID_LEN: usize = 128;
+/// How long removing a container that is still being created waits for its creator.
+const CREATOR_WAIT: Duration = Duration::from_secs(40);
+/// Pause between two looks at a creator's lock.
+const CREATOR_POLL: Duration = Duration::from_millis(20);
 
 /// Overlayfs for the root: mounted at the spec's `root.path` inside the container's own mount
 /// namespace, so the host never holds the mount.
@@ -137,6 +141,8 @@ pub enum ContainerError {
     Exec(String),
     #[error("the monitor of container {0} is gone and recorded no exit status")]
     MonitorGone(String),
+    #[error("container {0} is still being created")]
+    Creating(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -331,6 +337,15 @@ impl Container {
             }
             Err(e) => return Err(io_err(format!("create {}", dir.display()))(e)),
         }
+        // Held until this returns (the monitor closes its copy at once): a remover tells a
+        // container still being made from one whose creator died half-way by it.
+        let _creating = match lock_dir(&dir, None) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let mut undo = Undo {
             dir: Some(dir.clone()),
             cgroup: None,
@@ -356,6 +371,9 @@ impl Container {
         undo: &mut Undo,
     ) -> Result<Container> {
         let resources = resources_with_default_devices(spec)?;
+        // Before the cgroup exists, so nothing can make one this dir does not name.
+        std::fs::write(dir.join(state::CGROUP_FILE), cgroup_rel)
+            .map_err(io_err("record the cgroup path"))?;
         let cg = cgroups::create(cgroup_rel, resources.as_ref())?;
         undo.cgroup = Some(cg);
         let plan = plan::build(spec, bundle, cgroup_rel, opts.overlay.clone())?;
@@ -516,12 +534,62 @@ impl Container {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Ok(c) = Container::load(root, &name) {
-                out.push(c.state());
+            match Container::load(root, &name) {
+                Ok(c) => out.push(c.state()),
+                Err(ContainerError::NotFound(_)) if check_id(&name).is_ok() => {
+                    if let Some(s) = half_made(&e.path(), &name) {
+                        out.push(s);
+                    }
+                }
+                Err(_) => {}
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// Removes container `id` whatever it is doing, as `delete --force` does: a container is
+    /// killed and deleted; one still being created is waited for (up to a bound) and then
+    /// deleted; what a creator that died half-way left (a state dir without `state.json`, and
+    /// the cgroup it names, with any process in it) is removed. `NotFound` when there is
+    /// nothing of it.
+    pub fn remove(root: &Path, id: &str) -> Result<()> {
+        check_id(id)?;
+        let dir = root.join(id);
+        match Container::load(root, id) {
+            Ok(c) => return c.delete(true),
+            Err(ContainerError::NotFound(_)) if dir.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+        let _creating = match lock_dir(&dir, Some(CREATOR_WAIT)) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Err(ContainerError::Creating(id.to_string())),
+            // Removed meanwhile by someone else.
+            Err(ContainerError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Err(ContainerError::NotFound(id.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
+        match Container::load(root, id) {
+            // Its creator finished meanwhile.
+            Ok(c) => return c.delete(true),
+            Err(ContainerError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        // Its creator is gone: it either never made the cgroup, or put the init in it (the
+        // monitor, outside it, ends with the init or, without a `go`, by itself).
+        let rel = std::fs::read_to_string(dir.join(state::CGROUP_FILE))
+            .ok()
+            .filter(|r| !r.trim().is_empty())
+            .unwrap_or_else(|| format!("shoal/{id}"));
+        match cgroups::open(rel.trim()) {
+            Ok(cg) => cg.destroy()?,
+            Err(CgroupError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        remove_state_dir(&dir)
     }
 
     /// The container id.
@@ -747,20 +815,7 @@ impl Container {
         if status != Status::Stopped {
             let _ = self.wait_inner(Some(DELETE_TIMEOUT), false);
         }
-        // The monitor may be writing exit.json right now (it writes through its own fd of this
-        // dir, so nothing lands in a later container of the same name): retry while it does.
-        let mut tries = 0;
-        loop {
-            match std::fs::remove_dir_all(&self.dir) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(e) if tries < REMOVE_RETRIES && e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(e) => return Err(io_err(format!("remove {}", self.dir.display()))(e)),
-            }
-        }
+        remove_state_dir(&self.dir)
     }
 
     /// Run another process inside the running container.
@@ -893,6 +948,81 @@ impl Container {
             timed_out,
         })
     }
+}
+
+/// Removes a container's state dir. The monitor may be writing exit.json right now (it writes
+/// through its own fd of this dir, so nothing lands in a later container of the same name):
+/// retry while it does.
+fn remove_state_dir(dir: &Path) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if tries < REMOVE_RETRIES && e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(io_err(format!("remove {}", dir.display()))(e)),
+        }
+    }
+}
+
+/// An exclusive flock on a container's state dir: `None` waits for it, `Some(bound)` gives up
+/// after `bound` with `Ok(None)`.
+fn lock_dir(
+    dir: &Path,
+    bound: Option<Duration>,
+) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let open = || std::fs::File::open(dir).map_err(io_err(format!("open {}", dir.display())));
+    let Some(bound) = bound else {
+        return Flock::lock(open()?, FlockArg::LockExclusive)
+            .map(Some)
+            .map_err(|(_, e)| io_err(format!("lock {}", dir.display()))(e.into()));
+    };
+    let deadline = Instant::now() + bound;
+    let mut f = open()?;
+    loop {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(Some(l)),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                f = back;
+                std::thread::sleep(CREATOR_POLL);
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, e)) => return Err(io_err(format!("lock {}", dir.display()))(e.into())),
+        }
+    }
+}
+
+/// The state of a container that has a state dir but no `state.json` yet: being created, or
+/// left by a creator that died half-way (`None` for anything else in the root).
+fn half_made(dir: &Path, id: &str) -> Option<State> {
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    if !meta.is_dir() {
+        return None;
+    }
+    let created = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    Some(State {
+        oci_version: String::new(),
+        id: id.to_string(),
+        status: Status::Creating,
+        pid: 0,
+        bundle: PathBuf::new(),
+        annotations: Default::default(),
+        created,
+        init_start_time: 0,
+        monitor_pid: 0,
+        monitor_start_time: 0,
+        cgroup: std::fs::read_to_string(dir.join(state::CGROUP_FILE))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+    })
 }
 
 /// A process started by [`Container::exec`].

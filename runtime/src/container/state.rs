@@ -84,6 +84,9 @@ impl ExitStatus {
 pub const STATE_FILE: &str = "state.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const START_SOCKET: &str = "start.sock";
+/// The container's cgroup path, written before the cgroup is made: a container whose creator
+/// died half-way (no `state.json` yet) can still be removed whole.
+pub const CGROUP_FILE: &str = "cgroup";
 
 /// Write `data` to `dir/name` so a reader sees the old file or the whole new one; when
 /// `durable`, the new one also survives a crash once this returns (fsync of file and dir).

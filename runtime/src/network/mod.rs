@@ -390,21 +390,97 @@ pub(super) fn netns_ino() -> Result<u64> {
         .ino())
 }
 
+/// Attempts at locking a state dir that its last user is removing at the same moment.
+const LOCK_ATTEMPTS: u32 = 100;
+
 /// An exclusive lock on a bridge's state dir (made if missing).
 pub(super) fn lock_state(state: &Path) -> Result<nix::fcntl::Flock<File>> {
+    let p = state.join("lock");
+    for _ in 0..LOCK_ATTEMPTS {
+        std::fs::create_dir_all(state).map_err(io_err(format!("create {}", state.display())))?;
+        let f = match std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+        {
+            Ok(f) => f,
+            // Removed between the two calls: again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(format!("open {}", p.display()))(e)),
+        };
+        let Some(lock) = lock_current(f, &p)? else {
+            continue;
+        };
+        for d in ["ip", "ports"] {
+            std::fs::create_dir_all(state.join(d))
+                .map_err(io_err(format!("create {}", state.display())))?;
+        }
+        return Ok(lock);
+    }
+    Err(NetError::Io {
+        what: format!("lock {}", p.display()),
+        source: io::Error::other("the state dir kept being removed"),
+    })
+}
+
+/// An exclusive lock on an existing state dir; `None` when there is none (nothing to
+/// release there: a state dir is removed only once it holds no record).
+pub(super) fn lock_existing(state: &Path) -> Result<Option<nix::fcntl::Flock<File>>> {
+    let p = state.join("lock");
+    let f = match std::fs::OpenOptions::new().write(true).open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(format!("open {}", p.display()))(e)),
+    };
+    lock_current(f, &p)
+}
+
+/// Locks `f` (the state dir's lock file `p`, opened): `None` when, once locked, it is no longer
+/// the file at `p` (its state dir was removed meanwhile).
+fn lock_current(f: File, p: &Path) -> Result<Option<nix::fcntl::Flock<File>>> {
+    let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io_err(format!("lock {}", p.display()))(e.into()))?;
+    let held = lock
+        .metadata()
+        .map_err(io_err(format!("stat {}", p.display())))?;
+    match std::fs::metadata(p) {
+        Ok(m) if m.ino() == held.ino() && m.dev() == held.dev() => Ok(Some(lock)),
+        _ => Ok(None),
+    }
+}
+
+/// Removes a state dir that holds no record any more (its lock held by the caller): a state
+/// dir lives only while something in its namespace holds an address, a port or an overlay
+/// membership. Anyone waiting for the lock finds, once it has it, that the file is gone and
+/// starts over; anyone arriving later makes a fresh dir.
+pub(super) fn remove_if_empty(state: &Path) -> Result<()> {
+    let empty = |d: &str| {
+        std::fs::read_dir(state.join(d))
+            .map(|mut e| e.next().is_none())
+            .unwrap_or(true)
+    };
+    if !(empty("ip") && empty("ports")) {
+        return Ok(());
+    }
     for d in ["ip", "ports"] {
-        std::fs::create_dir_all(state.join(d))
-            .map_err(io_err(format!("create {}", state.display())))?;
+        match std::fs::remove_dir(state.join(d)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err(format!("remove {}", state.join(d).display()))(e))
+            }
+            _ => {}
+        }
     }
     let p = state.join("lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .map_err(io_err(format!("open {}", p.display())))?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| io_err(format!("lock {}", p.display()))(e.into()))
+    match std::fs::remove_file(&p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io_err(format!("remove {}", p.display()))(e))
+        }
+        _ => {}
+    }
+    // Fails harmlessly when someone made a new lock in it meanwhile.
+    let _ = std::fs::remove_dir(state);
+    Ok(())
 }
 
 /// The host end of container `id`'s veth pair.
@@ -643,13 +719,12 @@ pub fn detach(id: &str) -> Result<()> {
 }
 
 fn detach_bridge(id: &str, state: &Path, bridge: &str) -> Result<()> {
-    if !state.exists() {
-        return Ok(());
-    }
     // Kernel objects only in the namespace they were made in: another one may have a bridge
     // of the same name (test hosts). Elsewhere only the records are released.
     let here = state_dir(bridge)? == state;
-    let _lock = lock_state(state)?;
+    let Some(_lock) = lock_existing(state)? else {
+        return Ok(());
+    };
     let cfg = BridgeConfig {
         name: bridge.to_string(),
         subnet: BridgeConfig::default().subnet,
@@ -670,7 +745,113 @@ fn detach_bridge(id: &str, state: &Path, bridge: &str) -> Result<()> {
     if here && empty {
         cmd::remove_bridge(&cfg)?;
     }
-    Ok(())
+    remove_if_empty(state)
+}
+
+/// Removes the state dirs (`<name>@<inode>` under `/run/shoal/net`) of network namespaces that
+/// no longer exist: a test bed host removed without its containers' networks released, say.
+/// A namespace is alive while a process or thread is in it, a file descriptor holds it or a
+/// mount (in any mount namespace) pins it. Returns how many were removed.
+pub fn sweep_stale_state() -> usize {
+    let net = Path::new(RUN_DIR).join("net");
+    let stale = |live: &std::collections::HashSet<u64>| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&net)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.rsplit_once('@'))
+                    .and_then(|(_, ino)| ino.parse::<u64>().ok())
+                    .is_some_and(|ino| !live.contains(&ino))
+            })
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v
+    };
+    let candidates = stale(&live_netns());
+    if candidates.is_empty() {
+        return 0;
+    }
+    // Locked, then looked at again: an inode freed by a dead namespace may belong to a new
+    // one by now, whose first container is using the dir.
+    let mut locks = Vec::new();
+    for c in candidates {
+        match lock_existing(&c) {
+            Ok(Some(l)) => locks.push((c, l)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("sweep {}: {e}", c.display()),
+        }
+    }
+    let still = stale(&live_netns());
+    let mut n = 0;
+    for (c, _lock) in locks.iter().filter(|(c, _)| still.contains(c)) {
+        match purge(c).and_then(|()| remove_if_empty(c)) {
+            Ok(()) => n += 1,
+            Err(e) => tracing::warn!("sweep {}: {e}", c.display()),
+        }
+    }
+    n
+}
+
+/// The inodes of every network namespace in use on this machine (as far as this process can
+/// see: it must run in the machine's pid namespace).
+pub fn live_netns() -> std::collections::HashSet<u64> {
+    let mut live = std::collections::HashSet::new();
+    let mut mount_nss = std::collections::HashSet::new();
+    let ns_ino =
+        |link: &str| -> Option<u64> { link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok() };
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = p.file_name();
+        if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let dir = p.path();
+        for t in std::fs::read_dir(dir.join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(m) = std::fs::metadata(t.path().join("ns/net")) {
+                live.insert(m.ino());
+            }
+        }
+        for fd in std::fs::read_dir(dir.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(ino) = std::fs::read_link(fd.path())
+                .ok()
+                .and_then(|l| ns_ino(&l.to_string_lossy()))
+            {
+                live.insert(ino);
+            }
+        }
+        // Namespace files bind-mounted somewhere (`ip netns`, shoal's own): once per mount
+        // namespace.
+        let Ok(mnt) = std::fs::metadata(dir.join("ns/mnt")) else {
+            continue;
+        };
+        if !mount_nss.insert(mnt.ino()) {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(dir.join("mountinfo")) else {
+            continue;
+        };
+        for l in info.lines() {
+            let f: Vec<&str> = l.split(' ').collect();
+            let fstype = f.iter().position(|w| *w == "-").and_then(|i| f.get(i + 1));
+            if fstype == Some(&"nsfs") {
+                if let Some(ino) = f.get(3).and_then(|root| ns_ino(root)) {
+                    live.insert(ino);
+                }
+            }
+        }
+    }
+    live
 }
 
 /// Detach every container of `containers_dir` whose network this machine still holds although

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{cmd, io_err, lock_state, mac_for, owned_by, NetError, Result, IFNAME_MAX};
+use super::{
+    cmd, io_err, lock_existing, lock_state, mac_for, owned_by, remove_if_empty, NetError, Result,
+    IFNAME_MAX,
+};
 
 /// The VXLAN UDP port (IANA's).
 pub const VXLAN_PORT: u16 = 4789;
@@ -175,9 +178,6 @@ pub(super) fn join(
 /// objects when called from the namespace they were made in.
 pub(super) fn leave(id: &str, states: &[PathBuf]) -> Result<()> {
     for (i, state) in states.iter().enumerate() {
-        if !state.exists() {
-            continue;
-        }
         let vni: Option<u32> = state
             .file_name()
             .and_then(|n| n.to_str())
@@ -185,7 +185,9 @@ pub(super) fn leave(id: &str, states: &[PathBuf]) -> Result<()> {
             .and_then(|n| n.split('@').next())
             .and_then(|n| n.parse().ok());
         let here = vni.is_some_and(|v| state_dir(v).is_ok_and(|s| s == *state));
-        let _lock = lock_state(state)?;
+        let Some(_lock) = lock_existing(state)? else {
+            continue;
+        };
         let veth = veth_name(id, i);
         if here && cmd::link_exists(&veth) {
             cmd::ip_batch("remove the overlay veth", &format!("link del {veth}\n"))?;
@@ -203,6 +205,7 @@ pub(super) fn leave(id: &str, states: &[PathBuf]) -> Result<()> {
                 }
             }
         }
+        remove_if_empty(state)?;
     }
     Ok(())
 }
@@ -221,7 +224,9 @@ pub fn set_peers(peers: &[Ipv4Addr]) -> Result<()> {
         else {
             continue;
         };
-        let _lock = lock_state(&e.path())?;
+        let Some(_lock) = lock_existing(&e.path())? else {
+            continue;
+        };
         if cmd::link_exists(&vxlan_name(vni)) {
             if let Err(err) = sync_peers(vni, peers) {
                 first_err.get_or_insert(err);

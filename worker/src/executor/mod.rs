@@ -97,6 +97,12 @@ pub trait Executor: Send + Sync + 'static {
     async fn remove(&self, task_id: &str) -> Result<(), ExecError>;
     /// What is there now of the task's container.
     async fn probe(&self, task_id: &str) -> Result<Probe, ExecError>;
+    /// The ids of every task container this executor holds on the node, made, half-made or
+    /// partly removed (only its own: another agent's on the same machine are not listed), so
+    /// that an agent can remove the ones it has no task for.
+    async fn held(&self) -> Result<Vec<String>, ExecError> {
+        Ok(Vec::new())
+    }
     /// The health check the task's image declares (docker's HEALTHCHECK), if any.
     async fn image_healthcheck(
         &self,

@@ -1281,8 +1281,10 @@ impl Executor for RuntimeExecutor {
         let dir = self.task_dir(task_id);
         let files_dir = self.files_dir(task_id);
         blocking(move || {
-            if let Some(c) = load(&root, &id)? {
-                c.delete(true).map_err(runtime_err)?;
+            // Half-made ones too (a create whose agent died): their cgroups go with them.
+            match Container::remove(&root, &id) {
+                Ok(()) | Err(ContainerError::NotFound(_)) => {}
+                Err(e) => return Err(runtime_err(e)),
             }
             super::files::remove(&files_dir)?;
             network::detach(&id).map_err(runtime_err)?;
@@ -1291,6 +1293,38 @@ impl Executor for RuntimeExecutor {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(ExecError::Runtime(format!("remove {}: {e}", dir.display()))),
             }
+        })
+        .await
+    }
+
+    async fn held(&self) -> Result<Vec<String>, ExecError> {
+        let (root, containers) = (
+            self.cfg.state_root.clone(),
+            self.cfg.data_dir.join(CONTAINERS_DIR),
+        );
+        blocking(move || {
+            let mut ids: std::collections::BTreeSet<String> = Container::list(&root)
+                .map_err(runtime_err)?
+                .into_iter()
+                .map(|s| s.id)
+                .collect();
+            // Task dirs whose container is gone (a removal cut short): a task's has its bundle;
+            // a front-door container's (same dir) has its record instead.
+            for e in std::fs::read_dir(&containers)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let p = e.path();
+                if !id.starts_with('.')
+                    && p.join("bundle").is_dir()
+                    && !p.join(shoal_runtime::frontdoor::RECORD_FILE).exists()
+                {
+                    ids.insert(id);
+                }
+            }
+            Ok(ids.into_iter().collect())
         })
         .await
     }
@@ -1380,7 +1414,12 @@ impl Executor for RuntimeExecutor {
         }
         blocking(move || {
             let Some(c) = load(&root, &id)? else {
-                return Ok(Probe::Missing);
+                // Half-made (its creator died, or is still at it): never started.
+                return Ok(if root.join(&id).is_dir() {
+                    Probe::Created
+                } else {
+                    Probe::Missing
+                });
             };
             let st = c.state();
             Ok(match st.status {
