@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     /// Reports not yet acknowledged by a dispatcher, latest per task.
     pending: Mutex<BTreeMap<String, TaskStatus>>,
     pending_added: Notify,
+    /// Whether the containers no task owns were swept (once, at the first full set).
+    strays_swept: std::sync::atomic::AtomicBool,
     reports_tx: mpsc::Sender<Report>,
     /// Log subscriptions this node is serving now, by id, with the way to add tasks to one.
     pub log_subs: Mutex<HashMap<String, crate::logs::MoreTasks>>,
@@ -166,6 +168,22 @@ impl Shared {
             }
         }
         let mut ctls = lock(&self.controllers);
+        if a.full
+            && !self
+                .strays_swept
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // The containers neither a stored task nor this set owns: the task database may
+            // lack a task the agent started just before it was killed (its last writes unflushed),
+            // and the dispatcher still holds it — only the first full set tells them apart.
+            // (A stored task this set lacks was removed while the agent was down: not kept.)
+            let mut keep: HashSet<String> = ctls.keys().cloned().collect();
+            keep.extend(tasks.iter().map(|t| task_id(t).to_string()));
+            let executor = self.executor.clone();
+            tokio::spawn(async move {
+                remove_strays(executor.as_ref(), &keep).await;
+            });
+        }
         let mut removed: Vec<String> = a.removed;
         if a.full {
             let keep: HashSet<&str> = tasks.iter().map(task_id).collect();
@@ -399,7 +417,8 @@ async fn open_db(dir: &std::path::Path) -> Result<TaskDb, WorkerError> {
     }
 }
 
-/// Removes every container the executor holds that none of the tasks `keep` names, with its
+/// Removes every container the executor holds that none of the tasks `keep` names (at the
+/// dispatcher's first full set: the controllers and the set's tasks), with its
 /// cgroups, network, files and dir: the container of a task removed while the agent was down
 /// before the agent had recorded it as started (an agent killed mid-create), half-made ones, and
 /// what a removal cut short left. Returns how many were removed.
@@ -464,6 +483,7 @@ impl Agent {
             statuses: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             pending_added: Notify::new(),
+            strays_swept: std::sync::atomic::AtomicBool::new(false),
             reports_tx,
             log_subs: Mutex::new(Default::default()),
         });
@@ -482,9 +502,6 @@ impl Agent {
                 ctls.insert(id, shared.spawn(t, status));
             }
         }
-        // Before the session: a task waiting for it must not start while its stray goes.
-        let keep: HashSet<String> = lock(&shared.controllers).keys().cloned().collect();
-        remove_strays(shared.executor.as_ref(), &keep).await;
         let tasks = vec![
             tokio::spawn(record(shared.clone(), reports_rx)),
             tokio::spawn(send_reports(shared.clone())),
