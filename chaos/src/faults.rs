@@ -62,8 +62,12 @@ const LEAD_ATTEMPTS: usize = 1;
 /// How long a stopped leader's successor is waited for.
 const SUCCESSOR_WAIT: Duration = Duration::from_secs(8);
 /// Big writes made while the disk is full, and the label bytes each carries.
-const PRESSURE_WRITES: usize = 12;
-const PRESSURE_LABELS: usize = 64 * 1024;
+const PRESSURE_WRITES: usize = 16;
+const PRESSURE_LABELS: usize = 48 * 1024;
+// Each pressure write must be a write the control API takes (its labels bound, keys included).
+const _: () = assert!(
+    PRESSURE_LABELS + PRESSURE_LABELS / 8 < shoal_manager::controlapi::validate::MAX_LABELS_BYTES
+);
 /// Size of one ballast label's value (the control API allows 4 KiB).
 const LABEL_VALUE_BYTES: usize = 4000;
 /// The disk stays full at least this long (the big writes take their time).
