@@ -35,7 +35,7 @@ use crate::store::{Mutation, Object};
 use crate::tls::NodeTls;
 
 mod stall;
-pub use stall::watch as watch_stalls;
+pub use stall::{wait_for_room, watch as watch_stalls, watch_start, StartWatch, START_DEADLINE};
 
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";

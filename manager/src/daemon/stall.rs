@@ -12,8 +12,8 @@
 //! `watch_raft` would — once the data dir has room again. Containers are separate processes
 //! and the restarted agent adopts them.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,12 @@ const CHECK: Duration = Duration::from_secs(1);
 const LATE: Duration = Duration::from_secs(3);
 /// How long the pulse may stand still before the runtime is taken as wedged.
 pub const STALL_AFTER: Duration = Duration::from_secs(20);
+
+/// How long the agent's start (opening its stores, resuming its role; no network wait) may
+/// take before it is taken as hung on its disk.
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
+/// While the agent waits for room to start, how often it says it still does.
+const WAIT_SAY_EVERY: u32 = 30;
 
 /// What the thread has seen so far.
 #[derive(Debug, Default)]
@@ -96,6 +102,92 @@ pub fn watch(data_dir: PathBuf) {
         });
     if let Err(e) = spawned {
         tracing::warn!("no runtime stall watch: {e}");
+    }
+}
+
+/// Before the agent opens its stores: on a data dir without room they fail or wedge at once
+/// (chaos seed 20261208007: an agent SIGKILLed and restarted on a full tmpfs opened sled and
+/// hung for good, without a word and without its socket, even once space returned). Waits,
+/// saying so, until `data_dir` takes [`super::RAFT_RESTART_FREE_BYTES`]. A data dir that does
+/// not exist yet is made later, by the start itself.
+pub fn wait_for_room(data_dir: &Path) {
+    match nix::sys::statvfs::statvfs(data_dir) {
+        Err(_) => return,
+        Ok(s) if s.blocks_available() * s.fragment_size() >= 2 * super::RAFT_RESTART_FREE_BYTES => {
+            return
+        }
+        Ok(_) => {}
+    }
+    let mut looks = 0u32;
+    while !super::has_room_now(data_dir) {
+        if looks.is_multiple_of(WAIT_SAY_EVERY) {
+            tracing::error!(
+                "{} has less than {} MiB free: the agent waits for room before it opens its \
+                 stores (is the disk full?)",
+                data_dir.display(),
+                super::RAFT_RESTART_FREE_BYTES >> 20
+            );
+        }
+        looks += 1;
+        std::thread::sleep(super::RAFT_CHECK_INTERVAL);
+    }
+    if looks > 0 {
+        tracing::warn!("{} has room again: the agent starts", data_dir.display());
+    }
+}
+
+/// Watches the agent's start from an OS thread until [`StartWatch::started`]: a start that
+/// has not finished in [`START_DEADLINE`] (counted in looks made on time, so a stopped
+/// process does not count) hangs on its disk — the disk filled up or stopped while the stores
+/// opened — and the agent starts afresh once the data dir has room.
+pub fn watch_start(data_dir: PathBuf) -> StartWatch {
+    let done = Arc::new(AtomicBool::new(false));
+    let seen = done.clone();
+    let spawned = std::thread::Builder::new()
+        .name("shoal-start-watch".into())
+        .spawn(move || {
+            let mut waited = Duration::ZERO;
+            while !seen.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                std::thread::sleep(CHECK);
+                let took = t.elapsed();
+                if took < LATE {
+                    waited += took;
+                }
+                if waited < START_DEADLINE || seen.load(Ordering::Relaxed) {
+                    continue;
+                }
+                tracing::error!(
+                    "the agent has not started in {:?} (opening its stores hangs: is the disk \
+                     full or stuck?); it starts afresh once {} has {} MiB free",
+                    START_DEADLINE,
+                    data_dir.display(),
+                    super::RAFT_RESTART_FREE_BYTES >> 20
+                );
+                while !super::has_room_now(&data_dir) {
+                    std::thread::sleep(super::RAFT_CHECK_INTERVAL);
+                }
+                super::reexec();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no start watch: {e}");
+    }
+    StartWatch(done)
+}
+
+/// The start watch of [`watch_start`]; it ends at [`StartWatch::started`] or when dropped.
+#[derive(Debug)]
+pub struct StartWatch(Arc<AtomicBool>);
+
+impl StartWatch {
+    /// The agent is up: the watch ends.
+    pub fn started(self) {}
+}
+
+impl Drop for StartWatch {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

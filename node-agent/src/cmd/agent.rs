@@ -113,6 +113,10 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let data_dir = std::path::absolute(&a.data_dir)
             .with_context(|| format!("data dir {}", a.data_dir.display()))?;
+        // A full disk would fail or wedge the stores as they open: wait for room first, and
+        // take a start that hangs anyway (the disk filled up or stopped meanwhile) as stuck.
+        shoal_manager::daemon::wait_for_room(&data_dir);
+        let start_watch = shoal_manager::daemon::watch_start(data_dir.clone());
         let bridge = shoal_runtime::network::BridgeConfig::new(&a.bridge, &a.bridge_subnet)?;
         let executor: Arc<dyn Executor> = match a.executor {
             ExecutorArg::Runtime => {
@@ -165,6 +169,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
             .context("starting the shoal daemon")?;
         // A runtime wedged by its store (a failed disk) cannot notice it itself.
         shoal_manager::daemon::watch_stalls(data_dir.clone());
+        start_watch.started();
         let (stop_tx, stop_rx) = watch::channel(false);
         let registry = (a.registry_port != 0).then(|| {
             tokio::spawn(serve_cluster_registry(
