@@ -140,13 +140,18 @@ fn ballast() -> Vec<String> {
 
 /// Creates service `name` (no replicas) through `h`; with ballast labels when `big`.
 fn create(h: &Host, name: &str, big: bool) -> Result<(), String> {
+    create_within(h, CALL_SECS, name, big)
+}
+
+/// [`create`] bounded by `secs` seconds.
+fn create_within(h: &Host, secs: u32, name: &str, big: bool) -> Result<(), String> {
     let labels = if big { ballast() } else { Vec::new() };
     let mut args = vec!["service", "create", "-d", "--name", name, "--replicas", "0"];
     for l in &labels {
         args.extend(["--label", l.as_str()]);
     }
     args.extend(["busybox:latest", "sleep", "1"]);
-    shoal(h, &args).map(drop)
+    h.shoal_within(secs, &args).map(drop)
 }
 
 /// Every service name `h` lists.
@@ -370,17 +375,7 @@ fn round(tb: &Testbed, fs: &LoopFs, old: &Host, fault: Fault, round: usize, acke
     // its Raft core quit on the error or hangs on it without one.
     if fault == Fault::Full {
         let name = format!("r{round}-via-old");
-        let args = [
-            "service",
-            "create",
-            "-d",
-            "--name",
-            &name,
-            "--replicas",
-            "0",
-            "busybox:latest",
-        ];
-        match old.shoal_within(PROPOSE_ANSWER_SECS, &args) {
+        match create_within(old, PROPOSE_ANSWER_SECS, &name, false) {
             Ok(_) => acked.lock().unwrap().push(name),
             Err(e) => assert!(
                 ["space", "disk", "full"].iter().any(|w| e.contains(w)),

@@ -43,18 +43,18 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 pub const LEADER_RETRIES: usize = 3;
 /// How long a proposal may wait to be committed (no quorum = never).
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a proposal that timed out waits for this manager's own Raft core to answer.
+const CORE_PROBE: Duration = Duration::from_millis(500);
 
 /// Why this manager's Raft stopped, when it did on an error (a full disk's, say): openraft's
 /// own answers then say only "raft stopped".
-pub(crate) fn stopped_because(raft: &Raft) -> Option<String> {
+fn stopped_because(raft: &Raft) -> Option<String> {
     match &raft.metrics().borrow().running_state {
         Err(e) => Some(format!("this manager's raft stopped: {e}")),
         Ok(()) => None,
     }
 }
 
-/// How long a proposal that timed out waits for this manager's own Raft core to answer.
-const CORE_PROBE: Duration = Duration::from_millis(500);
 /// Pause before retrying a call whose leader changed under it.
 pub const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Messages larger than this are refused (a service spec is a few KiB).

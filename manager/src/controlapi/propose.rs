@@ -168,9 +168,8 @@ async fn write(raft: &Raft, cmd: Command) -> Result<Response, Status> {
         ProposeRefused::NotLeader => {
             Status::unavailable("this manager lost leadership; retry the request")
         }
-        e @ ProposeRefused::Raft(_) => {
-            Status::unavailable(super::stopped_because(raft).unwrap_or_else(|| e.to_string()))
-        }
+        // The control API gives a stopped Raft's cause (`ControlApi::unavailable`).
+        e @ ProposeRefused::Raft(_) => Status::unavailable(e.to_string()),
     })
 }
 
