@@ -537,20 +537,7 @@ impl Host {
     /// Starts `shoal agent` in the host (`testbed.sh agent`) and waits until its control
     /// socket accepts connections; returns the agent's pid.
     pub fn spawn_agent(&self, extra: &[&str]) -> Result<u32, TestbedError> {
-        let bin = self.shoal_path()?;
-        // A socket file left by a killed agent must not pass for the new one being ready.
-        let _ = fs::remove_file(self.socket());
-        let mut cmd = Command::new("bash");
-        cmd.arg(&self.script)
-            .arg("agent")
-            .arg(&self.name)
-            .args(extra)
-            .env("SHOAL_BIN", bin);
-        let out = run_ok(&mut cmd)?;
-        let pid: u32 = out.trim().parse().map_err(|_| TestbedError::BadOutput {
-            cmd: describe(&cmd),
-            output: out.trim().to_string(),
-        })?;
+        let pid = self.spawn_agent_unready(extra)?;
         let deadline = Instant::now() + AGENT_READY_TIMEOUT;
         loop {
             if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
@@ -570,6 +557,24 @@ impl Host {
             }
             sleep(POLL);
         }
+    }
+
+    /// Starts `shoal agent` in the host without waiting for its socket; returns its pid.
+    pub fn spawn_agent_unready(&self, extra: &[&str]) -> Result<u32, TestbedError> {
+        let bin = self.shoal_path()?;
+        // A socket file left by a killed agent must not pass for the new one being ready.
+        let _ = fs::remove_file(self.socket());
+        let mut cmd = Command::new("bash");
+        cmd.arg(&self.script)
+            .arg("agent")
+            .arg(&self.name)
+            .args(extra)
+            .env("SHOAL_BIN", bin);
+        let out = run_ok(&mut cmd)?;
+        out.trim().parse().map_err(|_| TestbedError::BadOutput {
+            cmd: describe(&cmd),
+            output: out.trim().to_string(),
+        })
     }
 
     /// The agent's pid while it runs (stopped counts as running).
