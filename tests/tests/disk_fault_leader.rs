@@ -475,6 +475,15 @@ fn round(tb: &Testbed, fs: &LoopFs, old: &Host, fault: Fault, round: usize, acke
         old.name(),
         start.elapsed().as_secs_f64()
     );
+    // Started afresh or not, `ps` shows the agent as it was started.
+    let pid = old.agent_pid().expect("the old leader's agent runs");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let arg0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    assert_ne!(
+        String::from_utf8_lossy(arg0),
+        "/proc/self/exe",
+        "round {round}: the agent started afresh shows in ps as /proc/self/exe"
+    );
 }
 
 /// On a failure, keeps every agent's log (the test bed's directories go with it).

@@ -70,8 +70,12 @@ pub const EXIT_REEXEC_FAILED: i32 = 75;
 /// again at start) are unaffected; every descriptor is close-on-exec, so locks go with it.
 fn reexec() -> ! {
     use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    // `ps` keeps showing the command as it was started, not `/proc/self/exe agent …`.
+    let arg0 = args.next().unwrap_or_else(|| "shoal".into());
     let err = std::process::Command::new("/proc/self/exe")
-        .args(std::env::args_os().skip(1))
+        .arg0(arg0)
+        .args(args)
         .exec();
     tracing::error!("starting the agent afresh: {err}; exiting");
     std::process::exit(EXIT_REEXEC_FAILED)
