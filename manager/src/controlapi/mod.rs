@@ -48,9 +48,9 @@ const CORE_PROBE: Duration = Duration::from_millis(500);
 
 /// Why this manager's Raft stopped, when it did on an error (a full disk's, say): openraft's
 /// own answers then say only "raft stopped".
-fn stopped_because(raft: &Raft) -> Option<String> {
+fn stopped_because(raft: &Raft, node_id: &str) -> Option<String> {
     match &raft.metrics().borrow().running_state {
-        Err(e) => Some(format!("this manager's raft stopped: {e}")),
+        Err(e) => Some(format!("the raft of manager {node_id} stopped: {e}")),
         Ok(()) => None,
     }
 }
@@ -141,8 +141,8 @@ impl ControlApi {
             .inner
             .stopped
             .get()
-            .map(|w| format!("this manager's raft stopped: {w}"))
-            .or_else(|| stopped_because(&self.inner.raft));
+            .map(|w| format!("the raft of manager {} stopped: {w}", self.inner.node_id))
+            .or_else(|| stopped_because(&self.inner.raft, &self.inner.node_id));
         Status::unavailable(why.unwrap_or(fallback))
     }
 
@@ -349,10 +349,11 @@ impl ControlApi {
                 "the write was not committed in time: the managers may have lost quorum",
             )
         } else {
-            Status::unavailable(
-                "the write was not committed in time: this manager's raft store does not answer \
-                 (its disk may be full or stuck); retry through another manager",
-            )
+            Status::unavailable(format!(
+                "the write was not committed in time: the raft store of manager {} does not \
+                 answer (its disk may be full or stuck); retry through another manager",
+                self.inner.node_id
+            ))
         }
     }
 
