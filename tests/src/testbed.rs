@@ -543,6 +543,8 @@ impl Host {
             if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
                 return Ok(pid);
             }
+            // (Not `runs_here`: until `nsenter` has run, the pid is the starting shell's, still
+            // in the root namespace.)
             if !pid_alive(pid) {
                 return Err(TestbedError::AgentDied {
                     host: self.name.clone(),
@@ -584,7 +586,21 @@ impl Host {
             .trim()
             .parse()
             .ok()?;
-        pid_alive(pid).then_some(pid)
+        self.runs_here(pid).then_some(pid)
+    }
+
+    /// Whether `pid` is a live process in this host's network namespace: pids are reused (a
+    /// busy 2-core machine wraps its 32,768 in minutes), so a recorded agent pid alone may name
+    /// another process once the agent is gone (chaos seed 20261208101: a killed leader's pid,
+    /// taken by a build job, passed for its agent and kept it from being restarted).
+    pub fn runs_here(&self, pid: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |p: String| fs::metadata(p).map(|m| (m.dev(), m.ino()));
+        pid_alive(pid)
+            && matches!(
+                (ns(format!("/proc/{pid}/ns/net")), ns(format!("/run/netns/{}", self.name))),
+                (Ok(a), Ok(b)) if a == b
+            )
     }
 
     /// Sends `sig` to the host's agent; returns once a kill has ended it, a stop has stopped it
@@ -602,7 +618,7 @@ impl Host {
         match sig {
             Signal::Kill => self.wait_exit(pid, KILL_TIMEOUT),
             Signal::Stop => self.wait_for(KILL_TIMEOUT, "the agent to stop", || {
-                pid_stopped(pid) || !pid_alive(pid)
+                pid_stopped(pid) || !self.runs_here(pid)
             }),
             Signal::Cont => {
                 self.wait_for(KILL_TIMEOUT, "the agent to continue", || !pid_stopped(pid))
@@ -632,7 +648,9 @@ impl Host {
 
     /// Waits until process `pid` has exited.
     pub fn wait_exit(&self, pid: u32, timeout: Duration) -> Result<(), TestbedError> {
-        self.wait_for(timeout, &format!("pid {pid} to exit"), || !pid_alive(pid))
+        self.wait_for(timeout, &format!("pid {pid} to exit"), || {
+            !self.runs_here(pid)
+        })
     }
 
     /// Runs `f` on a thread that has joined this host's network namespace: sockets it makes

@@ -254,6 +254,10 @@ fn up_and_down_are_idempotent() {
         "up 5 remade the first three hosts"
     );
     assert!(pid_alive(sleeper_pid), "up 5 disturbed a process in h1");
+    // A pid counts as a host's only while it lives in that host (pids are reused).
+    assert!(tb.host(1).expect("h1").runs_here(sleeper_pid));
+    assert!(!tb.host(2).expect("h2").runs_here(sleeper_pid));
+    assert!(!tb.host(1).expect("h1").runs_here(std::process::id()));
     let (h1, h5) = (tb.host(1).expect("h1"), tb.host(5).expect("h5"));
     assert!(pings(h5, h1.addr()));
     assert!(pings(h1, h5.addr()));
