@@ -249,3 +249,65 @@ fn a_missing_bind_source_fails_the_task_and_a_present_one_is_seen() {
         "{inspect}"
     );
 }
+
+#[test]
+fn a_stack_mounts_its_volumes_and_binds() {
+    let c = Cluster::new(1, 1);
+    let m = &c.nodes[0];
+    let dir = c._root.path();
+    std::fs::create_dir(dir.join("conf")).unwrap();
+    std::fs::write(dir.join("conf/app.ini"), "mode=stack\n").unwrap();
+    let file = dir.join("stack.yml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"services:
+  db:
+    image: {IMAGE}
+    command: ["sh", "-c", "cat /conf/app.ini > /data/copied; touch /conf/x 2>&1; exec sleep 600"]
+    volumes:
+      - data:/data
+      - type: bind
+        source: ./conf
+        target: /conf
+        read_only: true
+volumes:
+  data:
+    labels: [purpose=test]
+"#
+        ),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    m.ok(&["stack", "deploy", "-c", f, "--resolve-image", "never", "st"]);
+    let (task, _) = running_task(&c, "st_db");
+    // The node's volume st_data, labelled with the stack, holds what the task wrote there.
+    let data = m.data().join("volumes/st_data/_data/copied");
+    c.until("the task's file in the volume", || {
+        std::fs::read_to_string(&data).is_ok_and(|s| s == "mode=stack\n")
+    });
+    let v: serde_json::Value =
+        serde_json::from_str(&m.ok(&["volume", "inspect", "st_data"])).unwrap();
+    assert_eq!(v[0]["Labels"]["purpose"], "test", "{v}");
+    assert_eq!(v[0]["Labels"]["com.docker.stack.namespace"], "st", "{v}");
+    let log = m
+        .data()
+        .join("containers")
+        .join(&task)
+        .join("container.log");
+    c.until("the refused write in the log", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Read-only file system"))
+    });
+    assert!(!dir.join("conf/x").exists());
+
+    // A volume the file does not declare is refused by name and line.
+    std::fs::write(
+        &file,
+        format!("services:\n  db:\n    image: {IMAGE}\n    volumes: [other:/o]\n"),
+    )
+    .unwrap();
+    one_line_failure(
+        &m.shoal(&["stack", "deploy", "-c", f, "--resolve-image", "never", "st"]),
+        "stack.yml:4: services.db.volumes: volume other is not declared under the top-level volumes:",
+    );
+}
