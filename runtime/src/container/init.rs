@@ -196,13 +196,18 @@ fn mount_one(root: &Path, m: &MountPlan, plan: &Plan) -> R {
         let via_fd = held
             .as_ref()
             .map(|fd| super::mountsrc::proc_fd(fd.as_raw_fd()));
-        mnt(
+        mount(
             Some(via_fd.as_deref().unwrap_or(src)),
             &dest,
-            None,
+            None::<&str>,
             m.flags & (MsFlags::MS_BIND | MsFlags::MS_REC),
-            None,
-        )?;
+            None::<&str>,
+        )
+        .ctx(|| {
+            // The path as the spec gives it, not the fd it was mounted through.
+            let inside = m.dest.display();
+            format!("mount {} on {inside} (bind)", src.display())
+        })?;
         let rest = m.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
         if !rest.is_empty() {
             mnt(
