@@ -24,6 +24,8 @@ enum Command {
     Runtime(cmd::runtime::RuntimeArgs),
     /// Node-local images: import, load, ls, inspect, rm, prune
     Image(cmd::image::ImageArgs),
+    /// Node-local volumes: create, ls, inspect, rm, prune
+    Volume(cmd::volume::VolumeArgs),
     /// Show the client's and the agent's versions
     Version,
     /// Facts of this node: agent, cluster membership, cgroups, containers, images, registry
@@ -87,6 +89,7 @@ fn main() {
     let result = match cli.command {
         Command::Runtime(c) => cmd::runtime::run(c),
         Command::Image(c) => cmd::image::run(c),
+        Command::Volume(c) => cmd::volume::run(c),
         Command::Version => cmd::output::version(),
         Command::Info(a) => cmd::output::info(a),
         Command::Login(c) => cmd::image::login(c),

@@ -26,4 +26,6 @@ mod service_cli;
 mod service_logs_cli;
 mod service_registry;
 mod service_update_cli;
+mod service_volumes_cli;
 mod stack_cli;
+mod volumes_cli;

@@ -9,3 +9,4 @@ pub mod logfile;
 pub mod network;
 pub mod seccomp;
 pub mod spec;
+pub mod volume;

@@ -152,3 +152,71 @@ fn cve_2019_5736_inner() {
     c.delete(true).expect("delete");
     println!("inner ok");
 }
+
+/// shoal's own binds (`-v`, `--mount`, volumes) are made from the path checked on the host:
+/// the init walks it without following a symlink, so a component swapped for a symlink after
+/// the check (here: one there from the start) is refused rather than followed; a plain OCI
+/// bind mount follows it as runc does.
+#[test]
+fn a_checked_bind_source_is_not_followed_through_a_symlink() {
+    let host = tempfile::tempdir().expect("tempdir");
+    let real = host.path().join("real");
+    std::fs::create_dir_all(real.join("sub")).expect("mkdir");
+    std::fs::write(real.join("sub/f"), "host file\n").expect("write");
+    std::os::unix::fs::symlink(&real, host.path().join("link")).expect("symlink");
+    let source = host.path().join("link/sub");
+    let bind = |nofollow: bool| {
+        let mut options = vec!["bind".to_string(), "nosuid".into(), "nodev".into()];
+        if nofollow {
+            options.push(shoal_runtime::volume::OPT_SOURCE_NOFOLLOW.into());
+        }
+        let source = source.clone();
+        move |spec: &mut oci_spec::runtime::Spec| {
+            let mut mounts = spec.mounts().clone().unwrap_or_default();
+            mounts.push(
+                oci_spec::runtime::MountBuilder::default()
+                    .destination("/x")
+                    .typ("bind")
+                    .source(source)
+                    .options(options)
+                    .build()
+                    .expect("mount"),
+            );
+            spec.set_mounts(Some(mounts));
+        }
+    };
+    let before = container_support::mounts();
+    let fx = Fixture::with_spec(&["cat", "/x/f"], bind(true));
+    let opts = CreateOptions {
+        allow_unprotected_exe: true,
+        ..Default::default()
+    };
+    let strict = id("nofollow");
+    let err = match Container::create(&fx.root, &strict, &fx.bundle, &opts) {
+        Ok(c) => {
+            // Removed before failing: nothing of the test outlives it.
+            let _ = c.delete(true);
+            panic!("a bind source through a symlink was followed");
+        }
+        Err(e) => e,
+    };
+    assert!(
+        err.to_string()
+            .contains("is now a symlink or not a directory; it is not followed"),
+        "{err}"
+    );
+    assert!(!fx.root.join(&strict).exists());
+    assert!(container_support::cgroup_dirs(&strict).is_empty());
+    assert_eq!(container_support::mounts(), before);
+
+    // The same mount without the option follows the link (runc's behaviour).
+    let fx = Fixture::with_spec(&["cat", "/x/f"], bind(false));
+    let plain = id("follow");
+    let mut c = fx.create(&plain, true);
+    c.start().expect("start");
+    let status = c.wait_timeout(WAIT).expect("wait").expect("exited");
+    assert_eq!(status.shell_code(), 0);
+    assert_eq!(fx.log_text(), "host file\n");
+    c.delete(true).expect("delete");
+    assert_eq!(container_support::mounts(), before);
+}

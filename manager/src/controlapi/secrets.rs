@@ -171,7 +171,7 @@ mod tests {
             mounts: vec![pb::Mount {
                 source: "/srv".into(),
                 target: "/data/".into(),
-                read_only: false,
+                ..Default::default()
             }],
             ..Default::default()
         };

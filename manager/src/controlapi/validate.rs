@@ -57,6 +57,11 @@ const _: () = assert!(crate::orchestrator::MAX_COMMAND_BYTES <= crate::raft::MAX
 // refused with a clear error), but an entry always fits a request.
 const _: () = assert!(crate::raft::MAX_ENTRY_BYTES <= super::MAX_CONTROL_MESSAGE_BYTES);
 
+/// Most mounts one service may ask for (the node runtime's limit too).
+pub const MAX_MOUNTS: usize = 128;
+/// Longest mount source or target.
+pub const MAX_MOUNT_PATH_LEN: usize = 4096;
+
 /// Most words in a health check's test.
 pub const MAX_HEALTHCHECK_ARGS: usize = 256;
 /// Most bytes in a health check's test, all words together.
@@ -335,6 +340,7 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
     if let Some(h) = &container.healthcheck {
         healthcheck_test(&h.test)?;
     }
+    mounts(&container.mounts)?;
     let mut timers = vec![("stop grace period", container.stop_grace_period_ms)];
     if let Some(h) = &container.healthcheck {
         timers.push(("healthcheck interval", h.interval_ms));
@@ -492,6 +498,98 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// A task's bind mounts and volumes (`--mount`), checked as docker's daemon does
+/// (`validateMountConfig`) and with its words; whether a bind source exists is the node's to
+/// say when it runs the task.
+pub fn mounts(mounts: &[shoal_proto::v1::Mount]) -> Result<(), Invalid> {
+    use shoal_proto::v1::MountType;
+    if mounts.len() > MAX_MOUNTS {
+        return Err(invalid(format!("too many mounts: at most {MAX_MOUNTS}")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for m in mounts {
+        let kind = match MountType::try_from(m.r#type) {
+            Ok(MountType::Bind) => "bind",
+            Ok(MountType::Volume) => "volume",
+            Err(_) => {
+                return Err(invalid(format!(
+                    "invalid mount config for type \"{}\": mount type unknown",
+                    m.r#type
+                )))
+            }
+        };
+        let bad = |why: String| invalid(format!("invalid mount config for type \"{kind}\": {why}"));
+        let t = &m.target;
+        if t.is_empty() {
+            return Err(bad("field Target must not be empty".into()));
+        }
+        let parts: Vec<&str> = t
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        if t.starts_with('/') && parts.is_empty() {
+            return Err(bad("invalid specification: destination can't be '/'".into()));
+        }
+        if !t.starts_with('/') {
+            return Err(bad(format!(
+                "invalid mount path: '{t}' mount path must be absolute"
+            )));
+        }
+        if parts.contains(&"..") || t.contains('\0') || t.len() > MAX_MOUNT_PATH_LEN {
+            return Err(bad(format!(
+                "invalid mount path: '{t}' must not hold '..' or a NUL, and be at most {MAX_MOUNT_PATH_LEN} bytes"
+            )));
+        }
+        if m.source.len() > MAX_MOUNT_PATH_LEN || m.source.contains('\0') {
+            return Err(bad(format!(
+                "the source must be at most {MAX_MOUNT_PATH_LEN} bytes, without a NUL"
+            )));
+        }
+        if kind == "bind" {
+            if m.source.is_empty() {
+                return Err(bad("field Source must not be empty".into()));
+            }
+            if !m.source.starts_with('/') {
+                return Err(bad(format!(
+                    "invalid mount path: '{}' mount path must be absolute",
+                    m.source
+                )));
+            }
+            if m.volume_nocopy || !m.volume_labels.is_empty() {
+                return Err(bad("field VolumeOptions must not be specified".into()));
+            }
+        } else if m.source.is_empty() {
+            if m.read_only {
+                return Err(bad(
+                    "must not set ReadOnly mode when using anonymous volumes".into(),
+                ));
+            }
+        } else if !volume_name(&m.source) {
+            return Err(invalid(format!(
+                "create {0}: \"{0}\" includes invalid characters for a local volume name, only \"[a-zA-Z0-9][a-zA-Z0-9_.-]\" are allowed. If you intended to pass a host directory, use absolute path",
+                m.source
+            )));
+        }
+        labels("volume", &m.volume_labels)?;
+        let clean = format!("/{}", parts.join("/"));
+        if !seen.insert(clean.clone()) {
+            return Err(invalid(format!("Duplicate mount point: {clean}")));
+        }
+    }
+    Ok(())
+}
+
+/// Docker's local volume names: `[a-zA-Z0-9][a-zA-Z0-9_.-]+` (a file name: at most 255).
+fn volume_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    b.len() >= 2
+        && b.len() <= 255
+        && b[0].is_ascii_alphanumeric()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// A cluster spec as `cluster update` sends it: every timer set and consistent.
@@ -718,6 +816,55 @@ mod tests {
             .unwrap_err()
             .0
             .contains("invalid network alias"));
+    }
+
+    #[test]
+    fn mounts_follow_docker() {
+        use shoal_proto::v1::{Mount, MountType};
+        let m = |t: MountType, source: &str, target: &str, ro: bool| Mount {
+            r#type: t as i32,
+            source: source.into(),
+            target: target.into(),
+            read_only: ro,
+            ..Default::default()
+        };
+        use MountType::{Bind, Volume};
+        assert_eq!(
+            mounts(&[
+                m(Bind, "/srv", "/s", true),
+                m(Volume, "data", "/d", false),
+                m(Volume, "", "/anon", false)
+            ]),
+            Ok(())
+        );
+        for (bad, want) in [
+            (m(Volume, "data", "rel", false), "invalid mount config for type \"volume\": invalid mount path: 'rel' mount path must be absolute"),
+            (m(Bind, "rel", "/x", false), "invalid mount config for type \"bind\": invalid mount path: 'rel' mount path must be absolute"),
+            (m(Bind, "", "/x", false), "field Source must not be empty"),
+            (m(Volume, "a/b", "/x", false), "create a/b: \"a/b\" includes invalid characters"),
+            (m(Volume, "", "/x", true), "must not set ReadOnly mode when using anonymous volumes"),
+            (m(Volume, "data", "/", false), "destination can't be '/'"),
+            (m(Volume, "data", "/a/../b", false), "must not hold '..'"),
+            (m(Volume, "data", "", false), "field Target must not be empty"),
+        ] {
+            let e = mounts(&[bad]).unwrap_err().0;
+            assert!(e.contains(want), "{e}");
+        }
+        let mut unknown = m(Volume, "data", "/d", false);
+        unknown.r#type = 7;
+        assert!(mounts(&[unknown])
+            .unwrap_err()
+            .0
+            .contains("mount type unknown"));
+        let mut opts = m(Bind, "/srv", "/d", false);
+        opts.volume_nocopy = true;
+        assert!(mounts(&[opts]).unwrap_err().0.contains("VolumeOptions"));
+        assert_eq!(
+            mounts(&[m(Volume, "a1", "/d", false), m(Bind, "/x", "/d/", false)])
+                .unwrap_err()
+                .0,
+            "Duplicate mount point: /d"
+        );
     }
 
     #[test]

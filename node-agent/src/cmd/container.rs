@@ -100,6 +100,13 @@ pub struct RunArgs {
     /// Another name for the container on its network (user-defined networks only)
     #[arg(long)]
     network_alias: Vec<String>,
+    /// Mount a host path or a volume: SRC:DST[:ro] (SRC an absolute path: a bind mount;
+    /// else a volume, made on first use), or DST alone (a new anonymous volume)
+    #[arg(short = 'v', long = "volume", value_name = "[SRC:]DST[:MODE]")]
+    volume: Vec<String>,
+    /// A mount: type=bind|volume,source=SRC,target=DST[,readonly] (type defaults to volume)
+    #[arg(long = "mount", value_name = "type=…,source=…,target=…")]
+    mount: Vec<String>,
     /// The image, then the command and its arguments (default: the image's)
     #[arg(
         value_name = "IMAGE [COMMAND [ARG...]]",
@@ -153,6 +160,9 @@ pub struct RmArgs {
     /// Kill a running container first
     #[arg(short, long)]
     force: bool,
+    /// Remove the anonymous volumes the container used too
+    #[arg(short, long)]
+    volumes: bool,
     /// Containers (name, id or id prefix)
     #[arg(required = true)]
     containers: Vec<String>,
@@ -379,7 +389,23 @@ fn wait_for_resolver(id: &str) {
     eprintln!("shoal: warning: the agent serves no DNS in container {id} yet; names may not resolve at first");
 }
 
+/// `-v` and `--mount` values, checked (docker's words for what is wrong).
+fn mounts(args: &RunArgs) -> Result<Vec<shoal_runtime::volume::MountSpec>> {
+    use shoal_runtime::volume::{parse_mount_flag, parse_volume_flag, validate_all};
+    let mut out = Vec::new();
+    for v in &args.volume {
+        out.push(parse_volume_flag(v)?);
+    }
+    for m in &args.mount {
+        out.push(parse_mount_flag(m)?);
+    }
+    validate_all(&out)?;
+    Ok(out)
+}
+
 fn run_inner(mut args: RunArgs) -> Result<i32> {
+    // Checked before anything is made or asked of the cluster.
+    let mounts = mounts(&args)?;
     let fd = open(&args.data, &args.socket)?;
     let mut it = std::mem::take(&mut args.image_and_command).into_iter();
     let image = it.next().context("give an image to run")?;
@@ -412,7 +438,15 @@ fn run_inner(mut args: RunArgs) -> Result<i32> {
     let socket = SocketArg {
         socket: args.socket.socket.clone(),
     };
-    let r = run_attached(&fd, args, it.collect(), image, name, attached.as_ref());
+    let r = run_attached(
+        &fd,
+        args,
+        it.collect(),
+        image,
+        name,
+        attached.as_ref(),
+        mounts,
+    );
     if r.is_err() {
         if let Some(a) = &attached {
             // Nothing holds the address: give it back (the container was not made).
@@ -431,6 +465,7 @@ fn run_attached(
     image: String,
     name: Option<String>,
     attached: Option<&ClusterAttachment>,
+    mounts: Vec<shoal_runtime::volume::MountSpec>,
 ) -> Result<i32> {
     let opts = RunOptions {
         image,
@@ -492,6 +527,7 @@ fn run_attached(
                 .collect::<Result<_, _>>()?,
             aliases: args.network_alias.clone(),
         },
+        mounts,
     };
     let mut opts = opts;
     if attached.is_some() {
@@ -535,7 +571,8 @@ fn run_attached(
     let _ = out.flush();
     drop((out, err));
     if args.rm {
-        fd.remove(&id, true).context("remove the container")?;
+        fd.remove_with_volumes(&id, true, true)
+            .context("remove the container")?;
         if let Some(a) = attached {
             detach_cluster_networks(&args.socket, std::slice::from_ref(&a.id))
                 .with_context(|| format!("giving back network attachment {}", a.id))?;
@@ -930,7 +967,7 @@ pub fn rm(args: RmArgs) -> Result<()> {
     let fd = open(&args.data, &args.socket)?;
     each(&fd, &args.containers, "rm", |id| {
         let held = cluster_attachments(&fd, id);
-        fd.remove(id, args.force)?;
+        fd.remove_with_volumes(id, args.force, args.volumes)?;
         // The container is gone; its addresses on cluster networks go back to the cluster.
         detach_cluster_networks(&args.socket, &held)
             .context("container removed, but its cluster network addresses were not given back")

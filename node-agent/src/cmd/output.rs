@@ -377,7 +377,7 @@ pub fn service_spec_json(s: &pb::ServiceSpec) -> Value {
                 "User": c.user, "Hostname": c.hostname, "Labels": c.labels,
                 "StopGracePeriod": format_ms(c.stop_grace_period_ms), "ReadOnly": c.read_only,
                 "PidsLimit": c.pids_limit,
-                "Mounts": c.mounts.iter().map(|m| json!({"Source": m.source, "Target": m.target, "ReadOnly": m.read_only})).collect::<Vec<_>>(),
+                "Mounts": c.mounts.iter().map(mount_json).collect::<Vec<_>>(),
                 "Secrets": c.secrets.iter().map(|r| json!({
                     "File": {"Name": r.target, "UID": r.uid.to_string(), "GID": r.gid.to_string(), "Mode": r.mode},
                     "SecretID": r.id, "SecretName": r.name})).collect::<Vec<_>>(),
@@ -412,6 +412,22 @@ pub fn service_spec_json(s: &pb::ServiceSpec) -> Value {
             "Name": p.name, "Protocol": p.protocol, "TargetPort": p.target_port,
             "PublishedPort": p.published_port, "PublishMode": p.publish_mode})).collect::<Vec<_>>()},
     })
+}
+
+/// A task's mount as docker's `service inspect` shows it.
+fn mount_json(m: &pb::Mount) -> Value {
+    let mut v = json!({
+        "Type": if m.r#type == pb::MountType::Volume as i32 { "volume" } else { "bind" },
+        "Source": m.source,
+        "Target": m.target,
+    });
+    if m.read_only {
+        v["ReadOnly"] = json!(true);
+    }
+    if m.volume_nocopy || !m.volume_labels.is_empty() {
+        v["VolumeOptions"] = json!({"NoCopy": m.volume_nocopy, "Labels": m.volume_labels});
+    }
+    v
 }
 
 /// A service as `service inspect` shows it.

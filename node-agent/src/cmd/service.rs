@@ -214,6 +214,11 @@ pub(crate) struct CreateArgs {
     /// A config as a file: NAME or source=NAME[,target=PATH,uid=U,gid=G,mode=0444]
     #[arg(long)]
     pub(crate) config: Vec<String>,
+    /// A mount in the tasks' containers: type=bind|volume,source=SRC,target=DST[,readonly]
+    /// (a volume is the node's own, made there on first use; a bind source must exist on the
+    /// node)
+    #[arg(long = "mount", value_name = "type=…,source=…,target=…")]
+    pub(crate) mount: Vec<String>,
     /// Return at once instead of waiting for the service to converge
     #[arg(short, long)]
     pub(crate) detach: bool,
@@ -250,6 +255,24 @@ impl CreateArgs {
         let m = cmd.try_get_matches_from([image])?;
         Ok(CreateArgs::from_arg_matches(&m)?)
     }
+}
+
+/// A `--mount` value (docker's syntax) as a task's mount; checked here as the manager checks
+/// it, so a mistake is one line before anything is sent.
+pub(crate) fn mount(v: &str) -> anyhow::Result<pb::Mount> {
+    use shoal_runtime::volume::{parse_mount_flag, MountKind};
+    let m = parse_mount_flag(v)?;
+    Ok(pb::Mount {
+        r#type: match m.kind {
+            Some(MountKind::Bind) => pb::MountType::Bind,
+            _ => pb::MountType::Volume,
+        } as i32,
+        source: m.source,
+        target: m.target,
+        read_only: m.read_only,
+        volume_nocopy: m.nocopy,
+        volume_labels: m.labels.into_iter().collect(),
+    })
 }
 
 fn replicas(n: i64) -> anyhow::Result<u64> {
@@ -450,7 +473,11 @@ pub(crate) fn build_spec(a: &CreateArgs) -> anyhow::Result<pb::ServiceSpec> {
                     a.health.edit()?.apply(&mut h);
                     h
                 },
-                mounts: vec![],
+                mounts: a
+                    .mount
+                    .iter()
+                    .map(|v| mount(v))
+                    .collect::<anyhow::Result<_>>()?,
                 read_only: a.read_only,
                 pids_limit: a.limit_pids,
                 registry_auth: None,

@@ -211,6 +211,52 @@ fn plan(stack: &str, files: &[String], with_registry_auth: bool) -> anyhow::Resu
                 flags.push(f);
             }
         }
+        // `--mount` in its long form: a named volume by its full name (`STACK_key`, `name:`,
+        // or an external one's), labelled with the stack.
+        for r in &s.volumes {
+            use shoal_runtime::volume::MountKind;
+            let m = &r.mount;
+            let mut fields = vec![(
+                "type",
+                m.kind.unwrap_or(MountKind::Volume).name().to_string(),
+            )];
+            if m.kind == Some(MountKind::Volume) && !m.source.is_empty() {
+                let d = &c.volumes[&m.source];
+                let name = match (&d.name, d.external) {
+                    (Some(n), _) => n.clone(),
+                    (None, true) => m.source.clone(),
+                    (None, false) => format!("{stack}_{}", m.source),
+                };
+                fields.push(("source", name));
+                if !d.external {
+                    fields.push(("volume-label", format!("{NAMESPACE}={stack}")));
+                    for l in &d.labels {
+                        fields.push(("volume-label", l.clone()));
+                    }
+                }
+            } else if !m.source.is_empty() {
+                fields.push(("source", m.source.clone()));
+            }
+            fields.push(("target", m.target.clone()));
+            if m.read_only {
+                fields.push(("readonly", "true".into()));
+            }
+            if m.nocopy {
+                fields.push(("volume-nocopy", "true".into()));
+            }
+            let csv: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| {
+                    let f = format!("{k}={v}");
+                    if f.contains([',', '"']) {
+                        format!("\"{}\"", f.replace('"', "\"\""))
+                    } else {
+                        f
+                    }
+                })
+                .collect();
+            a.mount.push(csv.join(","));
+        }
         a.name = Some(format!("{stack}_{}", s.key));
         a.label.push(format!("{NAMESPACE}={stack}"));
         a.container_label.push(format!("{NAMESPACE}={stack}"));

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::CString;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -15,6 +15,7 @@ use nix::sys::stat::Mode;
 use super::plan::{MountPlan, Plan, ProcessPlan};
 
 /// An error in a child, as one line for the parent.
+#[derive(Debug)]
 pub struct Fail(pub String);
 
 type R<T = ()> = Result<T, Fail>;
@@ -160,19 +161,53 @@ fn mount_one(root: &Path, m: &MountPlan, plan: &Plan) -> R {
             .source
             .as_deref()
             .ok_or_else(|| Fail(format!("bind mount on {} has no source", m.dest.display())))?;
-        let md = std::fs::metadata(src).ctx(|| format!("bind source {}", src.display()))?;
-        if md.is_dir() {
+        // shoal's own binds: the source walked without following a symlink and mounted
+        // through the fd the walk ends on (held until mounted).
+        let (held, is_dir) = if m.source_nofollow || m.copy_up {
+            let (fd, st) = if m.source_nofollow {
+                super::mountsrc::open_nofollow(src)?
+            } else {
+                let fd = nix::fcntl::open(
+                    src,
+                    nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .ctx(|| format!("bind source {}", src.display()))?;
+                // SAFETY: a fresh fd from open, owned from here on.
+                let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+                let st = nix::sys::stat::fstat(fd.as_raw_fd())
+                    .ctx(|| format!("bind source {}", src.display()))?;
+                (fd, st)
+            };
+            let dir = super::mountsrc::is_dir(&st);
+            if m.copy_up && dir {
+                super::mountsrc::copy_up(&dest, fd.as_raw_fd())?;
+            }
+            (Some(fd), dir)
+        } else {
+            let md = std::fs::metadata(src).ctx(|| format!("bind source {}", src.display()))?;
+            (None, md.is_dir())
+        };
+        if is_dir {
             ensure_dir(&dest)?;
         } else {
             ensure_file(&dest)?;
         }
-        mnt(
-            Some(src),
+        let via_fd = held
+            .as_ref()
+            .map(|fd| super::mountsrc::proc_fd(fd.as_raw_fd()));
+        mount(
+            Some(via_fd.as_deref().unwrap_or(src)),
             &dest,
-            None,
+            None::<&str>,
             m.flags & (MsFlags::MS_BIND | MsFlags::MS_REC),
-            None,
-        )?;
+            None::<&str>,
+        )
+        .ctx(|| {
+            // The path as the spec gives it, not the fd it was mounted through.
+            let inside = m.dest.display();
+            format!("mount {} on {inside} (bind)", src.display())
+        })?;
         let rest = m.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
         if !rest.is_empty() {
             mnt(

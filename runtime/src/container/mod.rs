@@ -12,6 +12,7 @@
 
 mod init;
 mod monitor;
+mod mountsrc;
 mod plan;
 pub mod state;
 mod sys;

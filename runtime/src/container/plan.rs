@@ -22,6 +22,12 @@ pub struct MountPlan {
     pub flags: MsFlags,
     pub data: String,
     pub propagation: Vec<MsFlags>,
+    /// A bind whose source is opened component by component without following a symlink,
+    /// and mounted through that fd ([`crate::volume::OPT_SOURCE_NOFOLLOW`]).
+    pub source_nofollow: bool,
+    /// An empty bind source first gets the rootfs's content at the destination
+    /// ([`crate::volume::OPT_COPY_UP`]).
+    pub copy_up: bool,
 }
 
 impl MountPlan {
@@ -402,7 +408,15 @@ pub fn build(
     let mut mounts = Vec::new();
     let mut cgroup_binds = Vec::new();
     for m in spec.mounts().iter().flatten() {
-        let (flags, prop, data) = parse_mount_options(&m.options().clone().unwrap_or_default());
+        let mut options = m.options().clone().unwrap_or_default();
+        let mut shoal_option = |name: &str| {
+            let had = options.iter().any(|o| o == name);
+            options.retain(|o| o != name);
+            had
+        };
+        let source_nofollow = shoal_option(crate::volume::OPT_SOURCE_NOFOLLOW);
+        let copy_up = shoal_option(crate::volume::OPT_COPY_UP);
+        let (flags, prop, data) = parse_mount_options(&options);
         let fstype = m.typ().clone().unwrap_or_default();
         let mut flags = flags;
         if fstype == "bind" {
@@ -418,6 +432,19 @@ pub fn build(
         if fstype == "cgroup" {
             cgroup_binds = cgroup_dirs(cgroup_rel);
         }
+        if (source_nofollow || copy_up) && !flags.contains(MsFlags::MS_BIND) {
+            return Err(invalid(format!(
+                "mount on {}: shoal's source options are for bind mounts",
+                m.destination().display()
+            )));
+        }
+        if source_nofollow && !source.as_ref().is_some_and(|s| s.is_absolute()) {
+            return Err(invalid(format!(
+                "mount on {}: {} needs an absolute source",
+                m.destination().display(),
+                crate::volume::OPT_SOURCE_NOFOLLOW
+            )));
+        }
         mounts.push(MountPlan {
             source,
             dest: m.destination().clone(),
@@ -425,6 +452,8 @@ pub fn build(
             flags,
             data,
             propagation: prop,
+            source_nofollow,
+            copy_up,
         });
     }
     let mut devices = default_devices();

@@ -26,7 +26,7 @@ pub use crate::logfile::{files_oldest_first, LogFollower};
 pub use config::{
     parse_cpus, parse_memory, parse_pids_limit, read_account_file, resolve_user, ResolvedUser,
 };
-pub use names::{check_name, generated_name, is_full_id};
+pub use names::{check_name, generated_name, is_full_id, new_id};
 
 use crate::container::{
     self, state, Container, ContainerError, CreateOptions, ExecOptions, ExecProcess, ExitStatus,
@@ -35,6 +35,7 @@ use crate::container::{
 use crate::image::{ImageError, ImageStore};
 use crate::network::{self, Attachment, BridgeConfig, EtcOptions, Mode, NetError, NetRequest};
 use crate::spec::SpecError;
+use crate::volume::{MountSpec, VolumeError, VolumeUse, Volumes};
 
 /// Where containers live under the data dir.
 pub const CONTAINERS_DIR: &str = "containers";
@@ -97,6 +98,8 @@ pub enum FrontDoorError {
     Oci(#[from] oci_spec::OciSpecError),
     #[error(transparent)]
     Network(#[from] NetError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -146,6 +149,8 @@ pub struct RunOptions {
     pub network: NetRequest,
     /// `--dns*` and `--add-host` (the hostname is filled in by `create`).
     pub etc: EtcOptions,
+    /// `-v` and `--mount`: bind mounts and volumes.
+    pub mounts: Vec<MountSpec>,
 }
 
 /// What the front door keeps about a container beside the runtime's state.
@@ -326,8 +331,9 @@ pub struct NewContainer {
     pub container: Container,
 }
 
-/// Removes a half-made container's network and directory unless disarmed.
-struct DirGuard(Option<PathBuf>);
+/// Removes a half-made container's network and directory, and the volumes made for it,
+/// unless disarmed.
+struct DirGuard(Option<PathBuf>, Vec<String>);
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
@@ -335,7 +341,13 @@ impl Drop for DirGuard {
             if let Some(id) = d.file_name().and_then(|n| n.to_str()) {
                 let _ = network::detach(id);
             }
-            let _ = std::fs::remove_dir_all(d);
+            let _ = std::fs::remove_dir_all(&d);
+            // <data>/containers/<id>: the data dir is two levels up.
+            if let Some(data) = d.parent().and_then(Path::parent) {
+                if let Ok(v) = Volumes::open(data) {
+                    let _ = v.remove_unused(&self.1);
+                }
+            }
         }
     }
 }
@@ -503,7 +515,7 @@ impl FrontDoor {
             let state = self.run_state(&record);
             let ended = matches!(state, RunState::Exited { .. } | RunState::Dead);
             if record.auto_remove && ended {
-                let _ = self.remove(&record.id, true);
+                let _ = self.remove_with_volumes(&record.id, true, true);
                 continue;
             }
             if all || state.is_running() {
@@ -543,6 +555,8 @@ impl FrontDoor {
             return Err(FrontDoorError::NotRoot);
         }
         let wanted_name = opts.name.as_deref().map(check_name).transpose()?;
+        // Bad mounts are refused before anything is made.
+        crate::volume::validate_all(&opts.mounts)?;
         let store = ImageStore::open(&self.data_dir)?;
         // Fails on a missing image before anything is made.
         store.inspect(&opts.image)?;
@@ -583,7 +597,7 @@ impl FrontDoor {
             let cdir = self.dir.join(&id);
             crate::dirs::create_private(&cdir)
                 .map_err(io_err(format!("create {}", cdir.display())))?;
-            let guard = DirGuard(Some(cdir.clone()));
+            let guard = DirGuard(Some(cdir.clone()), Vec::new());
             // Held until the runtime has the container, so `rm` cannot pull the dirs from
             // under a create in progress (and is free again if this process dies).
             let creating = lock_dir(&cdir, false)?;
@@ -608,6 +622,8 @@ impl FrontDoor {
             (record, guard, creating)
         };
         let cdir = self.dir.join(&record.id);
+        let attached = Volumes::open(&self.data_dir)?.attach(&cdir, &opts.mounts)?;
+        guard.1 = attached.made.clone();
         let mut named = opts.clone();
         named.name = Some(record.name.clone());
         let bridge = BridgeConfig::from_env()?;
@@ -634,6 +650,7 @@ impl FrontDoor {
             &cdir.join("upper"),
         )?;
         network::apply_to_spec(&mut spec, &att, &cdir)?;
+        crate::volume::add_to_spec(&mut spec, &attached.mounts)?;
         let text = serde_json::to_vec_pretty(&spec).map_err(|e| FrontDoorError::Corrupt {
             id: record.id.clone(),
             reason: e.to_string(),
@@ -659,10 +676,11 @@ impl FrontDoor {
         Ok(NewContainer { record, container })
     }
 
-    /// Start a created container's process; on failure the container is removed.
+    /// Start a created container's process; on failure the container is removed (its
+    /// anonymous volumes with it).
     pub fn start(&self, c: &mut NewContainer) -> Result<()> {
         if let Err(e) = c.container.start() {
-            let _ = self.remove(&c.record.id, true);
+            let _ = self.remove_with_volumes(&c.record.id, true, true);
             return Err(e.into());
         }
         c.record.started = Some(now());
@@ -725,6 +743,12 @@ impl FrontDoor {
     /// Remove a container: its runtime state, cgroup, dirs and logs. A running one needs
     /// `force` (it is killed). Removing one that is already gone is not an error.
     pub fn remove(&self, id: &str, force: bool) -> Result<()> {
+        self.remove_with_volumes(id, force, false)
+    }
+
+    /// [`remove`](Self::remove), and with `volumes` (`rm -v`, `run --rm`) the anonymous
+    /// volumes the container used that no other container uses.
+    pub fn remove_with_volumes(&self, id: &str, force: bool, volumes: bool) -> Result<()> {
         let _lock = self.lock()?;
         let cdir = self.dir.join(id);
         if !cdir.exists() {
@@ -756,7 +780,12 @@ impl FrontDoor {
             c.delete(true)?;
         }
         network::detach(id)?;
-        std::fs::remove_dir_all(&cdir).map_err(io_err(format!("remove {}", cdir.display())))
+        let used = VolumeUse::load(&cdir);
+        std::fs::remove_dir_all(&cdir).map_err(io_err(format!("remove {}", cdir.display())))?;
+        if volumes {
+            Volumes::open(&self.data_dir)?.remove_anonymous(&used)?;
+        }
+        Ok(())
     }
 
     /// Run another process in a running container.
@@ -804,7 +833,7 @@ impl FrontDoor {
                 }
                 let _ = std::env::set_current_dir("/");
                 let _ = self.wait(id, None);
-                let _ = self.remove(id, true);
+                let _ = self.remove_with_volumes(id, true, true);
             }
             // SAFETY: leaving a forked child without running the parent's destructors.
             unsafe { libc::_exit(0) }

@@ -28,6 +28,8 @@ use shoal_runtime::network::{
     self, Attachment, BridgeConfig, EtcOptions, Mode, NetRequest, OverlayAttach, PortSpec, Protocol,
 };
 
+use shoal_runtime::volume::{MountKind, MountSpec, VolumeError, VolumeUse, Volumes};
+
 use super::{CheckResult, ExecError, Executor, Exit, Probe, Started, StopSignal};
 
 /// Directory of the containers' bundles, writable layers and logs under the data dir.
@@ -911,6 +913,45 @@ fn build_spec(
     Ok(v)
 }
 
+/// The task's `--mount`s as the runtime takes them (a bind source must exist on the node).
+fn mount_specs(task: &Task) -> Vec<MountSpec> {
+    let none = Vec::new();
+    let mounts = task
+        .spec
+        .as_ref()
+        .and_then(|s| s.container.as_ref())
+        .map_or(&none, |c| &c.mounts);
+    mounts
+        .iter()
+        .map(|m| MountSpec {
+            kind: Some(if m.r#type == shoal_proto::v1::MountType::Volume as i32 {
+                MountKind::Volume
+            } else {
+                MountKind::Bind
+            }),
+            source: m.source.clone(),
+            target: m.target.clone(),
+            read_only: m.read_only,
+            nocopy: m.volume_nocopy,
+            labels: m
+                .volume_labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            create_source: false,
+        })
+        .collect()
+}
+
+/// A mount the node cannot give the task: the task's fault (a missing bind source, a bad
+/// name) or the node's (its disk).
+fn volume_err(e: VolumeError) -> ExecError {
+    match e {
+        VolumeError::Io { .. } | VolumeError::Corrupt { .. } => runtime_err(e),
+        e => ExecError::Invalid(e.to_string()),
+    }
+}
+
 fn mkdir(p: &Path) -> Result<(), ExecError> {
     std::fs::create_dir_all(p)
         .map_err(|e| ExecError::Runtime(format!("create {}: {e}", p.display())))
@@ -1020,6 +1061,7 @@ impl Executor for RuntimeExecutor {
             super::files::wanted(&self.held.lock().unwrap_or_else(|p| p.into_inner()), &c)?
         };
         let files_dir = self.files_dir(&id);
+        let volumes = Volumes::open(&self.cfg.data_dir).map_err(runtime_err)?;
         let layers = {
             let (id, dir, bridge) = (id.clone(), dir.clone(), self.cfg.bridge.clone());
             let files_dir = files_dir.clone();
@@ -1067,7 +1109,18 @@ impl Executor for RuntimeExecutor {
                     .map_err(runtime_err)
                     .and_then(|()| build_spec(&task, &id, &prepared, &att, &dir))
                     .and_then(|mut spec| {
-                        let mounts = super::files::write(&files_dir, &files)?;
+                        let mut mounts = super::files::write(&files_dir, &files)?;
+                        // Volumes made on this node on first use; recorded in the task dir as
+                        // used by the task until it is removed.
+                        let attached = volumes
+                            .attach(&dir, &mount_specs(&task))
+                            .map_err(volume_err)?;
+                        for m in shoal_runtime::volume::sorted(&attached.mounts) {
+                            mounts.push(
+                                serde_json::to_value(m.to_oci().map_err(runtime_err)?)
+                                    .map_err(runtime_err)?,
+                            );
+                        }
                         if let Some(m) = spec["mounts"].as_array_mut() {
                             m.extend(mounts);
                         }
@@ -1280,6 +1333,7 @@ impl Executor for RuntimeExecutor {
         let id = task_id.to_string();
         let dir = self.task_dir(task_id);
         let files_dir = self.files_dir(task_id);
+        let volumes = Volumes::open(&self.cfg.data_dir).map_err(runtime_err)?;
         blocking(move || {
             // Half-made ones too (a create whose agent died): their cgroups go with them.
             match Container::remove(&root, &id) {
@@ -1288,11 +1342,14 @@ impl Executor for RuntimeExecutor {
             }
             super::files::remove(&files_dir)?;
             network::detach(&id).map_err(runtime_err)?;
+            let used = VolumeUse::load(&dir);
             match std::fs::remove_dir_all(&dir) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(ExecError::Runtime(format!("remove {}: {e}", dir.display()))),
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ExecError::Runtime(format!("remove {}: {e}", dir.display()))),
             }
+            // A task's anonymous volumes go with it; its named ones stay on the node.
+            volumes.remove_anonymous(&used).map_err(runtime_err)
         })
         .await
     }

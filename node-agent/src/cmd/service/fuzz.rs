@@ -115,6 +115,25 @@ const PORTS: &[&str] = &[
     "1:2:3",
     "-1",
 ];
+const MOUNTS: &[&str] = &[
+    "type=volume,source=data,target=/d",
+    "type=bind,source=/srv,target=/s,readonly",
+    "target=/anon",
+    "target=/anon,readonly",
+    "type=volume,source=a/b,target=/d",
+    "type=bind,source=rel,target=/d",
+    "type=bind,target=/d",
+    "type=volume,source=data,target=rel",
+    "type=volume,source=data,target=/",
+    "type=volume,source=data,target=/a/../b",
+    "type=tmpfs,target=/t",
+    "type=volume,source=data,target=/d,volume-nocopy,volume-label=k=v",
+    "type=bind,source=/x,target=/d,volume-nocopy",
+    "source=data,target=/d,ro=maybe",
+    "source=data,target=/d,\"x",
+    "type=volume,source=data",
+    "",
+];
 const KVS: &[&str] = &["k=v", "=v", "k", "k=v=w", "", "a.b/c=ü", "x=\n"];
 const ENVS: &[&str] = &["A=B", "=x", "", "A", "PATH=/bin", "A=\0"];
 const CONSTRAINTS: &[&str] = &[
@@ -197,6 +216,7 @@ fn flag() -> BoxedStrategy<Vec<String>> {
         with("--update-max-failure-ratio", pick(RATIOS)),
         with("--stop-grace-period", pick(DURATIONS)),
         with("--publish", pick(PORTS)),
+        with("--mount", pick(MOUNTS)),
         with("--network", pick(&["n", "", "host", "none"])),
         with("--health-cmd", pick(&["exit 0", "", " ", "-x"])),
         with(

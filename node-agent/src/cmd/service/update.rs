@@ -365,6 +365,12 @@ pub struct UpdateArgs {
     /// Remove a config (name)
     #[arg(long)]
     config_rm: Vec<String>,
+    /// Add a mount (or replace the one at its target): type=bind|volume,source=…,target=…
+    #[arg(long)]
+    mount_add: Vec<String>,
+    /// Remove a mount by its target path
+    #[arg(long)]
+    mount_rm: Vec<String>,
     /// CPU limit (e.g. 0.5; 0 = none)
     #[arg(long)]
     limit_cpu: Option<String>,
@@ -473,6 +479,8 @@ pub struct Edit {
     secret_rm: Vec<String>,
     config_add: Vec<pb::FileReference>,
     config_rm: Vec<String>,
+    mount_add: Vec<pb::Mount>,
+    mount_rm: Vec<String>,
     limit_cpu: Option<i64>,
     limit_memory: Option<i64>,
     limit_pids: Option<i64>,
@@ -570,6 +578,8 @@ impl UpdateArgs {
                 || !self.secret_rm.is_empty()
                 || !self.config_add.is_empty()
                 || !self.config_rm.is_empty()
+                || !self.mount_add.is_empty()
+                || !self.mount_rm.is_empty()
                 || self.force;
             if edits {
                 bail!("--rollback cannot be combined with flags that change the spec");
@@ -649,6 +659,12 @@ impl UpdateArgs {
                 .map(|v| file_ref("--config-add", v))
                 .collect::<anyhow::Result<_>>()?,
             config_rm: self.config_rm.clone(),
+            mount_add: self
+                .mount_add
+                .iter()
+                .map(|v| super::mount(v).context("--mount-add"))
+                .collect::<anyhow::Result<_>>()?,
+            mount_rm: self.mount_rm.clone(),
             limit_cpu: cpu("--limit-cpu", &self.limit_cpu)?,
             limit_memory: mem("--limit-memory", &self.limit_memory)?,
             limit_pids: self.limit_pids,
@@ -805,6 +821,24 @@ impl Edit {
                 refs.retain(|r| r.name != *name && r.id != *name);
             }
             refs.extend(add.iter().cloned());
+        }
+        // Docker's: removed by target; an added mount replaces the one at its target.
+        let clean = |t: &str| {
+            let parts: Vec<&str> = t
+                .split('/')
+                .filter(|p| !p.is_empty() && *p != ".")
+                .collect();
+            format!("/{}", parts.join("/"))
+        };
+        for t in &self.mount_rm {
+            if !c.mounts.iter().any(|m| clean(&m.target) == clean(t)) {
+                bail!("service has no mount at {t}");
+            }
+            c.mounts.retain(|m| clean(&m.target) != clean(t));
+        }
+        for m in &self.mount_add {
+            c.mounts.retain(|x| clean(&x.target) != clean(&m.target));
+            c.mounts.push(m.clone());
         }
         if let Some(u) = &self.user {
             c.user = u.clone();
@@ -1208,5 +1242,47 @@ mod tests {
             .unwrap_err();
         assert!(format!("{e:#}").contains("has no secret nosuch"));
         assert!(edit(&["--rollback", "--secret-add", "x"]).is_err());
+    }
+
+    #[test]
+    fn mount_flags_add_replace_and_remove_by_target() {
+        let mut spec = base();
+        spec.task
+            .as_mut()
+            .unwrap()
+            .container
+            .as_mut()
+            .unwrap()
+            .mounts = vec![
+            super::super::mount("source=old,target=/d").unwrap(),
+            super::super::mount("type=bind,source=/srv,target=/s").unwrap(),
+        ];
+        let s = edit(&[
+            "--mount-add",
+            "type=bind,source=/data,target=/d/,readonly",
+            "--mount-rm",
+            "/s/",
+        ])
+        .unwrap()
+        .apply(spec.clone())
+        .unwrap();
+        let c = s.task.unwrap().container.unwrap();
+        assert_eq!(c.mounts.len(), 1, "{:?}", c.mounts);
+        assert_eq!(
+            (c.mounts[0].source.as_str(), c.mounts[0].read_only),
+            ("/data", true)
+        );
+        assert_eq!(c.mounts[0].r#type, pb::MountType::Bind as i32);
+        let e = edit(&["--mount-rm", "/nowhere"])
+            .unwrap()
+            .apply(spec)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("has no mount at /nowhere"));
+        let e = edit(&["--mount-add", "type=volume,source=a/b,target=/x"])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("includes invalid characters"), "{e}");
+        assert!(edit(&["--rollback", "--mount-rm", "/d"]).is_err());
     }
 }

@@ -30,6 +30,25 @@ pub struct ServiceDef {
     /// Secrets and configs by their key under the top-level `secrets:`/`configs:`.
     pub secrets: Vec<FileRef>,
     pub configs: Vec<FileRef>,
+    /// `volumes:`: named volumes by their key under the top-level `volumes:`, anonymous
+    /// volumes (no source) and binds of host paths (made absolute).
+    pub volumes: Vec<MountRef>,
+}
+
+/// One of a service's `volumes:`, checked as `--mount` would check it.
+#[derive(Debug, PartialEq)]
+pub struct MountRef {
+    pub line: usize,
+    pub mount: shoal_runtime::volume::MountSpec,
+}
+
+/// One volume under the top-level `volumes:`.
+#[derive(Debug, Default, PartialEq)]
+pub struct VolumeDef {
+    pub external: bool,
+    /// `name:` (for an external one: the existing volume's name on the nodes).
+    pub name: Option<String>,
+    pub labels: Vec<String>,
 }
 
 /// A service's use of a secret or config: the key it names, and the long syntax's options.
@@ -73,6 +92,7 @@ pub struct Compose {
     pub networks: BTreeMap<String, NetworkDef>,
     pub secrets: BTreeMap<String, FileDef>,
     pub configs: BTreeMap<String, FileDef>,
+    pub volumes: BTreeMap<String, VolumeDef>,
     /// The first file's name, for messages.
     pub file: Rc<str>,
 }
@@ -469,16 +489,24 @@ fn convert(
         networks: BTreeMap::new(),
         secrets: BTreeMap::new(),
         configs: BTreeMap::new(),
+        volumes: BTreeMap::new(),
         file: root.file.clone(),
     };
     let mut services = None;
     for (_, v, p) in entries(
         root,
         "",
-        &["version", "services", "networks", "secrets", "configs"],
+        &[
+            "version", "services", "networks", "secrets", "configs", "volumes",
+        ],
     )? {
         match p.as_str() {
             "services" => services = Some(v),
+            "volumes" => {
+                for (k, n, np) in all_entries(v, &p)? {
+                    compose.volumes.insert(k.name.clone(), volume_def(n, &np)?);
+                }
+            }
             "networks" => {
                 for (k, n, np) in all_entries(v, &p)? {
                     compose.networks.insert(k.name.clone(), network(n, &np)?);
@@ -522,6 +550,20 @@ fn convert(
                     r.line,
                     s.key,
                     r.key
+                );
+            }
+        }
+        for r in &s.volumes {
+            let m = &r.mount;
+            let named =
+                m.kind == Some(shoal_runtime::volume::MountKind::Volume) && !m.source.is_empty();
+            if named && !compose.volumes.contains_key(&m.source) {
+                bail!(
+                    "{}:{}: services.{}.volumes: volume {} is not declared under the top-level volumes:",
+                    s.file,
+                    r.line,
+                    s.key,
+                    m.source
                 );
             }
         }
@@ -602,6 +644,124 @@ fn network(n: &Node, path: &str) -> anyhow::Result<NetworkDef> {
     Ok(d)
 }
 
+/// A top-level volume: the node-local driver only, made on each node on first use (or
+/// `external:`, expected there).
+fn volume_def(n: &Node, path: &str) -> anyhow::Result<VolumeDef> {
+    let mut d = VolumeDef::default();
+    for (_, v, p) in entries(n, path, &["driver", "external", "name", "labels"])? {
+        match p.rsplit('.').next().unwrap_or_default() {
+            "driver" => {
+                let drv = string(v, &p)?;
+                if drv != "local" {
+                    return Err(at(
+                        v,
+                        &p,
+                        format!("driver {drv}: a stack's volumes are the nodes' local volumes"),
+                    ));
+                }
+            }
+            "external" => match &v.value {
+                Value::Map(_) => {
+                    d.external = true;
+                    for (_, nv, np) in entries(v, &p, &["name"])? {
+                        d.name = Some(string(nv, &np)?);
+                    }
+                }
+                _ => d.external = boolean(v, &p)?,
+            },
+            "name" => d.name = Some(string(v, &p)?),
+            "labels" => d.labels = kv(v, &p, &|_| Some(String::new()))?,
+            _ => unreachable!("entries() allows only these"),
+        }
+    }
+    Ok(d)
+}
+
+/// A host path as the compose file gives it: relative ones (`.`, `./x`, `../x`) are the
+/// first file's directory's, `~` the user's home.
+fn host_path(src: &str, dir: &Path) -> String {
+    let rel = src == "." || src == ".." || src.starts_with("./") || src.starts_with("../");
+    if rel {
+        return std::path::absolute(dir.join(src))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| src.to_string());
+    }
+    if src == "~" || src.starts_with("~/") {
+        if let Some(home) = std::env::var_os("HOME") {
+            return format!("{}{}", home.to_string_lossy(), &src[1..]);
+        }
+    }
+    src.to_string()
+}
+
+/// A service's `volumes:` list: `[SOURCE:]TARGET[:MODE]` as `-v` reads it, or the long form
+/// `{type: volume|bind, source, target, read_only, volume: {nocopy}}`.
+fn mount_refs(n: &Node, path: &str, dir: &Path) -> anyhow::Result<Vec<MountRef>> {
+    use shoal_runtime::volume::{parse_volume_flag, validate, MountKind, MountSpec};
+    let Value::Seq(items) = &n.value else {
+        return Err(at(n, path, "expected a list"));
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let ip = format!("{path}[{i}]");
+        let mut mount = if let Value::Scalar(..) = &item.value {
+            let raw = string(item, &ip)?;
+            let raw = match raw.split_once(':') {
+                Some((src, rest)) => format!("{}:{rest}", host_path(src, dir)),
+                None => raw,
+            };
+            parse_volume_flag(&raw).map_err(|e| at(item, &ip, e))?
+        } else {
+            let mut m = MountSpec {
+                kind: Some(MountKind::Volume),
+                ..Default::default()
+            };
+            for (_, v, p) in entries(
+                item,
+                &ip,
+                &["type", "source", "target", "read_only", "volume"],
+            )? {
+                match p.rsplit('.').next().unwrap_or_default() {
+                    "type" => {
+                        m.kind = Some(match string(v, &p)?.as_str() {
+                            "volume" => MountKind::Volume,
+                            "bind" => MountKind::Bind,
+                            other => {
+                                return Err(at(
+                                    v,
+                                    &p,
+                                    format!("type {other}: shoal mounts volumes and binds"),
+                                ))
+                            }
+                        })
+                    }
+                    "source" => m.source = string(v, &p)?,
+                    "target" => m.target = string(v, &p)?,
+                    "read_only" => m.read_only = boolean(v, &p)?,
+                    "volume" => {
+                        for (_, nv, np) in entries(v, &p, &["nocopy"])? {
+                            m.nocopy = boolean(nv, &np)?;
+                        }
+                    }
+                    _ => unreachable!("entries() allows only these"),
+                }
+            }
+            if m.kind == Some(MountKind::Bind) {
+                m.source = host_path(&m.source, dir);
+            }
+            validate(&m).map_err(|e| at(item, &ip, e))?;
+            m
+        };
+        // A service's bind source must exist on the node that runs it (`--mount`'s rule).
+        mount.create_source = false;
+        out.push(MountRef {
+            line: item.line,
+            mount,
+        });
+    }
+    Ok(out)
+}
+
 const SERVICE_KEYS: &[&str] = &[
     "image",
     "command",
@@ -620,6 +780,7 @@ const SERVICE_KEYS: &[&str] = &[
     "healthcheck",
     "secrets",
     "configs",
+    "volumes",
 ];
 
 fn service(
@@ -641,6 +802,7 @@ fn service(
     let mut networks = Vec::new();
     let mut networks_given = false;
     let (mut secrets, mut configs) = (Vec::new(), Vec::new());
+    let mut volumes = Vec::new();
     for (k, v, p) in entries(n, path, SERVICE_KEYS)? {
         match k.name.as_str() {
             "image" => {}
@@ -699,6 +861,7 @@ fn service(
             "healthcheck" => healthcheck(v, &p, &mut a)?,
             "secrets" => secrets = file_refs(v, &p)?,
             "configs" => configs = file_refs(v, &p)?,
+            "volumes" => volumes = mount_refs(v, &p, dir)?,
             _ => unreachable!("entries() allows only SERVICE_KEYS"),
         }
     }
@@ -720,6 +883,7 @@ fn service(
         networks,
         secrets,
         configs,
+        volumes,
     })
 }
 
@@ -1268,6 +1432,64 @@ networks:
             (
                 "services:\n  web:\n    image: busybox\nsecrets:\n  pw: {file: x, driver: y}\n",
                 "secrets.pw.driver: not supported by shoal stack deploy",
+            ),
+        ] {
+            let f = write(d.path(), "c.yml", text);
+            let e = load(std::slice::from_ref(&f), &env).err().unwrap().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn volumes_name_their_top_level_entry_and_binds_the_files_dir() {
+        use shoal_runtime::volume::MountKind;
+        let d = tempfile::tempdir().unwrap();
+        let f = write(
+            d.path(),
+            "c.yml",
+            "services:\n  db:\n    image: busybox\n    volumes:\n      - data:/var/lib/db\n      - ./conf:/conf:ro\n      - /scratch\n      - {type: volume, source: ext, target: /e, volume: {nocopy: true}}\n      - {type: bind, source: /srv, target: /srv, read_only: true}\nvolumes:\n  data: {labels: [a=b]}\n  ext: {external: true}\n",
+        );
+        let c = load(std::slice::from_ref(&f), &env).unwrap();
+        let v: Vec<_> = c.services[0].volumes.iter().map(|r| &r.mount).collect();
+        assert_eq!(v.len(), 5);
+        assert_eq!(
+            (v[0].kind, v[0].source.as_str()),
+            (Some(MountKind::Volume), "data")
+        );
+        assert_eq!(v[1].kind, Some(MountKind::Bind));
+        assert_eq!(
+            Path::new(&v[1].source),
+            std::path::absolute(d.path().join("conf")).unwrap()
+        );
+        assert!(v[1].read_only && !v[1].create_source);
+        assert_eq!(
+            (v[2].source.as_str(), v[2].target.as_str()),
+            ("", "/scratch")
+        );
+        assert!(v[3].nocopy);
+        assert!(v[4].read_only);
+        assert_eq!(c.volumes["data"].labels, ["a=b"]);
+        assert!(c.volumes["ext"].external);
+        for (text, want) in [
+            (
+                "services:\n  web:\n    image: busybox\n    volumes: [nope:/x]\n",
+                "c.yml:4: services.web.volumes: volume nope is not declared under the top-level volumes:",
+            ),
+            (
+                "services:\n  web:\n    image: busybox\n    volumes: [\"data:rel\"]\nvolumes:\n  data: {}\n",
+                "mount path must be absolute",
+            ),
+            (
+                "services:\n  web:\n    image: busybox\n    volumes: [{type: tmpfs, target: /t}]\n",
+                "type tmpfs",
+            ),
+            (
+                "services:\n  web:\n    image: busybox\nvolumes:\n  data: {driver: nfs}\n",
+                "volumes.data.driver: driver nfs",
+            ),
+            (
+                "services:\n  web:\n    image: busybox\nvolumes:\n  data: {driver_opts: {a: b}}\n",
+                "volumes.data.driver_opts: not supported by shoal stack deploy",
             ),
         ] {
             let f = write(d.path(), "c.yml", text);
