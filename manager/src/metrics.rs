@@ -472,8 +472,11 @@ mod tests {
         }
     }
 
+    /// `(name, value)` pairs.
+    type Pairs = Vec<(String, String)>;
+
     /// `name value` of each sample line, and `name type` of each TYPE line.
-    fn parse(text: &str) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    fn parse(text: &str) -> (Pairs, Pairs) {
         let mut samples = Vec::new();
         let mut types = Vec::new();
         for l in text.lines() {
