@@ -215,8 +215,8 @@ impl Store {
         }
     }
 
-    /// How many objects of `kind` the store holds: a scan of the kind's keys (a few ms for
-    /// 100,000 tasks), for metrics.
+    /// How many objects of `kind` the store holds, for metrics: a scan of the kind's tree,
+    /// linear in its objects.
     pub fn count(&self, kind: Kind) -> usize {
         self.tree(TreeId::of(kind)).len()
     }
