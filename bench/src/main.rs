@@ -16,6 +16,7 @@ mod publish;
 mod runtime;
 mod scale;
 mod scale_answer;
+mod scrape;
 mod services;
 mod stack;
 mod stats;
@@ -83,6 +84,8 @@ enum Bench {
     ServiceLogs(logs::LogsArgs),
     /// Runs N hollow nodes (own key, certificate, session; sim executor) in this process.
     HollowNodes(scale::HollowArgs),
+    /// 3 managers, N replicas: time, size and agent CPU of one scrape of `--metrics-addr`.
+    MetricsScrape(scrape::ScrapeArgs),
 }
 
 fn main() {
@@ -109,6 +112,7 @@ fn main() {
         Bench::RrClient(a) => overlay::rr_client(&a),
         Bench::HollowNodes(a) => scale::hollow_nodes(&a),
         Bench::ServiceLogs(a) => logs::service_logs(&a),
+        Bench::MetricsScrape(a) => scrape::metrics_scrape(&a),
     };
     if let Err(e) = result {
         eprintln!("shoal-bench: {e:#}");

@@ -4,6 +4,7 @@ pub mod ca;
 pub mod controlapi;
 pub mod daemon;
 pub mod dispatcher;
+pub mod metrics;
 pub mod orchestrator;
 pub mod raft;
 pub mod scheduler;

@@ -3,6 +3,7 @@
 //! One module per command group under `cmd/`; this file only parses and dispatches.
 
 mod cmd;
+mod metrics;
 
 use clap::{Parser, Subcommand};
 

@@ -17,6 +17,7 @@ mod image_cli;
 mod info_cli;
 mod install_script;
 mod local_cli;
+mod metrics_prometheus;
 mod node_local_cli;
 mod overlay_clusters;
 mod promote_cli;

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod executor;
 pub mod health;
 mod logs;
+pub mod metrics;
 pub mod peers;
 pub mod registry;
 pub mod registry_server;

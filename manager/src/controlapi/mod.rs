@@ -98,7 +98,12 @@ struct Inner {
     logs: OnceLock<crate::dispatcher::LogBroker>,
     /// Why the node stopped this manager's Raft (a storage failure), told to every caller.
     stopped: OnceLock<String>,
+    /// Counts the dispatcher's open sessions (set once the dispatcher runs), for metrics.
+    sessions: OnceLock<SessionCount>,
 }
+
+/// Reads how many agent sessions a dispatcher has open.
+pub type SessionCount = Arc<dyn Fn() -> usize + Send + Sync>;
 
 impl ControlApi {
     /// A control API over this manager's Raft and store.
@@ -126,6 +131,7 @@ impl ControlApi {
                 secrets: OnceLock::new(),
                 logs: OnceLock::new(),
                 stopped: OnceLock::new(),
+                sessions: OnceLock::new(),
             }),
         }
     }
@@ -149,6 +155,16 @@ impl ControlApi {
     /// Hands the dispatcher's log broker to `SubscribeLogs`.
     pub fn set_log_broker(&self, broker: crate::dispatcher::LogBroker) {
         let _ = self.inner.logs.set(broker);
+    }
+
+    /// Hands the dispatcher's session count to the metrics.
+    pub fn set_session_count(&self, count: SessionCount) {
+        let _ = self.inner.sessions.set(count);
+    }
+
+    /// The dispatcher's open sessions now (0 before it runs).
+    pub fn session_count(&self) -> usize {
+        self.inner.sessions.get().map_or(0, |f| f())
     }
 
     /// The log broker, once the dispatcher runs.

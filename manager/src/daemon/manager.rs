@@ -58,6 +58,8 @@ pub struct Manager {
     renew: Option<JoinHandle<()>>,
     /// Decides when this manager elects itself (openraft's own timer is off).
     elections: Option<ElectionDriver>,
+    /// Counts leader changes for the metrics.
+    leader_changes: Option<JoinHandle<()>>,
 }
 
 impl Manager {
@@ -124,6 +126,7 @@ impl Manager {
         );
         let dispatch = dispatcher.service();
         api.set_log_broker(dispatcher.log_broker());
+        api.set_session_count(dispatcher.session_count());
         let listener =
             tokio::net::TcpListener::bind(listen)
                 .await
@@ -160,6 +163,7 @@ impl Manager {
         });
         tracing::info!(node_id = %identity.node_id, raft_id, %listen, "manager started");
         let leader_loops = tokio::spawn(lead_while_leader(raft.clone(), storage.store.clone()));
+        let leader_changes = tokio::spawn(crate::metrics::count_leader_changes(raft.clone()));
         Ok(Manager {
             api,
             dispatcher: Some(dispatcher),
@@ -167,6 +171,7 @@ impl Manager {
             renew: Some(renew),
             leader_loops: Some(leader_loops),
             elections: Some(elections),
+            leader_changes: Some(leader_changes),
         })
     }
 
@@ -204,6 +209,9 @@ impl Manager {
     pub async fn stop(&mut self) {
         if let Some(r) = self.renew.take() {
             r.abort();
+        }
+        if let Some(c) = self.leader_changes.take() {
+            c.abort();
         }
         if let Some(l) = self.leader_loops.take() {
             l.abort();
@@ -269,6 +277,9 @@ impl Drop for Manager {
     fn drop(&mut self) {
         if let Some(r) = self.renew.take() {
             r.abort();
+        }
+        if let Some(c) = self.leader_changes.take() {
+            c.abort();
         }
         if let Some(l) = self.leader_loops.take() {
             l.abort();

@@ -284,7 +284,7 @@ impl LocalTasksSlot {
 
     /// The agent's tasks, with the registry credentials of their specs removed (as from every
     /// control API answer); none while no agent runs.
-    fn tasks(&self) -> Vec<pb::Task> {
+    pub fn tasks(&self) -> Vec<pb::Task> {
         let reader = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut tasks = reader.map(|r| r()).unwrap_or_default();
         for t in &mut tasks {

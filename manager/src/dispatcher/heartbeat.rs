@@ -76,6 +76,9 @@ pub(super) async fn monitor<B: Backend>(inner: Arc<Inner<B>>) {
         for id in &expired {
             tracing::info!(node_id = %id, "node missed its heartbeats: marking it down");
         }
+        crate::metrics::get()
+            .heartbeats_missed
+            .inc_by(expired.len() as u64);
         if let Err(e) = mark_down(&inner, &expired).await {
             tracing::warn!("marking nodes down: {e}");
             // Try again next round: the nodes are still silent.

@@ -331,6 +331,12 @@ impl<B: Backend> Dispatcher<B> {
         self.inner.logs.clone()
     }
 
+    /// Reads the number of open sessions (nothing keeps the dispatcher alive: 0 once gone).
+    pub fn session_count(&self) -> crate::controlapi::SessionCount {
+        let inner = Arc::downgrade(&self.inner);
+        Arc::new(move || inner.upgrade().map_or(0, |i| lock(&i.sessions).len()))
+    }
+
     /// Node ids with an open session now.
     pub fn connected_nodes(&self) -> Vec<String> {
         let mut v: Vec<String> = lock(&self.inner.sessions).keys().cloned().collect();

@@ -44,6 +44,7 @@ pub(super) async fn batcher<B: Backend>(
                 Ok(None) | Err(_) => break,
             }
         }
+        crate::metrics::get().status_batch.observe(count as f64);
         let result = write(&inner, &batch).await;
         if let Err(e) = &result {
             // The agents retry; say why here, where it can be seen.

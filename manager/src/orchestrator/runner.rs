@@ -64,11 +64,12 @@ fn restart_round(v: &ClusterView, now: i64) -> Decision {
     restart::supervise(v, now, &mut new_task_id)
 }
 
-/// A leader component: its name, what changes wake it, its decision step.
+/// A leader component: its name, what changes wake it, its decision step, its metrics.
 struct Component {
     name: &'static str,
     interest: Interest,
     decide: Decide,
+    metrics: crate::metrics::RoundMetrics,
 }
 
 /// The components the leader runs (a fresh set per leadership term), with the changes each
@@ -77,43 +78,77 @@ struct Component {
 fn components() -> Vec<Component> {
     use change::*;
     let mut updater = Updater::new();
-    let c = |name, interest, decide: Decide| Component {
+    // The second name is the component's in the metrics.
+    let c = |(name, metric), interest, decide: Decide| Component {
         name,
         interest,
         decide,
+        metrics: crate::metrics::get().rounds(metric),
     };
     vec![
         c(
-            "replicated orchestrator",
+            ("replicated orchestrator", "replicated"),
             SERVICES | NODES | CLUSTER | TASK_CREATED | TASK_SETTLED,
             Box::new(replicated_round),
         ),
         c(
-            "global orchestrator",
+            ("global orchestrator", "global"),
             SERVICES | NODES | CLUSTER | TASK_CREATED | TASK_SETTLED,
             Box::new(global_round),
         ),
         c(
-            "restart supervisor",
+            ("restart supervisor", "restart"),
             SERVICES | NODES | CLUSTER | TASK_SETTLED,
             Box::new(restart_round),
         ),
         c(
-            "update orchestrator",
+            ("update orchestrator", "updater"),
             ALL,
             Box::new(move |v: &ClusterView, now: i64| updater.round(v, now, &mut new_task_id)),
         ),
         c(
-            "task reaper",
+            ("task reaper", "reaper"),
             SERVICES | NODES | CLUSTER | TASK_CREATED | TASK_SETTLED,
             Box::new(task_reaper::reap),
         ),
         c(
-            "scheduler",
+            (SCHEDULER, "scheduler"),
             NODES | CLUSTER | TASK_CREATED | TASK_SETTLED,
             Box::new(scheduler::schedule),
         ),
     ]
+}
+
+/// The scheduler's name among the components.
+const SCHEDULER: &str = "scheduler";
+
+/// Tasks wanting to run that `d`, a scheduling round over `view`, leaves pending.
+fn left_pending(view: &ClusterView, d: &Decision) -> i64 {
+    use crate::store::{Mutation, Object};
+    use shoal_proto::v1::TaskState;
+    let pending = view
+        .pending_tasks()
+        .filter(|t| super::view::wants_running(t))
+        .count();
+    let assigned = d
+        .mutations
+        .iter()
+        .filter(|m| {
+            matches!(m, Mutation::Update { object: Object::Task(t), .. }
+                if t.status.as_ref().is_some_and(|s| s.state == TaskState::Assigned as i32))
+        })
+        .count();
+    pending.saturating_sub(assigned) as i64
+}
+
+/// Sets the scheduler's pending gauge back to 0 when the leader loops end: it counts only on
+/// the leader.
+struct PendingOffTheLeader;
+
+impl Drop for PendingOffTheLeader {
+    fn drop(&mut self) {
+        crate::metrics::get().scheduler_pending.set(0);
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -154,6 +189,7 @@ pub async fn run_leader<P: Proposer>(
     proposer: P,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), LeaderRunError> {
+    let _pending = PendingOffTheLeader;
     let events = store.watch();
     // A new leader's log may hold entries of earlier terms that it commits only now (a former
     // leader's creates among them): deciding before they are applied would repeat them.
@@ -384,9 +420,19 @@ async fn component<P: Proposer>(
         let decision = crate::store::block_in_place(|| {
             let view = read(&shared.view);
             seen = Some(view.changes());
-            (c.decide)(&view, now)
+            let d = (c.decide)(&view, now);
+            if c.name == SCHEDULER {
+                crate::metrics::get()
+                    .scheduler_pending
+                    .set(left_pending(&view, &d));
+            }
+            d
         });
         last_round = Instant::now();
+        c.metrics
+            .seconds
+            .observe((last_round - started).as_secs_f64());
+        c.metrics.decisions.inc_by(decision.mutations.len() as u64);
         gap = (last_round - started)
             .saturating_mul(ROUND_SPACING)
             .clamp(BATCH_WINDOW, MAX_ROUND_GAP);

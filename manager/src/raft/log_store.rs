@@ -204,6 +204,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Not flushed: losing it only makes a restarted node re-learn the commit index.
         let bytes = encode(&committed).map_err(write_err)?;
         self.state.insert(KEY_COMMITTED, bytes).map_err(write_err)?;
+        if let Some(c) = committed {
+            crate::metrics::get().commit_index.set(c.index);
+        }
         Ok(())
     }
 

@@ -91,17 +91,29 @@ pub enum ProposeRefused {
 /// goes through here, so none exceeds [`MAX_ENTRY_BYTES`]. Callers bound the wait.
 pub async fn propose(raft: &Raft, cmd: Command) -> Result<Response, ProposeRefused> {
     use openraft::error::{ClientWriteError, RaftError};
+    let metrics = crate::metrics::get();
     let bytes = cmd.encoded_bytes();
     if bytes > MAX_ENTRY_BYTES {
+        metrics.proposals_failed.inc();
         return Err(ProposeRefused::TooLarge { bytes });
     }
-    match raft.client_write(cmd).await {
+    let started = std::time::Instant::now();
+    let written = match raft.client_write(cmd).await {
         Ok(resp) => Ok(resp.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
             Err(ProposeRefused::NotLeader)
         }
         Err(e) => Err(ProposeRefused::Raft(e.to_string())),
+    };
+    match &written {
+        Ok(_) => metrics
+            .proposal_seconds
+            .observe(started.elapsed().as_secs_f64()),
+        Err(_) => {
+            metrics.proposals_failed.inc();
+        }
     }
+    written
 }
 
 /// Entries in one AppendEntries at most (openraft's default is 300): an entry can hold a

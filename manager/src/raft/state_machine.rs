@@ -194,11 +194,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.store
             .restore(&dump, applied_index)
             .map_err(sm_write_err)?;
+        let bytes = data.len();
         self.save_snapshot(&StoredSnapshot {
             meta: meta.clone(),
             data,
         })
-        .await
+        .await?;
+        crate::metrics::get().snapshot("installed", bytes);
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
@@ -237,6 +240,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let data = dump.to_bytes().map_err(snap_write_err)?;
         let stored = StoredSnapshot { meta, data };
         self.save_snapshot(&stored).await?;
+        crate::metrics::get().snapshot("built", stored.data.len());
         Ok(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),

@@ -149,6 +149,8 @@ pub(crate) fn index_key(value: &str, id: &str) -> Vec<u8> {
 }
 
 struct Inner {
+    /// The database the trees are in (for its size).
+    db: sled::Db,
     trees: Vec<sled::Tree>,
     events: broadcast::Sender<Event>,
     /// The last [`EVENT_HISTORY`] events of applied commands, oldest first. Held while an
@@ -186,6 +188,7 @@ impl Store {
         let (events, _) = broadcast::channel(WATCH_CAPACITY);
         Ok(Store {
             inner: Arc::new(Inner {
+                db: db.clone(),
                 trees,
                 events,
                 history: Mutex::new(std::collections::VecDeque::new()),
@@ -210,6 +213,17 @@ impl Store {
             },
             Err(e) => Response::single(Err(e)),
         }
+    }
+
+    /// How many objects of `kind` the store holds, for metrics: a scan of the kind's tree,
+    /// linear in its objects.
+    pub fn count(&self, kind: Kind) -> usize {
+        self.tree(TreeId::of(kind)).len()
+    }
+
+    /// Bytes of the database's files on disk (0 if they cannot be read), for metrics.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
     }
 
     /// Starts a batch of commands committed together by [`Batch::commit`].

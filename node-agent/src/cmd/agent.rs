@@ -78,6 +78,10 @@ pub struct AgentArgs {
     /// cluster registry; 0: none
     #[arg(long, env = "SHOAL_REGISTRY_PORT", default_value_t = 0)]
     registry_port: u16,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9323);
+    /// default: none
+    #[arg(long, env = "SHOAL_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// `--dns-upstream`, else the host's resolvers.
@@ -99,6 +103,9 @@ fn dns_upstream(given: Option<&str>) -> anyhow::Result<Vec<std::net::SocketAddr>
 }
 
 pub fn run(a: AgentArgs) -> anyhow::Result<()> {
+    // First of all: a taken metrics address stops the agent before anything starts. (A
+    // re-execution below closes it, and binds it again at once.)
+    let metrics = a.metrics_addr.map(crate::metrics::bind).transpose()?;
     // Before any thread exists: containers are created only from an immutable copy of this
     // binary (CVE-2019-5736), so the daemon re-executes itself from one.
     if a.executor == ExecutorArg::Runtime {
@@ -180,6 +187,14 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
                 stop_rx.clone(),
             ))
         });
+        let metrics = metrics.map(|listener| {
+            let registry = crate::metrics::registry(
+                daemon.control_slot(),
+                daemon.local_tasks(),
+                executor.clone(),
+            );
+            tokio::spawn(crate::metrics::serve(listener, registry, stop_rx.clone()))
+        });
         let worker = tokio::spawn(keep_worker(
             daemon.membership(),
             stop_rx,
@@ -200,6 +215,9 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
         }
         if let Some(r) = registry {
             let _ = r.await;
+        }
+        if let Some(m) = metrics {
+            let _ = m.await;
         }
         daemon.shutdown().await;
         Ok(())

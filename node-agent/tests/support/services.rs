@@ -303,6 +303,12 @@ impl Cluster {
         Self::build_full(size, managers, 0, FAST_HEARTBEAT, &[], args)
     }
 
+    /// Like [`Cluster::new`], each agent started with the flags `args` gives for its node
+    /// (its own address for something, say).
+    pub fn with_node_args(size: u8, managers: u8, args: &dyn Fn(&Node) -> Vec<String>) -> Cluster {
+        Self::build_per_node(size, managers, 0, FAST_HEARTBEAT, &[], args, &[])
+    }
+
     /// Like [`Cluster::build`], with the busybox tar also imported as `(node index, name)`
     /// before the agents start (a running agent reads its image store's index once).
     pub fn build_with_images(
@@ -341,6 +347,19 @@ impl Cluster {
         args: &[&str],
         loads: &[&Path],
     ) -> Cluster {
+        let args = |_: &Node| args.iter().map(|a| a.to_string()).collect();
+        Self::build_per_node(size, managers, spare, heartbeat, images, &args, loads)
+    }
+
+    fn build_per_node(
+        size: u8,
+        managers: u8,
+        spare: u8,
+        heartbeat: (&str, u32),
+        images: &[(usize, &str)],
+        args: &dyn Fn(&Node) -> Vec<String>,
+        loads: &[&Path],
+    ) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("shoal-svc-")
             .tempdir_in("/var/tmp")
@@ -375,7 +394,7 @@ impl Cluster {
             }
         }
         for n in &mut c.nodes {
-            n.args = args.iter().map(|a| a.to_string()).collect();
+            n.args = args(n);
             n.spawn();
         }
         let members: Vec<Loopback> = c.nodes[..size as usize].iter().map(Node::member).collect();

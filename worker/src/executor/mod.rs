@@ -136,6 +136,11 @@ pub trait Executor: Send + Sync + 'static {
     /// kept in memory only, written for a task only to tmpfs. Executors without containers
     /// ignore it.
     fn set_dependencies(&self, _deps: shoal_proto::v1::Dependencies) {}
+    /// The usage of the task's running container (its cgroup), for metrics; `None` for
+    /// executors without containers or when it cannot be read. Blocking (file reads).
+    fn stats(&self, _task_id: &str) -> Option<shoal_runtime::cgroups::CgroupStats> {
+        None
+    }
     /// Where the task's container log is (`shoal_runtime::logfile` records, rotated);
     /// `None` for executors that keep no logs.
     fn log_path(&self, _task_id: &str) -> Option<std::path::PathBuf> {

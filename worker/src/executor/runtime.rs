@@ -302,6 +302,139 @@ impl RuntimeExecutor {
         super::files::agent_root(&self.cfg.data_dir).join(id)
     }
 
+    /// Creates and starts the task's container (see [`Executor::start`]).
+    async fn start_container(&self, task: &Task) -> Result<Started, ExecError> {
+        let images = self.images.clone();
+        let task = task.clone();
+        let id = task_id(&task);
+        let dir = self.task_dir(&id);
+        let files = {
+            let c = task
+                .spec
+                .as_ref()
+                .and_then(|s| s.container.clone())
+                .unwrap_or_default();
+            super::files::wanted(&self.held.lock().unwrap_or_else(|p| p.into_inner()), &c)?
+        };
+        let files_dir = self.files_dir(&id);
+        let volumes = Volumes::open(&self.cfg.data_dir).map_err(runtime_err)?;
+        let layers = {
+            let (id, dir, bridge) = (id.clone(), dir.clone(), self.cfg.bridge.clone());
+            let files_dir = files_dir.clone();
+            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            blocking(move || {
+                let image = task
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.container.as_ref())
+                    .map_or(String::new(), |c| c.image.clone());
+                let prepared = prepare_image(&images, &image)?;
+                let req = net_request(&task, peers)?;
+                let bundle = dir.join("bundle");
+                shoal_runtime::dirs::private_dir(&dir)
+                    .map_err(|e| ExecError::Runtime(format!("create {}: {e}", dir.display())))?;
+                mkdir(&bundle.join("rootfs"))?;
+                mkdir(&dir.join("upper"))?;
+                mkdir(&dir.join("work"))?;
+                let att = network::attach(&bridge, &id, &dir, &req).map_err(runtime_err)?;
+                let clustered = !req.overlays.is_empty();
+                let mut etc = EtcOptions {
+                    hostname: hostname(&task, &id),
+                    ..EtcOptions::default()
+                };
+                if clustered {
+                    // The embedded resolver, bound before the process can ask it.
+                    etc.dns = vec![crate::dns::RESOLVER_ADDR.ip()];
+                    etc.dns_options = vec!["ndots:0".into()];
+                }
+                let dns_sock = if clustered {
+                    match network::udp_socket_in_netns(
+                        &network::netns_path(&id),
+                        crate::dns::RESOLVER_ADDR,
+                    ) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            let _ = network::detach(&id);
+                            return Err(runtime_err(e));
+                        }
+                    }
+                } else {
+                    None
+                };
+                let spec = network::write_etc_files(&dir, &att, &etc)
+                    .map_err(runtime_err)
+                    .and_then(|()| build_spec(&task, &id, &prepared, &att, &dir))
+                    .and_then(|mut spec| {
+                        let mut mounts = super::files::write(&files_dir, &files)?;
+                        // Volumes made on this node on first use; recorded in the task dir as
+                        // used by the task until it is removed.
+                        let attached = volumes
+                            .attach(&dir, &mount_specs(&task))
+                            .map_err(volume_err)?;
+                        for m in shoal_runtime::volume::sorted(&attached.mounts) {
+                            mounts.push(
+                                serde_json::to_value(m.to_oci().map_err(runtime_err)?)
+                                    .map_err(runtime_err)?,
+                            );
+                        }
+                        if let Some(m) = spec["mounts"].as_array_mut() {
+                            m.extend(mounts);
+                        }
+                        Ok(spec)
+                    });
+                let spec = match spec {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = network::detach(&id);
+                        let _ = super::files::remove(&files_dir);
+                        return Err(e);
+                    }
+                };
+                // So that `shoal image rm/prune` on this node keep the task's image.
+                shoal_runtime::frontdoor::record_image_use(
+                    &dir,
+                    &prepared.info.id,
+                    &prepared.chain_ids,
+                )
+                .map_err(runtime_err)?;
+                let text = serde_json::to_vec_pretty(&spec).map_err(runtime_err)?;
+                std::fs::write(bundle.join("config.json"), text).map_err(runtime_err)?;
+                let networks: Vec<String> =
+                    req.overlays.iter().map(|o| o.network_id.clone()).collect();
+                Ok((prepared.layer_dirs, dns_sock.map(|s| (s, networks))))
+            })
+            .await?
+        };
+        let (layers, dns) = layers;
+        if let Some((sock, networks)) = dns {
+            self.serve_dns(&id, sock, networks)?;
+        }
+        if let Err(e) = self.create(&id, &dir, &layers).await {
+            self.stop_dns(&id);
+            let id = id.clone();
+            let _ = blocking(move || {
+                let _ = super::files::remove(&files_dir);
+                network::detach(&id).map_err(runtime_err)
+            })
+            .await;
+            return Err(e);
+        }
+        let root = self.cfg.state_root.clone();
+        blocking(move || {
+            let Some(mut c) = load(&root, &id)? else {
+                return Err(ExecError::Runtime(format!(
+                    "container {id} is gone right after its creation"
+                )));
+            };
+            c.start().map_err(runtime_err)?;
+            Ok(Started {
+                container_id: id,
+                pid: c.pid(),
+            })
+        })
+        .await
+    }
+
     fn task_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join(CONTAINERS_DIR).join(id)
     }
@@ -971,6 +1104,10 @@ impl Executor for RuntimeExecutor {
         Some(self.task_dir(task_id).join(LOG_FILE))
     }
 
+    fn stats(&self, task_id: &str) -> Option<shoal_runtime::cgroups::CgroupStats> {
+        load(&self.cfg.state_root, task_id).ok()??.stats().ok()
+    }
+
     async fn prepare(&self, task: &Task, note: &super::Note) -> Result<(), ExecError> {
         let images = self.images.clone();
         let image = task
@@ -1033,150 +1170,26 @@ impl Executor for RuntimeExecutor {
         .with_node(&self.cfg.data_dir, &image);
         opts.peers = peers;
         tracing::info!(%image, peers = opts.peers.len(), "pulling");
-        crate::registry::pull(
+        let pulled = crate::registry::pull(
             images.clone(),
             &self.cfg.data_dir,
             &image,
             &opts,
             &|_, _, _| {},
         )
-        .await
-        .map_err(|e| ExecError::Pull(e.to_string()))?;
+        .await;
+        crate::metrics::get().pulled(pulled.is_ok());
+        pulled.map_err(|e| ExecError::Pull(e.to_string()))?;
         let p = blocking(move || prepare_image(&images, &image)).await?;
         self.prepared_with(&p.info.id);
         Ok(())
     }
 
     async fn start(&self, task: &Task) -> Result<Started, ExecError> {
-        let images = self.images.clone();
-        let task = task.clone();
-        let id = task_id(&task);
-        let dir = self.task_dir(&id);
-        let files = {
-            let c = task
-                .spec
-                .as_ref()
-                .and_then(|s| s.container.clone())
-                .unwrap_or_default();
-            super::files::wanted(&self.held.lock().unwrap_or_else(|p| p.into_inner()), &c)?
-        };
-        let files_dir = self.files_dir(&id);
-        let volumes = Volumes::open(&self.cfg.data_dir).map_err(runtime_err)?;
-        let layers = {
-            let (id, dir, bridge) = (id.clone(), dir.clone(), self.cfg.bridge.clone());
-            let files_dir = files_dir.clone();
-            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            blocking(move || {
-                let image = task
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.container.as_ref())
-                    .map_or(String::new(), |c| c.image.clone());
-                let prepared = prepare_image(&images, &image)?;
-                let req = net_request(&task, peers)?;
-                let bundle = dir.join("bundle");
-                shoal_runtime::dirs::private_dir(&dir)
-                    .map_err(|e| ExecError::Runtime(format!("create {}: {e}", dir.display())))?;
-                mkdir(&bundle.join("rootfs"))?;
-                mkdir(&dir.join("upper"))?;
-                mkdir(&dir.join("work"))?;
-                let att = network::attach(&bridge, &id, &dir, &req).map_err(runtime_err)?;
-                let clustered = !req.overlays.is_empty();
-                let mut etc = EtcOptions {
-                    hostname: hostname(&task, &id),
-                    ..EtcOptions::default()
-                };
-                if clustered {
-                    // The embedded resolver, bound before the process can ask it.
-                    etc.dns = vec![crate::dns::RESOLVER_ADDR.ip()];
-                    etc.dns_options = vec!["ndots:0".into()];
-                }
-                let dns_sock = if clustered {
-                    match network::udp_socket_in_netns(
-                        &network::netns_path(&id),
-                        crate::dns::RESOLVER_ADDR,
-                    ) {
-                        Ok(s) => Some(s),
-                        Err(e) => {
-                            let _ = network::detach(&id);
-                            return Err(runtime_err(e));
-                        }
-                    }
-                } else {
-                    None
-                };
-                let spec = network::write_etc_files(&dir, &att, &etc)
-                    .map_err(runtime_err)
-                    .and_then(|()| build_spec(&task, &id, &prepared, &att, &dir))
-                    .and_then(|mut spec| {
-                        let mut mounts = super::files::write(&files_dir, &files)?;
-                        // Volumes made on this node on first use; recorded in the task dir as
-                        // used by the task until it is removed.
-                        let attached = volumes
-                            .attach(&dir, &mount_specs(&task))
-                            .map_err(volume_err)?;
-                        for m in shoal_runtime::volume::sorted(&attached.mounts) {
-                            mounts.push(
-                                serde_json::to_value(m.to_oci().map_err(runtime_err)?)
-                                    .map_err(runtime_err)?,
-                            );
-                        }
-                        if let Some(m) = spec["mounts"].as_array_mut() {
-                            m.extend(mounts);
-                        }
-                        Ok(spec)
-                    });
-                let spec = match spec {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = network::detach(&id);
-                        let _ = super::files::remove(&files_dir);
-                        return Err(e);
-                    }
-                };
-                // So that `shoal image rm/prune` on this node keep the task's image.
-                shoal_runtime::frontdoor::record_image_use(
-                    &dir,
-                    &prepared.info.id,
-                    &prepared.chain_ids,
-                )
-                .map_err(runtime_err)?;
-                let text = serde_json::to_vec_pretty(&spec).map_err(runtime_err)?;
-                std::fs::write(bundle.join("config.json"), text).map_err(runtime_err)?;
-                let networks: Vec<String> =
-                    req.overlays.iter().map(|o| o.network_id.clone()).collect();
-                Ok((prepared.layer_dirs, dns_sock.map(|s| (s, networks))))
-            })
-            .await?
-        };
-        let (layers, dns) = layers;
-        if let Some((sock, networks)) = dns {
-            self.serve_dns(&id, sock, networks)?;
-        }
-        if let Err(e) = self.create(&id, &dir, &layers).await {
-            self.stop_dns(&id);
-            let id = id.clone();
-            let _ = blocking(move || {
-                let _ = super::files::remove(&files_dir);
-                network::detach(&id).map_err(runtime_err)
-            })
-            .await;
-            return Err(e);
-        }
-        let root = self.cfg.state_root.clone();
-        blocking(move || {
-            let Some(mut c) = load(&root, &id)? else {
-                return Err(ExecError::Runtime(format!(
-                    "container {id} is gone right after its creation"
-                )));
-            };
-            c.start().map_err(runtime_err)?;
-            Ok(Started {
-                container_id: id,
-                pid: c.pid(),
-            })
-        })
-        .await
+        let began = std::time::Instant::now();
+        let started = self.start_container(task).await;
+        crate::metrics::get().started(started.is_ok(), began.elapsed().as_secs_f64());
+        started
     }
 
     async fn wait(&self, task_id: &str) -> Result<Exit, ExecError> {
