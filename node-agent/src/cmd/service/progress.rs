@@ -16,7 +16,7 @@ use shoal_proto::v1::service_spec::Mode;
 use shoal_proto::v1::TaskState;
 use tonic::transport::Channel;
 
-use super::super::output::{rpc, short};
+use super::super::output::{self, rpc, short};
 
 /// How often the tasks are read while waiting.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -340,14 +340,15 @@ async fn read_service(
     .context("reading the service")?
     .service
     .unwrap_or_default();
-    let tasks = rpc(c
-        .list_tasks(pb::ListTasksRequest {
+    let tasks = output::all_tasks(
+        c,
+        pb::ListTasksRequest {
             service: service_id.to_string(),
-            node: String::new(),
-        })
-        .await)
-    .context("reading the service's tasks")?
-    .tasks;
+            ..Default::default()
+        },
+    )
+    .await
+    .context("reading the service's tasks")?;
     Ok((service, tasks))
 }
 
@@ -365,8 +366,8 @@ async fn follow(
             Some(Mode::Global(_))
         );
         let hostnames = if global {
-            rpc(c.list_nodes(pb::ListNodesRequest {}).await)?
-                .nodes
+            output::all_nodes(c, pb::ListNodesRequest::default())
+                .await?
                 .into_iter()
                 .map(|n| {
                     (
@@ -473,8 +474,8 @@ async fn follow_update(
             service.spec.as_ref().and_then(|s| s.mode.as_ref()),
             Some(Mode::Global(_))
         ) {
-            rpc(c.list_nodes(pb::ListNodesRequest {}).await)?
-                .nodes
+            output::all_nodes(c, pb::ListNodesRequest::default())
+                .await?
                 .into_iter()
                 .map(|n| {
                     (
