@@ -19,6 +19,7 @@ mod info_cli;
 mod install_script;
 mod local_cli;
 mod node_local_cli;
+mod node_ps_cli;
 mod overlay_clusters;
 mod promote_cli;
 mod registry_cli;
