@@ -9,6 +9,7 @@ mod support;
 mod big_cluster_cli;
 mod cluster_cli;
 mod cluster_registry;
+mod cluster_timers_cli;
 mod events_cli;
 mod failover_cli;
 mod formats_cli;
