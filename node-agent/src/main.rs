@@ -4,7 +4,7 @@
 
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +62,10 @@ enum Command {
     Events(cmd::events::EventsArgs),
     /// Deploy and manage stacks of services from compose files
     Stack(cmd::stack::StackArgs),
+    /// Disk used by images, layers and containers; remove what nothing uses
+    System(cmd::system::SystemArgs),
+    /// Write a shell completion script (bash, zsh, fish)
+    Completion(cmd::system::CompletionArgs),
 }
 
 fn main() {
@@ -106,6 +110,8 @@ fn main() {
         Command::Config(c) => cmd::secret::run_config(c),
         Command::Events(c) => cmd::events::run(c),
         Command::Stack(c) => cmd::stack::run(c),
+        Command::System(c) => cmd::system::run(c),
+        Command::Completion(c) => cmd::system::completion(c, &mut Cli::command()),
     };
     if let Err(err) = result {
         // One line, as a user reads it: the outermost context first, then the causes.

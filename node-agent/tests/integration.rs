@@ -30,3 +30,4 @@ mod service_logs_cli;
 mod service_registry;
 mod service_update_cli;
 mod stack_cli;
+mod system_cli;

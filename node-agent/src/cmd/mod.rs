@@ -12,3 +12,4 @@ pub mod runtime;
 pub mod secret;
 pub mod service;
 pub mod stack;
+pub mod system;
