@@ -10,6 +10,7 @@ mod big_cluster_cli;
 mod cluster_cli;
 mod cluster_registry;
 mod cluster_timers_cli;
+mod converge_cli;
 mod events_cli;
 mod failover_cli;
 mod formats_cli;
