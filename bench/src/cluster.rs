@@ -491,11 +491,13 @@ impl Shoal {
 
     async fn nodes(&self, i: usize) -> Result<Vec<pb::Node>> {
         let mut c = self.client(i).await?;
-        Ok(c.list_nodes(timed(Request::new(pb::ListNodesRequest {})))
-            .await
-            .map_err(|s| anyhow::anyhow!("node ls: {}", s.message()))?
-            .into_inner()
-            .nodes)
+        Ok(
+            c.list_nodes(timed(Request::new(pb::ListNodesRequest::default())))
+                .await
+                .map_err(|s| anyhow::anyhow!("node ls: {}", s.message()))?
+                .into_inner()
+                .nodes,
+        )
     }
 }
 

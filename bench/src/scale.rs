@@ -148,38 +148,7 @@ async fn hollow_node(
     token: String,
     hostname: String,
 ) -> Result<(String, shoal_worker::Agent)> {
-    let mut attempt = 0;
-    let joined = loop {
-        attempt += 1;
-        match shoal_manager::ca::join_cluster(&manager, &token, &hostname, "127.0.0.1").await {
-            Ok(j) => break j,
-            Err(e) if attempt < JOIN_ATTEMPTS => {
-                tracing::warn!(%hostname, attempt, "join failed, retrying: {e}");
-                tokio::time::sleep(shoal_worker::backoff(attempt)).await;
-            }
-            Err(e) => return Err(e).with_context(|| format!("joining {hostname}")),
-        }
-    };
-    let tls = joined.tls().context("the node's TLS material")?;
-    let description = pb::NodeDescription {
-        hostname: hostname.clone(),
-        resources: Some(shoal_worker::host_resources()),
-        os: std::env::consts::OS.into(),
-        arch: std::env::consts::ARCH.into(),
-        engine_version: env!("CARGO_PKG_VERSION").into(),
-        hollow: true,
-    };
-    let agent = shoal_worker::Agent::start(shoal_worker::AgentConfig {
-        tls,
-        managers: vec![manager],
-        data_dir: None,
-        description,
-        executor: Arc::new(shoal_worker::SimExecutor::new()),
-        on_desired_role: None,
-    })
-    .await
-    .with_context(|| format!("starting {hostname}'s agent"))?;
-    Ok((joined.node_id, agent))
+    Ok(shoal_worker::hollow::join_hollow(&manager, &token, &hostname, JOIN_ATTEMPTS).await?)
 }
 
 /// `shoal-bench hollow-nodes`: joins `count` hollow nodes in this process and runs them until
@@ -271,14 +240,14 @@ fn start_host(root: &Path, k: usize, count: usize, token: &str, manager: &str) -
 
 /// Nodes the managers know and how many of them are hollow and Ready.
 async fn hollow_ready(c: &mut ControlClient<tonic::transport::Channel>) -> Result<(usize, usize)> {
-    let mut req = Request::new(pb::ListNodesRequest {});
-    req.set_timeout(CALL_TIMEOUT);
-    let nodes = c
-        .list_nodes(req)
-        .await
-        .map_err(|s| anyhow::anyhow!("node ls: {}", s.message()))?
-        .into_inner()
-        .nodes;
+    let nodes = shoal_proto::paging::all_pages(pb::ListNodesRequest::default(), |r| {
+        let mut c = c.clone();
+        let mut req = Request::new(r);
+        req.set_timeout(CALL_TIMEOUT);
+        async move { c.list_nodes(req).await.map(|r| r.into_inner()) }
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("node ls: {}", s.message()))?;
     let ready = nodes
         .iter()
         .filter(|n| n.description.as_ref().is_some_and(|d| d.hollow))
@@ -291,6 +260,7 @@ async fn hollow_ready(c: &mut ControlClient<tonic::transport::Channel>) -> Resul
 async fn running(c: &mut ControlClient<tonic::transport::Channel>) -> Result<(u64, u64)> {
     let mut req = Request::new(pb::ListServicesRequest {
         name_prefix: SERVICE.into(),
+        ..Default::default()
     });
     req.set_timeout(CALL_TIMEOUT);
     let services = c
@@ -313,17 +283,18 @@ async fn running(c: &mut ControlClient<tonic::transport::Channel>) -> Result<(u6
 /// What the tasks that are not running are doing: counts by (state, desired state, message),
 /// with one example task id each, for a run that missed its deadline.
 async fn breakdown(c: &mut ControlClient<tonic::transport::Channel>) -> Result<String> {
-    let mut req = Request::new(pb::ListTasksRequest {
+    let list = pb::ListTasksRequest {
         service: SERVICE.into(),
-        node: String::new(),
-    });
-    req.set_timeout(CALL_TIMEOUT);
-    let tasks = c
-        .list_tasks(req)
-        .await
-        .map_err(|s| anyhow::anyhow!("service ps: {}", s.message()))?
-        .into_inner()
-        .tasks;
+        ..Default::default()
+    };
+    let tasks = shoal_proto::paging::all_pages(list, |r| {
+        let mut c = c.clone();
+        let mut req = Request::new(r);
+        req.set_timeout(CALL_TIMEOUT);
+        async move { c.list_tasks(req).await.map(|r| r.into_inner()) }
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("service ps: {}", s.message()))?;
     type Group = (u64, String, std::collections::BTreeSet<String>);
     let mut groups: std::collections::BTreeMap<(String, String, String), Group> =
         Default::default();

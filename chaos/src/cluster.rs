@@ -171,7 +171,9 @@ impl Cluster {
             let Ok(mut c) = control(&sock).await else {
                 continue;
             };
-            let r = tokio::time::timeout(CALL_TIMEOUT, c.list_nodes(pb::ListNodesRequest {})).await;
+            let r =
+                tokio::time::timeout(CALL_TIMEOUT, c.list_nodes(pb::ListNodesRequest::default()))
+                    .await;
             let Ok(Ok(r)) = r else { continue };
             let nodes = r.into_inner().nodes;
             let mut h = Health {

@@ -1217,7 +1217,7 @@ async fn watch_new_leader(
                 let mut c = control(&sock).await.ok()?;
                 let r = tokio::time::timeout(
                     LEADER_PROBE_TIMEOUT,
-                    c.list_nodes(pb::ListNodesRequest {}),
+                    c.list_nodes(pb::ListNodesRequest::default()),
                 )
                 .await
                 .ok()?

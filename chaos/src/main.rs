@@ -599,18 +599,19 @@ async fn converge(
         .collect();
     while start.elapsed() < CONVERGE_TIMEOUT {
         for (_, sock) in &sockets {
-            let Ok(mut c) = control(sock).await else {
+            let Ok(c) = control(sock).await else {
                 continue;
             };
-            let Ok(Ok(tasks)) =
-                tokio::time::timeout(CALL_TIMEOUT, c.list_tasks(pb::ListTasksRequest::default()))
-                    .await
-            else {
+            let all = shoal_proto::paging::all_pages(pb::ListTasksRequest::default(), |r| {
+                let mut c = c.clone();
+                async move { c.list_tasks(r).await.map(|r| r.into_inner()) }
+            });
+            let Ok(Ok(tasks)) = tokio::time::timeout(CALL_TIMEOUT, all).await else {
                 continue;
             };
             let mut running: BTreeMap<String, (u64, u64)> = BTreeMap::new();
             let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for t in tasks.into_inner().tasks {
+            for t in tasks {
                 if !t.service_name.starts_with(&format!("chaos-{run_id}-")) {
                     continue;
                 }

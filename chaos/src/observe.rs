@@ -117,12 +117,18 @@ pub async fn sample(
         };
         let tasks = async {
             let mut c = control(&sock).await.ok()?;
-            let r =
-                tokio::time::timeout(CALL_TIMEOUT, c.list_tasks(pb::ListTasksRequest::default()))
-                    .await
-                    .ok()?
-                    .ok()?;
-            Some(r.into_inner().tasks)
+            // One read, so the invariants are checked on one state: a sample whose tasks
+            // take more than a page is not taken.
+            let req = pb::ListTasksRequest {
+                page_size: u32::MAX,
+                ..Default::default()
+            };
+            let r = tokio::time::timeout(CALL_TIMEOUT, c.list_tasks(req))
+                .await
+                .ok()?
+                .ok()?
+                .into_inner();
+            r.next_page_token.is_empty().then_some(r.tasks)
         }
         .await;
         let Some(tasks) = tasks else {

@@ -403,6 +403,7 @@ pub async fn final_reads(
         let start_us = shared.now_us();
         let req = pb::ListServicesRequest {
             name_prefix: prefix.clone(),
+            ..Default::default()
         };
         let Answer::Ok(list) = call(Kind::Read, &sock, |mut cl| async move {
             cl.list_services(req).await

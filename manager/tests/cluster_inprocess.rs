@@ -240,7 +240,7 @@ async fn one_manager_serves_services_and_survives_a_restart() {
     assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale}");
 
     let nodes = c
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -298,7 +298,7 @@ async fn three_managers_replicate_fail_over_and_restart_without_loss() {
     let listed = nodes[follower]
         .control()
         .await
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -329,7 +329,7 @@ async fn three_managers_replicate_fail_over_and_restart_without_loss() {
     let listed = nodes[rest[0]]
         .control()
         .await
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -504,7 +504,7 @@ async fn demote_and_remove_keep_quorum() {
     .await
     .unwrap();
     let left = c
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -368,7 +368,7 @@ async fn cluster_is_sound(
     let spec = cl.spec.as_ref().ok_or("cluster without a spec")?;
     validate::cluster_spec(spec).map_err(|e| format!("invalid cluster spec stored: {e}"))?;
     let nodes = c
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .map_err(|e| format!("list nodes: {e}"))?
         .into_inner()

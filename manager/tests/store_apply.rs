@@ -852,3 +852,67 @@ fn secret_names_are_unique_and_a_used_secret_stays() {
     assert!(store.get_secret("db").unwrap().is_none());
     ok(store.apply(8, &cmd(8, vec![create(Object::Secret(secret("s3", "db")))])));
 }
+
+/// The scans the control API pages with: from after a key, in key order, services by name
+/// (within a prefix), tasks by id, a service's and a node's tasks by id.
+#[test]
+fn pages_scan_from_after_a_key_in_order() {
+    let (_d, store) = open();
+    let mut m = Vec::new();
+    for (id, name) in [("s1", "web"), ("s2", "api"), ("s3", "web-b"), ("s4", "db")] {
+        m.push(create(Object::Service(service(id, name))));
+    }
+    for (id, svc, node) in [("t3", "s1", "n1"), ("t1", "s1", "n2"), ("t2", "s2", "n1")] {
+        m.push(create(Object::Task(task(
+            id,
+            svc,
+            node,
+            TaskState::New,
+            TaskState::Running,
+        ))));
+    }
+    ok(store.apply(1, &cmd(1, m)));
+    let names = |it: Vec<Service>| -> Vec<String> {
+        it.into_iter()
+            .map(|s| s.spec.unwrap_or_default().name)
+            .collect()
+    };
+    let svc = |after: &str, prefix: &str| -> Vec<String> {
+        names(
+            store
+                .services_after(after, prefix)
+                .collect::<Result<_, _>>()
+                .unwrap(),
+        )
+    };
+    assert_eq!(svc("", ""), ["api", "db", "web", "web-b"]);
+    assert_eq!(svc("db", ""), ["web", "web-b"]);
+    assert_eq!(svc("", "web"), ["web", "web-b"]);
+    assert_eq!(svc("web", "web"), ["web-b"]);
+    assert_eq!(svc("a", "web"), ["web", "web-b"]);
+    assert!(svc("web-b", "").is_empty());
+    assert!(svc("zzz", "web").is_empty());
+
+    let ids = |it: Vec<Task>| ids_of_tasks(&it);
+    let all: Vec<Task> = store.tasks_after("").collect::<Result<_, _>>().unwrap();
+    assert_eq!(ids(all), ["t1", "t2", "t3"]);
+    let rest: Vec<Task> = store.tasks_after("t1").collect::<Result<_, _>>().unwrap();
+    assert_eq!(ids(rest), ["t2", "t3"]);
+    let of_s1: Vec<Task> = store
+        .service_tasks_after("s1", "")
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ids(of_s1), ["t1", "t3"]);
+    let of_s1: Vec<Task> = store
+        .service_tasks_after("s1", "t1")
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ids(of_s1), ["t3"]);
+    let on_n1: Vec<Task> = store
+        .node_tasks_after("n1", "")
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ids(on_n1), ["t2", "t3"]);
+    // A service id that is a prefix of another's is not that one.
+    assert_eq!(store.service_tasks_after("s", "").count(), 0);
+}

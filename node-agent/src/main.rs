@@ -5,7 +5,7 @@
 mod cmd;
 mod metrics;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +65,10 @@ enum Command {
     Events(cmd::events::EventsArgs),
     /// Deploy and manage stacks of services from compose files
     Stack(cmd::stack::StackArgs),
+    /// Disk used by images, layers and containers; remove what nothing uses
+    System(cmd::system::SystemArgs),
+    /// Write a shell completion script (bash, zsh, fish)
+    Completion(cmd::system::CompletionArgs),
 }
 
 fn main() {
@@ -110,6 +114,8 @@ fn main() {
         Command::Config(c) => cmd::secret::run_config(c),
         Command::Events(c) => cmd::events::run(c),
         Command::Stack(c) => cmd::stack::run(c),
+        Command::System(c) => cmd::system::run(c),
+        Command::Completion(c) => cmd::system::completion(c, &mut Cli::command()),
     };
     if let Err(err) = result {
         // One line, as a user reads it: the outermost context first, then the causes.

@@ -6,8 +6,11 @@
 mod services;
 mod support;
 
+mod big_cluster_cli;
 mod cluster_cli;
 mod cluster_registry;
+mod cluster_timers_cli;
+mod converge_cli;
 mod events_cli;
 mod failover_cli;
 mod formats_cli;
@@ -19,6 +22,7 @@ mod install_script;
 mod local_cli;
 mod metrics_prometheus;
 mod node_local_cli;
+mod node_ps_cli;
 mod overlay_clusters;
 mod promote_cli;
 mod registry_cli;
@@ -29,4 +33,5 @@ mod service_registry;
 mod service_update_cli;
 mod service_volumes_cli;
 mod stack_cli;
+mod system_cli;
 mod volumes_cli;

@@ -82,3 +82,115 @@ pub mod limits {
         }
     }
 }
+
+/// The control API's paged `List*` calls, as a client walks them: each request names where
+/// to go on (`page_token`), each answer where the next page starts (`next_page_token`, empty
+/// after the last). Each page is read on its own: an object made or removed between two pages
+/// may be missing from the listing or in it.
+pub mod paging {
+    use crate::v1;
+
+    /// A `List*` request.
+    pub trait PageRequest: Clone {
+        /// Asks for the page that starts at `token`.
+        fn set_page_token(&mut self, token: String);
+    }
+
+    /// A `List*` answer.
+    pub trait Page {
+        /// What the list holds.
+        type Item;
+        /// Where the next page starts; empty after the last.
+        fn next_page_token(&self) -> &str;
+        /// The items of this page.
+        fn into_items(self) -> Vec<Self::Item>;
+    }
+
+    macro_rules! paged {
+        ($req:ident, $resp:ident, $field:ident, $item:ty) => {
+            impl PageRequest for v1::$req {
+                fn set_page_token(&mut self, token: String) {
+                    self.page_token = token;
+                }
+            }
+            impl Page for v1::$resp {
+                type Item = $item;
+                fn next_page_token(&self) -> &str {
+                    &self.next_page_token
+                }
+                fn into_items(self) -> Vec<$item> {
+                    self.$field
+                }
+            }
+        };
+    }
+
+    paged!(
+        ListServicesRequest,
+        ListServicesResponse,
+        services,
+        v1::ServiceSummary
+    );
+    paged!(ListTasksRequest, ListTasksResponse, tasks, v1::Task);
+    paged!(ListNodesRequest, ListNodesResponse, nodes, v1::Node);
+    paged!(
+        ListNetworksRequest,
+        ListNetworksResponse,
+        networks,
+        v1::Network
+    );
+    paged!(ListSecretsRequest, ListSecretsResponse, secrets, v1::Secret);
+    paged!(ListConfigsRequest, ListConfigsResponse, configs, v1::Config);
+
+    /// Calls `call` for every page of the listing `req` starts (from its `page_token`) and
+    /// hands each page's items to `each`, in order. A server that answers with the token it
+    /// was given would never end the walk: that is an error.
+    pub async fn each_page<Req, Resp, E, F, Fut>(
+        mut req: Req,
+        mut call: F,
+        mut each: impl FnMut(Vec<Resp::Item>) -> Result<(), E>,
+    ) -> Result<(), E>
+    where
+        Req: PageRequest,
+        Resp: Page,
+        E: From<tonic::Status>,
+        F: FnMut(Req) -> Fut,
+        Fut: std::future::Future<Output = Result<Resp, E>>,
+    {
+        let mut token = String::new();
+        loop {
+            let page = call(req.clone()).await?;
+            let next = page.next_page_token().to_string();
+            each(page.into_items())?;
+            if next.is_empty() {
+                return Ok(());
+            }
+            if next == token {
+                return Err(tonic::Status::internal(
+                    "the server repeated a page token: the listing would never end",
+                )
+                .into());
+            }
+            token = next.clone();
+            req.set_page_token(next);
+        }
+    }
+
+    /// Every item of the listing `req` starts, page after page (see [`each_page`]).
+    pub async fn all_pages<Req, Resp, E, F, Fut>(req: Req, call: F) -> Result<Vec<Resp::Item>, E>
+    where
+        Req: PageRequest,
+        Resp: Page,
+        E: From<tonic::Status>,
+        F: FnMut(Req) -> Fut,
+        Fut: std::future::Future<Output = Result<Resp, E>>,
+    {
+        let mut all = Vec::new();
+        each_page(req, call, |page| {
+            all.extend(page);
+            Ok(())
+        })
+        .await?;
+        Ok(all)
+    }
+}

@@ -8,6 +8,7 @@ pub mod db;
 pub mod dns;
 pub mod executor;
 pub mod health;
+pub mod hollow;
 mod logs;
 pub mod metrics;
 pub mod peers;

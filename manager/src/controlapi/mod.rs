@@ -10,6 +10,7 @@ pub mod images;
 mod logs;
 mod membership;
 pub mod network;
+pub mod paging;
 mod propose;
 pub mod secrets;
 mod server;

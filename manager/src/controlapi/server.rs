@@ -10,8 +10,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{
-    images, membership, network, new_id, secrets, store_status, update, validate, ControlApi,
-    FORWARDED_HEADER,
+    images, membership, network, new_id, paging, secrets, store_status, update, validate,
+    ControlApi, FORWARDED_HEADER,
 };
 use crate::ca::{NodeIdentity, Role};
 use crate::store::{Action, Event, Kind, Mutation, Object};
@@ -523,6 +523,12 @@ fn without_data(mut s: pb::Secret) -> pb::Secret {
     s
 }
 
+/// A node's place in `ListNodes`: by hostname, then id (NUL sorts before any hostname byte).
+fn node_key(n: &pb::Node) -> String {
+    let host = n.description.as_ref().map_or("", |d| d.hostname.as_str());
+    format!("{host}\0{}", id_of(n.meta.as_ref()))
+}
+
 fn id_of(m: Option<&pb::Meta>) -> &str {
     m.map(|m| m.id.as_str()).unwrap_or("")
 }
@@ -694,26 +700,22 @@ impl Control for ControlService {
         let api = self.api()?;
         self.authorize(&api, &req)?;
         leader_only!(api, req, list_services, read);
-        let prefix = &req.get_ref().name_prefix;
-        let mut services = Vec::new();
-        for s in api.store().list_services().map_err(store_status)? {
-            if s.spec
+        let r = req.get_ref();
+        let store = api.store();
+        let items = store
+            .services_after(&r.page_token, &r.name_prefix)
+            .map(|s| api.summary(s.map_err(store_status)?));
+        let (services, next_page_token) = paging::page(items, r.page_size, |s| {
+            s.service
                 .as_ref()
-                .is_some_and(|sp| sp.name.starts_with(prefix.as_str()))
-            {
-                services.push(api.summary(s)?);
-            }
-        }
-        services.sort_by(|a, b| {
-            let name = |s: &pb::ServiceSummary| {
-                s.service
-                    .as_ref()
-                    .and_then(|s| s.spec.as_ref())
-                    .map(|s| s.name.clone())
-            };
-            name(a).cmp(&name(b))
-        });
-        Ok(Response::new(pb::ListServicesResponse { services }))
+                .and_then(|s| s.spec.as_ref())
+                .map(|s| s.name.clone())
+                .unwrap_or_default()
+        })?;
+        Ok(Response::new(pb::ListServicesResponse {
+            services,
+            next_page_token,
+        }))
     }
 
     async fn update_service(
@@ -908,18 +910,18 @@ impl Control for ControlService {
         let api = self.api()?;
         self.authorize(&api, &req)?;
         leader_only!(api, req, list_secrets, read);
-        let mut secrets: Vec<pb::Secret> = api
+        let r = req.get_ref();
+        let items = api
             .store()
-            .list_secrets()
-            .map_err(store_status)?
-            .into_iter()
-            .map(without_data)
-            .collect();
-        secrets.sort_by(|a, b| {
-            let name = |n: &pb::Secret| n.spec.as_ref().map(|s| s.name.clone());
-            name(a).cmp(&name(b))
-        });
-        Ok(Response::new(pb::ListSecretsResponse { secrets }))
+            .secrets_after(&r.page_token)
+            .map(|s| s.map(without_data).map_err(store_status));
+        let (secrets, next_page_token) = paging::page(items, r.page_size, |s| {
+            s.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default()
+        })?;
+        Ok(Response::new(pb::ListSecretsResponse {
+            secrets,
+            next_page_token,
+        }))
     }
 
     async fn remove_secret(
@@ -996,17 +998,21 @@ impl Control for ControlService {
         let api = self.api()?;
         self.authorize(&api, &req)?;
         leader_only!(api, req, list_configs, read);
-        let mut configs = api.store().list_configs().map_err(store_status)?;
-        for c in configs.iter_mut() {
+        let r = req.get_ref();
+        let items = api.store().configs_after(&r.page_token).map(|c| {
+            let mut c = c.map_err(store_status)?;
             if let Some(s) = c.spec.as_mut() {
                 s.data.clear();
             }
-        }
-        configs.sort_by(|a, b| {
-            let name = |n: &pb::Config| n.spec.as_ref().map(|s| s.name.clone());
-            name(a).cmp(&name(b))
+            Ok(c)
         });
-        Ok(Response::new(pb::ListConfigsResponse { configs }))
+        let (configs, next_page_token) = paging::page(items, r.page_size, |c| {
+            c.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default()
+        })?;
+        Ok(Response::new(pb::ListConfigsResponse {
+            configs,
+            next_page_token,
+        }))
     }
 
     async fn remove_config(
@@ -1115,12 +1121,18 @@ impl Control for ControlService {
         let api = self.api()?;
         self.authorize(&api, &req)?;
         leader_only!(api, req, list_networks, read);
-        let mut networks = api.store().list_networks().map_err(store_status)?;
-        networks.sort_by(|a, b| {
-            let name = |n: &pb::Network| n.spec.as_ref().map(|s| s.name.clone());
-            name(a).cmp(&name(b))
-        });
-        Ok(Response::new(pb::ListNetworksResponse { networks }))
+        let r = req.get_ref();
+        let items = api
+            .store()
+            .networks_after(&r.page_token)
+            .map(|n| n.map_err(store_status));
+        let (networks, next_page_token) = paging::page(items, r.page_size, |n| {
+            n.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default()
+        })?;
+        Ok(Response::new(pb::ListNetworksResponse {
+            networks,
+            next_page_token,
+        }))
     }
 
     async fn remove_network(
@@ -1342,29 +1354,43 @@ impl Control for ControlService {
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
         let api = self.api()?;
         self.authorize(&api, &req)?;
+        // "self" means the node the caller talks to, so resolve it before forwarding.
+        let mut req = req;
+        if req.get_ref().node == "self" {
+            req.get_mut().node = api.node_id().to_string();
+        }
         leader_only!(api, req, list_tasks, read);
         let r = req.get_ref();
         let store = api.store();
-        let mut tasks = if !r.service.is_empty() {
-            let s = api.find_service(&r.service)?;
-            store
-                .tasks_by_service(id_of(s.meta.as_ref()))
-                .map_err(store_status)?
-        } else if !r.node.is_empty() {
-            let n = api.find_node(&r.node)?;
-            store
-                .tasks_by_node(id_of(n.meta.as_ref()))
-                .map_err(store_status)?
+        let node = if r.node.is_empty() {
+            None
         } else {
-            store.list_tasks().map_err(store_status)?
+            Some(id_of(api.find_node(&r.node)?.meta.as_ref()).to_string())
         };
-        if !r.service.is_empty() && !r.node.is_empty() {
-            let n = api.find_node(&r.node)?;
-            let nid = id_of(n.meta.as_ref()).to_string();
-            tasks.retain(|t| t.node_id == nid);
-        }
-        let tasks = tasks.into_iter().map(images::redact_task).collect();
-        Ok(Response::new(pb::ListTasksResponse { tasks }))
+        let after = r.page_token.as_str();
+        let tasks: Box<dyn Iterator<Item = Result<pb::Task, crate::store::StoreError>>> =
+            match (r.service.is_empty(), &node) {
+                (false, _) => {
+                    let s = api.find_service(&r.service)?;
+                    let sid = id_of(s.meta.as_ref()).to_string();
+                    let node = node.clone();
+                    Box::new(store.service_tasks_after(&sid, after).filter(move |t| {
+                        match (t, &node) {
+                            (Ok(t), Some(n)) => t.node_id == *n,
+                            _ => true,
+                        }
+                    }))
+                }
+                (true, Some(n)) => Box::new(store.node_tasks_after(n, after)),
+                (true, None) => Box::new(store.tasks_after(after)),
+            };
+        let items = tasks.map(|t| t.map(images::redact_task).map_err(store_status));
+        let (tasks, next_page_token) =
+            paging::page(items, r.page_size, |t| id_of(t.meta.as_ref()).to_string())?;
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks,
+            next_page_token,
+        }))
     }
 
     async fn list_nodes(
@@ -1374,18 +1400,27 @@ impl Control for ControlService {
         let api = self.api()?;
         self.authorize(&api, &req)?;
         leader_only!(api, req, list_nodes, read);
-        let mut nodes = api.store().list_nodes().map_err(store_status)?;
+        let r = req.get_ref();
+        // Nodes have no hostname index (a cluster has thousands at most): sorted per page.
+        let mut nodes: Vec<(String, pb::Node)> = api
+            .store()
+            .list_nodes()
+            .map_err(store_status)?
+            .into_iter()
+            .map(|n| (node_key(&n), n))
+            .filter(|(k, _)| r.page_token.is_empty() || *k > r.page_token)
+            .collect();
+        nodes.sort_by(|a, b| a.0.cmp(&b.0));
+        let (mut nodes, next_page_token) =
+            paging::page(nodes.into_iter().map(|(_, n)| Ok(n)), r.page_size, node_key)?;
         let health = api.manager_health().await;
         for n in &mut nodes {
             health.fill(n);
         }
-        nodes.sort_by(|a, b| {
-            let host = |n: &pb::Node| n.description.as_ref().map(|d| d.hostname.clone());
-            host(a)
-                .cmp(&host(b))
-                .then_with(|| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())))
-        });
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes,
+            next_page_token,
+        }))
     }
 
     async fn get_node(

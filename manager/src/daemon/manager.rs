@@ -17,7 +17,7 @@ use super::DaemonError;
 use crate::ca::{CaService, RootCa, PKI_DIR};
 use crate::controlapi::{ControlApi, ControlService};
 use crate::dispatcher::Dispatcher;
-use crate::raft::elect::{driven_config, ElectionDriver, LeaderContact};
+use crate::raft::elect::{driven_config, follow_cluster_timers, ElectionDriver, LeaderContact};
 use crate::raft::network::{Network, RaftService};
 use crate::raft::{raft_config, Raft, RaftSetupError, Storage};
 use crate::tls::{tls_incoming, Authorizer, NodeTls};
@@ -112,8 +112,12 @@ impl Manager {
         let ca = CaService::new(root_ca, backend, authorizer.clone())
             .with_secrets(secrets.clone())
             .into_server();
-        let elections =
-            ElectionDriver::spawn(raft.clone(), &config, contact.clone(), Some(network));
+        let elections = ElectionDriver::spawn(
+            raft.clone(),
+            follow_cluster_timers(storage.store.clone(), timers),
+            contact.clone(),
+            Some(network),
+        );
         let raft_svc = RaftService::new(raft.clone(), authorizer.clone())
             .with_contact(contact)
             .into_server();

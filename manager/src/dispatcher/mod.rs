@@ -44,8 +44,14 @@ pub const DEFAULT_HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
 pub const DEFAULT_MISSED_HEARTBEATS_DOWN: u32 = 3;
 /// Status reports wait at most this long to be batched with others.
 pub const STATUS_BATCH_WINDOW: Duration = Duration::from_millis(10);
-/// At most this many status updates go into one Raft command.
+/// At most this many status updates go into one Raft command, when the cluster object sets no
+/// other number.
 pub const STATUS_BATCH_MAX: usize = 1000;
+/// The most status updates a batch may take, whatever the cluster object sets (swarmkit's;
+/// a batch is written as several commands when its bytes need it).
+pub const STATUS_BATCH_MAX_LIMIT: usize = 10_000;
+/// The longest batching window, whatever the cluster object sets: the agents wait for it.
+pub const STATUS_BATCH_WINDOW_LIMIT: Duration = Duration::from_secs(1);
 /// Bytes of one status command at most: a batch on tasks with large specs is written as
 /// several commands, each within the Raft entry bound.
 pub const STATUS_COMMAND_BYTES: usize = crate::raft::MAX_ENTRY_BYTES;
@@ -197,13 +203,18 @@ pub enum DispatcherError {
     Refused(String),
 }
 
-/// The dispatcher's timers, from the cluster object (defaults for unset fields).
+/// The dispatcher's timers, from the cluster object (defaults for unset fields), read where
+/// they are used (each heartbeat, each status batch): a `cluster update` applies at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timers {
     /// How often agents heartbeat.
     pub heartbeat_period: Duration,
     /// Missed heartbeats before DOWN.
     pub missed_heartbeats_down: u32,
+    /// How long a status report waits for others to be written with.
+    pub status_batch_window: Duration,
+    /// Status updates a batch takes at most.
+    pub status_batch_max: usize,
 }
 
 impl Timers {
@@ -226,6 +237,15 @@ impl Timers {
                 DEFAULT_MISSED_HEARTBEATS_DOWN
             } else {
                 d.missed_heartbeats_down
+            },
+            status_batch_window: if d.status_batch_ms == 0 {
+                STATUS_BATCH_WINDOW
+            } else {
+                Duration::from_millis(d.status_batch_ms).min(STATUS_BATCH_WINDOW_LIMIT)
+            },
+            status_batch_max: match d.status_batch_max {
+                0 => STATUS_BATCH_MAX,
+                n => (n as usize).min(STATUS_BATCH_MAX_LIMIT),
             },
         }
     }

@@ -287,12 +287,17 @@ fn assigned(t: &Task) -> bool {
 pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast::Receiver<Event>) {
     // task id → node it was last routed to, so a task moving away is removed from the old one.
     let mut placed: HashMap<String, String> = HashMap::new();
+    // node id → its underlay address as last seen: a node's other changes (labels, heartbeat
+    // status) leave every node's peers as they are, and reading them costs each session a
+    // read of every node.
+    let mut underlays: HashMap<String, Option<std::net::IpAddr>> = HashMap::new();
     loop {
         let ev = match watch.recv().await {
             Ok(ev) => ev,
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!("dispatcher fell {n} store events behind: resyncing every session");
                 placed.clear();
+                underlays.clear();
                 let sessions = lock(&inner.sessions);
                 for s in sessions.values() {
                     let _ = s.events.try_send(SessionEvent::Resync);
@@ -341,15 +346,21 @@ pub(super) async fn route<B: Backend>(inner: Arc<Inner<B>>, mut watch: broadcast
                 send_all(&inner, || SessionEvent::Records);
             }
             (action, Object::Node(n)) => {
-                if action == Action::Delete {
+                let id = n.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+                let changed = if action == Action::Delete {
                     // A removed node's session ends; its certificate is refused from now on.
-                    if let Some(m) = &n.meta {
-                        lock(&inner.sessions).remove(&m.id);
-                        lock(&inner.deadlines).remove(&m.id);
-                    }
+                    lock(&inner.sessions).remove(&id);
+                    lock(&inner.deadlines).remove(&id);
+                    underlays.remove(&id);
+                    true
+                } else {
+                    let ip = n.status.as_ref().and_then(|s| node_ip(&s.addr));
+                    underlays.insert(id, ip) != Some(ip)
+                };
+                if changed {
+                    // Every node's overlay forwarding follows the nodes' addresses.
+                    send_all(&inner, || SessionEvent::Peers);
                 }
-                // Every node's overlay forwarding follows the node list.
-                send_all(&inner, || SessionEvent::Peers);
             }
             _ => {}
         }

@@ -8,10 +8,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::{
-    Backend, Inner, ProposeError, STATUS_BATCH_MAX, STATUS_BATCH_WINDOW, STATUS_COMMAND_BYTES,
-    STATUS_WRITE_RETRIES,
-};
+use super::{Backend, Inner, ProposeError, STATUS_COMMAND_BYTES, STATUS_WRITE_RETRIES};
+#[cfg(doc)]
+use super::{STATUS_BATCH_MAX, STATUS_BATCH_WINDOW};
 use crate::controlapi::now_ms;
 use crate::store::{Command, Mutation, Object, Store, StoreError};
 
@@ -25,17 +24,19 @@ pub(super) struct StatusRequest {
     pub done: oneshot::Sender<Result<(), Status>>,
 }
 
-/// Collects calls for up to [`STATUS_BATCH_WINDOW`] or [`STATUS_BATCH_MAX`] updates, writes
-/// them as one command, then answers every call of the batch.
+/// Collects calls for up to the cluster's batching window or updates per batch (default
+/// [`STATUS_BATCH_WINDOW`], [`STATUS_BATCH_MAX`]), writes them as one command (several when
+/// their bytes need it), then answers every call of the batch.
 pub(super) async fn batcher<B: Backend>(
     inner: Arc<Inner<B>>,
     mut rx: mpsc::Receiver<StatusRequest>,
 ) {
     while let Some(first) = rx.recv().await {
-        let deadline = Instant::now() + STATUS_BATCH_WINDOW;
+        let timers = super::Timers::of(&inner.store);
+        let deadline = Instant::now() + timers.status_batch_window;
         let mut count = first.updates.len();
         let mut batch = vec![first];
-        while count < STATUS_BATCH_MAX {
+        while count < timers.status_batch_max {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(r)) => {
                     count += r.updates.len();

@@ -36,6 +36,14 @@
 //! Voters still refuse any vote within the lease of the last leader message they processed
 //! (openraft's `handle_vote_req`), so a node that lost contact alone (a partitioned minority)
 //! cannot win while the majority still hears its leader.
+//!
+//! The driver also builds the snapshots and purges the log (openraft's own policy is off:
+//! `SnapshotPolicy::Never`, nothing purged by it), so that every timer `cluster update` sets —
+//! heartbeat, election timeouts, snapshot interval, entries kept — applies at once on every
+//! manager: [`follow_cluster_timers`] feeds the driver the cluster object's Raft timers from
+//! the store's watch. Only what openraft holds in its own config stays as the manager started
+//! with it until its next restart: the lease within which a voter refuses votes
+//! (`election_timeout_max`) and the AppendEntries deadline ([`append_deadline_ms`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -215,6 +223,15 @@ impl Schedule {
         }
     }
 
+    /// Goes on with `timers` (the cluster's changed): the next wait is theirs; a jitter drawn
+    /// from the old width is drawn again when it no longer fits.
+    pub fn set_timers(&mut self, timers: ElectionTimers) {
+        if self.jitter >= timers.jitter {
+            self.jitter = timers.draw();
+        }
+        self.timers = timers;
+    }
+
     /// The next step at `now` for a node in `role` whose last leader contact was at
     /// `last_contact` and that a voter last refused for a longer log at `behind_since`; `draw`
     /// gives the jitter for the attempt after an election started now.
@@ -257,6 +274,104 @@ impl Schedule {
     }
 }
 
+/// Everything the driver paces itself by: the cluster's Raft timers as they are now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverTimers {
+    /// When followers elect.
+    pub election: ElectionTimers,
+    /// How often the leader heartbeats (and beacons).
+    pub beat: Duration,
+    /// How long a beacon vouches for its leader (`election_timeout_min`).
+    pub beacon_ttl: Duration,
+    /// How recently a quorum must have acknowledged the leader for it to send beacons.
+    pub quorum_limit: Duration,
+    /// Entries applied since the last snapshot that make a new one (openraft's
+    /// `LogsSinceLast`).
+    pub snapshot_interval: u64,
+    /// Entries kept in the log behind a snapshot.
+    pub keep: u64,
+}
+
+impl DriverTimers {
+    /// The timers of `config` (the cluster's, through [`super::raft_config`]).
+    pub fn of(config: &openraft::Config) -> DriverTimers {
+        DriverTimers {
+            election: ElectionTimers::of(config),
+            beat: Duration::from_millis(config.heartbeat_interval),
+            beacon_ttl: Duration::from_millis(config.election_timeout_min),
+            quorum_limit: beacon_quorum_limit(config),
+            snapshot_interval: match config.snapshot_policy {
+                openraft::SnapshotPolicy::LogsSinceLast(n) => n,
+                openraft::SnapshotPolicy::Never => u64::MAX,
+            },
+            keep: config.max_in_snapshot_log_to_keep,
+        }
+    }
+}
+
+/// The driver's timers following the cluster object in `store`: its Raft timers as
+/// `raft_config` reads them (`fallback` while the cluster has none: a manager that joined and
+/// has not replicated the cluster yet), sent again on every change of the cluster object.
+/// The follower ends when every receiver is gone.
+pub fn follow_cluster_timers(
+    store: crate::store::Store,
+    fallback: shoal_proto::v1::RaftConfig,
+) -> tokio::sync::watch::Receiver<DriverTimers> {
+    let read = {
+        let store = store.clone();
+        move || -> Option<DriverTimers> {
+            let spec = store.get_cluster().ok().flatten().and_then(|c| c.spec);
+            let name = spec.as_ref().map_or("", |s| s.name.as_str()).to_string();
+            let timers = spec.and_then(|s| s.raft).unwrap_or(fallback);
+            let name = if name.is_empty() { "shoal" } else { &name };
+            match super::raft_config(name, &timers) {
+                Ok(c) => Some(DriverTimers::of(&c)),
+                Err(e) => {
+                    tracing::warn!(
+                        "the cluster's raft timers are not usable, kept as they were: {e}"
+                    );
+                    None
+                }
+            }
+        }
+    };
+    // Subscribed before the first read: no change falls between the two.
+    let mut events = store.watch();
+    let first = read().unwrap_or_else(|| {
+        let c = super::raft_config("shoal", &super::default_raft_timers())
+            .expect("the default raft timers are valid");
+        DriverTimers::of(&c)
+    });
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let changed = tokio::select! {
+                _ = tx.closed() => return,
+                ev = events.recv() => match ev {
+                    Ok(ev) => ev.object.kind() == crate::store::Kind::Cluster,
+                    Err(RecvError::Lagged(_)) => true,
+                    Err(RecvError::Closed) => return,
+                },
+            };
+            if !changed {
+                continue;
+            }
+            if let Some(t) = read() {
+                tx.send_if_modified(|cur| {
+                    if *cur == t {
+                        return false;
+                    }
+                    tracing::info!(?t, "raft timers changed: the election driver follows them");
+                    *cur = t;
+                    true
+                });
+            }
+        }
+    });
+    rx
+}
+
 /// openraft's `heartbeat_interval` for a driven manager, which is the deadline of each
 /// AppendEntries: just under the election timeout (openraft requires it below
 /// `election_timeout_min`), never below the cluster's heartbeat interval.
@@ -267,12 +382,15 @@ pub fn append_deadline_ms(config: &openraft::Config) -> u64 {
 }
 
 /// The openraft config a driven manager runs with: `config` with openraft's own election
-/// timer off and its heartbeat interval (the AppendEntries deadline) widened to
-/// [`append_deadline_ms`]; the driver sends heartbeats at `config`'s interval.
+/// timer off, its heartbeat interval (the AppendEntries deadline) widened to
+/// [`append_deadline_ms`], and neither snapshots nor purges of its own; the driver sends
+/// heartbeats, builds snapshots and purges at the cluster's timers.
 pub fn driven_config(config: &openraft::Config) -> Arc<openraft::Config> {
     Arc::new(openraft::Config {
         enable_elect: false,
         heartbeat_interval: append_deadline_ms(config),
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: u64::MAX,
         ..config.clone()
     })
 }
@@ -285,24 +403,21 @@ pub struct ElectionDriver {
 
 impl ElectionDriver {
     /// Turns openraft's own election timer off on `raft` and drives its elections from the
-    /// leader contacts `contact` records, with `config`'s timers; as leader it sends beacons
-    /// through `beacons` (none: heartbeats only).
+    /// leader contacts `contact` records, its heartbeats, snapshots and purges, with the
+    /// timers `timers` holds at each moment; as leader it sends beacons through `beacons`
+    /// (none: heartbeats only).
     pub fn spawn(
         raft: Raft,
-        config: &openraft::Config,
+        timers: tokio::sync::watch::Receiver<DriverTimers>,
         contact: LeaderContact,
         beacons: Option<Network>,
     ) -> ElectionDriver {
         raft.runtime_config().elect(false);
-        let timers = ElectionTimers::of(config);
-        let beat = Duration::from_millis(config.heartbeat_interval);
         let beacons = beacons.map(|net| Beacons {
             net,
-            ttl: Duration::from_millis(config.election_timeout_min),
-            quorum_limit: beacon_quorum_limit(config),
             inflight: Default::default(),
         });
-        let task = tokio::spawn(drive(raft, timers, beat, contact, beacons));
+        let task = tokio::spawn(drive(raft, timers, contact, beacons));
         ElectionDriver { task }
     }
 }
@@ -311,6 +426,76 @@ impl ElectionDriver {
 /// timeouts, at least 2 s (a loaded follower may take that long to answer a large append).
 pub fn beacon_quorum_limit(config: &openraft::Config) -> Duration {
     Duration::from_millis((10 * config.election_timeout_max).max(2_000))
+}
+
+/// Least time between two snapshot (or purge) requests for the same state: openraft ignores
+/// a request while a snapshot is being built, and says so in its log.
+const LOG_UPKEEP_RETRY: Duration = Duration::from_secs(1);
+
+/// Where this node's log stands (from its metrics).
+#[derive(Clone, Copy)]
+struct Indexes {
+    applied: Option<u64>,
+    snapshot: Option<u64>,
+    purged: Option<u64>,
+}
+
+/// The driver's snapshots and purges, at the cluster's `snapshot_interval` and `keep`.
+#[derive(Default)]
+struct LogUpkeep {
+    /// (snapshot index seen, when) of the last snapshot request.
+    snapshot_asked: Option<(Option<u64>, Instant)>,
+    /// (purge index asked, when) of the last purge request.
+    purge_asked: Option<(u64, Instant)>,
+}
+
+impl LogUpkeep {
+    async fn step(
+        &mut self,
+        raft: &Raft,
+        i: Indexes,
+        t: &DriverTimers,
+    ) -> Result<(), openraft::error::Fatal<NodeId>> {
+        let snapshot = i.snapshot;
+        if let Some(applied) = i.applied {
+            if snapshot_due(applied, snapshot, t.snapshot_interval)
+                && self
+                    .snapshot_asked
+                    .is_none_or(|(at, when)| at != snapshot || when.elapsed() >= LOG_UPKEEP_RETRY)
+            {
+                self.snapshot_asked = Some((snapshot, Instant::now()));
+                raft.trigger().snapshot().await?;
+            }
+        }
+        if let Some(upto) = purge_upto(snapshot, i.purged, t.keep) {
+            if self
+                .purge_asked
+                .is_none_or(|(at, when)| at != upto || when.elapsed() >= LOG_UPKEEP_RETRY)
+            {
+                self.purge_asked = Some((upto, Instant::now()));
+                raft.trigger().purge_log(upto).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a snapshot is due with `applied` the last applied index and `snapshot` the last
+/// snapshot's: openraft's `LogsSinceLast(interval)`.
+pub fn snapshot_due(applied: u64, snapshot: Option<u64>, interval: u64) -> bool {
+    if interval == u64::MAX {
+        return false;
+    }
+    let next = |i: Option<u64>| i.map_or(0, |i| i.saturating_add(1));
+    next(Some(applied)) >= next(snapshot).saturating_add(interval)
+}
+
+/// The index to purge the log up to (inclusive) to keep `keep` entries behind the snapshot
+/// at `snapshot`, when there is more to purge than `purged` (openraft's `calc_purge_upto`).
+pub fn purge_upto(snapshot: Option<u64>, purged: Option<u64>, keep: u64) -> Option<u64> {
+    let end = snapshot?.saturating_add(1).checked_sub(keep)?;
+    let upto = end.checked_sub(1)?;
+    (purged.is_none_or(|p| p < upto)).then_some(upto)
 }
 
 /// Whether the Raft core itself answers within `wait` — a call that runs on the core's own
@@ -352,8 +537,6 @@ pub fn may_beacon(
 /// The leader's beacons to the other voters, at most one in flight per voter.
 struct Beacons {
     net: Network,
-    ttl: Duration,
-    quorum_limit: Duration,
     inflight: std::collections::HashMap<NodeId, JoinHandle<()>>,
 }
 
@@ -363,8 +546,9 @@ impl Beacons {
         m: &openraft::RaftMetrics<NodeId, Node>,
         core_answered: Duration,
         stale: Duration,
+        t: &DriverTimers,
     ) {
-        if !may_beacon(m, core_answered, stale, self.quorum_limit) {
+        if !may_beacon(m, core_answered, stale, t.quorum_limit) {
             return;
         }
         let membership = m.membership_config.membership();
@@ -380,7 +564,7 @@ impl Beacons {
                 self.net.clone(),
                 node.addr.clone(),
                 m.current_term,
-                self.ttl,
+                t.beacon_ttl,
             );
             let task = tokio::spawn(async move {
                 if let Err(e) = net.ping_leadership(&addr, term, ttl).await {
@@ -419,13 +603,14 @@ impl Drop for Probe {
 
 async fn drive(
     raft: Raft,
-    timers: ElectionTimers,
-    beat: Duration,
+    mut follow: tokio::sync::watch::Receiver<DriverTimers>,
     contact: LeaderContact,
     mut beacons: Option<Beacons>,
 ) {
     let metrics = raft.metrics();
-    let mut schedule = Schedule::new(timers, timers.draw());
+    let mut t = *follow.borrow_and_update();
+    let mut schedule = Schedule::new(t.election, t.election.draw());
+    let mut log = LogUpkeep::default();
     let mut last_beat = Instant::now();
     // When the core last answered a probe; one probe in flight at a time, so a slow core
     // delays nothing here and a wedged one holds a single task.
@@ -434,14 +619,31 @@ async fn drive(
     let mut wedged_told = false;
     let mut leading = false;
     loop {
+        if follow.has_changed().unwrap_or(false) {
+            t = *follow.borrow_and_update();
+            schedule.set_timers(t.election);
+        }
         let Some(role) = Role::of(&metrics.borrow()) else {
             return;
         };
+        let indexes = {
+            let m = metrics.borrow();
+            Indexes {
+                applied: m.last_applied.map(|l| l.index),
+                snapshot: m.snapshot.map(|l| l.index),
+                purged: m.purged.map(|l| l.index),
+            }
+        };
+        if let Err(e) = log.step(&raft, indexes, &t).await {
+            tracing::debug!("election driver stops: {e}");
+            return;
+        }
         if role == Role::Leader && !leading {
             // Just elected: the election was the core's own doing, so it answered just now.
             *answered.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         }
         leading = role == Role::Leader;
+        let (timers, beat) = (t.election, t.beat);
         if role == Role::Leader {
             if last_beat.elapsed() >= beat {
                 last_beat = Instant::now();
@@ -468,7 +670,7 @@ async fn drive(
                     );
                 }
                 if let Some(b) = beacons.as_mut() {
-                    b.send(&metrics.borrow(), since, stale);
+                    b.send(&metrics.borrow(), since, stale, &t);
                 }
             }
             tokio::time::sleep(beat.saturating_sub(last_beat.elapsed()).min(ELECTION_POLL)).await;
@@ -514,6 +716,9 @@ mod tests {
         assert_eq!(ElectionTimers::of(&c), timers());
         let driven = driven_config(&c);
         assert!(!driven.enable_elect);
+        // Snapshots and purges are the driver's, at the cluster's timers.
+        assert_eq!(driven.snapshot_policy, openraft::SnapshotPolicy::Never);
+        assert_eq!(driven.max_in_snapshot_log_to_keep, u64::MAX);
         // openraft's interval is the AppendEntries deadline: widened, still a valid config.
         assert_eq!(driven.heartbeat_interval, 199);
         assert!(openraft::Config::clone(&driven).validate().is_ok());
@@ -702,6 +907,50 @@ mod tests {
         assert!(!may_beacon(&m, Duration::ZERO, stale, quorum));
         m.millis_since_quorum_ack = None;
         assert!(may_beacon(&m, Duration::ZERO, stale, quorum));
+    }
+
+    #[test]
+    fn snapshots_and_purges_follow_the_interval_and_the_entries_kept() {
+        // openraft's LogsSinceLast(10): the 10th entry after the last snapshot makes one.
+        assert!(!snapshot_due(8, None, 10));
+        assert!(snapshot_due(9, None, 10));
+        assert!(!snapshot_due(108, Some(99), 10));
+        assert!(snapshot_due(109, Some(99), 10));
+        assert!(!snapshot_due(u64::MAX - 1, Some(5), u64::MAX));
+        // Keep 5 behind a snapshot at 99: purge up to 94, once.
+        assert_eq!(purge_upto(Some(99), None, 5), Some(94));
+        assert_eq!(purge_upto(Some(99), Some(93), 5), Some(94));
+        assert_eq!(purge_upto(Some(99), Some(94), 5), None);
+        assert_eq!(purge_upto(Some(3), None, 5), None);
+        assert_eq!(purge_upto(None, None, 0), None);
+        assert_eq!(purge_upto(Some(99), None, u64::MAX), None);
+        assert_eq!(purge_upto(Some(99), None, 0), Some(99));
+    }
+
+    #[test]
+    fn new_timers_apply_to_the_next_wait() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(timers(), 150 * MS);
+        let never = || panic!("no draw without an attempt");
+        let long = ElectionTimers {
+            lease: 4_000 * MS,
+            jitter: 1_000 * MS,
+            ..timers()
+        };
+        s.set_timers(long);
+        // The jitter drawn (150 ms) still fits: the lease is the new one.
+        assert_eq!(
+            s.step(t0 + 4_149 * MS, Role::Voter, t0, None, never),
+            Step::Wait(MS)
+        );
+        assert_eq!(
+            s.step(t0 + 4_150 * MS, Role::Voter, t0, None, || 10 * MS),
+            Step::Elect
+        );
+        // Narrower again: a jitter beyond the new width is drawn anew.
+        let mut s = Schedule::new(long, 900 * MS);
+        s.set_timers(timers());
+        assert!(s.jitter < timers().jitter);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod apply;
 mod dump;
 mod types;
 
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
@@ -320,6 +321,133 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Objects of tree `t` in id order, from the first id after `after` ("": the first).
+    fn scan_after<M: Message + Default>(
+        &self,
+        t: TreeId,
+        after: &str,
+    ) -> impl Iterator<Item = Result<M, StoreError>> + '_ {
+        self.tree(t)
+            .range::<&[u8], _>((Bound::Excluded(after.as_bytes()), Bound::Unbounded))
+            .values()
+            .map(move |v| decode_msg(t, &v?))
+    }
+
+    /// Objects an index lists under `value`, in id order from the first id after `after`;
+    /// entries whose object is gone are skipped (as in `by_index`).
+    fn index_after<M: Message + Default>(
+        &self,
+        index: TreeId,
+        objects: TreeId,
+        value: &str,
+        after: &str,
+    ) -> impl Iterator<Item = Result<M, StoreError>> + '_ {
+        let prefix = index_key(value, "");
+        let plen = prefix.len();
+        let from = index_key(value, after);
+        self.tree(index)
+            .range::<&[u8], _>((Bound::Excluded(from.as_slice()), Bound::Unbounded))
+            .keys()
+            .take_while(move |k| k.as_ref().map_or(true, |k| k.starts_with(&prefix)))
+            .filter_map(move |k| {
+                let read = || -> Result<Option<M>, StoreError> {
+                    let k = k?;
+                    let id = &k[plen..];
+                    match self.tree(objects).get(id)? {
+                        Some(v) => Ok(Some(decode_msg(objects, &v)?)),
+                        None => Ok(None),
+                    }
+                };
+                read().transpose()
+            })
+    }
+
+    /// Objects of a kind with unique names (`names`: name → id), in name order from the
+    /// first name after `after`; names whose object is gone are skipped.
+    fn names_after<M: Message + Default>(
+        &self,
+        names: TreeId,
+        objects: TreeId,
+        after: &str,
+        prefix: &str,
+    ) -> impl Iterator<Item = Result<M, StoreError>> + '_ {
+        let from = if after.as_bytes() >= prefix.as_bytes() {
+            Bound::Excluded(after.as_bytes().to_vec())
+        } else {
+            Bound::Included(prefix.as_bytes().to_vec())
+        };
+        let prefix = prefix.as_bytes().to_vec();
+        self.tree(names)
+            .range((from, Bound::Unbounded))
+            .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+            .filter_map(move |kv| {
+                let read = || -> Result<Option<M>, StoreError> {
+                    let (_, id) = kv?;
+                    match self.tree(objects).get(id)? {
+                        Some(v) => Ok(Some(decode_msg(objects, &v)?)),
+                        None => Ok(None),
+                    }
+                };
+                read().transpose()
+            })
+    }
+
+    /// Tasks in id order, after task id `after` (a page of `ListTasks`).
+    pub fn tasks_after(&self, after: &str) -> impl Iterator<Item = Result<Task, StoreError>> + '_ {
+        self.scan_after(TreeId::Tasks, after)
+    }
+
+    /// A service's tasks in id order, after task id `after`.
+    pub fn service_tasks_after(
+        &self,
+        service_id: &str,
+        after: &str,
+    ) -> impl Iterator<Item = Result<Task, StoreError>> + '_ {
+        self.index_after(TreeId::TasksByService, TreeId::Tasks, service_id, after)
+    }
+
+    /// A node's tasks in id order, after task id `after`.
+    pub fn node_tasks_after(
+        &self,
+        node_id: &str,
+        after: &str,
+    ) -> impl Iterator<Item = Result<Task, StoreError>> + '_ {
+        self.index_after(TreeId::TasksByNode, TreeId::Tasks, node_id, after)
+    }
+
+    /// Services whose name starts with `prefix`, in name order, after name `after`.
+    pub fn services_after(
+        &self,
+        after: &str,
+        prefix: &str,
+    ) -> impl Iterator<Item = Result<Service, StoreError>> + '_ {
+        self.names_after(TreeId::ServiceNames, TreeId::Services, after, prefix)
+    }
+
+    /// Networks in name order, after name `after`.
+    pub fn networks_after(
+        &self,
+        after: &str,
+    ) -> impl Iterator<Item = Result<Network, StoreError>> + '_ {
+        self.names_after(TreeId::NetworkNames, TreeId::Networks, after, "")
+    }
+
+    /// Secrets in name order, after name `after` (their data sealed).
+    pub fn secrets_after(
+        &self,
+        after: &str,
+    ) -> impl Iterator<Item = Result<Secret, StoreError>> + '_ {
+        self.names_after(TreeId::SecretNames, TreeId::Secrets, after, "")
+    }
+
+    /// Configs in name order, after name `after`.
+    pub fn configs_after(
+        &self,
+        after: &str,
+    ) -> impl Iterator<Item = Result<Config, StoreError>> + '_ {
+        self.names_after(TreeId::ConfigNames, TreeId::Configs, after, "")
     }
 
     /// A node by id.

@@ -75,13 +75,13 @@ enum ClusterCommand {
 
 #[derive(Args)]
 struct UpdateArgs {
-    /// Raft heartbeat interval (default 50ms; applies at each manager's next restart)
+    /// Raft heartbeat interval (default 50ms)
     #[arg(long)]
     heartbeat_interval: Option<String>,
-    /// Raft election timeout, lower bound (default 200ms; at each manager's next restart)
+    /// Raft election timeout, lower bound (default 200ms)
     #[arg(long)]
     election_timeout_min: Option<String>,
-    /// Raft election timeout, upper bound and leader lease (default 400ms; at next restart)
+    /// Raft election timeout, upper bound and leader lease (default 400ms)
     #[arg(long)]
     election_timeout_max: Option<String>,
     /// Raft log entries between snapshots
@@ -248,11 +248,8 @@ async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
             let version = cluster.meta.as_ref().map(|m| m.version).unwrap_or(0);
             let mut spec = cluster.spec.unwrap_or_default();
             let raft = spec.raft.get_or_insert_with(Default::default);
-            let restart_needed = u.heartbeat_interval.is_some()
-                || u.election_timeout_min.is_some()
-                || u.election_timeout_max.is_some()
-                || u.snapshot_interval.is_some()
-                || u.keep_old_entries.is_some();
+            let restart_needed =
+                u.election_timeout_min.is_some() || u.election_timeout_max.is_some();
             if let Some(d) = &u.heartbeat_interval {
                 raft.heartbeat_interval_ms = parse_duration_ms(d)?;
             }
@@ -299,7 +296,10 @@ async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
                 .await)?;
             println!("Cluster updated.");
             if restart_needed {
-                println!("Raft timers take effect on each manager at its next restart.");
+                // The elections follow at once; these two live in openraft's own config.
+                println!(
+                    "Elections follow the new timeouts at once; the vote lease and the append deadline follow at each manager's next restart."
+                );
             }
         }
     }

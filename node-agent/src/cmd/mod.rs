@@ -12,4 +12,5 @@ pub mod runtime;
 pub mod secret;
 pub mod service;
 pub mod stack;
+pub mod system;
 pub mod volume;

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::control_client::ControlClient;
 
-use super::output::{block_on, print_json, rpc, Format, SocketArg, Table};
+use super::output::{self, block_on, print_json, rpc, Format, SocketArg, Table};
 
 #[derive(Args)]
 pub struct NetworkArgs {
@@ -158,7 +158,7 @@ async fn run_async(a: NetworkArgs) -> anyhow::Result<()> {
             println!("{}", id(&n));
         }
         NetworkCommand::Ls { quiet, format } => {
-            let networks = rpc(c.list_networks(pb::ListNetworksRequest {}).await)?.networks;
+            let networks = output::all_networks(&c, pb::ListNetworksRequest::default()).await?;
             if quiet {
                 for n in &networks {
                     println!("{}", short(id(n)));
@@ -239,7 +239,7 @@ async fn run_async(a: NetworkArgs) -> anyhow::Result<()> {
             }
         }
         NetworkCommand::Prune { .. } => {
-            let networks = rpc(c.list_networks(pb::ListNetworksRequest {}).await)?.networks;
+            let networks = output::all_networks(&c, pb::ListNetworksRequest::default()).await?;
             for n in &networks {
                 let req = pb::RemoveNetworkRequest {
                     network: id(n).to_string(),

@@ -1,4 +1,4 @@
-//! `shoal node …`: ls, inspect, update, promote, demote, rm.
+//! `shoal node …`: ls, ps, inspect, update, promote, demote, rm.
 
 use anyhow::bail;
 use clap::{Args, Subcommand, ValueEnum};
@@ -32,6 +32,24 @@ enum NodeCommand {
         /// Only node ids
         #[arg(short, long)]
         quiet: bool,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// List the tasks on nodes (default: this node)
+    Ps {
+        /// Nodes by id, id prefix or hostname ("self" = this node)
+        #[arg(default_value = "self")]
+        nodes: Vec<String>,
+        /// Filter: desired-state=running|shutdown|accepted, node=ID|HOSTNAME, id=ID, name=NAME
+        #[arg(short, long)]
+        filter: Vec<String>,
+        /// Do not truncate ids and errors
+        #[arg(long)]
+        no_trunc: bool,
+        /// Only task ids
+        #[arg(short, long)]
+        quiet: bool,
+        /// json: every task (that passes the filters) in full
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -80,44 +98,51 @@ pub fn run(a: NodeArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(a: NodeArgs) -> anyhow::Result<()> {
+    // Flags are checked before the daemon is asked anything.
+    let ps_filter = match &a.command {
+        NodeCommand::Ps { filter, .. } => super::service::parse_ps_filters(filter)?,
+        _ => Default::default(),
+    };
     let ch = a.socket.channel().await?;
     let mut c = ControlClient::new(ch.clone());
     match a.command {
+        NodeCommand::Ps {
+            nodes,
+            no_trunc,
+            quiet,
+            format,
+            ..
+        } => {
+            let out = super::service::PsOutput::of(quiet, format, no_trunc);
+            super::service::node_ps(&mut c, &nodes, ps_filter, out).await?;
+        }
         NodeCommand::Ls { quiet, format } => {
-            let nodes = rpc(c.list_nodes(pb::ListNodesRequest {}).await)?.nodes;
             let me = rpc(DaemonClient::new(ch).info(pb::InfoRequest {}).await)?.node_id;
-            if quiet {
-                for n in &nodes {
-                    println!("{}", id(n));
-                }
-                return Ok(());
-            }
-            if format == Format::Json {
-                return print_json(&Value::Array(nodes.iter().map(output::node_json).collect()));
-            }
+            let mut json = output::JsonArray::start();
             let mut t = Table::new(&["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"]);
-            for n in &nodes {
-                let mark = if id(n) == me { " *" } else { "" };
-                t.row(vec![
-                    format!("{}{mark}", id(n)),
-                    n.description
-                        .as_ref()
-                        .map(|d| {
-                            // A hollow node runs no containers (scale tests): say so.
-                            if d.hollow {
-                                format!("{} (hollow)", d.hostname)
-                            } else {
-                                d.hostname.clone()
-                            }
-                        })
-                        .unwrap_or_default(),
-                    output::state_name(n.status.as_ref().map(|s| s.state).unwrap_or(0)).into(),
-                    output::availability_name(n.spec.as_ref().map(|s| s.availability).unwrap_or(0))
-                        .into(),
-                    output::manager_status_name(n).into(),
-                ]);
+            crate::each_page!(
+                c,
+                list_nodes,
+                pb::ListNodesRequest::default(),
+                |page: Vec<pb::Node>| {
+                    for n in &page {
+                        if quiet {
+                            println!("{}", id(n));
+                        } else if format == Format::Json {
+                            json.item(&output::node_json(n))?;
+                        } else {
+                            node_row(&mut t, n, &me);
+                        }
+                    }
+                    anyhow::Ok(())
+                }
+            )
+            .await?;
+            match (quiet, format) {
+                (true, _) => {}
+                (false, Format::Json) => json.end()?,
+                (false, Format::Table) => t.print(),
             }
-            t.print();
         }
         NodeCommand::Inspect { nodes, format } => {
             let mut out = Vec::new();
@@ -237,4 +262,26 @@ async fn run_async(a: NodeArgs) -> anyhow::Result<()> {
 
 fn id(n: &pb::Node) -> String {
     n.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default()
+}
+
+/// A row of the `node ls` table; `me` is the node the CLI talks to (marked `*`).
+fn node_row(t: &mut Table, n: &pb::Node, me: &str) {
+    let mark = if id(n) == me { " *" } else { "" };
+    t.row(vec![
+        format!("{}{mark}", id(n)),
+        n.description
+            .as_ref()
+            .map(|d| {
+                // A hollow node runs no containers (scale tests): say so.
+                if d.hollow {
+                    format!("{} (hollow)", d.hostname)
+                } else {
+                    d.hostname.clone()
+                }
+            })
+            .unwrap_or_default(),
+        output::state_name(n.status.as_ref().map(|s| s.state).unwrap_or(0)).into(),
+        output::availability_name(n.spec.as_ref().map(|s| s.availability).unwrap_or(0)).into(),
+        output::manager_status_name(n).into(),
+    ]);
 }

@@ -49,6 +49,99 @@ pub fn rpc<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T>
         .map_err(|s| anyhow!("{}", s.message()))
 }
 
+/// The control client the cluster commands use.
+pub type Control = pb::control_client::ControlClient<Channel>;
+
+/// Calls `method` on `c` for every page of the listing `req` starts and hands each page's
+/// items to `each` as it arrives (`shoal_proto::paging`).
+#[macro_export]
+macro_rules! each_page {
+    ($c:expr, $method:ident, $req:expr, $each:expr) => {
+        shoal_proto::paging::each_page(
+            $req,
+            |r| {
+                let mut c = $c.clone();
+                async move { $crate::cmd::output::rpc(c.$method(r).await) }
+            },
+            $each,
+        )
+    };
+}
+
+macro_rules! lists {
+    ($($(#[$doc:meta])* $name:ident: $method:ident($req:ident) -> $item:ident;)*) => {$(
+        $(#[$doc])*
+        pub async fn $name(c: &Control, req: pb::$req) -> anyhow::Result<Vec<pb::$item>> {
+            shoal_proto::paging::all_pages(req, |r| {
+                let mut c = c.clone();
+                async move { rpc(c.$method(r).await) }
+            })
+            .await
+        }
+    )*};
+}
+
+lists! {
+    /// Every node, page after page.
+    all_nodes: list_nodes(ListNodesRequest) -> Node;
+    /// Every service (that `req` filters), with its task counts, page after page.
+    all_services: list_services(ListServicesRequest) -> ServiceSummary;
+    /// Every task (that `req` filters), page after page.
+    all_tasks: list_tasks(ListTasksRequest) -> Task;
+    /// Every network, page after page.
+    all_networks: list_networks(ListNetworksRequest) -> Network;
+    /// Every secret (without its data), page after page.
+    all_secrets: list_secrets(ListSecretsRequest) -> Secret;
+    /// Every config (without its data), page after page.
+    all_configs: list_configs(ListConfigsRequest) -> Config;
+}
+
+/// A JSON array printed as its items arrive, the same text `print_json` prints for the whole
+/// array (serde_json's pretty form: two spaces per level).
+pub struct JsonArray<W: std::io::Write = std::io::Stdout> {
+    out: W,
+    first: bool,
+}
+
+impl JsonArray {
+    /// Starts the array on stdout.
+    pub fn start() -> JsonArray {
+        JsonArray::to(std::io::stdout())
+    }
+}
+
+impl<W: std::io::Write> JsonArray<W> {
+    /// Starts the array on `out`.
+    pub fn to(out: W) -> JsonArray<W> {
+        JsonArray { out, first: true }
+    }
+
+    /// Prints one item.
+    pub fn item(&mut self, v: &Value) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(v)?;
+        writeln!(self.out, "{}", if self.first { "[" } else { "," })?;
+        self.first = false;
+        for (i, line) in text.lines().enumerate() {
+            if i > 0 {
+                writeln!(self.out)?;
+            }
+            write!(self.out, "  {line}")?;
+        }
+        Ok(())
+    }
+
+    /// Ends the array.
+    pub fn end(mut self) -> anyhow::Result<()> {
+        if self.first {
+            writeln!(self.out, "[]")?;
+        } else {
+            writeln!(self.out, "\n]")?;
+        }
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
 /// Prints JSON, pretty.
 pub fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -514,6 +607,24 @@ mod tests {
         assert!(parse_bytes("x").is_err());
         assert_eq!(parse_cpus("0.5").unwrap(), 500_000_000);
         assert!(parse_cpus("-1").is_err());
+    }
+
+    #[test]
+    fn a_json_array_printed_item_by_item_reads_as_the_whole_one() {
+        let items = [
+            json!({"ID": "a", "Spec": {"Labels": {"x": "y"}, "List": [1, 2]}}),
+            json!({"ID": "b", "Empty": {}, "None": []}),
+        ];
+        for n in 0..=items.len() {
+            let mut buf = Vec::new();
+            let mut a = JsonArray::to(&mut buf);
+            for v in &items[..n] {
+                a.item(v).unwrap();
+            }
+            a.end().unwrap();
+            let whole = serde_json::to_string_pretty(&Value::Array(items[..n].to_vec())).unwrap();
+            assert_eq!(String::from_utf8(buf).unwrap(), whole + "\n");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use shoal_proto::v1 as pb;
 use shoal_proto::v1::control_client::ControlClient;
 use tonic::transport::Channel;
 
-use super::output::{block_on, parse_kv, print_json, rpc, short, Format, SocketArg, Table};
+use super::output::{self, block_on, parse_kv, print_json, rpc, short, Format, SocketArg, Table};
 use super::service::{human_duration, now_ms};
 
 /// Largest secret or config (swarm's limit), checked here too so a large file is not sent.
@@ -209,13 +209,13 @@ async fn run_async(what: What, a: SecretArgs) -> anyhow::Result<()> {
         }
         FileCommand::Ls { quiet, format } => {
             let items: Vec<Item> = match what {
-                What::Secret => rpc(c.list_secrets(pb::ListSecretsRequest {}).await)?
-                    .secrets
+                What::Secret => output::all_secrets(&c, pb::ListSecretsRequest::default())
+                    .await?
                     .into_iter()
                     .map(of_secret)
                     .collect(),
-                What::Config => rpc(c.list_configs(pb::ListConfigsRequest {}).await)?
-                    .configs
+                What::Config => output::all_configs(&c, pb::ListConfigsRequest::default())
+                    .await?
                     .into_iter()
                     .map(of_config)
                     .collect(),

@@ -99,6 +99,10 @@ enum ServiceCommand {
         /// Only service ids
         #[arg(short, long)]
         quiet: bool,
+        /// Filter: name=NAME (or its start), id=ID (or its start), label=KEY[=VALUE],
+        /// mode=replicated|global
+        #[arg(short, long)]
+        filter: Vec<String>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -571,6 +575,10 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
         ServiceCommand::Ps { filter, .. } => parse_ps_filters(filter)?,
         _ => PsFilter::default(),
     };
+    let ls_filter = match &a.command {
+        ServiceCommand::Ls { filter, .. } => LsFilter::parse(filter)?,
+        _ => LsFilter::default(),
+    };
     let mut c = ControlClient::new(a.socket.channel().await?);
     match a.command {
         ServiceCommand::Create(args) => {
@@ -659,17 +667,34 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        ServiceCommand::Ls { quiet, format } => {
-            let list = rpc(c.list_services(pb::ListServicesRequest::default()).await)?.services;
-            if quiet {
-                for s in &list {
-                    println!("{}", s.service.as_ref().map(id).unwrap_or_default());
+        ServiceCommand::Ls { quiet, format, .. } => {
+            // A single name filter is asked of the server (names starting with it).
+            let req = pb::ListServicesRequest {
+                name_prefix: match ls_filter.names.as_slice() {
+                    [one] => one.clone(),
+                    _ => String::new(),
+                },
+                ..Default::default()
+            };
+            let mut json = output::JsonArray::start();
+            let mut table = services_table();
+            crate::each_page!(c, list_services, req, |page: Vec<pb::ServiceSummary>| {
+                for s in page.iter().filter(|s| ls_filter.keeps(s)) {
+                    if quiet {
+                        println!("{}", s.service.as_ref().map(id).unwrap_or_default());
+                    } else if format == Format::Json {
+                        json.item(&service_summary_json(s))?;
+                    } else {
+                        service_row(&mut table, s);
+                    }
                 }
-                return Ok(());
-            }
-            match format {
-                Format::Json => print_services_json(&list)?,
-                Format::Table => print_services(&list),
+                anyhow::Ok(())
+            })
+            .await?;
+            match (quiet, format) {
+                (true, _) => {}
+                (false, Format::Json) => json.end()?,
+                (false, Format::Table) => table.print(),
             }
         }
         ServiceCommand::Update(u) => {
@@ -700,22 +725,31 @@ async fn run_async(a: ServiceArgs) -> anyhow::Result<()> {
 /// The `service ls` table (also `stack services`).
 /// `service ls --format json`: each service in full, with its task counts.
 pub(crate) fn print_services_json(list: &[pb::ServiceSummary]) -> anyhow::Result<()> {
-    let v: Vec<Value> = list
-        .iter()
-        .map(|s| {
-            let mut v = output::service_json(&s.service.clone().unwrap_or_default());
-            v["ServiceStatus"] = serde_json::json!({
-                "RunningTasks": s.running_tasks,
-                "DesiredTasks": s.desired_tasks,
-            });
-            v
-        })
-        .collect();
-    print_json(&Value::Array(v))
+    print_json(&Value::Array(
+        list.iter().map(service_summary_json).collect(),
+    ))
+}
+
+/// A service in full with its task counts (`service ls --format json`).
+fn service_summary_json(s: &pb::ServiceSummary) -> Value {
+    let mut v = output::service_json(&s.service.clone().unwrap_or_default());
+    v["ServiceStatus"] = serde_json::json!({
+        "RunningTasks": s.running_tasks,
+        "DesiredTasks": s.desired_tasks,
+    });
+    v
 }
 
 pub(crate) fn print_services(list: &[pb::ServiceSummary]) {
-    let mut t = Table::new(&[
+    let mut t = services_table();
+    for s in list {
+        service_row(&mut t, s);
+    }
+    t.print();
+}
+
+fn services_table() -> Table {
+    Table::new(&[
         "ID",
         "NAME",
         "MODE",
@@ -723,32 +757,91 @@ pub(crate) fn print_services(list: &[pb::ServiceSummary]) {
         "IMAGE",
         "PORTS",
         "UPDATE STATUS",
+    ])
+}
+
+fn service_row(t: &mut Table, s: &pb::ServiceSummary) {
+    let svc = s.service.clone().unwrap_or_default();
+    let sp = svc.spec.clone().unwrap_or_default();
+    let ports: Vec<String> = sp
+        .ports
+        .iter()
+        .map(|p| {
+            if p.published_port > 0 {
+                format!("*:{}->{}/{}", p.published_port, p.target_port, p.protocol)
+            } else {
+                format!("{}/{}", p.target_port, p.protocol)
+            }
+        })
+        .collect();
+    t.row(vec![
+        output::short(&id(&svc)).to_string(),
+        sp.name.clone(),
+        mode_name(&sp),
+        format!("{}/{}", s.running_tasks, s.desired_tasks),
+        image(&sp),
+        ports.join(","),
+        update_state_word(&svc),
     ]);
-    for s in list {
-        let svc = s.service.clone().unwrap_or_default();
-        let sp = svc.spec.clone().unwrap_or_default();
-        let ports: Vec<String> = sp
-            .ports
-            .iter()
-            .map(|p| {
-                if p.published_port > 0 {
-                    format!("*:{}->{}/{}", p.published_port, p.target_port, p.protocol)
-                } else {
-                    format!("{}/{}", p.target_port, p.protocol)
+}
+
+/// `service ls --filter`s, as docker's: a service passes when it matches one of the values
+/// given for each key (names and ids by their start; labels by key, or key and value).
+#[derive(Default)]
+struct LsFilter {
+    names: Vec<String>,
+    ids: Vec<String>,
+    labels: Vec<(String, Option<String>)>,
+    modes: Vec<ModeArg>,
+}
+
+impl LsFilter {
+    fn parse(filters: &[String]) -> anyhow::Result<LsFilter> {
+        let mut f = LsFilter::default();
+        for item in filters {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("invalid filter {item:?}: expected KEY=VALUE"))?;
+            match k {
+                "name" => f.names.push(v.to_string()),
+                "id" => f.ids.push(v.to_string()),
+                "label" => {
+                    if v.is_empty() {
+                        bail!("invalid filter label=: expected label=KEY or label=KEY=VALUE");
+                    }
+                    f.labels.push(match v.split_once('=') {
+                        Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                        None => (v.to_string(), None),
+                    })
                 }
-            })
-            .collect();
-        t.row(vec![
-            output::short(&id(&svc)).to_string(),
-            sp.name.clone(),
-            mode_name(&sp),
-            format!("{}/{}", s.running_tasks, s.desired_tasks),
-            image(&sp),
-            ports.join(","),
-            update_state_word(&svc),
-        ]);
+                "mode" => f.modes.push(match v {
+                    "replicated" => ModeArg::Replicated,
+                    "global" => ModeArg::Global,
+                    _ => bail!("invalid filter mode={v}: expected replicated or global"),
+                }),
+                _ => bail!("invalid filter {k:?}: expected name, id, label or mode"),
+            }
+        }
+        Ok(f)
     }
-    t.print();
+
+    fn keeps(&self, s: &pb::ServiceSummary) -> bool {
+        let svc = s.service.clone().unwrap_or_default();
+        let sp = svc.spec.unwrap_or_default();
+        let sid = svc.meta.map(|m| m.id).unwrap_or_default();
+        let mode = match sp.mode {
+            Some(Mode::Global(_)) => ModeArg::Global,
+            _ => ModeArg::Replicated,
+        };
+        (self.names.is_empty() || self.names.iter().any(|n| sp.name.starts_with(n.as_str())))
+            && (self.ids.is_empty() || self.ids.iter().any(|i| sid.starts_with(i.as_str())))
+            // Every label filter must match (docker's rule for labels).
+            && self.labels.iter().all(|(k, v)| match v {
+                Some(v) => sp.labels.get(k) == Some(v),
+                None => sp.labels.contains_key(k),
+            })
+            && (self.modes.is_empty() || self.modes.contains(&mode))
+    }
 }
 
 fn id(s: &pb::Service) -> String {
@@ -985,16 +1078,63 @@ pub(crate) async fn ps(
     filter: PsFilter,
     output: PsOutput,
 ) -> anyhow::Result<()> {
+    let mut lists = Vec::new();
+    for name in services {
+        let svc = rpc(c
+            .get_service(pb::GetServiceRequest {
+                service: name.clone(),
+            })
+            .await)?
+        .service
+        .unwrap_or_default();
+        lists.push(pb::ListTasksRequest {
+            service: id(&svc),
+            ..Default::default()
+        });
+    }
+    print_tasks(c, lists, filter, output).await
+}
+
+/// `node ps`: the tasks on each node (`self`: the node the CLI talks to), as `service ps`
+/// prints them.
+pub(crate) async fn node_ps(
+    c: &mut ControlClient<Channel>,
+    nodes: &[String],
+    filter: PsFilter,
+    output: PsOutput,
+) -> anyhow::Result<()> {
+    let mut lists = Vec::new();
+    for n in nodes {
+        let node = rpc(c.get_node(pb::GetNodeRequest { node: n.clone() }).await)?
+            .node
+            .unwrap_or_default();
+        lists.push(pb::ListTasksRequest {
+            node: node.meta.map(|m| m.id).unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+    print_tasks(c, lists, filter, output).await
+}
+
+/// The tasks of each listing (one per service or node asked for), page after page, that pass
+/// `filter`: each listing's tasks grouped by slot (replicated) or node (global), newest first
+/// within a group, history indented as docker does.
+async fn print_tasks(
+    c: &mut ControlClient<Channel>,
+    lists: Vec<pb::ListTasksRequest>,
+    filter: PsFilter,
+    output: PsOutput,
+) -> anyhow::Result<()> {
     let no_trunc = output == PsOutput::Table { no_trunc: true };
     let quiet = output == PsOutput::Quiet;
-    let mut json = Vec::new();
+    let mut json = output::JsonArray::start();
     let PsFilter {
         desired,
         node: node_filter,
         id: id_filter,
         name: name_filter,
     } = filter;
-    let nodes = rpc(c.list_nodes(pb::ListNodesRequest {}).await)?.nodes;
+    let nodes = output::all_nodes(c, pb::ListNodesRequest::default()).await?;
     let hostname: HashMap<String, String> = nodes
         .iter()
         .map(|n| {
@@ -1007,12 +1147,14 @@ pub(crate) async fn ps(
             )
         })
         .collect();
+    drop(nodes);
     let node_id = match &node_filter {
         Some(f) => Some(
-            nodes
-                .iter()
-                .map(|n| n.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default())
-                .find(|id| id == f || hostname.get(id) == Some(f) || id.starts_with(f.as_str()))
+            hostname
+                .keys()
+                .find(|id| *id == f || hostname.get(*id) == Some(f))
+                .or_else(|| hostname.keys().find(|id| id.starts_with(f.as_str())))
+                .cloned()
                 .ok_or_else(|| anyhow::anyhow!("no such node: {f}"))?,
         ),
         None => None,
@@ -1028,48 +1170,41 @@ pub(crate) async fn ps(
         "ERROR",
         "PORTS",
     ]);
-    for name in services {
-        let svc = rpc(c
-            .get_service(pb::GetServiceRequest {
-                service: name.clone(),
-            })
-            .await)?
-        .service
-        .unwrap_or_default();
-        let sname = svc
-            .spec
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
-        let mut tasks = rpc(c
-            .list_tasks(pb::ListTasksRequest {
-                service: id(&svc),
-                node: String::new(),
-            })
-            .await)?
-        .tasks;
-        tasks.retain(|t| {
-            let wanted_state = match desired {
-                // docker: "running" also shows tasks still on their way there.
-                Some(d) if d == pb::TaskState::Running as i32 => {
-                    t.desired_state <= pb::TaskState::Running as i32
-                }
-                Some(d) if d == pb::TaskState::Accepted as i32 => {
-                    t.desired_state == pb::TaskState::Accepted as i32
-                }
-                Some(_) => t.desired_state > pb::TaskState::Running as i32,
-                None => true,
-            };
-            let tid = t.meta.as_ref().map_or("", |m| m.id.as_str());
-            wanted_state
-                && node_id.as_ref().is_none_or(|n| &t.node_id == n)
-                && id_filter
-                    .as_ref()
-                    .is_none_or(|f| tid.starts_with(f.as_str()))
-        });
-        // Group by slot (replicated) or node (global); newest first within a group.
+    let keep = |t: &pb::Task| {
+        let wanted_state = match desired {
+            // docker: "running" also shows tasks still on their way there.
+            Some(d) if d == pb::TaskState::Running as i32 => {
+                t.desired_state <= pb::TaskState::Running as i32
+            }
+            Some(d) if d == pb::TaskState::Accepted as i32 => {
+                t.desired_state == pb::TaskState::Accepted as i32
+            }
+            Some(_) => t.desired_state > pb::TaskState::Running as i32,
+            None => true,
+        };
+        let tid = t.meta.as_ref().map_or("", |m| m.id.as_str());
+        wanted_state
+            && node_id.as_ref().is_none_or(|n| &t.node_id == n)
+            && id_filter
+                .as_ref()
+                .is_none_or(|f| tid.starts_with(f.as_str()))
+            && name_filter.as_ref().is_none_or(|f| *f == task_name(t))
+    };
+    for mut list in lists {
+        if let (Some(n), true) = (&node_id, list.node.is_empty()) {
+            list.node = n.clone();
+        }
+        // Only the tasks the filters keep are held, page after page.
+        let mut tasks = Vec::new();
+        crate::each_page!(c, list_tasks, list, |page: Vec<pb::Task>| {
+            tasks.extend(page.into_iter().filter(keep));
+            anyhow::Ok(())
+        })
+        .await?;
+        // Group by service and slot (replicated) or node (global); newest first in a group.
         let key = |t: &pb::Task| {
             (
+                t.service_name.clone(),
                 t.slot,
                 if t.slot == 0 {
                     t.node_id.clone()
@@ -1089,21 +1224,14 @@ pub(crate) async fn ps(
             let k = key(task);
             let first = previous_key.as_ref() != Some(&k);
             previous_key = Some(k);
-            let tname = if task.slot > 0 {
-                format!("{sname}.{}", task.slot)
-            } else {
-                format!("{sname}.{}", task.node_id)
-            };
-            if name_filter.as_ref().is_some_and(|f| f != &tname) {
-                continue;
-            }
+            let tname = task_name(task);
             let tid = task.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
             if quiet {
                 println!("{tid}");
                 continue;
             }
             if output == PsOutput::Json {
-                json.push(task_json(task));
+                json.item(&task_json(task))?;
                 continue;
             }
             let status = task.status.clone().unwrap_or_default();
@@ -1176,10 +1304,19 @@ pub(crate) async fn ps(
     }
     match output {
         PsOutput::Quiet => {}
-        PsOutput::Json => print_json(&Value::Array(json))?,
+        PsOutput::Json => json.end()?,
         PsOutput::Table { .. } => t.print(),
     }
     Ok(())
+}
+
+/// A task's name as `service ps` shows it: SERVICE.SLOT, or SERVICE.NODE for a global one.
+fn task_name(t: &pb::Task) -> String {
+    if t.slot > 0 {
+        format!("{}.{}", t.service_name, t.slot)
+    } else {
+        format!("{}.{}", t.service_name, t.node_id)
+    }
 }
 
 /// Docker's word for a container's health (`State.Health.Status`).

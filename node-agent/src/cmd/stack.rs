@@ -14,7 +14,7 @@ use shoal_proto::v1 as pb;
 use shoal_proto::v1::control_client::ControlClient;
 use tonic::transport::Channel;
 
-use super::output::{self, block_on, rpc, Format, SocketArg, Table};
+use super::output::{self, block_on, Format, SocketArg, Table};
 use super::service::{self, progress, PsFilter};
 
 /// Docker's label naming a stack's objects.
@@ -322,12 +322,14 @@ async fn stack_services(
     c: &mut ControlClient<Channel>,
     stack: &str,
 ) -> anyhow::Result<Vec<pb::ServiceSummary>> {
-    let list = rpc(c
-        .list_services(pb::ListServicesRequest {
+    let list = output::all_services(
+        c,
+        pb::ListServicesRequest {
             name_prefix: format!("{stack}_"),
-        })
-        .await)?
-    .services;
+            ..Default::default()
+        },
+    )
+    .await?;
     Ok(list
         .into_iter()
         .filter(|s| {
@@ -397,7 +399,7 @@ async fn deploy(
     let names: std::collections::HashSet<String> =
         plan.services.iter().map(|s| s.name.clone()).collect();
     // Reads first: an external network that is missing stops the deploy before any write.
-    let nets = rpc(c.list_networks(pb::ListNetworksRequest {}).await)?.networks;
+    let nets = output::all_networks(c, pb::ListNetworksRequest::default()).await?;
     let mut net_ids: HashMap<String, String> = HashMap::new();
     for n in &nets {
         if let (Some(m), Some(s)) = (&n.meta, &n.spec) {
@@ -412,14 +414,14 @@ async fn deploy(
         }
     }
     let have_secrets: std::collections::HashSet<String> =
-        rpc(c.list_secrets(pb::ListSecretsRequest {}).await)?
-            .secrets
+        output::all_secrets(c, pb::ListSecretsRequest::default())
+            .await?
             .into_iter()
             .filter_map(|s| s.spec.map(|s| s.name))
             .collect();
     let have_configs: std::collections::HashSet<String> =
-        rpc(c.list_configs(pb::ListConfigsRequest {}).await)?
-            .configs
+        output::all_configs(c, pb::ListConfigsRequest::default())
+            .await?
             .into_iter()
             .filter_map(|s| s.spec.map(|s| s.name))
             .collect();
@@ -612,20 +614,20 @@ async fn deploy(
 /// uses it, so the services go first). Says what it removed.
 async fn remove(c: &mut ControlClient<Channel>, stack: &str) -> anyhow::Result<bool> {
     let services = stack_services(c, stack).await?;
-    let nets: Vec<pb::Network> = rpc(c.list_networks(pb::ListNetworksRequest {}).await)?
-        .networks
+    let nets: Vec<pb::Network> = output::all_networks(c, pb::ListNetworksRequest::default())
+        .await?
         .into_iter()
         .filter(|n| n.spec.as_ref().is_some_and(|s| in_stack(&s.labels, stack)))
         .collect();
-    let secrets: Vec<String> = rpc(c.list_secrets(pb::ListSecretsRequest {}).await)?
-        .secrets
+    let secrets: Vec<String> = output::all_secrets(c, pb::ListSecretsRequest::default())
+        .await?
         .into_iter()
         .filter_map(|s| s.spec)
         .filter(|s| in_stack(&s.labels, stack))
         .map(|s| s.name)
         .collect();
-    let configs: Vec<String> = rpc(c.list_configs(pb::ListConfigsRequest {}).await)?
-        .configs
+    let configs: Vec<String> = output::all_configs(c, pb::ListConfigsRequest::default())
+        .await?
         .into_iter()
         .filter_map(|s| s.spec)
         .filter(|s| in_stack(&s.labels, stack))
@@ -713,7 +715,7 @@ async fn run_async(a: StackArgs) -> anyhow::Result<()> {
             deploy(&mut c, &stack, plan, prune, resolve_image, detach, quiet).await?;
         }
         StackCommand::Ls { format } => {
-            let list = rpc(c.list_services(pb::ListServicesRequest::default()).await)?.services;
+            let list = output::all_services(&c, pb::ListServicesRequest::default()).await?;
             let mut stacks: BTreeMap<String, usize> = BTreeMap::new();
             for s in &list {
                 if let Some(ns) = s

@@ -1107,13 +1107,24 @@ impl ImageStore {
         in_use_image_ids: &[String],
         in_use_chain_ids: &[String],
     ) -> Result<GcReport, ImageError> {
+        self.prune_images(false, in_use_image_ids, in_use_chain_ids)
+    }
+
+    /// Remove the images not in `in_use_image_ids` — dangling ones, or with `all` tagged ones
+    /// too (`system prune -a`) — then `gc`.
+    pub fn prune_images(
+        &self,
+        all: bool,
+        in_use_image_ids: &[String],
+        in_use_chain_ids: &[String],
+    ) -> Result<GcReport, ImageError> {
         let _store = self.lock("store.lock", true)?;
         let _index = self.lock_index()?;
         let mut report = GcReport::default();
         let stored = self.stored()?;
         let doomed: BTreeSet<String> = stored
             .iter()
-            .filter(|s| s.tags.is_empty() && !in_use_image_ids.contains(&s.config_digest))
+            .filter(|s| (all || s.tags.is_empty()) && !in_use_image_ids.contains(&s.config_digest))
             .map(|s| s.manifest_digest.clone())
             .collect();
         if !doomed.is_empty() {

@@ -415,3 +415,46 @@ fn entrypoint_is_split_into_shell_words() {
     let e = spec(&["--entrypoint", "sh -c 'open", "busybox"]).unwrap_err();
     assert!(format!("{e:#}").starts_with("--entrypoint: "), "{e:#}");
 }
+
+/// `service ps|ls` and `node ps` filters: any strings end as filters or one line of error.
+#[test]
+fn list_filters_parse_or_fail_on_one_line() {
+    const FILTERS: &[&str] = &[
+        "desired-state=running",
+        "desired-state=shutdown",
+        "desired-state=accepted",
+        "desired-state=",
+        "node=host1",
+        "name=web.1",
+        "id=abc",
+        "label=tier",
+        "label=tier=front",
+        "label=",
+        "mode=global",
+        "mode=replicated",
+        "mode=",
+        "=",
+        "",
+        "name",
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        ..Config::default()
+    });
+    runner
+        .run(&prop::collection::vec(pick(FILTERS), 0..4), |filters| {
+            for e in [
+                super::parse_ps_filters(&filters).err(),
+                super::LsFilter::parse(&filters).err(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let text = format!("{e:#}");
+                prop_assert!(!text.contains('\n'), "{text}");
+                prop_assert!(text.starts_with("invalid filter"), "{text}");
+            }
+            Ok(())
+        })
+        .unwrap();
+}

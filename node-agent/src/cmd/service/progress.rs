@@ -1,9 +1,13 @@
 //! Progress of `service create`, `scale`, `update` and `rollback`, docker's way: `overall
 //! progress: N out of M tasks` (`rolling back update: …` during a rollback), a line per slot (or
 //! node, for a global service) moving through the task states, then `verify: Service
-//! converged`. A task counts once it runs the service's current spec. On a terminal the lines
-//! are redrawn in place; otherwise a line is printed whenever what it says changes.
-//! Interrupting only stops the watching: the cluster carries on.
+//! converged`. A task counts once it runs the service's current spec, and the service is
+//! converged once every task has kept running for the monitor period (the service's update
+//! monitor, as docker's: 5 s by default; `verify: Waiting N seconds to verify that tasks are
+//! stable...`): a task that fails meanwhile starts the wait again. The tasks are read once,
+//! then followed from the control API's watch stream (polled only when the stream is not
+//! available). On a terminal the lines are redrawn in place; otherwise a line is printed
+//! whenever what it says changes. Interrupting only stops the watching: the cluster carries on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -16,10 +20,18 @@ use shoal_proto::v1::service_spec::Mode;
 use shoal_proto::v1::TaskState;
 use tonic::transport::Channel;
 
-use super::super::output::{rpc, short};
+use super::super::output::{self, rpc, short};
 
-/// How often the tasks are read while waiting.
+/// How often the tasks are read while waiting, when no watch stream is available.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the tasks must keep running before the service counts as converged, when the
+/// service's update config names no monitor period (docker's `defaultMonitor`).
+pub const DEFAULT_MONITOR: Duration = Duration::from_secs(5);
+/// Longest wait for a watch event before the service and its tasks are read again in full
+/// (a safety net: the stream says when it lagged, and then they are read at once).
+pub const WATCH_REREAD: Duration = Duration::from_secs(10);
+/// Watch events applied at most before the progress is drawn again.
+const EVENTS_PER_DRAW: usize = 4096;
 /// Above this many tasks only the overall line is shown (docker's limit too).
 pub const MAX_PROGRESS_BARS: usize = 20;
 /// A global service with no task yet counts as converged only after this long: its
@@ -235,6 +247,8 @@ struct Display {
     shown: Vec<String>,
     last_overall: Option<String>,
     last_plain: HashMap<String, String>,
+    /// On a terminal, the last line of the frame (the monitor's countdown).
+    footer: Option<String>,
 }
 
 impl Display {
@@ -247,6 +261,7 @@ impl Display {
             shown: Vec::new(),
             last_overall: None,
             last_plain: HashMap::new(),
+            footer: None,
         }
     }
 
@@ -272,6 +287,7 @@ impl Display {
             if bars {
                 lines.extend(s.lines.iter().map(|(l, t)| format!("{l}: {t}")));
             }
+            lines.extend(self.footer.clone());
             if lines == self.shown {
                 return Ok(());
             }
@@ -327,7 +343,7 @@ pub async fn wait_converged(
     }
 }
 
-/// One poll of the service and its tasks.
+/// One read of the service and all its tasks.
 async fn read_service(
     c: &mut ControlClient<Channel>,
     service_id: &str,
@@ -340,15 +356,259 @@ async fn read_service(
     .context("reading the service")?
     .service
     .unwrap_or_default();
-    let tasks = rpc(c
-        .list_tasks(pb::ListTasksRequest {
+    let tasks = output::all_tasks(
+        c,
+        pb::ListTasksRequest {
             service: service_id.to_string(),
-            node: String::new(),
-        })
-        .await)
-    .context("reading the service's tasks")?
-    .tasks;
+            ..Default::default()
+        },
+    )
+    .await
+    .context("reading the service's tasks")?;
     Ok((service, tasks))
+}
+
+fn version(m: Option<&pb::Meta>) -> u64 {
+    m.map_or(0, |m| m.version)
+}
+
+/// The service and its tasks as the CLI follows them: read once, then kept up to date from
+/// the watch stream of service and task events (read again in full when the stream lagged or
+/// after [`WATCH_REREAD`] without news; polled when there is no stream).
+struct Tracker<'a> {
+    c: &'a mut ControlClient<Channel>,
+    id: String,
+    events: Option<tonic::Streaming<pb::WatchEvent>>,
+    service: pb::Service,
+    tasks: BTreeMap<String, pb::Task>,
+    hostnames: HashMap<String, String>,
+}
+
+impl<'a> Tracker<'a> {
+    async fn open(c: &'a mut ControlClient<Channel>, service_id: &str) -> anyhow::Result<Self> {
+        // Subscribed before the first read: no change falls between the two.
+        let events = c
+            .watch(pb::WatchRequest {
+                kinds: vec![pb::WatchKind::Service as i32, pb::WatchKind::Task as i32],
+                ..Default::default()
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner());
+        let mut t = Tracker {
+            c,
+            id: service_id.to_string(),
+            events,
+            service: pb::Service::default(),
+            tasks: BTreeMap::new(),
+            hostnames: HashMap::new(),
+        };
+        t.reread().await?;
+        Ok(t)
+    }
+
+    async fn reread(&mut self) -> anyhow::Result<()> {
+        let (service, tasks) = read_service(self.c, &self.id).await?;
+        self.id = service
+            .meta
+            .as_ref()
+            .map_or(self.id.clone(), |m| m.id.clone());
+        self.service = service;
+        self.tasks = tasks
+            .into_iter()
+            .map(|t| (t.meta.as_ref().map_or(String::new(), |m| m.id.clone()), t))
+            .collect();
+        self.refresh_hostnames().await
+    }
+
+    /// Hostnames of the nodes a global service's tasks are on (read again when one is new).
+    async fn refresh_hostnames(&mut self) -> anyhow::Result<()> {
+        let global = matches!(
+            self.service.spec.as_ref().and_then(|s| s.mode.as_ref()),
+            Some(Mode::Global(_))
+        );
+        if !global
+            || self
+                .tasks
+                .values()
+                .all(|t| self.hostnames.contains_key(&t.node_id))
+        {
+            return Ok(());
+        }
+        self.hostnames = output::all_nodes(self.c, pb::ListNodesRequest::default())
+            .await?
+            .into_iter()
+            .map(|n| {
+                (
+                    n.meta.map(|m| m.id).unwrap_or_default(),
+                    n.description.map(|d| d.hostname).unwrap_or_default(),
+                )
+            })
+            .collect();
+        // A task not yet on a node (or on one since removed) would ask again each time.
+        for t in self.tasks.values() {
+            self.hostnames.entry(t.node_id.clone()).or_default();
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let tasks: Vec<pb::Task> = self.tasks.values().cloned().collect();
+        snapshot(&self.service, &tasks, &self.hostnames)
+    }
+
+    /// Applies one event; false when the stream wants a full read (it lagged).
+    fn apply(&mut self, ev: pb::WatchEvent) -> bool {
+        use pb::watch_event::Object;
+        let delete = ev.action == pb::WatchAction::Delete as i32;
+        match ev.object {
+            _ if ev.action == pb::WatchAction::Resync as i32 => return false,
+            // An event older than what was read is already in it.
+            Some(Object::Service(s))
+                if s.meta.as_ref().is_some_and(|m| m.id == self.id)
+                    && !delete
+                    && version(s.meta.as_ref()) > version(self.service.meta.as_ref()) =>
+            {
+                self.service = s;
+            }
+            Some(Object::Task(t)) if t.service_id == self.id => {
+                let id = t.meta.as_ref().map_or(String::new(), |m| m.id.clone());
+                if delete {
+                    self.tasks.remove(&id);
+                } else if self
+                    .tasks
+                    .get(&id)
+                    .is_none_or(|old| version(t.meta.as_ref()) > version(old.meta.as_ref()))
+                {
+                    self.tasks.insert(id, t);
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// Waits up to `wait` for changes and applies them (every event already there with the
+    /// first); without a stream, sleeps a poll interval and reads again.
+    async fn next(&mut self, wait: Duration) -> anyhow::Result<()> {
+        let Some(events) = self.events.as_mut() else {
+            tokio::time::sleep(POLL_INTERVAL.min(wait)).await;
+            return self.reread().await;
+        };
+        let first = match tokio::time::timeout(wait, events.message()).await {
+            // Nothing within the wait: read again in full only after a long quiet.
+            Err(_) if wait < WATCH_REREAD => return Ok(()),
+            Err(_) => return self.reread().await,
+            Ok(Ok(Some(ev))) => ev,
+            Ok(_) => {
+                // The stream ended (a manager restarting): poll from now on.
+                self.events = None;
+                return self.reread().await;
+            }
+        };
+        let mut whole = self.apply(first);
+        for _ in 0..EVENTS_PER_DRAW {
+            let Some(events) = self.events.as_mut() else {
+                break;
+            };
+            match tokio::time::timeout(Duration::ZERO, events.message()).await {
+                Ok(Ok(Some(ev))) => whole &= self.apply(ev),
+                _ => break,
+            }
+        }
+        if !whole {
+            return self.reread().await;
+        }
+        self.refresh_hostnames().await
+    }
+}
+
+/// The monitor period of a service's tasks: its update config's (its rollback config's while
+/// it rolls back), else [`DEFAULT_MONITOR`] — docker's rule.
+fn monitor_of(service: &pb::Service, rolling_back: bool) -> Duration {
+    let spec = service.spec.as_ref();
+    let config = if rolling_back {
+        spec.and_then(|s| s.rollback.as_ref())
+    } else {
+        spec.and_then(|s| s.update.as_ref())
+    };
+    match config.map_or(0, |u| u.monitor_ms) {
+        0 => DEFAULT_MONITOR,
+        ms => Duration::from_millis(ms),
+    }
+}
+
+/// Whether the tasks of a converged snapshot have stayed as they are for the monitor period:
+/// the first converged moment starts the wait, any change of the running tasks starts it again.
+struct Stability {
+    since: Option<(Instant, Vec<String>)>,
+    told: Option<u64>,
+}
+
+impl Stability {
+    fn new() -> Stability {
+        Stability {
+            since: None,
+            told: None,
+        }
+    }
+
+    /// The running tasks' ids (a restarted task is a new id).
+    fn running(tasks: &BTreeMap<String, pb::Task>) -> Vec<String> {
+        tasks
+            .iter()
+            .filter(|(_, t)| up(t) && t.desired_state <= TaskState::Running as i32)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Records a converged (or not) moment; `Some(left)` while the wait goes on, `None` once
+    /// the tasks have been stable for `monitor` (or when not converged: then the wait ends).
+    fn step(
+        &mut self,
+        converged: bool,
+        tasks: &BTreeMap<String, pb::Task>,
+        monitor: Duration,
+        now: Instant,
+    ) -> Waiting {
+        if !converged {
+            self.since = None;
+            return Waiting::NotConverged;
+        }
+        let ids = Stability::running(tasks);
+        match &self.since {
+            Some((_, seen)) if *seen == ids => {}
+            _ => self.since = Some((now, ids)),
+        }
+        let at = self.since.as_ref().map_or(now, |(at, _)| *at);
+        let left = monitor.saturating_sub(now.saturating_duration_since(at));
+        if left.is_zero() {
+            Waiting::Stable
+        } else {
+            Waiting::For(left)
+        }
+    }
+
+    /// docker's line while it waits: on a terminal the frame's last line, counting down;
+    /// otherwise printed once.
+    fn tell(&mut self, display: &mut Display, left: Duration) {
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        let line = format!("verify: Waiting {secs} seconds to verify that tasks are stable...");
+        if display.tty {
+            display.footer = Some(line);
+        } else if self.told.is_none() {
+            display.say(&line);
+        }
+        self.told = Some(secs);
+    }
+}
+
+/// Where a converged service stands in its monitor period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    NotConverged,
+    For(Duration),
+    Stable,
 }
 
 async fn follow(
@@ -358,34 +618,39 @@ async fn follow(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut display = Display::new(quiet);
+    let mut t = Tracker::open(c, service_id).await?;
+    let mut stable = Stability::new();
     loop {
-        let (service, tasks) = read_service(c, service_id).await?;
+        let s = t.snapshot();
         let global = matches!(
-            service.spec.as_ref().and_then(|s| s.mode.as_ref()),
+            t.service.spec.as_ref().and_then(|s| s.mode.as_ref()),
             Some(Mode::Global(_))
         );
-        let hostnames = if global {
-            rpc(c.list_nodes(pb::ListNodesRequest {}).await)?
-                .nodes
-                .into_iter()
-                .map(|n| {
-                    (
-                        n.meta.map(|m| m.id).unwrap_or_default(),
-                        n.description.map(|d| d.hostname).unwrap_or_default(),
-                    )
-                })
-                .collect()
-        } else {
-            HashMap::new()
-        };
-        let s = snapshot(&service, &tasks, &hostnames);
-        display.draw(&s).context("writing progress")?;
         let settled = !global || s.total > 0 || started.elapsed() >= GLOBAL_SETTLE;
-        if s.converged && settled {
-            display.say("verify: Service converged");
-            return Ok(());
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        let monitor = monitor_of(&t.service, false);
+        let step = stable.step(s.converged && settled, &t.tasks, monitor, Instant::now());
+        let wait = match step {
+            Waiting::Stable => {
+                display.footer = None;
+                display.draw(&s).context("writing progress")?;
+                display.say("verify: Service converged");
+                return Ok(());
+            }
+            Waiting::For(left) => {
+                stable.tell(&mut display, left);
+                left.min(Duration::from_secs(1))
+            }
+            Waiting::NotConverged => {
+                display.footer = None;
+                if global && s.total == 0 {
+                    GLOBAL_SETTLE
+                } else {
+                    WATCH_REREAD
+                }
+            }
+        };
+        display.draw(&s).context("writing progress")?;
+        t.next(wait).await?;
     }
 }
 
@@ -466,32 +731,19 @@ async fn follow_update(
     let mut followed = false;
     // Why the rollback started: its completed status only says "rollback completed".
     let mut rollback_cause = String::new();
+    let mut t = Tracker::open(c, service_id).await?;
+    let mut stable = Stability::new();
     loop {
-        let (service, tasks) = read_service(c, service_id).await?;
+        let service = t.service.clone();
         let status = service.update_status.clone().unwrap_or_default();
-        let hostnames = if matches!(
-            service.spec.as_ref().and_then(|s| s.mode.as_ref()),
-            Some(Mode::Global(_))
-        ) {
-            rpc(c.list_nodes(pb::ListNodesRequest {}).await)?
-                .nodes
-                .into_iter()
-                .map(|n| {
-                    (
-                        n.meta.map(|m| m.id).unwrap_or_default(),
-                        n.description.map(|d| d.hostname).unwrap_or_default(),
-                    )
-                })
-                .collect()
-        } else {
-            HashMap::new()
-        };
-        let s = snapshot(&service, &tasks, &hostnames);
-        let mut done = false;
+        let s = t.snapshot();
+        let mut converged = false;
+        let mut rolling_back = false;
         match status.state() {
             UpdateState::Updating => followed = true,
             UpdateState::RollbackStarted => {
                 followed = true;
+                rolling_back = true;
                 if !announced {
                     display.say(&format!("rollback: {}", status.message));
                     announced = true;
@@ -501,10 +753,11 @@ async fn follow_update(
             }
             UpdateState::Paused => {
                 display.draw(&s).context("writing progress")?;
+                let tasks: Vec<pb::Task> = t.tasks.values().cloned().collect();
                 anyhow::bail!(
                     "service update paused: {}{}",
                     status.message,
-                    failed_task_detail(c, &status.message, &tasks).await
+                    failed_task_detail(t.c, &status.message, &tasks).await
                 )
             }
             UpdateState::RollbackPaused => {
@@ -513,6 +766,7 @@ async fn follow_update(
             }
             UpdateState::RollbackCompleted => {
                 display.prefix = "rolling back update: ";
+                rolling_back = true;
                 if s.converged {
                     display.draw(&s).context("writing progress")?;
                     if followed && !manual_rollback {
@@ -521,17 +775,30 @@ async fn follow_update(
                         }
                         anyhow::bail!("service rolled back: {rollback_cause}");
                     }
-                    done = true;
+                    converged = true;
                 }
             }
-            UpdateState::Completed | UpdateState::Unknown => done = s.converged,
+            UpdateState::Completed | UpdateState::Unknown => converged = s.converged,
         }
+        let monitor = monitor_of(&service, rolling_back);
+        let wait = match stable.step(converged, &t.tasks, monitor, Instant::now()) {
+            Waiting::Stable => {
+                display.footer = None;
+                display.draw(&s).context("writing progress")?;
+                display.say("verify: Service converged");
+                return Ok(());
+            }
+            Waiting::For(left) => {
+                stable.tell(&mut display, left);
+                left.min(Duration::from_secs(1))
+            }
+            Waiting::NotConverged => {
+                display.footer = None;
+                WATCH_REREAD
+            }
+        };
         display.draw(&s).context("writing progress")?;
-        if done {
-            display.say("verify: Service converged");
-            return Ok(());
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        t.next(wait).await?;
     }
 }
 
@@ -567,6 +834,54 @@ mod tests {
     }
 
     use TaskState::*;
+
+    #[test]
+    fn converged_tasks_must_stay_as_they_are_for_the_monitor_period() {
+        let t0 = Instant::now();
+        let monitor = Duration::from_secs(5);
+        let running = |id: &str| {
+            let t = task(id, 1, TaskState::Running, TaskState::Running, 1);
+            (id.to_string(), t)
+        };
+        let a: BTreeMap<String, pb::Task> = [running("a")].into();
+        let mut s = Stability::new();
+        assert_eq!(s.step(true, &a, monitor, t0), Waiting::For(monitor));
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(
+            s.step(true, &a, monitor, at(4_000)),
+            Waiting::For(Duration::from_secs(1))
+        );
+        // The task died and another runs in its slot: the wait starts again.
+        let b: BTreeMap<String, pb::Task> = [running("b")].into();
+        assert_eq!(s.step(true, &b, monitor, at(4_500)), Waiting::For(monitor));
+        assert_eq!(
+            s.step(true, &b, monitor, at(9_499)),
+            Waiting::For(Duration::from_millis(1))
+        );
+        assert_eq!(s.step(true, &b, monitor, at(9_500)), Waiting::Stable);
+        // Not converged in between: from the start again.
+        let mut s = Stability::new();
+        s.step(true, &a, monitor, t0);
+        assert_eq!(s.step(false, &a, monitor, at(3_000)), Waiting::NotConverged);
+        assert_eq!(s.step(true, &a, monitor, at(6_000)), Waiting::For(monitor));
+    }
+
+    #[test]
+    fn the_monitor_period_is_the_update_configs_else_five_seconds() {
+        let mut s = replicated(1);
+        assert_eq!(monitor_of(&s, false), DEFAULT_MONITOR);
+        let spec = s.spec.as_mut().unwrap();
+        spec.update = Some(pb::UpdateConfig {
+            monitor_ms: 2_000,
+            ..Default::default()
+        });
+        spec.rollback = Some(pb::UpdateConfig {
+            monitor_ms: 0,
+            ..Default::default()
+        });
+        assert_eq!(monitor_of(&s, false), Duration::from_secs(2));
+        assert_eq!(monitor_of(&s, true), DEFAULT_MONITOR);
+    }
 
     #[test]
     fn converges_when_every_slot_runs() {

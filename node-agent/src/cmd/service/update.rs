@@ -719,7 +719,7 @@ impl Edit {
         if self.network_add.is_empty() && self.network_rm.is_empty() {
             return Ok(self.clone());
         }
-        let networks = rpc(c.list_networks(pb::ListNetworksRequest {}).await)?.networks;
+        let networks = output::all_networks(c, pb::ListNetworksRequest::default()).await?;
         let resolve = |key: &String| -> anyhow::Result<String> {
             let id = |n: &pb::Network| n.meta.as_ref().map_or(String::new(), |m| m.id.clone());
             let name =
