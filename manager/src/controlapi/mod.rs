@@ -98,6 +98,8 @@ struct Inner {
     logs: OnceLock<crate::dispatcher::LogBroker>,
     /// Why the node stopped this manager's Raft (a storage failure), told to every caller.
     stopped: OnceLock<String>,
+    /// The raft group's epoch (set by the manager that runs this API).
+    epoch: OnceLock<crate::raft::EpochCell>,
 }
 
 impl ControlApi {
@@ -126,6 +128,7 @@ impl ControlApi {
                 secrets: OnceLock::new(),
                 logs: OnceLock::new(),
                 stopped: OnceLock::new(),
+                epoch: OnceLock::new(),
             }),
         }
     }
@@ -144,6 +147,16 @@ impl ControlApi {
             .map(|w| format!("this manager's raft stopped: {w}"))
             .or_else(|| stopped_because(&self.inner.raft));
         Status::unavailable(why.unwrap_or(fallback))
+    }
+
+    /// Gives the API this manager's raft group epoch.
+    pub fn set_epoch(&self, epoch: crate::raft::EpochCell) {
+        let _ = self.inner.epoch.set(epoch);
+    }
+
+    /// This manager's raft group epoch, if its manager set one.
+    pub fn epoch(&self) -> Option<&crate::raft::EpochCell> {
+        self.inner.epoch.get()
     }
 
     /// Hands the dispatcher's log broker to `SubscribeLogs`.
