@@ -6,6 +6,7 @@
 mod services;
 mod support;
 
+mod backup_cli;
 mod cluster_cli;
 mod cluster_registry;
 mod events_cli;

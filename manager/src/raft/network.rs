@@ -479,9 +479,7 @@ impl RaftService {
                     Status::unavailable(format!("recording the raft group epoch: {e}"))
                 })
             }
-            Verdict::SenderStale => format!(
-                "raft group epoch {theirs} was replaced by {mine} (cluster init --force-new-cluster or cluster restore): the sender is no longer a manager of this cluster"
-            ),
+            Verdict::SenderStale => stale_text(theirs, mine),
             Verdict::ReceiverStale => {
                 tracing::warn!(%mine, %theirs, "refused a raft request of a later group epoch");
                 format!("this manager is of raft group epoch {mine}, older than the sender's {theirs}")
@@ -491,11 +489,7 @@ impl RaftService {
                 format!("raft group epoch {theirs} is another start-over of this group than this manager's {mine}")
             }
         };
-        let mut status = Status::failed_precondition(why);
-        if let Ok(v) = mine.to_header().parse() {
-            status.metadata_mut().insert(EPOCH_HEADER, v);
-        }
-        Err(status)
+        Err(epoch_refusal(mine, why))
     }
 
     /// Stamps `contact` for the election driver whenever a leader's append or snapshot is
@@ -522,6 +516,37 @@ impl RaftService {
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
         self.authorizer.authorize(req, &[Role::Manager]).map(|_| ())
     }
+
+    /// [`RaftService::admit`], then [`RaftService::check_epoch`]. A caller refused by the
+    /// first (a manager of a replaced group whose node was since removed, say) is still told
+    /// when its epoch is older than ours, so that it stops being a manager.
+    async fn admit_epoch<T>(&self, req: &Request<T>, number: u64, id: u64) -> Result<(), Status> {
+        if let Err(refused) = self.admit(req) {
+            if let Some(cell) = &self.epoch {
+                let mine = cell.get();
+                if judge(mine, false, Epoch { number, id }) == Verdict::SenderStale {
+                    return Err(epoch_refusal(mine, stale_text(Epoch { number, id }, mine)));
+                }
+            }
+            return Err(refused);
+        }
+        self.check_epoch(number, id).await
+    }
+}
+
+fn stale_text(theirs: Epoch, mine: Epoch) -> String {
+    format!(
+        "raft group epoch {theirs} was replaced by {mine} (cluster init --force-new-cluster or cluster restore): the sender is no longer a manager of this cluster"
+    )
+}
+
+/// A refusal for another epoch, carrying ours in [`EPOCH_HEADER`].
+fn epoch_refusal(mine: Epoch, why: String) -> Status {
+    let mut status = Status::failed_precondition(why);
+    if let Ok(v) = mine.to_header().parse() {
+        status.metadata_mut().insert(EPOCH_HEADER, v);
+    }
+    status
 }
 
 fn bad_request(e: RaftNetError) -> Status {
@@ -542,9 +567,8 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        self.admit(&req)?;
         let m = req.get_ref();
-        self.check_epoch(m.epoch, m.epoch_id).await?;
+        self.admit_epoch(&req, m.epoch, m.epoch_id).await?;
         let rpc: AppendEntriesRequest = decode(&m.data).map_err(bad_request)?;
         let result = self.raft.append_entries(rpc).await;
         // A deposed leader's appends are refused with our higher vote: not a leader heard.
@@ -555,9 +579,8 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.admit(&req)?;
         let m = req.get_ref();
-        self.check_epoch(m.epoch, m.epoch_id).await?;
+        self.admit_epoch(&req, m.epoch, m.epoch_id).await?;
         let rpc: VoteRequest = decode(&m.data).map_err(bad_request)?;
         let candidate_log = rpc.last_log_id;
         let result = self.raft.vote(rpc).await;
@@ -573,9 +596,8 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        self.admit(&req)?;
         let m = req.get_ref();
-        self.check_epoch(m.epoch, m.epoch_id).await?;
+        self.admit_epoch(&req, m.epoch, m.epoch_id).await?;
         let rpc: InstallSnapshotRequest = decode(&m.data).map_err(bad_request)?;
         let leader_vote = rpc.vote;
         let result = self.raft.install_snapshot(rpc).await;
@@ -589,9 +611,9 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<LeaderPingRequest>,
     ) -> Result<Response<LeaderPingResponse>, Status> {
-        self.admit(&req)?;
+        self.admit_epoch(&req, req.get_ref().epoch, req.get_ref().epoch_id)
+            .await?;
         let ping = req.into_inner();
-        self.check_epoch(ping.epoch, ping.epoch_id).await?;
         let (term, leader) = {
             let m = self.raft.metrics();
             let m = m.borrow();

@@ -82,12 +82,14 @@ impl Dump {
     }
 }
 
-const OBJECT_KINDS: [Kind; 5] = [
+const OBJECT_KINDS: [Kind; 7] = [
     Kind::Node,
     Kind::Service,
     Kind::Task,
     Kind::Cluster,
     Kind::Network,
+    Kind::Secret,
+    Kind::Config,
 ];
 
 impl Store {
