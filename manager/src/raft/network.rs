@@ -482,7 +482,9 @@ impl RaftService {
             Verdict::SenderStale => stale_text(theirs, mine),
             Verdict::ReceiverStale => {
                 tracing::warn!(%mine, %theirs, "refused a raft request of a later group epoch");
-                format!("this manager is of raft group epoch {mine}, older than the sender's {theirs}")
+                format!(
+                    "this manager is of raft group epoch {mine}, older than the sender's {theirs}"
+                )
             }
             Verdict::Diverged => {
                 tracing::error!(%mine, %theirs, "refused a raft request of another start-over of this group");
