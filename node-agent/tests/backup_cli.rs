@@ -323,25 +323,26 @@ fn measure_backup_and_restore() {
     ClusterBuilder::new()
         .form(&[&m.member() as &dyn Member])
         .expect("cluster");
-    let mut compose = String::from("services:\n");
-    for i in 0..n {
-        compose.push_str(&format!(
-            "  s{i}:\n    image: busybox:latest\n    command: [\"sleep\", \"1000\"]\n    labels:\n      purpose: measure-{i}\n"
-        ));
-    }
-    let file = root.path().join("compose.yml");
-    std::fs::write(&file, compose).unwrap();
     let t = Instant::now();
-    m.ok(&[
-        "stack",
-        "deploy",
-        "--resolve-image",
-        "never",
-        "-c",
-        file.to_str().unwrap(),
-        "m",
-    ]);
-    eprintln!("deployed {n} services in {:?}", t.elapsed());
+    for i in 0..n {
+        let name = format!("s{i}");
+        let label = format!("purpose=measure-{i}");
+        m.ok(&[
+            "service",
+            "create",
+            "-d",
+            "-q",
+            "--no-resolve-image",
+            "--name",
+            &name,
+            "--label",
+            &label,
+            "busybox:latest",
+            "sleep",
+            "1000",
+        ]);
+    }
+    eprintln!("created {n} services in {:?}", t.elapsed());
     let backup = root.path().join("b.shoal");
     let t = Instant::now();
     let out = m.ok(&["cluster", "backup", backup.to_str().unwrap()]);
