@@ -1,5 +1,6 @@
 //! shoal manager.
 
+pub mod backup;
 pub mod ca;
 pub mod controlapi;
 pub mod daemon;

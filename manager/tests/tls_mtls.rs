@@ -293,6 +293,7 @@ async fn oversized_raft_message_is_refused_cleanly() {
     let status = client
         .append_entries(RaftMessage {
             data: vec![0u8; MAX_RAFT_MESSAGE_BYTES + 1],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -304,6 +305,7 @@ async fn oversized_raft_message_is_refused_cleanly() {
     let status = client
         .append_entries(RaftMessage {
             data: vec![1, 2, 3],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -6,6 +6,7 @@
 mod services;
 mod support;
 
+mod backup_cli;
 mod big_cluster_cli;
 mod cluster_cli;
 mod cluster_registry;

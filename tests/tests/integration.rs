@@ -4,5 +4,6 @@
 
 mod container_probe;
 mod disk_fault_leader;
+mod recovery;
 mod testbed;
 mod testbed_logs;

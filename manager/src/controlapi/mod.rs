@@ -101,6 +101,8 @@ struct Inner {
     stopped: OnceLock<String>,
     /// Counts the dispatcher's open sessions (set once the dispatcher runs), for metrics.
     sessions: OnceLock<SessionCount>,
+    /// The raft group's epoch (set by the manager that runs this API).
+    epoch: OnceLock<crate::raft::EpochCell>,
 }
 
 /// Reads how many agent sessions a dispatcher has open.
@@ -133,6 +135,7 @@ impl ControlApi {
                 logs: OnceLock::new(),
                 stopped: OnceLock::new(),
                 sessions: OnceLock::new(),
+                epoch: OnceLock::new(),
             }),
         }
     }
@@ -151,6 +154,16 @@ impl ControlApi {
             .map(|w| format!("the raft of manager {} stopped: {w}", self.inner.node_id))
             .or_else(|| stopped_because(&self.inner.raft, &self.inner.node_id));
         Status::unavailable(why.unwrap_or(fallback))
+    }
+
+    /// Gives the API this manager's raft group epoch.
+    pub fn set_epoch(&self, epoch: crate::raft::EpochCell) {
+        let _ = self.inner.epoch.set(epoch);
+    }
+
+    /// This manager's raft group epoch, if its manager set one.
+    pub fn epoch(&self) -> Option<&crate::raft::EpochCell> {
+        self.inner.epoch.get()
     }
 
     /// Hands the dispatcher's log broker to `SubscribeLogs`.

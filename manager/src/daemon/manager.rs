@@ -34,7 +34,7 @@ pub const INIT_LEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const STORAGE_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Opens the Raft storage, waiting out the lock of a manager that is still shutting down.
-async fn open_storage(dir: &Path) -> Result<Storage, DaemonError> {
+pub(super) async fn open_storage(dir: &Path) -> Result<Storage, DaemonError> {
     let deadline = tokio::time::Instant::now() + STORAGE_LOCK_WAIT;
     loop {
         match Storage::open(dir) {
@@ -85,7 +85,9 @@ impl Manager {
         let name = stored.map(|s| s.name).unwrap_or_default();
         let config = raft_config(if name.is_empty() { "shoal" } else { &name }, &timers)?;
         let contact = LeaderContact::new();
-        let network = Network::new(raft_id, tls.clone()).with_contact(contact.clone());
+        let network = Network::new(raft_id, tls.clone())
+            .with_contact(contact.clone())
+            .with_epoch(storage.epoch.clone());
         let raft = Raft::new(
             raft_id,
             driven_config(&config),
@@ -107,6 +109,7 @@ impl Manager {
             resolver,
         );
         api.set_secrets(secrets.clone());
+        api.set_epoch(storage.epoch.clone());
 
         let backend = Arc::new(ManagerCaBackend(api.clone()));
         let ca = CaService::new(root_ca, backend, authorizer.clone())
@@ -120,6 +123,7 @@ impl Manager {
         );
         let raft_svc = RaftService::new(raft.clone(), authorizer.clone())
             .with_contact(contact)
+            .with_epoch(storage.epoch.clone())
             .into_server();
         let control = ControlService::tls(api.clone()).into_server();
         let dispatcher = Dispatcher::start_with_secrets(
@@ -196,8 +200,15 @@ impl Manager {
         raft.initialize(members)
             .await
             .map_err(|e| DaemonError::Raft(e.to_string()))?;
-        raft.wait(Some(INIT_LEADER_TIMEOUT))
-            .current_leader(self.api.raft_id(), "init")
+        self.wait_leader().await
+    }
+
+    /// Waits until this manager leads (the only voter of its group elects itself at once).
+    pub async fn wait_leader(&self) -> Result<(), DaemonError> {
+        self.api
+            .raft()
+            .wait(Some(INIT_LEADER_TIMEOUT))
+            .current_leader(self.api.raft_id(), "lead")
             .await
             .map_err(|e| DaemonError::Raft(format!("waiting for leadership: {e}")))?;
         Ok(())

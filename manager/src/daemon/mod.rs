@@ -8,6 +8,7 @@
 mod backend;
 mod client;
 mod manager;
+mod recover;
 mod state;
 
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use tonic::{Request, Response, Status};
 pub use backend::{ManagerCaBackend, StoreRegistry};
 pub use client::{connect_local, ClientError};
 pub use manager::{Manager, RAFT_DIR};
+pub use recover::{BACKUP_CATCH_UP_TIMEOUT, BACKUP_CHUNK_BYTES};
 pub use state::{LocalState, STATE_FILE};
 
 use crate::ca::{self, JoinTokens, Role, RootCa, PKI_DIR};
@@ -507,7 +509,9 @@ fn has_room_now(dir: &Path) -> bool {
     fits.is_ok()
 }
 
-/// Turns this manager into a worker once the cluster has demoted it; ends with the daemon.
+/// Turns this manager into a worker once the cluster has demoted it, or once a manager of a
+/// later raft group epoch refused it (its group was started over without it:
+/// `--force-new-cluster` or a restore elsewhere); ends with the daemon.
 async fn watch_role(shared: std::sync::Weak<Shared>) {
     loop {
         tokio::time::sleep(ROLE_CHECK_INTERVAL).await;
@@ -517,47 +521,62 @@ async fn watch_role(shared: std::sync::Weak<Shared>) {
         let Some(api) = shared.slot.get() else {
             continue;
         };
-        if let Some((false, leader)) = still_manager(&api).await {
-            let mut role = shared.role.lock().await;
-            // Re-check under the lock: a leave or restart may have happened meanwhile.
-            let same = shared
-                .slot
-                .get()
-                .is_some_and(|a| a.raft_id() == api.raft_id());
-            if !same {
-                continue;
-            }
-            drop(api);
-            tracing::warn!("this node was demoted: it now runs as a worker");
-            shared.slot.set(None);
-            let (old, st) = std::mem::replace(&mut *role, (Role_::Inactive, None));
-            stop_role(old).await;
-            let data_dir = &shared.cfg.data_dir;
-            let _ = std::fs::remove_dir_all(data_dir.join(RAFT_DIR));
-            // Workers never hold the CA key; a later promotion hands it out again.
-            let _ = std::fs::remove_file(data_dir.join(PKI_DIR).join(ca::CA_KEY_FILE));
-            let Some(mut st) = st else {
-                continue;
-            };
-            st.role = "worker".into();
-            st.raft_id = 0;
-            st.managers = vec![leader];
-            if let Err(e) = st.save(data_dir) {
-                tracing::error!("recording the demotion: {e}");
-            }
-            match NodeTls::load(&data_dir.join(PKI_DIR)) {
-                Ok(tls) => {
-                    let renew =
-                        spawn_worker_renewal(tls, data_dir.join(PKI_DIR), st.managers.clone());
-                    *role = (Role_::Worker { renew }, Some(st));
-                    // What the manager's agent heard is stale: a later promotion must show
-                    // as a change.
-                    shared.desired_role.send_replace(None);
-                    shared.publish(role.1.as_ref());
-                }
-                Err(e) => tracing::error!("loading the node certificate: {e}"),
-            }
+        if let Some(s) = api.epoch().and_then(|e| e.superseded()) {
+            tracing::error!(
+                epoch = %s.by,
+                manager = %s.addr,
+                "the cluster's raft group was started over without this manager: it now runs as a worker"
+            );
+            step_down(&shared, api, s.addr).await;
+            continue;
         }
+        if let Some((false, leader)) = still_manager(&api).await {
+            tracing::warn!("this node was demoted: it now runs as a worker");
+            step_down(&shared, api, leader).await;
+        }
+    }
+}
+
+/// Makes this manager (whose control API is `api`) a worker that knows the manager at
+/// `manager`: its manager stops, its Raft database and CA key go, node.json says worker.
+async fn step_down(shared: &Shared, api: crate::controlapi::ControlApi, manager: String) {
+    let mut role = shared.role.lock().await;
+    // Re-check under the lock: a leave or restart may have happened meanwhile.
+    let same = shared
+        .slot
+        .get()
+        .is_some_and(|a| a.raft_id() == api.raft_id());
+    if !same {
+        return;
+    }
+    // No handle of ours on the manager's store while it stops and its database goes.
+    drop(api);
+    shared.slot.set(None);
+    let (old, st) = std::mem::replace(&mut *role, (Role_::Inactive, None));
+    stop_role(old).await;
+    let data_dir = &shared.cfg.data_dir;
+    let _ = std::fs::remove_dir_all(data_dir.join(RAFT_DIR));
+    // Workers never hold the CA key; a later promotion hands it out again.
+    let _ = std::fs::remove_file(data_dir.join(PKI_DIR).join(ca::CA_KEY_FILE));
+    let Some(mut st) = st else {
+        return;
+    };
+    st.role = "worker".into();
+    st.raft_id = 0;
+    st.managers = vec![manager];
+    if let Err(e) = st.save(data_dir) {
+        tracing::error!("recording the demotion: {e}");
+    }
+    match NodeTls::load(&data_dir.join(PKI_DIR)) {
+        Ok(tls) => {
+            let renew = spawn_worker_renewal(tls, data_dir.join(PKI_DIR), st.managers.clone());
+            *role = (Role_::Worker { renew }, Some(st));
+            // What the manager's agent heard is stale: a later promotion must show as a
+            // change.
+            shared.desired_role.send_replace(None);
+            shared.publish(role.1.as_ref());
+        }
+        Err(e) => tracing::error!("loading the node certificate: {e}"),
     }
 }
 
@@ -773,6 +792,91 @@ fn role_name(r: &Role_) -> pb::LocalNodeState {
 
 const NOT_INACTIVE: &str =
     "this node is already part of a cluster: leave it first (`shoal cluster leave`)";
+const NOT_INACTIVE_RESTORE: &str =
+    "this node is already part of a cluster: a restore makes a cluster on a node in none (`shoal cluster leave --force` first)";
+
+impl DaemonService {
+    /// `cluster init --force-new-cluster`: this manager's own state becomes a one-manager
+    /// cluster (see `recover::force_new_cluster`); the manager runs again in any case.
+    async fn force_new_cluster(
+        &self,
+        role: &mut (Role_, Option<LocalState>),
+        asked_addr: &str,
+    ) -> Result<pb::InitResponse, Status> {
+        let (epoch, st) = match (&role.0, &role.1) {
+            (Role_::Manager(m), Some(st)) => (
+                m.api().epoch().map(|e| e.get()).unwrap_or_default(),
+                st.clone(),
+            ),
+            (Role_::Worker { .. }, _) => {
+                return Err(Status::failed_precondition(
+                    "this node is a worker: --force-new-cluster rebuilds a cluster from a manager's own state; run it on a manager",
+                ))
+            }
+            _ => {
+                return Err(Status::failed_precondition(
+                    "this node is not part of a cluster: --force-new-cluster rebuilds a cluster from a manager's own state (to start from a backup: `shoal cluster restore`)",
+                ))
+            }
+        };
+        let cfg = &self.shared.cfg;
+        let addr = if asked_addr.is_empty() {
+            st.advertise_addr.clone()
+        } else {
+            cfg.advertise(asked_addr)?
+        };
+        self.shared.slot.set(None);
+        stop_role(std::mem::replace(&mut role.0, Role_::Inactive)).await;
+        let forced = recover::force_new_cluster(cfg, &st, &addr, epoch).await;
+        let mut new_st = st.clone();
+        if forced.is_ok() {
+            new_st.advertise_addr = addr.clone();
+            new_st.managers = vec![addr.clone()];
+            if let Err(e) = new_st.save(&cfg.data_dir) {
+                tracing::error!("recording the new address: {e}");
+            }
+        }
+        // Started over or not (a refusal changed nothing), run the manager on what is there.
+        let started = match resume(&self.shared, &new_st).await {
+            Ok(r) => r,
+            Err(e) => {
+                role.1 = Some(new_st);
+                return Err(Status::internal(format!("starting the manager again: {e}")));
+            }
+        };
+        role.0 = started;
+        role.1 = Some(new_st.clone());
+        self.shared.publish(role.1.as_ref());
+        let forced = forced.map_err(Status::from)?;
+        let Role_::Manager(m) = &role.0 else {
+            return Err(Status::internal("the node did not start as a manager"));
+        };
+        m.wait_leader().await.map_err(Status::from)?;
+        let tokens = m
+            .api()
+            .store()
+            .get_cluster()
+            .ok()
+            .flatten()
+            .and_then(|c| c.join_tokens)
+            .unwrap_or_default();
+        tracing::warn!(
+            index = forced.reseeded.log_id.index,
+            epoch = %forced.reseeded.epoch,
+            removed = ?forced.removed,
+            "the cluster was rebuilt from this manager's state (--force-new-cluster)"
+        );
+        Ok(pb::InitResponse {
+            node_id: new_st.node_id,
+            cluster_id: new_st.cluster_id,
+            advertise_addr: addr,
+            worker_token: tokens.worker,
+            manager_token: tokens.manager,
+            raft_index: forced.reseeded.log_id.index,
+            removed_managers: forced.removed,
+        })
+    }
+}
 
 #[tonic::async_trait]
 impl DaemonRpc for DaemonService {
@@ -808,16 +912,105 @@ impl DaemonRpc for DaemonService {
         }))
     }
 
+    type BackupStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::BackupChunk, Status>> + Send + 'static>,
+    >;
+
+    async fn backup(
+        &self,
+        _req: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let api = match &self.shared.role.lock().await.0 {
+            Role_::Manager(m) => m.api().clone(),
+            Role_::Worker { .. } => {
+                return Err(Status::failed_precondition(
+                    "this node is a worker: take the backup on a manager (it holds the store and the CA key)",
+                ))
+            }
+            Role_::Inactive => {
+                return Err(Status::failed_precondition(
+                    "this node is not part of a cluster",
+                ))
+            }
+        };
+        let (info, file) = recover::take_backup(&self.shared.cfg, &api).await?;
+        let chunks: Vec<Result<pb::BackupChunk, Status>> = file
+            .chunks(BACKUP_CHUNK_BYTES)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(pb::BackupChunk {
+                    data: c.to_vec(),
+                    info: (i == 0).then(|| info.clone()),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn restore(
+        &self,
+        req: Request<tonic::Streaming<pb::RestoreChunk>>,
+    ) -> Result<Response<pb::RestoreResponse>, Status> {
+        if !matches!(self.shared.role.lock().await.0, Role_::Inactive) {
+            return Err(Status::failed_precondition(NOT_INACTIVE_RESTORE));
+        }
+        let mut stream = req.into_inner();
+        let mut file = Vec::new();
+        let mut asked_addr = None;
+        while let Some(chunk) = stream.message().await? {
+            asked_addr.get_or_insert(chunk.advertise_addr);
+            if (file.len() + chunk.data.len()) as u64 > crate::backup::MAX_BACKUP_BYTES {
+                return Err(Status::invalid_argument(
+                    crate::backup::BackupError::TooLarge((file.len() + chunk.data.len()) as u64)
+                        .to_string(),
+                ));
+            }
+            file.extend_from_slice(&chunk.data);
+        }
+        let body = tokio::task::spawn_blocking(move || crate::backup::decode(&file))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut role = self.shared.role.lock().await;
+        if !matches!(role.0, Role_::Inactive) {
+            return Err(Status::failed_precondition(NOT_INACTIVE_RESTORE));
+        }
+        let cfg = &self.shared.cfg;
+        let addr = cfg.advertise(&asked_addr.unwrap_or_default())?;
+        // A node in no cluster holds nothing of one but what an interrupted init, join or
+        // restore left.
+        forget_cluster(&cfg.data_dir);
+        match recover::restore(cfg, body, &addr).await {
+            Ok(r) => {
+                self.shared.slot.set(Some(r.manager.api().clone()));
+                *role = (Role_::Manager(r.manager), Some(r.state));
+                self.shared.publish(role.1.as_ref());
+                tracing::info!(cluster_id = %r.response.cluster_id, "cluster restored from a backup");
+                Ok(Response::new(r.response))
+            }
+            Err(e) => {
+                forget_cluster(&cfg.data_dir);
+                Err(e.into())
+            }
+        }
+    }
+
     async fn init(
         &self,
         req: Request<pb::InitRequest>,
     ) -> Result<Response<pb::InitResponse>, Status> {
         let mut role = self.shared.role.lock().await;
+        let r = req.into_inner();
+        if r.force_new_cluster {
+            return self
+                .force_new_cluster(&mut role, &r.advertise_addr)
+                .await
+                .map(Response::new);
+        }
         if !matches!(role.0, Role_::Inactive) {
             return Err(Status::failed_precondition(NOT_INACTIVE));
         }
         let cfg = &self.shared.cfg;
-        let r = req.into_inner();
         let addr = cfg.advertise(&r.advertise_addr)?;
         crate::controlapi::network::check_vni_start(r.vni_start)
             .map_err(|e| Status::invalid_argument(e.0))?;
@@ -830,6 +1023,7 @@ impl DaemonRpc for DaemonService {
                     advertise_addr: addr,
                     worker_token: tokens.worker,
                     manager_token: tokens.manager,
+                    ..Default::default()
                 };
                 *role = (Role_::Manager(m), Some(st));
                 self.shared.publish(role.1.as_ref());

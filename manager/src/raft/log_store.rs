@@ -23,9 +23,11 @@ pub const LOG_TREE: &str = "raft.log";
 /// sled tree of the vote, committed and last purged log ids.
 pub const LOG_STATE_TREE: &str = "raft.log_state";
 
-const KEY_VOTE: &[u8] = b"vote";
-const KEY_COMMITTED: &[u8] = b"committed";
-const KEY_LAST_PURGED: &[u8] = b"last_purged";
+pub(crate) const KEY_VOTE: &[u8] = b"vote";
+pub(crate) const KEY_COMMITTED: &[u8] = b"committed";
+pub(crate) const KEY_LAST_PURGED: &[u8] = b"last_purged";
+/// The raft group's epoch (`epoch.rs`); absent: epoch 0.
+pub(crate) const KEY_EPOCH: &[u8] = b"epoch";
 
 /// The Raft log on sled. Clones share the same trees (the log reader is a clone).
 #[derive(Clone, Debug)]

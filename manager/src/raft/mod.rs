@@ -2,8 +2,10 @@
 
 pub mod durable;
 pub mod elect;
+pub mod epoch;
 pub mod log_store;
 pub mod network;
+pub mod reseed;
 pub mod state_machine;
 pub mod typ;
 
@@ -11,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use durable::Durable;
+pub use epoch::{Epoch, EpochCell};
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;
 pub use typ::{NodeId, Raft, TypeConfig};
@@ -173,6 +176,8 @@ pub struct Storage {
     pub state_machine: StateMachine,
     /// The store the state machine applies to; share clones of it for reads and watches.
     pub store: Store,
+    /// The raft group's epoch, for the transport (`epoch.rs`).
+    pub epoch: EpochCell,
 }
 
 impl Storage {
@@ -186,12 +191,14 @@ impl Storage {
         let store = Store::open(&db)?;
         let log = LogStore::open(&db, durable.clone())?;
         let state_machine = StateMachine::open(&db, durable.clone(), store.clone())?;
+        let epoch = EpochCell::open(&db, durable.clone())?;
         Ok(Storage {
             db,
             durable,
             log,
             state_machine,
             store,
+            epoch,
         })
     }
 }

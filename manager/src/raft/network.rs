@@ -25,6 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use super::elect::LeaderContact;
+use super::epoch::{judge, Epoch, EpochCell, Superseded, Verdict, EPOCH_HEADER};
 use super::typ::rpc::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -83,6 +84,7 @@ pub struct Network {
     tls: NodeTls,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     contact: Option<LeaderContact>,
+    epoch: Option<EpochCell>,
 }
 
 impl fmt::Debug for Network {
@@ -102,7 +104,19 @@ impl Network {
             tls,
             channels: Arc::new(Mutex::new(HashMap::new())),
             contact: None,
+            epoch: None,
         }
+    }
+
+    /// Stamps every request with the raft group's epoch in `epoch`, and records there a
+    /// refusal by a manager of a later one (see `epoch.rs`). Without it requests carry epoch 0.
+    pub fn with_epoch(mut self, epoch: EpochCell) -> Network {
+        self.epoch = Some(epoch);
+        self
+    }
+
+    fn stamp(&self) -> Epoch {
+        self.epoch.as_ref().map(EpochCell::get).unwrap_or_default()
     }
 
     /// Tells the election driver through `contact` when a voter refuses this node's vote
@@ -141,15 +155,18 @@ impl Network {
         ttl: Duration,
     ) -> Result<u64, RaftNetError> {
         let mut client = RaftClient::new(self.channel(addr)?);
+        let epoch = self.stamp();
         let mut request = Request::new(LeaderPingRequest {
             leader_id: self.self_id,
             term,
+            epoch: epoch.number,
+            epoch_id: epoch.id,
         });
         request.set_timeout(ttl);
-        let resp = client
-            .leader_ping(request)
-            .await
-            .map_err(RaftNetError::Status)?;
+        let resp = client.leader_ping(request).await.map_err(|status| {
+            note_refusal(self.epoch.as_ref(), addr, &status);
+            RaftNetError::Status(status)
+        })?;
         Ok(resp.into_inner().term)
     }
 }
@@ -164,8 +181,35 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             node: node.clone(),
             channel: self.channel(&node.addr),
             contact: self.contact.clone(),
+            epoch: self.epoch.clone(),
         }
     }
+}
+
+/// Tells `cell` when `status` is a refusal by a manager of a later raft group epoch than
+/// ours (at `addr`): our group was started over without us. True for any epoch refusal.
+fn note_refusal(cell: Option<&EpochCell>, addr: &str, status: &Status) -> bool {
+    let Some(cell) = cell else {
+        return false;
+    };
+    if status.code() != Code::FailedPrecondition {
+        return false;
+    }
+    let Some(theirs) = status
+        .metadata()
+        .get(EPOCH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Epoch::from_header)
+    else {
+        return false;
+    };
+    if theirs.number > cell.get().number {
+        cell.set_superseded(Superseded {
+            by: theirs,
+            addr: addr.to_string(),
+        });
+    }
+    true
 }
 
 /// openraft's client to one peer.
@@ -177,6 +221,7 @@ pub struct PeerClient {
     /// reports the peer unreachable.
     channel: Result<Channel, RaftNetError>,
     contact: Option<LeaderContact>,
+    epoch: Option<EpochCell>,
 }
 
 impl fmt::Debug for PeerClient {
@@ -247,7 +292,12 @@ impl PeerClient {
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
-        let mut request = Request::new(RaftMessage { data });
+        let epoch = self.epoch.as_ref().map(EpochCell::get).unwrap_or_default();
+        let mut request = Request::new(RaftMessage {
+            data,
+            epoch: epoch.number,
+            epoch_id: epoch.id,
+        });
         request.set_timeout(ttl);
         let fut = async {
             match method {
@@ -259,6 +309,11 @@ impl PeerClient {
         let resp = match tokio::time::timeout(ttl, fut).await {
             Err(_) => return Err(CallError::Timeout),
             Ok(Err(status)) => {
+                // Refused for another raft group epoch: back off (a later one also marks this
+                // manager as superseded, and its daemon stops it being a manager).
+                if note_refusal(self.epoch.as_ref(), &self.node.addr, &status) {
+                    return Err(CallError::Unreachable(RaftNetError::Status(status)));
+                }
                 return Err(match status.code() {
                     Code::DeadlineExceeded | Code::Cancelled => CallError::Timeout,
                     // Transport down, peer refusing us (removed, no longer a manager), peer
@@ -383,6 +438,7 @@ pub struct RaftService {
     raft: Raft,
     authorizer: Authorizer,
     contact: Option<LeaderContact>,
+    epoch: Option<EpochCell>,
 }
 
 impl RaftService {
@@ -392,7 +448,50 @@ impl RaftService {
             raft,
             authorizer,
             contact: None,
+            epoch: None,
         }
+    }
+
+    /// Serves only requests of the raft group epoch in `epoch` (a manager with no Raft state
+    /// yet takes the first one it hears); see `epoch.rs`. Without it every epoch is served.
+    pub fn with_epoch(mut self, epoch: EpochCell) -> RaftService {
+        self.epoch = Some(epoch);
+        self
+    }
+
+    /// Admits a request of epoch `(number, id)`, or refuses it with our epoch in
+    /// [`EPOCH_HEADER`].
+    async fn check_epoch(&self, number: u64, id: u64) -> Result<(), Status> {
+        let Some(cell) = &self.epoch else {
+            return Ok(());
+        };
+        let theirs = Epoch { number, id };
+        let mine = cell.get();
+        let fresh = !cell.recorded() && {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.last_log_index.is_none() && m.last_applied.is_none()
+        };
+        let why = match judge(mine, fresh, theirs) {
+            Verdict::Accept => return Ok(()),
+            Verdict::Adopt => {
+                return cell.adopt(theirs).await.map_err(|e| {
+                    Status::unavailable(format!("recording the raft group epoch: {e}"))
+                })
+            }
+            Verdict::SenderStale => stale_text(theirs, mine),
+            Verdict::ReceiverStale => {
+                tracing::warn!(%mine, %theirs, "refused a raft request of a later group epoch");
+                format!(
+                    "this manager is of raft group epoch {mine}, older than the sender's {theirs}"
+                )
+            }
+            Verdict::Diverged => {
+                tracing::error!(%mine, %theirs, "refused a raft request of another start-over of this group");
+                format!("raft group epoch {theirs} is another start-over of this group than this manager's {mine}")
+            }
+        };
+        Err(epoch_refusal(mine, why))
     }
 
     /// Stamps `contact` for the election driver whenever a leader's append or snapshot is
@@ -419,6 +518,37 @@ impl RaftService {
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
         self.authorizer.authorize(req, &[Role::Manager]).map(|_| ())
     }
+
+    /// [`RaftService::admit`], then [`RaftService::check_epoch`]. A caller refused by the
+    /// first (a manager of a replaced group whose node was since removed, say) is still told
+    /// when its epoch is older than ours, so that it stops being a manager.
+    async fn admit_epoch<T>(&self, req: &Request<T>, number: u64, id: u64) -> Result<(), Status> {
+        if let Err(refused) = self.admit(req) {
+            if let Some(cell) = &self.epoch {
+                let mine = cell.get();
+                if judge(mine, false, Epoch { number, id }) == Verdict::SenderStale {
+                    return Err(epoch_refusal(mine, stale_text(Epoch { number, id }, mine)));
+                }
+            }
+            return Err(refused);
+        }
+        self.check_epoch(number, id).await
+    }
+}
+
+fn stale_text(theirs: Epoch, mine: Epoch) -> String {
+    format!(
+        "raft group epoch {theirs} was replaced by {mine} (cluster init --force-new-cluster or cluster restore): the sender is no longer a manager of this cluster"
+    )
+}
+
+/// A refusal for another epoch, carrying ours in [`EPOCH_HEADER`].
+fn epoch_refusal(mine: Epoch, why: String) -> Status {
+    let mut status = Status::failed_precondition(why);
+    if let Ok(v) = mine.to_header().parse() {
+        status.metadata_mut().insert(EPOCH_HEADER, v);
+    }
+    status
 }
 
 fn bad_request(e: RaftNetError) -> Status {
@@ -427,7 +557,10 @@ fn bad_request(e: RaftNetError) -> Status {
 
 fn reply<T: Serialize>(result: &T) -> Result<Response<RaftMessage>, Status> {
     let data = encode(result).map_err(|e| Status::resource_exhausted(e.to_string()))?;
-    Ok(Response::new(RaftMessage { data }))
+    Ok(Response::new(RaftMessage {
+        data,
+        ..Default::default()
+    }))
 }
 
 #[tonic::async_trait]
@@ -436,8 +569,9 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        self.admit(&req)?;
-        let rpc: AppendEntriesRequest = decode(&req.get_ref().data).map_err(bad_request)?;
+        let m = req.get_ref();
+        self.admit_epoch(&req, m.epoch, m.epoch_id).await?;
+        let rpc: AppendEntriesRequest = decode(&m.data).map_err(bad_request)?;
         let result = self.raft.append_entries(rpc).await;
         // A deposed leader's appends are refused with our higher vote: not a leader heard.
         if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
@@ -447,8 +581,9 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.admit(&req)?;
-        let rpc: VoteRequest = decode(&req.get_ref().data).map_err(bad_request)?;
+        let m = req.get_ref();
+        self.admit_epoch(&req, m.epoch, m.epoch_id).await?;
+        let rpc: VoteRequest = decode(&m.data).map_err(bad_request)?;
         let candidate_log = rpc.last_log_id;
         let result = self.raft.vote(rpc).await;
         // A candidate behind us cannot win (we refuse it, and so will others as complete as
@@ -463,8 +598,9 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        self.admit(&req)?;
-        let rpc: InstallSnapshotRequest = decode(&req.get_ref().data).map_err(bad_request)?;
+        let m = req.get_ref();
+        self.admit_epoch(&req, m.epoch, m.epoch_id).await?;
+        let rpc: InstallSnapshotRequest = decode(&m.data).map_err(bad_request)?;
         let leader_vote = rpc.vote;
         let result = self.raft.install_snapshot(rpc).await;
         if matches!(&result, Ok(r) if r.vote <= leader_vote) {
@@ -477,7 +613,8 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<LeaderPingRequest>,
     ) -> Result<Response<LeaderPingResponse>, Status> {
-        self.admit(&req)?;
+        self.admit_epoch(&req, req.get_ref().epoch, req.get_ref().epoch_id)
+            .await?;
         let ping = req.into_inner();
         let (term, leader) = {
             let m = self.raft.metrics();

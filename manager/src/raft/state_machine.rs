@@ -22,9 +22,9 @@ use crate::store::{Dump, Response, Store};
 /// sled tree holding the current snapshot (meta and data).
 pub const SNAPSHOT_TREE: &str = "raft.snapshot";
 
-const KEY_LAST_APPLIED: &[u8] = b"last_applied";
-const KEY_LAST_MEMBERSHIP: &[u8] = b"last_membership";
-const KEY_SNAPSHOT: &[u8] = b"current";
+pub(crate) const KEY_LAST_APPLIED: &[u8] = b"last_applied";
+pub(crate) const KEY_LAST_MEMBERSHIP: &[u8] = b"last_membership";
+pub(crate) const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// The current snapshot as kept on disk.
 #[derive(Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use shoal_proto::v1::{FileReference, Network, NetworkAttachment, Service, Task, TaskState};
+use shoal_proto::v1::{FileReference, Network, NetworkAttachment, Node, Service, Task, TaskState};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
@@ -14,6 +14,10 @@ use super::{
 /// Pending writes: (tree, key) → new value, `None` = delete. Ordered, so the commit writes in a
 /// deterministic order.
 type Writes = BTreeMap<(TreeId, Vec<u8>), Option<Vec<u8>>>;
+
+/// Writes to one sled tree outside the store for [`Batch::commit_with`]: key → value, `None`
+/// = delete.
+pub type RawWrites<'t> = (&'t sled::Tree, Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
 /// Commands (and commits) of at least this many mutations (writes) run through
 /// [`super::block_in_place`]: applying a large task batch takes tens of ms, which must not
@@ -105,6 +109,38 @@ impl<'a> Batch<'a> {
     }
 
     fn commit_inline(self) -> Result<(), StoreError> {
+        self.commit_with(&[])
+    }
+
+    /// The nodes as this batch would leave them (the store's, with the batch's writes).
+    pub fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let mut nodes: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for kv in self.store.tree(TreeId::Nodes).iter() {
+            let (k, v) = kv?;
+            nodes.insert(k.to_vec(), v.to_vec());
+        }
+        for ((t, k), v) in &self.writes {
+            if *t != TreeId::Nodes {
+                continue;
+            }
+            match v {
+                Some(v) => nodes.insert(k.clone(), v.clone()),
+                None => nodes.remove(k),
+            };
+        }
+        nodes
+            .values()
+            .map(|v| match decode(Kind::Node, v)? {
+                Object::Node(n) => Ok(n),
+                _ => Err(StoreError::Storage("node tree holds another kind".into())),
+            })
+            .collect()
+    }
+
+    /// [`Batch::commit`] with `raw` writes to trees outside the store (key → value, `None` =
+    /// delete) in the same sled transaction: the Raft log's, when a group is started over
+    /// (`raft::reseed`), so the store and the log never disagree after a crash.
+    pub fn commit_with(self, raw: &[RawWrites<'_>]) -> Result<(), StoreError> {
         {
             let _guard = self
                 .store
@@ -112,8 +148,10 @@ impl<'a> Batch<'a> {
                 .commit_lock
                 .lock()
                 .map_err(|_| StoreError::Storage("commit lock poisoned".into()))?;
-            let trees = &self.store.inner.trees[..];
-            trees
+            let ours = self.store.inner.trees.len();
+            let mut trees = self.store.inner.trees.clone();
+            trees.extend(raw.iter().map(|(t, _)| (*t).clone()));
+            trees[..]
                 .transaction(|views| {
                     for ((t, k), v) in &self.writes {
                         let view = &views[*t as usize];
@@ -121,6 +159,15 @@ impl<'a> Batch<'a> {
                             Some(v) => view.insert(k.as_slice(), v.as_slice())?,
                             None => view.remove(k.as_slice())?,
                         };
+                    }
+                    for (i, (_, writes)) in raw.iter().enumerate() {
+                        let view = &views[ours + i];
+                        for (k, v) in writes {
+                            match v {
+                                Some(v) => view.insert(k.as_slice(), v.as_slice())?,
+                                None => view.remove(k.as_slice())?,
+                            };
+                        }
                     }
                     Ok::<(), ConflictableTransactionError<()>>(())
                 })

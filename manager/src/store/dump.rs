@@ -72,17 +72,24 @@ impl Dump {
         }
     }
 
+    /// How many objects of `kind` the dump holds.
+    pub fn objects(&self, kind: Kind) -> usize {
+        self.tree(TreeId::of(kind)).map_or(0, |t| t.entries.len())
+    }
+
     fn tree(&self, t: TreeId) -> Option<&DumpTree> {
         self.trees.iter().find(|d| d.name == TREE_NAMES[t as usize])
     }
 }
 
-const OBJECT_KINDS: [Kind; 5] = [
+const OBJECT_KINDS: [Kind; 7] = [
     Kind::Node,
     Kind::Service,
     Kind::Task,
     Kind::Cluster,
     Kind::Network,
+    Kind::Secret,
+    Kind::Config,
 ];
 
 impl Store {

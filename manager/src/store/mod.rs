@@ -17,7 +17,7 @@ use shoal_proto::v1::{Cluster, Config, Network, Node, Secret, Service, Task};
 use tokio::sync::broadcast;
 
 pub use apply::{
-    check_task_forward, file_refs, overlaps, parse_cidr, Batch, INGRESS_NETWORK, MAX_VNI,
+    check_task_forward, file_refs, overlaps, parse_cidr, Batch, RawWrites, INGRESS_NETWORK, MAX_VNI,
 };
 pub use dump::{Dump, DumpTree};
 pub use types::{Action, Command, Event, Kind, Mutation, Object, Response, StoreError};

@@ -213,6 +213,7 @@ pub fn vote_message() -> RaftMessage {
     let req = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(1, 2), None);
     RaftMessage {
         data: bincode::serialize(&req).unwrap(),
+        ..Default::default()
     }
 }
 

@@ -1,6 +1,11 @@
-//! `shoal cluster …`: init, join, join-token, leave, inspect, update.
+//! `shoal cluster …`: init (and --force-new-cluster), join, join-token, leave, inspect,
+//! update, backup, restore.
 
-use anyhow::anyhow;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use shoal_proto::v1 as pb;
@@ -34,8 +39,26 @@ enum ClusterCommand {
         /// 4096). Clusters whose agents share a network namespace need ranges of their own
         #[arg(long)]
         vni_start: Option<u32>,
+        /// On a manager of a cluster that lost its quorum for good: rebuild a one-manager
+        /// cluster from this manager's state (same cluster, objects and CA); the other
+        /// managers leave the raft group
+        #[arg(long, conflicts_with = "vni_start")]
+        force_new_cluster: bool,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+    },
+    /// Write a backup of the cluster (the store as this manager applied it, the CA, the
+    /// secrets key) to FILE
+    Backup {
+        /// Where to write it (replaced whole, never half-written)
+        file: PathBuf,
+    },
+    /// Start a one-manager cluster on this node (in no cluster) from a backup FILE
+    Restore {
+        /// Address other nodes reach this one on (host[:port])
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        file: PathBuf,
     },
     /// Join a cluster as a worker or a manager (by the token)
     Join {
@@ -115,6 +138,11 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
+    // Read and checked before the daemon is asked anything: a bad file changes nothing.
+    let restoring = match &a.command {
+        ClusterCommand::Restore { file, .. } => Some(read_backup(file)?),
+        _ => None,
+    };
     let ch = a.socket.channel().await?;
     let mut local = DaemonClient::new(ch.clone());
     let mut control = ControlClient::new(ch);
@@ -122,6 +150,7 @@ async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
         ClusterCommand::Init {
             advertise_addr,
             vni_start,
+            force_new_cluster,
             format,
         } => {
             if vni_start == Some(0) {
@@ -132,18 +161,36 @@ async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
                     advertise_addr: advertise_addr.unwrap_or_default(),
                     cluster_name: String::new(),
                     vni_start: vni_start.unwrap_or(0),
+                    force_new_cluster,
                 })
                 .await)?;
             if format == Format::Json {
-                return print_json(
-                    &json!({"NodeID": r.node_id, "ClusterID": r.cluster_id, "AdvertiseAddr": r.advertise_addr,
-                    "JoinTokens": {"Worker": r.worker_token, "Manager": r.manager_token}}),
+                let mut v = json!({"NodeID": r.node_id, "ClusterID": r.cluster_id, "AdvertiseAddr": r.advertise_addr,
+                    "JoinTokens": {"Worker": r.worker_token, "Manager": r.manager_token}});
+                if force_new_cluster {
+                    v["RaftIndex"] = json!(r.raft_index);
+                    v["RemovedManagers"] = json!(r.removed_managers);
+                }
+                return print_json(&v);
+            }
+            if force_new_cluster {
+                println!(
+                    "Cluster {} rebuilt from this manager's state at raft index {}: current node ({}) is its only manager.",
+                    r.cluster_id, r.raft_index, r.node_id
+                );
+                if !r.removed_managers.is_empty() {
+                    println!(
+                        "Managers no longer in the raft group, now workers marked down: {}.",
+                        r.removed_managers.join(", ")
+                    );
+                }
+                println!();
+            } else {
+                println!(
+                    "Cluster initialized: current node ({}) is now a manager.\n",
+                    r.node_id
                 );
             }
-            println!(
-                "Cluster initialized: current node ({}) is now a manager.\n",
-                r.node_id
-            );
             print_join_command("worker", &r.worker_token, &r.advertise_addr);
             println!(
                 "To add a manager to this cluster, run 'shoal cluster join-token manager' and follow the instructions.\n"
@@ -240,6 +287,36 @@ async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        ClusterCommand::Backup { file } => backup(&mut local, &file).await?,
+        ClusterCommand::Restore {
+            advertise_addr,
+            file,
+        } => {
+            let bytes = restoring.unwrap_or_default();
+            let addr = advertise_addr.unwrap_or_default();
+            let chunks: Vec<pb::RestoreChunk> = bytes
+                .chunks(shoal_manager::daemon::BACKUP_CHUNK_BYTES)
+                .enumerate()
+                .map(|(i, c)| pb::RestoreChunk {
+                    data: c.to_vec(),
+                    advertise_addr: if i == 0 { addr.clone() } else { String::new() },
+                })
+                .collect();
+            drop(bytes);
+            let r = rpc(local
+                .restore(tonic::codegen::tokio_stream::iter(chunks))
+                .await)?;
+            println!(
+                "Cluster {} restored from {} (raft index {}): current node ({}) is its only manager; {} services, {} other nodes marked down until they connect again.\n",
+                r.cluster_id,
+                file.display(),
+                r.raft_index,
+                r.node_id,
+                r.services,
+                r.nodes_down
+            );
+            print_join_command("worker", &r.worker_token, &r.advertise_addr);
+        }
         ClusterCommand::Update(u) => {
             let c = rpc(control.get_cluster(pb::GetClusterRequest {}).await)?;
             let cluster = c
@@ -304,6 +381,119 @@ async fn run_async(a: ClusterArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads a backup file and checks it whole (`backup::decode`): one line naming the file and
+/// what is wrong with it.
+fn read_backup(file: &Path) -> anyhow::Result<Vec<u8>> {
+    let max = shoal_manager::backup::MAX_BACKUP_BYTES;
+    let meta = std::fs::metadata(file).with_context(|| format!("{}", file.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("{}: not a file", file.display());
+    }
+    if meta.len() > max {
+        anyhow::bail!(
+            "{}: {}",
+            file.display(),
+            shoal_manager::backup::BackupError::TooLarge(meta.len())
+        );
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("{}", file.display()))?;
+    shoal_manager::backup::decode(&bytes).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    Ok(bytes)
+}
+
+/// `cluster backup FILE`: the daemon's backup, checked, written to a temporary file beside
+/// FILE (0600), synced, renamed over FILE, the directory synced: FILE is the old one or the
+/// whole new one, never half of it.
+async fn backup(
+    local: &mut DaemonClient<tonic::transport::Channel>,
+    file: &Path,
+) -> anyhow::Result<()> {
+    let max = shoal_manager::backup::MAX_BACKUP_BYTES;
+    let mut stream = rpc(local.backup(pb::BackupRequest {}).await)?;
+    let mut info = None;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?
+    {
+        if info.is_none() {
+            info = chunk.info;
+        }
+        if (bytes.len() + chunk.data.len()) as u64 > max {
+            anyhow::bail!("the daemon's backup exceeds {max} bytes");
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let info = info.ok_or_else(|| anyhow!("the daemon sent no backup"))?;
+    if bytes.len() as u64 != info.bytes {
+        anyhow::bail!(
+            "the backup ended after {} of its {} bytes",
+            bytes.len(),
+            info.bytes
+        );
+    }
+    shoal_manager::backup::decode(&bytes).map_err(|e| anyhow!("the daemon's backup: {e}"))?;
+    write_whole(file, &bytes)?;
+    println!(
+        "Backup of cluster {} written to {} ({} bytes): raft index {} (term {}) as applied on manager {} ({}); {} services, {} nodes, {} tasks, {} networks, {} secrets, {} configs.",
+        info.cluster_id,
+        file.display(),
+        info.bytes,
+        info.raft_index,
+        info.raft_term,
+        info.node_id,
+        if info.leader { "the leader" } else { "a follower" },
+        info.services,
+        info.nodes,
+        info.tasks,
+        info.networks,
+        info.secrets,
+        info.configs
+    );
+    if !info.encrypted {
+        println!("It holds the cluster's CA key and secrets key unencrypted (shoal has no autolock): it is readable by root only; keep it so.");
+    }
+    if !info.caught_up {
+        eprintln!(
+            "shoal: warning: no leader confirmed what this manager had to apply: the backup is this manager's own state at raft index {}",
+            info.raft_index
+        );
+    }
+    Ok(())
+}
+
+/// Replaces `path` with `bytes` (mode 0600) through a temporary file in its directory.
+fn write_whole(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("writing {}: {e}", path.display())
+    })
 }
 
 fn print_join_command(role: &str, token: &str, addr: &str) {
