@@ -103,6 +103,8 @@ fn decode_as(name: &str, bytes: &[u8]) -> Option<bool> {
         JoinRequest,
         LeaveRequest,
         LocalTasksRequest,
+        BackupRequest,
+        RestoreChunk,
         // Dispatcher
         SessionRequest,
         HeartbeatRequest,

@@ -523,19 +523,19 @@ async fn watch_role(shared: std::sync::Weak<Shared>) {
                 manager = %s.addr,
                 "the cluster's raft group was started over without this manager: it now runs as a worker"
             );
-            step_down(&shared, &api, s.addr).await;
+            step_down(&shared, api, s.addr).await;
             continue;
         }
         if let Some((false, leader)) = still_manager(&api).await {
             tracing::warn!("this node was demoted: it now runs as a worker");
-            step_down(&shared, &api, leader).await;
+            step_down(&shared, api, leader).await;
         }
     }
 }
 
 /// Makes this manager (whose control API is `api`) a worker that knows the manager at
 /// `manager`: its manager stops, its Raft database and CA key go, node.json says worker.
-async fn step_down(shared: &Shared, api: &crate::controlapi::ControlApi, manager: String) {
+async fn step_down(shared: &Shared, api: crate::controlapi::ControlApi, manager: String) {
     let mut role = shared.role.lock().await;
     // Re-check under the lock: a leave or restart may have happened meanwhile.
     let same = shared
@@ -545,6 +545,8 @@ async fn step_down(shared: &Shared, api: &crate::controlapi::ControlApi, manager
     if !same {
         return;
     }
+    // No handle of ours on the manager's store while it stops and its database goes.
+    drop(api);
     shared.slot.set(None);
     let (old, st) = std::mem::replace(&mut *role, (Role_::Inactive, None));
     stop_role(old).await;
