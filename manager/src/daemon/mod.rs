@@ -1200,34 +1200,13 @@ async fn init_cluster(
         root_ca_cert_pem: root.cert_pem().to_string(),
         join_tokens: Some(tokens.clone()),
     };
-    let node = pb::Node {
-        meta: Some(pb::Meta {
-            id: node_id.clone(),
-            ..Default::default()
-        }),
-        spec: Some(pb::NodeSpec {
-            desired_role: pb::NodeRole::Manager as i32,
-            ..Default::default()
-        }),
-        role: pb::NodeRole::Manager as i32,
-        description: Some(pb::NodeDescription {
-            hostname: cfg.hostname(),
-            ..Default::default()
-        }),
-        status: Some(pb::NodeStatus {
-            state: pb::NodeState::Ready as i32,
-            message: String::new(),
-            addr: addr.to_string(),
-        }),
-        manager_status: Some(pb::ManagerStatus {
-            raft_id,
-            addr: addr.to_string(),
-            leader: true,
-            reachable: true,
-        }),
-        certificate_serial: issued.serial,
-        networks: Vec::new(),
-    };
+    let node = first_manager_node(
+        node_id.clone(),
+        cfg.hostname(),
+        addr.to_string(),
+        raft_id,
+        issued.serial,
+    );
     if let Err(e) = m
         .api()
         .propose(vec![
@@ -1264,6 +1243,45 @@ async fn init_cluster(
 }
 
 /// The cluster spec of a new cluster: DESIGN.md's timers.
+/// The node record of a cluster's one manager as it starts the cluster (`cluster init`,
+/// `cluster restore`): a ready leader at `addr`.
+fn first_manager_node(
+    node_id: String,
+    hostname: String,
+    addr: String,
+    raft_id: u64,
+    certificate_serial: String,
+) -> pb::Node {
+    pb::Node {
+        meta: Some(pb::Meta {
+            id: node_id,
+            ..Default::default()
+        }),
+        spec: Some(pb::NodeSpec {
+            desired_role: pb::NodeRole::Manager as i32,
+            ..Default::default()
+        }),
+        role: pb::NodeRole::Manager as i32,
+        description: Some(pb::NodeDescription {
+            hostname,
+            ..Default::default()
+        }),
+        status: Some(pb::NodeStatus {
+            state: pb::NodeState::Ready as i32,
+            message: String::new(),
+            addr: addr.clone(),
+        }),
+        manager_status: Some(pb::ManagerStatus {
+            raft_id,
+            addr,
+            leader: true,
+            reachable: true,
+        }),
+        certificate_serial,
+        networks: Vec::new(),
+    }
+}
+
 pub fn default_cluster_spec(name: &str, raft: pb::RaftConfig) -> pb::ClusterSpec {
     pb::ClusterSpec {
         name: name.to_string(),

@@ -6,7 +6,9 @@ use shoal_proto::v1 as pb;
 use tonic::{Request, Status};
 
 use super::manager::open_storage;
-use super::{host_of, new_raft_id, DaemonConfig, DaemonError, LocalState, Manager};
+use super::{
+    first_manager_node, host_of, new_raft_id, DaemonConfig, DaemonError, LocalState, Manager,
+};
 use crate::backup::{self, Body};
 use crate::ca::{self, Role, RootCa, PKI_DIR};
 use crate::controlapi::{new_id, now_ms, ApiSlot, ControlApi, ControlService};
@@ -266,34 +268,13 @@ pub(super) async fn restore(
     let tls = crate::tls::NodeTls::from_pem(root.cert_pem(), &issued.cert_pem, &key_pem)?;
     tls.save(&pki)?;
 
-    let me = pb::Node {
-        meta: Some(pb::Meta {
-            id: node_id.clone(),
-            ..Default::default()
-        }),
-        spec: Some(pb::NodeSpec {
-            desired_role: pb::NodeRole::Manager as i32,
-            ..Default::default()
-        }),
-        role: pb::NodeRole::Manager as i32,
-        description: Some(pb::NodeDescription {
-            hostname: cfg.hostname(),
-            ..Default::default()
-        }),
-        status: Some(pb::NodeStatus {
-            state: pb::NodeState::Ready as i32,
-            message: String::new(),
-            addr: addr.to_string(),
-        }),
-        manager_status: Some(pb::ManagerStatus {
-            raft_id,
-            addr: addr.to_string(),
-            leader: true,
-            reachable: true,
-        }),
-        certificate_serial: issued.serial,
-        networks: Vec::new(),
-    };
+    let me = first_manager_node(
+        node_id.clone(),
+        cfg.hostname(),
+        addr.to_string(),
+        raft_id,
+        issued.serial,
+    );
     let mut down = 0u64;
     let reseeded = reseed(
         &storage,
